@@ -1,0 +1,1 @@
+"""pixelrun: pixel-space text-to-image diffusion training."""
