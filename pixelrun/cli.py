@@ -1,0 +1,134 @@
+"""pixelrun train | sample | eval."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must be HxW (for example 64x64), got {text!r}") from None
+    return h, w
+
+
+def cmd_train(args) -> int:
+    from .config import check_paths, load_config
+
+    cfg = load_config(args.config, args.overrides)  # all validation happens here, before any work
+    check_paths(cfg)
+    from .train import train
+
+    summary = train(cfg)
+    return 128 + summary["signal"] if isinstance(summary.get("signal"), int) else 0
+
+
+def _sample_overrides(args) -> list[str]:
+    out = []
+    if args.steps is not None:
+        out.append(f"sample.steps={args.steps}")
+    if args.guidance is not None:
+        out.append(f"sample.guidance={args.guidance}")
+    if getattr(args, "guidance_mode", None):
+        out.append(f"sample.guidance_mode={args.guidance_mode}")
+    return out
+
+
+def cmd_sample(args) -> int:
+    from tqdm import tqdm
+
+    from .evaluate import generate, load_for_inference
+    from .images import save_grid, save_png
+
+    model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, args.device, _sample_overrides(args))
+    h, w = args.size or (cfg.data.resolution, cfg.data.resolution)
+    p = model.cfg.patch_size
+    if h % p or w % p:
+        raise ConfigError("--size", f"{h}x{w} is not a multiple of the patch size {p}")
+    out = Path(args.out)
+    seed = cfg.sample.seed if args.seed is None else args.seed
+    with tqdm(total=cfg.sample.steps * ((len(args.prompt) + 31) // 32), desc="sample", unit="step", file=sys.stderr) as bar:
+        images = generate(model, encoder, args.prompt, cfg, next(model.parameters()).device, seed=seed, height=h, width=w, progress=bar)
+    written = [save_png(img, out / f"{i:03d}.png") for i, img in enumerate(images)]
+    (out / "prompts.json").write_text(json.dumps({"checkpoint": str(path), "seed": seed, "steps": cfg.sample.steps,
+                                                  "guidance": cfg.sample.guidance, "guidance_mode": cfg.sample.guidance_mode,
+                                                  "prompts": {f.name: p for f, p in zip(written, args.prompt)}}, indent=2))
+    if len(images) > 1:
+        written.append(save_grid(images, args.prompt, out / "grid.png"))
+    for f in written:
+        print(f)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tqdm import tqdm
+
+    from .evaluate import load_for_inference, shapes_eval
+
+    model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, args.device, _sample_overrides(args))
+    device = next(model.parameters()).device
+    with tqdm(total=cfg.sample.steps * ((args.prompts + 31) // 32), desc="eval", unit="step", file=sys.stderr) as bar:
+        result = shapes_eval(model, encoder, cfg, device, n=args.prompts, seed=args.prompt_seed,
+                             sample_seed=cfg.sample.seed if args.seed is None else args.seed, progress=bar)
+    result["checkpoint"] = str(path)
+    result["weights"] = args.weights
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pixelrun", description="Pixel-space text-to-image diffusion training.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a model; no arguments = the built-in CPU demo")
+    t.add_argument("--config", help="YAML config file (default: the built-in demo, configs/demo.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+    t.set_defaults(func=cmd_train)
+
+    def add_model_args(p):
+        p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+        p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
+        p.add_argument("--guidance", type=float, help="guidance scale (default: the checkpoint's sample.guidance)")
+        p.add_argument("--guidance-mode", choices=["cfg", "none"], help="default: the checkpoint's sample.guidance_mode")
+        p.add_argument("--seed", type=int, help="noise seed (default: the checkpoint's sample.seed)")
+        p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+        p.add_argument("--device", default="auto")
+
+    s = sub.add_parser("sample", help="generate images for prompts")
+    add_model_args(s)
+    s.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    s.add_argument("--out", required=True, help="output directory for PNGs")
+    s.add_argument("--size", type=_parse_size, help="HxW in pixels (default: the training resolution)")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="shapes score of a checkpoint on fresh prompts (JSON)")
+    add_model_args(e)
+    e.add_argument("--prompts", type=int, default=64)
+    e.add_argument("--prompt-seed", type=int, default=1234)
+    e.add_argument("--out", help="also write the JSON here")
+    e.set_defaults(func=cmd_eval)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"pixelrun: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"pixelrun: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""One typed config tree. YAML files plus dotted `key=value` overrides; unknown keys are errors.
+
+The dataclass defaults below ARE the built-in default run (`configs/demo.yaml` spells the same
+values out, and a test keeps the two equal): one source for every default.
+Every error names the dotted key, so the CLI can print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/demo"
+    resume: bool = True  # continue from the newest complete checkpoint in `dir` if there is one
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    # Optional overrides of the preset's fields (null = the preset's value).
+    patch_size: int | None = None
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    bottleneck_size: int | None = None
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # shapes | folder
+    path: str | None = None  # image folder (source=folder)
+    resolution: int = 64  # side of the square bucket; buckets keep about (resolution/patch)^2 tokens
+    buckets: bool = False  # aspect-ratio buckets in [0.5, 2] (one bucket per batch)
+    max_shapes: int = 2  # shapes dataset: at most this many shapes per image
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "minilm"  # "minilm" (offline default), a local path or a Hugging Face id
+    max_tokens: int = 32
+
+
+@dataclass
+class ObjectiveConfig:
+    noise_scale: float = 1.0
+    time_shift: float = 3.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    uniform_fraction: float = 0.1
+    t_min: float = 1e-3
+    t_clamp: float = 0.05
+    caption_dropout: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # auto = bf16 autocast on CUDA, fp32 on the CPU: without AVX512-BF16/AMX (this 2-core AVX2 machine)
+    # bf16 matmuls are emulated and a CPU step is ~50x slower than fp32. Master weights are always fp32.
+    precision: str = "auto"  # auto | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+
+
+@dataclass
+class EMAConfig:
+    # The recipe's 0.999 every 10 steps has a half-life of ~6,900 steps: right for 100k steps,
+    # far too slow for the 3,000-step CPU default. 0.995 every step has a half-life of ~140.
+    decay: float = 0.995
+    every: int = 1
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 25
+    guidance: float = 4.0
+    guidance_mode: str = "cfg"  # cfg | none
+    spacing: str = "diffusers"  # diffusers | linear (see sampling.time_grid)
+    shift: float = 3.0
+    seed: int = 0
+    grid_prompts: int = 8
+
+
+@dataclass
+class EvalConfig:
+    prompts: int = 64
+    every: int = 0  # also score every N steps during training (0 = only at the end)
+    seed: int = 1234  # prompts for the end-of-run score come from the shapes "eval" split
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- building
+
+def _coerce(key: str, tp, value):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(key, args[0], value)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    raise ConfigError(key, f"unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip(".") or "<root>", f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(prefix + str(k), f"unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        key = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name] if data[f.name] is not None else {}, key + ".")
+        else:
+            kwargs[f.name] = _coerce(key, tp, data[f.name])
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value):
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, "is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "overrides are written key=value (for example train.steps=100)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", f"no such file: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = _merge(data, parse_overrides(list(overrides)))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def check_paths(cfg: Config) -> None:
+    """What only the machine that runs the job can check (kept out of `validate` so a config written
+    for a cluster still loads anywhere). Called by `train` before any work."""
+    if cfg.data.source == "folder" and not Path(cfg.data.path).is_dir():
+        raise ConfigError("data.path", f"no such folder: {cfg.data.path}")
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _positive(key, value, allow_zero=False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}; got {value}")
+
+
+def model_fields(cfg: Config) -> dict:
+    """The model's architecture: the preset with the config's explicit overrides applied."""
+    from .model import PRESETS
+
+    _choice("model.preset", cfg.model.preset, tuple(PRESETS))
+    fields = dict(PRESETS[cfg.model.preset])
+    for f in dataclasses.fields(ModelSection):
+        v = getattr(cfg.model, f.name)
+        if f.name != "preset" and v is not None:
+            fields[f.name] = v
+    return fields
+
+
+def validate(cfg: Config) -> None:
+    """Reject inconsistent values before any work is done."""
+    m = model_fields(cfg)
+    for k in ("patch_size", "hidden_size", "depth", "num_heads"):
+        _positive(f"model.{k}", m[k])
+    if m["hidden_size"] % m["num_heads"]:
+        raise ConfigError("model.num_heads", f"must divide hidden_size {m['hidden_size']}")
+    if (m["hidden_size"] // m["num_heads"]) % 4:
+        raise ConfigError("model.num_heads", "head dim (hidden_size / num_heads) must be a multiple of 4 for 2-D RoPE")
+    _positive("model.mlp_ratio", m["mlp_ratio"])
+    if m["bottleneck_size"] is not None:
+        _positive("model.bottleneck_size", m["bottleneck_size"])
+
+    _choice("data.source", cfg.data.source, ("shapes", "folder"))
+    _positive("data.resolution", cfg.data.resolution)
+    if cfg.data.resolution % m["patch_size"]:
+        raise ConfigError("data.resolution", f"{cfg.data.resolution} is not a multiple of the patch size {m['patch_size']}")
+    if cfg.data.source == "folder" and not cfg.data.path:
+        raise ConfigError("data.path", "is required when data.source is folder")
+    if not 1 <= cfg.data.max_shapes <= 6:
+        raise ConfigError("data.max_shapes", f"must be between 1 and 6 (six colours); got {cfg.data.max_shapes}")
+
+    _positive("text.max_tokens", cfg.text.max_tokens)
+
+    o = cfg.objective
+    _positive("objective.noise_scale", o.noise_scale)
+    _positive("objective.time_shift", o.time_shift)
+    _positive("objective.logit_std", o.logit_std)
+    for key, v in (("objective.uniform_fraction", o.uniform_fraction), ("objective.caption_dropout", o.caption_dropout)):
+        if not 0 <= v <= 1:
+            raise ConfigError(key, f"must be in [0, 1]; got {v}")
+    if not 0 <= o.t_min < 1:
+        raise ConfigError("objective.t_min", f"must be in [0, 1); got {o.t_min}")
+    _positive("objective.t_clamp", o.t_clamp)
+
+    t = cfg.train
+    _positive("train.steps", t.steps)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.lr", t.lr)
+    _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError("train.betas", f"must be two numbers in [0, 1); got {t.betas}")
+    _positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    _choice("train.precision", t.precision, ("auto", "bf16", "fp32"))
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError("train.device", f"must be auto, cpu, cuda or cuda:N; got {t.device!r}")
+    for k in ("log_every", "sample_every", "checkpoint_every"):
+        _positive(f"train.{k}", getattr(t, k), allow_zero=True)  # 0 = never (except at the end)
+    _positive("train.keep_checkpoints", t.keep_checkpoints)
+    _positive("train.threads", t.threads, allow_zero=True)
+
+    if not 0 <= cfg.ema.decay < 1:
+        raise ConfigError("ema.decay", f"must be in [0, 1); got {cfg.ema.decay}")
+    _positive("ema.every", cfg.ema.every)
+
+    s = cfg.sample
+    _positive("sample.steps", s.steps)
+    _positive("sample.guidance", s.guidance, allow_zero=True)
+    from .sampling import GUIDANCE_MODES, SPACINGS
+
+    _choice("sample.guidance_mode", s.guidance_mode, GUIDANCE_MODES)
+    _choice("sample.spacing", s.spacing, SPACINGS)
+    _positive("sample.shift", s.shift)
+    _positive("sample.grid_prompts", s.grid_prompts, allow_zero=True)
+    _positive("eval.prompts", cfg.eval.prompts, allow_zero=True)
+    _positive("eval.every", cfg.eval.every, allow_zero=True)

@@ -1,0 +1,305 @@
+"""Training from a plain folder of images with captions.
+
+Real folders contain surprises (CMYK JPEGs, 16-bit PNGs, transparency, truncated downloads,
+non-images with image names, decompression bombs). One bad file must never stop a multi-day
+run, so loading returns None instead of raising, and the batch source skips, counts and replaces.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from . import Batch
+from .buckets import nearest_bucket, resize_to_bucket, to_tensor
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 64_000_000
+_SKIPPED_PATHS_CAP = 100
+_SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation, read only when the EXIF bytes are already in the header (JPEG, WebP):
+    `getexif()` on a PNG would decode the whole image, which the lazy size read must avoid."""
+    if "exif" not in im.info:
+        return 1
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+
+
+def read_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """(height, width) as displayed (EXIF rotation applied) from the header alone, or None if the
+    file is not a readable image or exceeds `max_pixels`. Cheap: PIL's open parses headers only."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w <= 0 or h <= 0 or w * h > max_pixels:
+                return None
+            return (w, h) if _orientation(im) in _SWAPS_AXES else (h, w)
+    except Exception:  # UnidentifiedImageError, OSError, DecompressionBombError/Warning-as-error
+        return None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Alpha is composited on white (what a viewer shows, and it keeps
+    the colour of fully transparent pixels, often garbage, out of the training data); 16/32-bit
+    integer grey is rescaled from its 16-bit range instead of being clipped at 255 (PIL's convert
+    would turn most of a 16-bit image white)."""
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        a = a * 255.0 if im.mode == "F" and a.max(initial=0) <= 1.0 else a / 257.0
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im).convert("RGB")
+    return im.convert("RGB")  # RGB (copy), L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+             target: tuple[int, int] | None = None) -> Image.Image | None:
+    """Decode `path` into an upright 8-bit RGB image, or None if it cannot be used.
+
+    None (never an exception) for non-images, truncated or corrupt files, and images above
+    `max_pixels`. PIL's own decompression-bomb guard stays on: its DecompressionBombError (and its
+    warning, if the caller turned warnings into errors) is caught here, so an enormous file is
+    skipped without PIL's protection being disabled globally. `target` = (height, width) lets a
+    JPEG decode at a reduced DCT scale (`draft`) that still covers the target, which is several
+    times faster for large photos and loses nothing after the final downscale.
+    """
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w <= 0 or h <= 0 or w * h > max_pixels:
+                return None
+            if target is not None and im.format == "JPEG":
+                th, tw = target
+                if _orientation(im) in _SWAPS_AXES:
+                    th, tw = tw, th
+                im.draft(None, (tw, th))  # keeps each side >= the requested side
+            im.load()  # raises on truncated data (unless someone set LOAD_TRUNCATED_IMAGES)
+            im = ImageOps.exif_transpose(im) or im
+            return _to_rgb(im)
+    except Exception:
+        return None
+
+
+class ImageFolder:
+    """Images found recursively under `root`, each with a caption.
+
+    Captions come from `stem.txt` beside the image, or from `root/captions.jsonl` (one JSON object
+    a line with the path relative to root under "file", "image" or "file_name", and the caption
+    under "caption" or "text"); a non-empty .txt file wins when both exist. Images without a non-empty
+    caption are skipped and counted in `missing_captions` (a text-to-image model cannot use them).
+    Hidden files and folders (".name") are ignored. Image sizes are read lazily from headers and
+    cached, so building the index of a big folder costs one directory walk, not one open per file.
+    """
+
+    def __init__(self, root: str | os.PathLike, exts: tuple[str, ...] = IMAGE_EXTS,
+                 captions_file: str = "captions.jsonl", max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.root = Path(root)
+        self.max_pixels = max_pixels
+        if not self.root.is_dir():
+            raise ValueError(f"image folder {str(self.root)!r} does not exist or is not a folder")
+        exts = tuple(e.lower() for e in exts)
+        jsonl = self._read_jsonl(self.root / captions_file)
+        self.paths: list[Path] = []
+        self.captions: list[str] = []
+        self.missing_captions = 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith(".") or not name.lower().endswith(exts):
+                    continue
+                path = Path(dirpath) / name
+                caption = self._read_txt(path.with_suffix(".txt"))
+                if not caption:  # no .txt, or an empty one
+                    caption = jsonl.get(path.relative_to(self.root).as_posix())
+                if not caption:
+                    self.missing_captions += 1
+                    continue
+                self.paths.append(path)
+                self.captions.append(caption)
+        if not self.paths:
+            raise ValueError(
+                f"image folder {str(self.root)!r} has no usable items: no {'/'.join(exts)} file "
+                f"with a caption ({self.missing_captions} image(s) lacked a .txt caption or an "
+                f"entry in {captions_file})")
+        self._sizes: dict[int, tuple[int, int] | None] = {}
+
+    def _read_jsonl(self, path: Path) -> dict[str, str]:
+        """Relative path -> caption. Malformed lines are counted (`bad_caption_lines`), not fatal."""
+        self.bad_caption_lines = 0
+        out: dict[str, str] = {}
+        if not path.is_file():
+            return out
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    key = next(rec[k] for k in ("file", "image", "file_name") if k in rec)
+                    cap = next(rec[k] for k in ("caption", "text") if k in rec)
+                except (ValueError, StopIteration, TypeError):
+                    self.bad_caption_lines += 1
+                    continue
+                if isinstance(key, str) and isinstance(cap, str):
+                    out[Path(os.path.normpath(key)).as_posix()] = cap.strip()
+                else:
+                    self.bad_caption_lines += 1
+        return out
+
+    @staticmethod
+    def _read_txt(path: Path) -> str | None:
+        try:
+            return path.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            return None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def size(self, i: int) -> tuple[int, int] | None:
+        """(height, width) of item i from its header, cached; None if unreadable or too big."""
+        if i not in self._sizes:
+            self._sizes[i] = read_size(self.paths[i], self.max_pixels)
+        return self._sizes[i]
+
+    def load(self, i: int, target: tuple[int, int] | None = None) -> Image.Image | None:
+        return load_rgb(self.paths[i], self.max_pixels, target)
+
+
+class FolderBatchSource:
+    """Infinite, deterministic, resumable batches from an ImageFolder, one aspect bucket per batch.
+
+    Epoch e visits a permutation seeded by (seed, e); rank r takes positions r, r + world_size, ...
+    of it, so ranks never share an item within an epoch. Each item joins the bucket nearest to its
+    aspect ratio; when a bucket holds `batch_size` items they are decoded and emitted (buckets fill
+    in stream order, so rare shapes wait, and folders smaller than a batch simply cycle epochs).
+    Buckets hold indices, not pixels, so partial buckets cost no memory and fit in `state_dict`.
+
+    An item whose header or pixels cannot be read is dropped, remembered (never retried: a broken
+    file stays broken, and re-reading it every epoch wastes I/O) and counted in `skipped`; its
+    bucket keeps drawing from the stream until it is full again, so a batch never shrinks.
+    """
+
+    def __init__(self, folder: ImageFolder, batch_size: int, buckets: list[tuple[int, int]],
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or not buckets:
+            raise ValueError("need batch_size >= 1 and at least one bucket")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if len(folder) < world_size:
+            raise ValueError(f"{folder.root}: {len(folder)} item(s) cannot be split over "
+                             f"{world_size} ranks")
+        self.folder, self.batch_size = folder, batch_size
+        self.buckets = [tuple(b) for b in buckets]
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.cursor = 0, 0
+        self._fill: list[list[int]] = [[] for _ in self.buckets]  # item indices waiting per bucket
+        self._ready: list[int] = []  # full buckets, in the order they filled
+        self._bad: set[int] = set()
+        self.skipped = 0
+        self.skipped_paths: list[str] = []
+        self._share_epoch, self._share = -1, np.empty(0, dtype=np.int64)
+
+    def __iter__(self) -> FolderBatchSource:
+        return self
+
+    def _epoch_share(self) -> np.ndarray:
+        if self._share_epoch != self.epoch:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.folder))
+            self._share_epoch, self._share = self.epoch, perm[self.rank::self.world_size]
+        return self._share
+
+    def _skip(self, i: int) -> None:
+        self._bad.add(i)
+        self.skipped += 1
+        if len(self.skipped_paths) < _SKIPPED_PATHS_CAP:
+            self.skipped_paths.append(str(self.folder.paths[i]))
+        if len(self._bad) == len(self.folder):
+            raise RuntimeError(f"no image under {self.folder.root} could be loaded "
+                               f"(first failures: {self.skipped_paths[:5]})")
+
+    def _draw(self) -> None:
+        """Move the next item of this rank's stream into its bucket."""
+        share = self._epoch_share()
+        if self.cursor >= len(share):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            share = self._epoch_share()
+        i = int(share[self.cursor])
+        self.cursor += 1
+        if i in self._bad:
+            return
+        size = self.folder.size(i)
+        if size is None:
+            self._skip(i)
+            return
+        k = self.buckets.index(nearest_bucket(*size, self.buckets))
+        self._fill[k].append(i)
+        if len(self._fill[k]) == self.batch_size and k not in self._ready:
+            self._ready.append(k)
+
+    def __next__(self) -> Batch:
+        B = self.batch_size
+        while True:
+            if self._ready and len(self._fill[self._ready[0]]) >= B:
+                k = self._ready[0]
+                h, w = self.buckets[k]
+                idx = self._fill[k][:B]
+                images = []
+                for i in idx:
+                    im = self.folder.load(i, target=(h, w))
+                    if im is None:
+                        self._skip(i)
+                        continue
+                    images.append(to_tensor(resize_to_bucket(im, h, w)))
+                if len(images) == B:
+                    del self._fill[k][:B]
+                    self._ready.pop(0)
+                    if len(self._fill[k]) >= B:  # it overfilled while waiting in the queue
+                        self._ready.append(k)
+                    return Batch(torch.stack(images), [self.folder.captions[i] for i in idx])
+                # Some failed: drop them and keep this bucket at the head until refilled.
+                self._fill[k] = [i for i in self._fill[k] if i not in self._bad]
+            self._draw()
+
+    def state_dict(self) -> dict:
+        """Position only (plain ints and lists): epoch, cursor, waiting indices per bucket, the
+        queue of full buckets and the known-bad items. Loading it into a source built on the same
+        folder and settings continues with exactly the batches the original would have produced."""
+        return {
+            "epoch": self.epoch, "cursor": self.cursor,
+            "fill": [list(f) for f in self._fill], "ready": list(self._ready),
+            "bad": sorted(self._bad), "skipped": self.skipped,
+            "skipped_paths": list(self.skipped_paths),
+            "check": self._check(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["check"] != self._check():
+            raise ValueError(f"state was saved with different settings: {state['check']} "
+                             f"vs {self._check()}")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._fill = [list(map(int, f)) for f in state["fill"]]
+        self._ready = list(map(int, state["ready"]))
+        self._bad = set(map(int, state["bad"]))
+        self.skipped = int(state["skipped"])
+        self.skipped_paths = list(state["skipped_paths"])
+
+    def _check(self) -> dict:
+        """Settings a saved position is only valid for (a different folder or seed would silently
+        reinterpret the indices)."""
+        return {"n": len(self.folder), "batch_size": self.batch_size,
+                "buckets": [list(b) for b in self.buckets], "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size}

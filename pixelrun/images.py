@@ -1,0 +1,41 @@
+"""Pictures for people: labelled sample grids."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def save_grid(images: np.ndarray, captions: list[str], path: str | Path, tile: int = 160, columns: int = 4) -> Path:
+    """A grid of uint8 [B, H, W, 3] images, each enlarged (nearest, so pixels stay honest) to about
+    `tile` px on its longer side and labelled with its prompt underneath."""
+    b, h, w, _ = images.shape
+    scale = max(1, tile // max(h, w))
+    tw, th = w * scale, h * scale
+    font = ImageFont.load_default(size=11)
+    chars = max(8, tw // 6)
+    wrapped = ["\n".join(textwrap.wrap(c, chars)[:4]) for c in captions]
+    label_h = 14 * max((s.count("\n") + 1 for s in wrapped), default=1) + 6
+    cols = min(columns, b)
+    rows = (b + cols - 1) // cols
+    pad = 6
+    canvas = Image.new("RGB", (cols * (tw + pad) + pad, rows * (th + label_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i in range(b):
+        r, c = divmod(i, cols)
+        x0, y0 = pad + c * (tw + pad), pad + r * (th + label_h + pad)
+        canvas.paste(Image.fromarray(images[i]).resize((tw, th), Image.NEAREST), (x0, y0))
+        draw.multiline_text((x0, y0 + th + 3), wrapped[i], fill=(0, 0, 0), font=font, spacing=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

@@ -1,0 +1,77 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pixelrun.cli import main
+from pixelrun.config import Config, ConfigError, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_yaml_is_exactly_the_defaults():
+    assert to_dict(load_config(ROOT / "configs" / "demo.yaml")) == to_dict(Config())
+
+
+@pytest.mark.parametrize("name", ["stage1-512.yaml", "stage2-1024.yaml"])
+def test_speedrun_configs_load_and_validate(name):
+    cfg = load_config(ROOT / "configs" / "speedrun" / name)
+    assert cfg.model.preset == "small" and cfg.train.grad_clip == 0.2 and cfg.ema.decay == 0.999 and cfg.ema.every == 10
+    assert cfg.data.resolution == (512 if "512" in name else 1024)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.steps=7", "train.lr=3e-4", "data.buckets=true", "model.bottleneck_size=null",
+                             "train.betas=[0.8, 0.9]"])
+    assert cfg.train.steps == 7 and cfg.train.lr == 3e-4 and cfg.data.buckets is True
+    assert cfg.model.bottleneck_size is None and cfg.train.betas == [0.8, 0.9]
+
+
+@pytest.mark.parametrize("override, key", [
+    (["train.stepz=3"], "train.stepz"),
+    (["nosuch.key=1"], "nosuch"),
+    (["train.steps=abc"], "train.steps"),
+    (["train.steps=1.5"], "train.steps"),
+    (["data.buckets=maybe"], "data.buckets"),
+    (["data.resolution=50"], "data.resolution"),  # not a multiple of the tiny preset's patch 8
+    (["model.preset=huge"], "model.preset"),
+    (["model.num_heads=3"], "model.num_heads"),
+    (["train.precision=fp8"], "train.precision"),
+    (["objective.caption_dropout=1.5"], "objective.caption_dropout"),
+    (["ema.decay=1.0"], "ema.decay"),
+    (["train.steps=0"], "train.steps"),
+    (["sample.spacing=cosine"], "sample.spacing"),
+    (["train.betas=0.9"], "train.betas"),
+    (["data.source=folder"], "data.path"),
+    (["notakeyvalue"], "notakeyvalue"),
+])
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert e.value.key == key
+
+
+def test_cli_config_error_is_one_line_exit_2(tmp_path, capsys):
+    rc = main(["train", f"run.dir={tmp_path / 'run'}", "train.batch_sise=4"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and "train.batch_sise" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # failed before any work
+
+
+def test_cli_missing_folder_and_bad_yaml(tmp_path, capsys):
+    assert main(["train", "data.source=folder", f"data.path={tmp_path / 'nope'}", f"run.dir={tmp_path / 'r'}"]) == 2
+    assert "data.path" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: [\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_cli_process_exit_code_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pixelrun", "train", "model.depth=-1", f"run.dir={tmp_path}/r"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "pixelrun: config error: model.depth: must be > 0; got -1"

@@ -1,0 +1,133 @@
+"""The spine end to end on a tiny model: learning, exact resume, clean stops, atomic checkpoints, the CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_overrides
+from pixelrun import checkpoint as ckpt
+from pixelrun.cli import main
+from pixelrun.config import load_config
+from pixelrun.data.shapes import ShapesBatchSource
+from pixelrun.text import TextEncoder
+from pixelrun.train import make_optimizer, model_from_config, train, training_step
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_overfits_one_batch(tmp_path, tiny_encoder_dir):
+    cfg = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{"model.hidden_size": 64, "train.lr": 3e-3,
+                                                                          "objective.caption_dropout": 0.0}))
+    enc = TextEncoder(tiny_encoder_dir, 16)
+    model = model_from_config(cfg, enc.dim)
+    opt, sched = make_optimizer(model, cfg)
+    batch = next(ShapesBatchSource(0, "train", 4, [(32, 32)]))
+    text, mask = enc.encode(batch.captions)
+    null = enc.encode([""])
+    losses = []
+    for i in range(150):
+        # the same noise and times every step: a fixed regression problem the model must fit
+        res = training_step(model, batch, text, mask, *null, torch.Generator().manual_seed(0), cfg, torch.device("cpu"))
+        opt.zero_grad()
+        res.loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(res.loss.item())
+    assert losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, tiny_encoder_dir):
+    extra = {"train.steps": 8, "train.checkpoint_every": 4, "eval.prompts": 0, "ema.every": 2}
+    full = tmp_path / "full"
+    train(load_config(None, tiny_overrides(full, tiny_encoder_dir, **extra)))
+    part = tmp_path / "part"
+    cfg = load_config(None, tiny_overrides(part, tiny_encoder_dir, **extra))
+    out = train(cfg, stop_at_step=3)  # stops like SIGTERM: saves step 3 and returns
+    assert out["step"] == 3 and ckpt.latest_checkpoint(part).name == "step_00000003"
+    train(cfg)  # the same command again
+    a, b = _metrics(full), _metrics(part)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        for k in ("loss", "flow", "grad_norm", "lr"):
+            assert ra[k] == rb[k], (ra["step"], k)
+    sa, sb = ckpt.load_state(ckpt.latest_checkpoint(full)), ckpt.load_state(ckpt.latest_checkpoint(part))
+    for key in ("model", "ema"):
+        for name, tensor in sa[key].items():
+            assert torch.equal(tensor, sb[key][name]), (key, name)
+    assert sa["data"] == sb["data"]
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    ckpt.save_checkpoint(tmp_path, 2, {"step": 2}, "seed: 0\n")
+    (root / ".tmp-step_00000004-123").mkdir()  # a crash mid-write
+    (root / ".tmp-step_00000004-123" / "state.pt").write_bytes(b"garbage")
+    (root / "step_00000006").mkdir()  # a directory without its state file
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002"
+    ckpt.save_checkpoint(tmp_path, 8, {"step": 8}, "seed: 0\n", keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000008"]
+    assert not list(root.glob(".tmp-*"))
+    assert ckpt.load_state(ckpt.resolve_checkpoint(tmp_path))["step"] == 8
+
+
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path, tiny_encoder_dir):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "pixelrun", "train",
+            *tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 100000, "eval.prompts": 0})]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in out and "Traceback" not in err
+    latest = ckpt.latest_checkpoint(run)
+    step = ckpt.load_state(latest)["step"]
+    assert step >= 3
+    assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"train.steps": step + 2, "eval.prompts": 0})]) == 0
+    assert [r["step"] for r in _metrics(run) if "loss" in r] == list(range(1, step + 3))
+
+
+def test_default_run_outputs_sample_and_eval(tmp_path, tiny_encoder_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"train.sample_every": 3, "train.checkpoint_every": 3})]) == 0
+    out = capsys.readouterr().out
+    assert "done: 6 steps" in out and "shapes score" in out and "step_00000006" in out
+    assert (run / "config.yaml").exists() and (run / "samples" / "step_00000003.png").exists()
+    assert (run / "samples" / "final.png").exists() and list((run / "tensorboard").iterdir())
+    result = json.loads((run / "eval.json").read_text())
+    assert result["real_images"]["placed"] == 1.0 and result["settings"]["prompts"] == 4
+    assert load_config(run / "config.yaml").run.dir == str(run)
+
+    outdir = tmp_path / "out"
+    prompt = "a large red circle in the top left on a white background"
+    assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(outdir), "--seed", "5"]) == 0
+    first = np.asarray(Image.open(outdir / "000.png"))
+    assert first.shape == (32, 32, 3)
+    assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(tmp_path / "again"),
+                 "--seed", "5", "--size", "32x48"]) == 0
+    assert np.asarray(Image.open(tmp_path / "again" / "000.png")).shape == (32, 48, 3)
+    assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(tmp_path / "same"), "--seed", "5"]) == 0
+    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "same" / "000.png")))
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--prompts", "3", "--steps", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["prompts"] == 3 and report["settings"]["steps"] == 2 and 0 <= report["score"]["placed"] <= 1
+
+
+def test_sample_rejects_bad_size_and_missing_checkpoint(tmp_path, capsys):
+    assert main(["sample", "--checkpoint", str(tmp_path / "none"), "--prompt", "x", "--out", str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
