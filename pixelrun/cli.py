@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
         p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
         p.add_argument("--guidance", type=float, help="guidance scale (default: the checkpoint's sample.guidance)")
-        p.add_argument("--guidance-mode", choices=["cfg", "none"], help="default: the checkpoint's sample.guidance_mode")
+        p.add_argument("--guidance-mode", choices=["cfg", "self", "none"],
+                       help="cfg: against the empty prompt; self: dense vs TREAD-routed pass; default: the checkpoint's")
         p.add_argument("--seed", type=int, help="noise seed (default: the checkpoint's sample.seed)")
         p.add_argument("--weights", choices=["ema", "raw"], default="ema")
         p.add_argument("--device", default="auto")

@@ -67,6 +67,38 @@ class ObjectiveConfig:
 
 
 @dataclass
+class RoutingConfig:
+    """TREAD (see pixelrun/routing.py): a fraction `ratio` of each sample's image tokens skips blocks
+    start..end (0-indexed, both inclusive) and re-enters unchanged after block `end`."""
+
+    ratio: float = 0.0  # 0 = dense; the recipe routes 0.5
+    start: int | None = None  # null = the recipe's 2 (of 16), scaled to the depth
+    end: int | None = None  # null = the recipe's 12 (of 16), scaled to the depth
+
+
+@dataclass
+class REPAConfig:
+    """REPA: a projector on one block's output is pulled towards frozen teacher patch features."""
+
+    weight: float = 0.0  # 0 = off; the recipe: 0.5 (term = -mean cosine similarity)
+    teacher: str = "efficientnet-lite0"  # a DINOv3 / DINOv2 local path or hub id; or the offline CNN
+    block: int | None = None  # null = the recipe's block 7 (of 16), scaled to the depth
+    hidden: int = 2048  # projector: Linear-SiLU-Linear-SiLU-Linear with this hidden width
+
+
+@dataclass
+class PerceptualConfig:
+    """PixelGen's perceptual losses on the x-prediction, gradient through frozen networks."""
+
+    lpips_weight: float = 0.0  # 0 = off; the recipe: 0.1
+    lpips: str = "stlpips-vgg"  # stlpips-vgg (offline, shift-tolerant) | path:VGG.pth,LIN.pth | a directory
+    lpips_scale: float = 0.5  # both images downsampled by this factor first
+    dino_weight: float = 0.0  # P-DINO; 0 = off; the recipe: 0.01
+    dino_teacher: str = "efficientnet-lite0"  # a DINO local path or hub id; or the offline CNN
+    max_t: float | None = None  # noise-level gate: only samples with t <= max_t (PixelGen: 0.7); null = all
+
+
+@dataclass
 class TrainConfig:
     steps: int = 3000
     batch_size: int = 16
@@ -75,6 +107,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+    optimizer: str = "adamw"  # adamw | muon (Muon for the 2-D weights inside blocks, AdamW for the rest)
+    muon_lr: float | None = None  # null = train.lr (the update is RMS-matched to AdamW, so one lr serves both)
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0
     # auto = bf16 autocast on CUDA, fp32 on the CPU: without AVX512-BF16/AMX (this 2-core AVX2 machine)
     # bf16 matmuls are emulated and a CPU step is ~50x slower than fp32. Master weights are always fp32.
@@ -99,7 +134,7 @@ class EMAConfig:
 class SampleConfig:
     steps: int = 25
     guidance: float = 4.0
-    guidance_mode: str = "cfg"  # cfg | none
+    guidance_mode: str = "cfg"  # cfg (empty prompt) | self (dense vs routed pass; needs routing.ratio > 0) | none
     spacing: str = "diffusers"  # diffusers | linear (see sampling.time_grid)
     shift: float = 3.0
     seed: int = 0
@@ -121,6 +156,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    repa: REPAConfig = field(default_factory=REPAConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -281,6 +319,35 @@ def model_fields(cfg: Config) -> dict:
     return fields
 
 
+def routing_span(cfg: Config) -> tuple[int, int]:
+    """The routed blocks (start, end), inclusive, for this config's depth."""
+    from .routing import span_for_depth
+
+    try:
+        return span_for_depth(model_fields(cfg)["depth"], cfg.routing.start, cfg.routing.end)
+    except ValueError as e:
+        key = "routing.end" if "span end" in str(e) else "routing.start"
+        raise ConfigError(key, str(e)) from None
+
+
+def image_sizes(cfg: Config) -> list[tuple[int, int]]:
+    """The (height, width) sizes batches come in: the square, or the aspect-ratio buckets."""
+    if cfg.data.buckets:
+        from .data.buckets import aspect_buckets
+
+        return aspect_buckets(cfg.data.resolution, model_fields(cfg)["patch_size"])
+    return [(cfg.data.resolution, cfg.data.resolution)]
+
+
+def repa_block(cfg: Config) -> int:
+    """The block whose output REPA aligns: explicit, or the recipe's 7 of 16 scaled to the depth."""
+    depth = model_fields(cfg)["depth"]
+    block = cfg.repa.block if cfg.repa.block is not None else max(0, round(8 * depth / 16) - 1)
+    if not 0 <= block < depth:
+        raise ConfigError("repa.block", f"block {block} is outside the model's blocks 0..{depth - 1}")
+    return block
+
+
 def validate(cfg: Config) -> None:
     """Reject inconsistent values before any work is done."""
     m = model_fields(cfg)
@@ -316,6 +383,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError("objective.t_min", f"must be in [0, 1); got {o.t_min}")
     _positive("objective.t_clamp", o.t_clamp)
 
+    if not 0 <= cfg.routing.ratio < 1:
+        raise ConfigError("routing.ratio", f"must be in [0, 1); got {cfg.routing.ratio}")
+    routing_span(cfg)
+
+    _positive("repa.weight", cfg.repa.weight, allow_zero=True)
+    _positive("repa.hidden", cfg.repa.hidden)
+    repa_block(cfg)
+    pc = cfg.perceptual
+    for k in ("lpips_weight", "dino_weight"):
+        _positive(f"perceptual.{k}", getattr(pc, k), allow_zero=True)
+    if not 0 < pc.lpips_scale <= 1:
+        raise ConfigError("perceptual.lpips_scale", f"must be in (0, 1]; got {pc.lpips_scale}")
+    if pc.lpips_weight > 0:
+        side = min(min(hw) for hw in image_sizes(cfg)) * pc.lpips_scale
+        if side < 18:  # VGG16's pooling (ST-LPIPS's blur-pool variant) needs at least 18 px
+            raise ConfigError("perceptual.lpips_scale", f"LPIPS would see {side:g} px images (smallest bucket side x "
+                                                       f"scale); VGG16 needs at least 18: raise the scale or the resolution")
+    if pc.max_t is not None and not 0 < pc.max_t <= 1:
+        raise ConfigError("perceptual.max_t", f"must be in (0, 1] or null; got {pc.max_t}")
+
     t = cfg.train
     _positive("train.steps", t.steps)
     _positive("train.batch_size", t.batch_size)
@@ -325,6 +412,11 @@ def validate(cfg: Config) -> None:
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError("train.betas", f"must be two numbers in [0, 1); got {t.betas}")
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    _choice("train.optimizer", t.optimizer, ("adamw", "muon"))
+    if t.muon_lr is not None:
+        _positive("train.muon_lr", t.muon_lr)
+    if not 0 <= t.muon_momentum < 1:
+        raise ConfigError("train.muon_momentum", f"must be in [0, 1); got {t.muon_momentum}")
     _choice("train.precision", t.precision, ("auto", "bf16", "fp32"))
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError("train.device", f"must be auto, cpu, cuda or cuda:N; got {t.device!r}")
@@ -343,6 +435,8 @@ def validate(cfg: Config) -> None:
     from .sampling import GUIDANCE_MODES, SPACINGS
 
     _choice("sample.guidance_mode", s.guidance_mode, GUIDANCE_MODES)
+    if s.guidance_mode == "self" and cfg.routing.ratio == 0:
+        raise ConfigError("sample.guidance_mode", "self-guidance contrasts a dense and a routed pass: set routing.ratio > 0")
     _choice("sample.spacing", s.spacing, SPACINGS)
     _positive("sample.shift", s.shift)
     _positive("sample.grid_prompts", s.grid_prompts, allow_zero=True)

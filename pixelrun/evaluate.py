@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, routing_span
 from .sampling import sample, to_uint8
 
 
@@ -27,7 +27,8 @@ def generate(model, encoder, prompts: list[str], cfg: Config, device, *, seed: i
                         steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
                         guidance_mode=guidance_mode or s.guidance_mode, shift=s.shift, spacing=s.spacing,
                         noise_scale=cfg.objective.noise_scale, t_clamp=cfg.objective.t_clamp,
-                        seed=seed + k // chunk, autocast_dtype=amp, progress=progress)
+                        seed=seed + k // chunk, autocast_dtype=amp, progress=progress,
+                        routing_span=routing_span(cfg), routing_ratio=cfg.routing.ratio)
         out.append(to_uint8(images))
     return np.concatenate(out)
 

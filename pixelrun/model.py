@@ -234,6 +234,8 @@ class PRXDenoiser(nn.Module):
         p = cfg.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        if routing is not None and not 0 <= routing.start <= routing.end < cfg.depth:
+            raise ValueError(f"routing span {routing.start}..{routing.end} is outside blocks 0..{cfg.depth - 1}")
         img = self.img_in(patchify(x, p))
         txt = self.txt_in(text)
         vec = self.time_in(timestep_embedding(t, 256, cfg.time_factor, cfg.time_max_period).to(img.dtype))

@@ -4,6 +4,10 @@ The network predicts x_hat; every step turns it into a velocity with the same cl
 (objective.x_to_velocity) and takes an Euler step x <- x + (t_next - t) * v.
 Initial noise is drawn as diffusers' PRXPixelPipeline draws it: one `torch.randn` of the whole
 batch from a CPU `torch.Generator().manual_seed(seed)`, times the noise scale.
+
+Guidance modes: "cfg" (classic, against the empty prompt), "none", and "self" (self-guidance for
+TREAD-routed models, Guided Token-Sparse Diffusion): the model's own routed pass plays the weak
+model that guidance pushes away from, so no empty prompt is needed.
 """
 from __future__ import annotations
 
@@ -12,10 +16,12 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from .model import Routing
 from .objective import shift_time, x_to_velocity
+from .routing import random_routing, routing_generator, span_for_depth
 
 SPACINGS = ("diffusers", "linear")
-GUIDANCE_MODES = ("cfg", "none")
+GUIDANCE_MODES = ("cfg", "none", "self")
 
 
 def time_grid(steps: int, shift: float = 3.0, spacing: str = "diffusers", num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -43,6 +49,30 @@ def initial_noise(batch: int, height: int, width: int, seed: int, noise_scale: f
     return torch.randn((batch, 3, height, width), generator=g) * noise_scale
 
 
+def _model_cfg(model):
+    """The denoiser's ModelConfig, looking through torch.compile / DDP-style wrappers."""
+    for m in (model, getattr(model, "_orig_mod", None), getattr(model, "module", None)):
+        cfg = getattr(m, "cfg", None)
+        if cfg is not None and hasattr(cfg, "patch_size"):
+            return cfg
+    raise ValueError("self-guidance needs the model's patch size to count tokens: the model has no cfg.patch_size")
+
+
+def self_guidance_routing(
+    batch: int, n_tokens: int, span: tuple[int, int], ratio: float, seed: int, device=None
+) -> Routing:
+    """The routing that guidance mode "self" uses for a whole sampling run: one mask per sample.
+
+    Drawn once from `routing_generator(seed)`, a CPU generator separate from (and not correlated
+    with) the noise generator, so the initial noise is the same as in the other modes and the
+    masks do not depend on the device. Exposed so tests and tools can rebuild the exact mask.
+    """
+    routing = random_routing(batch, n_tokens, ratio, span, routing_generator(seed), device=device)
+    if routing is None:
+        raise ValueError("self-guidance needs routing_ratio > 0 (ratio 0 makes the routed pass the dense one)")
+    return routing
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -63,18 +93,40 @@ def sample(
     seed: int = 0,
     autocast_dtype: torch.dtype | None = None,
     progress=None,
+    routing_span: tuple[int, int] | None = None,
+    routing_ratio: float = 0.5,
 ) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1] for the prompts whose embeddings are given.
 
     guidance_mode "cfg": x_hat = x_uncond + w * (x_cond - x_uncond) against the empty prompt
     (`null_text`), run as one batch [uncond ; cond] like diffusers; skipped when w == 1 as there.
     guidance_mode "none": the conditional prediction alone.
+    guidance_mode "self": each step runs a dense pass and a TREAD-routed pass, both with the real
+    prompt, and x_hat = x_routed + w * (x_dense - x_routed). The routed pass skips
+    `routing_span` (start, end inclusive, e.g. `routing.span_for_depth(depth)`) for a fraction
+    `routing_ratio` of the tokens, as in training. One mask per sample is drawn once from `seed`
+    (`self_guidance_routing`) and kept for every step: a mask redrawn each step would add noise to
+    the guidance direction. The two passes are separate forward calls (different token counts in
+    the span). Skipped, like CFG, when w == 1 (the dense prediction alone).
     """
     if guidance_mode not in GUIDANCE_MODES:
         raise ValueError(f"unknown guidance mode {guidance_mode!r}; choose one of {GUIDANCE_MODES}")
     device = text.device
     b = text.shape[0]
     use_cfg = guidance_mode == "cfg" and guidance != 1.0
+    use_self = guidance_mode == "self" and guidance != 1.0
+    if guidance_mode == "self":
+        if routing_span is None:
+            raise ValueError("guidance mode 'self' needs routing_span=(start, end), the model's routed blocks "
+                             "(see pixelrun.routing.span_for_depth)")
+        mcfg = _model_cfg(model)
+        if getattr(mcfg, "depth", None) is not None:  # a span past the last block would never scatter back
+            routing_span = span_for_depth(mcfg.depth, *routing_span)
+        p = mcfg.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+        # Drawn (and validated) even when w == 1 skips the routed pass, so errors do not depend on w.
+        routing = self_guidance_routing(b, (height // p) * (width // p), tuple(routing_span), routing_ratio, seed, device)
     if use_cfg:
         if null_text is None:
             raise ValueError("classic CFG needs the empty prompt's embedding (null_text)")
@@ -90,6 +142,10 @@ def sample(
                 pred = model(torch.cat([x, x]), torch.cat([t, t]), both_text, both_mask).prediction.float()
                 uncond, cond = pred.chunk(2)
                 x_hat = uncond + guidance * (cond - uncond)
+            elif use_self:
+                dense = model(x, t, text, text_mask).prediction.float()
+                routed = model(x, t, text, text_mask, routing=routing).prediction.float()
+                x_hat = routed + guidance * (dense - routed)
             else:
                 x_hat = model(x, t, text, text_mask).prediction.float()
         v = x_to_velocity(x, x_hat, t, t_clamp)

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, model_fields, to_dict, to_yaml
+from .config import Config, image_sizes, model_fields, repa_block, routing_span, to_dict, to_yaml
 from .data import Batch
-from .model import PRXDenoiser, count_parameters, build_model
+from .model import PRXDenoiser, build_model, count_parameters, gather_tokens
 from .objective import add_noise, sample_times, velocity_loss
+from .routing import random_routing
 from .text import TextEncoder
 
 
@@ -44,14 +46,6 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 def model_from_config(cfg: Config, text_dim: int) -> PRXDenoiser:
     fields = model_fields(cfg)
     return build_model(cfg.model.preset, text_dim, **{k: v for k, v in fields.items()})
-
-
-def image_sizes(cfg: Config) -> list[tuple[int, int]]:
-    if cfg.data.buckets:
-        from .data.buckets import aspect_buckets
-
-        return aspect_buckets(cfg.data.resolution, model_fields(cfg)["patch_size"])
-    return [(cfg.data.resolution, cfg.data.resolution)]
 
 
 def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1):
@@ -85,7 +79,67 @@ class StepResult:
     terms: dict[str, torch.Tensor]
 
 
-def training_step(model, batch: Batch, text, text_mask, null_text, null_mask, gen: torch.Generator, cfg: Config, device) -> StepResult:
+class Auxiliary(torch.nn.Module):
+    """What the extra loss terms need besides the model: the REPA projector (trained, in the Adam
+    group, saved in checkpoints) and frozen teachers (never trained, never saved). Kept outside the
+    denoiser so parallelism, EMA and export only ever see the denoiser itself."""
+
+    def __init__(self, cfg: Config, hidden_size: int, device):
+        super().__init__()
+        self.repa_block = repa_block(cfg)
+        self.repa_teacher = self.projector = self.lpips = self.dino = None
+        if cfg.repa.weight > 0:
+            from .teachers.features import load_teacher
+
+            self.repa_teacher = load_teacher(cfg.repa.teacher)
+            h = cfg.repa.hidden
+            self.projector = torch.nn.Sequential(
+                torch.nn.Linear(hidden_size, h), torch.nn.SiLU(), torch.nn.Linear(h, h), torch.nn.SiLU(),
+                torch.nn.Linear(h, self.repa_teacher.dim))
+        if cfg.perceptual.lpips_weight > 0:
+            from .teachers.lpips import load_lpips
+
+            self.lpips = load_lpips(cfg.perceptual.lpips)
+        if cfg.perceptual.dino_weight > 0:
+            from .teachers.features import load_teacher
+
+            self.dino = load_teacher(cfg.perceptual.dino_teacher)
+        self.to(device)
+
+    def describe(self, cfg: Config) -> list[str]:
+        lines = []
+        if self.projector is not None:
+            lines.append(f"REPA: block {self.repa_block} -> projector -> {self.repa_teacher.name}, weight {cfg.repa.weight}")
+        if self.lpips is not None:
+            lines.append(f"LPIPS: {self.lpips.source}, weight {cfg.perceptual.lpips_weight}, scale {cfg.perceptual.lpips_scale}")
+        if self.dino is not None:
+            lines.append(f"P-DINO: {self.dino.name}, weight {cfg.perceptual.dino_weight}")
+        return lines
+
+
+def repa_loss(aux: Auxiliary, features: torch.Tensor, x: torch.Tensor, routing, grid: tuple[int, int]) -> torch.Tensor:
+    """-mean cosine between projected block features and the teacher's patch features of the clean
+    image on the same token grid. Inside a TREAD span the block only saw the kept tokens, so the
+    teacher tokens are gathered at the same indices."""
+    target = aux.repa_teacher.features_for_grid(x, *grid)  # [B, L, C], no grad
+    if routing is not None and features.shape[1] != target.shape[1]:
+        target = gather_tokens(target, routing.keep)
+    pred = aux.projector(features).float()
+    return -F.cosine_similarity(pred, target, dim=-1).mean()
+
+
+def pdino_loss(teacher, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per sample: 1 - cosine of teacher patch tokens of x_hat and x, mean over patches. The grid
+    follows the image's own aspect ratio (no squashing to a square)."""
+    h, w = x.shape[-2:]
+    grid = (max(1, round(h / teacher.patch)), max(1, round(w / teacher.patch)))
+    f_hat = teacher.features_for_grid(x_hat, *grid, grad=True)
+    f = teacher.features_for_grid(x, *grid)
+    return 1 - F.cosine_similarity(f_hat, f, dim=-1).mean(dim=1)
+
+
+def training_step(model, batch: Batch, text, text_mask, null_text, null_mask, gen: torch.Generator, cfg: Config,
+                  device, aux: Auxiliary | None = None) -> StepResult:
     """Every loss term of a step is computed here, by name, and summed with its weight."""
     o = cfg.objective
     x = batch.images.to(device, non_blocking=True)
@@ -95,23 +149,50 @@ def training_step(model, batch: Batch, text, text_mask, null_text, null_mask, ge
     text = torch.where(drop[:, None, None], null_text, text)
     text_mask = torch.where(drop[:, None], null_mask, text_mask)
 
+    span = routing_span(cfg)
+    n_tokens = (x.shape[2] // model.cfg.patch_size) * (x.shape[3] // model.cfg.patch_size)
+    routing = random_routing(b, n_tokens, cfg.routing.ratio, span, gen, device=device)  # None = dense
+
     t = sample_times(b, gen, shift=o.time_shift, logit_mean=o.logit_mean, logit_std=o.logit_std,
                      uniform_fraction=o.uniform_fraction, t_min=o.t_min, device=device)
     eps = torch.randn(x.shape, generator=gen, device=device)
     x_t = add_noise(x, eps, t, o.noise_scale)
     dtype = autocast_dtype(cfg, device)
     amp = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    repa_on = aux is not None and aux.projector is not None
     with amp:
-        out = model(x_t, t, text, text_mask)
-    terms = {"flow": velocity_loss(out.prediction, x, x_t, t, o.t_clamp)}
+        out = model(x_t, t, text, text_mask, routing=routing, return_features=(aux.repa_block,) if repa_on else ())
+    x_hat = out.prediction.float()
+    terms = {"flow": velocity_loss(x_hat, x, x_t, t, o.t_clamp)}
     weights = {"flow": 1.0}
+    if repa_on:
+        grid = (x.shape[2] // model.cfg.patch_size, x.shape[3] // model.cfg.patch_size)
+        with amp:
+            terms["repa"] = repa_loss(aux, out.features[aux.repa_block], x, routing, grid)
+        weights["repa"] = cfg.repa.weight
+    pc = cfg.perceptual
+    # PixelGen applies its perceptual losses at low noise only; in our convention that is t <= max_t.
+    gate = (t <= pc.max_t).float() if pc.max_t is not None else torch.ones_like(t)
+    if aux is not None and aux.lpips is not None:
+        from .teachers.lpips import lpips_loss
+
+        terms["lpips"] = (lpips_loss(aux.lpips, x_hat, x, pc.lpips_scale) * gate).mean()
+        weights["lpips"] = pc.lpips_weight
+    if aux is not None and aux.dino is not None:
+        terms["pdino"] = (pdino_loss(aux.dino, x_hat, x) * gate).mean()
+        weights["pdino"] = pc.dino_weight
     loss = sum(weights[k] * v for k, v in terms.items())
     return StepResult(loss, terms)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Config):
+def make_optimizer(model: torch.nn.Module, cfg: Config, extra_adam_modules=()):
+    """AdamW, or Muon + AdamW (optim.py), with a linear warm-up then a constant learning rate."""
+    from .optim import build_optimizer
+
     t = cfg.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    opt = build_optimizer(model, kind=t.optimizer, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                          weight_decay=t.weight_decay, muon_lr=t.muon_lr, muon_momentum=t.muon_momentum,
+                          extra_adam_modules=extra_adam_modules)
     warm = max(1, t.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     return opt, sched
@@ -141,6 +222,16 @@ class StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def load_projector(aux: Auxiliary, state: dict):
+    """A checkpoint with or without a REPA projector loads into a config with or without REPA."""
+    if aux.projector is None:
+        return
+    if "repa_projector" in state:
+        aux.projector.load_state_dict(state["repa_projector"])
+    else:
+        tqdm.write("REPA projector: not in the checkpoint, starting from a fresh one")
 
 
 def _truncate_metrics(path: Path, step: int):
@@ -174,7 +265,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
     null_text, null_mask = (a.to(device) for a in encoder.encode([""]))
     model = model_from_config(cfg, encoder.dim).to(device)
     ema = EMA(model, cfg.ema.decay, cfg.ema.every)
-    opt, sched = make_optimizer(model, cfg)
+    aux = Auxiliary(cfg, model.cfg.hidden_size, device)
+    opt, sched = make_optimizer(model, cfg, extra_adam_modules=[aux.projector] if aux.projector is not None else [])
     source = make_batch_source(cfg)
     gen = torch.Generator(device).manual_seed(cfg.seed + 1)
     step = 0
@@ -184,7 +276,11 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
         state = ckpt.load_state(latest)
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
+        load_projector(aux, state)
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except ValueError as e:  # e.g. REPA or the optimizer kind switched on/off since the checkpoint
+            tqdm.write(f"warning: optimizer state in {latest} does not fit this config ({e}); starting it afresh")
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -195,13 +291,18 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
     _truncate_metrics(metrics_path, step) if step else metrics_path.write_text("")
 
     n_params = count_parameters(model)
+    from .optim import describe
+
+    tqdm.write(describe(opt.report))
+    for line in aux.describe(cfg):
+        tqdm.write(line)
     tqdm.write(f"model: preset {cfg.model.preset}, {n_params / 1e6:.2f}M parameters; text encoder {encoder.name} "
                f"(dim {encoder.dim}); device {device}; autocast {autocast_dtype(cfg, device) or 'off (fp32)'}")
 
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
-    grid_prompts = _grid_prompts(cfg)
+    grid_prompts = _grid_prompts(cfg, source)
 
     def save(at_step: int) -> Path:
         state = {
@@ -213,6 +314,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
             "generator": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "data": source.state_dict(),
+            **({"repa_projector": aux.projector.state_dict()} if aux.projector is not None else {}),
             "config": to_dict(cfg),
             "text_dim": encoder.dim,
         }
@@ -240,10 +342,11 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
         while step < cfg.train.steps:
             batch = next(source)
             text, text_mask = (a.to(device) for a in encoder.encode(batch.captions))
-            result = training_step(model, batch, text, text_mask, null_text, null_mask, gen, cfg, device)
+            result = training_step(model, batch, text, text_mask, null_text, null_mask, gen, cfg, device, aux)
             opt.zero_grad(set_to_none=True)
             result.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                       cfg.train.grad_clip or math.inf)
             opt.step()
             sched.step()
             ema.maybe_update(model, step)
@@ -271,6 +374,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
                 run_eval(step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 save(step)
+            if step % max(cfg.train.log_every, 1) == 0:
+                last_t = time.time()  # images/s measures training alone, not grids, evals or saves
             if stop.signal is not None or (stop_at_step is not None and step >= stop_at_step):
                 stopped = stop.signal or "stop_at_step"
                 break
@@ -296,17 +401,21 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
     score = summary.get("score")
     score_text = (f"; shapes score {score['placed']:.3f} (EMA, {cfg.eval.prompts} prompts, exact set {score['exact_set']:.3f}, "
                   f"eval.json in the run)") if score else ""
+    skipped = getattr(source, "skipped", 0)
+    skipped_text = f"; skipped {skipped} unreadable images (first: {source.skipped_paths[0]})" if skipped else ""
+    summary["skipped_images"] = skipped
     print(f"done: {step} steps ({_format_duration(elapsed)} this session); checkpoint {last}; "
-          f"samples {final_grid.parent}/{score_text}", flush=True)
+          f"samples {final_grid.parent}/{score_text}{skipped_text}", flush=True)
     return summary
 
 
-def _grid_prompts(cfg: Config) -> list[str]:
+def _grid_prompts(cfg: Config, source) -> list[str]:
+    """Fixed prompts for the sample grids: fresh shapes captions, or the first captions of a folder."""
     if cfg.data.source == "shapes":
         from .data.shapes import fixed_prompts
 
         return fixed_prompts(cfg.sample.grid_prompts, max_shapes=cfg.data.max_shapes)
-    return []
+    return list(source.folder.captions[: cfg.sample.grid_prompts])
 
 
 def _read_png(path):

