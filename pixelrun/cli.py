@@ -84,6 +84,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_presets(args) -> int:
+    """Parameter counts of the size presets (built on the meta device: no memory, no time)."""
+    import torch
+
+    from .model import PRESETS, build_model, count_parameters
+
+    print(f"{'preset':<8}{'patch':>6}{'width':>7}{'depth':>6}{'heads':>6}{'bottleneck':>11}{'parameters':>16}")
+    for name, f in PRESETS.items():
+        with torch.device("meta"):
+            n = count_parameters(build_model(name, args.text_dim))
+        print(f"{name:<8}{f['patch_size']:>6}{f['hidden_size']:>7}{f['depth']:>6}{f['num_heads']:>6}"
+              f"{str(f['bottleneck_size']):>11}{n:>16,}")
+    print(f"(text encoder width {args.text_dim}; it only changes the text projection)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    report = run_bench(args.config, args.overrides, variants=args.variants.split(","), steps=args.steps,
+                       warmup=args.warmup, text_dim=args.text_dim, text_tokens=args.text_tokens, out=args.out)
+    summary = {name: {k: r[k] for k in ("step_seconds_median", "images_per_s", "image_tokens_per_s", "step_time_vs_dense")
+                      if k in r} for name, r in report["results"].items()}
+    print(json.dumps({"device": report["device"], "results": summary}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pixelrun", description="Pixel-space text-to-image diffusion training.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -116,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt-seed", type=int, default=1234)
     e.add_argument("--out", help="also write the JSON here")
     e.set_defaults(func=cmd_eval)
+    b = sub.add_parser("bench", help="time training steps: dense / routed, with / without teachers (JSON)")
+    b.add_argument("--config", help="YAML config (default: the built-in demo)")
+    b.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.preset=base data.resolution=512")
+    b.add_argument("--variants", default="dense,routed", help="comma list of: dense, routed, teachers, routed+teachers")
+    b.add_argument("--steps", type=int, default=5, help="timed steps per variant (the median is reported)")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--text-dim", type=int, default=384)
+    b.add_argument("--text-tokens", type=int, default=32)
+    b.add_argument("--out", help="write the full report (with the resolved config) here")
+    b.set_defaults(func=cmd_bench)
+
+    pr = sub.add_parser("presets", help="the model size presets and their parameter counts")
+    pr.add_argument("--text-dim", type=int, default=2304, help="text encoder width (T5Gemma-2B: 2304, MiniLM: 384)")
+    pr.set_defaults(func=cmd_presets)
     return ap
 
 

@@ -43,7 +43,9 @@ class ModelSection:
 class DataConfig:
     source: str = "shapes"  # shapes | folder
     path: str | None = None  # image folder (source=folder)
-    resolution: int = 64  # side of the square bucket; buckets keep about (resolution/patch)^2 tokens
+    # Side of the square bucket; buckets keep about (resolution/patch)^2 tokens. The CPU default is
+    # 48px: 36 tokens at patch 8, each 3x3 cell of the shapes grid exactly 2x2 patches.
+    resolution: int = 48
     buckets: bool = False  # aspect-ratio buckets in [0.5, 2] (one bucket per batch)
     max_shapes: int = 2  # shapes dataset: at most this many shapes per image
 
@@ -51,7 +53,8 @@ class DataConfig:
 @dataclass
 class TextConfig:
     encoder: str = "minilm"  # "minilm" (offline default), a local path or a Hugging Face id
-    max_tokens: int = 32
+    max_tokens: int = 24  # the longest two-shape caption is 23 MiniLM tokens
+    cache_gib: float = 2.0  # memory for the prompt-embedding cache (each distinct prompt is encoded once)
 
 
 @dataclass
@@ -100,7 +103,7 @@ class PerceptualConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -125,7 +128,7 @@ class TrainConfig:
 @dataclass
 class EMAConfig:
     # The recipe's 0.999 every 10 steps has a half-life of ~6,900 steps: right for 100k steps,
-    # far too slow for the 3,000-step CPU default. 0.995 every step has a half-life of ~140.
+    # far too slow for the 2,500-step CPU default. 0.995 every step has a half-life of ~140.
     decay: float = 0.995
     every: int = 1
 
@@ -371,6 +374,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.max_shapes", f"must be between 1 and 6 (six colours); got {cfg.data.max_shapes}")
 
     _positive("text.max_tokens", cfg.text.max_tokens)
+    _positive("text.cache_gib", cfg.text.cache_gib, allow_zero=True)
 
     o = cfg.objective
     _positive("objective.noise_scale", o.noise_scale)

@@ -73,7 +73,7 @@ def load_for_inference(checkpoint: str, weights: str = "ema", device: str = "aut
     state = ckpt.load_state(path)
     cfg = config_from_dict(_merge(state["config"], parse_overrides(list(overrides))))
     dev = resolve_device(device)
-    encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=dev)
+    encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=dev, cache_gib=cfg.text.cache_gib)
     model = model_from_config(cfg, state["text_dim"])
     if weights not in ("ema", "raw"):
         raise ValueError("weights must be ema or raw")

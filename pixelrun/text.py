@@ -154,13 +154,16 @@ class TextEncoder:
     """
 
     def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_tokens: int = 32, device="cpu",
-                 dtype: torch.dtype = torch.float32, cache_size: int = 100_000, chunk_size: int = 16):
+                 dtype: torch.dtype = torch.float32, cache_size: int = 100_000, chunk_size: int = 16,
+                 cache_gib: float | None = None):
         self.name = name_or_path
         self.path = resolve_encoder(name_or_path)
         self.model, self.tokenizer = load_text_encoder(name_or_path, dtype=dtype, device=device)
         self.dim = _hidden_size(self.model.config)
         self.max_tokens, self.device, self.chunk_size = max_tokens, torch.device(device), chunk_size
-        self.cache_size = cache_size
+        # A memory budget beats a count: one T5Gemma-2B caption at 256 tokens is 2.4 MB in fp32.
+        row_bytes = max_tokens * self.dim * torch.empty(0, dtype=dtype).element_size()
+        self.cache_size = cache_size if cache_gib is None else int(cache_gib * 2**30 // row_bytes)
         self._cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         self.hits = self.misses = self.forward_calls = 0
 

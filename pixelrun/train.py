@@ -261,7 +261,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.seed)
 
-    encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=device)
+    encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=device, cache_gib=cfg.text.cache_gib)
     null_text, null_mask = (a.to(device) for a in encoder.encode([""]))
     model = model_from_config(cfg, encoder.dim).to(device)
     ema = EMA(model, cfg.ema.decay, cfg.ema.every)

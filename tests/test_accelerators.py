@@ -120,3 +120,14 @@ def test_self_guidance_from_the_cli_and_config_errors(tmp_path, tiny_encoder_dir
     assert main(["sample", "--checkpoint", str(run), "--prompt", "a small red square in the center on a black background",
                  "--out", str(tmp_path / "o"), "--guidance-mode", "self", "--guidance", "3.0"]) == 0
     assert (tmp_path / "o" / "000.png").exists()
+
+
+def test_bench_reports_dense_and_routed(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    over = ["model.hidden_size=32", "model.num_heads=2", "model.depth=4", "data.resolution=32", "train.batch_size=2"]
+    assert main(["bench", *over, "--steps", "1", "--warmup", "0", "--text-dim", "8", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"dense", "routed"}
+    assert report["results"]["dense"]["step_time_vs_dense"] == 1.0
+    assert report["results"]["routed"]["image_tokens"] == 16 and report["config"]["train"]["batch_size"] == 2
+    assert json.loads(capsys.readouterr().out)["results"]["routed"]["images_per_s"] > 0
