@@ -118,6 +118,7 @@ class TrainConfig:
     # bf16 matmuls are emulated and a CPU step is ~50x slower than fp32. Master weights are always fp32.
     precision: str = "auto"  # auto | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_minutes: float = 0.0  # stop (and finish normally: grid, eval) after this much training time; 0 = no limit
     log_every: int = 10
     sample_every: int = 500
     checkpoint_every: int = 500
@@ -428,6 +429,7 @@ def validate(cfg: Config) -> None:
         _positive(f"train.{k}", getattr(t, k), allow_zero=True)  # 0 = never (except at the end)
     _positive("train.keep_checkpoints", t.keep_checkpoints)
     _positive("train.threads", t.threads, allow_zero=True)
+    _positive("train.max_minutes", t.max_minutes, allow_zero=True)
 
     if not 0 <= cfg.ema.decay < 1:
         raise ConfigError("ema.decay", f"must be in [0, 1); got {cfg.ema.decay}")

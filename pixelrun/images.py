@@ -23,7 +23,7 @@ def save_grid(images: np.ndarray, captions: list[str], path: str | Path, tile: i
     tw, th = w * scale, h * scale
     font = ImageFont.load_default(size=11)
     chars = max(8, tw // 6)
-    wrapped = ["\n".join(textwrap.wrap(c, chars)[:4]) for c in captions]
+    wrapped = ["\n".join(textwrap.wrap(c, chars)[:6]) for c in captions]
     label_h = 14 * max((s.count("\n") + 1 for s in wrapped), default=1) + 6
     cols = min(columns, b)
     rows = (b + cols - 1) // cols

@@ -379,6 +379,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
             if stop.signal is not None or (stop_at_step is not None and step >= stop_at_step):
                 stopped = stop.signal or "stop_at_step"
                 break
+            if cfg.train.max_minutes and time.time() - t0 >= 60 * cfg.train.max_minutes:
+                tqdm.write(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {step}")
+                break  # a time budget (equal-time comparisons): finish like a completed run
 
     last = save(step)
     writer.flush()

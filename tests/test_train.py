@@ -152,3 +152,10 @@ def test_trains_on_an_image_folder_with_a_broken_image(tmp_path, tiny_encoder_di
     assert "score" not in summary  # the shapes score is for the shapes dataset only
     assert (run / "samples" / "final.png").exists()
     assert len([r for r in _metrics(run) if "loss" in r]) == 4
+
+
+def test_time_budget_ends_the_run_like_a_finished_one(tmp_path, tiny_encoder_dir, capsys):
+    run = tmp_path / "run"
+    summary = train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 1000, "train.max_minutes": 1e-6})))
+    assert summary["step"] == 1 and "score" in summary  # stopped after the first step, then evaluated
+    assert "train.max_minutes=1e-06 reached at step 1" in capsys.readouterr().out
