@@ -1,4 +1,4 @@
-"""pixelrun train | sample | eval."""
+"""pixelrun train | sample | eval | export | bench | presets."""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +84,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """One consolidated safetensors file (EMA weights by default) and the config, from a checkpoint
+    written on any number of ranks; `pixelrun sample --checkpoint OUT` accepts the result."""
+    from . import checkpoint as ckpt
+    from .config import config_from_dict, to_yaml
+    from .train import model_from_config
+
+    path = ckpt.resolve_checkpoint(args.checkpoint)
+    if not ckpt.is_complete(path):
+        raise ConfigError("--checkpoint", f"{path} is already an exported model")
+    meta = ckpt.load_meta(path)
+    cfg = config_from_dict(meta["config"])
+    out = ckpt.export_weights(path, args.out, model_from_config(cfg, meta["text_dim"]), to_yaml(cfg),
+                              meta["text_dim"], args.weights)
+    print(f"exported {args.weights} weights of {path} (step {meta['step']}) to {out}")
+    return 0
+
+
 def cmd_presets(args) -> int:
     """Parameter counts of the size presets (built on the meta device: no memory, no time)."""
     import torch
@@ -105,8 +123,9 @@ def cmd_bench(args) -> int:
 
     report = run_bench(args.config, args.overrides, variants=args.variants.split(","), steps=args.steps,
                        warmup=args.warmup, text_dim=args.text_dim, text_tokens=args.text_tokens, out=args.out)
-    summary = {name: {k: r[k] for k in ("step_seconds_median", "images_per_s", "image_tokens_per_s", "step_time_vs_dense")
-                      if k in r} for name, r in report["results"].items()}
+    keys = ("step_seconds_median", "images_per_s", "image_tokens_per_s", "step_time_vs_dense", "warmup_seconds",
+            "model_flops_per_image", "achieved_model_flops_per_s", "mfu", "teacher_flops_per_image", "peak_memory_gib")
+    summary = {name: {k: r[k] for k in keys if r.get(k) is not None} for name, r in report["results"].items()}
     print(json.dumps({"device": report["device"], "results": summary}, indent=2))
     return 0
 
@@ -143,16 +162,42 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt-seed", type=int, default=1234)
     e.add_argument("--out", help="also write the JSON here")
     e.set_defaults(func=cmd_eval)
-    b = sub.add_parser("bench", help="time training steps: dense / routed, with / without teachers (JSON)")
+    b = sub.add_parser(
+        "bench", help="time training steps: dense / routed, with / without teachers; FLOPs and MFU (JSON)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time training steps of the configured model on random data, per variant, after a warm-up.",
+        epilog="""speed options are config overrides:
+  parallel.compile=true                  torch.compile each block (the warm-up steps pay the compile;
+                                         use --warmup 2 or more)
+  parallel.activation_checkpointing=true recompute block activations in the backward
+  train.precision=bf16|fp32              (auto: bf16 on CUDA, fp32 on the CPU)
+
+reported per variant: step_seconds_median, images_per_s, image_tokens_per_s, warmup_seconds
+(compile included), model_flops_per_image (analytic forward + backward of the denoiser, routed when
+the variant routes, teachers excluded; pixelrun/flops.py), achieved_model_flops_per_s, mfu (against
+the dense bf16 peak of H100 / H200 / A100, null elsewhere), measured_step_flops_per_image (torch's
+FlopCounterMode on one image), teacher_flops_per_image, peak_memory_gib (CUDA), precision, compiled.
+
+example: pixelrun bench model.preset=base data.resolution=512 train.batch_size=2 --steps 3 --warmup 1""")
     b.add_argument("--config", help="YAML config (default: the built-in demo)")
     b.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.preset=base data.resolution=512")
-    b.add_argument("--variants", default="dense,routed", help="comma list of: dense, routed, teachers, routed+teachers")
-    b.add_argument("--steps", type=int, default=5, help="timed steps per variant (the median is reported)")
-    b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--text-dim", type=int, default=384)
-    b.add_argument("--text-tokens", type=int, default=32)
+    b.add_argument("--variants", default="dense,routed",
+                   help="comma list of: dense, routed (routing.ratio=0.5), teachers (REPA + LPIPS + P-DINO), "
+                        "routed+teachers (default: dense,routed)")
+    b.add_argument("--steps", type=int, default=5, help="timed steps per variant (the median is reported; default 5)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    b.add_argument("--text-dim", type=int, default=384, help="width of the random text embeddings (default 384, MiniLM)")
+    b.add_argument("--text-tokens", type=int, default=32, help="text tokens per image (default 32)")
     b.add_argument("--out", help="write the full report (with the resolved config) here")
     b.set_defaults(func=cmd_bench)
+
+    x = sub.add_parser("export", help="write a checkpoint's weights as one safetensors file with its config")
+    x.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    x.add_argument("--out", required=True, help="output directory (model.safetensors, config.yaml)")
+    x.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    x.add_argument("--format", choices=["safetensors"], default="safetensors",
+                   help="safetensors: pixelrun's own layout (diffusers export is a later feature)")
+    x.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", help="the model size presets and their parameter counts")
     pr.add_argument("--text-dim", type=int, default=2304, help="text encoder width (T5Gemma-2B: 2304, MiniLM: 384)")

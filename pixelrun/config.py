@@ -25,6 +25,9 @@ class ConfigError(ValueError):
 class RunConfig:
     dir: str = "runs/demo"
     resume: bool = True  # continue from the newest complete checkpoint in `dir` if there is one
+    # A new run (no checkpoint in `dir` yet) starts from these weights and EMA: a run directory,
+    # a checkpoint directory or an exported model. Optimizer and step start afresh.
+    init_from: str | None = None
 
 
 @dataclass
@@ -124,6 +127,22 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     threads: int = 0  # CPU threads for torch; 0 = torch's default
+    # The optimizer step sees global_batch_size images = ranks x batch_size x accumulation steps.
+    # batch_size is the micro-batch one rank pushes through the model at once; null = no
+    # accumulation (global = ranks x batch_size).
+    global_batch_size: int | None = None
+
+
+@dataclass
+class ParallelConfig:
+    """How one training step is spread over ranks (torchrun) and made fast on each. Single-process
+    runs use none of the sharding; compile and activation checkpointing work everywhere."""
+
+    # HSDP: ranks form `replicate` groups; parameters are sharded inside a group and replicated
+    # across groups (usually one group per node). 1 = plain FSDP over all ranks.
+    replicate: int = 1
+    compile: bool = False  # torch.compile each transformer block (the first steps pay the compile)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward
 
 
 @dataclass
@@ -153,6 +172,29 @@ class EvalConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-stage run. Unset (null) values keep the top-level config's. Stages run
+    in order in one run directory; each starts from the previous one's weights, EMA and optimizer."""
+
+    name: str = ""
+    steps: int = 0  # optimizer steps in this stage
+    resolution: int | None = None  # data.resolution
+    global_batch_size: int | None = None  # train.global_batch_size
+    batch_size: int | None = None  # train.batch_size (the micro-batch)
+    repa_weight: float | None = None  # repa.weight (0 = REPA off)
+    lpips_weight: float | None = None  # perceptual.lpips_weight
+    dino_weight: float | None = None  # perceptual.dino_weight
+    routing_ratio: float | None = None  # routing.ratio
+
+
+# stage field -> (section, key) it overrides
+_STAGE_KEYS = {"resolution": ("data", "resolution"), "global_batch_size": ("train", "global_batch_size"),
+               "batch_size": ("train", "batch_size"), "repa_weight": ("repa", "weight"),
+               "lpips_weight": ("perceptual", "lpips_weight"), "dino_weight": ("perceptual", "dino_weight"),
+               "routing_ratio": ("routing", "ratio")}
+
+
+@dataclass
 class Config:
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
@@ -164,9 +206,12 @@ class Config:
     repa: REPAConfig = field(default_factory=REPAConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Empty: one stage of train.steps. Otherwise the stages, in order (train.steps is then their sum).
+    stages: list[StageConfig] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- building
@@ -182,6 +227,8 @@ def _coerce(key: str, tp, value):
         (inner,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a list, got {value!r}")
+        if dataclasses.is_dataclass(inner):
+            return [_build(inner, v, f"{key}[{i}].") for i, v in enumerate(value)]
         return [_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
@@ -272,13 +319,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except yaml.YAMLError as e:
             raise ConfigError("--config", f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
     data = _merge(data, parse_overrides(list(overrides)))
-    cfg = _build(Config, data)
-    validate(cfg)
-    return cfg
+    return config_from_dict(data)
 
 
 def config_from_dict(data: dict) -> Config:
     cfg = _build(Config, data)
+    if cfg.stages:  # the run is as long as its stages
+        total = sum(st.steps for st in cfg.stages)
+        given = (data.get("train") or {}).get("steps")
+        if given is not None and given != total:
+            raise ConfigError("train.steps", f"is {given} but the stages add up to {total} steps: leave it out "
+                                             f"or set it to their sum")
+        cfg.train.steps = total
     validate(cfg)
     return cfg
 
@@ -341,6 +393,39 @@ def image_sizes(cfg: Config) -> list[tuple[int, int]]:
 
         return aspect_buckets(cfg.data.resolution, model_fields(cfg)["patch_size"])
     return [(cfg.data.resolution, cfg.data.resolution)]
+
+
+def batch_split(cfg: Config, world_size: int) -> tuple[int, int, int]:
+    """(global batch, micro-batch per rank, accumulation steps) for `world_size` ranks. Needs the
+    world size, so it is checked when training starts (still before any work)."""
+    t = cfg.train
+    per_step = world_size * t.batch_size
+    global_batch = t.global_batch_size or per_step
+    if global_batch % per_step:
+        raise ConfigError("train.global_batch_size", f"{global_batch} images cannot be split into {world_size} "
+                                                     f"rank(s) x micro-batch {t.batch_size} x whole accumulation steps")
+    if world_size % cfg.parallel.replicate:
+        raise ConfigError("parallel.replicate", f"{cfg.parallel.replicate} replica groups do not divide {world_size} ranks")
+    return global_batch, t.batch_size, global_batch // per_step
+
+
+def stage_plan(cfg: Config) -> list[tuple[int, int, Config]]:
+    """[(first step, end step, config of that stage)]: the top-level config with each stage's
+    values applied; one stage of train.steps when no stages are listed."""
+    if not cfg.stages:
+        return [(0, cfg.train.steps, cfg)]
+    plan, start = [], 0
+    base = to_dict(cfg)
+    for st in cfg.stages:
+        data = dict(base, stages=[])
+        data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+        for name, (section, key) in _STAGE_KEYS.items():
+            if getattr(st, name) is not None:
+                data[section][key] = getattr(st, name)
+        data["train"]["steps"] = start + st.steps
+        plan.append((start, start + st.steps, _build(Config, data)))
+        start += st.steps
+    return plan
 
 
 def repa_block(cfg: Config) -> int:
@@ -430,6 +515,21 @@ def validate(cfg: Config) -> None:
     _positive("train.keep_checkpoints", t.keep_checkpoints)
     _positive("train.threads", t.threads, allow_zero=True)
     _positive("train.max_minutes", t.max_minutes, allow_zero=True)
+
+    if t.global_batch_size is not None:
+        _positive("train.global_batch_size", t.global_batch_size)
+        if t.global_batch_size % t.batch_size:
+            raise ConfigError("train.global_batch_size", f"{t.global_batch_size} is not a multiple of the "
+                                                         f"micro-batch train.batch_size={t.batch_size}")
+    _positive("parallel.replicate", cfg.parallel.replicate)
+
+    for i, st in enumerate(cfg.stages):
+        _positive(f"stages[{i}].steps", st.steps)
+    for i, (_, _, stage_cfg) in enumerate(stage_plan(cfg) if cfg.stages else []):
+        try:
+            validate(stage_cfg)
+        except ConfigError as e:
+            raise ConfigError(f"stages[{i}]", f"gives an invalid {e}") from None
 
     if not 0 <= cfg.ema.decay < 1:
         raise ConfigError("ema.decay", f"must be in [0, 1); got {cfg.ema.decay}")

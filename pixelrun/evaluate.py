@@ -62,20 +62,23 @@ def shapes_eval(model, encoder, cfg: Config, device, *, n: int = 64, seed: int =
 
 
 def load_for_inference(checkpoint: str, weights: str = "ema", device: str = "auto", overrides: list[str] = ()):
-    """(model, text encoder, config, checkpoint dir) from a run directory or a checkpoint directory.
-    Sampling defaults come from the checkpoint's own config; `overrides` may change them."""
+    """(model, text encoder, config, checkpoint dir) from a run directory, a checkpoint directory
+    (saved on any number of ranks) or an exported model. Sampling defaults come from the
+    checkpoint's own config; `overrides` may change them."""
     from . import checkpoint as ckpt
     from .config import _merge, config_from_dict, parse_overrides
     from .text import TextEncoder
     from .train import model_from_config, resolve_device
 
     path = ckpt.resolve_checkpoint(checkpoint)
-    state = ckpt.load_state(path)
-    cfg = config_from_dict(_merge(state["config"], parse_overrides(list(overrides))))
+    if ckpt.is_complete(path):
+        meta = ckpt.load_meta(path)
+        saved_cfg, text_dim = meta["config"], meta["text_dim"]
+    else:
+        saved_cfg, text_dim = ckpt.export_info(path)
+    cfg = config_from_dict(_merge(saved_cfg, parse_overrides(list(overrides))))
     dev = resolve_device(device)
     encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=dev, cache_gib=cfg.text.cache_gib)
-    model = model_from_config(cfg, state["text_dim"])
-    if weights not in ("ema", "raw"):
-        raise ValueError("weights must be ema or raw")
-    model.load_state_dict(state["ema" if weights == "ema" else "model"])
+    model = model_from_config(cfg, text_dim)
+    ckpt.load_weights(path, model, weights)
     return model.to(dev).eval().requires_grad_(False), encoder, cfg, path

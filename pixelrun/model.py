@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -203,6 +204,9 @@ class PRXDenoiser(nn.Module):
         self.txt_in = nn.Linear(cfg.text_dim, d)
         self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, cfg.patch_dim)
+        # Recompute each block's activations in the backward instead of keeping them (memory for
+        # compute); a flag rather than a wrapper module so parameter names never change.
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -261,7 +265,11 @@ class PRXDenoiser(nn.Module):
                 block_cos, block_sin = cos_k, sin_k
             elif routing is None or not (routing.start <= i <= routing.end):
                 block_cos, block_sin = cos, sin
-            img = block(img, txt, vec, mask, block_cos, block_sin)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                img = torch.utils.checkpoint.checkpoint(block, img, txt, vec, mask, block_cos, block_sin,
+                                                        use_reentrant=False)
+            else:
+                img = block(img, txt, vec, mask, block_cos, block_sin)
             if routing is not None and i == routing.end:
                 img = scatter_tokens(saved, img, routing.keep)
                 mask = full_mask
@@ -286,6 +294,15 @@ def build_model(preset: str, text_dim: int, **overrides) -> PRXDenoiser:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return PRXDenoiser(ModelConfig(text_dim=text_dim, **fields))
+
+
+def compile_blocks(model: PRXDenoiser) -> PRXDenoiser:
+    """torch.compile each transformer block in place (`Module.compile`: parameter names and the
+    state dict stay as they are). Per block, not the whole model, so routing's changing token
+    counts and FSDP2's per-block hooks do not force whole-graph recompiles."""
+    for block in model.blocks:
+        block.compile()
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -14,14 +14,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, image_sizes, model_fields, repa_block, routing_span, to_dict, to_yaml
+from .distributed import DistContext, clip_gradients, init_distributed, local, set_gradient_sync, shard
+from .config import (Config, batch_split, check_paths, image_sizes, model_fields, repa_block, routing_span,
+                     stage_plan, to_dict, to_yaml)
 from .data import Batch
-from .model import PRXDenoiser, build_model, count_parameters, gather_tokens
+from .model import PRXDenoiser, Routing, build_model, compile_blocks, count_parameters, gather_tokens
 from .objective import add_noise, sample_times, velocity_loss
 from .routing import random_routing
 from .text import TextEncoder
@@ -60,7 +63,10 @@ def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1):
 
 
 class EMA:
-    """Exponential moving average of the weights, kept in fp32, updated every `every` steps."""
+    """Exponential moving average of the weights, kept in fp32, updated every `every` steps.
+
+    Under FSDP2 the EMA copy is sharded exactly like the model, so each rank averages its own
+    shards with no communication."""
 
     def __init__(self, model: torch.nn.Module, decay: float, every: int):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -69,8 +75,8 @@ class EMA:
     @torch.no_grad()
     def maybe_update(self, model: torch.nn.Module, step: int):
         if step % self.every == 0:
-            ema_p = list(self.model.parameters())
-            torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+            ema_p = [local(p) for p in self.model.parameters()]
+            torch._foreach_lerp_(ema_p, [local(p.detach()) for p in model.parameters()], 1.0 - self.decay)
 
 
 @dataclass
@@ -84,11 +90,14 @@ class Auxiliary(torch.nn.Module):
     group, saved in checkpoints) and frozen teachers (never trained, never saved). Kept outside the
     denoiser so parallelism, EMA and export only ever see the denoiser itself."""
 
-    def __init__(self, cfg: Config, hidden_size: int, device):
+    def __init__(self, cfg: Config, hidden_size: int, device, stages: list[Config] = ()):
+        """Builds what `cfg` (or any of `stages`: a staged run keeps one projector throughout)
+        switches on."""
         super().__init__()
+        every = [cfg, *stages]
         self.repa_block = repa_block(cfg)
         self.repa_teacher = self.projector = self.lpips = self.dino = None
-        if cfg.repa.weight > 0:
+        if any(c.repa.weight > 0 for c in every):
             from .teachers.features import load_teacher
 
             self.repa_teacher = load_teacher(cfg.repa.teacher)
@@ -96,11 +105,11 @@ class Auxiliary(torch.nn.Module):
             self.projector = torch.nn.Sequential(
                 torch.nn.Linear(hidden_size, h), torch.nn.SiLU(), torch.nn.Linear(h, h), torch.nn.SiLU(),
                 torch.nn.Linear(h, self.repa_teacher.dim))
-        if cfg.perceptual.lpips_weight > 0:
+        if any(c.perceptual.lpips_weight > 0 for c in every):
             from .teachers.lpips import load_lpips
 
             self.lpips = load_lpips(cfg.perceptual.lpips)
-        if cfg.perceptual.dino_weight > 0:
+        if any(c.perceptual.dino_weight > 0 for c in every):
             from .teachers.features import load_teacher
 
             self.dino = load_teacher(cfg.perceptual.dino_teacher)
@@ -108,11 +117,11 @@ class Auxiliary(torch.nn.Module):
 
     def describe(self, cfg: Config) -> list[str]:
         lines = []
-        if self.projector is not None:
+        if self.projector is not None and cfg.repa.weight > 0:
             lines.append(f"REPA: block {self.repa_block} -> projector -> {self.repa_teacher.name}, weight {cfg.repa.weight}")
-        if self.lpips is not None:
+        if self.lpips is not None and cfg.perceptual.lpips_weight > 0:
             lines.append(f"LPIPS: {self.lpips.source}, weight {cfg.perceptual.lpips_weight}, scale {cfg.perceptual.lpips_scale}")
-        if self.dino is not None:
+        if self.dino is not None and cfg.perceptual.dino_weight > 0:
             lines.append(f"P-DINO: {self.dino.name}, weight {cfg.perceptual.dino_weight}")
         return lines
 
@@ -138,47 +147,82 @@ def pdino_loss(teacher, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return 1 - F.cosine_similarity(f_hat, f, dim=-1).mean(dim=1)
 
 
-def training_step(model, batch: Batch, text, text_mask, null_text, null_mask, gen: torch.Generator, cfg: Config,
+@dataclass
+class SampleNoise:
+    """Every random draw of a training step, per sample: caption dropout, time, noise, routing."""
+
+    drop: torch.Tensor  # [B] bool
+    t: torch.Tensor  # [B]
+    eps: torch.Tensor  # [B, C, H, W]
+    routing: Routing | None
+
+
+_NOISE_STREAM = 0x6E6F697365  # "noise": keeps these streams apart from other users of the seed
+
+
+def sample_generator(seed: int, step: int, sample: int, device) -> torch.Generator:
+    """The generator of one sample of one step, from a hash of (seed, step, sample). Keying the
+    draws by the sample's place in the global batch (not by rank or micro-batch) is what makes a
+    step the same on 1 rank x 8 as on 2 ranks x 4 or 1 rank x 4 x 2 accumulation steps, and what
+    makes resume exact with no generator state to save. Masks still differ per sample, per step and
+    per rank (ranks hold different samples)."""
+    state = np.random.SeedSequence([seed & (2**63 - 1), step, sample, _NOISE_STREAM]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(state) & (2**63 - 1))
+
+
+def draw_noise(cfg: Config, step: int, samples: list[int], image_shape: tuple[int, int, int], patch: int,
+               device) -> SampleNoise:
+    """The draws for the samples `samples` (indices within the step's global batch) of `step`."""
+    o = cfg.objective
+    span = routing_span(cfg)
+    n_tokens = (image_shape[1] // patch) * (image_shape[2] // patch)
+    drop, t, eps, keep = [], [], [], []
+    for j in samples:
+        g = sample_generator(cfg.seed, step, j, device)
+        drop.append(torch.rand(1, generator=g, device=device) < o.caption_dropout)
+        t.append(sample_times(1, g, shift=o.time_shift, logit_mean=o.logit_mean, logit_std=o.logit_std,
+                              uniform_fraction=o.uniform_fraction, t_min=o.t_min, device=device))
+        eps.append(torch.randn((1, *image_shape), generator=g, device=device))
+        r = random_routing(1, n_tokens, cfg.routing.ratio, span, g, device=device)  # None = dense
+        if r is not None:
+            keep.append(r.keep)
+    routing = Routing(torch.cat(keep), *span) if keep else None
+    return SampleNoise(torch.cat(drop), torch.cat(t), torch.cat(eps), routing)
+
+
+def training_step(model, batch: Batch, text, text_mask, null_text, null_mask, noise: SampleNoise, cfg: Config,
                   device, aux: Auxiliary | None = None) -> StepResult:
     """Every loss term of a step is computed here, by name, and summed with its weight."""
     o = cfg.objective
     x = batch.images.to(device, non_blocking=True)
-    b = x.shape[0]
     # Caption dropout: the empty prompt's embedding, so classic CFG works at sampling time.
-    drop = torch.rand(b, generator=gen, device=device) < o.caption_dropout
-    text = torch.where(drop[:, None, None], null_text, text)
-    text_mask = torch.where(drop[:, None], null_mask, text_mask)
-
-    span = routing_span(cfg)
-    n_tokens = (x.shape[2] // model.cfg.patch_size) * (x.shape[3] // model.cfg.patch_size)
-    routing = random_routing(b, n_tokens, cfg.routing.ratio, span, gen, device=device)  # None = dense
-
-    t = sample_times(b, gen, shift=o.time_shift, logit_mean=o.logit_mean, logit_std=o.logit_std,
-                     uniform_fraction=o.uniform_fraction, t_min=o.t_min, device=device)
-    eps = torch.randn(x.shape, generator=gen, device=device)
-    x_t = add_noise(x, eps, t, o.noise_scale)
+    text = torch.where(noise.drop[:, None, None], null_text, text)
+    text_mask = torch.where(noise.drop[:, None], null_mask, text_mask)
+    routing, t = noise.routing, noise.t
+    x_t = add_noise(x, noise.eps, t, o.noise_scale)
     dtype = autocast_dtype(cfg, device)
     amp = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    repa_on = aux is not None and aux.projector is not None
+    repa_on = aux is not None and aux.projector is not None and cfg.repa.weight > 0
     with amp:
         out = model(x_t, t, text, text_mask, routing=routing, return_features=(aux.repa_block,) if repa_on else ())
     x_hat = out.prediction.float()
     terms = {"flow": velocity_loss(x_hat, x, x_t, t, o.t_clamp)}
     weights = {"flow": 1.0}
     if repa_on:
-        grid = (x.shape[2] // model.cfg.patch_size, x.shape[3] // model.cfg.patch_size)
+        patch = model.cfg.patch_size
+        grid = (x.shape[2] // patch, x.shape[3] // patch)
         with amp:
             terms["repa"] = repa_loss(aux, out.features[aux.repa_block], x, routing, grid)
         weights["repa"] = cfg.repa.weight
     pc = cfg.perceptual
     # PixelGen applies its perceptual losses at low noise only; in our convention that is t <= max_t.
     gate = (t <= pc.max_t).float() if pc.max_t is not None else torch.ones_like(t)
-    if aux is not None and aux.lpips is not None:
+    if aux is not None and aux.lpips is not None and pc.lpips_weight > 0:
         from .teachers.lpips import lpips_loss
 
         terms["lpips"] = (lpips_loss(aux.lpips, x_hat, x, pc.lpips_scale) * gate).mean()
         weights["lpips"] = pc.lpips_weight
-    if aux is not None and aux.dino is not None:
+    if aux is not None and aux.dino is not None and pc.dino_weight > 0:
         terms["pdino"] = (pdino_loss(aux.dino, x_hat, x) * gate).mean()
         weights["pdino"] = pc.dino_weight
     loss = sum(weights[k] * v for k, v in terms.items())
@@ -224,16 +268,6 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def load_projector(aux: Auxiliary, state: dict):
-    """A checkpoint with or without a REPA projector loads into a config with or without REPA."""
-    if aux.projector is None:
-        return
-    if "repa_projector" in state:
-        aux.projector.load_state_dict(state["repa_projector"])
-    else:
-        tqdm.write("REPA projector: not in the checkpoint, starting from a fresh one")
-
-
 def _truncate_metrics(path: Path, step: int):
     """On resume, drop log lines past the checkpoint so the file reads as one uninterrupted run."""
     if not path.exists():
@@ -247,169 +281,328 @@ def _format_duration(seconds: float) -> str:
     return f"{m}m{s:02d}s"
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint restores, built once per run."""
+
+    ctx: DistContext
+    model: torch.nn.Module
+    ema: EMA
+    aux: Auxiliary
+    trainable: torch.nn.ModuleDict  # the trained modules by name: the denoiser, and the REPA projector
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+
+
+def _state_dicts(st: TrainState, with_optimizer: bool = True) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if with_optimizer:
+        model_sd, optim_sd = get_state_dict(st.trainable, st.opt)
+        return {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(st.ema.model)}
+    return {"model": get_model_state_dict(st.trainable), "ema": get_model_state_dict(st.ema.model)}
+
+
+def restore(st: TrainState, path: Path, meta: dict, cfg: Config, weights_only: bool = False) -> None:
+    """Load weights, EMA and (when it fits this config) the optimizer from a checkpoint written on
+    any number of ranks. A REPA projector or optimizer kind that differs from the config's is
+    started afresh, with a line saying so."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if (path / ckpt.EXPORT_FILE).is_file():  # an exported model: weights only, loaded on each rank
+        if not weights_only:
+            raise ValueError(f"{path} is an exported model; it can start a run (run.init_from) but not resume one")
+        plain = model_from_config(cfg, meta["text_dim"])
+        ckpt.load_weights(path, plain)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(st.model, plain.state_dict(), options=full)
+        set_model_state_dict(st.ema.model, plain.state_dict(), options=full)
+        return
+    saved = ckpt.saved_keys(path)
+    fits = (not weights_only and meta.get("trainable") == sorted(st.trainable.keys())
+            and meta.get("optimizer_kind") == cfg.train.optimizer)
+    tree = _state_dicts(st, with_optimizer=fits)
+    missing = [k for k in tree["model"] if f"model.{k}" not in saved]
+    ckpt.load_tensors(path, tree, partial=bool(missing) or not fits)
+    set_model_state_dict(st.trainable, tree["model"])
+    set_model_state_dict(st.ema.model, tree["ema"])
+    if fits:
+        set_optimizer_state_dict(st.trainable, st.opt, tree["optimizer"])
+    if st.ctx.is_main:
+        if any(k.startswith("repa_projector.") for k in missing):
+            tqdm.write("REPA projector: not in the checkpoint, starting from a fresh one")
+        if not fits and not weights_only:
+            tqdm.write(f"warning: the optimizer state in {path} does not fit this config (optimizer kind or trained "
+                       f"modules changed); starting it afresh")
+
+
+def _build_state(cfg: Config, plan, ctx: DistContext, text_dim: int) -> TrainState:
+    device = ctx.device
+    model = model_from_config(cfg, text_dim).to(device)
+    model.activation_checkpointing = cfg.parallel.activation_checkpointing
+    ema = EMA(model, cfg.ema.decay, cfg.ema.every)  # copied before compiling: the EMA only samples
+    if cfg.parallel.compile:
+        compile_blocks(model)
+    aux = Auxiliary(cfg, model.cfg.hidden_size, device, stages=[c for _, _, c in plan])
+    dtype = autocast_dtype(cfg, device)
+    shard(model, ctx, dtype, blocks=model.blocks)
+    shard(ema.model, ctx, None, blocks=ema.model.blocks)
+    trainable = torch.nn.ModuleDict({"denoiser": model})
+    if aux.projector is not None:
+        trainable["repa_projector"] = shard(aux.projector, ctx, dtype)
+    opt, sched = make_optimizer(model, cfg, extra_adam_modules=[aux.projector] if aux.projector is not None else [])
+    return TrainState(ctx, model, ema, aux, trainable, opt, sched)
+
+
 def train(cfg: Config, stop_at_step: int | None = None) -> dict:
-    """Run (or resume) the training described by `cfg`. Returns a summary dict.
+    """Run (or resume) the training described by `cfg`, on one process or under torchrun. Returns
+    a summary dict.
 
     `stop_at_step` simulates an interruption after that step (tests): it takes the same path as
     SIGTERM, saving a checkpoint and returning early.
     """
+    check_paths(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    ctx = init_distributed(cfg.train.device, cfg.parallel.replicate)
+    try:
+        return _train(cfg, ctx, stop_at_step)
+    finally:
+        if ctx.distributed:
+            from .distributed import shutdown
+
+            shutdown()
+
+
+def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
+    plan = stage_plan(cfg)
+    splits = [batch_split(c, ctx.world_size) for _, _, c in plan]  # config errors before any work
+    device, main = ctx.device, ctx.is_main
+    say = tqdm.write if main else (lambda *a, **k: None)
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.seed)
 
     encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=device, cache_gib=cfg.text.cache_gib)
     null_text, null_mask = (a.to(device) for a in encoder.encode([""]))
-    model = model_from_config(cfg, encoder.dim).to(device)
-    ema = EMA(model, cfg.ema.decay, cfg.ema.every)
-    aux = Auxiliary(cfg, model.cfg.hidden_size, device)
-    opt, sched = make_optimizer(model, cfg, extra_adam_modules=[aux.projector] if aux.projector is not None else [])
-    source = make_batch_source(cfg)
-    gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-    step = 0
+    st = _build_state(cfg, plan, ctx, encoder.dim)
+    model, ema, aux, opt, sched = st.model, st.ema, st.aux, st.opt, st.sched
+    trained_params = [p for g in opt.param_groups for p in g["params"]]
+    step, meta = 0, None
 
     latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
     if latest is not None:
-        state = ckpt.load_state(latest)
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        load_projector(aux, state)
-        try:
-            opt.load_state_dict(state["optimizer"])
-        except ValueError as e:  # e.g. REPA or the optimizer kind switched on/off since the checkpoint
-            tqdm.write(f"warning: optimizer state in {latest} does not fit this config ({e}); starting it afresh")
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        source.load_state_dict(state["data"])
-        step = state["step"]
-        tqdm.write(f"resuming from {latest} (step {step})")
+        meta = ckpt.load_meta(latest)
+        restore(st, latest, meta, cfg)
+        sched.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(meta["torch_rng"])
+        step = meta["step"]
+        say(f"resuming from {latest} (step {step}, saved on {meta['world_size']} rank(s))")
+    elif cfg.run.init_from:
+        src = ckpt.resolve_checkpoint(cfg.run.init_from)
+        info = ckpt.load_meta(src) if ckpt.is_complete(src) else {"text_dim": ckpt.export_info(src)[1]}
+        restore(st, src, info, cfg, weights_only=True)
+        say(f"initialised weights and EMA from {src}")
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step) if step else metrics_path.write_text("")
+    if main:
+        _truncate_metrics(metrics_path, step) if step else metrics_path.write_text("")
 
-    n_params = count_parameters(model)
     from .optim import describe
 
-    tqdm.write(describe(opt.report))
-    for line in aux.describe(cfg):
-        tqdm.write(line)
-    tqdm.write(f"model: preset {cfg.model.preset}, {n_params / 1e6:.2f}M parameters; text encoder {encoder.name} "
-               f"(dim {encoder.dim}); device {device}; autocast {autocast_dtype(cfg, device) or 'off (fp32)'}")
+    say(describe(opt.report))
+    say(f"model: preset {cfg.model.preset}, {count_parameters(model) / 1e6:.2f}M parameters"
+        f"{' (sharded)' if ctx.distributed else ''}; text encoder {encoder.name} (dim {encoder.dim}); device {device}"
+        f"{f' x {ctx.world_size} ranks' if ctx.distributed else ''}; autocast {autocast_dtype(cfg, device) or 'off (fp32)'}")
 
-    from torch.utils.tensorboard import SummaryWriter
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
-    grid_prompts = _grid_prompts(cfg, source)
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+    stage_index = max(i for i, (s0, _, _) in enumerate(plan) if step >= s0) if step < cfg.train.steps else len(plan) - 1
+    scfg = plan[stage_index][2]
+    source = make_batch_source(scfg, ctx.rank, ctx.world_size)  # rebuilt at each stage's start
+    grid_prompts = _grid_prompts(scfg, source)
 
     def save(at_step: int) -> Path:
-        state = {
-            "step": at_step,
-            "model": model.state_dict(),
-            "ema": ema.model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "data": source.state_dict(),
-            **({"repa_projector": aux.projector.state_dict()} if aux.projector is not None else {}),
-            "config": to_dict(cfg),
-            "text_dim": encoder.dim,
+        meta_out = {
+            "step": at_step, "stage": stage_index, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+            "data": ctx.gather_objects(source.state_dict()), "world_size": ctx.world_size,
+            "trainable": sorted(st.trainable.keys()), "optimizer_kind": cfg.train.optimizer,
+            "config": to_dict(cfg), "text_dim": encoder.dim,
         }
-        return ckpt.save_checkpoint(run_dir, at_step, state, to_yaml(cfg), cfg.train.keep_checkpoints)
+        return ckpt.save_checkpoint(run_dir, at_step, _state_dicts(st), meta_out, to_yaml(cfg),
+                                    cfg.train.keep_checkpoints, ctx)
 
-    def run_eval(at_step: int) -> dict | None:
-        """Shapes score of the EMA weights, logged to metrics.jsonl and TensorBoard."""
-        if cfg.data.source != "shapes" or not cfg.eval.prompts:
+    def run_eval(at_step: int, c: Config) -> dict | None:
+        """Shapes score of the EMA weights, logged to metrics.jsonl and TensorBoard (every rank
+        samples: a sharded model's forward is collective)."""
+        if c.data.source != "shapes" or not c.eval.prompts:
             return None
         from .evaluate import shapes_eval
 
-        result = shapes_eval(ema.model, encoder, cfg, device, n=cfg.eval.prompts, seed=cfg.eval.seed)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"step": at_step, **{f"eval/{k}": v for k, v in result["score"].items()}}) + "\n")
-        for k, v in result["score"].items():
-            writer.add_scalar(f"eval/{k}", v, at_step)
-        tqdm.write(f"step {at_step}: shapes score {result['score']['placed']:.3f} (EMA, {cfg.eval.prompts} prompts)")
+        result = shapes_eval(ema.model, encoder, c, device, n=c.eval.prompts, seed=c.eval.seed)
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": at_step, **{f"eval/{k}": v for k, v in result["score"].items()}}) + "\n")
+            for k, v in result["score"].items():
+                writer.add_scalar(f"eval/{k}", v, at_step)
+        say(f"step {at_step}: shapes score {result['score']['placed']:.3f} (EMA, {c.eval.prompts} prompts)")
         return result
+
+    def grid(c: Config, name: str) -> Path:
+        path = write_sample_grid(ema.model, encoder, c, grid_prompts, device, run_dir / "samples" / name, save=main)
+        return path
 
     start_step, t0, last_t, last_step = step, time.time(), time.time(), step
     stopped = None
     model.train()
-    with StopFlag() as stop, tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step",
-                                  dynamic_ncols=True, file=sys.stderr) as bar:
-        while step < cfg.train.steps:
-            batch = next(source)
-            text, text_mask = (a.to(device) for a in encoder.encode(batch.captions))
-            result = training_step(model, batch, text, text_mask, null_text, null_mask, gen, cfg, device, aux)
-            opt.zero_grad(set_to_none=True)
-            result.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                                       cfg.train.grad_clip or math.inf)
-            opt.step()
-            sched.step()
-            ema.maybe_update(model, step)
-            step += 1
-            bar.update(1)
+    with StopFlag() as stop, tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                                  file=sys.stderr, disable=not main) as bar:
+        for stage_index, (s0, s1, scfg) in enumerate(plan):
+            if step >= s1:
+                continue
+            global_batch, micro, accum = splits[stage_index]
+            source = make_batch_source(scfg, ctx.rank, ctx.world_size)
+            _restore_position(source, scfg, meta, stage_index, step - s0, accum, ctx, say)
+            grid_prompts = _grid_prompts(scfg, source)
+            if len(plan) > 1:
+                say(f"stage {stage_index + 1}/{len(plan)} {cfg.stages[stage_index].name!r}: steps {s0}..{s1}, "
+                    f"{scfg.data.resolution}px, global batch {global_batch}")
+                for line in aux.describe(scfg):
+                    say(line)
+            elif step == start_step:
+                for line in aux.describe(scfg):
+                    say(line)
+            if ctx.distributed or accum > 1:
+                say(f"batch: global {global_batch} = {ctx.world_size} rank(s) x micro-batch {micro} x {accum} "
+                    f"accumulation step(s)")
+            while step < s1:
+                terms: dict[str, float] = {}
+                for m in range(accum):
+                    batch = next(source)
+                    text, text_mask = (a.to(device) for a in encoder.encode(batch.captions))
+                    first = (m * ctx.world_size + ctx.rank) * micro
+                    noise = draw_noise(scfg, step, list(range(first, first + micro)), tuple(batch.images.shape[1:]),
+                                       model.cfg.patch_size, device)
+                    set_gradient_sync(st.trainable.values(), m == accum - 1)
+                    result = training_step(model, batch, text, text_mask, null_text, null_mask, noise, scfg, device, aux)
+                    (result.loss / accum).backward()
+                    for k, v in {"loss": result.loss, **result.terms}.items():
+                        terms[k] = terms.get(k, 0.0) + v.item() / accum
+                grad_norm = clip_gradients(trained_params, cfg.train.grad_clip or math.inf)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                ema.maybe_update(model, step)
+                step += 1
+                bar.update(1)
 
-            if step % max(cfg.train.log_every, 1) == 0 or step == cfg.train.steps:
-                now = time.time()
-                ips = (step - last_step) * cfg.train.batch_size / max(now - last_t, 1e-9)
-                last_t, last_step = now, step
-                record = {"step": step, "loss": result.loss.item(),
-                          **{k: v.item() for k, v in result.terms.items()},
-                          "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0], "images_per_s": ips}
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                for k, v in record.items():
-                    if k != "step":
-                        writer.add_scalar(f"train/{k}", v, step)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{ips:.0f}")
+                if step % max(cfg.train.log_every, 1) == 0 or step == s1:
+                    terms = ctx.mean(terms)
+                    now = time.time()
+                    ips = (step - last_step) * global_batch / max(now - last_t, 1e-9)
+                    last_t, last_step = now, step
+                    record = {"step": step, **terms, "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
+                              "images_per_s": ips}
+                    if main:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        for k, v in record.items():
+                            if k != "step":
+                                writer.add_scalar(f"train/{k}", v, step)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{ips:.0f}")
 
-            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps:
-                path = write_sample_grid(ema.model, encoder, cfg, grid_prompts, device, run_dir / "samples" / f"step_{step:08d}.png")
-                writer.add_image("samples/ema", _read_png(path), step, dataformats="HWC")
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-                run_eval(step)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                save(step)
-            if step % max(cfg.train.log_every, 1) == 0:
-                last_t = time.time()  # images/s measures training alone, not grids, evals or saves
-            if stop.signal is not None or (stop_at_step is not None and step >= stop_at_step):
-                stopped = stop.signal or "stop_at_step"
+                if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps:
+                    path = grid(scfg, f"step_{step:08d}.png")
+                    if main:
+                        writer.add_image("samples/ema", _read_png(path), step, dataformats="HWC")
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                    run_eval(step, scfg)
+                if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or (step == s1 and s1 < cfg.train.steps):
+                    save(step)  # also at each stage boundary, so the next stage can always resume from it
+                if step % max(cfg.train.log_every, 1) == 0:
+                    last_t = time.time()  # images/s measures training alone, not grids, evals or saves
+                why = _should_stop(ctx, stop, stop_at_step, step, t0, cfg)
+                if why is not None:
+                    stopped = why
+                    break
+            if stopped is not None:
                 break
-            if cfg.train.max_minutes and time.time() - t0 >= 60 * cfg.train.max_minutes:
-                tqdm.write(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {step}")
-                break  # a time budget (equal-time comparisons): finish like a completed run
 
     last = save(step)
-    writer.flush()
+    if writer is not None:
+        writer.flush()
     elapsed = time.time() - t0
-    if stopped is not None and step < cfg.train.steps:
+    if stopped is not None and stopped != "max_minutes" and step < cfg.train.steps:
         name = signal.Signals(stopped).name if isinstance(stopped, int) else stopped
-        print(f"stopped by {name} at step {step}/{cfg.train.steps}; checkpoint {last}. "
-              f"Run the same command again to resume.", flush=True)
-        writer.close()
+        if main:
+            print(f"stopped by {name} at step {step}/{cfg.train.steps}; checkpoint {last}. "
+                  f"Run the same command again to resume.", flush=True)
+            writer.close()
         return {"step": step, "checkpoint": str(last), "stopped": name, "signal": stopped}
 
-    final_grid = write_sample_grid(ema.model, encoder, cfg, grid_prompts, device, run_dir / "samples" / "final.png")
+    final_grid = grid(scfg, "final.png")
     summary = {"step": step, "checkpoint": str(last), "samples": str(final_grid.parent), "train_seconds": elapsed,
                "steps_this_session": step - start_step}
-    result = run_eval(step)
+    result = run_eval(step, scfg)
     if result is not None:
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        if main:
+            (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
         summary["score"] = result["score"]
-    writer.close()
-    score = summary.get("score")
-    score_text = (f"; shapes score {score['placed']:.3f} (EMA, {cfg.eval.prompts} prompts, exact set {score['exact_set']:.3f}, "
-                  f"eval.json in the run)") if score else ""
-    skipped = getattr(source, "skipped", 0)
-    skipped_text = f"; skipped {skipped} unreadable images (first: {source.skipped_paths[0]})" if skipped else ""
+    skipped = sum(ctx.gather_objects(getattr(source, "skipped", 0)))
     summary["skipped_images"] = skipped
-    print(f"done: {step} steps ({_format_duration(elapsed)} this session); checkpoint {last}; "
-          f"samples {final_grid.parent}/{score_text}{skipped_text}", flush=True)
+    if main:
+        writer.close()
+        score = summary.get("score")
+        score_text = (f"; shapes score {score['placed']:.3f} (EMA, {cfg.eval.prompts} prompts, exact set "
+                      f"{score['exact_set']:.3f}, eval.json in the run)") if score else ""
+        skipped_text = f"; skipped {skipped} unreadable images (first: {source.skipped_paths[0]})" if skipped else ""
+        print(f"done: {step} steps ({_format_duration(elapsed)} this session); checkpoint {last}; "
+              f"samples {final_grid.parent}/{score_text}{skipped_text}", flush=True)
     return summary
+
+
+def _restore_position(source, cfg: Config, meta: dict | None, stage_index: int, steps_into_stage: int, accum: int,
+                      ctx: DistContext, say) -> None:
+    """Put a fresh batch source where the checkpoint left this stage. The shapes stream is a pure
+    function of its batch counter (the same on every rank), so it resumes on any number of ranks;
+    an image folder's per-rank position only carries over to the same number of ranks."""
+    if steps_into_stage == 0:
+        return
+    if hasattr(source, "next_batch"):
+        source.load_state_dict({"next_batch": steps_into_stage * accum})
+        return
+    if meta is not None and meta.get("stage") == stage_index and meta["world_size"] == ctx.world_size:
+        source.load_state_dict(meta["data"][ctx.rank])
+        return
+    say(f"warning: the data position was saved on {meta['world_size'] if meta else '?'} rank(s) and cannot be "
+        f"carried to {ctx.world_size}; this stage's image order starts afresh")
+
+
+def _should_stop(ctx: DistContext, stop: StopFlag, stop_at_step, step: int, t0: float, cfg: Config):
+    """Why to stop after this step (a signal, a test's stop_at_step, the time budget), or None.
+    Ranks agree: a signal that reached any rank, or rank 0's clock, stops them all together."""
+    why = stop.signal or ("stop_at_step" if stop_at_step is not None and step >= stop_at_step else None)
+    over_time = bool(cfg.train.max_minutes and time.time() - t0 >= 60 * cfg.train.max_minutes)
+    if ctx.distributed:
+        code = {"signal": float(stop.signal or 0), "stop_at": float(why == "stop_at_step"),
+                "time": float(over_time and ctx.is_main)}
+        agreed = {k: v * ctx.world_size for k, v in ctx.mean(code).items()}  # sums over ranks
+        if agreed["signal"]:
+            why = stop.signal or int(signal.SIGTERM)
+        elif agreed["stop_at"]:
+            why = "stop_at_step"
+        over_time = agreed["time"] > 0
+    if why is None and over_time:
+        if ctx.is_main:
+            tqdm.write(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {step}")
+        return "max_minutes"  # a time budget (equal-time comparisons): finish like a completed run
+    return why
 
 
 def _grid_prompts(cfg: Config, source) -> list[str]:
@@ -428,7 +621,7 @@ def _read_png(path):
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def write_sample_grid(model, encoder, cfg: Config, prompts: list[str], device, path: Path) -> Path:
+def write_sample_grid(model, encoder, cfg: Config, prompts: list[str], device, path: Path, save: bool = True) -> Path:
     from .images import save_grid
     from .evaluate import generate
 
@@ -438,4 +631,4 @@ def write_sample_grid(model, encoder, cfg: Config, prompts: list[str], device, p
     model.eval()
     images = generate(model, encoder, prompts, cfg, device, seed=cfg.sample.seed)
     model.train(was_training)
-    return save_grid(images, prompts, path)
+    return save_grid(images, prompts, path) if save else path

@@ -23,6 +23,19 @@ def test_speedrun_configs_load_and_validate(name):
     assert cfg.train.optimizer == "muon" and cfg.sample.guidance_mode == "self" and cfg.sample.guidance == 3.5
     assert cfg.perceptual.lpips_weight == 0.1 and cfg.perceptual.dino_weight == 0.01
     assert cfg.repa.weight == (0.5 if "512" in name else 0.0)
+    assert cfg.train.global_batch_size == (1024 if "512" in name else 512) and cfg.parallel.compile
+
+
+def test_the_whole_speedrun_is_one_staged_run():
+    from pixelrun.config import batch_split, stage_plan
+
+    cfg = load_config(ROOT / "configs" / "speedrun" / "speedrun.yaml")
+    assert cfg.train.steps == 120_000
+    (s0, e0, one), (s1, e1, two) = stage_plan(cfg)
+    assert (s0, e0, s1, e1) == (0, 100_000, 100_000, 120_000)
+    assert (one.data.resolution, one.repa.weight, two.data.resolution, two.repa.weight) == (512, 0.5, 1024, 0.0)
+    assert batch_split(one, 32) == (1024, 32, 1) and batch_split(two, 32) == (512, 16, 1)
+    assert batch_split(one, 8) == (1024, 32, 4)  # a quarter of the GPUs: 4 accumulation steps
 
 
 def test_overrides_are_typed():

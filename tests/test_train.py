@@ -18,11 +18,19 @@ from pixelrun.cli import main
 from pixelrun.config import load_config
 from pixelrun.data.shapes import ShapesBatchSource
 from pixelrun.text import TextEncoder
-from pixelrun.train import make_optimizer, model_from_config, train, training_step
+from pixelrun.train import draw_noise, make_optimizer, model_from_config, train, training_step
 
 
 def _metrics(run):
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run, which: str) -> dict:
+    """The raw or EMA weights of a run's newest checkpoint, through the loading code users get."""
+    cfg = load_config(Path(run) / "config.yaml")
+    model = model_from_config(cfg, ckpt.load_meta(ckpt.latest_checkpoint(run))["text_dim"])
+    ckpt.load_weights(ckpt.latest_checkpoint(run), model, which)
+    return model.state_dict()
 
 
 def test_tiny_model_overfits_one_batch(tmp_path, tiny_encoder_dir):
@@ -35,9 +43,10 @@ def test_tiny_model_overfits_one_batch(tmp_path, tiny_encoder_dir):
     text, mask = enc.encode(batch.captions)
     null = enc.encode([""])
     losses = []
+    noise = draw_noise(cfg, 0, list(range(4)), (3, 32, 32), 8, "cpu")
     for i in range(150):
         # the same noise and times every step: a fixed regression problem the model must fit
-        res = training_step(model, batch, text, mask, *null, torch.Generator().manual_seed(0), cfg, torch.device("cpu"))
+        res = training_step(model, batch, text, mask, *null, noise, cfg, torch.device("cpu"))
         opt.zero_grad()
         res.loss.backward()
         opt.step()
@@ -60,24 +69,30 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_encoder_dir):
     for ra, rb in zip(a, b):
         for k in ("loss", "flow", "grad_norm", "lr"):
             assert ra[k] == rb[k], (ra["step"], k)
-    sa, sb = ckpt.load_state(ckpt.latest_checkpoint(full)), ckpt.load_state(ckpt.latest_checkpoint(part))
-    for key in ("model", "ema"):
-        for name, tensor in sa[key].items():
-            assert torch.equal(tensor, sb[key][name]), (key, name)
-    assert sa["data"] == sb["data"]
+    for which in ("raw", "ema"):
+        wa, wb = _weights(full, which), _weights(part, which)
+        for name, tensor in wa.items():
+            assert torch.equal(tensor, wb[name]), (which, name)
+    ma, mb = ckpt.load_meta(ckpt.latest_checkpoint(full)), ckpt.load_meta(ckpt.latest_checkpoint(part))
+    assert ma["data"] == mb["data"] and ma["scheduler"] == mb["scheduler"]
 
 
 def test_half_written_checkpoints_are_ignored(tmp_path):
     root = ckpt.checkpoint_root(tmp_path)
-    ckpt.save_checkpoint(tmp_path, 2, {"step": 2}, "seed: 0\n")
-    (root / ".tmp-step_00000004-123").mkdir()  # a crash mid-write
-    (root / ".tmp-step_00000004-123" / "state.pt").write_bytes(b"garbage")
-    (root / "step_00000006").mkdir()  # a directory without its state file
+    ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, {"step": 2}, "seed: 0\n")
+    (root / ".tmp-step_00000004").mkdir()  # a crash mid-write
+    (root / ".tmp-step_00000004" / "meta.pt").write_bytes(b"garbage")
+    (root / "step_00000006").mkdir()  # a directory without its files
+    (root / "step_00000006" / "meta.pt").write_bytes(b"garbage")  # meta but no tensor metadata
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002"
-    ckpt.save_checkpoint(tmp_path, 8, {"step": 8}, "seed: 0\n", keep=1)
+    ckpt.save_checkpoint(tmp_path, 8, {"w": torch.arange(3.0)}, {"step": 8}, "seed: 0\n", keep=1)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000008"]
     assert not list(root.glob(".tmp-*"))
-    assert ckpt.load_state(ckpt.resolve_checkpoint(tmp_path))["step"] == 8
+    latest = ckpt.resolve_checkpoint(tmp_path)
+    assert ckpt.load_meta(latest)["step"] == 8
+    tree = {"w": torch.zeros(3)}
+    ckpt.load_tensors(latest, tree)
+    assert tree["w"].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path, tiny_encoder_dir):
@@ -94,7 +109,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, tiny_encoder_dir):
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in out and "Traceback" not in err
     latest = ckpt.latest_checkpoint(run)
-    step = ckpt.load_state(latest)["step"]
+    step = ckpt.load_meta(latest)["step"]
     assert step >= 3
     assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"train.steps": step + 2, "eval.prompts": 0})]) == 0
     assert [r["step"] for r in _metrics(run) if "loss" in r] == list(range(1, step + 3))

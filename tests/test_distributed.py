@@ -1,0 +1,110 @@
+"""Data parallelism on the CPU: torchrun with 2 gloo ranks and FSDP2, against single-process runs.
+
+One optimizer step over a global batch of 8 must not depend on how it is split: 2 ranks x
+micro-batch 4, 1 rank x 8, and 1 rank x 4 x 2 accumulation steps see the same images with the same
+noise and give the same losses and weights (up to fp32 summation order). Checkpoints written on 2
+ranks resume on 1 and the other way round. The runs are shared by the tests of this module.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from pixelrun import checkpoint as ckpt
+from pixelrun.config import ConfigError, batch_split, load_config
+from pixelrun.train import model_from_config, train
+
+BASE = {"train.global_batch_size": 8, "eval.prompts": 0, "train.warmup_steps": 1, "train.lr": 3e-3,
+        "routing.ratio": 0.5, "model.depth": 4}
+
+
+def _over(run, enc, steps, micro, **extra):
+    return tiny_overrides(run, enc, **{**BASE, "train.steps": steps, "train.batch_size": micro, **extra})
+
+
+def torchrun(nproc: int, overrides: list[str]):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "pixelrun", "train", *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _losses(run):
+    rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["flow"]) for r in rows if "loss" in r]
+
+
+def _weights(run, which="raw"):
+    cfg = load_config(Path(run) / "config.yaml")
+    latest = ckpt.latest_checkpoint(run)
+    model = model_from_config(cfg, ckpt.load_meta(latest)["text_dim"])
+    ckpt.load_weights(latest, model, which)
+    return model.state_dict()
+
+
+def _same_run(a, b, rel=1e-5, atol=1e-6):
+    la, lb = _losses(a), _losses(b)
+    assert [s for s, *_ in la] == [s for s, *_ in lb]
+    for (s, loss_a, flow_a), (_, loss_b, flow_b) in zip(la, lb):
+        assert loss_a == pytest.approx(loss_b, rel=rel), s
+        assert flow_a == pytest.approx(flow_b, rel=rel), s
+    for which in ("raw", "ema"):
+        wa, wb = _weights(a, which), _weights(b, which)
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=rel, atol=atol, msg=f"{which} {k}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_encoder_dir):
+    root = tmp_path_factory.mktemp("dist")
+    enc = tiny_encoder_dir
+    r = {k: root / k for k in ("one_x8", "one_x4x2", "two_x4", "two_then_two", "two_then_one", "one_then_two")}
+    train(load_config(None, _over(r["one_x8"], enc, 4, 8)))
+    train(load_config(None, _over(r["one_x4x2"], enc, 4, 4)))
+    r["two_x4_log"] = torchrun(2, _over(r["two_x4"], enc, 4, 4)).stdout
+    torchrun(2, _over(r["two_then_two"], enc, 2, 4))
+    shutil.copytree(r["two_then_two"], r["two_then_one"])
+    torchrun(2, _over(r["two_then_two"], enc, 4, 4))  # resumes on 2 ranks
+    train(load_config(None, _over(r["two_then_one"], enc, 4, 8)))  # the 2-rank checkpoint on 1 rank
+    train(load_config(None, _over(r["one_then_two"], enc, 2, 8)))
+    torchrun(2, _over(r["one_then_two"], enc, 4, 4))  # the 1-rank checkpoint on 2 ranks
+    return r
+
+
+def test_accumulation_equals_the_large_batch(runs):
+    _same_run(runs["one_x8"], runs["one_x4x2"])
+
+
+def test_two_ranks_equal_one(runs):
+    assert "2 rank(s) x micro-batch 4 x 1 accumulation step(s)" in runs["two_x4_log"]
+    _same_run(runs["one_x8"], runs["two_x4"])
+
+
+def test_checkpoints_move_between_rank_counts(runs):
+    assert ckpt.load_meta(ckpt.latest_checkpoint(runs["two_then_two"]))["world_size"] == 2
+    assert ckpt.load_meta(ckpt.latest_checkpoint(runs["two_then_one"]))["world_size"] == 1
+    _same_run(runs["two_x4"], runs["two_then_two"])
+    _same_run(runs["one_x8"], runs["two_then_one"])
+    _same_run(runs["one_x8"], runs["one_then_two"])
+
+
+def test_impossible_batch_split_is_a_config_error():
+    cfg = load_config(None, ["train.batch_size=4", "train.global_batch_size=24"])
+    assert batch_split(cfg, 1) == (24, 4, 6) and batch_split(cfg, 3) == (24, 4, 2)
+    with pytest.raises(ConfigError) as e:
+        batch_split(cfg, 4)  # 24 images over 4 ranks x 4 is 1.5 accumulation steps
+    assert e.value.key == "train.global_batch_size"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.batch_size=4", "train.global_batch_size=6"])
+    assert e.value.key == "train.global_batch_size"
+    with pytest.raises(ConfigError) as e:
+        batch_split(load_config(None, ["parallel.replicate=2"]), 3)
+    assert e.value.key == "parallel.replicate"
