@@ -16,8 +16,9 @@ AdamW group, so the training loop keeps a single `step()`, `zero_grad()`, `state
 `load_state_dict()`, and an `LRScheduler` scales both groups' lr (each from its own base lr).
 
 The Muon update is written out here (not wrapped from `torch.optim.Muon`) so that the
-orthogonalisation is its own function, `orthogonalize`, which an FSDP2 version can call on a
-gathered full matrix on an owner rank and scatter the result back. It reproduces
+orthogonalisation is its own function, `orthogonalize`, which the FSDP2 path calls on a gathered
+full matrix on an owner rank before scattering the result back (`muon_step` on DTensor
+parameters; see `_orthogonalize_sharded` for the communication). It reproduces
 `torch.optim.Muon(adjust_lr_fn="match_rms_adamw")` exactly when Newton-Schulz runs in bfloat16,
 which is what torch hard-codes; by default it runs Newton-Schulz in float32 instead (the recipe's
 choice: more accurate, and cheap next to a forward/backward pass), which agrees with torch to
@@ -25,8 +26,9 @@ bfloat16 precision.
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +45,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torc
 
 try:  # FSDP2 shards parameters as DTensors; orthogonalising a shard would be silently wrong.
     from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import Shard as _Shard
 except Exception:  # pragma: no cover - builds without torch.distributed
-    _DTensor = None
+    _DTensor = _Shard = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,18 +181,189 @@ def muon_step(
     Frobenius normalisation in `orthogonalize` removes that constant, so both forms give the same
     O (up to the 1e-7 guard). We keep torch's form so that updates and saved momentum buffers
     match torch.optim.Muon's.
+
+    DTensor parameters (FSDP2 / HSDP shards) take `_muon_step_sharded`: the same arithmetic, with
+    the momentum on the local shard and Newton-Schulz on the gathered whole matrix.
     """
+    sharded = []
     for p, g, buf in zip(params, grads, momentum_buffers):
         if g.ndim != 2:
             raise ValueError(f"Muon needs 2-D gradients, got shape {tuple(g.shape)}")
         if _DTensor is not None and isinstance(p, _DTensor):
-            raise NotImplementedError("Muon on FSDP2-sharded (DTensor) parameters needs the gathered "
-                                      "orthogonalisation; this single-process step would orthogonalise shards")
+            sharded.append((p, g, buf))
+            continue
         buf.lerp_(g, 1 - momentum)
         update = g.lerp(buf, momentum) if nesterov else buf
         o = orthogonalize(update, ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
         p.mul_(1 - lr * weight_decay)
         p.add_(o, alpha=-(lr * muon_lr_scale(p.shape)))
+    if sharded:
+        def orth(update: Tensor) -> Tensor:
+            return orthogonalize(update, ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
+
+        _muon_step_sharded(sharded, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                           orth=orth)
+
+
+# ----------------------------------------------------------------------------------------------
+# Muon under FSDP2: momentum on the shards, Newton-Schulz on whole matrices at owner ranks
+
+
+def shard_rows(rows: int, world: int) -> tuple[int, list[int]]:
+    """How FSDP2 (and DTensor's Shard(0)) split `rows` over `world` ranks: torch.chunk's rule,
+    ceil(rows / world) rows per rank in rank order, so trailing ranks may get fewer rows or none.
+    Returns (that block size, which every shard is padded to for the collectives; each rank's rows)."""
+    block = -(-rows // world)
+    return block, [max(0, min(block, rows - r * block)) for r in range(world)]
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    if x.size(0) == rows:
+        return x
+    out = x.new_zeros(rows, *x.shape[1:])
+    out[: x.size(0)] = x
+    return out
+
+
+def _pack_shard(shard: Tensor, block: int) -> Tensor:
+    """A rank's shard as `block` rows (zero-padded), flat: every rank sends an equal-size piece."""
+    return _pad_rows(shard, block).reshape(-1)
+
+
+def _unpack_full(pieces: Tensor, rows: int, cols: int) -> Tensor:
+    """[world, block * cols] packed shards in rank order -> the [rows, cols] matrix (padding cut)."""
+    return pieces.reshape(-1, cols)[:rows]
+
+
+def _split_full(full: Tensor, world: int, block: int) -> Tensor:
+    """[rows, cols] -> [world, block * cols]: row r is rank r's rows, packed as `_pack_shard`."""
+    return _pad_rows(full, world * block).reshape(world, -1)
+
+
+def _unpack_shard(piece: Tensor, rows: int, cols: int) -> Tensor:
+    """A flat packed shard -> its `rows` real rows."""
+    return piece.view(-1, cols)[:rows]
+
+
+def _shard_mesh_dim(p: Tensor) -> int | None:
+    """The device-mesh dim whose ranks hold different rows of `p` (FSDP2: (Shard(0),); HSDP:
+    (Replicate(), Shard(0)) -> 1), or None when every rank holds the whole matrix. Any other
+    layout (a tensor-parallel Shard(1), two sharded dims, Partial) is refused: the gather below
+    reassembles dim-0 shards only."""
+    dims = [i for i, pl in enumerate(p.placements) if not pl.is_replicate()]
+    if not dims:
+        return None
+    pl = p.placements[dims[0]]
+    if len(dims) > 1 or type(pl) is not _Shard or pl.dim != 0:
+        raise NotImplementedError(f"Muon on DTensors supports Shard(0) on one mesh dim plus Replicate "
+                                  f"(FSDP2 / HSDP), got placements {p.placements}")
+    return dims[0]
+
+
+def _exchange(send: list[list[Tensor]], recv_sizes: list[int], group, dtype: torch.dtype,
+              device: torch.device) -> Tensor:
+    """One all_to_all_single: the flat tensors of send[r], concatenated, go to group rank r; the
+    result is what every rank sent here, in rank order (recv_sizes[r] elements from rank r).
+    all_to_all_single (alltoall_base) is implemented by NCCL and, with uneven splits, by gloo."""
+    import torch.distributed as dist
+
+    flat = [t for to_rank in send for t in to_rank]
+    inp = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+    out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+    dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
+                           input_split_sizes=[sum(t.numel() for t in to_rank) for to_rank in send], group=group)
+    return out
+
+
+def _orthogonalize_sharded(updates: list[Tensor], shapes: list[torch.Size], mesh, dim: int,
+                           orth: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """Orthogonalise whole matrices that live as dim-0 shards over mesh dim `dim`; return each
+    rank's rows of the results. `updates` are this rank's local shards, `shapes` the full shapes;
+    every rank of the shard group calls this with the same matrices in the same order.
+
+    Matrix k is owned by rank k mod world (round-robin, so each rank runs Newton-Schulz on about
+    1/world of the matrices). Two all_to_all_single calls over the shard group, each batching
+    every matrix: (1) each rank sends its shard of matrix k to k's owner, which reassembles the
+    whole matrix and orthogonalises it; (2) the owner sends every rank its rows of the result.
+    Shards are padded to ceil(rows / world) rows so that the pieces line up; padding is cut off.
+
+    Communication: a matrix of M elements crosses the network twice, (world-1)/world * M each way
+    (the owner's own shard stays put). Per exchange a rank sends its shards (about 1/world of the
+    Muon weights) and receives its owned matrices (about as much): 1/world of what FSDP's own
+    reduce-scatter of those gradients moves per rank. All-gathering every matrix to every rank
+    instead moves (world-1) * M per matrix in total and repeats Newton-Schulz on every rank;
+    torch.optim.Muon on DTensors redistributes inside every Newton-Schulz iteration. Under HSDP
+    the group is the shard sub-group: each replica group does the same work on the same
+    (all-reduced) gradients, with no traffic between replicas.
+    """
+    group = mesh.get_group(dim)
+    world, me = mesh.size(dim), mesh.get_local_rank(dim)
+    dtype = functools.reduce(torch.promote_types, [u.dtype for u in updates])
+    device = updates[0].device
+    owner = [k % world for k in range(len(updates))]
+    blocks = [shard_rows(s[0], world)[0] for s in shapes]  # padded rows per rank
+    my_rows = [shard_rows(s[0], world)[1][me] for s in shapes]
+    sizes = [b * s[1] for b, s in zip(blocks, shapes)]  # elements of one packed shard
+    owned_size = [sum(sizes[k] for k in range(len(shapes)) if owner[k] == r) for r in range(world)]
+
+    # (1) Shards to owners.
+    send: list[list[Tensor]] = [[] for _ in range(world)]
+    for k, u in enumerate(updates):
+        if u.shape != (my_rows[k], shapes[k][1]):
+            raise RuntimeError(f"local shard of a {tuple(shapes[k])} matrix is {tuple(u.shape)} on shard rank {me}, "
+                               f"expected {my_rows[k]} rows (torch.chunk's split over {world} ranks)")
+        send[owner[k]].append(_pack_shard(u.to(dtype), blocks[k]))
+    got = _exchange(send, [owned_size[me]] * world, group, dtype, device).view(world, owned_size[me])
+
+    # Whole matrices, orthogonalised on their owner.
+    send = [[] for _ in range(world)]
+    offset = 0
+    for k in (k for k in range(len(shapes)) if owner[k] == me):
+        rows, cols = shapes[k]
+        full = _unpack_full(got[:, offset:offset + sizes[k]], rows, cols)
+        offset += sizes[k]
+        for r, piece in enumerate(_split_full(orth(full).to(dtype), world, blocks[k])):
+            send[r].append(piece)
+
+    # (2) Each rank's rows back from the owners, in owner order then matrix order.
+    got = _exchange(send, owned_size, group, dtype, device)
+    out: list[Tensor | None] = [None] * len(shapes)
+    offset = 0
+    for r in range(world):
+        for k in (k for k in range(len(shapes)) if owner[k] == r):
+            out[k] = _unpack_shard(got[offset:offset + sizes[k]], my_rows[k], shapes[k][1])
+            offset += sizes[k]
+    return out
+
+
+def _muon_step_sharded(items: list[tuple[Tensor, Tensor, Tensor]], *, lr: float, weight_decay: float,
+                       momentum: float, nesterov: bool, orth: Callable[[Tensor], Tensor]) -> None:
+    """`muon_step` for DTensor (param, grad, momentum buffer) triples, in place on the local shards.
+
+    The momentum and Nesterov mix are elementwise, so they run on the local shards exactly as on
+    the whole matrix; Newton-Schulz mixes all rows, so it gets the gathered matrix
+    (`_orthogonalize_sharded`, one batch per shard group); the lr scale uses the full shape. The
+    result equals the single-device step up to the matmuls' summation order."""
+    batches: dict = {}  # (mesh, mesh dim) of a shard group, or None for unsharded -> [(param, update)]
+    for p, g, buf in items:
+        dim = _shard_mesh_dim(p)
+        if not isinstance(g, _DTensor) or g.placements != p.placements or not isinstance(buf, _DTensor):
+            raise ValueError("under FSDP2 a Muon parameter's gradient and momentum buffer must be DTensors "
+                             "laid out like the parameter")
+        g_local, b_local = g.to_local(), buf.to_local()
+        b_local.lerp_(g_local, 1 - momentum)
+        update = g_local.lerp(b_local, momentum) if nesterov else b_local
+        key = (p.device_mesh, dim) if dim is not None and p.device_mesh.size(dim) > 1 else None
+        batches.setdefault(key, []).append((p, update))
+    for key, batch in batches.items():
+        if key is None:  # every rank holds the whole matrix (e.g. a shard group of one): no traffic
+            outs = [orth(u) for _, u in batch]
+        else:
+            outs = _orthogonalize_sharded([u for _, u in batch], [p.shape for p, _ in batch], *key, orth)
+        for (p, _), o in zip(batch, outs):
+            local = p.to_local()
+            local.mul_(1 - lr * weight_decay)
+            local.add_(o, alpha=-(lr * muon_lr_scale(p.shape)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +382,9 @@ class MuonAdamW(torch.optim.Optimizer):
     decoupled weight decay, the code path of `torch.optim.AdamW.step` (same state keys: `step`,
     `exp_avg`, `exp_avg_sq`); the Muon groups run `muon_step` (state key `momentum_buffer`, as in
     torch.optim.Muon). Group options are plain Python values (the NS dtype is a string) so a
-    checkpoint loads with `torch.load(weights_only=True)`.
+    checkpoint loads with `torch.load(weights_only=True)`. Under FSDP2 (`fully_shard`, HSDP) the
+    parameters, gradients and state are DTensors; the Muon step orthogonalises whole matrices
+    (`_orthogonalize_sharded`) and every rank steps the same optimizer the same way.
     """
 
     def __init__(self, param_groups: list[dict]):
