@@ -2,6 +2,12 @@
 without the teachers, after a warm-up. Text embeddings are random tensors of the configured width
 (the text encoder is a cache lookup in real runs), so the numbers are the denoiser's step, the
 loss terms and the optimizer.
+
+Besides time, each variant reports the denoiser's model FLOPs per training image (pixelrun/flops.py,
+analytic, routed when the variant routes; teachers not included), the achieved model FLOP/s and,
+on a GPU whose peak is known, MFU. One extra one-image step is counted by torch's FlopCounterMode
+as a cross-check; what it counts beyond the model is reported as the teachers' (and the REPA
+projector's) FLOPs.
 """
 from __future__ import annotations
 
@@ -12,9 +18,58 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, load_config, to_dict
+from .config import Config, ConfigError, load_config, routing_span, to_dict
 from .data import Batch
-from .train import Auxiliary, make_optimizer, model_from_config, resolve_device, training_step
+from .flops import training_flops_per_image
+from .model import compile_blocks
+from .train import Auxiliary, autocast_dtype, draw_noise, make_optimizer, model_from_config, resolve_device, training_step
+
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets, matched on
+# torch.cuda.get_device_name() upper-cased; first match wins, so the specific names come first.
+PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H200",), 989e12),
+    (("H100", "PCIE"), 756e12),
+    (("H100", "NVL"), 835e12),
+    (("H100",), 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    (("A100",), 312e12),  # SXM and PCIe alike
+)
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a known GPU, None for anything else (CPUs included)."""
+    name = device_name.upper()
+    for keys, peak in PEAK_BF16_FLOPS:
+        if all(k in name for k in keys):
+            return peak
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def measured_step_flops(model, aux, cfg: Config, device, text_dim: int, text_tokens: int) -> int:
+    """FLOPs of a one-image training step (forward + backward, teachers included) as torch's
+    FlopCounterMode counts them (matmuls, attention, convolutions). Run on the eager model: before
+    compiling and without activation checkpointing, whose recompute model FLOPs leave out. SDPA is
+    pinned to the math backend: FlopCounterMode counts the CPU flash kernel as 0 FLOPs and the
+    CUDA flash kernels' backward with its score recompute; the math backend's bmm's it counts as
+    the model computes them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    res = cfg.data.resolution
+    batch = Batch(torch.rand(1, 3, res, res, device=device) * 2 - 1, [""])
+    text = torch.randn(1, text_tokens, text_dim, device=device)
+    mask = torch.ones(1, text_tokens, dtype=torch.bool, device=device)
+    noise = draw_noise(cfg, 0, [0], (3, res, res), model.cfg.patch_size, device)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        training_step(model, batch, text, mask, text * 0, mask, noise, cfg, device, aux).loss.backward()
+    model.zero_grad(set_to_none=True)
+    aux.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_tokens: int) -> dict:
@@ -24,7 +79,12 @@ def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_toke
     aux = Auxiliary(cfg, model.cfg.hidden_size, device)
     opt, _ = make_optimizer(model, cfg, extra_adam_modules=[aux.projector] if aux.projector is not None else [])
     b, res = cfg.train.batch_size, cfg.data.resolution
-    gen = torch.Generator(device).manual_seed(0)
+    flops = training_flops_per_image(model.cfg, res, res, text_tokens, cfg.routing.ratio, routing_span(cfg))
+    measured = measured_step_flops(model, aux, cfg, device, text_dim, text_tokens)
+    # Speed options only after the count: they change how, not what, the model computes.
+    model.activation_checkpointing = cfg.parallel.activation_checkpointing
+    if cfg.parallel.compile:
+        compile_blocks(model)  # the warm-up steps pay the compilation
     batch = Batch(torch.rand(b, 3, res, res, device=device) * 2 - 1, [""] * b)
     text = torch.randn(b, text_tokens, text_dim, device=device)
     mask = torch.ones(b, text_tokens, dtype=torch.bool, device=device)
@@ -36,50 +96,69 @@ def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_toke
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        res_ = training_step(model, batch, text, mask, null_text, null_mask, gen, cfg, device, aux)
+        noise = draw_noise(cfg, i, list(range(b)), (3, res, res), model.cfg.patch_size, device)
+        res_ = training_step(model, batch, text, mask, null_text, null_mask, noise, cfg, device, aux)
         opt.zero_grad(set_to_none=True)
         res_.loss.backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
+    warm, times = times[:warmup], times[warmup:]
     step = sorted(times)[len(times) // 2]
-    tokens = (res // model.cfg.patch_size) ** 2
+    tokens = flops["image_tokens"]
+    achieved = flops["training_total"] * b / step
+    peak = peak_flops(device_name(device)) if device.type == "cuda" else None
+    teachers = aux.repa_teacher is not None or aux.lpips is not None or aux.dino is not None
     out = {"step_seconds_median": step, "step_seconds": times, "images_per_s": b / step,
-           "image_tokens_per_s": b * tokens / step, "image_tokens": tokens, "batch_size": b,
-           "terms": sorted(res_.terms)}
+           "image_tokens_per_s": b * tokens / step, "image_tokens": tokens, "kept_tokens": flops["kept_tokens"],
+           "batch_size": b, "terms": sorted(res_.terms),
+           "precision": "bf16" if autocast_dtype(cfg, device) == torch.bfloat16 else "fp32",
+           "compiled": cfg.parallel.compile, "activation_checkpointing": cfg.parallel.activation_checkpointing,
+           "warmup_seconds": sum(warm),  # includes the compilation when compiled
+           "model_flops_per_image": flops["training_total"], "model_flops_forward_per_image": flops["forward_total"],
+           "model_flops_by_part": flops["training"],
+           "achieved_model_flops_per_s": achieved, "peak_flops": peak, "mfu": achieved / peak if peak else None,
+           "measured_step_flops_per_image": measured,
+           "teacher_flops_per_image": measured - flops["training_total"] if teachers else None}
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
 
 
+VARIANTS: dict[str, list[str]] = {
+    "dense": [],
+    "routed": ["routing.ratio=0.5"],
+    "teachers": ["repa.weight=0.5", "perceptual.lpips_weight=0.1", "perceptual.dino_weight=0.01"],
+    "routed+teachers": ["routing.ratio=0.5", "repa.weight=0.5", "perceptual.lpips_weight=0.1",
+                        "perceptual.dino_weight=0.01"],
+}
+
+
 def run_bench(config: str | None, overrides: list[str], *, variants: list[str], steps: int, warmup: int,
               text_dim: int, text_tokens: int, out: str | None) -> dict:
     """Each variant is a named list of overrides applied on top of the base config."""
-    presets = {
-        "dense": [],
-        "routed": ["routing.ratio=0.5"],
-        "teachers": ["repa.weight=0.5", "perceptual.lpips_weight=0.1", "perceptual.dino_weight=0.01"],
-        "routed+teachers": ["routing.ratio=0.5", "repa.weight=0.5", "perceptual.lpips_weight=0.1",
-                            "perceptual.dino_weight=0.01"],
-    }
+    if steps < 1 or warmup < 0:
+        raise ConfigError("--steps" if steps < 1 else "--warmup", "needs at least one timed step and no negative warm-up")
+    for name in variants:  # all checked before any (slow) work
+        if name not in VARIANTS:
+            raise ConfigError("--variants", f"unknown bench variant {name!r}; choose from {', '.join(VARIANTS)}")
     results = {}
     for name in variants:
-        if name not in presets:
-            raise ValueError(f"unknown bench variant {name!r}; choose from {sorted(presets)}")
-        cfg = load_config(config, [*overrides, *presets[name]])
-        results[name] = {"overrides": [*overrides, *presets[name]],
+        cfg = load_config(config, [*overrides, *VARIANTS[name]])
+        results[name] = {"overrides": [*overrides, *VARIANTS[name]],
                          **time_steps(cfg, text_dim=text_dim, steps=steps, warmup=warmup, text_tokens=text_tokens)}
     base = results.get("dense", {}).get("step_seconds_median")
     if base:
         for name, r in results.items():
             r["step_time_vs_dense"] = r["step_seconds_median"] / base
-    device = resolve_device(load_config(config, overrides).train.device)
+    cfg = load_config(config, overrides)
+    device = resolve_device(cfg.train.device)
+    name = device_name(device)
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": name, "peak_flops": peak_flops(name) if device.type == "cuda" else None,
         "torch": torch.__version__, "steps": steps, "warmup": warmup, "text_dim": text_dim, "text_tokens": text_tokens,
-        "config": to_dict(load_config(config, overrides)), "results": results,
+        "config": to_dict(cfg), "results": results,
     }
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

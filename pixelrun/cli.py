@@ -125,7 +125,9 @@ def cmd_bench(args) -> int:
                        warmup=args.warmup, text_dim=args.text_dim, text_tokens=args.text_tokens, out=args.out)
     keys = ("step_seconds_median", "images_per_s", "image_tokens_per_s", "step_time_vs_dense", "warmup_seconds",
             "model_flops_per_image", "achieved_model_flops_per_s", "mfu", "teacher_flops_per_image", "peak_memory_gib")
-    summary = {name: {k: r[k] for k in keys if r.get(k) is not None} for name, r in report["results"].items()}
+    # mfu stays when null (CPU, unknown GPU): "no peak known" is worth printing
+    summary = {name: {k: r[k] for k in keys if k in r and (r[k] is not None or k == "mfu")}
+               for name, r in report["results"].items()}
     print(json.dumps({"device": report["device"], "results": summary}, indent=2))
     return 0
 

@@ -51,6 +51,7 @@ class DataConfig:
     resolution: int = 48
     buckets: bool = False  # aspect-ratio buckets in [0.5, 2] (one bucket per batch)
     max_shapes: int = 2  # shapes dataset: at most this many shapes per image
+    workers: int = 0  # image folders: threads that decode and resize each batch's images (0 = inline)
 
 
 @dataclass
@@ -456,6 +457,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.resolution", f"{cfg.data.resolution} is not a multiple of the patch size {m['patch_size']}")
     if cfg.data.source == "folder" and not cfg.data.path:
         raise ConfigError("data.path", "is required when data.source is folder")
+    _positive("data.workers", cfg.data.workers, allow_zero=True)
     if not 1 <= cfg.data.max_shapes <= 6:
         raise ConfigError("data.max_shapes", f"must be between 1 and 6 (six colours); got {cfg.data.max_shapes}")
 

@@ -298,10 +298,12 @@ def build_model(preset: str, text_dim: int, **overrides) -> PRXDenoiser:
 
 def compile_blocks(model: PRXDenoiser) -> PRXDenoiser:
     """torch.compile each transformer block in place (`Module.compile`: parameter names and the
-    state dict stay as they are). Per block, not the whole model, so routing's changing token
-    counts and FSDP2's per-block hooks do not force whole-graph recompiles."""
+    state dict stay as they are). Per block, not the whole model, so FSDP2's per-block hooks do not
+    break the graph. Static shapes: under TREAD a block inside the span always sees K tokens and one
+    outside it N, so each block keeps a specialised graph per shape instead of falling back to a
+    slower dynamic-shape one after the second size it meets."""
     for block in model.blocks:
-        block.compile()
+        block.compile(dynamic=False)
     return model
 
 

@@ -250,3 +250,15 @@ def test_ranks_disjoint_within_epoch(tmp_path):
         seen.append({next(src).captions[0] for _ in range(6)})
         assert src.epoch == 0
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 12
+
+
+def test_decode_workers_give_the_same_batches_and_skips(tmp_path):
+    """Threads split each batch's decoding; what comes out, what is skipped and the saved position
+    are those of the inline loader."""
+    f = ImageFolder(make_folder(tmp_path / "d"))
+    inline, threaded = (FolderBatchSource(f, 3, BUCKETS, seed=3, workers=w) for w in (0, 3))
+    for _ in range(8):
+        a, b = next(inline), next(threaded)
+        assert a.captions == b.captions and torch.equal(a.images, b.images)
+    assert threaded.skipped == inline.skipped == 2
+    assert threaded.state_dict() == inline.state_dict()

@@ -67,7 +67,7 @@ def runs(tmp_path_factory, tiny_encoder_dir):
     root = tmp_path_factory.mktemp("dist")
     enc = tiny_encoder_dir
     r = {k: root / k for k in ("one_x8", "one_x4x2", "two_x4", "two_then_two", "two_then_one", "one_then_two",
-                               "muon_one_x8", "muon_two_x4")}
+                               "muon_one_x8", "muon_two_x4", "hsdp_two_x4")}
     train(load_config(None, _over(r["one_x8"], enc, 4, 8)))
     train(load_config(None, _over(r["one_x4x2"], enc, 4, 4)))
     r["two_x4_log"] = torchrun(2, _over(r["two_x4"], enc, 4, 4)).stdout
@@ -80,6 +80,7 @@ def runs(tmp_path_factory, tiny_encoder_dir):
     muon = {"train.optimizer": "muon", "model.mlp_ratio": 3.04}  # MLP width 97: uneven shards over 2 ranks
     train(load_config(None, _over(r["muon_one_x8"], enc, 3, 8, **muon)))
     torchrun(2, _over(r["muon_two_x4"], enc, 3, 4, **muon))
+    torchrun(2, _over(r["hsdp_two_x4"], enc, 4, 4, **{"parallel.replicate": 2}))  # 2 replicas of 1 shard
     return r
 
 
@@ -106,6 +107,27 @@ def test_muon_on_two_ranks_equals_one(runs):
     here the gradients differ by fp32 reduction order, which Adam and Newton-Schulz amplify to a
     few 1e-6 after 3 steps at lr 3e-3."""
     _same_run(runs["muon_one_x8"], runs["muon_two_x4"], atol=1e-5)
+
+
+def test_hybrid_sharding_equals_one_rank(runs):
+    _same_run(runs["one_x8"], runs["hsdp_two_x4"])
+
+
+def test_masks_differ_across_ranks_and_steps_and_repeat_from_the_seed():
+    from pixelrun.train import draw_noise
+
+    cfg = load_config(None, ["routing.ratio=0.5"])
+    shape = (3, 48, 48)
+    rank0, rank1 = (draw_noise(cfg, 5, list(range(a, a + 4)), shape, 8, "cpu") for a in (0, 4))
+    again = draw_noise(cfg, 5, [0, 1, 2, 3], shape, 8, "cpu")
+    later = draw_noise(cfg, 6, [0, 1, 2, 3], shape, 8, "cpu")
+    assert torch.equal(rank0.routing.keep, again.routing.keep) and torch.equal(rank0.eps, again.eps)
+    assert not torch.equal(rank0.routing.keep, rank1.routing.keep)
+    assert not torch.equal(rank0.routing.keep, later.routing.keep)
+    assert len({tuple(k.tolist()) for k in rank0.routing.keep}) == 4  # per sample, too
+    both = draw_noise(cfg, 5, list(range(8)), shape, 8, "cpu")  # one rank holding all 8 samples
+    assert torch.equal(both.routing.keep, torch.cat([rank0.routing.keep, rank1.routing.keep]))
+    assert torch.equal(both.t, torch.cat([rank0.t, rank1.t]))
 
 
 def test_impossible_batch_split_is_a_config_error():

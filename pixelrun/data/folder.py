@@ -191,10 +191,15 @@ class FolderBatchSource:
     An item whose header or pixels cannot be read is dropped, remembered (never retried: a broken
     file stays broken, and re-reading it every epoch wastes I/O) and counted in `skipped`; its
     bucket keeps drawing from the stream until it is full again, so a batch never shrinks.
+
+    `workers` > 0 decodes and resizes the images of a batch in that many threads (PIL releases the
+    GIL while decoding). The choice of items stays in one place per rank, so workers split each
+    batch's items between them, no item is read twice, the batches are the same as with 0 workers
+    and the position saved in `state_dict` is exact.
     """
 
     def __init__(self, folder: ImageFolder, batch_size: int, buckets: list[tuple[int, int]],
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0):
         if batch_size < 1 or not buckets:
             raise ValueError("need batch_size >= 1 and at least one bucket")
         if not 0 <= rank < world_size:
@@ -212,6 +217,11 @@ class FolderBatchSource:
         self.skipped = 0
         self.skipped_paths: list[str] = []
         self._share_epoch, self._share = -1, np.empty(0, dtype=np.int64)
+        self._pool = None
+        if workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pixelrun-decode")
 
     def __iter__(self) -> FolderBatchSource:
         return self
@@ -257,13 +267,14 @@ class FolderBatchSource:
                 k = self._ready[0]
                 h, w = self.buckets[k]
                 idx = self._fill[k][:B]
+                decode = lambda i: self._decode(i, h, w)  # noqa: E731
+                decoded = list(self._pool.map(decode, idx)) if self._pool else [decode(i) for i in idx]
                 images = []
-                for i in idx:
-                    im = self.folder.load(i, target=(h, w))
-                    if im is None:
+                for i, image in zip(idx, decoded):
+                    if image is None:
                         self._skip(i)
                         continue
-                    images.append(to_tensor(resize_to_bucket(im, h, w)))
+                    images.append(image)
                 if len(images) == B:
                     del self._fill[k][:B]
                     self._ready.pop(0)
@@ -273,6 +284,10 @@ class FolderBatchSource:
                 # Some failed: drop them and keep this bucket at the head until refilled.
                 self._fill[k] = [i for i in self._fill[k] if i not in self._bad]
             self._draw()
+
+    def _decode(self, i: int, h: int, w: int) -> torch.Tensor | None:
+        im = self.folder.load(i, target=(h, w))
+        return None if im is None else to_tensor(resize_to_bucket(im, h, w))
 
     def state_dict(self) -> dict:
         """Position only (plain ints and lists): epoch, cursor, waiting indices per bucket, the
