@@ -491,7 +491,7 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
                 say(f"batch: global {global_batch} = {ctx.world_size} rank(s) x micro-batch {micro} x {accum} "
                     f"accumulation step(s)")
             while step < s1:
-                terms: dict[str, float] = {}
+                terms: dict[str, torch.Tensor] = {}  # kept on the device: no host sync until logged
                 for m in range(accum):
                     batch = next(source)
                     text, text_mask = (a.to(device) for a in encoder.encode(batch.captions))
@@ -502,7 +502,7 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
                     result = training_step(model, batch, text, text_mask, null_text, null_mask, noise, scfg, device, aux)
                     (result.loss / accum).backward()
                     for k, v in {"loss": result.loss, **result.terms}.items():
-                        terms[k] = terms.get(k, 0.0) + v.item() / accum
+                        terms[k] = terms.get(k, 0.0) + v.detach() / accum
                 grad_norm = clip_gradients(trained_params, cfg.train.grad_clip or math.inf)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -512,7 +512,7 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
                 bar.update(1)
 
                 if step % max(cfg.train.log_every, 1) == 0 or step == s1:
-                    terms = ctx.mean(terms)
+                    terms = ctx.mean({k: v.item() for k, v in terms.items()})
                     now = time.time()
                     ips = (step - last_step) * global_batch / max(now - last_t, 1e-9)
                     last_t, last_step = now, step
@@ -536,7 +536,8 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
                     save(step)  # also at each stage boundary, so the next stage can always resume from it
                 if step % max(cfg.train.log_every, 1) == 0:
                     last_t = time.time()  # images/s measures training alone, not grids, evals or saves
-                why = _should_stop(ctx, stop, stop_at_step, step, t0, cfg)
+                log_step = step % max(cfg.train.log_every, 1) == 0 or step == s1
+                why = _should_stop(ctx, stop, stop_at_step, step, t0, cfg, check_now=log_step)
                 if why is not None:
                     stopped = why
                     break
@@ -593,9 +594,14 @@ def _restore_position(source, cfg: Config, meta: dict | None, stage_index: int, 
         f"carried to {ctx.world_size}; this stage's image order starts afresh")
 
 
-def _should_stop(ctx: DistContext, stop: StopFlag, stop_at_step, step: int, t0: float, cfg: Config):
+def _should_stop(ctx: DistContext, stop: StopFlag, stop_at_step, step: int, t0: float, cfg: Config,
+                 check_now: bool = True):
     """Why to stop after this step (a signal, a test's stop_at_step, the time budget), or None.
-    Ranks agree: a signal that reached any rank, or rank 0's clock, stops them all together."""
+    Ranks agree: a signal that reached any rank, or rank 0's clock, stops them all together. That
+    agreement is a collective with a host sync, so under torchrun it happens on logging steps only
+    (`check_now`): a stop then waits at most train.log_every steps."""
+    if ctx.distributed and not check_now:
+        return None
     why = stop.signal or ("stop_at_step" if stop_at_step is not None and step >= stop_at_step else None)
     over_time = bool(cfg.train.max_minutes and time.time() - t0 >= 60 * cfg.train.max_minutes)
     if ctx.distributed:
