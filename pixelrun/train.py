@@ -57,6 +57,10 @@ def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1):
         from .data.shapes import ShapesBatchSource
 
         return ShapesBatchSource(cfg.seed, "train", cfg.train.batch_size, sizes, cfg.data.max_shapes, rank, world_size)
+    if cfg.data.source == "emoji":
+        from .data.emoji import EmojiBatchSource
+
+        return EmojiBatchSource(cfg.seed, cfg.train.batch_size, sizes, rank, world_size)
     from .data.folder import FolderBatchSource, ImageFolder
 
     return FolderBatchSource(ImageFolder(cfg.data.path), cfg.train.batch_size, sizes, cfg.seed, rank, world_size,
@@ -621,11 +625,16 @@ def _should_stop(ctx: DistContext, stop: StopFlag, stop_at_step, step: int, t0: 
 
 
 def _grid_prompts(cfg: Config, source) -> list[str]:
-    """Fixed prompts for the sample grids: fresh shapes captions, or the first captions of a folder."""
+    """Fixed prompts for the sample grids: fresh shapes captions, held-out emoji captions, or the
+    first captions of a folder."""
     if cfg.data.source == "shapes":
         from .data.shapes import fixed_prompts
 
         return fixed_prompts(cfg.sample.grid_prompts, max_shapes=cfg.data.max_shapes)
+    if cfg.data.source == "emoji":
+        from .data.emoji import fixed_prompts
+
+        return fixed_prompts(cfg.sample.grid_prompts)
     return list(source.folder.captions[: cfg.sample.grid_prompts])
 
 

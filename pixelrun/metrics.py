@@ -1,0 +1,316 @@
+"""Evaluation metrics of RECIPE.md ("Evaluation"): distances between two sets of image embeddings.
+
+The recipe's triad is FID (Inception-v3 pool features, Fréchet distance), CMMD (CLIP image
+embeddings, RBF-kernel MMD with sigma 10 and scale 1000) and DINO-MMD (DINOv2 global embeddings,
+same MMD). This module holds the distance math, which does not care where the features came from,
+plus the embedding networks (one ships offline, FID's needs user-supplied weights):
+
+* :func:`feature_stats` / :func:`frechet_distance`: the Fréchet (2-Wasserstein) distance between
+  the Gaussians fitted to two feature sets. Lower is better, 0 for identical statistics; the unit is
+  squared feature units, so values are only comparable for the same network, resolution,
+  preprocessing and sample count (the estimate is biased upwards for small ``n``).
+* :func:`mmd`: CMMD's kernel MMD^2 (Gaussian RBF kernel, ``sigma=10``, ``scale=1000``).
+* :class:`EfficientNetLite0Embedder` + :func:`image_features` + :func:`real_feature_stats`: the
+  **efficientnet-lite0 Fréchet distance** — the Fréchet distance on 1280-d global-average-pooled
+  head features of the offline EfficientNet-Lite0 ImageNet classifier that pixelrun already uses as a
+  stand-in teacher. It is NOT FID (different network, features and scale: its numbers cannot be
+  compared with any published FID) and must never be reported under that name. Real-image
+  statistics are cached to ``.npz`` files keyed by (dataset, resolution, n, network).
+* FID proper: :func:`image_features` with ``load_metric_network("fid-inception", weights_path=...)``
+  (``pixelrun/teachers/inception.py``, pytorch-fid's Inception-v3 with its TF-compatibility
+  patches, weights brought by the user), then :func:`feature_stats` + :func:`frechet_distance`.
+
+Input convention (the pitfall RECIPE.md records for PRX): metric networks take **floats in [0, 1]**.
+Reference FID code multiplies its input by 255 internally; feeding it uint8 images makes the
+product wrap around in uint8 and the metric silently measures garbage. :func:`image_features`
+therefore accepts uint8 (converted here, ``/ 255``, exactly once) or floats that must already lie in
+[0, 1]; floats outside that range (a [-1, 1] model output, a 0..255 float array) are rejected
+rather than guessed at.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CMMD_SIGMA",
+    "CMMD_SCALE",
+    "feature_stats",
+    "frechet_distance",
+    "mmd",
+    "EfficientNetLite0Embedder",
+    "load_metric_network",
+    "image_features",
+    "real_feature_stats",
+    "stats_cache_path",
+]
+
+#: CMMD's RBF bandwidth and the factor that makes its numbers human-readable (Jayasumana et al. 2024).
+CMMD_SIGMA = 10.0
+CMMD_SCALE = 1000.0
+
+
+# --------------------------------------------------------------------------------------------
+# distance math
+
+
+def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` of ``[N, D]`` features in float64: the mean ``[D]`` and the *unbiased*
+    (``N - 1`` denominator, ``np.cov(rowvar=False)``) covariance ``[D, D]``, as pytorch-fid and the
+    TensorFlow FID code compute them. Needs ``N >= 2``; with ``N <= D`` the covariance is singular,
+    which :func:`frechet_distance` handles but which makes the distance a poor estimate."""
+    f = _as_2d_float64(features, "features")
+    if f.shape[0] < 2:
+        raise ValueError(f"feature_stats needs at least 2 samples, got {f.shape[0]}")
+    return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
+    """Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``:
+
+        ``||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2})``
+
+    (the squared 2-Wasserstein distance between the Gaussians; FID is this on Inception pool3
+    statistics). 0 for identical statistics, never negative in exact arithmetic.
+
+    Numerics, in float64, as pytorch-fid does it: ``scipy.linalg.sqrtm`` of the (non-symmetric)
+    product ``sigma1 @ sigma2``. If that square root is not finite (nearly singular product, e.g.
+    fewer samples than feature dimensions) ``eps`` is added to both diagonals and the root is
+    recomputed. Round-off gives the root a tiny imaginary part; it is dropped (real part taken)
+    unless an imaginary diagonal entry exceeds ``1e-3``, which means the inputs are not covariance
+    matrices and raises ``ValueError``. A result slightly below zero from round-off is returned as is.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 {sigma1.shape}, "
+                         f"sigma2 {sigma2.shape}")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():  # "matrix is singular": handled by the finiteness check below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(d) * eps
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.max(np.abs(np.diagonal(covmean).imag))
+        if imag > 1e-3:
+            raise ValueError(f"sqrtm(sigma1 @ sigma2) has imaginary component {imag}: are both inputs "
+                             f"symmetric positive semi-definite covariance matrices?")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def mmd(x, y, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE, *, unbiased: bool = False,
+        block: int = 1024) -> float:
+    """Kernel maximum mean discrepancy MMD^2 between embedding sets ``x [n, D]`` and ``y [m, D]``,
+    times ``scale``, with the Gaussian RBF kernel ``k(a, b) = exp(-||a - b||^2 / (2 sigma^2))``.
+
+    Default (``unbiased=False``): exactly what CMMD's reference code (google-research ``cmmd/
+    distance.py``) computes, the minimum-variance / *biased* V-statistic of Gretton et al. 2012
+    Eq. (5): ``scale * (mean K_xx + mean K_yy - 2 mean K_xy)`` with the means over *all* pairs,
+    diagonals included. It is >= 0 and exactly 0 for identical sets. CMMD = this on L2-normalised
+    CLIP ViT-L/14-336 image embeddings with ``sigma=10, scale=1000`` (the defaults); DINO-MMD the
+    same on DINOv2 global embeddings. Lower is better.
+
+    ``unbiased=True``: the unbiased U-statistic (Gretton et al. Eq. (3)): ``K_xx`` and ``K_yy`` means
+    exclude their diagonals (``n (n - 1)`` and ``m (m - 1)`` pairs), ``K_xy`` averages all ``n m``
+    pairs. It can be negative (it is for identical sets), and is not what CMMD reports.
+
+    Float64 throughout: the result cancels several digits between the three kernel means. Gram
+    matrices are built ``block`` rows at a time, so memory stays ``O(block * max(n, m))``.
+    """
+    x = _as_2d_float64(x, "x")
+    y = _as_2d_float64(y, "y")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y have different feature dimensions: {x.shape[1]} vs {y.shape[1]}")
+    n, m = x.shape[0], y.shape[0]
+    if unbiased and (n < 2 or m < 2):
+        raise ValueError("the unbiased MMD estimate needs at least 2 samples in each set")
+    gamma = 1.0 / (2.0 * float(sigma) ** 2)
+
+    def kernel_sum(a, b):
+        a_sq, b_sq = (a * a).sum(1), (b * b).sum(1)
+        total = 0.0
+        for i in range(0, a.shape[0], block):
+            d2 = a_sq[i:i + block, None] + b_sq[None, :] - 2.0 * a[i:i + block] @ b.T
+            total += np.exp(-gamma * np.maximum(d2, 0.0)).sum()
+        return total
+
+    k_xx, k_yy, k_xy = kernel_sum(x, x), kernel_sum(y, y), kernel_sum(x, y)
+    if unbiased:  # k(a, a) = 1: drop the n (resp. m) diagonal ones
+        value = (k_xx - n) / (n * (n - 1)) + (k_yy - m) / (m * (m - 1)) - 2.0 * k_xy / (n * m)
+    else:
+        value = k_xx / (n * n) + k_yy / (m * m) - 2.0 * k_xy / (n * m)
+    return float(scale * value)
+
+
+def _as_2d_float64(a, what: str) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().double().numpy()
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(f"{what}: expected a non-empty [N, D] array, got shape {a.shape}")
+    return a
+
+
+# --------------------------------------------------------------------------------------------
+# the efficientnet-lite0 embedding network
+
+
+class EfficientNetLite0Embedder(nn.Module):
+    """Global image embedding of the offline EfficientNet-Lite0 ImageNet classifier: images as
+    floats in [0, 1] ``[B, 3, H, W]`` -> bilinear (antialiased) resize to ``size`` x ``size``
+    (224, its ImageNet resolution) -> TF-Lite normalisation ``(x - 127/255) / (128/255)`` (the
+    teacher's, see ``EfficientNetLite0Teacher``) -> head feature map (1280 ch, stride 32, after
+    BN + ReLU6) -> global average pool -> ``[B, 1280]`` fp32, the input of its ImageNet classifier.
+
+    The Fréchet distance on these features is the "efficientnet-lite0 Fréchet distance", NOT FID.
+    Frozen and always in eval mode (BatchNorm uses its running statistics).
+    """
+
+    dim = 1280
+
+    def __init__(self, weights_path: str | None = None, *, size: int = 224):
+        super().__init__()
+        from .teachers.features import EfficientNetLite0, efficientnet_lite0_weights_path
+
+        path = weights_path or efficientnet_lite0_weights_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.device("meta"):
+            self.net = EfficientNetLite0()
+        self.net.load_state_dict(state, strict=True, assign=True)
+        self.size = int(size)
+        self.name = f"efficientnet-lite0-gap{self.dim}-{self.size}px"
+        self.weights_path = path
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "EfficientNetLite0Embedder":
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images``: floats in [0, 1], ``[B, 3, H, W]``. Returns ``[B, 1280]`` fp32."""
+        x = images.float()
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        x = (x - 127.0 / 255.0) / (128.0 / 255.0)
+        return self.net.features(x, stride=32).mean((2, 3))
+
+
+def load_metric_network(spec: str, **kwargs) -> nn.Module:
+    """A frozen embedding network for :func:`image_features` by name.
+
+    * ``"efficientnet-lite0"``: :class:`EfficientNetLite0Embedder` (``kwargs``: ``weights_path``,
+      ``size``); the Fréchet distance on it is the "efficientnet-lite0 Fréchet distance".
+    * ``"fid-inception"``: FID's Inception-v3 pool3 (``pixelrun.teachers.inception``); needs
+      ``weights_path=`` pointing at pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (nothing is
+      downloaded). The Fréchet distance on it, with real statistics from enough images (FID is
+      usually reported at 10k-50k), is FID.
+    """
+    if spec == "efficientnet-lite0":
+        return EfficientNetLite0Embedder(**kwargs)
+    if spec == "fid-inception":
+        from .teachers.inception import load_fid_inception
+
+        if not kwargs.get("weights_path"):
+            raise ValueError("'fid-inception' needs weights_path= (pt_inception-2015-12-05-6726825d.pth)")
+        return load_fid_inception(kwargs["weights_path"])
+    raise ValueError(f"unknown metric network {spec!r}; available: 'efficientnet-lite0', 'fid-inception'")
+
+
+def _to_float01_nchw(images) -> torch.Tensor:
+    """uint8 (-> / 255) or float in [0, 1] images -> float32 ``[N, 3, H, W]``. Numpy arrays are
+    ``[N, H, W, 3]`` (what ``evaluate.generate`` returns), tensors ``[N, 3, H, W]``."""
+    if isinstance(images, torch.Tensor):
+        x = images.detach()
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"image tensors must be [N, 3, H, W], got {tuple(x.shape)}")
+    else:
+        arr = np.asarray(images)
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"image arrays must be [N, H, W, 3], got {arr.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+    if x.dtype == torch.uint8:
+        return x.float() / 255.0
+    if not x.is_floating_point():
+        raise ValueError(f"images must be uint8 or floats in [0, 1], got dtype {x.dtype}")
+    x = x.float()
+    lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise ValueError(f"float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
+                         f"(a [-1, 1] model output? map it with (x + 1) / 2; 0..255? pass uint8)")
+    return x.clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def image_features(network: nn.Module, images, batch: int = 64) -> np.ndarray:
+    """Global embeddings ``[N, D]`` (float64 numpy) of ``images`` under ``network``.
+
+    ``images``: uint8 (``[N, H, W, 3]`` numpy or ``[N, 3, H, W]`` tensor; divided by 255 here) or
+    floats already in [0, 1]. The network always receives floats in [0, 1] — never uint8, which a
+    metric that multiplies by 255 would wrap (RECIPE.md's PRX pitfall) — and does its own resize
+    and normalisation. Runs in fp32 on the network's device, ``batch`` images at a time.
+    """
+    x = _to_float01_nchw(images)
+    try:
+        device = next(network.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    out = [network(x[i:i + batch].to(device)).float().cpu() for i in range(0, x.shape[0], batch)]
+    return torch.cat(out).double().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# cached real-image statistics
+
+
+def stats_cache_path(cache_dir: str, dataset: str, resolution: int, n: int, network: str) -> str:
+    """The ``.npz`` file holding real-image statistics for (dataset, resolution, n, network):
+    a readable slug plus a hash of the exact key (so distinct dataset paths never collide)."""
+    key = json.dumps([str(dataset), int(resolution), int(n), str(network)])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(str(dataset).rstrip('/')) or 'data'}"
+                  f"-{int(resolution)}px-n{int(n)}-{network}")[:120]
+    return os.path.join(cache_dir, f"{slug}-{digest}.npz")
+
+
+def real_feature_stats(cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module,
+                       images: Callable[[], object], *, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` of ``network``'s features of ``n`` real images, from the cache if present.
+
+    The cache key is (dataset, resolution, n, ``network.name``), stored inside the file and checked
+    on load, so a stale or mismatched file is recomputed, never silently reused. ``images`` is called
+    only on a cache miss and must return exactly ``n`` images (uint8 or floats in [0, 1], see
+    :func:`image_features`). Writes are atomic (temporary file + rename).
+    """
+    name = str(getattr(network, "name", type(network).__name__))
+    path = stats_cache_path(cache_dir, dataset, resolution, n, name)
+    key = np.array(json.dumps([str(dataset), int(resolution), int(n), name]))
+    if os.path.exists(path):
+        with np.load(path) as f:
+            if "key" in f and str(f["key"]) == str(key):
+                return f["mu"], f["sigma"]
+    imgs = images()
+    if len(imgs) != n:
+        raise ValueError(f"real_feature_stats: asked for n={n} images, the provider returned {len(imgs)}")
+    mu, sigma = feature_stats(image_features(network, imgs, batch=batch))
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, mu=mu, sigma=sigma, key=key)
+    os.replace(tmp, path)
+    return mu, sigma
