@@ -10,3 +10,27 @@ import torch
 class Batch:
     images: torch.Tensor  # float32 [B, 3, H, W] in [-1, 1]; one size per batch (one bucket)
     captions: list[str]
+
+
+class CountedBatchSource:
+    """A batch stream that is a pure function of its batch counter: batch k holds the items
+    `self.indices(k)` of `self.dataset` at the size `self.bucket(k)`. Resuming needs only the
+    counter, which is the same on every rank, so a position moves between rank counts."""
+
+    next_batch: int = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        k = self.next_batch
+        self.next_batch += 1
+        h, w = self.bucket(k)
+        items = [self.dataset.item(i, h, w) for i in self.indices(k)]
+        return Batch(torch.stack([im for im, _ in items]), [c for _, c in items])
+
+    def state_dict(self) -> dict:
+        return {"next_batch": self.next_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_batch = int(state["next_batch"])

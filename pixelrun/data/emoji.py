@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import Batch
+from . import CountedBatchSource
 from .buckets import to_tensor
 from .folder import _to_rgb
 
@@ -148,7 +148,7 @@ class EmojiDataset:
         return to_tensor(load_emoji(self.paths[index], height, width)), self.captions[index]
 
 
-class EmojiBatchSource:
+class EmojiBatchSource(CountedBatchSource):
     """Infinite, deterministic, resumable batches of the emoji "train" split.
 
     The stream is the concatenation of epochs, epoch e being a permutation seeded by (seed, e).
@@ -170,9 +170,6 @@ class EmojiBatchSource:
         self.next_batch = 0
         self._perms: dict[int, np.ndarray] = {}
 
-    def __iter__(self) -> EmojiBatchSource:
-        return self
-
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
             if len(self._perms) > 4:
@@ -192,18 +189,6 @@ class EmojiBatchSource:
         rng = np.random.default_rng([self.seed, 0xB0C4E7, k])
         return self.sizes[int(rng.integers(len(self.sizes)))]
 
-    def __next__(self) -> Batch:
-        k = self.next_batch
-        self.next_batch += 1
-        h, w = self.bucket(k)
-        items = [self.dataset.item(i, h, w) for i in self.indices(k)]
-        return Batch(torch.stack([im for im, _ in items]), [c for _, c in items])
-
-    def state_dict(self) -> dict:
-        return {"next_batch": self.next_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.next_batch = int(state["next_batch"])
 
 
 def fixed_prompts(n: int) -> list[str]:

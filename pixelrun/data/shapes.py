@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pixelrun.data import Batch
+from pixelrun.data import CountedBatchSource
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -194,7 +194,7 @@ class ShapesDataset:
         return to_tensor(render(scene, height, width)), caption(scene)
 
 
-class ShapesBatchSource:
+class ShapesBatchSource(CountedBatchSource):
     """Infinite, deterministic, resumable batches for (distributed) training.
 
     Global batch k on rank r holds samples (k * world_size + r) * B ... + B - 1, so ranks never
@@ -214,9 +214,6 @@ class ShapesBatchSource:
         self.sizes = [(int(h), int(w)) for h, w in sizes]
         self.next_batch = 0
 
-    def __iter__(self) -> "ShapesBatchSource":
-        return self
-
     def indices(self, k: int) -> range:
         start = (k * self.world_size + self.rank) * self.batch_size
         return range(start, start + self.batch_size)
@@ -226,18 +223,6 @@ class ShapesBatchSource:
             return self.sizes[0]
         return self.sizes[int(_rng(self.dataset.seed, self.dataset.split, "bucket", k).integers(len(self.sizes)))]
 
-    def __next__(self) -> Batch:
-        k = self.next_batch
-        self.next_batch += 1
-        h, w = self.bucket(k)
-        items = [self.dataset.item(i, h, w) for i in self.indices(k)]
-        return Batch(torch.stack([im for im, _ in items]), [c for _, c in items])
-
-    def state_dict(self) -> dict:
-        return {"next_batch": self.next_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.next_batch = int(state["next_batch"])
 
 
 def fixed_prompts(n: int, seed: int = 1234, max_shapes: int = 2) -> list[str]:
