@@ -50,6 +50,13 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def random_inputs(b: int, res: int, text_tokens: int, text_dim: int, device) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """A batch of random square images with random text embeddings (all tokens real)."""
+    batch = Batch(torch.rand(b, 3, res, res, device=device) * 2 - 1, [""] * b)
+    text = torch.randn(b, text_tokens, text_dim, device=device)
+    return batch, text, torch.ones(b, text_tokens, dtype=torch.bool, device=device)
+
+
 def measured_step_flops(model, aux, cfg: Config, device, text_dim: int, text_tokens: int) -> int:
     """FLOPs of a one-image training step (forward + backward, teachers included) as torch's
     FlopCounterMode counts them (matmuls, attention, convolutions). Run on the eager model: before
@@ -61,9 +68,7 @@ def measured_step_flops(model, aux, cfg: Config, device, text_dim: int, text_tok
     from torch.utils.flop_counter import FlopCounterMode
 
     res = cfg.data.resolution
-    batch = Batch(torch.rand(1, 3, res, res, device=device) * 2 - 1, [""])
-    text = torch.randn(1, text_tokens, text_dim, device=device)
-    mask = torch.ones(1, text_tokens, dtype=torch.bool, device=device)
+    batch, text, mask = random_inputs(1, res, text_tokens, text_dim, device)
     noise = draw_noise(cfg, 0, [0], (3, res, res), model.cfg.patch_size, device)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         training_step(model, batch, text, mask, text * 0, mask, noise, cfg, device, aux).loss.backward()
@@ -85,9 +90,7 @@ def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_toke
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     if cfg.parallel.compile:
         compile_blocks(model)  # the warm-up steps pay the compilation
-    batch = Batch(torch.rand(b, 3, res, res, device=device) * 2 - 1, [""] * b)
-    text = torch.randn(b, text_tokens, text_dim, device=device)
-    mask = torch.ones(b, text_tokens, dtype=torch.bool, device=device)
+    batch, text, mask = random_inputs(b, res, text_tokens, text_dim, device)
     null_text, null_mask = text[:1] * 0, mask[:1]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -162,6 +162,21 @@ def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema")
     model.load_state_dict(flat)
 
 
+@contextlib.contextmanager
+def atomic_dir(out: str | Path):
+    """Yield a temporary directory beside `out`; when the block ends without an error it replaces
+    `out` in one rename, so `out` is always either the old complete directory or the new one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    yield tmp
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def export_weights(checkpoint: str | Path, out: str | Path, model: torch.nn.Module, config_yaml: str,
                    text_dim: int, weights: str = "ema") -> Path:
     """A consolidated safetensors file (whatever the number of ranks that trained it) plus the
@@ -169,26 +184,22 @@ def export_weights(checkpoint: str | Path, out: str | Path, model: torch.nn.Modu
     from safetensors.torch import save_file
 
     load_weights(checkpoint, model, weights)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / EXPORT_FILE), metadata={"text_dim": str(text_dim), "weights": weights})
-    (tmp / "config.yaml").write_text(config_yaml)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    with atomic_dir(out) as tmp:
+        save_file(state, str(tmp / EXPORT_FILE), metadata={"text_dim": str(text_dim), "weights": weights})
+        (tmp / "config.yaml").write_text(config_yaml)
+    return Path(out)
 
 
-def export_info(path: str | Path) -> tuple[dict, int]:
-    """(config dict, text width) of an exported model directory."""
+def saved_config(path: str | Path) -> tuple[dict, int]:
+    """(config dict, text width) of a checkpoint directory or an exported model directory."""
+    path = Path(path)
+    if is_complete(path):
+        meta = load_meta(path)
+        return meta["config"], meta["text_dim"]
     import yaml
     from safetensors import safe_open
 
-    path = Path(path)
     with safe_open(str(path / EXPORT_FILE), "pt") as f:
         text_dim = int(f.metadata()["text_dim"])
     return yaml.safe_load((path / "config.yaml").read_text()), text_dim

@@ -99,8 +99,7 @@ def cmd_export(args) -> int:
         from .export_diffusers import check_config, export_diffusers
 
         path = ckpt.resolve_checkpoint(args.checkpoint)  # settings first: refuse before loading anything
-        saved = ckpt.load_meta(path)["config"] if ckpt.is_complete(path) else ckpt.export_info(path)[0]
-        check_config(config_from_dict(_merge(saved, parse_overrides(args.overrides))))
+        check_config(config_from_dict(_merge(ckpt.saved_config(path)[0], parse_overrides(args.overrides))))
         model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, "cpu", args.overrides)
         out = export_diffusers(model, encoder, cfg, args.out)
         import importlib.util

@@ -6,6 +6,7 @@ Every error names the dotted key, so the CLI can print one line and exit with co
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -416,10 +417,10 @@ def stage_plan(cfg: Config) -> list[tuple[int, int, Config]]:
     if not cfg.stages:
         return [(0, cfg.train.steps, cfg)]
     plan, start = [], 0
-    base = to_dict(cfg)
+    base = to_dict(cfg)  # a fresh tree of plain values: each stage edits its own copy
     for st in cfg.stages:
-        data = dict(base, stages=[])
-        data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+        data = copy.deepcopy(base)
+        data["stages"] = []
         for name, (section, key) in _STAGE_KEYS.items():
             if getattr(st, name) is not None:
                 data[section][key] = getattr(st, name)

@@ -54,13 +54,6 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast_object(self, obj):
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
@@ -80,12 +73,12 @@ def init_distributed(device_name: str, replicate: int = 1) -> DistContext:
     from .train import resolve_device
 
     rank, world, local = world_from_env()
+    device = resolve_device(device_name)
     if world == 0:
-        return DistContext(0, 1, 0, resolve_device(device_name))
-    cuda = device_name != "cpu" and torch.cuda.is_available()
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"train.device={device_name} but CUDA is not available on this machine")
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        return DistContext(0, 1, 0, device)
+    cuda = device.type == "cuda"
+    if cuda:
+        device = torch.device("cuda", local)
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():

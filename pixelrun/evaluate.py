@@ -71,11 +71,7 @@ def load_for_inference(checkpoint: str, weights: str = "ema", device: str = "aut
     from .train import model_from_config, resolve_device
 
     path = ckpt.resolve_checkpoint(checkpoint)
-    if ckpt.is_complete(path):
-        meta = ckpt.load_meta(path)
-        saved_cfg, text_dim = meta["config"], meta["text_dim"]
-    else:
-        saved_cfg, text_dim = ckpt.export_info(path)
+    saved_cfg, text_dim = ckpt.saved_config(path)
     cfg = config_from_dict(_merge(saved_cfg, parse_overrides(list(overrides))))
     dev = resolve_device(device)
     encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=dev, cache_gib=cfg.text.cache_gib)

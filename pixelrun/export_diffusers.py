@@ -21,12 +21,11 @@ cleaning changes (surrounding spaces, HTML entities, mojibake) encode differentl
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_dir
 from .config import Config, ConfigError, to_yaml
 
 #: The clamp of t in the x -> velocity conversion that PRXPixelPipeline hard-codes.
@@ -114,13 +113,7 @@ def export_diffusers(model, encoder, cfg: Config, out: str | Path) -> Path:
         transformer=transformer, scheduler=scheduler, text_encoder=encoder.model, tokenizer=encoder.tokenizer,
         default_sample_size=cfg.data.resolution, prompt_max_tokens=cfg.text.max_tokens,
         noise_scale=cfg.objective.noise_scale)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "pixelrun_config.yaml").write_text(to_yaml(cfg))  # provenance and sampling defaults
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "pixelrun_config.yaml").write_text(to_yaml(cfg))  # provenance and sampling defaults
+    return Path(out)

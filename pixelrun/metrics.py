@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .teachers.features import TF_LITE_MEAN, TF_LITE_STD
+
 __all__ = [
     "CMMD_SIGMA",
     "CMMD_SCALE",
@@ -185,13 +187,9 @@ class EfficientNetLite0Embedder(nn.Module):
 
     def __init__(self, weights_path: str | None = None, *, size: int = 224):
         super().__init__()
-        from .teachers.features import EfficientNetLite0, efficientnet_lite0_weights_path
+        from .teachers.features import load_efficientnet_lite0
 
-        path = weights_path or efficientnet_lite0_weights_path()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        with torch.device("meta"):
-            self.net = EfficientNetLite0()
-        self.net.load_state_dict(state, strict=True, assign=True)
+        self.net, path = load_efficientnet_lite0(weights_path)
         self.size = int(size)
         self.name = f"efficientnet-lite0-gap{self.dim}-{self.size}px"
         self.weights_path = path
@@ -208,7 +206,7 @@ class EfficientNetLite0Embedder(nn.Module):
         if tuple(x.shape[-2:]) != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
                               antialias=True)
-        x = (x - 127.0 / 255.0) / (128.0 / 255.0)
+        x = (x - TF_LITE_MEAN) / TF_LITE_STD
         return self.net.features(x, stride=32).mean((2, 3))
 
 

@@ -325,7 +325,7 @@ def restore(st: TrainState, path: Path, meta: dict, cfg: Config, weights_only: b
     if (path / ckpt.EXPORT_FILE).is_file():  # an exported model: weights only, loaded on each rank
         if not weights_only:
             raise ValueError(f"{path} is an exported model; it can start a run (run.init_from) but not resume one")
-        plain = model_from_config(cfg, meta["text_dim"])
+        plain = PRXDenoiser(st.model.cfg)  # an unsharded twin; load_weights checks every shape
         ckpt.load_weights(path, plain)
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -417,8 +417,7 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
         say(f"resuming from {latest} (step {step}, saved on {meta['world_size']} rank(s))")
     elif cfg.run.init_from:
         src = ckpt.resolve_checkpoint(cfg.run.init_from)
-        info = ckpt.load_meta(src) if ckpt.is_complete(src) else {"text_dim": ckpt.export_info(src)[1]}
-        restore(st, src, info, cfg, weights_only=True)
+        restore(st, src, ckpt.load_meta(src) if ckpt.is_complete(src) else {}, cfg, weights_only=True)
         say(f"initialised weights and EMA from {src}")
     metrics_path = run_dir / "metrics.jsonl"
     if main:
@@ -436,10 +435,7 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
-    stage_index = max(i for i, (s0, _, _) in enumerate(plan) if step >= s0) if step < cfg.train.steps else len(plan) - 1
-    scfg = plan[stage_index][2]
-    source = make_batch_source(scfg, ctx.rank, ctx.world_size)  # rebuilt at each stage's start
-    grid_prompts = _grid_prompts(scfg, source)
+    source = grid_prompts = None  # built at the start of each stage this session trains
 
     def save(at_step: int) -> Path:
         meta_out = {
@@ -486,11 +482,8 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
             if len(plan) > 1:
                 say(f"stage {stage_index + 1}/{len(plan)} {cfg.stages[stage_index].name!r}: steps {s0}..{s1}, "
                     f"{scfg.data.resolution}px, global batch {global_batch}")
-                for line in aux.describe(scfg):
-                    say(line)
-            elif step == start_step:
-                for line in aux.describe(scfg):
-                    say(line)
+            for line in aux.describe(scfg):
+                say(line)
             if ctx.distributed or accum > 1:
                 say(f"batch: global {global_batch} = {ctx.world_size} rank(s) x micro-batch {micro} x {accum} "
                     f"accumulation step(s)")
@@ -548,6 +541,9 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
             if stopped is not None:
                 break
 
+    if source is None:  # the run was already complete: no stage trained this session
+        source = make_batch_source(scfg, ctx.rank, ctx.world_size)
+        grid_prompts = _grid_prompts(scfg, source)
     last = save(step)
     if writer is not None:
         writer.flush()

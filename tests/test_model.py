@@ -127,3 +127,23 @@ def test_presets_and_errors():
     m = tiny()
     with pytest.raises(ValueError, match="multiple of the patch size"):
         m(torch.zeros(1, 3, 30, 32), torch.zeros(1), torch.zeros(1, 2, 24))
+
+
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = randomize(tiny())
+    x, t, text, mask = inputs()
+
+    def grads_and_flops(checkpointing: bool):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        with FlopCounterMode(display=False) as counter:
+            model(x, t, text, mask).prediction.square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()], counter.get_total_flops()
+
+    plain, plain_flops = grads_and_flops(False)
+    ckpt, ckpt_flops = grads_and_flops(True)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b)
+    assert ckpt_flops > plain_flops  # the blocks' forward ran again in the backward

@@ -174,3 +174,22 @@ def test_time_budget_ends_the_run_like_a_finished_one(tmp_path, tiny_encoder_dir
     summary = train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 1000, "train.max_minutes": 1e-6})))
     assert summary["step"] == 1 and "score" in summary  # stopped after the first step, then evaluated
     assert "train.max_minutes=1e-06 reached at step 1" in capsys.readouterr().out
+
+
+def test_parallel_options_reach_the_trained_model(tmp_path, tiny_encoder_dir):
+    """parallel.compile compiles each block of the trained model (not the EMA copy, which only
+    samples); parallel.activation_checkpointing switches recomputation on."""
+    from pixelrun.config import stage_plan
+    from pixelrun.distributed import DistContext
+    from pixelrun.train import _build_state
+
+    cfg = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{"parallel.compile": "true",
+                                                                          "parallel.activation_checkpointing": "true"}))
+    st = _build_state(cfg, stage_plan(cfg), DistContext(0, 1, 0, torch.device("cpu")), 32)
+    assert st.model.activation_checkpointing
+    assert all(b._compiled_call_impl is not None for b in st.model.blocks)
+    assert all(b._compiled_call_impl is None for b in st.ema.model.blocks)
+    plain = _build_state(load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir)), stage_plan(cfg),
+                         DistContext(0, 1, 0, torch.device("cpu")), 32)
+    assert not plain.model.activation_checkpointing
+    assert all(b._compiled_call_impl is None for b in plain.model.blocks)

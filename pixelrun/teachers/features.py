@@ -51,16 +51,21 @@ from torch import nn
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "TF_LITE_MEAN",
+    "TF_LITE_STD",
     "FeatureTeacher",
     "HFDinoTeacher",
     "EfficientNetLite0",
     "EfficientNetLite0Teacher",
     "efficientnet_lite0_weights_path",
+    "load_efficientnet_lite0",
     "load_teacher",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite's TensorFlow-Lite input normalisation, (pixel - 127) / 128, on [0, 1] images.
+TF_LITE_MEAN, TF_LITE_STD = 127 / 255, 128 / 255
 
 #: spec strings that select the offline ImageNet CNN instead of a DINO checkpoint.
 EFFICIENTNET_SPECS = {"efficientnet-lite0": 16, "efficientnet-lite0-stride32": 32}
@@ -407,15 +412,10 @@ class EfficientNetLite0Teacher(FeatureTeacher):
 
     def __init__(self, weights_path: str | None = None, *, stride: int = 16,
                  compute_dtype: str | torch.dtype = "auto"):
-        super().__init__(mean=(127 / 255,) * 3, std=(128 / 255,) * 3, compute_dtype=compute_dtype)
+        super().__init__(mean=(TF_LITE_MEAN,) * 3, std=(TF_LITE_STD,) * 3, compute_dtype=compute_dtype)
         if stride not in (16, 32):
             raise ValueError(f"EfficientNetLite0Teacher: stride must be 16 or 32, got {stride}")
-        path = weights_path or efficientnet_lite0_weights_path()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        with torch.device("meta"):  # no random init of weights that are overwritten right away
-            self.net = EfficientNetLite0()
-        # strict: every weight and BatchNorm statistic must come from the file.
-        self.net.load_state_dict(state, strict=True, assign=True)
+        self.net, path = load_efficientnet_lite0(weights_path)
         self.stride = self.patch = stride
         self.dim = EfficientNetLite0.STRIDE16_DIM if stride == 16 else EfficientNetLite0.HEAD_DIM
         self.name = f"efficientnet-lite0 (ImageNet CNN, NOT DINO; stride {stride}, {self.dim}-d)"
@@ -427,6 +427,17 @@ class EfficientNetLite0Teacher(FeatureTeacher):
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def load_efficientnet_lite0(weights_path: str | None = None) -> tuple[EfficientNetLite0, str]:
+    """The ImageNet EfficientNet-Lite0 (the installed package's weights unless a path is given) and
+    the path it came from. Strict: every weight and BatchNorm statistic must come from the file."""
+    path = weights_path or efficientnet_lite0_weights_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.device("meta"):  # no random init of weights that are overwritten right away
+        net = EfficientNetLite0()
+    net.load_state_dict(state, strict=True, assign=True)
+    return net, path
 
 
 def load_teacher(spec: str, *, compute_dtype: str | torch.dtype = "auto", **hf_kwargs) -> FeatureTeacher:
