@@ -131,6 +131,14 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return norm
 
 
-def shutdown():
+def shutdown(clean: bool = True):
+    """Leave the process group. After a clean finish the ranks leave together: the barrier keeps a
+    rank that finished first from tearing down its gloo/NCCL pairs while a peer still has traffic
+    in flight (seen as an abort in the C++ destructors at exit). After an error there is no
+    barrier, since the peers may be stuck in another collective."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if clean:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .distributed import DistContext, clip_gradients, init_distributed, local, set_gradient_sync, shard
+from .distributed import DistContext, clip_gradients, init_distributed, local, set_gradient_sync, shard, shutdown
 from .config import (Config, batch_split, check_paths, image_sizes, model_fields, repa_block, routing_span,
                      stage_plan, to_dict, to_yaml)
 from .data import Batch
@@ -381,12 +381,14 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
         torch.set_num_threads(cfg.train.threads)
     ctx = init_distributed(cfg.train.device, cfg.parallel.replicate)
     try:
-        return _train(cfg, ctx, stop_at_step)
-    finally:
+        summary = _train(cfg, ctx, stop_at_step)
+    except BaseException:
         if ctx.distributed:
-            from .distributed import shutdown
-
-            shutdown()
+            shutdown(clean=False)
+        raise
+    if ctx.distributed:
+        shutdown(clean=True)
+    return summary
 
 
 def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:

@@ -28,11 +28,19 @@ def _over(run, enc, steps, micro, **extra):
     return tiny_overrides(run, enc, **{**BASE, "train.steps": steps, "train.batch_size": micro, **extra})
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def torchrun(nproc: int, overrides: list[str]):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "pixelrun", "train", *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr and "done:" in proc.stdout:
+        # A rare abort in gloo's C++ destructors after the run has finished and written everything
+        # (seen once in CI, never reproduced here, even under load). Running the command again
+        # resumes from the final checkpoint and must then exit cleanly.
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
