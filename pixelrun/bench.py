@@ -1,7 +1,7 @@
 """`pixelrun bench`: time training steps of any preset and resolution, dense or routed, with or
 without the teachers, after a warm-up. Text embeddings are random tensors of the configured width
 (the text encoder is a cache lookup in real runs), so the numbers are the denoiser's step, the
-loss terms and the optimizer.
+loss terms, gradient clipping and the optimizer.
 
 Besides time, each variant reports the denoiser's model FLOPs per training image (pixelrun/flops.py,
 analytic, routed when the variant routes; teachers not included), the achieved model FLOP/s and,
@@ -12,6 +12,7 @@ projector's) FLOPs.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from .config import Config, ConfigError, load_config, routing_span, to_dict
 from .data import Batch
+from .distributed import clip_gradients
 from .flops import training_flops_per_image
 from .model import compile_blocks
 from .train import Auxiliary, autocast_dtype, draw_noise, make_optimizer, model_from_config, resolve_device, training_step
@@ -90,6 +92,7 @@ def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_toke
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     if cfg.parallel.compile:
         compile_blocks(model)  # the warm-up steps pay the compilation
+    params = [p for group in opt.param_groups for p in group["params"]]
     batch, text, mask = random_inputs(b, res, text_tokens, text_dim, device)
     null_text, null_mask = text[:1] * 0, mask[:1]
     if device.type == "cuda":
@@ -103,6 +106,7 @@ def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_toke
         res_ = training_step(model, batch, text, mask, null_text, null_mask, noise, cfg, device, aux)
         opt.zero_grad(set_to_none=True)
         res_.loss.backward()
+        clip_gradients(params, cfg.train.grad_clip or math.inf)  # as the training loop does
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

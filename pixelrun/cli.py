@@ -1,4 +1,4 @@
-"""pixelrun train | sample | eval | export | bench | presets."""
+"""pixelrun train | sample | eval | export | bench | presets | data."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, TextConfig
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -65,16 +65,27 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _eval_overrides(args) -> list[str]:
+    """The eval flags as config overrides (values JSON-quoted: a valid YAML string whatever the path)."""
+    flags = {"prompts": args.samples, "seed": args.prompt_seed, "fid_weights": args.fid_weights,
+             "clip_model": args.clip_model, "dino_model": args.dino_model, "cache_dir": args.cache_dir}
+    return [f"eval.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+
+
 def cmd_eval(args) -> int:
-    from tqdm import tqdm
+    from .evaluate import Evaluator, applicable_metrics, checkpoint_config, load_for_inference, parse_metrics
+    from .train import resolve_device
 
-    from .evaluate import load_for_inference, shapes_eval
-
-    model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, args.device, _sample_overrides(args))
-    device = next(model.parameters()).device
-    with tqdm(total=cfg.sample.steps * ((args.prompts + 31) // 32), desc="eval", unit="step", file=sys.stderr) as bar:
-        result = shapes_eval(model, encoder, cfg, device, n=args.prompts, seed=args.prompt_seed,
-                             sample_seed=cfg.sample.seed if args.seed is None else args.seed, progress=bar)
+    overrides = _sample_overrides(args) + _eval_overrides(args)
+    cfg, _ = checkpoint_config(args.checkpoint, overrides)
+    metrics, key = (parse_metrics(args.metrics), "--metrics") if args.metrics else (applicable_metrics(cfg), "eval.metrics")
+    if not metrics:
+        raise ConfigError("--metrics", f"eval.metrics {cfg.eval.metrics} has nothing for data.source={cfg.data.source}: "
+                                       f"name some, e.g. --metrics fd-effnet")
+    # the metric networks first: a missing or broken one fails before the model is even loaded
+    evaluator = Evaluator(cfg, metrics, resolve_device(args.device), progress=True, key=key)
+    model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, args.device, overrides)
+    result = evaluator(model, encoder, cfg, sample_seed=cfg.sample.seed if args.seed is None else args.seed)
     result["checkpoint"] = str(path)
     result["weights"] = args.weights
     text = json.dumps(result, indent=2)
@@ -121,6 +132,39 @@ def cmd_export(args) -> int:
     out = ckpt.export_weights(path, args.out, model_from_config(cfg, meta["text_dim"]), to_yaml(cfg),
                               meta["text_dim"], args.weights)
     print(f"exported {args.weights} weights of {path} (step {meta['step']}) to {out}")
+    return 0
+
+
+def cmd_data_convert(args) -> int:
+    """Images (a folder or a JSONL manifest) -> WebDataset shards resized to their buckets once."""
+    from .data.convert import convert
+
+    if args.shard_size < 1:
+        raise ConfigError("--shard-size", f"must be >= 1; got {args.shard_size}")
+    if args.resolution < 1 or args.patch < 1 or args.resolution % args.patch:
+        raise ConfigError("--resolution", f"must be a positive multiple of --patch {args.patch}; got {args.resolution}")
+    try:
+        index = convert(args.src, args.out, args.resolution, patch=args.patch, shard_size=args.shard_size,
+                        image_format=args.format, text_encoder=args.text_encoder, max_tokens=args.max_tokens)
+    except FileExistsError as e:
+        raise ConfigError("--out", str(e)) from None
+    except ValueError as e:
+        raise ConfigError("--src", str(e)) from None
+    skipped = f"skipped {index['skipped_unreadable']} unreadable image(s)"
+    if index["skipped_without_caption"]:
+        skipped += f" and {index['skipped_without_caption']} without a caption"
+    emb = index["text_embeddings"]
+    print(f"wrote {index['count']} samples in {len(index['shards'])} shard(s), {len(index['buckets'])} bucket(s), to "
+          f"{args.out} (train with data.source=shards data.path={Path(args.out) / index['spec']}); {skipped}"
+          + (f"; caption embeddings for {emb['fingerprint']}" if emb else ""))
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from .data.convert import format_report, inspect_shards
+
+    report = inspect_shards(args.spec, args.contact_sheet, args.n, args.resolution, args.patch)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -180,10 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=_parse_size, help="HxW in pixels (default: the training resolution)")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("eval", help="shapes score of a checkpoint on fresh prompts (JSON)")
+    e = sub.add_parser("eval", help="metrics of a checkpoint's images for held-out captions (JSON)",
+                       description="Generate one image per held-out caption of the checkpoint's dataset and "
+                                   "compare them with the real images of the same captions.")
     add_model_args(e)
-    e.add_argument("--prompts", type=int, default=64)
-    e.add_argument("--prompt-seed", type=int, default=1234)
+    e.add_argument("--metrics", help="comma list of: shapes (shapes data), fd-effnet (EfficientNet-Lite0 Fréchet "
+                                     "distance, offline), fid (needs --fid-weights), cmmd (CLIP, --clip-model), "
+                                     "dino-mmd (DINOv2, --dino-model); default: the checkpoint's eval.metrics")
+    e.add_argument("--samples", "--prompts", dest="samples", type=int, default=64,
+                   help="captions, generated images and real images (default 64)")
+    e.add_argument("--prompt-seed", type=int, help="shapes data: seed of the eval-split captions (default: eval.seed)")
+    e.add_argument("--fid-weights", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (eval.fid_weights)")
+    e.add_argument("--clip-model", help="CMMD's CLIP: local path or hub id (eval.clip_model)")
+    e.add_argument("--dino-model", help="DINO-MMD's DINOv2: local path or hub id (eval.dino_model)")
+    e.add_argument("--cache-dir", help="where real-image statistics are cached (eval.cache_dir)")
     e.add_argument("--out", help="also write the JSON here")
     e.set_defaults(func=cmd_eval)
     b = sub.add_parser(
@@ -231,6 +285,34 @@ example: pixelrun bench model.preset=base data.resolution=512 train.batch_size=2
     pr = sub.add_parser("presets", help="the model size presets and their parameter counts")
     pr.add_argument("--text-dim", type=int, default=2304, help="text encoder width (T5Gemma-2B: 2304, MiniLM: 384)")
     pr.set_defaults(func=cmd_presets)
+
+    d = sub.add_parser("data", help="write WebDataset shards for data.source=shards, or inspect shards")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("convert", help="resize images once to their aspect buckets and write .tar shards")
+    dc.add_argument("--src", required=True, help="an image folder (captions as for data.source=folder) or a JSONL "
+                                                 "manifest (image path under file/image/file_name, relative to the "
+                                                 "manifest; every other string field is a caption field)")
+    dc.add_argument("--out", required=True, help="output folder (shards 00000.tar, ... and index.json)")
+    dc.add_argument("--resolution", type=int, required=True, help="bucket resolution, e.g. 1024")
+    dc.add_argument("--patch", type=int, default=32, help="patch size the buckets are multiples of (default 32)")
+    dc.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    dc.add_argument("--format", choices=["jpg", "png"], default="jpg",
+                    help="jpg (quality 95, 4:4:4; default: small, fast to decode) or png (lossless)")
+    dc.add_argument("--text-encoder", help="also store each caption's embedding for this encoder "
+                                           "(minilm, a local path or a Hugging Face id)")
+    dc.add_argument("--max-tokens", type=int, default=TextConfig.max_tokens,
+                    help=f"token limit of the stored embeddings; must equal text.max_tokens when training "
+                         f"(default {TextConfig.max_tokens})")
+    dc.set_defaults(func=cmd_data_convert)
+    di = dsub.add_parser("inspect", help="counts per bucket, caption lengths, broken samples, stored embeddings")
+    di.add_argument("spec", help="shards: a folder of .tar files, a brace pattern, URLs or pipe: commands")
+    di.add_argument("--contact-sheet", help="also write a PNG of the first --n samples with their captions")
+    di.add_argument("--n", type=int, default=64, help="samples on the contact sheet (default 64)")
+    di.add_argument("--resolution", type=int, help="count samples per aspect bucket of this resolution "
+                                                   "(default: per stored size, the buckets of converted shards)")
+    di.add_argument("--patch", type=int, default=32, help="patch size of those buckets (default 32)")
+    di.add_argument("--json", action="store_true", help="print the report as JSON")
+    di.set_defaults(func=cmd_data_inspect)
     return ap
 
 

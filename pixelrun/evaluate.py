@@ -1,11 +1,43 @@
-"""Generating images for a list of prompts, and the shapes score of SHAPES.md on fresh prompts."""
+"""Evaluation: images generated for held-out captions, compared with the real images of the same
+captions (RECIPE.md "Evaluation"), and the shapes score of SHAPES.md.
+
+Metrics (``eval.metrics``, ``pixelrun eval --metrics``):
+
+* ``shapes``: the shapes score; needs no real images, only the shapes data's captions.
+* ``fd-effnet``: the Fréchet distance on EfficientNet-Lite0 features (offline; NOT FID).
+* ``fid``: FID, the Fréchet distance on pytorch-fid's Inception-v3 (``eval.fid_weights``).
+* ``cmmd``: CMMD, the MMD (sigma 10, scale 1000) of CLIP image embeddings (``eval.clip_model``).
+* ``dino-mmd``: the same MMD of DINOv2 CLS embeddings (``eval.dino_model``, ``eval.dino_mmd_*``).
+
+One evaluation: ``eval.prompts`` captions of held-out real data and their real images
+(:func:`real_images_and_prompts`), one generated image per caption with the noise ``pixelrun
+sample`` draws for the same seed, then each metric. The real side is computed once per dataset,
+resolution, count and network and cached on disk (``eval.cache_dir``). Everything that can fail
+(an unknown metric, a missing weights file, a network that does not load) fails before the first
+image is generated, as a ``ConfigError`` naming the key to fix.
+"""
 from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import Config, routing_span
+from .config import Config, ConfigError, routing_span
 from .sampling import sample, to_uint8
+
+#: every metric, with what it is (the names eval.metrics and --metrics accept)
+METRICS = {
+    "shapes": "shapes score (SHAPES.md) of the generated images against their captions",
+    "fd-effnet": "Fréchet distance on EfficientNet-Lite0 features (offline ImageNet CNN; not FID)",
+    "fid": "FID: Fréchet distance on pytorch-fid's Inception-v3 pool3 features",
+    "cmmd": "CMMD: MMD of CLIP image embeddings",
+    "dino-mmd": "DINO-MMD: MMD of DINOv2 CLS embeddings",
+}
+_FRECHET = ("fd-effnet", "fid")  # compared through (mu, sigma); the MMDs need every real embedding
 
 
 def generate(model, encoder, prompts: list[str], cfg: Config, device, *, seed: int, height: int | None = None,
@@ -33,32 +65,290 @@ def generate(model, encoder, prompts: list[str], cfg: Config, device, *, seed: i
     return np.concatenate(out)
 
 
-def shapes_eval(model, encoder, cfg: Config, device, *, n: int = 64, seed: int = 1234, steps: int | None = None,
-                guidance: float | None = None, guidance_mode: str | None = None, sample_seed: int = 0,
-                progress=None) -> dict:
-    """The shapes score (SHAPES.md) of `n` fresh prompts from the "eval" split, with the settings
-    that produced it and the sanity line of real dataset images."""
-    from .data.shapes import fixed_prompts
-    from .shapes_score import real_image_sanity, score_images
+def parse_metrics(text: str) -> list[str]:
+    """``--metrics`` ("shapes,fd-effnet") -> the names, in order, without repeats."""
+    names = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    for name in names:
+        if name not in METRICS:
+            raise ConfigError("--metrics", f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+    if not names:
+        raise ConfigError("--metrics", f"is empty; choose from {', '.join(METRICS)}")
+    return names
 
-    prompts = fixed_prompts(n, seed=seed, max_shapes=cfg.data.max_shapes)
-    was_training = model.training
-    model.eval()
-    images = generate(model, encoder, prompts, cfg, device, seed=sample_seed, steps=steps, guidance=guidance,
-                      guidance_mode=guidance_mode, progress=progress)
-    model.train(was_training)
-    score = score_images(list(images), prompts)
+
+def applicable_metrics(cfg: Config) -> list[str]:
+    """``eval.metrics`` as they apply to this config's data: the shapes score is dropped on other data
+    (it parses shapes captions), so the default ``[shapes]`` means nothing heavy, everywhere."""
+    return [m for m in cfg.eval.metrics if m != "shapes" or cfg.data.source == "shapes"]
+
+
+def check_metrics(cfg: Config, metrics: list[str], key: str = "eval.metrics") -> None:
+    """What can be checked without loading anything: the shapes score on shapes data, enough samples
+    for a covariance, and the network of each metric named (and, if it is a path, present)."""
+    if "shapes" in metrics and cfg.data.source != "shapes":
+        raise ConfigError(key, f"the shapes score needs data.source=shapes, this run's is {cfg.data.source}")
+    if any(m in _FRECHET for m in metrics) and cfg.eval.prompts < 2:
+        raise ConfigError("eval.prompts", f"a Fréchet distance needs at least 2 samples, got {cfg.eval.prompts}")
+    if "fid" in metrics:
+        if not cfg.eval.fid_weights:
+            raise ConfigError("eval.fid_weights", "the fid metric needs pytorch-fid's pt_inception-2015-12-05-"
+                                                  "6726825d.pth: set eval.fid_weights=PATH (pixelrun eval: --fid-weights)")
+        if not os.path.isfile(os.path.expanduser(cfg.eval.fid_weights)):
+            raise ConfigError("eval.fid_weights", f"no such file: {cfg.eval.fid_weights}")
+    for metric, model_key, spec in (("cmmd", "eval.clip_model", cfg.eval.clip_model),
+                                    ("dino-mmd", "eval.dino_model", cfg.eval.dino_model)):
+        if metric in metrics:
+            _check_model_source(model_key, spec, metric)
+
+
+def _check_model_source(key: str, spec: str, metric: str) -> None:
+    """A hub id can only be checked by loading it; a path must be a model folder."""
+    from .text import _looks_like_path
+
+    if not spec:
+        raise ConfigError(key, f"the {metric} metric needs a model: a local path or Hugging Face id")
+    path = os.path.expanduser(spec)
+    if (_looks_like_path(path) or os.path.exists(path)) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(key, f"the {metric} metric's model {spec!r} is not a model folder (no {path}/config.json)")
+
+
+def _network_spec(cfg: Config, metric: str) -> tuple[str, dict, str]:
+    """(load_metric_network name, its arguments, the config key that chooses it)."""
+    e = cfg.eval
     return {
-        "score": score,
-        "real_images": real_image_sanity(n=n, size=cfg.data.resolution),
-        "settings": {
-            "prompts": n, "prompt_seed": seed, "sample_seed": sample_seed,
-            "steps": steps or cfg.sample.steps,
-            "guidance": cfg.sample.guidance if guidance is None else guidance,
-            "guidance_mode": guidance_mode or cfg.sample.guidance_mode,
-            "spacing": cfg.sample.spacing, "resolution": cfg.data.resolution,
-        },
-    }
+        "fd-effnet": lambda: ("efficientnet-lite0", {}, "eval.metrics"),
+        "fid": lambda: ("fid-inception", {"weights_path": os.path.expanduser(e.fid_weights)}, "eval.fid_weights"),
+        "cmmd": lambda: ("clip", {"model": os.path.expanduser(e.clip_model)}, "eval.clip_model"),
+        "dino-mmd": lambda: ("dino", {"model": os.path.expanduser(e.dino_model)}, "eval.dino_model"),
+    }[metric]()
+
+
+def load_metric_networks(cfg: Config, metrics: list[str], device) -> dict[str, torch.nn.Module]:
+    """The frozen embedding network of each distribution metric, on ``device``. One that does not load
+    (no weights offline, wrong architecture) is a ConfigError naming its key."""
+    from .metrics import load_metric_network
+
+    networks = {}
+    for metric in metrics:
+        if metric == "shapes":
+            continue
+        kind, kwargs, key = _network_spec(cfg, metric)
+        try:
+            networks[metric] = load_metric_network(kind, **kwargs).to(device)
+        except (OSError, ValueError, RuntimeError, ImportError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(key, f"the {metric} metric's network did not load: {reason}") from e
+    return networks
+
+
+def dataset_key(cfg: Config) -> str:
+    """What fixes an evaluation's real images (the dataset part of the real-statistics cache key)."""
+    d = cfg.data
+    if d.source == "shapes":
+        return f"shapes-eval-seed{cfg.eval.seed}-max{d.max_shapes}"
+    if d.source == "emoji":
+        return "emoji-heldout"
+    if d.source == "folder":
+        return f"folder:{os.path.realpath(d.path)}"
+    return f"{d.source}:{d.path}:seed{cfg.seed}"  # drawn from the start of the training stream
+
+
+def real_images_and_prompts(cfg: Config, n: int) -> tuple[np.ndarray, list[str]]:
+    """``n`` real images (uint8 ``[n, R, R, 3]`` at ``data.resolution``) and their captions: the
+    shapes "eval" split (``eval.seed``, the captions of the shapes score), the held-out emoji, the
+    first ``n`` readable items of an image folder, or for any other source the first ``n`` items
+    its training batch source yields (square, no buckets)."""
+    res = cfg.data.resolution
+    if cfg.data.source == "shapes":
+        from .data.shapes import ShapesDataset, caption, render
+
+        data = ShapesDataset(cfg.eval.seed, "eval", cfg.data.max_shapes)
+        scenes = [data.scene(i) for i in range(n)]
+        return np.stack([render(s, res, res) for s in scenes]), [caption(s) for s in scenes]
+    if cfg.data.source == "emoji":
+        from .data.emoji import EmojiDataset
+
+        data = EmojiDataset("eval")
+        if n > len(data):
+            raise ConfigError("eval.prompts", f"the emoji data holds out {len(data)} images, {n} asked for "
+                                              f"(pixelrun eval: --samples)")
+        items = [data.item(i, res, res) for i in range(n)]
+        return to_uint8(torch.stack([im for im, _ in items])), [c for _, c in items]
+    if cfg.data.source == "folder":
+        return _first_folder_items(cfg.data.path, n, res)
+    from .train import make_batch_source
+
+    square = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, buckets=False))
+    return draw_real_images(make_batch_source(square), n)
+
+
+def _first_folder_items(path: str, n: int, res: int) -> tuple[np.ndarray, list[str]]:
+    from .data.buckets import resize_to_bucket
+    from .data.folder import ImageFolder
+
+    folder = ImageFolder(path)
+    images, captions = [], []
+    for i in range(len(folder)):
+        im = folder.load(i, target=(res, res))
+        if im is not None:  # unreadable files are skipped, as in training
+            images.append(np.asarray(resize_to_bucket(im, res, res)))
+            captions.append(folder.captions[i])
+            if len(images) == n:
+                return np.stack(images), captions
+    raise ConfigError("eval.prompts", f"{path} has {len(images)} readable captioned images, {n} asked for "
+                                      f"(pixelrun eval: --samples)")
+
+
+def draw_real_images(source, n: int) -> tuple[np.ndarray, list[str]]:
+    """The first ``n`` images (uint8) and captions a batch source yields."""
+    images, captions = [], []
+    while len(captions) < n:
+        batch = next(source)
+        images.append(to_uint8(batch.images))
+        captions += batch.captions
+    return np.concatenate(images)[:n], captions[:n]
+
+
+def _bar(enabled: bool, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(disable=not enabled, leave=False, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+class Evaluator:
+    """The evaluations of one model: the metric networks (loaded once, at construction, so a bad one
+    fails before any image is generated), the held-out captions and real images, and the real side of
+    each metric (computed once, cached on disk under ``eval.cache_dir``).
+
+    ``compute=False`` (ranks other than 0 in training) only generates: a sharded model's forward is
+    collective, so every rank samples, but only one computes and reports the metrics.
+    """
+
+    def __init__(self, cfg: Config, metrics: list[str], device, *, compute: bool = True, progress: bool = False,
+                 key: str = "eval.metrics"):
+        check_metrics(cfg, metrics, key)
+        self.metrics, self.device, self.compute, self.progress = list(metrics), torch.device(device), compute, progress
+        self.networks = load_metric_networks(cfg, metrics, self.device) if compute else {}
+        self._data: dict[tuple, tuple[np.ndarray | None, list[str]]] = {}
+        self._real: dict[tuple, object] = {}
+        self._real_data(cfg)  # now, so too few real images also fail before any work
+
+    def _data_key(self, cfg: Config) -> tuple:
+        return dataset_key(cfg), cfg.data.resolution, cfg.eval.prompts
+
+    def _real_data(self, cfg: Config) -> tuple[np.ndarray | None, list[str]]:
+        """(real images, captions); the images are None once every metric's real side is computed."""
+        if self._data_key(cfg) not in self._data:
+            self._data[self._data_key(cfg)] = real_images_and_prompts(cfg, cfg.eval.prompts)
+        return self._data[self._data_key(cfg)]
+
+    def _reference(self, metric: str, cfg: Config, real: np.ndarray | None):
+        """The real side of ``metric``: (mu, sigma) for a Fréchet distance, embeddings for an MMD."""
+        from .metrics import real_embeddings, real_feature_stats
+
+        key = (metric, *self._data_key(cfg))
+        if key not in self._real:
+            fn = real_feature_stats if metric in _FRECHET else real_embeddings
+            with _bar(self.progress, total=cfg.eval.prompts, desc=f"eval: real images, {metric}", unit="img") as bar:
+                self._real[key] = fn(os.path.expanduser(cfg.eval.cache_dir), dataset_key(cfg), cfg.data.resolution,
+                                     cfg.eval.prompts, self.networks[metric], lambda: real, progress=bar)
+        return self._real[key]
+
+    def _metric(self, metric: str, cfg: Config, images: np.ndarray, prompts: list[str], real: np.ndarray | None):
+        from .metrics import feature_stats, frechet_distance, image_features, mmd
+
+        if metric == "shapes":
+            from .shapes_score import score_images
+
+            return score_images(list(images), prompts)
+        reference = self._reference(metric, cfg, real)
+        with _bar(self.progress, total=len(images), desc=f"eval: generated images, {metric}", unit="img") as bar:
+            fake = image_features(self.networks[metric], images, progress=bar)
+        if metric in _FRECHET:
+            return frechet_distance(*feature_stats(fake), *reference)
+        sigma, scale = _kernel(cfg, metric)
+        return mmd(reference, fake, sigma=sigma, scale=scale)
+
+    def __call__(self, model, encoder, cfg: Config, *, sample_seed: int) -> dict | None:
+        """Generate one image per held-out caption with ``cfg.sample``'s settings and ``sample_seed``,
+        then every metric: ``{"metrics", "settings"}`` (plus today's ``score`` and ``real_images``
+        with the shapes score), or None where ``compute`` is off."""
+        from .shapes_score import real_image_sanity
+
+        real, prompts = self._real_data(cfg)
+        was_training = model.training
+        model.eval()
+        with _bar(self.progress, total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="eval: generate",
+                  unit="step") as bar:
+            images = generate(model, encoder, prompts, cfg, self.device, seed=sample_seed, progress=bar)
+        model.train(was_training)
+        if not self.compute:
+            self._data[self._data_key(cfg)] = (None, prompts)  # this rank only needs the captions
+            return None
+        values = {m: self._metric(m, cfg, images, prompts, real) for m in self.metrics}
+        # Every metric's real side is now held in memory: the real images (n x R x R x 3 bytes, GBs
+        # for an FID-sized n at 512px) are not needed again.
+        self._data[self._data_key(cfg)] = (None, prompts)
+        result = {"metrics": values, "settings": self.settings(cfg, sample_seed)}
+        if "shapes" in values:  # the keys `pixelrun eval` printed before there were other metrics
+            result["score"] = values["shapes"]
+            result["real_images"] = real_image_sanity(n=len(prompts), size=cfg.data.resolution)
+        return result
+
+    def settings(self, cfg: Config, sample_seed: int) -> dict:
+        """Everything that produced the numbers: data, sampling and each metric's network."""
+        s = cfg.sample
+        return {
+            "metrics": self.metrics, "prompts": cfg.eval.prompts, "data": dataset_key(cfg),
+            "prompt_seed": cfg.eval.seed if cfg.data.source == "shapes" else None, "sample_seed": sample_seed, "steps": s.steps, "guidance": s.guidance,
+            "guidance_mode": s.guidance_mode, "spacing": s.spacing, "shift": s.shift,
+            "resolution": cfg.data.resolution,
+            "networks": {m: self._describe_network(cfg, m) for m in self.networks},
+            "cache_dir": os.path.expanduser(cfg.eval.cache_dir) if self.networks else None,
+        }
+
+    def _describe_network(self, cfg: Config, metric: str) -> dict:
+        net = self.networks[metric]
+        kind, kwargs, _ = _network_spec(cfg, metric)
+        out = {"network": getattr(net, "name", kind),
+               "weights": kwargs.get("weights_path") or kwargs.get("model") or getattr(net, "weights_path", None)}
+        if metric not in _FRECHET:
+            out["sigma"], out["scale"] = _kernel(cfg, metric)
+        return out
+
+
+def _kernel(cfg: Config, metric: str) -> tuple[float, float]:
+    """(sigma, scale) of an MMD metric: CMMD's are part of its definition, DINO-MMD's are knobs."""
+    from .metrics import CMMD_SCALE, CMMD_SIGMA
+
+    return (CMMD_SIGMA, CMMD_SCALE) if metric == "cmmd" else (cfg.eval.dino_mmd_sigma, cfg.eval.dino_mmd_scale)
+
+
+def flat_metrics(values: dict) -> dict[str, float]:
+    """``{"eval/<metric>": number}``, the shapes score's measures as ``eval/shapes/<measure>``: the
+    rows of metrics.jsonl and the TensorBoard tags."""
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            out.update({f"eval/{name}/{k}": v for k, v in value.items()})
+        else:
+            out[f"eval/{name}"] = value
+    return out
+
+
+def describe_metrics(values: dict) -> str:
+    """One line: "shapes score 0.633, fd-effnet 12.4"."""
+    return ", ".join(f"shapes score {v['placed']:.3f}" if k == "shapes" else f"{k} {v:.4g}" for k, v in values.items())
+
+
+def checkpoint_config(checkpoint: str, overrides: list[str] = ()) -> tuple[Config, Path]:
+    """(config, checkpoint dir): the checkpoint's own config with ``overrides`` applied, read without
+    loading any weights, so settings can be checked before the work starts."""
+    from . import checkpoint as ckpt
+    from .config import _merge, config_from_dict, parse_overrides
+
+    path = ckpt.resolve_checkpoint(checkpoint)
+    return config_from_dict(_merge(ckpt.saved_config(path)[0], parse_overrides(list(overrides)))), path
 
 
 def load_for_inference(checkpoint: str, weights: str = "ema", device: str = "auto", overrides: list[str] = ()):
@@ -66,13 +356,11 @@ def load_for_inference(checkpoint: str, weights: str = "ema", device: str = "aut
     (saved on any number of ranks) or an exported model. Sampling defaults come from the
     checkpoint's own config; `overrides` may change them."""
     from . import checkpoint as ckpt
-    from .config import _merge, config_from_dict, parse_overrides
     from .text import TextEncoder
     from .train import model_from_config, resolve_device
 
-    path = ckpt.resolve_checkpoint(checkpoint)
-    saved_cfg, text_dim = ckpt.saved_config(path)
-    cfg = config_from_dict(_merge(saved_cfg, parse_overrides(list(overrides))))
+    cfg, path = checkpoint_config(checkpoint, overrides)
+    text_dim = ckpt.saved_config(path)[1]
     dev = resolve_device(device)
     encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=dev, cache_gib=cfg.text.cache_gib)
     model = model_from_config(cfg, text_dim)

@@ -19,6 +19,10 @@ plus the embedding networks (one ships offline, FID's needs user-supplied weight
 * FID proper: :func:`image_features` with ``load_metric_network("fid-inception", weights_path=...)``
   (``pixelrun/teachers/inception.py``, pytorch-fid's Inception-v3 with its TF-compatibility
   patches, weights brought by the user), then :func:`feature_stats` + :func:`frechet_distance`.
+* CMMD: :class:`CLIPImageEmbedder` (``CLIPVisionModelWithProjection``, by local path or hub id,
+  preprocessed by hand as ``CLIPImageProcessor`` does) + :func:`real_embeddings` + :func:`mmd`.
+* DINO-MMD: :class:`DinoImageEmbedder` (the DINOv2 CLS token, loaded by the REPA / P-DINO
+  teacher loader) + the same MMD.
 
 Input convention (the pitfall RECIPE.md records for PRX): metric networks take **floats in [0, 1]**.
 Reference FID code multiplies its input by 255 internally; feeding it uint8 images makes the
@@ -41,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .teachers.features import TF_LITE_MEAN, TF_LITE_STD
+from .teachers.features import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD
 
 __all__ = [
     "CMMD_SIGMA",
@@ -50,15 +54,23 @@ __all__ = [
     "frechet_distance",
     "mmd",
     "EfficientNetLite0Embedder",
+    "CLIPImageEmbedder",
+    "DinoImageEmbedder",
+    "CLIP_MEAN",
+    "CLIP_STD",
     "load_metric_network",
     "image_features",
     "real_feature_stats",
+    "real_embeddings",
     "stats_cache_path",
 ]
 
 #: CMMD's RBF bandwidth and the factor that makes its numbers human-readable (Jayasumana et al. 2024).
 CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
+#: OpenAI CLIP's input normalisation (``CLIPImageProcessor``'s image_mean / image_std).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +222,140 @@ class EfficientNetLite0Embedder(nn.Module):
         return self.net.features(x, stride=32).mean((2, 3))
 
 
+def resize_short_side_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B, 3, H, W]`` floats in [0, 1] -> ``[B, 3, size, size]``: the shorter side bicubically
+    resized to ``size`` (the longer to ``int(size * long / short)``, transformers' rounding), then
+    the centre ``size`` x ``size`` crop (top / left offsets rounded down), as CLIPImageProcessor does.
+
+    Antialiased, because PIL's bicubic (which the processor uses) filters over the whole source
+    footprint when downscaling; clamped to [0, 1] because the processor's uint8 result cannot
+    overshoot. An image already ``size`` on its shorter side is only cropped."""
+    h, w = images.shape[-2:]
+    short, long = min(h, w), max(h, w)
+    new_h, new_w = (size, int(size * long / short)) if h <= w else (int(size * long / short), size)
+    x = images.float()
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+class _NormalisedEmbedder(nn.Module):
+    """Shared frame of the transformer embedders: frozen, always eval, ``forward`` = resize and crop
+    to ``size``, ``(x - mean) / std``, the subclass's ``_embed``, then L2 normalisation, in fp32."""
+
+    def __init__(self, size: int, mean, std):
+        super().__init__()
+        self.size = int(size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def _freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "_NormalisedEmbedder":
+        return super().train(False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Floats in [0, 1] ``[B, 3, H, W]`` -> the normalised ``[B, 3, size, size]`` network input."""
+        return (resize_short_side_center_crop(images, self.size) - self.mean) / self.std
+
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images``: floats in [0, 1], ``[B, 3, H, W]``. Returns unit-norm ``[B, dim]`` fp32."""
+        return F.normalize(self._embed(self.preprocess(images)).float(), dim=-1)
+
+
+class CLIPImageEmbedder(_NormalisedEmbedder):
+    """CMMD's embedding: CLIP's projected image embedding (``image_embeds`` of transformers'
+    ``CLIPVisionModelWithProjection``), L2-normalised, as google-research/cmmd computes it.
+
+    Preprocessing is CLIPImageProcessor's, done here on tensors: bicubic resize of the shorter side
+    to the model's ``image_size`` (336 for CMMD's ``openai/clip-vit-large-patch14-336``), centre
+    crop, CLIP mean / std. It differs from the processor only in that the processor rounds the
+    resized image to uint8 and in the rounding of PIL's and torch's antialiased bicubic (both use
+    PIL's kernel, ``a = -0.5``): within ~1/255 of a pixel. On an image already at ``image_size``
+    the two agree exactly.
+
+    google-research/cmmd's reference code differs in the resize: it squashes the whole image to
+    ``image_size`` x ``image_size`` with torch's bicubic *without* antialiasing (kernel ``a = -0.75``,
+    no low-pass when downscaling), then normalises. For the square images pixelrun evaluates the
+    crop is the same; the bicubic kernels are not (up to ~0.1 of the [0, 1] range per pixel on noise
+    upscaled 48 -> 336px), so CMMD numbers here can differ slightly from the reference code's.
+
+    Loads from a local folder or a hub id through pixelrun's strict ``from_pretrained``; a full
+    ``CLIPModel`` checkpoint (the hub's ``openai/clip-*``) works too, its text tower is skipped.
+    """
+
+    def __init__(self, model: nn.Module, name: str):
+        config = model.config
+        super().__init__(config.image_size, CLIP_MEAN, CLIP_STD)
+        self.model = model
+        self.dim = int(config.projection_dim)
+        self.name = name
+        self._freeze()
+
+    @classmethod
+    def from_pretrained(cls, spec: str, **hf_kwargs) -> "CLIPImageEmbedder":
+        from transformers import AutoConfig, CLIPVisionModelWithProjection
+
+        from .text import _from_pretrained
+
+        config = AutoConfig.from_pretrained(spec, **hf_kwargs)
+        if config.model_type == "clip":
+            # A full CLIPModel checkpoint keeps projection_dim at the top level; the vision
+            # sub-config would otherwise default to 512 and the projection (768 for ViT-L) mismatch.
+            vision = config.vision_config
+            vision.projection_dim = config.projection_dim
+            config = vision
+        elif config.model_type != "clip_vision_model":
+            raise ValueError(f"{spec!r} has model_type {config.model_type!r}, not a CLIP model")
+        model = _from_pretrained(CLIPVisionModelWithProjection, spec, config=config, dtype=torch.float32,
+                                 **hf_kwargs)
+        return cls(model.float(), name=f"clip-image-embeds-l2-{model.config.image_size}px ({spec})")
+
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).image_embeds
+
+
+class DinoImageEmbedder(_NormalisedEmbedder):
+    """DINO-MMD's embedding: the DINOv2 global embedding, i.e. the CLS token of the final
+    layer-normed sequence (``pooler_output`` of transformers' ``Dinov2Model``), L2-normalised.
+
+    Input: shorter side resized (bicubic, antialiased) to ``size`` = 224, DINOv2's training and
+    evaluation resolution, centre crop (a plain resize for the square images pixelrun evaluates),
+    ImageNet mean / std. Loaded by the REPA / P-DINO teacher loader (``HFDinoTeacher``), which also
+    accepts DINOv2-with-registers (the recipe's DINOv2-L/14-reg) and DINOv3.
+
+    Why L2-normalised: the recipe's DINO-MMD uses "the same MMD" as CMMD, sigma 10, scale 1000,
+    and that bandwidth was chosen for unit-norm CLIP embeddings (squared distances <= 4, far below
+    2 sigma^2 = 200). A raw layer-normed CLS token has a norm of about sqrt(hidden size) times the
+    LayerNorm gains (~28 for ViT-B with unit gains), so squared distances of hundreds would put most
+    pairs in the kernel's flat tail; normalised, the same sigma means the same for both networks. ``eval.dino_mmd_sigma`` / ``eval.dino_mmd_scale`` change them.
+    """
+
+    def __init__(self, teacher: nn.Module, *, size: int = 224, name: str | None = None):
+        super().__init__(size, IMAGENET_MEAN, IMAGENET_STD)
+        self.model = teacher.model
+        self.dim = int(teacher.dim)
+        self.name = name or f"dino-cls-l2-{self.size}px ({teacher.name})"
+        self._freeze()
+
+    @classmethod
+    def from_pretrained(cls, spec: str, *, size: int = 224, **hf_kwargs) -> "DinoImageEmbedder":
+        from .teachers.features import HFDinoTeacher
+
+        teacher = HFDinoTeacher.from_pretrained(spec, compute_dtype=torch.float32, **hf_kwargs)
+        return cls(teacher, size=size, name=f"dino-cls-l2-{size}px ({spec})")
+
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).pooler_output
+
+
 def load_metric_network(spec: str, **kwargs) -> nn.Module:
     """A frozen embedding network for :func:`image_features` by name.
 
@@ -219,7 +365,13 @@ def load_metric_network(spec: str, **kwargs) -> nn.Module:
       ``weights_path=`` pointing at pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (nothing is
       downloaded). The Fréchet distance on it, with real statistics from enough images (FID is
       usually reported at 10k-50k), is FID.
+    * ``"clip"``: :class:`CLIPImageEmbedder` from ``model=`` (a local path or hub id); CMMD's.
+    * ``"dino"``: :class:`DinoImageEmbedder` from ``model=`` (a DINOv2 path or hub id); DINO-MMD's.
     """
+    if spec == "clip":
+        return CLIPImageEmbedder.from_pretrained(kwargs.pop("model"), **kwargs)
+    if spec == "dino":
+        return DinoImageEmbedder.from_pretrained(kwargs.pop("model"), **kwargs)
     if spec == "efficientnet-lite0":
         return EfficientNetLite0Embedder(**kwargs)
     if spec == "fid-inception":
@@ -228,7 +380,8 @@ def load_metric_network(spec: str, **kwargs) -> nn.Module:
         if not kwargs.get("weights_path"):
             raise ValueError("'fid-inception' needs weights_path= (pt_inception-2015-12-05-6726825d.pth)")
         return load_fid_inception(kwargs["weights_path"])
-    raise ValueError(f"unknown metric network {spec!r}; available: 'efficientnet-lite0', 'fid-inception'")
+    raise ValueError(f"unknown metric network {spec!r}; available: 'efficientnet-lite0', 'fid-inception', "
+                     f"'clip', 'dino'")
 
 
 def _to_float01_nchw(images) -> torch.Tensor:
@@ -256,20 +409,25 @@ def _to_float01_nchw(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def image_features(network: nn.Module, images, batch: int = 64) -> np.ndarray:
+def image_features(network: nn.Module, images, batch: int = 64, progress=None) -> np.ndarray:
     """Global embeddings ``[N, D]`` (float64 numpy) of ``images`` under ``network``.
 
     ``images``: uint8 (``[N, H, W, 3]`` numpy or ``[N, 3, H, W]`` tensor; divided by 255 here) or
     floats already in [0, 1]. The network always receives floats in [0, 1] — never uint8, which a
     metric that multiplies by 255 would wrap (RECIPE.md's PRX pitfall) — and does its own resize
-    and normalisation. Runs in fp32 on the network's device, ``batch`` images at a time.
+    and normalisation. Runs in fp32 on the network's device, ``batch`` images at a time;
+    ``progress`` (a tqdm bar, optional) advances by the images done.
     """
     x = _to_float01_nchw(images)
     try:
         device = next(network.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    out = [network(x[i:i + batch].to(device)).float().cpu() for i in range(0, x.shape[0], batch)]
+    out = []
+    for i in range(0, x.shape[0], batch):
+        out.append(network(x[i:i + batch].to(device)).float().cpu())
+        if progress is not None:
+            progress.update(out[-1].shape[0])
     return torch.cat(out).double().numpy()
 
 
@@ -287,8 +445,34 @@ def stats_cache_path(cache_dir: str, dataset: str, resolution: int, n: int, netw
     return os.path.join(cache_dir, f"{slug}-{digest}.npz")
 
 
+def _cached(path: str, key: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
+    """The arrays stored at ``path`` if the file's stored ``key`` equals ``key``; otherwise
+    ``compute()``'s, written atomically (temporary file + rename) with the key beside them."""
+    if os.path.exists(path):
+        with np.load(path) as f:
+            if "key" in f and str(f["key"]) == key:
+                return {k: f[k] for k in f.files if k != "key"}
+    arrays = compute()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, key=np.array(key), **arrays)
+    os.replace(tmp, path)
+    return arrays
+
+
+def _real_features(network: nn.Module, images: Callable[[], object], n: int, batch: int, progress) -> np.ndarray:
+    imgs = images()
+    if len(imgs) != n:
+        raise ValueError(f"asked for n={n} real images, the provider returned {len(imgs)}")
+    return image_features(network, imgs, batch=batch, progress=progress)
+
+
+def _network_name(network: nn.Module) -> str:
+    return str(getattr(network, "name", type(network).__name__))
+
+
 def real_feature_stats(cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module,
-                       images: Callable[[], object], *, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                       images: Callable[[], object], *, batch: int = 64, progress=None) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, sigma)`` of ``network``'s features of ``n`` real images, from the cache if present.
 
     The cache key is (dataset, resolution, n, ``network.name``), stored inside the file and checked
@@ -296,19 +480,24 @@ def real_feature_stats(cache_dir: str, dataset: str, resolution: int, n: int, ne
     only on a cache miss and must return exactly ``n`` images (uint8 or floats in [0, 1], see
     :func:`image_features`). Writes are atomic (temporary file + rename).
     """
-    name = str(getattr(network, "name", type(network).__name__))
-    path = stats_cache_path(cache_dir, dataset, resolution, n, name)
-    key = np.array(json.dumps([str(dataset), int(resolution), int(n), name]))
-    if os.path.exists(path):
-        with np.load(path) as f:
-            if "key" in f and str(f["key"]) == str(key):
-                return f["mu"], f["sigma"]
-    imgs = images()
-    if len(imgs) != n:
-        raise ValueError(f"real_feature_stats: asked for n={n} images, the provider returned {len(imgs)}")
-    mu, sigma = feature_stats(image_features(network, imgs, batch=batch))
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, key=key)
-    os.replace(tmp, path)
-    return mu, sigma
+    name = _network_name(network)
+    key = json.dumps([str(dataset), int(resolution), int(n), name])
+
+    def compute():
+        mu, sigma = feature_stats(_real_features(network, images, n, batch, progress))
+        return {"mu": mu, "sigma": sigma}
+
+    arrays = _cached(stats_cache_path(cache_dir, dataset, resolution, n, name), key, compute)
+    return arrays["mu"], arrays["sigma"]
+
+
+def real_embeddings(cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module,
+                    images: Callable[[], object], *, batch: int = 64, progress=None) -> np.ndarray:
+    """``network``'s ``[n, D]`` embeddings of ``n`` real images (what an MMD needs: it has no
+    sufficient statistics), cached like :func:`real_feature_stats` under the network name plus
+    ``"-embeddings"`` so they never share a file with statistics of the same network."""
+    name = f"{_network_name(network)}-embeddings"
+    key = json.dumps([str(dataset), int(resolution), int(n), name])
+    arrays = _cached(stats_cache_path(cache_dir, dataset, resolution, n, name), key,
+                     lambda: {"embeddings": _real_features(network, images, n, batch, progress)})
+    return arrays["embeddings"]

@@ -59,11 +59,12 @@ def _hidden_size(config) -> int:
 
 
 def _from_pretrained(cls, path: str, **kw):
-    """from_pretrained that fails on missing encoder weights instead of random-initialising them.
+    """from_pretrained that fails on missing weights instead of random-initialising them (text
+    encoders here, CLIP's image tower in pixelrun/metrics.py).
 
-    transformers only warns about missing keys, and its report also lists the decoder weights
-    we skip on purpose, so we silence it and check what matters ourselves. Pooler weights
-    are exempt: many checkpoints lack them and we never use the pooled output.
+    transformers only warns about missing keys, and its report also lists the weights we skip on
+    purpose (a decoder, CLIP's text tower), so we silence it and check what matters ourselves.
+    Pooler weights are exempt: many checkpoints lack them and we never use the pooled output.
     """
     from transformers.utils import logging as hf_logging
 
@@ -75,7 +76,7 @@ def _from_pretrained(cls, path: str, **kw):
         hf_logging.set_verbosity(level)
     missing = sorted(k for k in info["missing_keys"] if "pooler" not in k)
     if missing:
-        raise RuntimeError(f"text encoder checkpoint {path!r} lacks {len(missing)} weights, e.g. {missing[:3]}")
+        raise RuntimeError(f"checkpoint {path!r} ({cls.__name__}) lacks {len(missing)} weights, e.g. {missing[:3]}")
     return model
 
 

@@ -61,6 +61,13 @@ def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1):
         from .data.emoji import EmojiBatchSource
 
         return EmojiBatchSource(cfg.seed, cfg.train.batch_size, sizes, rank, world_size)
+    if cfg.data.source == "shards":
+        from .data.shards import ShardBatchSource
+        from .text import encoder_fingerprint
+
+        return ShardBatchSource(cfg.data.path, cfg.train.batch_size, sizes, cfg.seed, rank, world_size,
+                                workers=cfg.data.workers, captions=cfg.data.captions,
+                                text_encoder=(encoder_fingerprint(cfg.text.encoder), cfg.text.max_tokens))
     from .data.folder import FolderBatchSource, ImageFolder
 
     return FolderBatchSource(ImageFolder(cfg.data.path), cfg.train.batch_size, sizes, cfg.seed, rank, world_size,
@@ -396,6 +403,12 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
     splits = [batch_split(c, ctx.world_size) for _, _, c in plan]  # config errors before any work
     device, main = ctx.device, ctx.is_main
     say = tqdm.write if main else (lambda *a, **k: None)
+    from .evaluate import Evaluator, applicable_metrics, describe_metrics, flat_metrics
+
+    # The metric networks load here, so a missing one stops the run before any training. Every rank
+    # samples during an evaluation; only rank 0 loads networks and computes the metrics.
+    eval_metrics = applicable_metrics(cfg) if cfg.eval.prompts else []
+    evaluator = Evaluator(cfg, eval_metrics, device, compute=main, progress=main) if eval_metrics else None
     run_dir = Path(cfg.run.dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -450,19 +463,25 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
                                     cfg.train.keep_checkpoints, ctx)
 
     def run_eval(at_step: int, c: Config) -> dict | None:
-        """Shapes score of the EMA weights, logged to metrics.jsonl and TensorBoard (every rank
-        samples: a sharded model's forward is collective)."""
-        if c.data.source != "shapes" or not c.eval.prompts:
+        """eval.metrics of the EMA weights on the fixed held-out captions and seeds, logged to
+        metrics.jsonl and TensorBoard as eval/<metric>; the settings go to eval/settings.json when
+        they change (a new stage). Every rank samples: a sharded model's forward is collective."""
+        if evaluator is None:
             return None
-        from .evaluate import shapes_eval
-
-        result = shapes_eval(ema.model, encoder, c, device, n=c.eval.prompts, seed=c.eval.seed)
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": at_step, **{f"eval/{k}": v for k, v in result["score"].items()}}) + "\n")
-            for k, v in result["score"].items():
-                writer.add_scalar(f"eval/{k}", v, at_step)
-        say(f"step {at_step}: shapes score {result['score']['placed']:.3f} (EMA, {c.eval.prompts} prompts)")
+        result = evaluator(ema.model, encoder, c, sample_seed=c.sample.seed)
+        if not main:
+            return None
+        row = flat_metrics(result["metrics"])
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": at_step, **row}) + "\n")
+        for k, v in row.items():
+            writer.add_scalar(k, v, at_step)
+        settings_path = run_dir / "eval" / "settings.json"
+        settings = json.dumps(result["settings"], indent=2)
+        if not settings_path.exists() or settings_path.read_text() != settings:
+            settings_path.parent.mkdir(exist_ok=True)
+            settings_path.write_text(settings)
+        say(f"step {at_step}: {describe_metrics(result['metrics'])} (EMA, {c.eval.prompts} prompts)")
         return result
 
     def grid(c: Config, name: str) -> Path:
@@ -481,6 +500,8 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
             source = make_batch_source(scfg, ctx.rank, ctx.world_size)
             _restore_position(source, scfg, meta, stage_index, step - s0, accum, ctx, say)
             grid_prompts = _grid_prompts(scfg, source)
+            if getattr(source, "text_note", None):  # shards: whether their stored caption embeddings are used
+                say(source.text_note)
             if len(plan) > 1:
                 say(f"stage {stage_index + 1}/{len(plan)} {cfg.stages[stage_index].name!r}: steps {s0}..{s1}, "
                     f"{scfg.data.resolution}px, global batch {global_batch}")
@@ -493,7 +514,8 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
                 terms: dict[str, torch.Tensor] = {}  # kept on the device: no host sync until logged
                 for m in range(accum):
                     batch = next(source)
-                    text, text_mask = (a.to(device) for a in encoder.encode(batch.captions))
+                    stored = (batch.text, batch.text_mask) if batch.text is not None else None
+                    text, text_mask = (a.to(device) for a in stored or encoder.encode(batch.captions))
                     first = (m * ctx.world_size + ctx.rank) * micro
                     noise = draw_noise(scfg, step, list(range(first, first + micro)), tuple(batch.images.shape[1:]),
                                        model.cfg.patch_size, device)
@@ -562,17 +584,21 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
     summary = {"step": step, "checkpoint": str(last), "samples": str(final_grid.parent), "train_seconds": elapsed,
                "steps_this_session": step - start_step}
     result = run_eval(step, scfg)
-    if result is not None:
-        if main:
-            (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-        summary["score"] = result["score"]
+    if result is not None:  # rank 0 only
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        summary["eval"] = result["metrics"]
+        if "score" in result:
+            summary["score"] = result["score"]
     skipped = sum(ctx.gather_objects(getattr(source, "skipped", 0)))
     summary["skipped_images"] = skipped
     if main:
         writer.close()
         score = summary.get("score")
+        others = {k: v for k, v in summary.get("eval", {}).items() if k != "shapes"}
         score_text = (f"; shapes score {score['placed']:.3f} (EMA, {cfg.eval.prompts} prompts, exact set "
                       f"{score['exact_set']:.3f}, eval.json in the run)") if score else ""
+        if others:
+            score_text += f"; {describe_metrics(others)} (EMA, {cfg.eval.prompts} prompts, eval.json in the run)"
         skipped_text = f"; skipped {skipped} unreadable images (first: {source.skipped_paths[0]})" if skipped else ""
         print(f"done: {step} steps ({_format_duration(elapsed)} this session); checkpoint {last}; "
               f"samples {final_grid.parent}/{score_text}{skipped_text}", flush=True)
@@ -624,7 +650,7 @@ def _should_stop(ctx: DistContext, stop: StopFlag, stop_at_step, step: int, t0: 
 
 def _grid_prompts(cfg: Config, source) -> list[str]:
     """Fixed prompts for the sample grids: fresh shapes captions, held-out emoji captions, or the
-    first captions of a folder."""
+    first captions of a folder or of the shards."""
     if cfg.data.source == "shapes":
         from .data.shapes import fixed_prompts
 
@@ -633,6 +659,8 @@ def _grid_prompts(cfg: Config, source) -> list[str]:
         from .data.emoji import fixed_prompts
 
         return fixed_prompts(cfg.sample.grid_prompts)
+    if cfg.data.source == "shards":
+        return source.preview_captions(cfg.sample.grid_prompts)
     return list(source.folder.captions[: cfg.sample.grid_prompts])
 
 

@@ -10,6 +10,10 @@ import torch
 class Batch:
     images: torch.Tensor  # float32 [B, 3, H, W] in [-1, 1]; one size per batch (one bucket)
     captions: list[str]
+    # Caption embeddings read with the images (shards converted with a text encoder; see
+    # pixelrun/data/shards.py): float32 [B, T, D] and bool [B, T]. None = encode the captions.
+    text: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
 
 
 class CountedBatchSource:

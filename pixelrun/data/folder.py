@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from . import Batch
-from .buckets import nearest_bucket, resize_to_bucket, to_tensor
+from .buckets import nearest_bucket, resize_to_bucket, stack_images, to_array
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -34,9 +35,10 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def read_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+def read_size(path: str | os.PathLike | IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
     """(height, width) as displayed (EXIF rotation applied) from the header alone, or None if the
-    file is not a readable image or exceeds `max_pixels`. Cheap: PIL's open parses headers only."""
+    file is not a readable image or exceeds `max_pixels`. Cheap: PIL's open parses headers only.
+    `path` may also be a binary file object (a shard member's bytes in a BytesIO)."""
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -65,9 +67,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # RGB (copy), L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+def load_rgb(path: str | os.PathLike | IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS,
              target: tuple[int, int] | None = None) -> Image.Image | None:
-    """Decode `path` into an upright 8-bit RGB image, or None if it cannot be used.
+    """Decode `path` (a file, or a binary file object) into an upright 8-bit RGB image, or None if
+    it cannot be used.
 
     None (never an exception) for non-images, truncated or corrupt files, and images above
     `max_pixels`. PIL's own decompression-bomb guard stays on: its DecompressionBombError (and its
@@ -280,14 +283,14 @@ class FolderBatchSource:
                     self._ready.pop(0)
                     if len(self._fill[k]) >= B:  # it overfilled while waiting in the queue
                         self._ready.append(k)
-                    return Batch(torch.stack(images), [self.folder.captions[i] for i in idx])
+                    return Batch(stack_images(images), [self.folder.captions[i] for i in idx])
                 # Some failed: drop them and keep this bucket at the head until refilled.
                 self._fill[k] = [i for i in self._fill[k] if i not in self._bad]
             self._draw()
 
-    def _decode(self, i: int, h: int, w: int) -> torch.Tensor | None:
+    def _decode(self, i: int, h: int, w: int) -> np.ndarray | None:
         im = self.folder.load(i, target=(h, w))
-        return None if im is None else to_tensor(resize_to_bucket(im, h, w))
+        return None if im is None else to_array(resize_to_bucket(im, h, w))
 
     def state_dict(self) -> dict:
         """Position only (plain ints and lists): epoch, cursor, waiting indices per bucket, the
