@@ -22,7 +22,7 @@ model = model_from_config(cfg, 2304).to(dev)
 compile_blocks(model)
 opt, _ = make_optimizer(model, cfg)
 params = [p for g in opt.param_groups for p in g["params"]]
-batch = Batch(torch.rand(b, 3, res, res, device=dev) * 2 - 1, [""] * b)
+batch = Batch(torch.randint(0, 256, (b, 3, res, res), dtype=torch.uint8, device=dev), [""] * b)
 text = torch.randn(b, 256, 2304, device=dev)
 mask = torch.ones(b, 256, dtype=torch.bool, device=dev)
 

@@ -54,7 +54,7 @@ def device_name(device: torch.device) -> str:
 
 def random_inputs(b: int, res: int, text_tokens: int, text_dim: int, device) -> tuple[Batch, torch.Tensor, torch.Tensor]:
     """A batch of random square images with random text embeddings (all tokens real)."""
-    batch = Batch(torch.rand(b, 3, res, res, device=device) * 2 - 1, [""] * b)
+    batch = Batch(torch.randint(0, 256, (b, 3, res, res), dtype=torch.uint8, device=device), [""] * b)
     text = torch.randn(b, text_tokens, text_dim, device=device)
     return batch, text, torch.ones(b, text_tokens, dtype=torch.bool, device=device)
 

@@ -173,7 +173,7 @@ def real_images_and_prompts(cfg: Config, n: int) -> tuple[np.ndarray, list[str]]
             raise ConfigError("eval.prompts", f"the emoji data holds out {len(data)} images, {n} asked for "
                                               f"(pixelrun eval: --samples)")
         items = [data.item(i, res, res) for i in range(n)]
-        return to_uint8(torch.stack([im for im, _ in items])), [c for _, c in items]
+        return torch.stack([im for im, _ in items]).permute(0, 2, 3, 1).numpy(), [c for _, c in items]
     if cfg.data.source == "folder":
         return _first_folder_items(cfg.data.path, n, res)
     from .train import make_batch_source
@@ -204,7 +204,7 @@ def draw_real_images(source, n: int) -> tuple[np.ndarray, list[str]]:
     images, captions = [], []
     while len(captions) < n:
         batch = next(source)
-        images.append(to_uint8(batch.images))
+        images.append(batch.images.permute(0, 2, 3, 1).numpy())
         captions += batch.captions
     return np.concatenate(images)[:n], captions[:n]
 

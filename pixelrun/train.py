@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .distributed import DistContext, clip_gradients, init_distributed, local, set_gradient_sync, shard, shutdown
 from .config import (Config, batch_split, check_paths, image_sizes, model_fields, repa_block, routing_span,
                      stage_plan, to_dict, to_yaml)
-from .data import Batch
+from .data import Batch, to_model_range
 from .model import PRXDenoiser, Routing, build_model, compile_blocks, count_parameters, gather_tokens
 from .objective import add_noise, sample_times, velocity_loss
 from .routing import random_routing
@@ -214,7 +214,7 @@ def training_step(model, batch: Batch, text, text_mask, null_text, null_mask, no
                   device, aux: Auxiliary | None = None) -> StepResult:
     """Every loss term of a step is computed here, by name, and summed with its weight."""
     o = cfg.objective
-    x = batch.images.to(device, non_blocking=True)
+    x = to_model_range(batch.images.to(device, non_blocking=True))
     # Caption dropout: the empty prompt's embedding, so classic CFG works at sampling time.
     text = torch.where(noise.drop[:, None, None], null_text, text)
     text_mask = torch.where(noise.drop[:, None], null_mask, text_mask)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelrun.data import Batch
+from pixelrun.data import Batch, to_model_range
 from pixelrun.data.buckets import aspect_buckets, nearest_bucket, resize_to_bucket, to_tensor
 from pixelrun.data.folder import FolderBatchSource, ImageFolder, load_rgb, read_size
 
@@ -47,8 +47,11 @@ def test_nearest_bucket_and_resize():
     m = np.asarray(out, np.float32)[4:-4, 4:-4].mean((0, 1))
     assert m[1] > 240 and m[0] < 15 and m[2] < 15
     t = to_tensor(Image.new("RGB", (5, 3), (255, 0, 128)))
-    assert t.shape == (3, 3, 5) and t.dtype == torch.float32
-    assert t[0].eq(1).all() and t[1].eq(-1).all() and abs(t[2, 0, 0] - (128 / 127.5 - 1)) < 1e-6
+    assert t.shape == (3, 3, 5) and t.dtype == torch.uint8
+    assert t[0].eq(255).all() and t[1].eq(0).all() and t[2].eq(128).all()
+    x = to_model_range(t)  # the training step's conversion: 255 -> 1, 0 -> -1, 128 -> 128/127.5 - 1
+    assert x.dtype == torch.float32 and x[0].eq(1).all() and x[1].eq(-1).all()
+    assert abs(x[2, 0, 0].item() - (128 / 127.5 - 1)) < 1e-7
 
 
 # ---------------------------------------------------------------- loading
@@ -183,7 +186,7 @@ def test_batches_respect_buckets_and_skip_broken(tmp_path):
     for _ in range(12):
         b = next(src)
         assert isinstance(b, Batch) and b.images.shape[0] == 3 == len(b.captions)
-        assert b.images.dtype == torch.float32 and -1 <= b.images.min() and b.images.max() <= 1
+        assert b.images.dtype == torch.uint8
         kinds = {c.split()[0] for c in b.captions}
         h, w = b.images.shape[-2:]
         expected = "tall" if h > w else "wide" if w > h else "square"

@@ -42,10 +42,10 @@ def test_items_are_deterministic_on_white():
     a, cap_a = ds.item(5, 32, 32)
     b, cap_b = EmojiDataset("train").item(5, 32, 32)
     assert torch.equal(a, b) and cap_a == cap_b
-    assert a.shape == (3, 32, 32) and a.dtype == torch.float32 and -1 <= a.min() and a.max() <= 1
-    assert torch.all(a[:, 0, 0] == 1.0)  # a transparent corner is composited onto white
+    assert a.shape == (3, 32, 32) and a.dtype == torch.uint8
+    assert torch.all(a[:, 0, 0] == 255)  # a transparent corner is composited onto white
     wide, _ = ds.item(5, 32, 64)  # square emoji centred on white in a wide bucket
-    assert wide.shape == (3, 32, 64) and torch.all(wide[:, :, :16] == 1.0) and torch.equal(wide[:, :, 16:48], a)
+    assert wide.shape == (3, 32, 64) and torch.all(wide[:, :, :16] == 255) and torch.equal(wide[:, :, 16:48], a)
     assert fixed_prompts(4) == fixed_prompts(4) == EmojiDataset("eval").captions[:4]
 
 

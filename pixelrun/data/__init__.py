@@ -8,12 +8,21 @@ import torch
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # float32 [B, 3, H, W] in [-1, 1]; one size per batch (one bucket)
+    images: torch.Tensor  # uint8 [B, 3, H, W]; one size per batch (one bucket); see to_model_range
     captions: list[str]
     # Caption embeddings read with the images (shards converted with a text encoder; see
     # pixelrun/data/shards.py): float32 [B, T, D] and bool [B, T]. None = encode the captions.
     text: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """`Batch.images` (uint8) -> float32 in [-1, 1], the model's pixel range (RECIPE.md).
+
+    Loaders hand over bytes and the training step converts after the copy to the device: a quarter
+    of the bytes cross the bus, and on a GPU the conversion costs nothing, while on the loader's
+    CPU it took half of the time of a 512 px batch (allocating and filling the float batch)."""
+    return images.float().div_(127.5).sub_(1.0)
 
 
 class CountedBatchSource:

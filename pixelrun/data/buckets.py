@@ -75,20 +75,17 @@ def resize_to_bucket(img: Image.Image, h: int, w: int) -> Image.Image:
                       reducing_gap=3.0)
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL image -> float32 [3, H, W] in [-1, 1] (the model's pixel range; see RECIPE.md)."""
-    arr = np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy, owned by the tensor
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
 def to_array(img: Image.Image) -> np.ndarray:
-    """PIL image -> uint8 [H, W, 3]; loaders keep images as bytes until the whole batch is ready."""
+    """PIL image -> uint8 [H, W, 3]."""
     return np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
 
 
+def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
+    """PIL image or uint8 [H, W, 3] array -> uint8 [3, H, W], the layout of `Batch.images`."""
+    arr = to_array(img) if isinstance(img, Image.Image) else img
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy the tensor owns
+
+
 def stack_images(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 [H, W, 3] arrays of one size -> float32 [B, 3, H, W] in [-1, 1], converted once for the
-    batch: a float tensor per image followed by `torch.stack` moved every pixel through memory as
-    a float twice, which took half of a 512 px loader's time on one core."""
-    u8 = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    return torch.empty(u8.shape, dtype=torch.float32).copy_(u8).div_(127.5).sub_(1.0)
+    """uint8 [H, W, 3] arrays of one size -> one uint8 [B, 3, H, W] batch."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()

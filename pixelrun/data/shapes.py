@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pixelrun.data import CountedBatchSource
+from pixelrun.data.buckets import to_tensor
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -173,11 +174,6 @@ def render(scene: SceneSpec, height: int, width: int) -> np.ndarray:
         cov = np.where(ok[..., None], cov, np.round(cov))
         img[y0:y1, x0:x1] = cov * colour + (1 - cov) * under
     return np.round(img).astype(np.uint8)
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1], the pixel-space model's input range."""
-    return torch.from_numpy(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 class ShapesDataset:
