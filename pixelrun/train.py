@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .distributed import DistContext, clip_gradients, init_distributed, local, set_gradient_sync, shard, shutdown
 from .config import (Config, batch_split, check_paths, image_sizes, model_fields, repa_block, routing_span,
                      stage_plan, to_dict, to_yaml)
-from .data import Batch, to_model_range
+from .data import Batch, Prefetcher, to_model_range
 from .model import PRXDenoiser, Routing, build_model, compile_blocks, count_parameters, gather_tokens
 from .objective import add_noise, sample_times, velocity_loss
 from .routing import random_routing
@@ -498,6 +498,8 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
                 continue
             global_batch, micro, accum = splits[stage_index]
             source = make_batch_source(scfg, ctx.rank, ctx.world_size)
+            if scfg.data.prefetch:
+                source = Prefetcher(source)
             _restore_position(source, scfg, meta, stage_index, step - s0, accum, ctx, say)
             grid_prompts = _grid_prompts(scfg, source)
             if getattr(source, "text_note", None):  # shards: whether their stored caption embeddings are used
@@ -562,6 +564,8 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
                 if why is not None:
                     stopped = why
                     break
+            if isinstance(source, Prefetcher):
+                source.close()  # the batch in flight is not needed: its position is not saved
             if stopped is not None:
                 break
 
@@ -589,7 +593,10 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
         summary["eval"] = result["metrics"]
         if "score" in result:
             summary["score"] = result["score"]
-    skipped = sum(ctx.gather_objects(getattr(source, "skipped", 0)))
+    # Every rank's count and first skipped item: rank 0 may have skipped nothing itself.
+    counts = ctx.gather_objects((getattr(source, "skipped", 0), (getattr(source, "skipped_paths", None) or [None])[0]))
+    skipped = sum(n for n, _ in counts)
+    first_skipped = next((p for _, p in counts if p), None)
     summary["skipped_images"] = skipped
     if main:
         writer.close()
@@ -599,7 +606,7 @@ def _train(cfg: Config, ctx: DistContext, stop_at_step: int | None) -> dict:
                       f"{score['exact_set']:.3f}, eval.json in the run)") if score else ""
         if others:
             score_text += f"; {describe_metrics(others)} (EMA, {cfg.eval.prompts} prompts, eval.json in the run)"
-        skipped_text = f"; skipped {skipped} unreadable images (first: {source.skipped_paths[0]})" if skipped else ""
+        skipped_text = f"; skipped {skipped} unreadable images (first: {first_skipped})" if skipped else ""
         print(f"done: {step} steps ({_format_duration(elapsed)} this session); checkpoint {last}; "
               f"samples {final_grid.parent}/{score_text}{skipped_text}", flush=True)
     return summary

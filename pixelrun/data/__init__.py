@@ -1,6 +1,7 @@
 """Data sources. Every source yields `Batch` objects and can save / restore its position."""
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -47,3 +48,53 @@ class CountedBatchSource:
 
     def load_state_dict(self, state: dict) -> None:
         self.next_batch = int(state["next_batch"])
+
+
+class Prefetcher:
+    """Builds the next batch of `source` in a background thread while the caller trains on the
+    current one (`data.prefetch`), so decoding overlaps the step instead of adding to it.
+
+    The source is still driven strictly in order, one batch at a time, so the batches are exactly
+    those of the source alone. `state_dict` is the position after the last batch handed out (a
+    snapshot taken before the next one is started), not the source's own position one batch ahead:
+    a checkpoint resumes with the batch the caller has not seen yet. Anything else (`skipped`,
+    `preview_captions`, ...) is the source's.
+    """
+
+    def __init__(self, source):
+        self.source = source
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pixelrun-prefetch")
+        self._pending: Future | None = None
+        self._state: dict | None = None
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = self._pending.result() if self._pending is not None else next(self.source)
+        self._state = self.source.state_dict()
+        self._pending = self._pool.submit(next, self.source)
+        return batch
+
+    def state_dict(self) -> dict:
+        return self._state if self._state is not None else self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._drain()
+        self.source.load_state_dict(state)
+        self._state = None
+
+    def close(self) -> None:
+        """Wait for the batch in flight (it is dropped) and stop the thread; the position stays."""
+        self._drain()
+        self._pool.shutdown()
+
+    def _drain(self) -> None:
+        if self._pending is not None:
+            self._pending.exception()  # waits; an error there belongs to a batch nobody will use
+            self._pending = None
+
+    def __getattr__(self, name: str):
+        if name == "source":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.source, name)

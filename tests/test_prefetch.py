@@ -1,0 +1,84 @@
+"""The prefetching wrapper: the same batches as the source alone, a position that excludes the batch
+in flight, the work done in its own thread, and errors surfacing where the batch is asked for."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelrun.data import Batch, Prefetcher
+from pixelrun.data.buckets import aspect_buckets
+from pixelrun.data.folder import FolderBatchSource, ImageFolder
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(23):
+        h, w = [(40, 40), (24, 48), (48, 24)][i % 3]
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+        (tmp_path / f"{i:02d}.txt").write_text(f"item {i}")
+    (tmp_path / "99.png").write_bytes(b"not an image")  # skipped and counted, in either thread
+    (tmp_path / "99.txt").write_text("broken")
+    return ImageFolder(tmp_path)
+
+
+def _source(folder):
+    return FolderBatchSource(folder, 4, aspect_buckets(32, 8), seed=3)
+
+
+def _same(a: Batch, b: Batch) -> bool:
+    return a.captions == b.captions and torch.equal(a.images, b.images)
+
+
+def test_same_batches_and_a_position_without_the_batch_in_flight(folder):
+    plain, ahead = _source(folder), Prefetcher(_source(folder))
+    states = []
+    for _ in range(9):  # more than one epoch
+        assert _same(next(plain), next(ahead))
+        states.append(plain.state_dict())
+        assert ahead.state_dict() == states[-1]
+    assert ahead.skipped == plain.skipped == 1  # attributes come from the source
+    resumed = Prefetcher(_source(folder))
+    resumed.load_state_dict(states[4])
+    replay = _source(folder)
+    replay.load_state_dict(states[4])
+    for _ in range(5):
+        assert _same(next(replay), next(resumed))
+    resumed.close()
+    assert resumed.state_dict() == replay.state_dict()  # closing drops the batch in flight, not the position
+
+
+class _Recorder:
+    """Batch k is built on the thread recorded in `threads[k]`; batch `fail_at` raises."""
+
+    def __init__(self, fail_at=None):
+        self.k, self.threads, self.fail_at = 0, [], fail_at
+
+    def __next__(self):
+        self.threads.append(threading.current_thread().name)
+        self.k += 1
+        if self.k == self.fail_at:
+            raise RuntimeError(f"batch {self.k} failed")
+        return Batch(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), [str(self.k)])
+
+    def state_dict(self):
+        return {"k": self.k}
+
+
+def test_the_next_batch_is_built_in_the_background():
+    src = _Recorder()
+    ahead = Prefetcher(src)
+    assert next(ahead).captions == ["1"] and next(ahead).captions == ["2"]
+    ahead.close()
+    assert src.threads[0] == threading.current_thread().name
+    assert all(t.startswith("pixelrun-prefetch") for t in src.threads[1:]) and len(src.threads) == 3
+    assert ahead.state_dict() == {"k": 2}
+
+
+def test_an_error_surfaces_when_its_batch_is_asked_for():
+    ahead = Prefetcher(_Recorder(fail_at=3))
+    next(ahead), next(ahead)  # batch 3 fails in the background meanwhile
+    with pytest.raises(RuntimeError, match="batch 3 failed"):
+        next(ahead)
