@@ -184,7 +184,20 @@ def _as_2d_float64(a, what: str) -> np.ndarray:
 # the efficientnet-lite0 embedding network
 
 
-class EfficientNetLite0Embedder(nn.Module):
+class _FrozenEmbedder(nn.Module):
+    """A metric network: no gradients, and always in eval mode (a `.train()` from an enclosing module
+    must not switch BatchNorm or dropout back on)."""
+
+    def _freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "_FrozenEmbedder":
+        return super().train(False)
+
+
+class EfficientNetLite0Embedder(_FrozenEmbedder):
     """Global image embedding of the offline EfficientNet-Lite0 ImageNet classifier: images as
     floats in [0, 1] ``[B, 3, H, W]`` -> bilinear (antialiased) resize to ``size`` x ``size``
     (224, its ImageNet resolution) -> TF-Lite normalisation ``(x - 127/255) / (128/255)`` (the
@@ -205,12 +218,7 @@ class EfficientNetLite0Embedder(nn.Module):
         self.size = int(size)
         self.name = f"efficientnet-lite0-gap{self.dim}-{self.size}px"
         self.weights_path = path
-        for p in self.parameters():
-            p.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> "EfficientNetLite0Embedder":
-        return super().train(False)
+        self._freeze()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images``: floats in [0, 1], ``[B, 3, H, W]``. Returns ``[B, 1280]`` fp32."""
@@ -240,7 +248,7 @@ def resize_short_side_center_crop(images: torch.Tensor, size: int) -> torch.Tens
     return x[..., top:top + size, left:left + size]
 
 
-class _NormalisedEmbedder(nn.Module):
+class _NormalisedEmbedder(_FrozenEmbedder):
     """Shared frame of the transformer embedders: frozen, always eval, ``forward`` = resize and crop
     to ``size``, ``(x - mean) / std``, the subclass's ``_embed``, then L2 normalisation, in fp32."""
 
@@ -249,14 +257,6 @@ class _NormalisedEmbedder(nn.Module):
         self.size = int(size)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    def _freeze(self) -> None:
-        for p in self.parameters():
-            p.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> "_NormalisedEmbedder":
-        return super().train(False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Floats in [0, 1] ``[B, 3, H, W]`` -> the normalised ``[B, 3, size, size]`` network input."""

@@ -76,9 +76,10 @@ def runs(tmp_path_factory, tiny_encoder_dir):
     enc = tiny_encoder_dir
     r = {k: root / k for k in ("one_x8", "one_x4x2", "two_x4", "two_then_two", "two_then_one", "one_then_two",
                                "muon_one_x8", "muon_two_x4", "hsdp_two_x4")}
-    train(load_config(None, _over(r["one_x8"], enc, 4, 8)))
+    with_eval = {"eval.prompts": 4}  # the shapes score at the end: sampling a sharded model is collective
+    train(load_config(None, _over(r["one_x8"], enc, 4, 8, **with_eval)))
     train(load_config(None, _over(r["one_x4x2"], enc, 4, 4)))
-    r["two_x4_log"] = torchrun(2, _over(r["two_x4"], enc, 4, 4)).stdout
+    r["two_x4_log"] = torchrun(2, _over(r["two_x4"], enc, 4, 4, **with_eval)).stdout
     torchrun(2, _over(r["two_then_two"], enc, 2, 4))
     shutil.copytree(r["two_then_two"], r["two_then_one"])
     torchrun(2, _over(r["two_then_two"], enc, 4, 4))  # resumes on 2 ranks
@@ -99,6 +100,14 @@ def test_accumulation_equals_the_large_batch(runs):
 def test_two_ranks_equal_one(runs):
     assert "2 rank(s) x micro-batch 4 x 1 accumulation step(s)" in runs["two_x4_log"]
     _same_run(runs["one_x8"], runs["two_x4"])
+
+
+def test_evaluation_on_two_ranks_equals_one(runs):
+    """Both ranks sample the sharded EMA model together; rank 0 scores and writes eval.json."""
+    one, two = (json.loads((Path(runs[k]) / "eval.json").read_text()) for k in ("one_x8", "two_x4"))
+    assert one["settings"] == two["settings"] and one["settings"]["prompts"] == 4
+    assert one["metrics"]["shapes"] == two["metrics"]["shapes"]
+    assert "shapes score" in runs["two_x4_log"]
 
 
 def test_checkpoints_move_between_rank_counts(runs):

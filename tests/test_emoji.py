@@ -1,9 +1,7 @@
 """The built-in Twemoji dataset (data.source=emoji): the real files, captions, sharding, resume, a tiny run."""
 import json
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -1,6 +1,5 @@
 """The spine end to end on a tiny model: learning, exact resume, clean stops, atomic checkpoints, the CLI."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -8,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from . import Batch
-from .buckets import nearest_bucket, resize_to_bucket, stack_images, to_array
+from .batching import BucketedBatchSource
+from .buckets import resize_to_bucket, stack_images, to_array
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 64_000_000
-_SKIPPED_PATHS_CAP = 100
 _SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
 
 
@@ -182,7 +181,7 @@ class ImageFolder:
         return load_rgb(self.paths[i], self.max_pixels, target)
 
 
-class FolderBatchSource:
+class FolderBatchSource(BucketedBatchSource):
     """Infinite, deterministic, resumable batches from an ImageFolder, one aspect bucket per batch.
 
     Epoch e visits a permutation seeded by (seed, e); rank r takes positions r, r + world_size, ...
@@ -203,53 +202,27 @@ class FolderBatchSource:
 
     def __init__(self, folder: ImageFolder, batch_size: int, buckets: list[tuple[int, int]],
                  seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0):
-        if batch_size < 1 or not buckets:
-            raise ValueError("need batch_size >= 1 and at least one bucket")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self._init_batching(batch_size, buckets, seed, rank, world_size, workers)
         if len(folder) < world_size:
             raise ValueError(f"{folder.root}: {len(folder)} item(s) cannot be split over "
                              f"{world_size} ranks")
-        self.folder, self.batch_size = folder, batch_size
-        self.buckets = [tuple(b) for b in buckets]
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.folder = folder
         self.epoch, self.cursor = 0, 0
-        self._fill: list[list[int]] = [[] for _ in self.buckets]  # item indices waiting per bucket
-        self._ready: list[int] = []  # full buckets, in the order they filled
-        self._bad: set[int] = set()
-        self.skipped = 0
-        self.skipped_paths: list[str] = []
-        self._share_epoch, self._share = -1, np.empty(0, dtype=np.int64)
-        self._pool = None
-        if workers > 0:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pixelrun-decode")
-
-    def __iter__(self) -> FolderBatchSource:
-        return self
-
-    def _epoch_share(self) -> np.ndarray:
-        if self._share_epoch != self.epoch:
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.folder))
-            self._share_epoch, self._share = self.epoch, perm[self.rank::self.world_size]
-        return self._share
+        self._bad: set[int] = set()  # item indices
 
     def _skip(self, i: int) -> None:
         self._bad.add(i)
-        self.skipped += 1
-        if len(self.skipped_paths) < _SKIPPED_PATHS_CAP:
-            self.skipped_paths.append(str(self.folder.paths[i]))
+        self._count_skip(str(self.folder.paths[i]))
         if len(self._bad) == len(self.folder):
             raise RuntimeError(f"no image under {self.folder.root} could be loaded "
                                f"(first failures: {self.skipped_paths[:5]})")
 
     def _draw(self) -> None:
         """Move the next item of this rank's stream into its bucket."""
-        share = self._epoch_share()
+        share = self._epoch_share(self.epoch, len(self.folder))
         if self.cursor >= len(share):
             self.epoch, self.cursor = self.epoch + 1, 0
-            share = self._epoch_share()
+            share = self._epoch_share(self.epoch, len(self.folder))
         i = int(share[self.cursor])
         self.cursor += 1
         if i in self._bad:
@@ -258,39 +231,20 @@ class FolderBatchSource:
         if size is None:
             self._skip(i)
             return
-        k = self.buckets.index(nearest_bucket(*size, self.buckets))
-        self._fill[k].append(i)
-        if len(self._fill[k]) == self.batch_size and k not in self._ready:
-            self._ready.append(k)
-
-    def __next__(self) -> Batch:
-        B = self.batch_size
-        while True:
-            if self._ready and len(self._fill[self._ready[0]]) >= B:
-                k = self._ready[0]
-                h, w = self.buckets[k]
-                idx = self._fill[k][:B]
-                decode = lambda i: self._decode(i, h, w)  # noqa: E731
-                decoded = list(self._pool.map(decode, idx)) if self._pool else [decode(i) for i in idx]
-                images = []
-                for i, image in zip(idx, decoded):
-                    if image is None:
-                        self._skip(i)
-                        continue
-                    images.append(image)
-                if len(images) == B:
-                    del self._fill[k][:B]
-                    self._ready.pop(0)
-                    if len(self._fill[k]) >= B:  # it overfilled while waiting in the queue
-                        self._ready.append(k)
-                    return Batch(stack_images(images), [self.folder.captions[i] for i in idx])
-                # Some failed: drop them and keep this bucket at the head until refilled.
-                self._fill[k] = [i for i in self._fill[k] if i not in self._bad]
-            self._draw()
+        self._enqueue(i, size)
 
     def _decode(self, i: int, h: int, w: int) -> np.ndarray | None:
         im = self.folder.load(i, target=(h, w))
         return None if im is None else to_array(resize_to_bucket(im, h, w))
+
+    def _reject(self, i: int) -> None:
+        self._skip(i)
+
+    def _usable(self, i: int) -> bool:
+        return i not in self._bad
+
+    def _batch(self, idx: list[int], images: list[np.ndarray]) -> Batch:
+        return Batch(stack_images(images), [self.folder.captions[i] for i in idx])
 
     def state_dict(self) -> dict:
         """Position only (plain ints and lists): epoch, cursor, waiting indices per bucket, the

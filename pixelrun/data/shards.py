@@ -26,7 +26,6 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -40,14 +39,14 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from . import Batch
-from .buckets import nearest_bucket, resize_to_bucket, stack_images, to_array
+from .batching import BucketedBatchSource
+from .buckets import resize_to_bucket, stack_images, to_array
 from .folder import DEFAULT_MAX_PIXELS, load_rgb, read_size
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # looked for in this order
 INDEX_FILE = "index.json"  # written by `pixelrun data convert` beside the shards
 # String fields of img2dataset's .json that are bookkeeping, never captions.
 _NOT_CAPTIONS = frozenset({"url", "key", "status", "error_message", "exif", "sha256", "md5"})
-_SKIPPED_CAP = 100
 
 
 # ----------------------------------------------------------------------------- shards and samples
@@ -227,7 +226,7 @@ class _Item:
     embedding: bytes | None  # the caption's stored embedding (.npy), when they are in use
 
 
-class ShardBatchSource:
+class ShardBatchSource(BucketedBatchSource):
     """Infinite, deterministic, resumable batches from WebDataset shards, one aspect bucket per batch.
 
     Epoch e reads the shards in a permutation seeded by (seed, e); rank r takes positions r,
@@ -253,10 +252,7 @@ class ShardBatchSource:
     def __init__(self, spec: str, batch_size: int, buckets: list[tuple[int, int]], seed: int = 0, rank: int = 0,
                  world_size: int = 1, workers: int = 0, captions: str = "txt",
                  text_encoder: tuple[str, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
-        if batch_size < 1 or not buckets:
-            raise ValueError("need batch_size >= 1 and at least one bucket")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self._init_batching(batch_size, buckets, seed, rank, world_size, workers)
         self.spec, self.urls = spec, expand_shards(spec)
         if len(self.urls) < world_size:
             from ..config import ConfigError
@@ -264,8 +260,6 @@ class ShardBatchSource:
             raise ConfigError("data.path", f"{len(self.urls)} shard(s) cannot be split over {world_size} ranks (each "
                                            f"rank reads whole shards); write more, smaller shards (pixelrun data "
                                            f"convert --shard-size)")
-        self.batch_size, self.buckets = batch_size, [tuple(b) for b in buckets]
-        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.captions, self.fields = captions, parse_captions(captions)
         self.max_pixels = max_pixels
         self.use_embeddings, self.text_note = False, None
@@ -275,23 +269,9 @@ class ShardBatchSource:
         self.epoch = self.shard_cursor = self.ordinal = 0
         self._good = 0  # usable samples drawn this epoch: an epoch without any means nothing ever will be
         self._stream: Iterator[dict] | None = None
-        self._share_epoch, self._share = -1, np.empty(0, dtype=np.int64)
-        self._fill: list[list[_Item]] = [[] for _ in self.buckets]
-        self._ready: list[int] = []  # full buckets, in the order they filled
         self._bad: set[tuple[int, int]] = set()  # (shard, ordinal); (shard, -1) = a read error in that shard
-        self.skipped = 0
-        self.skipped_paths: list[str] = []
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pixelrun-decode") if workers > 0 else None
-
-    def __iter__(self) -> ShardBatchSource:
-        return self
 
     # -- reading
-    def _epoch_share(self) -> np.ndarray:
-        if self._share_epoch != self.epoch:
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
-            self._share_epoch, self._share = self.epoch, perm[self.rank::self.world_size]
-        return self._share
 
     def _read(self, shard: int) -> Iterator[dict]:
         def on_error(exn: Exception) -> bool:  # a damaged stream ends (or skips part of) this shard only
@@ -304,7 +284,7 @@ class ShardBatchSource:
         """The next sample of this rank's stream and its (shard, ordinal), moving on to the next
         shard and epoch as each ends."""
         while True:
-            share = self._epoch_share()
+            share = self._epoch_share(self.epoch, len(self.urls))
             if self.shard_cursor >= len(share):
                 if self._good == 0:
                     raise RuntimeError(f"no usable sample in this rank's shards of {self.spec} "
@@ -343,9 +323,7 @@ class ShardBatchSource:
         if loc in self._bad:
             return
         self._bad.add(loc)
-        self.skipped += 1
-        if len(self.skipped_paths) < _SKIPPED_CAP:
-            self.skipped_paths.append(what)
+        self._count_skip(what)
 
     def _draw(self) -> None:
         """Move the next usable sample of this rank's stream into its bucket."""
@@ -357,10 +335,7 @@ class ShardBatchSource:
             self._skip(loc, item)
             return
         self._good += 1
-        k = self.buckets.index(nearest_bucket(*item.size, self.buckets))
-        self._fill[k].append(item)
-        if len(self._fill[k]) == self.batch_size and k not in self._ready:
-            self._ready.append(k)
+        self._enqueue(item, item.size)
 
     # -- batches
     def _decode(self, item: _Item, h: int, w: int) -> np.ndarray | None:
@@ -373,27 +348,11 @@ class ShardBatchSource:
             text, mask = _pad_embeddings([np.load(io.BytesIO(it.embedding)) for it in items], self.max_tokens)
         return Batch(stack_images(images), [it.caption for it in items], text, mask)
 
-    def __next__(self) -> Batch:
-        B = self.batch_size
-        while True:
-            if self._ready and len(self._fill[self._ready[0]]) >= B:
-                k = self._ready[0]
-                h, w = self.buckets[k]
-                items = self._fill[k][:B]
-                decode = lambda it: self._decode(it, h, w)  # noqa: E731
-                images = list(self._pool.map(decode, items)) if self._pool else [decode(it) for it in items]
-                if all(im is not None for im in images):
-                    del self._fill[k][:B]
-                    self._ready.pop(0)
-                    if len(self._fill[k]) >= B:  # it overfilled while waiting in the queue
-                        self._ready.append(k)
-                    return self._batch(items, images)
-                for it, im in zip(items, images):
-                    if im is None:
-                        self._skip(it.loc, f"{it.name} (image does not decode)")
-                # Drop them and keep this bucket at the head until it is full again.
-                self._fill[k] = [it for it in self._fill[k] if it.loc not in self._bad]
-            self._draw()
+    def _reject(self, item: _Item) -> None:
+        self._skip(item.loc, f"{item.name} (image does not decode)")
+
+    def _usable(self, item: _Item) -> bool:
+        return item.loc not in self._bad
 
     def preview_captions(self, n: int) -> list[str]:
         """The first n usable captions of the dataset in shard order (the same on every rank; for
