@@ -141,11 +141,14 @@ def cmd_data_convert(args) -> int:
 
     if args.shard_size < 1:
         raise ConfigError("--shard-size", f"must be >= 1; got {args.shard_size}")
+    if args.workers < 0:
+        raise ConfigError("--workers", f"must be >= 0; got {args.workers}")
     if args.resolution < 1 or args.patch < 1 or args.resolution % args.patch:
         raise ConfigError("--resolution", f"must be a positive multiple of --patch {args.patch}; got {args.resolution}")
     try:
         index = convert(args.src, args.out, args.resolution, patch=args.patch, shard_size=args.shard_size,
-                        image_format=args.format, text_encoder=args.text_encoder, max_tokens=args.max_tokens)
+                        image_format=args.format, text_encoder=args.text_encoder, max_tokens=args.max_tokens,
+                        workers=args.workers)
     except FileExistsError as e:
         raise ConfigError("--out", str(e)) from None
     except ValueError as e:
@@ -303,6 +306,8 @@ example: pixelrun bench model.preset=base data.resolution=512 train.batch_size=2
     dc.add_argument("--max-tokens", type=int, default=TextConfig.max_tokens,
                     help=f"token limit of the stored embeddings; must equal text.max_tokens when training "
                          f"(default {TextConfig.max_tokens})")
+    dc.add_argument("--workers", type=int, default=0,
+                    help="processes that decode, resize and encode images (default 0: in this process)")
     dc.set_defaults(func=cmd_data_convert)
     di = dsub.add_parser("inspect", help="counts per bucket, caption lengths, broken samples, stored embeddings")
     di.add_argument("spec", help="shards: a folder of .tar files, a brace pattern, URLs or pipe: commands")

@@ -20,7 +20,7 @@ plus the embedding networks (one ships offline, FID's needs user-supplied weight
   (``pixelrun/teachers/inception.py``, pytorch-fid's Inception-v3 with its TF-compatibility
   patches, weights brought by the user), then :func:`feature_stats` + :func:`frechet_distance`.
 * CMMD: :class:`CLIPImageEmbedder` (``CLIPVisionModelWithProjection``, by local path or hub id,
-  preprocessed by hand as ``CLIPImageProcessor`` does) + :func:`real_embeddings` + :func:`mmd`.
+  preprocessed as google-research/cmmd does) + :func:`real_embeddings` + :func:`mmd`.
 * DINO-MMD: :class:`DinoImageEmbedder` (the DINOv2 CLS token, loaded by the REPA / P-DINO
   teacher loader) + the same MMD.
 
@@ -274,18 +274,11 @@ class CLIPImageEmbedder(_NormalisedEmbedder):
     """CMMD's embedding: CLIP's projected image embedding (``image_embeds`` of transformers'
     ``CLIPVisionModelWithProjection``), L2-normalised, as google-research/cmmd computes it.
 
-    Preprocessing is CLIPImageProcessor's, done here on tensors: bicubic resize of the shorter side
-    to the model's ``image_size`` (336 for CMMD's ``openai/clip-vit-large-patch14-336``), centre
-    crop, CLIP mean / std. It differs from the processor only in that the processor rounds the
-    resized image to uint8 and in the rounding of PIL's and torch's antialiased bicubic (both use
-    PIL's kernel, ``a = -0.5``): within ~1/255 of a pixel. On an image already at ``image_size``
-    the two agree exactly.
-
-    google-research/cmmd's reference code differs in the resize: it squashes the whole image to
-    ``image_size`` x ``image_size`` with torch's bicubic *without* antialiasing (kernel ``a = -0.75``,
-    no low-pass when downscaling), then normalises. For the square images pixelrun evaluates the
-    crop is the same; the bicubic kernels are not (up to ~0.1 of the [0, 1] range per pixel on noise
-    upscaled 48 -> 336px), so CMMD numbers here can differ slightly from the reference code's.
+    Preprocessing is the reference code's, not CLIPImageProcessor's, so that numbers compare with
+    published CMMD: the whole image squashed to ``image_size`` x ``image_size`` (336 for CMMD's
+    ``openai/clip-vit-large-patch14-336``) by torch's bicubic without antialiasing, no clamp, then
+    CLIP mean / std. (The processor would resize the shorter side with PIL's antialiased bicubic
+    and centre-crop: up to ~0.1 of the [0, 1] range apart per pixel on noise upscaled 48 -> 336px.)
 
     Loads from a local folder or a hub id through pixelrun's strict ``from_pretrained``; a full
     ``CLIPModel`` checkpoint (the hub's ``openai/clip-*``) works too, its text tower is skipped.
@@ -317,6 +310,10 @@ class CLIPImageEmbedder(_NormalisedEmbedder):
         model = _from_pretrained(CLIPVisionModelWithProjection, spec, config=config, dtype=torch.float32,
                                  **hf_kwargs)
         return cls(model.float(), name=f"clip-image-embeds-l2-{model.config.image_size}px ({spec})")
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
+        return (x - self.mean) / self.std
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values).image_embeds

@@ -63,24 +63,28 @@ def _smooth_image(rng, h, w) -> np.ndarray:
 # the embedders
 
 
-def test_clip_embedder_loads_by_path_and_preprocesses_like_clip(tiny_clip_dir, tmp_path):
+def test_clip_embedder_loads_by_path_and_preprocesses_like_cmmd(tiny_clip_dir, tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
     clip = load_metric_network("clip", model=tiny_clip_dir)
     assert clip.size == 32 and clip.dim == 16 and not clip.training
     assert not any(p.requires_grad for p in clip.parameters())
-    # CLIPImageProcessor (PIL) as the independent reference: shorter side to 32, centre crop 32
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    # google-research/cmmd's pipeline as the reference: torch bicubic squash to the model's size,
+    # then CLIPImageProcessor normalising only (no resize, no crop, no rescale)
+    processor = CLIPImageProcessor()
     rng = np.random.default_rng(0)
-    for h, w in [(32, 44), (45, 32), (64, 96), (20, 24)]:  # crop only, crop only, downscale, upscale
-        image = _smooth_image(rng, h, w)
-        ref = processor(images=Image.fromarray(image), return_tensors="pt")["pixel_values"]
-        got = clip.preprocess(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255)
+    for h, w in [(32, 32), (32, 44), (64, 96), (20, 24)]:  # as is, squash, downscale, upscale
+        image = torch.from_numpy(_smooth_image(rng, h, w).copy()).permute(2, 0, 1)[None].float() / 255
+        squashed = F.interpolate(image, size=(32, 32), mode="bicubic", align_corners=False)
+        ref = processor(images=squashed[0].permute(1, 2, 0).numpy(), do_resize=False, do_center_crop=False,
+                        do_rescale=False, return_tensors="pt")["pixel_values"]
+        got = clip.preprocess(image)
         assert got.shape == ref.shape == (1, 3, 32, 32)
-        if min(h, w) == 32:  # no resize: crop offsets and CLIP mean / std must agree exactly
-            assert torch.allclose(got, ref, atol=1e-5), (h, w)
-        else:  # torch vs PIL bicubic and the processor's uint8 rounding: within ~2/255 of a pixel
-            assert (got - ref).abs().max() * max(CLIP_STD) < 2.5 / 255, (h, w)
+        assert torch.allclose(got, ref, atol=1e-5), (h, w)
+    # squashed, not cropped: the black left and white right halves of a wide image both survive
+    wide = torch.cat([torch.zeros(1, 3, 32, 32), torch.ones(1, 3, 32, 32)], dim=3)
+    x = clip.preprocess(wide) * clip.std + clip.mean
+    assert x[..., :14].max() < 0.05 and x[..., 18:].min() > 0.95
     # the embedding: image_embeds of the saved (never loaded) model's weights, L2-normalised
     images = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(1))
     emb = clip(images)
@@ -88,7 +92,7 @@ def test_clip_embedder_loads_by_path_and_preprocesses_like_clip(tiny_clip_dir, t
     assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
     original = CLIPVisionModelWithProjection.from_pretrained(tiny_clip_dir).eval()
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    x = F.interpolate(images, size=(32, 32), mode="bicubic", antialias=True).clamp(0, 1)
+    x = F.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False)
     with torch.no_grad():
         ref = F.normalize(original(pixel_values=(x - mean) / std).image_embeds, dim=-1)
     assert torch.allclose(emb, ref, atol=1e-5)

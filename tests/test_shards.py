@@ -90,6 +90,26 @@ def test_convert_reads_back_the_same_images_and_captions(tmp_path, capsys):
         assert torch.equal(b.images[0], stored)
 
 
+def test_convert_in_processes_is_the_same_and_an_interrupted_one_starts_over(tmp_path):
+    src = make_folder(tmp_path / "src")
+    big = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 200, 3), dtype=np.uint8))
+    big.save(src / "big.jpg", quality=90)  # decoded at a reduced JPEG scale: the header size is recorded
+    (src / "big.txt").write_text("a big photo")
+    one = tmp_path / "one"
+    convert(src, one, 32, patch=8, shard_size=4, progress=False)
+    many = tmp_path / "many"
+    (many / ".partial").mkdir(parents=True)  # what an interrupted conversion leaves
+    (many / ".partial" / "00000.tar").write_bytes(b"half a shard")
+    convert(src, many, 32, patch=8, shard_size=4, progress=False, workers=2)
+    assert sorted(p.name for p in many.iterdir()) == ["00000.tar", "00001.tar", "00002.tar", "index.json"]
+    for a, b in zip(*(sorted(p.glob("*.tar")) for p in (one, many))):
+        sa, sb = list(read_samples(str(a))), list(read_samples(str(b)))
+        assert [{k: v for k, v in x.items() if k != "__url__"} for x in sa] == \
+               [{k: v for k, v in x.items() if k != "__url__"} for x in sb]
+    metas = [json.loads(s["json"])["pixelrun"] for u in expand_shards(str(many)) for s in read_samples(u)]
+    assert [m["original_size"] for m in metas if m["source"] == "big.jpg"] == [[300, 200]]
+
+
 def test_manifest_keeps_every_caption_field(tmp_path):
     root = tmp_path / "m"
     (root / "img").mkdir(parents=True)

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import statistics
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial as partial_fn
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +46,7 @@ IMAGE_FORMATS = ("jpg", "png")
 _MANIFEST_IMAGE_KEYS = ("file", "image", "file_name")  # as ImageFolder's captions.jsonl
 _PRIMARY_CAPTION_KEYS = ("caption", "text")
 _CHUNK = 64  # samples whose captions are encoded together
+_PARTIAL = ".partial"  # where shards are written until the conversion completes
 
 
 @dataclass
@@ -117,9 +121,14 @@ def _fields_of(sample: dict) -> dict[str, str]:
 
 def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, shard_size: int = 1000,
             image_format: str = "jpg", text_encoder: str | None = None, max_tokens: int = TextConfig.max_tokens,
-            progress: bool = True) -> dict:
+            progress: bool = True, workers: int = 0) -> dict:
     """Write the images of `src` (an image folder or a JSONL manifest) as shards under `out`,
-    each resized once to its aspect bucket at `resolution`. Returns the index it writes."""
+    each resized once to its aspect bucket at `resolution`. Returns the index it writes.
+
+    `workers` > 0 decodes, resizes and encodes in that many processes (the shards are the same).
+    The shards are written under `out/.partial/` and moved into `out` only when all are complete,
+    `index.json` last, so an interrupted conversion never leaves shards that look finished; running
+    it again starts over."""
     from webdataset import ShardWriter
 
     src, out = Path(src), Path(out)
@@ -136,7 +145,10 @@ def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, 
         raise FileNotFoundError(f"no such image folder or manifest: {src}")
     if out.is_dir() and any(out.glob("*.tar")):
         raise FileExistsError(f"{out} already holds .tar shards; convert into an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+    partial = out / _PARTIAL
+    if partial.exists():  # left by an interrupted conversion
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
 
     encoder = None
     if text_encoder is not None:
@@ -146,12 +158,15 @@ def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, 
     per_bucket: Counter = Counter()
     unreadable: list[str] = []
     written = 0
-    with ShardWriter(str(out / "%05d.tar"), maxcount=shard_size, verbose=0) as writer, \
+    resize = partial_fn(_resized_sample, buckets=buckets, image_format=image_format)
+    pool = ProcessPoolExecutor(workers) if workers > 0 else None
+    with ShardWriter(str(partial / "%05d.tar"), maxcount=shard_size, verbose=0) as writer, \
             tqdm(total=len(items), desc="convert", unit="img", disable=not progress) as bar:
         for start in range(0, len(items), _CHUNK):
             samples = []
-            for item in items[start:start + _CHUNK]:
-                sample = _resized_sample(item, buckets, image_format)
+            chunk = items[start:start + _CHUNK]
+            resized = pool.map(resize, chunk, chunksize=4) if pool else map(resize, chunk)
+            for item, sample in zip(chunk, resized):
                 if sample is None:
                     unreadable.append(item.name)
                     continue
@@ -163,12 +178,16 @@ def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, 
                 per_bucket["x".join(map(str, sample["json"]["pixelrun"]["bucket"]))] += 1
                 writer.write(sample)
             written += len(samples)
-            bar.update(min(_CHUNK, len(items) - start))
-    shards = sorted(p.name for p in out.glob("*.tar"))
+            bar.update(len(chunk))
+    if pool:
+        pool.shutdown()
+    shards = sorted(p.name for p in partial.glob("*.tar"))
     if not written:
-        for name in shards:
-            (out / name).unlink()
+        shutil.rmtree(partial)
         raise ValueError(f"no image of {src} could be read ({len(unreadable)} unreadable)")
+    for name in shards:
+        (partial / name).rename(out / name)
+    partial.rmdir()
     index = {
         "format": "pixelrun-shards/1", "source": str(src), "count": written,
         "skipped_unreadable": len(unreadable), "unreadable": unreadable[:100],
@@ -180,7 +199,9 @@ def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, 
             "encoder": text_encoder, "fingerprint": _fingerprint(text_encoder), "max_tokens": max_tokens,
             "dim": encoder.dim, "dtype": "float16", "member": "KEY.emb.FIELD.npy"},
     }
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    tmp = out / f".{INDEX_FILE}.tmp"
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    tmp.rename(out / INDEX_FILE)
     return index
 
 
@@ -196,10 +217,10 @@ def _resized_sample(item: SourceImage, buckets: list[tuple[int, int]], image_for
     if size is None:
         return None
     bucket = nearest_bucket(*size, buckets)
-    im = load_rgb(item.path, target=bucket)
+    im = load_rgb(item.path, target=bucket)  # a JPEG may decode at a reduced scale: size is the header's
     if im is None:
         return None
-    meta = {"original_size": [im.height, im.width], "bucket": list(bucket), "source": item.name}
+    meta = {"original_size": list(size), "bucket": list(bucket), "source": item.name}
     sample = {image_format: _encode_image(resize_to_bucket(im, *bucket), image_format),
               "json": {**item.captions, "pixelrun": meta}}
     sample["txt"] = _primary_caption(item.captions)
