@@ -1,7 +1,10 @@
 """WebDataset shards: `pixelrun data convert` / `inspect`, and the shard batch source (tiny images,
 shards written on the fly)."""
+import functools
+import http.server
 import io
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -17,7 +20,7 @@ from pixelrun.data.buckets import aspect_buckets, resize_to_bucket, to_tensor
 from pixelrun.data.convert import convert
 from pixelrun.data.folder import load_rgb
 from pixelrun.data.shards import (ShardBatchSource, caption_fields, choose_caption, embedding_match,
-                                  expand_shards, parse_captions, read_samples)
+                                  expand_shards, parse_captions, read_index, read_samples)
 from pixelrun.text import encoder_fingerprint
 
 SIZES = [(32, 64), (64, 32), (48, 48)]  # (width, height): wide, tall, square
@@ -141,6 +144,26 @@ def test_read_time_downsizing_and_pipe_spec(tmp_path):
         for cap, img in zip(b.captions, b.images):
             big = load_rgb(io.BytesIO(stored[cap]))
             assert big.height > img.shape[1] and torch.equal(img, to_tensor(resize_to_bucket(big, *img.shape[1:])))
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http(s) shards through curl")
+def test_http_shards_and_their_index(tmp_path):
+    out = converted(tmp_path)
+    handler = functools.partial(_QuietHandler, directory=str(out))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        spec = f"http://127.0.0.1:{server.server_address[1]}/{{00000..00002}}.tar"
+        assert read_index(expand_shards(spec))["count"] == 9  # index.json beside the shards, over http
+        remote, local = ShardBatchSource(spec, 3, BUCKETS_32), ShardBatchSource(str(out), 3, BUCKETS_32)
+        for _ in range(4):
+            a, b = next(remote), next(local)
+            assert a.captions == b.captions and torch.equal(a.images, b.images)
+        server.shutdown()
 
 
 # ---------------------------------------------------------------- broken samples
