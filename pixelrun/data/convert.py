@@ -246,7 +246,7 @@ def _thumbnail(im: Image.Image, tile: int) -> np.ndarray:
 
 
 def inspect_shards(spec: str, contact_sheet: str | Path | None = None, n: int = 64, resolution: int | None = None,
-                   patch: int = 32, tile: int = 128) -> dict:
+                   patch: int = 32, tile: int = 128, progress: bool = True) -> dict:
     """Read every sample of the shards: counts per bucket, caption length statistics per caption
     field, broken samples (no image, unreadable image header, no caption, read errors), stored
     embeddings; and optionally a contact sheet PNG of the first n usable samples.
@@ -268,8 +268,10 @@ def inspect_shards(spec: str, contact_sheet: str | Path | None = None, n: int = 
         broken.append(f"read error: {exn.args[0] if exn.args else exn!r}")
         return True
 
+    bar = tqdm(total=(index or {}).get("count"), desc="inspect", unit="sample", disable=not progress, leave=False)
     for url in urls:
         for sample in read_samples(url, on_error):
+            bar.update(1)
             ext = image_member(sample)
             size = read_size(io.BytesIO(sample[ext])) if ext else None
             captions = caption_fields(sample)
@@ -286,6 +288,7 @@ def inspect_shards(spec: str, contact_sheet: str | Path | None = None, n: int = 
                 im = load_rgb(io.BytesIO(sample[ext]))
                 if im is not None:
                     sheet.append((_thumbnail(im, tile), next(iter(captions.values()))))
+    bar.close()
     report = {
         "spec": spec, "shards": len(urls), "samples": count, "broken": len(broken), "broken_examples": broken[:5],
         "buckets": dict(sorted(sizes.items())), "buckets_of": f"{resolution}px, patch {patch}" if buckets else "stored sizes",
