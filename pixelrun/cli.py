@@ -68,7 +68,8 @@ def cmd_sample(args) -> int:
 def _eval_overrides(args) -> list[str]:
     """The eval flags as config overrides (values JSON-quoted: a valid YAML string whatever the path)."""
     flags = {"prompts": args.samples, "seed": args.prompt_seed, "fid_weights": args.fid_weights,
-             "clip_model": args.clip_model, "dino_model": args.dino_model, "cache_dir": args.cache_dir}
+             "clip_model": args.clip_model, "dino_model": args.dino_model, "cache_dir": args.cache_dir,
+             "dino_mmd_sigma": args.dino_mmd_sigma, "dino_mmd_scale": args.dino_mmd_scale}
     return [f"eval.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
 
 
@@ -77,7 +78,7 @@ def cmd_eval(args) -> int:
     from .train import resolve_device
 
     overrides = _sample_overrides(args) + _eval_overrides(args)
-    cfg, _ = checkpoint_config(args.checkpoint, overrides)
+    cfg, _, _ = checkpoint_config(args.checkpoint, overrides)
     metrics, key = (parse_metrics(args.metrics), "--metrics") if args.metrics else (applicable_metrics(cfg), "eval.metrics")
     if not metrics:
         raise ConfigError("--metrics", f"eval.metrics {cfg.eval.metrics} has nothing for data.source={cfg.data.source}: "
@@ -105,12 +106,10 @@ def cmd_export(args) -> int:
     from .train import model_from_config
 
     if args.format == "diffusers":
-        from .config import _merge, parse_overrides
-        from .evaluate import load_for_inference
+        from .evaluate import checkpoint_config, load_for_inference
         from .export_diffusers import check_config, export_diffusers
 
-        path = ckpt.resolve_checkpoint(args.checkpoint)  # settings first: refuse before loading anything
-        check_config(config_from_dict(_merge(ckpt.saved_config(path)[0], parse_overrides(args.overrides))))
+        check_config(checkpoint_config(args.checkpoint, args.overrides)[0])  # refuse before loading anything
         model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, "cpu", args.overrides)
         out = export_diffusers(model, encoder, cfg, args.out)
         import importlib.util
@@ -240,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fid-weights", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (eval.fid_weights)")
     e.add_argument("--clip-model", help="CMMD's CLIP: local path or hub id (eval.clip_model)")
     e.add_argument("--dino-model", help="DINO-MMD's DINOv2: local path or hub id (eval.dino_model)")
+    e.add_argument("--dino-mmd-sigma", type=float, help="DINO-MMD's RBF bandwidth (eval.dino_mmd_sigma)")
+    e.add_argument("--dino-mmd-scale", type=float, help="DINO-MMD's scale factor (eval.dino_mmd_scale)")
     e.add_argument("--cache-dir", help="where real-image statistics are cached (eval.cache_dir)")
     e.add_argument("--out", help="also write the JSON here")
     e.set_defaults(func=cmd_eval)

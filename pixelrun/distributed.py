@@ -79,7 +79,6 @@ def init_distributed(device_name: str, replicate: int = 1) -> DistContext:
     cuda = device.type == "cuda"
     if cuda:
         device = torch.device("cuda", local)
-    if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))

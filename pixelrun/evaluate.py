@@ -341,14 +341,15 @@ def describe_metrics(values: dict) -> str:
     return ", ".join(f"shapes score {v['placed']:.3f}" if k == "shapes" else f"{k} {v:.4g}" for k, v in values.items())
 
 
-def checkpoint_config(checkpoint: str, overrides: list[str] = ()) -> tuple[Config, Path]:
-    """(config, checkpoint dir): the checkpoint's own config with ``overrides`` applied, read without
-    loading any weights, so settings can be checked before the work starts."""
+def checkpoint_config(checkpoint: str, overrides: list[str] = ()) -> tuple[Config, Path, int]:
+    """(config, checkpoint dir, text width): the checkpoint's own config with ``overrides`` applied,
+    read without loading any weights, so settings can be checked before the work starts."""
     from . import checkpoint as ckpt
     from .config import _merge, config_from_dict, parse_overrides
 
     path = ckpt.resolve_checkpoint(checkpoint)
-    return config_from_dict(_merge(ckpt.saved_config(path)[0], parse_overrides(list(overrides)))), path
+    saved, text_dim = ckpt.saved_config(path)
+    return config_from_dict(_merge(saved, parse_overrides(list(overrides)))), path, text_dim
 
 
 def load_for_inference(checkpoint: str, weights: str = "ema", device: str = "auto", overrides: list[str] = ()):
@@ -359,8 +360,7 @@ def load_for_inference(checkpoint: str, weights: str = "ema", device: str = "aut
     from .text import TextEncoder
     from .train import model_from_config, resolve_device
 
-    cfg, path = checkpoint_config(checkpoint, overrides)
-    text_dim = ckpt.saved_config(path)[1]
+    cfg, path, text_dim = checkpoint_config(checkpoint, overrides)
     dev = resolve_device(device)
     encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=dev, cache_gib=cfg.text.cache_gib)
     model = model_from_config(cfg, text_dim)

@@ -211,7 +211,7 @@ def test_eval_cli_shapes_and_fd_effnet_with_cached_real_stats(tiny_run, tmp_path
     assert s["networks"]["fd-effnet"]["network"].startswith("efficientnet-lite0")
     assert s["networks"]["fd-effnet"]["weights"].endswith(".pth") and s["cache_dir"] == str(cache)
     # the real statistics were written once, keyed by dataset, resolution, n and network ...
-    cfg, _ = checkpoint_config(str(tiny_run))
+    cfg = checkpoint_config(str(tiny_run))[0]
     path = stats_cache_path(str(cache), dataset_key(cfg), 32, 4, "efficientnet-lite0-gap1280-224px")
     assert os.path.isfile(path)
     before = os.stat(path).st_mtime_ns
@@ -235,6 +235,11 @@ def test_eval_cli_cmmd_and_dino_mmd(tiny_run, tiny_clip_dir, tiny_dino_dir, tmp_
     assert nets["cmmd"]["weights"] == tiny_clip_dir and (nets["cmmd"]["sigma"], nets["cmmd"]["scale"]) == (10.0, 1000.0)
     assert nets["dino-mmd"]["weights"] == tiny_dino_dir and nets["dino-mmd"]["network"].startswith("dino-cls-l2-224px")
     assert len(os.listdir(tmp_path / "cache")) == 2  # one file of real embeddings per network
+    # eval.dino_mmd_scale is read: the MMD is linear in its scale (same images, cached real side)
+    doubled = _eval(capsys, "--checkpoint", str(tiny_run), "--metrics", "dino-mmd", "--samples", "3", "--steps", "1",
+                    "--dino-model", tiny_dino_dir, "--cache-dir", str(tmp_path / "cache"), "--dino-mmd-scale", "2000")
+    assert doubled["metrics"]["dino-mmd"] == pytest.approx(2 * report["metrics"]["dino-mmd"], rel=1e-9)
+    assert doubled["settings"]["networks"]["dino-mmd"]["scale"] == 2000.0
 
 
 @pytest.mark.parametrize("args, key", [

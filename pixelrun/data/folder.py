@@ -210,7 +210,7 @@ class FolderBatchSource(BucketedBatchSource):
         self.epoch, self.cursor = 0, 0
         self._bad: set[int] = set()  # item indices
 
-    def _skip(self, i: int) -> None:
+    def _reject(self, i: int) -> None:
         self._bad.add(i)
         self._count_skip(str(self.folder.paths[i]))
         if len(self._bad) == len(self.folder):
@@ -229,16 +229,13 @@ class FolderBatchSource(BucketedBatchSource):
             return
         size = self.folder.size(i)
         if size is None:
-            self._skip(i)
+            self._reject(i)
             return
         self._enqueue(i, size)
 
     def _decode(self, i: int, h: int, w: int) -> np.ndarray | None:
         im = self.folder.load(i, target=(h, w))
         return None if im is None else to_array(resize_to_bucket(im, h, w))
-
-    def _reject(self, i: int) -> None:
-        self._skip(i)
 
     def _usable(self, i: int) -> bool:
         return i not in self._bad

@@ -220,7 +220,6 @@ class ShapesBatchSource(CountedBatchSource):
         return self.sizes[int(_rng(self.dataset.seed, self.dataset.split, "bucket", k).integers(len(self.sizes)))]
 
 
-
 def fixed_prompts(n: int, seed: int = 1234, max_shapes: int = 2) -> list[str]:
     """The same n held-out ("eval" split) captions every time, for sample grids and the score."""
     return [caption(sample_scene(seed, "eval", i, max_shapes)) for i in range(n)]
