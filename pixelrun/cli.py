@@ -68,21 +68,31 @@ def cmd_sample(args) -> int:
 def _eval_overrides(args) -> list[str]:
     """The eval flags as config overrides (values JSON-quoted: a valid YAML string whatever the path)."""
     flags = {"prompts": args.samples, "seed": args.prompt_seed, "fid_weights": args.fid_weights,
-             "clip_model": args.clip_model, "dino_model": args.dino_model, "cache_dir": args.cache_dir,
-             "dino_mmd_sigma": args.dino_mmd_sigma, "dino_mmd_scale": args.dino_mmd_scale}
+             "clip_model": args.clip_model, "dino_model": args.dino_model, "dino_resolution": args.dino_resolution,
+             "cache_dir": args.cache_dir, "dino_mmd_sigma": args.dino_mmd_sigma, "dino_mmd_scale": args.dino_mmd_scale}
     return [f"eval.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import Evaluator, applicable_metrics, checkpoint_config, load_for_inference, parse_metrics
+    from .evaluate import (Evaluator, applicable_metrics, checkpoint_config, cli_default_metrics, load_for_inference,
+                           parse_metrics)
     from .train import resolve_device
 
+    if args.samples < 1:
+        raise ConfigError("--samples", f"must be at least 1 (one generated and one real image per caption); "
+                                       f"got {args.samples}")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise ConfigError("--out", f"{out} is a folder; give the JSON file's path, e.g. {out / 'eval.json'}")
     overrides = _sample_overrides(args) + _eval_overrides(args)
     cfg, _, _ = checkpoint_config(args.checkpoint, overrides)
-    metrics, key = (parse_metrics(args.metrics), "--metrics") if args.metrics else (applicable_metrics(cfg), "eval.metrics")
-    if not metrics:
-        raise ConfigError("--metrics", f"eval.metrics {cfg.eval.metrics} has nothing for data.source={cfg.data.source}: "
-                                       f"name some, e.g. --metrics fd-effnet")
+    if args.metrics:
+        metrics, key = parse_metrics(args.metrics), "--metrics"
+    else:
+        metrics, key = cli_default_metrics(cfg), "eval.metrics"
+        if not applicable_metrics(cfg):
+            print(f"pixelrun eval: the checkpoint's eval.metrics {cfg.eval.metrics} do not apply to data.source="
+                  f"{cfg.data.source}; computing {','.join(metrics)} (choose with --metrics)", file=sys.stderr)
     # the metric networks first: a missing or broken one fails before the model is even loaded
     evaluator = Evaluator(cfg, metrics, resolve_device(args.device), progress=True, key=key)
     model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, args.device, overrides)
@@ -90,9 +100,13 @@ def cmd_eval(args) -> int:
     result["checkpoint"] = str(path)
     result["weights"] = args.weights
     text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    print(text, flush=True)  # first: a result that cannot be written is still shown
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(out)  # whole or not at all
+        print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -232,17 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(e)
     e.add_argument("--metrics", help="comma list of: shapes (shapes data), fd-effnet (EfficientNet-Lite0 Fréchet "
                                      "distance, offline), fid (needs --fid-weights), cmmd (CLIP, --clip-model), "
-                                     "dino-mmd (DINOv2, --dino-model); default: the checkpoint's eval.metrics")
+                                     "dino-mmd (DINOv2, --dino-model); default: the checkpoint's eval.metrics "
+                                     "that apply to its data, else fd-effnet")
     e.add_argument("--samples", "--prompts", dest="samples", type=int, default=64,
                    help="captions, generated images and real images (default 64)")
     e.add_argument("--prompt-seed", type=int, help="shapes data: seed of the eval-split captions (default: eval.seed)")
     e.add_argument("--fid-weights", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (eval.fid_weights)")
     e.add_argument("--clip-model", help="CMMD's CLIP: local path or hub id (eval.clip_model)")
-    e.add_argument("--dino-model", help="DINO-MMD's DINOv2: local path or hub id (eval.dino_model)")
+    e.add_argument("--dino-model", help="DINO-MMD's DINOv2: local path or hub id (eval.dino_model; default PRX's "
+                                        "facebook/dinov2-with-registers-large)")
+    e.add_argument("--dino-resolution", type=int, help="side DINO-MMD's input is resized to (eval.dino_resolution; "
+                                                       "default 518, PRX's; 224 for facebook/dinov2-base)")
     e.add_argument("--dino-mmd-sigma", type=float, help="DINO-MMD's RBF bandwidth (eval.dino_mmd_sigma)")
     e.add_argument("--dino-mmd-scale", type=float, help="DINO-MMD's scale factor (eval.dino_mmd_scale)")
     e.add_argument("--cache-dir", help="where real-image statistics are cached (eval.cache_dir)")
-    e.add_argument("--out", help="also write the JSON here")
+    e.add_argument("--out", help="also write the JSON to this file (its folder is created)")
     e.set_defaults(func=cmd_eval)
     b = sub.add_parser(
         "bench", help="time training steps: dense / routed, with / without teachers; FLOPs and MFU (JSON)",

@@ -184,11 +184,28 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: ["shapes"])
     fid_weights: str | None = None  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)
     clip_model: str = "openai/clip-vit-large-patch14-336"  # CMMD's CLIP: a local path or hub id
-    dino_model: str = "facebook/dinov2-base"  # DINO-MMD's DINOv2: a local path or hub id
+    # DINO-MMD's DINOv2, a local path or hub id, and the side its input is resized to. PRX's callback:
+    # DINOv2-L/14 with registers at 518px; facebook/dinov2-base at 224 is the lighter choice.
+    dino_model: str = "facebook/dinov2-with-registers-large"
+    dino_resolution: int = 518
     # DINO-MMD's RBF kernel: CMMD's sigma and scale, on L2-normalised DINO embeddings (see metrics.py)
     dino_mmd_sigma: float = 10.0
     dino_mmd_scale: float = 1000.0
     cache_dir: str = "~/.cache/pixelrun/eval"  # real-image statistics and embeddings, computed once
+    # The validation loss by noise level (pixelrun/validation.py): this many held-out images, each at
+    # one fixed t in each of the bins low [0, 1/3), mid [1/3, 2/3), high [2/3, 1]; 0 = off.
+    val_images: int = 32
+
+
+@dataclass
+class LogConfig:
+    """Where the training loop's scalars, sample grids and config go (pixelrun/tracking.py):
+    metrics.jsonl and TensorBoard always; Weights & Biases as well when `wandb` is true."""
+
+    wandb: bool = False  # needs the wandb package (pip install 'pixelrun[wandb]'); WANDB_MODE=offline works
+    wandb_project: str = "pixelrun"
+    wandb_name: str | None = None  # the run's name in W&B; null = the name of run.dir
+    wandb_entity: str | None = None  # the W&B team or user; null = your default entity
 
 
 @dataclass
@@ -230,6 +247,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # Empty: one stage of train.steps. Otherwise the stages, in order (train.steps is then their sum).
     stages: list[StageConfig] = field(default_factory=list)
 
@@ -377,6 +395,12 @@ def check_paths(cfg: Config) -> None:
             expand_shards(cfg.data.path)
         except FileNotFoundError as e:
             raise ConfigError("data.path", str(e)) from None
+    if cfg.log.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("log.wandb", "is true but the wandb package is not installed: pip install wandb "
+                                           "(or pip install 'pixelrun[wandb]'), or set log.wandb=false")
 
 
 def _choice(key, value, choices):
@@ -588,3 +612,7 @@ def validate(cfg: Config) -> None:
         _choice(f"eval.metrics[{i}]", name, tuple(METRICS))
     _positive("eval.dino_mmd_sigma", cfg.eval.dino_mmd_sigma)
     _positive("eval.dino_mmd_scale", cfg.eval.dino_mmd_scale)
+    _positive("eval.dino_resolution", cfg.eval.dino_resolution)
+    _positive("eval.val_images", cfg.eval.val_images, allow_zero=True)
+    if not cfg.log.wandb_project:
+        raise ConfigError("log.wandb_project", "must not be empty")

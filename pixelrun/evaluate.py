@@ -12,13 +12,16 @@ Metrics (``eval.metrics``, ``pixelrun eval --metrics``):
 One evaluation: ``eval.prompts`` captions of held-out real data and their real images
 (:func:`real_images_and_prompts`), one generated image per caption with the noise ``pixelrun
 sample`` draws for the same seed, then each metric. The real side is computed once per dataset,
-resolution, count and network and cached on disk (``eval.cache_dir``). Everything that can fail
-(an unknown metric, a missing weights file, a network that does not load) fails before the first
-image is generated, as a ``ConfigError`` naming the key to fix.
+resolution, count and network and cached on disk (``eval.cache_dir``) with its captions; when every
+metric's real side is cached, only those captions are read and no real image is loaded. Everything
+that can fail (an unknown metric, a missing weights file, a network that does not load, a hub model
+that is neither cached nor reachable) fails before the first image is generated, as a
+``ConfigError`` naming the key to fix.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from pathlib import Path
@@ -37,6 +40,8 @@ METRICS = {
     "cmmd": "CMMD: MMD of CLIP image embeddings",
     "dino-mmd": "DINO-MMD: MMD of DINOv2 CLS embeddings",
 }
+#: what ``pixelrun eval`` computes on data other than shapes when eval.metrics has nothing for it
+OFFLINE_DEFAULT_METRICS = ["fd-effnet"]
 _FRECHET = ("fd-effnet", "fid")  # compared through (mu, sigma); the MMDs need every real embedding
 
 
@@ -82,13 +87,22 @@ def applicable_metrics(cfg: Config) -> list[str]:
     return [m for m in cfg.eval.metrics if m != "shapes" or cfg.data.source == "shapes"]
 
 
+def cli_default_metrics(cfg: Config) -> list[str]:
+    """What ``pixelrun eval`` computes without ``--metrics``: the checkpoint's eval.metrics that apply
+    to its data, or, when none does (the default [shapes] on emoji, folder or shard data), the offline
+    :data:`OFFLINE_DEFAULT_METRICS`."""
+    return applicable_metrics(cfg) or list(OFFLINE_DEFAULT_METRICS)
+
+
 def check_metrics(cfg: Config, metrics: list[str], key: str = "eval.metrics") -> None:
     """What can be checked without loading anything: the shapes score on shapes data, enough samples
-    for a covariance, and the network of each metric named (and, if it is a path, present)."""
+    for a covariance, and the network of each metric named (and, if it is a path, present; if it is
+    a hub id, cached or reachable)."""
     if "shapes" in metrics and cfg.data.source != "shapes":
         raise ConfigError(key, f"the shapes score needs data.source=shapes, this run's is {cfg.data.source}")
     if any(m in _FRECHET for m in metrics) and cfg.eval.prompts < 2:
-        raise ConfigError("eval.prompts", f"a Fréchet distance needs at least 2 samples, got {cfg.eval.prompts}")
+        raise ConfigError("eval.prompts", f"a Fréchet distance needs at least 2 samples, got {cfg.eval.prompts} "
+                                          f"(pixelrun eval: --samples)")
     if "fid" in metrics:
         if not cfg.eval.fid_weights:
             raise ConfigError("eval.fid_weights", "the fid metric needs pytorch-fid's pt_inception-2015-12-05-"
@@ -99,17 +113,63 @@ def check_metrics(cfg: Config, metrics: list[str], key: str = "eval.metrics") ->
                                     ("dino-mmd", "eval.dino_model", cfg.eval.dino_model)):
         if metric in metrics:
             _check_model_source(model_key, spec, metric)
+            _hub_kwargs(model_key, spec, metric)
 
 
 def _check_model_source(key: str, spec: str, metric: str) -> None:
-    """A hub id can only be checked by loading it; a path must be a model folder."""
-    from .text import _looks_like_path
-
+    """A path must be a model folder; a hub id is checked by :func:`_hub_kwargs`."""
     if not spec:
         raise ConfigError(key, f"the {metric} metric needs a model: a local path or Hugging Face id")
     path = os.path.expanduser(spec)
-    if (_looks_like_path(path) or os.path.exists(path)) and not os.path.isfile(os.path.join(path, "config.json")):
+    if _is_local(spec) and not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(key, f"the {metric} metric's model {spec!r} is not a model folder (no {path}/config.json)")
+
+
+def _is_local(spec: str) -> bool:
+    from .text import _looks_like_path
+
+    path = os.path.expanduser(spec)
+    return _looks_like_path(path) or os.path.exists(path)
+
+
+def _hub_kwargs(key: str, spec: str, metric: str) -> dict:
+    """``from_pretrained`` keywords for a metric network named by a hub id, decided before any work.
+
+    Without a network (HF_HUB_OFFLINE set, or the hub endpoint not answering one request), a model
+    in the Hugging Face cache loads with ``local_files_only=True`` and one that is not cached is a
+    ConfigError at once: otherwise huggingface_hub retries for about half a minute before failing."""
+    if _is_local(spec):
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except ValueError:  # not a valid repo id: from_pretrained will say so
+        return {}
+    offline = constants.HF_HUB_OFFLINE
+    if not offline and _hub_reachable(constants.ENDPOINT):
+        return {}
+    if cached:
+        return {"local_files_only": True}
+    why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} does not answer"
+    raise ConfigError(key, f"the {metric} metric's model {spec!r} is neither a local model folder nor in the Hugging "
+                           f"Face cache ({constants.HF_HUB_CACHE}), and {why}: download it where there is a network "
+                           f"(hf download {spec}) or give a local path")
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """One HEAD request, no retries; any HTTP answer counts (proxies from the environment apply)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _network_spec(cfg: Config, metric: str) -> tuple[str, dict, str]:
@@ -119,7 +179,8 @@ def _network_spec(cfg: Config, metric: str) -> tuple[str, dict, str]:
         "fd-effnet": lambda: ("efficientnet-lite0", {}, "eval.metrics"),
         "fid": lambda: ("fid-inception", {"weights_path": os.path.expanduser(e.fid_weights)}, "eval.fid_weights"),
         "cmmd": lambda: ("clip", {"model": os.path.expanduser(e.clip_model)}, "eval.clip_model"),
-        "dino-mmd": lambda: ("dino", {"model": os.path.expanduser(e.dino_model)}, "eval.dino_model"),
+        "dino-mmd": lambda: ("dino", {"model": os.path.expanduser(e.dino_model), "size": e.dino_resolution},
+                             "eval.dino_model"),
     }[metric]()
 
 
@@ -133,12 +194,32 @@ def load_metric_networks(cfg: Config, metrics: list[str], device) -> dict[str, t
         if metric == "shapes":
             continue
         kind, kwargs, key = _network_spec(cfg, metric)
+        if kind in ("clip", "dino"):
+            kwargs.update(_hub_kwargs(key, kwargs["model"], metric))
         try:
             networks[metric] = load_metric_network(kind, **kwargs).to(device)
         except (OSError, ValueError, RuntimeError, ImportError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(key, f"the {metric} metric's network did not load: {reason}") from e
+    dino = networks.get("dino-mmd")
+    if dino is not None and cfg.eval.dino_resolution % dino.patch:
+        raise ConfigError("eval.dino_resolution", f"{cfg.eval.dino_resolution} is not a multiple of the DINO model's "
+                                                  f"patch {dino.patch} (PRX: 518 = 37 x 14)")
     return networks
+
+
+def sample_size_warnings(metrics: list[str], networks: dict, n: int) -> list[str]:
+    """One line per Fréchet distance whose sample count is below its feature dimension: the
+    covariance estimate is then singular and the distance mostly estimation bias."""
+    out = []
+    for m in metrics:
+        dim = getattr(networks.get(m), "dim", None)
+        if m in _FRECHET and dim and n < dim:
+            out.append(f"{m} on {n} samples, fewer than its {dim} feature dimensions: the covariance is singular "
+                       f"and the number mostly estimation bias; compare it only with numbers at the same sample "
+                       f"count, or raise eval.prompts (pixelrun eval: --samples) to {dim} or more (FID is usually "
+                       f"reported at 10k-50k)")
+    return out
 
 
 def dataset_key(cfg: Config) -> str:
@@ -151,6 +232,24 @@ def dataset_key(cfg: Config) -> str:
     if d.source == "folder":
         return f"folder:{os.path.realpath(d.path)}"
     return f"{d.source}:{d.path}:seed{cfg.seed}"  # drawn from the start of the training stream
+
+
+def held_out_captions(cfg: Config, n: int) -> list[str]:
+    """The captions of :func:`real_images_and_prompts`, without rendering or decoding an image where
+    the source allows it (shapes, emoji); other sources read their first ``n`` items as it does."""
+    if cfg.data.source == "shapes":
+        from .data.shapes import fixed_prompts
+
+        return fixed_prompts(n, seed=cfg.eval.seed, max_shapes=cfg.data.max_shapes)
+    if cfg.data.source == "emoji":
+        from .data.emoji import EmojiDataset
+
+        captions = EmojiDataset("eval").captions
+        if n > len(captions):
+            raise ConfigError("eval.prompts", f"the emoji data holds out {len(captions)} images, {n} asked for "
+                                              f"(pixelrun eval: --samples)")
+        return list(captions[:n])
+    return real_images_and_prompts(cfg, n)[1]
 
 
 def real_images_and_prompts(cfg: Config, n: int) -> tuple[np.ndarray, list[str]]:
@@ -218,10 +317,13 @@ def _bar(enabled: bool, **kwargs):
 class Evaluator:
     """The evaluations of one model: the metric networks (loaded once, at construction, so a bad one
     fails before any image is generated), the held-out captions and real images, and the real side of
-    each metric (computed once, cached on disk under ``eval.cache_dir``).
+    each metric (computed once, cached on disk under ``eval.cache_dir`` with its captions).
 
+    Real images are read only when some metric's real side is not cached yet: on a cache hit the
+    captions come from the cache file (several GB of images at FID scale are never loaded).
     ``compute=False`` (ranks other than 0 in training) only generates: a sharded model's forward is
-    collective, so every rank samples, but only one computes and reports the metrics.
+    collective, so every rank samples, but only one computes and reports the metrics; those ranks
+    read only the captions (:func:`held_out_captions`).
     """
 
     def __init__(self, cfg: Config, metrics: list[str], device, *, compute: bool = True, progress: bool = False,
@@ -232,26 +334,48 @@ class Evaluator:
         self._data: dict[tuple, tuple[np.ndarray | None, list[str]]] = {}
         self._real: dict[tuple, object] = {}
         self._real_data(cfg)  # now, so too few real images also fail before any work
+        for line in sample_size_warnings(self.metrics, self.networks, cfg.eval.prompts):
+            print(f"pixelrun: warning: {line}", file=sys.stderr)
 
     def _data_key(self, cfg: Config) -> tuple:
         return dataset_key(cfg), cfg.data.resolution, cfg.eval.prompts
 
     def _real_data(self, cfg: Config) -> tuple[np.ndarray | None, list[str]]:
-        """(real images, captions); the images are None once every metric's real side is computed."""
-        if self._data_key(cfg) not in self._data:
-            self._data[self._data_key(cfg)] = real_images_and_prompts(cfg, cfg.eval.prompts)
-        return self._data[self._data_key(cfg)]
+        """(real images or None, captions): None when no metric here needs them (every real side is
+        cached, or held in memory, or this rank does not compute)."""
+        key = self._data_key(cfg)
+        if key not in self._data:
+            with_real_side = [m for m in self.networks if m != "shapes"]
+            captions = self._cached_captions(cfg, with_real_side) if with_real_side else None
+            if captions is not None or not with_real_side:
+                self._data[key] = (None, captions if captions is not None else held_out_captions(cfg, cfg.eval.prompts))
+            else:
+                self._data[key] = real_images_and_prompts(cfg, cfg.eval.prompts)
+        return self._data[key]
 
-    def _reference(self, metric: str, cfg: Config, real: np.ndarray | None):
-        """The real side of ``metric``: (mu, sigma) for a Fréchet distance, embeddings for an MMD."""
+    def _cached_captions(self, cfg: Config, metrics: list[str]) -> list[str] | None:
+        """The captions stored with every metric's cached real side, or None if any is missing."""
+        from .metrics import cached_captions
+
+        found = [cached_captions(os.path.expanduser(cfg.eval.cache_dir), dataset_key(cfg), cfg.data.resolution,
+                                 cfg.eval.prompts, self.networks[m], embeddings=m not in _FRECHET) for m in metrics]
+        if any(c is None for c in found) or any(c != found[0] for c in found):
+            return None
+        return found[0]
+
+    def _reference(self, metric: str, cfg: Config, real: np.ndarray | None, prompts: list[str]):
+        """The real side of ``metric``: (mu, sigma) for a Fréchet distance, embeddings for an MMD.
+        ``real`` None (the captions came from the cache): the images are read only if the cache file
+        went missing since."""
         from .metrics import real_embeddings, real_feature_stats
 
         key = (metric, *self._data_key(cfg))
         if key not in self._real:
             fn = real_feature_stats if metric in _FRECHET else real_embeddings
+            images = (lambda: real) if real is not None else (lambda: real_images_and_prompts(cfg, cfg.eval.prompts)[0])
             with _bar(self.progress, total=cfg.eval.prompts, desc=f"eval: real images, {metric}", unit="img") as bar:
                 self._real[key] = fn(os.path.expanduser(cfg.eval.cache_dir), dataset_key(cfg), cfg.data.resolution,
-                                     cfg.eval.prompts, self.networks[metric], lambda: real, progress=bar)
+                                     cfg.eval.prompts, self.networks[metric], images, progress=bar, captions=prompts)
         return self._real[key]
 
     def _metric(self, metric: str, cfg: Config, images: np.ndarray, prompts: list[str], real: np.ndarray | None):
@@ -261,7 +385,7 @@ class Evaluator:
             from .shapes_score import score_images
 
             return score_images(list(images), prompts)
-        reference = self._reference(metric, cfg, real)
+        reference = self._reference(metric, cfg, real, prompts)
         with _bar(self.progress, total=len(images), desc=f"eval: generated images, {metric}", unit="img") as bar:
             fake = image_features(self.networks[metric], images, progress=bar)
         if metric in _FRECHET:
@@ -312,6 +436,9 @@ class Evaluator:
         kind, kwargs, _ = _network_spec(cfg, metric)
         out = {"network": getattr(net, "name", kind),
                "weights": kwargs.get("weights_path") or kwargs.get("model") or getattr(net, "weights_path", None)}
+        if hasattr(net, "preprocessing"):  # the transformer embedders: resolution and their reference's steps
+            out["resolution"] = net.size
+            out["preprocessing"] = net.preprocessing.format(size=net.size)
         if metric not in _FRECHET:
             out["sigma"], out["scale"] = _kernel(cfg, metric)
         return out

@@ -20,9 +20,10 @@ plus the embedding networks (one ships offline, FID's needs user-supplied weight
   (``pixelrun/teachers/inception.py``, pytorch-fid's Inception-v3 with its TF-compatibility
   patches, weights brought by the user), then :func:`feature_stats` + :func:`frechet_distance`.
 * CMMD: :class:`CLIPImageEmbedder` (``CLIPVisionModelWithProjection``, by local path or hub id,
-  preprocessed as google-research/cmmd does) + :func:`real_embeddings` + :func:`mmd`.
-* DINO-MMD: :class:`DinoImageEmbedder` (the DINOv2 CLS token, loaded by the REPA / P-DINO
-  teacher loader) + the same MMD.
+  preprocessed as google-research ``cmmd/io_util.py`` does: centre crop, PIL bicubic with its
+  antialiasing, ``/ 255``, CLIP mean / std) + :func:`real_embeddings` + :func:`mmd`.
+* DINO-MMD: :class:`DinoImageEmbedder` (the DINOv2 CLS token, by default of DINOv2-L/14 with
+  registers at 518px as PRX's callback, loaded by the REPA / P-DINO teacher loader) + the same MMD.
 
 Input convention (the pitfall RECIPE.md records for PRX): metric networks take **floats in [0, 1]**.
 Reference FID code multiplies its input by 255 internally; feeding it uint8 images makes the
@@ -56,6 +57,8 @@ __all__ = [
     "EfficientNetLite0Embedder",
     "CLIPImageEmbedder",
     "DinoImageEmbedder",
+    "cmmd_center_crop_and_resize",
+    "cached_captions",
     "CLIP_MEAN",
     "CLIP_STD",
     "load_metric_network",
@@ -230,27 +233,28 @@ class EfficientNetLite0Embedder(_FrozenEmbedder):
         return self.net.features(x, stride=32).mean((2, 3))
 
 
-def resize_short_side_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``[B, 3, H, W]`` floats in [0, 1] -> ``[B, 3, size, size]``: the shorter side bicubically
-    resized to ``size`` (the longer to ``int(size * long / short)``, transformers' rounding), then
-    the centre ``size`` x ``size`` crop (top / left offsets rounded down), as CLIPImageProcessor does.
+def cmmd_center_crop_and_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """One uint8 ``[H, W, 3]`` image -> float32 ``[size, size, 3]`` in [0, 1], exactly as CMMD's
+    reference reads an image file: google-research ``cmmd/io_util.py`` ``_center_crop_and_resize``
+    (the centre ``min(H, W)`` square, top / left offsets rounded down, then PIL's
+    ``Image.resize((size, size), BICUBIC)``, which antialiases when it shrinks) and ``_read_image``
+    (``np.asarray(im).astype(float32)``), then ``compute_embeddings_for_dir``'s ``/ 255``.
+    ``cmmd/embedding.py`` ``_clip_preprocess`` then resizes to the size it already has (the identity)
+    and normalises with CLIP's mean / std, which :meth:`CLIPImageEmbedder.preprocess` does next."""
+    from PIL import Image
 
-    Antialiased, because PIL's bicubic (which the processor uses) filters over the whole source
-    footprint when downscaling; clamped to [0, 1] because the processor's uint8 result cannot
-    overshoot. An image already ``size`` on its shorter side is only cropped."""
-    h, w = images.shape[-2:]
-    short, long = min(h, w), max(h, w)
-    new_h, new_w = (size, int(size * long / short)) if h <= w else (int(size * long / short), size)
-    x = images.float()
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return x[..., top:top + size, left:left + size]
+    im = Image.fromarray(np.ascontiguousarray(image))
+    w, h = im.size
+    side = min(w, h)
+    top, left = (h - side) // 2, (w - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((size, size), resample=Image.Resampling.BICUBIC)
+    return np.asarray(im).astype(np.float32) / 255.0
 
 
 class _NormalisedEmbedder(_FrozenEmbedder):
-    """Shared frame of the transformer embedders: frozen, always eval, ``forward`` = resize and crop
-    to ``size``, ``(x - mean) / std``, the subclass's ``_embed``, then L2 normalisation, in fp32."""
+    """Shared frame of the transformer embedders: frozen, always eval, ``forward`` = the subclass's
+    ``preprocess`` (its reference's resize and ``(x - mean) / std``), its ``_embed``, then L2
+    normalisation, in fp32."""
 
     def __init__(self, size: int, mean, std):
         super().__init__()
@@ -260,7 +264,7 @@ class _NormalisedEmbedder(_FrozenEmbedder):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Floats in [0, 1] ``[B, 3, H, W]`` -> the normalised ``[B, 3, size, size]`` network input."""
-        return (resize_short_side_center_crop(images, self.size) - self.mean) / self.std
+        raise NotImplementedError
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -274,15 +278,19 @@ class CLIPImageEmbedder(_NormalisedEmbedder):
     """CMMD's embedding: CLIP's projected image embedding (``image_embeds`` of transformers'
     ``CLIPVisionModelWithProjection``), L2-normalised, as google-research/cmmd computes it.
 
-    Preprocessing is the reference code's, not CLIPImageProcessor's, so that numbers compare with
-    published CMMD: the whole image squashed to ``image_size`` x ``image_size`` (336 for CMMD's
-    ``openai/clip-vit-large-patch14-336``) by torch's bicubic without antialiasing, no clamp, then
-    CLIP mean / std. (The processor would resize the shorter side with PIL's antialiased bicubic
-    and centre-crop: up to ~0.1 of the [0, 1] range apart per pixel on noise upscaled 48 -> 336px.)
+    Preprocessing is the reference code's, so that numbers compare with published CMMD: each image
+    as uint8, its centre square cropped (a wide image loses its sides, it is not squashed), resized
+    with PIL's bicubic (antialiased) to ``image_size`` (336 for CMMD's
+    ``openai/clip-vit-large-patch14-336``), ``/ 255``, then CLIP mean / std
+    (:func:`cmmd_center_crop_and_resize`). Floats in [0, 1] are rounded to uint8 first, as the
+    reference reads its images from PNG / JPEG files; uint8 images divided by 255 come back exactly.
 
     Loads from a local folder or a hub id through pixelrun's strict ``from_pretrained``; a full
     ``CLIPModel`` checkpoint (the hub's ``openai/clip-*``) works too, its text tower is skipped.
     """
+
+    preprocessing = ("centre crop to a square, PIL bicubic resize (antialiased) to {size}px, uint8 / 255, CLIP "
+                     "mean / std (google-research cmmd/io_util.py _center_crop_and_resize)")
 
     def __init__(self, model: nn.Module, name: str):
         config = model.config
@@ -309,10 +317,14 @@ class CLIPImageEmbedder(_NormalisedEmbedder):
             raise ValueError(f"{spec!r} has model_type {config.model_type!r}, not a CLIP model")
         model = _from_pretrained(CLIPVisionModelWithProjection, spec, config=config, dtype=torch.float32,
                                  **hf_kwargs)
-        return cls(model.float(), name=f"clip-image-embeds-l2-{model.config.image_size}px ({spec})")
+        size = model.config.image_size
+        # "-crop-pil" in the name keeps real embeddings cached under the old squash apart
+        return cls(model.float(), name=f"clip-image-embeds-l2-{size}px-crop-pil ({spec})")
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
+        u8 = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        x = np.stack([cmmd_center_crop_and_resize(im, self.size) for im in u8])
+        x = torch.from_numpy(x).permute(0, 3, 1, 2).to(self.mean.device)
         return (x - self.mean) / self.std
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -321,33 +333,49 @@ class CLIPImageEmbedder(_NormalisedEmbedder):
 
 class DinoImageEmbedder(_NormalisedEmbedder):
     """DINO-MMD's embedding: the DINOv2 global embedding, i.e. the CLS token of the final
-    layer-normed sequence (``pooler_output`` of transformers' ``Dinov2Model``), L2-normalised.
+    layer-normed sequence (``pooler_output`` of transformers' ``Dinov2Model`` /
+    ``Dinov2WithRegistersModel``; ``x_norm_clstoken``, what the torch-hub DINOv2 returns),
+    L2-normalised.
 
-    Input: shorter side resized (bicubic, antialiased) to ``size`` = 224, DINOv2's training and
-    evaluation resolution, centre crop (a plain resize for the square images pixelrun evaluates),
-    ImageNet mean / std. Loaded by the REPA / P-DINO teacher loader (``HFDinoTeacher``), which also
-    accepts DINOv2-with-registers (the recipe's DINOv2-L/14-reg) and DINOv3.
+    Defaults as PRX's callback (Photoroom/PRX ``callbacks/log_generation_metrics.py``,
+    ``LogQualityMetrics``: ``dino_model_name="dinov2_vitl14_reg"``, ``dino_resize_size=518``,
+    ``DINOFeatureExtractor(normalize_embeddings=True)``): DINOv2-L/14 with registers at 518px.
+    That callback imports the extractor from ``callbacks/feature_extractors.py``, which was not
+    available to read; an earlier version of the callback defined it inline
+    (``DINOFeatureExtractor.forward``): uint8 / 255, ImageNet mean / std, then the whole image
+    squashed to ``resize_size`` x ``resize_size`` with torch's bicubic (``align_corners=False``, no
+    antialiasing), which :meth:`preprocess` does. (For the square images pixelrun evaluates,
+    squashing and cropping are the same.)
 
-    Why L2-normalised: the recipe's DINO-MMD uses "the same MMD" as CMMD, sigma 10, scale 1000,
-    and that bandwidth was chosen for unit-norm CLIP embeddings (squared distances <= 4, far below
-    2 sigma^2 = 200). A raw layer-normed CLS token has a norm of about sqrt(hidden size) times the
-    LayerNorm gains (~28 for ViT-B with unit gains), so squared distances of hundreds would put most
-    pairs in the kernel's flat tail; normalised, the same sigma means the same for both networks. ``eval.dino_mmd_sigma`` / ``eval.dino_mmd_scale`` change them.
+    Why L2-normalised, beyond PRX doing it: the recipe's DINO-MMD uses "the same MMD" as CMMD,
+    sigma 10, scale 1000, and that bandwidth was chosen for unit-norm CLIP embeddings (squared
+    distances <= 4, far below 2 sigma^2 = 200). A raw layer-normed CLS token has a norm of about
+    sqrt(hidden size) times the LayerNorm gains, so squared distances of hundreds would put most
+    pairs in the kernel's flat tail. ``eval.dino_mmd_sigma`` / ``eval.dino_mmd_scale`` change them.
     """
 
-    def __init__(self, teacher: nn.Module, *, size: int = 224, name: str | None = None):
+    preprocessing = ("ImageNet mean / std, torch bicubic squash to {size}x{size} (align_corners=False, no "
+                     "antialiasing), CLS token L2-normalised (PRX callbacks/log_generation_metrics.py)")
+
+    def __init__(self, teacher: nn.Module, *, size: int = 518, name: str | None = None):
         super().__init__(size, IMAGENET_MEAN, IMAGENET_STD)
         self.model = teacher.model
         self.dim = int(teacher.dim)
-        self.name = name or f"dino-cls-l2-{self.size}px ({teacher.name})"
+        self.patch = int(teacher.patch)
+        self.name = name or f"dino-cls-l2-{self.size}px-squash ({teacher.name})"
         self._freeze()
 
     @classmethod
-    def from_pretrained(cls, spec: str, *, size: int = 224, **hf_kwargs) -> "DinoImageEmbedder":
+    def from_pretrained(cls, spec: str, *, size: int = 518, **hf_kwargs) -> "DinoImageEmbedder":
         from .teachers.features import HFDinoTeacher
 
         teacher = HFDinoTeacher.from_pretrained(spec, compute_dtype=torch.float32, **hf_kwargs)
-        return cls(teacher, size=size, name=f"dino-cls-l2-{size}px ({spec})")
+        # "-squash" in the name keeps real embeddings cached under the old short-side resize apart
+        return cls(teacher, size=size, name=f"dino-cls-l2-{size}px-squash ({spec})")
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        return F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values).pooler_output
@@ -363,7 +391,11 @@ def load_metric_network(spec: str, **kwargs) -> nn.Module:
       downloaded). The Fréchet distance on it, with real statistics from enough images (FID is
       usually reported at 10k-50k), is FID.
     * ``"clip"``: :class:`CLIPImageEmbedder` from ``model=`` (a local path or hub id); CMMD's.
-    * ``"dino"``: :class:`DinoImageEmbedder` from ``model=`` (a DINOv2 path or hub id); DINO-MMD's.
+    * ``"dino"``: :class:`DinoImageEmbedder` from ``model=`` (a DINOv2 path or hub id) at ``size=``
+      (default 518); DINO-MMD's.
+
+    ``"clip"`` / ``"dino"`` pass other keywords (``local_files_only``, ``revision``...) to
+    ``from_pretrained``.
     """
     if spec == "clip":
         return CLIPImageEmbedder.from_pretrained(kwargs.pop("model"), **kwargs)
@@ -442,13 +474,22 @@ def stats_cache_path(cache_dir: str, dataset: str, resolution: int, n: int, netw
     return os.path.join(cache_dir, f"{slug}-{digest}.npz")
 
 
+def _read_cached(path: str, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays stored at ``path`` if the file's stored ``key`` equals ``key``, else None."""
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        if "key" in f and str(f["key"]) == key:
+            return {k: f[k] for k in f.files if k != "key"}
+    return None
+
+
 def _cached(path: str, key: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
     """The arrays stored at ``path`` if the file's stored ``key`` equals ``key``; otherwise
     ``compute()``'s, written atomically (temporary file + rename) with the key beside them."""
-    if os.path.exists(path):
-        with np.load(path) as f:
-            if "key" in f and str(f["key"]) == key:
-                return {k: f[k] for k in f.files if k != "key"}
+    arrays = _read_cached(path, key)
+    if arrays is not None:
+        return arrays
     arrays = compute()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}.npz"
@@ -468,33 +509,58 @@ def _network_name(network: nn.Module) -> str:
     return str(getattr(network, "name", type(network).__name__))
 
 
+def _real_entry(cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module,
+                embeddings: bool) -> tuple[str, str]:
+    """(file, key) of one real side: statistics (Fréchet) or ``"-embeddings"`` (MMD), so the two
+    never share a file for the same network."""
+    name = f"{_network_name(network)}-embeddings" if embeddings else _network_name(network)
+    key = json.dumps([str(dataset), int(resolution), int(n), name])
+    return stats_cache_path(cache_dir, dataset, resolution, n, name), key
+
+
+def _with_captions(arrays: dict, captions) -> dict:
+    return {**arrays, "captions": np.array(list(captions), dtype=str)} if captions is not None else arrays
+
+
 def real_feature_stats(cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module,
-                       images: Callable[[], object], *, batch: int = 64, progress=None) -> tuple[np.ndarray, np.ndarray]:
+                       images: Callable[[], object], *, batch: int = 64, progress=None,
+                       captions: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, sigma)`` of ``network``'s features of ``n`` real images, from the cache if present.
 
     The cache key is (dataset, resolution, n, ``network.name``), stored inside the file and checked
     on load, so a stale or mismatched file is recomputed, never silently reused. ``images`` is called
     only on a cache miss and must return exactly ``n`` images (uint8 or floats in [0, 1], see
-    :func:`image_features`). Writes are atomic (temporary file + rename).
+    :func:`image_features`). ``captions`` (those images' captions) are stored beside the statistics,
+    so a later evaluation can read them back (:func:`cached_captions`) instead of loading the images.
+    Writes are atomic (temporary file + rename).
     """
-    name = _network_name(network)
-    key = json.dumps([str(dataset), int(resolution), int(n), name])
+    path, key = _real_entry(cache_dir, dataset, resolution, n, network, embeddings=False)
 
     def compute():
         mu, sigma = feature_stats(_real_features(network, images, n, batch, progress))
-        return {"mu": mu, "sigma": sigma}
+        return _with_captions({"mu": mu, "sigma": sigma}, captions)
 
-    arrays = _cached(stats_cache_path(cache_dir, dataset, resolution, n, name), key, compute)
+    arrays = _cached(path, key, compute)
     return arrays["mu"], arrays["sigma"]
 
 
 def real_embeddings(cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module,
-                    images: Callable[[], object], *, batch: int = 64, progress=None) -> np.ndarray:
+                    images: Callable[[], object], *, batch: int = 64, progress=None,
+                    captions: list[str] | None = None) -> np.ndarray:
     """``network``'s ``[n, D]`` embeddings of ``n`` real images (what an MMD needs: it has no
-    sufficient statistics), cached like :func:`real_feature_stats` under the network name plus
-    ``"-embeddings"`` so they never share a file with statistics of the same network."""
-    name = f"{_network_name(network)}-embeddings"
-    key = json.dumps([str(dataset), int(resolution), int(n), name])
-    arrays = _cached(stats_cache_path(cache_dir, dataset, resolution, n, name), key,
-                     lambda: {"embeddings": _real_features(network, images, n, batch, progress)})
+    sufficient statistics), cached like :func:`real_feature_stats`, captions included."""
+    path, key = _real_entry(cache_dir, dataset, resolution, n, network, embeddings=True)
+    arrays = _cached(path, key, lambda: _with_captions(
+        {"embeddings": _real_features(network, images, n, batch, progress)}, captions))
     return arrays["embeddings"]
+
+
+def cached_captions(cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module, *,
+                    embeddings: bool) -> list[str] | None:
+    """The captions stored with a cached real side (:func:`real_feature_stats` when ``embeddings``
+    is False, :func:`real_embeddings` when True), or None: no such file, a file of another key, or
+    one written without captions. What lets an evaluation skip the real images on a cache hit."""
+    arrays = _read_cached(*_real_entry(cache_dir, dataset, resolution, n, network, embeddings))
+    if arrays is None or "captions" not in arrays:
+        return None
+    return [str(c) for c in arrays["captions"]]

@@ -45,6 +45,20 @@ def tiny_dino_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def tiny_dino_reg_dir(tmp_path_factory) -> str:
+    """A randomly initialised Dinov2WithRegistersModel (4 registers, patch 14, 518px position table):
+    the architecture of PRX's dinov2_vitl14_reg, a thousand times narrower."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    cfg = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    patch_size=14, image_size=518, num_register_tokens=4)
+    path = tmp_path_factory.mktemp("tiny-dinov2-reg")
+    Dinov2WithRegistersModel(cfg).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_encoder_dir) -> Path:
     """A 2-step shapes run (no end-of-run evaluation) to evaluate."""
     run = tmp_path_factory.mktemp("eval-run") / "run"
@@ -52,49 +66,85 @@ def tiny_run(tmp_path_factory, tiny_encoder_dir) -> Path:
     return run
 
 
-def _smooth_image(rng, h, w) -> np.ndarray:
-    """uint8 [h, w, 3] without pixel noise (a bilinear upsampling of a coarse random grid), so
-    bicubic kernels of different libraries land close together."""
-    coarse = rng.integers(0, 256, size=(max(2, h // 6), max(2, w // 6), 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR))
+def _cmmd_reference_input(image: np.ndarray, size: int) -> np.ndarray:
+    """google-research cmmd's input, its steps written out here with PIL and numpy: io_util.py
+    _center_crop_and_resize (centre square, offsets rounded down; PIL bicubic), _read_image
+    (asarray, float32), compute_embeddings_for_dir (/ 255), embedding.py _clip_preprocess (a resize to
+    the size it already has, then CLIP's normalize_image). [3, size, size] float32."""
+    im = Image.fromarray(image)
+    w, h = im.size
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    x = np.asarray(im.crop(box).resize((size, size), resample=Image.BICUBIC)).astype(np.float32) / 255.0
+    x = (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def _high_frequency_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """uint8 [h, w, 3]: a one-pixel checkerboard plus noise, the worst case for aliasing."""
+    checker = ((np.arange(h)[:, None] + np.arange(w)[None, :]) % 2 * 160).astype(np.int16)
+    noise = np.random.default_rng(seed).integers(0, 96, size=(h, w, 3))
+    return (checker[..., None] + noise).clip(0, 255).astype(np.uint8)
+
+
+def _as_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
 
 
 # ---------------------------------------------------------------------------------------------
 # the embedders
 
 
-def test_clip_embedder_loads_by_path_and_preprocesses_like_cmmd(tiny_clip_dir, tmp_path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
-
+def test_clip_preprocessing_is_cmmd_reference_on_a_high_frequency_1024px_image(tiny_clip_dir):
     clip = load_metric_network("clip", model=tiny_clip_dir)
     assert clip.size == 32 and clip.dim == 16 and not clip.training
+    image = _high_frequency_image(1024, 1024)
+    got = clip.preprocess(_as_tensor(image))[0].numpy()
+    ref = _cmmd_reference_input(image, 32)
+    assert got.shape == ref.shape == (3, 32, 32)
+    assert np.abs(got - ref).max() < 1e-5  # float32 rounding of the normalisation, nothing more
+    # The antialiasing is what the old torch squash lacked: on this image it moves pixels by a large
+    # part of the range, while torch's own antialiased bicubic (an independent implementation of
+    # PIL's filter) lands within a few uint8 steps of the reference.
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    for antialias, bound in ((True, 3 / 255), (False, None)):
+        x = F.interpolate(_as_tensor(image), size=(32, 32), mode="bicubic", align_corners=False, antialias=antialias)
+        other = ((x[0] - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / std).numpy()
+        diff = (np.abs(other - ref) * std.numpy()).max()  # in [0, 1] pixel units
+        assert diff < bound if antialias else diff > 0.2, (antialias, diff)
+
+
+@pytest.mark.parametrize("h, w, band", [(1024, 1536, (slice(None), np.r_[:256, 1280:1536])),   # wide
+                                        (1536, 1024, (np.r_[:256, 1280:1536], slice(None))),   # tall
+                                        (1024, 1027, (slice(None), np.r_[:1, 1025:1027]))])    # offset rounded down
+def test_clip_preprocessing_crops_a_non_square_image(tiny_clip_dir, h, w, band):
+    clip = load_metric_network("clip", model=tiny_clip_dir)
+    image = np.full((h, w, 3), 255, np.uint8)
+    image[band] = 0  # black outside the centre square
+    image[h // 2 - 100:h // 2 + 100, w // 2 - 100:w // 2 + 100] = (200, 128, 128)  # something inside it
+    got = clip.preprocess(_as_tensor(image))[0]
+    pixels = got * clip.std[0] + clip.mean[0]
+    assert pixels.min() > 0.45  # no black: the bands were cut off, not squashed in
+    np.testing.assert_allclose(got.numpy(), _cmmd_reference_input(image, 32), atol=1e-5)
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    centre = image[top:top + side, left:left + side]
+    np.testing.assert_array_equal(got.numpy(), clip.preprocess(_as_tensor(centre))[0].numpy())
+
+
+def test_clip_embedder_loads_by_path_and_embeds_the_reference_input(tiny_clip_dir, tmp_path):
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
+
+    clip = load_metric_network("clip", model=tiny_clip_dir)
     assert not any(p.requires_grad for p in clip.parameters())
-    # google-research/cmmd's pipeline as the reference: torch bicubic squash to the model's size,
-    # then CLIPImageProcessor normalising only (no resize, no crop, no rescale)
-    processor = CLIPImageProcessor()
-    rng = np.random.default_rng(0)
-    for h, w in [(32, 32), (32, 44), (64, 96), (20, 24)]:  # as is, squash, downscale, upscale
-        image = torch.from_numpy(_smooth_image(rng, h, w).copy()).permute(2, 0, 1)[None].float() / 255
-        squashed = F.interpolate(image, size=(32, 32), mode="bicubic", align_corners=False)
-        ref = processor(images=squashed[0].permute(1, 2, 0).numpy(), do_resize=False, do_center_crop=False,
-                        do_rescale=False, return_tensors="pt")["pixel_values"]
-        got = clip.preprocess(image)
-        assert got.shape == ref.shape == (1, 3, 32, 32)
-        assert torch.allclose(got, ref, atol=1e-5), (h, w)
-    # squashed, not cropped: the black left and white right halves of a wide image both survive
-    wide = torch.cat([torch.zeros(1, 3, 32, 32), torch.ones(1, 3, 32, 32)], dim=3)
-    x = clip.preprocess(wide) * clip.std + clip.mean
-    assert x[..., :14].max() < 0.05 and x[..., 18:].min() > 0.95
-    # the embedding: image_embeds of the saved (never loaded) model's weights, L2-normalised
-    images = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(1))
-    emb = clip(images)
+    images = np.random.default_rng(1).integers(0, 256, size=(3, 40, 48, 3), dtype=np.uint8)
+    emb = clip(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
     assert emb.shape == (3, 16)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
-    original = CLIPVisionModelWithProjection.from_pretrained(tiny_clip_dir).eval()
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    x = F.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False)
+    ref_input = torch.from_numpy(np.stack([_cmmd_reference_input(im, 32) for im in images]))
+    original = CLIPVisionModelWithProjection.from_pretrained(tiny_clip_dir).eval()  # the saved weights
     with torch.no_grad():
-        ref = F.normalize(original(pixel_values=(x - mean) / std).image_embeds, dim=-1)
+        ref = F.normalize(original(pixel_values=ref_input).image_embeds, dim=-1)
     assert torch.allclose(emb, ref, atol=1e-5)
     # a full CLIPModel checkpoint (what the hub's openai/clip-* are) loads too: its projection_dim
     # lives at the top level of the config, the text tower is skipped
@@ -107,39 +157,57 @@ def test_clip_embedder_loads_by_path_and_preprocesses_like_cmmd(tiny_clip_dir, t
     full.save_pretrained(tmp_path / "full-clip")
     from_full = load_metric_network("clip", model=str(tmp_path / "full-clip"))
     with torch.no_grad():
-        ref = F.normalize(full.visual_projection(full.vision_model(pixel_values=(x - mean) / std).pooler_output), dim=-1)
-    assert torch.allclose(from_full(images), ref, atol=1e-5)
+        ref = F.normalize(full.visual_projection(full.vision_model(pixel_values=ref_input).pooler_output), dim=-1)
+    assert torch.allclose(from_full(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255), ref, atol=1e-5)
 
 
-def test_dino_embedder_is_the_layernormed_cls_token(tiny_dino_dir):
-    from transformers import Dinov2Model
-
+def _dino_by_hand(model, images: torch.Tensor, size: int) -> torch.Tensor:
+    """PRX's DINOFeatureExtractor on [0, 1] images: ImageNet mean / std, bicubic squash to size
+    (no antialiasing), then the CLS token after the final LayerNorm, L2-normalised."""
     from pixelrun.teachers.features import IMAGENET_MEAN, IMAGENET_STD
 
-    dino = load_metric_network("dino", model=tiny_dino_dir)
-    assert dino.size == 224 and dino.dim == 32 and not dino.training
-    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = F.interpolate((images - mean) / std, size=(size, size), mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        hidden = model(pixel_values=x, output_hidden_states=True).hidden_states[-1]
+        return F.normalize(model.layernorm(hidden)[:, 0], dim=-1)
+
+
+def test_dino_with_registers_loads_by_path_at_prx_settings(tiny_dino_reg_dir):
+    from transformers import Dinov2WithRegistersModel
+
+    from pixelrun.config import Config
+
+    e = Config().eval  # the defaults are PRX's callback's: dinov2_vitl14_reg, resize 518
+    assert (e.dino_model, e.dino_resolution) == ("facebook/dinov2-with-registers-large", 518)
+    dino = load_metric_network("dino", model=tiny_dino_reg_dir, size=e.dino_resolution)
+    assert dino.size == 518 and dino.dim == 32 and dino.patch == 14 and not dino.training
+    assert type(dino.model).__name__ == "Dinov2WithRegistersModel" and "518px" in dino.name
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     emb = dino(images)
     assert emb.shape == (2, 32)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+    # index 0 is the CLS token, before the 4 registers: the saved (never reloaded) weights, by hand
+    original = Dinov2WithRegistersModel.from_pretrained(tiny_dino_reg_dir).eval()
+    assert torch.allclose(emb, _dino_by_hand(original, images, 518), atol=1e-5)
+
+
+def test_dino_embedder_at_224_is_the_layernormed_cls_token(tiny_dino_dir):
+    from transformers import Dinov2Model
+
+    dino = load_metric_network("dino", model=tiny_dino_dir, size=224)
+    assert dino.size == 224 and dino.dim == 32 and not dino.training
     original = Dinov2Model.from_pretrained(tiny_dino_dir).eval()
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    with torch.no_grad():  # the CLS token (index 0) after the final LayerNorm, by hand
-        hidden = original(pixel_values=(images - mean) / std, output_hidden_states=True).hidden_states[-1]
-        ref = F.normalize(original.layernorm(hidden)[:, 0], dim=-1)
-    assert torch.allclose(emb, ref, atol=1e-5)
-    # other sizes are resized to 224 first (a square image: a plain bicubic resize)
-    small = images[:, :, :64, :64]
-    x = F.interpolate(small, size=(224, 224), mode="bicubic", antialias=True).clamp(0, 1)
-    assert torch.allclose(dino(small), dino(x), atol=1e-5)
+    for side in (224, 64, 300):  # as is, up, down: a squash with torch's bicubic, no antialiasing
+        images = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(side))
+        assert torch.allclose(dino(images), _dino_by_hand(original, images, 224), atol=1e-5), side
 
 
 def test_cmmd_of_a_set_with_itself_is_zero(tiny_clip_dir):
     from pixelrun.metrics import image_features
 
     clip = load_metric_network("clip", model=tiny_clip_dir)
-    rng = np.random.default_rng(3)
-    a = image_features(clip, np.stack([_smooth_image(rng, 32, 32) for _ in range(6)]))
+    a = image_features(clip, np.stack([_high_frequency_image(32, 32, seed) for seed in range(6)]))
     b = image_features(clip, np.full((6, 32, 32, 3), 255, np.uint8))  # blank white images
     assert np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-6)
     assert (CMMD_SIGMA, CMMD_SCALE) == (10.0, 1000.0)
@@ -154,7 +222,7 @@ def test_cmmd_of_a_set_with_itself_is_zero(tiny_clip_dir):
 def test_real_images_and_prompts_per_source(tmp_path):
     from pixelrun.data.emoji import fixed_prompts as emoji_prompts
     from pixelrun.data.shapes import fixed_prompts as shapes_prompts
-    from pixelrun.evaluate import draw_real_images, real_images_and_prompts
+    from pixelrun.evaluate import draw_real_images, held_out_captions, real_images_and_prompts
     from pixelrun.shapes_score import score_images
     from pixelrun.train import make_batch_source
 
@@ -164,8 +232,10 @@ def test_real_images_and_prompts_per_source(tmp_path):
     assert prompts == shapes_prompts(5, seed=cfg.eval.seed)  # the shapes score's captions
     assert score_images(list(images), prompts)["placed"] == 1.0  # and their true images
 
-    images, prompts = real_images_and_prompts(load_config(None, ["data.source=emoji", "data.resolution=32"]), 3)
-    assert images.shape == (3, 32, 32, 3) and prompts == emoji_prompts(3)
+    assert held_out_captions(cfg, 5) == prompts  # the same captions without rendering
+    emoji_cfg = load_config(None, ["data.source=emoji", "data.resolution=32"])
+    images, prompts = real_images_and_prompts(emoji_cfg, 3)
+    assert images.shape == (3, 32, 32, 3) and prompts == emoji_prompts(3) == held_out_captions(emoji_cfg, 3)
 
     data = tmp_path / "images"
     data.mkdir()
@@ -179,6 +249,7 @@ def test_real_images_and_prompts_per_source(tmp_path):
                                     "train.batch_size=3"])
     images, prompts = real_images_and_prompts(folder_cfg, 3)
     assert images.shape == (3, 32, 32, 3) and prompts == ["picture 1", "picture 2", "picture 3"]
+    assert held_out_captions(folder_cfg, 3) == prompts
     # any other source: the first n items its training batch source yields, across batches
     images, prompts = draw_real_images(make_batch_source(folder_cfg), 4)
     assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8 and len(prompts) == 4
@@ -225,21 +296,39 @@ def test_eval_cli_shapes_and_fd_effnet_with_cached_real_stats(tiny_run, tmp_path
     assert default["real_images"]["placed"] == 1.0 and default["settings"]["networks"] == {}
 
 
-def test_eval_cli_cmmd_and_dino_mmd(tiny_run, tiny_clip_dir, tiny_dino_dir, tmp_path, capsys):
+def test_eval_cli_cmmd_and_dino_mmd(tiny_run, tiny_clip_dir, tiny_dino_reg_dir, tiny_dino_dir, tmp_path, capsys):
     report = _eval(capsys, "--checkpoint", str(tiny_run), "--metrics", "cmmd,dino-mmd", "--samples", "3",
-                   "--steps", "1", "--clip-model", tiny_clip_dir, "--dino-model", tiny_dino_dir,
+                   "--steps", "1", "--clip-model", tiny_clip_dir, "--dino-model", tiny_dino_reg_dir,
                    "--cache-dir", str(tmp_path / "cache"))
     assert set(report["metrics"]) == {"cmmd", "dino-mmd"}
     assert all(np.isfinite(v) and v >= 0 for v in report["metrics"].values())
     nets = report["settings"]["networks"]
+    # the settings name each model, its input resolution and its reference's preprocessing
     assert nets["cmmd"]["weights"] == tiny_clip_dir and (nets["cmmd"]["sigma"], nets["cmmd"]["scale"]) == (10.0, 1000.0)
-    assert nets["dino-mmd"]["weights"] == tiny_dino_dir and nets["dino-mmd"]["network"].startswith("dino-cls-l2-224px")
+    assert nets["cmmd"]["resolution"] == 32 and "centre crop" in nets["cmmd"]["preprocessing"]
+    assert "PIL bicubic" in nets["cmmd"]["preprocessing"] and "cmmd/io_util.py" in nets["cmmd"]["preprocessing"]
+    assert nets["dino-mmd"]["weights"] == tiny_dino_reg_dir and nets["dino-mmd"]["resolution"] == 518
+    assert nets["dino-mmd"]["network"].startswith("dino-cls-l2-518px") and "squash" in nets["dino-mmd"]["preprocessing"]
     assert len(os.listdir(tmp_path / "cache")) == 2  # one file of real embeddings per network
     # eval.dino_mmd_scale is read: the MMD is linear in its scale (same images, cached real side)
     doubled = _eval(capsys, "--checkpoint", str(tiny_run), "--metrics", "dino-mmd", "--samples", "3", "--steps", "1",
-                    "--dino-model", tiny_dino_dir, "--cache-dir", str(tmp_path / "cache"), "--dino-mmd-scale", "2000")
+                    "--dino-model", tiny_dino_reg_dir, "--cache-dir", str(tmp_path / "cache"),
+                    "--dino-mmd-scale", "2000")
     assert doubled["metrics"]["dino-mmd"] == pytest.approx(2 * report["metrics"]["dino-mmd"], rel=1e-9)
     assert doubled["settings"]["networks"]["dino-mmd"]["scale"] == 2000.0
+    # the 224px base model stays a setting; its real side is a file of its own
+    base = _eval(capsys, "--checkpoint", str(tiny_run), "--metrics", "dino-mmd", "--samples", "3", "--steps", "1",
+                 "--dino-model", tiny_dino_dir, "--dino-resolution", "224", "--cache-dir", str(tmp_path / "cache"))
+    assert base["settings"]["networks"]["dino-mmd"]["resolution"] == 224 and len(os.listdir(tmp_path / "cache")) == 3
+
+
+def test_dino_resolution_must_fit_the_patch(tiny_dino_reg_dir):
+    from pixelrun.config import ConfigError
+    from pixelrun.evaluate import load_metric_networks
+
+    cfg = load_config(None, [f"eval.dino_model={tiny_dino_reg_dir}", "eval.dino_resolution=500"])
+    with pytest.raises(ConfigError, match=r"^eval\.dino_resolution: 500 is not a multiple of .* patch 14"):
+        load_metric_networks(cfg, ["dino-mmd"], "cpu")
 
 
 @pytest.mark.parametrize("args, key", [
@@ -260,6 +349,101 @@ def test_eval_missing_network_fails_before_any_work(tiny_run, tmp_path, capsys, 
     assert main(["eval", "--checkpoint", str(tiny_run), "--samples", "2", "--cache-dir", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"pixelrun: config error: {key}:"), err
+
+
+@pytest.fixture(scope="module")
+def emoji_run(tmp_path_factory, tiny_encoder_dir) -> Path:
+    """A 1-step run on the emoji data, whose eval.metrics stay the default [shapes]."""
+    run = tmp_path_factory.mktemp("emoji-run") / "run"
+    assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"data.source": "emoji", "train.steps": 1,
+                                                                     "eval.prompts": 0})]) == 0
+    return run
+
+
+def test_eval_on_emoji_defaults_to_fd_effnet_writes_out_and_reads_no_real_image_on_a_cache_hit(
+        emoji_run, tmp_path, capsys, monkeypatch):
+    import pixelrun.evaluate
+
+    loads = []
+    real_loader = pixelrun.evaluate.real_images_and_prompts
+
+    def counting_loader(cfg, n):  # the real loader, counted
+        loads.append(n)
+        return real_loader(cfg, n)
+
+    monkeypatch.setattr(pixelrun.evaluate, "real_images_and_prompts", counting_loader)
+    out = tmp_path / "new" / "dir" / "e.json"
+    args = ["eval", "--checkpoint", str(emoji_run), "--samples", "3", "--steps", "1", "--cache-dir",
+            str(tmp_path / "cache"), "--out", str(out)]
+    capsys.readouterr()
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    # the folder was created, and the same result was printed and written
+    assert json.loads(out.read_text()) == printed and not list(out.parent.glob(".*tmp"))
+    # the default [shapes] does not apply to emoji: the offline fd-effnet instead, said once, with
+    # the warning that 3 samples are far fewer than its 1280 feature dimensions
+    assert set(printed["metrics"]) == {"fd-effnet"} and printed["settings"]["data"] == "emoji-heldout"
+    assert "do not apply to data.source=emoji; computing fd-effnet" in captured.err
+    assert "warning: fd-effnet on 3 samples, fewer than its 1280 feature dimensions" in captured.err
+    assert loads == [3]  # the real images, once, for the real statistics
+    # again: the real side is cached, so only its captions are read; the numbers are the same
+    assert main(args) == 0
+    assert loads == [3] and json.loads(capsys.readouterr().out)["metrics"] == printed["metrics"]
+
+
+@pytest.mark.parametrize("args, key", [(["--samples", "0"], "--samples"), (["--out", "."], "--out")])
+def test_eval_bad_samples_or_out_is_one_line_before_any_work(tiny_run, capsys, monkeypatch, args, key):
+    import pixelrun.evaluate
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the check")
+
+    monkeypatch.setattr(pixelrun.evaluate, "generate", no_work)
+    monkeypatch.setattr(pixelrun.evaluate, "real_images_and_prompts", no_work)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tiny_run), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pixelrun: config error: {key}:"), err
+
+
+def test_hub_model_neither_cached_nor_reachable_fails_at_once(tmp_path, tiny_clip_dir, monkeypatch):
+    import shutil
+    import time
+
+    import pixelrun.evaluate
+    from huggingface_hub import constants
+
+    from pixelrun.config import ConfigError
+    from pixelrun.evaluate import load_metric_networks
+
+    probes = []
+
+    def unreachable(endpoint, timeout=5.0):  # what one HEAD request answers without a network
+        probes.append(endpoint)
+        return False
+
+    monkeypatch.setattr(pixelrun.evaluate, "_hub_reachable", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = load_config(None, ["eval.clip_model=someorg/tiny-clip"])
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"^eval\.clip_model: .* neither a local model folder nor in the Hugging "
+                                          r"Face cache .* does not answer"):
+        load_metric_networks(cfg, ["cmmd"], "cpu")
+    assert time.perf_counter() - start < 2 and probes == [constants.ENDPOINT]
+    # the same id in the Hugging Face cache loads from it, with no request
+    repo = tmp_path / "hub" / "models--someorg--tiny-clip"
+    shutil.copytree(tiny_clip_dir, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    assert load_metric_networks(cfg, ["cmmd"], "cpu")["cmmd"].name.endswith("(someorg/tiny-clip)")
+    # HF_HUB_OFFLINE: no probe at all
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    probes.clear()
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
+        load_metric_networks(load_config(None, ["eval.dino_model=someorg/no-such-dino"]), ["dino-mmd"], "cpu")
+    assert probes == []
 
 
 def test_fid_network_comes_from_eval_fid_weights(tmp_path):
