@@ -4,8 +4,12 @@ their data machines (the recipe needs about 400 images/s per GPU at 512 px with 
 Steps, all timed and written to OUT/loader.json with the settings:
   1. a folder of photo-sized JPEGs (benchmarks/make_photo_folder.py; 1.5-3 MP, ~340 KB each),
   2. `pixelrun data convert` into bucketed shards at --store-resolution (resized once),
-  3. the shard loader (`data.source=shards`) at 512 px with 0, 1 and 2 decode threads,
+  3. the shard loader (`data.source=shards`) at 512 px with `data.workers` 0, 1 and 2: decoding in
+     the training process, then in 1 and 2 worker processes (pixelrun/data/loader.py),
   4. for comparison, the image-folder loader on the original photos (a full-size decode per image).
+
+torch runs single-threaded in every process (the workers set it themselves). The goal on a 2-core
+machine: 2 worker processes >= 1.8x one (`shards_speedup_2_vs_1_workers`).
 
     python benchmarks/loader_shards.py [--n 192] [--seconds 20] [--out benchmarks/results/loader-cpu]
 """
@@ -26,17 +30,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def folder_throughput(root: str, resolution: int, batch_size: int, workers: int, seconds: float) -> float:
-    """The same measurement as `measure_throughput`, on the image-folder source."""
-    from pixelrun.data.buckets import aspect_buckets
-    from pixelrun.data.folder import FolderBatchSource, ImageFolder
+def throughput(source, workers: int, seconds: float) -> float:
+    """Images/s of `source` decoded with `workers` processes (0: in this process), as training reads it."""
+    from pixelrun.data.loader import measure_throughput, with_workers
 
-    source = FolderBatchSource(ImageFolder(root), batch_size, aspect_buckets(resolution, 32), workers=workers)
-    next(source)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        n += len(next(source).captions)
-    return n / (time.perf_counter() - t0)
+    loader = with_workers(source, workers)
+    try:
+        return measure_throughput(loader, seconds)
+    finally:
+        if workers:
+            loader.close()
 
 
 def cpu_name() -> str:
@@ -50,7 +53,9 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    from pixelrun.data.shards import measure_throughput
+    from pixelrun.data.buckets import aspect_buckets
+    from pixelrun.data.folder import FolderBatchSource, ImageFolder
+    from pixelrun.data.shards import ShardBatchSource
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=192, help="photos to generate")
@@ -60,7 +65,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--out", default=str(HERE / "results" / "loader-cpu"))
     args = ap.parse_args()
-    torch.set_num_threads(1)  # the loader's own threads are what is measured
+    torch.set_num_threads(1)  # the loader's processes are what is measured
+    buckets = aspect_buckets(args.resolution, 32)
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         photos, shards = Path(tmp) / "photos", Path(tmp) / "shards"
@@ -70,9 +76,10 @@ def main() -> None:
                         "--resolution", str(args.store_resolution), "--shard-size", "64"], check=True)
         convert_s = time.perf_counter() - t0
         spec = str(shards)  # a folder of .tar files is a shard spec
-        shard_rates = {w: measure_throughput(spec, args.resolution, args.batch_size, w, args.seconds) for w in (0, 1, 2)}
-        folder_rates = {w: folder_throughput(str(photos), args.resolution, args.batch_size, w, args.seconds)
-                        for w in (0, 2)}
+        shard_rates = {w: throughput(ShardBatchSource(spec, args.batch_size, buckets), w, args.seconds)
+                       for w in (0, 1, 2)}
+        folder_rates = {w: throughput(FolderBatchSource(ImageFolder(photos), args.batch_size, buckets), w,
+                                      args.seconds) for w in (0, 2)}
         photo_kb = sum(p.stat().st_size for p in photos.glob("*.jpg")) / args.n / 1024
         shard_kb = sum(p.stat().st_size for p in shards.glob("*.tar")) / args.n / 1024
     report = {
@@ -81,9 +88,10 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "photo_kb_mean": photo_kb, "shard_kb_per_sample": shard_kb,
         "convert_seconds": convert_s, "convert_images_per_s": args.n / convert_s,
-        "shards_images_per_s_by_decode_threads": shard_rates,
-        "shards_images_per_s_per_core": shard_rates[0],  # one thread = one core
-        "folder_images_per_s_by_decode_threads": folder_rates,
+        "shards_images_per_s_by_workers": shard_rates,
+        "shards_images_per_s_per_core": shard_rates[0],  # decoding in the training process: one core
+        "shards_speedup_2_vs_1_workers": shard_rates[2] / shard_rates[1],
+        "folder_images_per_s_by_workers": folder_rates,
         "folder_images_per_s_per_core": folder_rates[0],
     }
     out = Path(args.out)

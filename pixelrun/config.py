@@ -54,7 +54,9 @@ class DataConfig:
     resolution: int = 48
     buckets: bool = False  # aspect-ratio buckets in [0.5, 2] (one bucket per batch)
     max_shapes: int = 2  # shapes dataset: at most this many shapes per image
-    workers: int = 0  # image folders, shards: threads that decode and resize each batch's images (0 = inline)
+    # Processes per rank that decode and resize whole batches (pixelrun/data/loader.py); the same
+    # batches for any number. 0 = in the training process (a thread of it with prefetch).
+    workers: int = 0
     prefetch: bool = True  # build the next batch in a background thread during the training step
     # shards: the caption fields and their sampling weights, "txt" (the .txt member) or "json.NAME",
     # e.g. "txt:0.3,json.caption_long:0.7"; a sample lacking a field draws among the others it has.

@@ -52,6 +52,14 @@ def model_from_config(cfg: Config, text_dim: int) -> PRXDenoiser:
 
 
 def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1):
+    """This rank's batches; with data.workers = N > 0 decoded in N processes (the same batches)."""
+    from .data.loader import with_workers
+
+    pin = cfg.data.workers > 0 and cfg.train.device != "cpu" and torch.cuda.is_available()
+    return with_workers(_plain_batch_source(cfg, rank, world_size), cfg.data.workers, pin_memory=pin)
+
+
+def _plain_batch_source(cfg: Config, rank: int, world_size: int):
     sizes = image_sizes(cfg)
     if cfg.data.source == "shapes":
         from .data.shapes import ShapesBatchSource
@@ -66,12 +74,14 @@ def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1):
         from .text import encoder_fingerprint
 
         return ShardBatchSource(cfg.data.path, cfg.train.batch_size, sizes, cfg.seed, rank, world_size,
-                                workers=cfg.data.workers, captions=cfg.data.captions,
+                                captions=cfg.data.captions,
                                 text_encoder=(encoder_fingerprint(cfg.text.encoder), cfg.text.max_tokens))
     from .data.folder import FolderBatchSource, ImageFolder
 
-    return FolderBatchSource(ImageFolder(cfg.data.path), cfg.train.batch_size, sizes, cfg.seed, rank, world_size,
-                             workers=cfg.data.workers)
+    folder = ImageFolder(cfg.data.path)
+    if rank == 0 and folder.caption_note:
+        tqdm.write(folder.caption_note)
+    return FolderBatchSource(folder, cfg.train.batch_size, sizes, cfg.seed, rank, world_size)
 
 
 class EMA:

@@ -255,13 +255,25 @@ def test_ranks_disjoint_within_epoch(tmp_path):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 12
 
 
-def test_decode_workers_give_the_same_batches_and_skips(tmp_path):
-    """Threads split each batch's decoding; what comes out, what is skipped and the saved position
-    are those of the inline loader."""
-    f = ImageFolder(make_folder(tmp_path / "d"))
-    inline, threaded = (FolderBatchSource(f, 3, BUCKETS, seed=3, workers=w) for w in (0, 3))
-    for _ in range(8):
-        a, b = next(inline), next(threaded)
-        assert a.captions == b.captions and torch.equal(a.images, b.images)
-    assert threaded.skipped == inline.skipped == 2
-    assert threaded.state_dict() == inline.state_dict()
+def test_malformed_caption_lines_are_reported_once_at_start(tmp_path, capsys):
+    """Counted, and named with the file and the first bad line's number (worker processes:
+    tests/test_loader.py)."""
+    from pixelrun.config import load_config
+    from pixelrun.train import make_batch_source
+
+    root = make_folder(tmp_path / "d", broken=False)  # its captions.jsonl ends with "{oops"
+    lines = (root / "captions.jsonl").read_text().splitlines()
+    lines[1:1] = ['["sub/tall0.jpg", "a list"]', '{"file": "sub/wide0.jpg"}', "", '{"file": 3, "caption": "x"}']
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    f = ImageFolder(root)
+    assert f.bad_caption_lines == 4 and f.first_bad_caption_line == 2
+    assert f.caption_note.startswith(f"warning: {root / 'captions.jsonl'}: 4 malformed line(s) skipped, the "
+                                     f"first at line 2 (")
+    assert ImageFolder(make_folder(tmp_path / "ok", broken=False)).caption_note is not None  # "{oops"
+    (tmp_path / "ok" / "captions.jsonl").unlink()
+    assert ImageFolder(tmp_path / "ok").caption_note is None
+    cfg = load_config(None, ["data.source=folder", f"data.path={root}", "data.resolution=32", "model.patch_size=8"])
+    capsys.readouterr()
+    make_batch_source(cfg)
+    out = capsys.readouterr().out
+    assert out.count("malformed line(s)") == 1 and "first at line 2" in out

@@ -16,6 +16,21 @@ class Batch:
     text: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None
 
+    def pin_memory(self) -> Batch:
+        """The same batch in page-locked memory (the DataLoader's pin thread calls this on CUDA runs),
+        so the copy to the GPU is one DMA transfer."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(pin(self.images), self.captions, pin(self.text), pin(self.text_mask))
+
+
+@dataclass
+class Rejected:
+    """What `build(plan)` returns instead of a batch when items of the plan did not decode: their
+    positions in the plan. The source then drops them and plans that batch again (see
+    pixelrun/data/loader.py)."""
+
+    positions: list[int]
+
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """`Batch.images` (uint8) -> float32 in [-1, 1], the model's pixel range (RECIPE.md).
@@ -37,11 +52,25 @@ class CountedBatchSource:
         return self
 
     def __next__(self) -> Batch:
+        return self.build(self.plan()[0])
+
+    # The plan / build split that worker processes use (pixelrun/data/loader.py): the plan of batch
+    # k is k itself, and building it needs nothing that changes as the counter moves.
+    def plan(self) -> tuple[int, None]:
         k = self.next_batch
         self.next_batch += 1
+        return k, None  # nothing to restore: a counted batch is never rejected
+
+    def build(self, k: int) -> Batch:
         h, w = self.bucket(k)
         items = [self.dataset.item(i, h, w) for i in self.indices(k)]
         return Batch(torch.stack([im for im, _ in items]), [c for _, c in items])
+
+    def snapshot(self) -> tuple[dict, None]:
+        return self.state_dict(), None
+
+    def restore(self, snapshot: tuple[dict, None]) -> None:
+        self.load_state_dict(snapshot[0])
 
     def state_dict(self) -> dict:
         return {"next_batch": self.next_batch}
@@ -85,9 +114,12 @@ class Prefetcher:
         self._state = None
 
     def close(self) -> None:
-        """Wait for the batch in flight (it is dropped) and stop the thread; the position stays."""
+        """Wait for the batch in flight (it is dropped) and stop the thread, and the source's worker
+        processes if it has any; the position stays."""
         self._drain()
         self._pool.shutdown()
+        if hasattr(self.source, "close"):
+            self.source.close()
 
     def _drain(self) -> None:
         if self._pending is not None:

@@ -1,21 +1,33 @@
 """Bucketed batching shared by the sources of real images (an image folder, WebDataset shards).
 
 Items come from a per-rank stream in a seeded order and wait in the aspect bucket nearest to their
-size; when a bucket holds a batch's worth they are decoded (in `workers` threads) and emitted, one
-bucket per batch. Buckets fill in stream order, so rare shapes wait. An item that fails to decode
-is dropped and counted, and its bucket keeps drawing until it is full again: a batch never shrinks.
+size; when a bucket holds a batch's worth they are decoded and emitted, one bucket per batch.
+Buckets fill in stream order, so rare shapes wait. An item that fails to decode is dropped and
+counted, and its bucket keeps drawing until it is full again: a batch never shrinks.
+
+Choosing a batch's items (`plan`) and decoding them (`build`) are separate steps, so worker
+processes can decode while this process keeps choosing (pixelrun/data/loader.py).
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import Batch
+from . import Batch, Rejected
 from .buckets import nearest_bucket
 
 SKIPPED_NAMES_CAP = 100  # names of skipped items kept for the end-of-run report
+
+
+@dataclass
+class BucketPlan:
+    """One batch to decode: the first `batch_size` items waiting in bucket `bucket`, at `size`."""
+
+    bucket: int
+    size: tuple[int, int]
+    items: list[Any]
 
 
 class BucketedBatchSource:
@@ -25,14 +37,16 @@ class BucketedBatchSource:
     * `_decode(item, h, w)`: the item as uint8 [h, w, 3], or None if it does not decode;
     * `_reject(item)`: remember and count an item that did not decode (`_count_skip`);
     * `_usable(item)`: False once an item is known to be bad;
-    * `_batch(items, images)`: the `Batch`.
+    * `_batch(items, images)`: the `Batch`;
+    * `state_dict()`, `_load_position(state)` (everything but the waiting items) and
+      `_waiting(state["fill"])` (the waiting items again, from their saved form).
 
-    Decoding threads only ever see a batch's items: choosing them stays on the calling thread, so the
-    batches (and a saved position) are the same for any number of workers.
+    `_decode` and `_batch` must read only what never changes as the stream advances (paths,
+    settings): worker processes run them on a copy of the source made when they started.
     """
 
     def _init_batching(self, batch_size: int, buckets: list[tuple[int, int]], seed: int, rank: int,
-                       world_size: int, workers: int) -> None:
+                       world_size: int) -> None:
         if batch_size < 1 or not buckets:
             raise ValueError("need batch_size >= 1 and at least one bucket")
         if not 0 <= rank < world_size:
@@ -44,7 +58,6 @@ class BucketedBatchSource:
         self._share_epoch, self._share = -1, np.empty(0, dtype=np.int64)
         self.skipped = 0
         self.skipped_paths: list[str] = []
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pixelrun-decode") if workers > 0 else None
 
     def __iter__(self):
         return self
@@ -68,24 +81,64 @@ class BucketedBatchSource:
         if len(self.skipped_paths) < SKIPPED_NAMES_CAP:
             self.skipped_paths.append(name)
 
-    def __next__(self) -> Batch:
-        B = self.batch_size
-        while True:
-            if self._ready and len(self._fill[self._ready[0]]) >= B:
-                k = self._ready[0]
-                h, w = self.buckets[k]
-                items = self._fill[k][:B]
-                decode = lambda item: self._decode(item, h, w)  # noqa: E731
-                images = list(self._pool.map(decode, items)) if self._pool else [decode(it) for it in items]
-                if all(im is not None for im in images):
-                    del self._fill[k][:B]
-                    self._ready.pop(0)
-                    if len(self._fill[k]) >= B:  # it overfilled while waiting in the queue
-                        self._ready.append(k)
-                    return self._batch(items, images)
-                for item, im in zip(items, images):
-                    if im is None:
-                        self._reject(item)
-                # Drop them and keep this bucket at the head until it is full again.
-                self._fill[k] = [it for it in self._fill[k] if self._usable(it)]
+    # -- the next batch: choose (this process), decode (here or in a worker), take or reject
+
+    def _next_plan(self) -> BucketPlan:
+        """The batch the head of the queue of full buckets would give, drawing until there is one."""
+        while not (self._ready and len(self._fill[self._ready[0]]) >= self.batch_size):
             self._draw()
+        k = self._ready[0]
+        return BucketPlan(k, self.buckets[k], self._fill[k][:self.batch_size])
+
+    def _take(self, plan: BucketPlan) -> None:
+        k = plan.bucket
+        del self._fill[k][:self.batch_size]
+        self._ready.pop(0)
+        if len(self._fill[k]) >= self.batch_size:  # it overfilled while waiting in the queue
+            self._ready.append(k)
+
+    def build(self, plan: BucketPlan) -> Batch | Rejected:
+        h, w = plan.size
+        images = [self._decode(item, h, w) for item in plan.items]
+        bad = [j for j, im in enumerate(images) if im is None]
+        return Rejected(bad) if bad else self._batch(plan.items, images)
+
+    def reject(self, plan: BucketPlan, rejected: Rejected) -> None:
+        """Count and drop a plan's items that did not decode. Called in the state the plan was
+        chosen in (before `_take`): its bucket stays at the head of the queue and keeps drawing."""
+        for j in rejected.positions:
+            self._reject(plan.items[j])
+        self._fill[plan.bucket] = [it for it in self._fill[plan.bucket] if self._usable(it)]
+
+    def __next__(self) -> Batch:
+        while True:
+            plan = self._next_plan()
+            out = self.build(plan)
+            if not isinstance(out, Rejected):
+                self._take(plan)
+                return out
+            self.reject(plan, out)
+
+    def plan(self) -> tuple[BucketPlan, tuple]:
+        """The next batch's plan, moving past it as if it had decoded, and the snapshot to `restore`
+        (then `reject`) if it did not: the state it was chosen in."""
+        plan = self._next_plan()
+        before = self.snapshot()
+        self._take(plan)
+        return plan, before
+
+    # -- position
+
+    def snapshot(self) -> tuple[dict, list[list[Any]]]:
+        """The position in memory: `state_dict()` and the waiting items themselves (restoring it
+        needs no re-reading)."""
+        return self.state_dict(), [list(f) for f in self._fill]
+
+    def restore(self, snapshot: tuple[dict, list[list[Any]]]) -> None:
+        state, fill = snapshot
+        self._load_position(state)
+        self._fill = [list(f) for f in fill]
+
+    def load_state_dict(self, state: dict) -> None:
+        self._load_position(state)
+        self._fill = self._waiting(state["fill"])

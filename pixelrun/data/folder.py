@@ -139,27 +139,37 @@ class ImageFolder:
         self._sizes: dict[int, tuple[int, int] | None] = {}
 
     def _read_jsonl(self, path: Path) -> dict[str, str]:
-        """Relative path -> caption. Malformed lines are counted (`bad_caption_lines`), not fatal."""
-        self.bad_caption_lines = 0
+        """Relative path -> caption. Malformed lines are counted (`bad_caption_lines`, the first one's
+        number in `first_bad_caption_line`), not fatal; `caption_note` says so."""
+        self.captions_file, self.bad_caption_lines, self.first_bad_caption_line = path, 0, 0
         out: dict[str, str] = {}
         if not path.is_file():
             return out
-        with open(path, encoding="utf-8") as f:
-            for line in f:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                     key = next(rec[k] for k in ("file", "image", "file_name") if k in rec)
                     cap = next(rec[k] for k in ("caption", "text") if k in rec)
+                    if not (isinstance(key, str) and isinstance(cap, str)):
+                        raise TypeError
                 except (ValueError, StopIteration, TypeError):
                     self.bad_caption_lines += 1
+                    self.first_bad_caption_line = self.first_bad_caption_line or number
                     continue
-                if isinstance(key, str) and isinstance(cap, str):
-                    out[Path(os.path.normpath(key)).as_posix()] = cap.strip()
-                else:
-                    self.bad_caption_lines += 1
+                out[Path(os.path.normpath(key)).as_posix()] = cap.strip()
         return out
+
+    @property
+    def caption_note(self) -> str | None:
+        """One line about malformed caption lines (None when there are none), for the start of a run."""
+        if not self.bad_caption_lines:
+            return None
+        return (f"warning: {self.captions_file}: {self.bad_caption_lines} malformed line(s) skipped, the first "
+                f"at line {self.first_bad_caption_line} (each line must be a JSON object with a \"file\", "
+                f"\"image\" or \"file_name\" string and a \"caption\" or \"text\" string)")
 
     @staticmethod
     def _read_txt(path: Path) -> str | None:
@@ -194,15 +204,13 @@ class FolderBatchSource(BucketedBatchSource):
     file stays broken, and re-reading it every epoch wastes I/O) and counted in `skipped`; its
     bucket keeps drawing from the stream until it is full again, so a batch never shrinks.
 
-    `workers` > 0 decodes and resizes the images of a batch in that many threads (PIL releases the
-    GIL while decoding). The choice of items stays in one place per rank, so workers split each
-    batch's items between them, no item is read twice, the batches are the same as with 0 workers
-    and the position saved in `state_dict` is exact.
+    Worker processes (`data.workers`, pixelrun/data/loader.py) decode whole batches that this
+    object chose, so the batches and the saved position are the same for any number of them.
     """
 
     def __init__(self, folder: ImageFolder, batch_size: int, buckets: list[tuple[int, int]],
-                 seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0):
-        self._init_batching(batch_size, buckets, seed, rank, world_size, workers)
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        self._init_batching(batch_size, buckets, seed, rank, world_size)
         if len(folder) < world_size:
             raise ValueError(f"{folder.root}: {len(folder)} item(s) cannot be split over "
                              f"{world_size} ranks")
@@ -255,16 +263,19 @@ class FolderBatchSource(BucketedBatchSource):
             "check": self._check(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def _load_position(self, state: dict) -> None:
         if state["check"] != self._check():
             raise ValueError(f"state was saved with different settings: {state['check']} "
                              f"vs {self._check()}")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._fill = [list(map(int, f)) for f in state["fill"]]
         self._ready = list(map(int, state["ready"]))
         self._bad = set(map(int, state["bad"]))
         self.skipped = int(state["skipped"])
         self.skipped_paths = list(state["skipped_paths"])
+
+    @staticmethod
+    def _waiting(fill: list[list[int]]) -> list[list[int]]:
+        return [list(map(int, f)) for f in fill]
 
     def _check(self) -> dict:
         """Settings a saved position is only valid for (a different folder or seed would silently

@@ -25,7 +25,6 @@ import io
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -240,9 +239,9 @@ class ShardBatchSource(BucketedBatchSource):
     epoch does not count it again; its bucket keeps drawing, so a batch never shrinks. A damaged tar
     stream ends that shard and is counted the same way.
 
-    `workers` threads decode each batch's images between them (PIL releases the GIL); reading the
-    shards stays in one place per rank, so no sample is read or decoded twice and the batches are
-    the same for any number of workers.
+    Reading the shards stays in this object, one per rank; worker processes (`data.workers`,
+    pixelrun/data/loader.py) decode whole batches from the bytes it read, so no sample is read twice
+    and the batches are the same for any number of workers.
 
     `text_encoder` = (fingerprint, max_tokens) of the configured encoder: when the shards' stored
     caption embeddings match it, batches carry them (`Batch.text`, `Batch.text_mask`) and
@@ -250,9 +249,9 @@ class ShardBatchSource(BucketedBatchSource):
     """
 
     def __init__(self, spec: str, batch_size: int, buckets: list[tuple[int, int]], seed: int = 0, rank: int = 0,
-                 world_size: int = 1, workers: int = 0, captions: str = "txt",
+                 world_size: int = 1, captions: str = "txt",
                  text_encoder: tuple[str, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self._init_batching(batch_size, buckets, seed, rank, world_size, workers)
+        self._init_batching(batch_size, buckets, seed, rank, world_size)
         self.spec, self.urls = spec, expand_shards(spec)
         if len(self.urls) < world_size:
             from ..config import ConfigError
@@ -378,7 +377,7 @@ class ShardBatchSource(BucketedBatchSource):
             "skipped_paths": list(self.skipped_paths), "check": self._check(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def _load_position(self, state: dict) -> None:
         if state["check"] != self._check():
             raise ValueError(f"state was saved with different settings: {state['check']} vs {self._check()}")
         self.epoch, self.shard_cursor = int(state["epoch"]), int(state["shard_cursor"])
@@ -387,9 +386,12 @@ class ShardBatchSource(BucketedBatchSource):
         self._ready = list(map(int, state["ready"]))
         self._bad = {(int(s), int(o)) for s, o in state["bad"]}
         self.skipped, self.skipped_paths = int(state["skipped"]), list(state["skipped_paths"])
-        self._fill = self._reread(state["fill"])
 
-    def _reread(self, fill: list[list[list[int]]]) -> list[list[_Item]]:
+    def __getstate__(self) -> dict:
+        """A copy for a worker process started by spawn or forkserver: the open tar stream stays here."""
+        return {**self.__dict__, "_stream": None}
+
+    def _waiting(self, fill: list[list[list[int]]]) -> list[list[_Item]]:
         """The waiting samples' bytes, which a position does not hold: each shard that has some is
         read again up to the last one needed."""
         wanted: dict[int, dict[int, int]] = {}  # shard -> {ordinal: epoch}
@@ -418,18 +420,3 @@ class ShardBatchSource(BucketedBatchSource):
                 "buckets": [list(b) for b in self.buckets], "seed": self.seed, "rank": self.rank,
                 "world_size": self.world_size, "captions": self.captions}
 
-
-def measure_throughput(spec: str, resolution: int, batch_size: int, workers: int, seconds: float,
-                       patch: int = 32, buckets: bool = True) -> float:
-    """Images per second the shard loader delivers (reading, header parsing, decoding and resizing
-    to the bucket included) over about `seconds`, after one untimed batch (opening the first shard,
-    starting the threads)."""
-    from .buckets import aspect_buckets
-
-    sizes = aspect_buckets(resolution, patch) if buckets else [(resolution, resolution)]
-    source = ShardBatchSource(spec, batch_size, sizes, workers=workers)
-    next(source)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        n += len(next(source).captions)
-    return n / (time.perf_counter() - t0)
