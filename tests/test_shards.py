@@ -4,6 +4,7 @@ import functools
 import http.server
 import io
 import json
+import shlex
 import shutil
 import threading
 
@@ -63,7 +64,14 @@ def test_convert_reads_back_the_same_images_and_captions(tmp_path, capsys):
     assert main(["data", "convert", "--src", str(src), "--out", str(out), "--resolution", "32", "--patch", "8",
                  "--shard-size", "4", "--format", "png"]) == 0
     line = capsys.readouterr().out
-    assert "wrote 9 samples in 3 shard(s)" in line and "skipped 1 unreadable" in line
+    assert "wrote 9 samples in 3 shard(s)" in line and "skipped 1 of 10: 1 unreadable image (first: zz.png)" in line
+    # The training command it prints is safe to paste into bash (issue 14): the folder, not a brace
+    # pattern that bash would expand into several arguments, the last one winning.
+    train = shlex.split(line.splitlines()[-1].removeprefix("train with: "))
+    assert train[:3] == ["pixelrun", "train", "data.source=shards"] and f"data.path={out}" in train
+    cfg = load_config(None, train[2:])
+    assert expand_shards(cfg.data.path) == expand_shards(str(out)) and len(expand_shards(cfg.data.path)) == 3
+    assert cfg.data.resolution == 32
     index = json.loads((out / "index.json").read_text())
     assert index["count"] == 9 and index["buckets"] == {"24x40": 3, "32x32": 3, "40x24": 3}
     assert index["shards"] == ["00000.tar", "00001.tar", "00002.tar"] and index["unreadable"] == ["zz.png"]
@@ -307,7 +315,10 @@ def test_stored_embeddings_used_when_they_match(tmp_path, tiny_encoder_dir, caps
     b = next(src)
     emb, mask = TextEncoder(tiny_encoder_dir, 16).encode(b.captions)
     assert torch.equal(b.text_mask, mask) and b.text.shape == emb.shape
-    assert torch.allclose(b.text[mask], emb[mask], atol=2e-3) and not b.text[~mask].any()
+    # bfloat16 by default: the encoder's output rounded to 8 significant bits
+    assert index["text_embeddings"]["dtype"] == "bfloat16"
+    assert torch.allclose(b.text[mask], emb[mask], rtol=2**-8, atol=0) and not b.text[~mask].any()
+    assert not torch.equal(b.text[mask], emb[mask])  # it is the rounded value, not a re-encoding
     other = ShardBatchSource(str(out), 3, BUCKETS_32, text_encoder=("minilm(x):d384", 16))
     assert not other.use_embeddings and "not text.encoder minilm(x):d384" in other.text_note
     assert next(other).text is None
@@ -315,7 +326,8 @@ def test_stored_embeddings_used_when_they_match(tmp_path, tiny_encoder_dir, caps
     assert main(["data", "inspect", str(out), "--contact-sheet", str(tmp_path / "sheet.png"), "--n", "4"]) == 0
     report = capsys.readouterr().out
     assert "3 shard(s), 9 samples, 0 broken" in report and "stored sizes), HxW: samples: 24x40: 3, 32x32: 3, 40x24: 3" in report
-    assert f"text embeddings: {fp}; samples per field: json.caption: 9, txt: 9" in report
+    # json.caption repeats txt's text: its embedding is stored once, as txt's
+    assert f"text embeddings: {fp}, bfloat16; samples per stored field: txt: 9 (a json field equal" in report
     assert "txt" in report and "9 / 9.0 / 9 / 9" in report and "2 / 2.0 / 2 / 2" in report  # "picture i"
     with Image.open(tmp_path / "sheet.png") as im:
         assert im.width > 4 * 128
@@ -330,6 +342,7 @@ def test_inspect_counts_broken_samples(tmp_path):
         w.write({"__key__": "b", "txt": "no image"})
     r = inspect_shards(str(out))
     assert (r["samples"], r["broken"], r["embeddings"]["fields"]) == (4, 1, {})
+    assert r["broken_examples"] == [f"{out / '00001.tar'}#b (no image member)"]
     assert r["captions"]["txt"]["words"] == {"min": 2, "mean": 3.0, "median": 2.0, "max": 6}
     assert r["captions"]["txt"]["chars"]["max"] == len("a longer caption of six words")
     at64 = inspect_shards(str(out), resolution=64, patch=8)["buckets"]
@@ -357,7 +370,8 @@ def test_training_on_stored_embeddings_gives_the_same_losses(tmp_path, tiny_enco
         return summary, losses, capsys.readouterr().out, calls.count(2)  # batches of 2 (grids encode 1 or "")
 
     plain, plain_losses, plain_out, plain_encoded = run("plain")
-    stored, stored_losses, stored_out, stored_encoded = run("stored", text_encoder=tiny_encoder_dir, max_tokens=16)
+    stored, stored_losses, stored_out, stored_encoded = run("stored", text_encoder=tiny_encoder_dir, max_tokens=16,
+                                                            embedding_dtype="float32")
     assert (plain_encoded, stored_encoded) == (4, 0)
     assert "stored text embeddings" not in plain_out
     assert "shards: training on the stored text embeddings" in stored_out
@@ -382,3 +396,29 @@ def test_interrupted_shard_run_resumes_exactly(tmp_path, tiny_encoder_dir):
     train(cfg)
     a, b = ((json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()) for run in (full, part))
     assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b]
+
+
+# ---------------------------------------------------------------- issue 14: what convert and training say
+
+
+def test_resolution_patch_and_caption_fields_are_said_before_any_work(tmp_path, capsys):
+    src = make_folder(tmp_path / "src", n=3, broken=False)
+    # 48px is the default training resolution; the default tiny model has patch 8, --patch defaults to 32
+    assert main(["data", "convert", "--src", str(src), "--out", str(tmp_path / "o"), "--resolution", "48"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("pixelrun: config error: --resolution: 48 is not a multiple of --patch 32; the default tiny model "
+                   "has patch 8: pass --patch 8 (32 is the patch of the base and small presets)")
+    assert not (tmp_path / "o").exists()
+    out = converted(tmp_path, n=3, resolution=32)
+    same = ShardBatchSource(str(out), 1, BUCKETS_32)
+    assert same.text_note is None
+    up = ShardBatchSource(str(out), 1, aspect_buckets(64, 8))
+    assert up.text_note == ("shards: converted at 32px, below data.resolution 64: every image is enlarged when read "
+                            "(blurry); convert again with --resolution 64")
+    down = ShardBatchSource(str(out), 1, [(16, 16)])  # data.buckets=false at 16px
+    assert down.text_note.startswith("shards: converted at 32px, data.resolution is 16: every image is resized again")
+    # a caption field that no sample has is refused by name, not reported as unreadable images
+    with pytest.raises(ConfigError) as e:
+        ShardBatchSource(str(out), 1, BUCKETS_32, captions="json.prompt")
+    assert e.value.key == "data.captions" and "they have json.caption (3), txt (3)" in str(e.value)
+    assert next(ShardBatchSource(str(out), 1, BUCKETS_32, captions="json.prompt,txt")).captions[0].startswith("picture")

@@ -1,59 +1,98 @@
 """`pixelrun data convert` and `pixelrun data inspect`: write and look at WebDataset shards.
 
 Converting resizes every image once, to its nearest aspect bucket at the target resolution, so
-training reads small images and never decodes a 4000-pixel photo per step. What a shard holds, per
-sample KEY (eight digits, the sample's number in the dataset):
+training reads small images and never decodes a 4000-pixel photo per step. The source is an image
+folder, a JSONL manifest, or Parquet / Arrow tables and Hugging Face datasets
+(pixelrun/data/parquet.py). What a shard holds, per sample KEY (eight digits, the sample's number in
+the output):
 
   KEY.jpg (default) or KEY.png   the image at its bucket size
   KEY.txt                        the caption (a manifest's "caption" or "text" field, else its first
-                                 string field); absent when the sample has no such field
-  KEY.json                       every caption field (top-level strings), and under "pixelrun" the
-                                 original size, the bucket and the source file
-  KEY.emb.FIELD.npy              with --text-encoder: the caption's embedding for each caption field
-                                 (FIELD = txt or json.NAME), fp16 [real tokens, dim]
+                                 string field; a table's first --captions column the row has)
+  KEY.json                       every caption field (a manifest's top-level strings, every chosen
+                                 column of a table), and under "pixelrun" the original size, the
+                                 bucket and the source (file, or table file and row)
+  KEY.emb.FIELD.npy              with --text-encoder: the caption's embedding, [real tokens, dim], for
+                                 txt and for each json field whose text differs from txt's (training
+                                 reads txt's for the others); bfloat16 by default, stored as uint16
+                                 bit patterns since numpy has no bfloat16 (index.json names the dtype)
 
-and beside the shards (00000.tar, 00001.tar, ...) `index.json`: counts, counts per bucket, the
-settings, and the encoder fingerprint and max_tokens of the stored embeddings.
+and beside the shards (00000.tar, 00001.tar, ...) `index.json`: counts, counts per bucket and per
+caption field, what was skipped and why, the settings, bytes per sample, and the encoder
+fingerprint, max_tokens and dtype of the stored embeddings.
 
 JPEG (quality 95, no chroma subsampling) is the default: at 1024 px it is several times smaller
 than PNG and faster to decode, and PIL can decode it at a reduced scale when training at a lower
 resolution; its error is far below what a diffusion model reproduces. `--format png` keeps the
 pixels exact.
+
+Embeddings are bfloat16 by default, as the reference stores its T5Gemma latents (Photoroom/PRX:
+the text tower preset `t5gemma2b-256-bf16` of prx/dataset/dataset.py `ProcessedDataset`, written by
+prx/dataset/mds_patches.py `BFloat16TensorEncoding` as uint16 bit patterns, as here): T5-family
+activations overflow float16's range (65504), and bfloat16 keeps float32's. Whatever the dtype, an
+embedding with a non-finite value stops the conversion with one line naming the sample (the
+reference's `SampleProcessor._remove_invalid_values` drops NaN latents silently instead).
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shutil
 import statistics
+import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial as partial_fn
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..config import TextConfig
+from ..config import ConfigError, TextConfig
 from .buckets import aspect_buckets, nearest_bucket, resize_to_bucket
-from .folder import ImageFolder, load_rgb, read_size
-from .shards import (INDEX_FILE, caption_fields, embedding_member, expand_shards, image_member, read_index,
-                     read_samples)
+from .folder import DEFAULT_MAX_PIXELS, ImageFolder, load_rgb, read_size
+from .shards import (EMBEDDING_STORAGE, INDEX_FILE, caption_fields, embedding_member, expand_shards, image_member,
+                     read_index, read_samples)
 
 IMAGE_FORMATS = ("jpg", "png")
+EMBEDDING_DTYPES = tuple(EMBEDDING_STORAGE)  # bfloat16 (default), float16, float32
 _MANIFEST_IMAGE_KEYS = ("file", "image", "file_name")  # as ImageFolder's captions.jsonl
 _PRIMARY_CAPTION_KEYS = ("caption", "text")
 _CHUNK = 64  # samples whose captions are encoded together
 _PARTIAL = ".partial"  # where shards are written until the conversion completes
+_NAMES_KEPT = 100  # names of skipped rows kept per reason in index.json
+NO_CAPTION = "without a caption"
 
 
 @dataclass
 class SourceImage:
-    path: Path
-    name: str  # relative to the source, for messages and the sample's json
+    path: Path | None  # the image file (folders, manifests, tables storing paths), or None
+    name: str  # for messages and the sample's json: relative to the source, or "TABLE row N"
     captions: dict[str, str]  # field name in the sample's json -> caption
+    data: bytes | None = None  # the encoded image itself (tables)
+
+
+@dataclass
+class _Skips:
+    """Rows or files left out, by reason, with the first names of each (for the final line and
+    index.json)."""
+
+    counts: Counter = field(default_factory=Counter)
+    names: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, name: str | None, n: int = 1) -> None:
+        self.counts[reason] += n
+        kept = self.names.setdefault(reason, [])
+        if name is not None and len(kept) < _NAMES_KEPT:
+            kept.append(name)
+
+    def of_images(self) -> int:
+        return sum(n for reason, n in self.counts.items() if reason != NO_CAPTION)
 
 
 def folder_images(root: Path) -> tuple[list[SourceImage], int]:
@@ -88,8 +127,62 @@ def manifest_images(manifest: Path) -> tuple[list[SourceImage], int]:
     return items, bad
 
 
-def _primary_caption(captions: dict[str, str]) -> str:
-    return next((captions[k] for k in _PRIMARY_CAPTION_KEYS if k in captions), next(iter(captions.values())))
+@dataclass
+class _Source:
+    """What convert reads: the items in order, how many there are (for the progress bar), what was
+    counted as unusable before reading, and what index.json records about the source."""
+
+    items: Iterable[SourceImage]
+    total: int
+    skips: _Skips
+    info: dict
+    primary: tuple[str, ...] = _PRIMARY_CAPTION_KEYS  # caption fields `txt` is taken from, first present
+
+
+def _open_source(src: str, captions: str | None, image_column: str | None, split: str, limit: int | None,
+                 log: Callable[[str], None]) -> _Source:
+    from .parquet import (choose_caption_columns, choose_image_column, is_table_source, memory_notes, resolve_tables,
+                          table_rows)
+
+    skips = _Skips()
+    if is_table_source(src):
+        files = resolve_tables(src, split)
+        image = choose_image_column(files, image_column)
+        columns = choose_caption_columns(files, captions)
+        for note in memory_notes(files):
+            log(note)
+        rows = sum(f.rows for f in files)
+        items = table_rows(files, image, columns, limit,
+                           on_error=lambda what, n: skips.add("unreadable row group", what, n))
+        fields = [f"json.{c}" for c, _ in columns]
+        spec = ",".join(f if w == 1 else f"{f}:{w:g}" for f, (_, w) in zip(fields, columns))
+        info = {"source_kind": "table", "files": [str(f.path) for f in files][:1000], "file_count": len(files),
+                "rows": rows, "image_column": image, "caption_columns": dict(columns),
+                # data.captions for these shards: the columns with their weights (`txt` is the first present)
+                "captions": spec if len(columns) > 1 or columns[0][1] != 1 else None}
+        total = min(rows, limit) if limit is not None else rows
+        return _Source(items, total, skips, info, tuple(c for c, _ in columns))
+    if captions is not None or image_column is not None:
+        key = "--captions" if captions is not None else "--image-column"
+        raise ConfigError(key, "only for Parquet / Arrow tables and Hugging Face datasets (an image folder's captions "
+                               "are its .txt files or captions.jsonl; a manifest's are its string fields)")
+    path = Path(src)
+    if path.is_dir():
+        items, without_caption = folder_images(path)
+        kind = "folder"
+    elif path.is_file():
+        items, without_caption = manifest_images(path)
+        kind = "manifest"
+    else:
+        raise FileNotFoundError(f"no such image folder, manifest, Parquet / Arrow file or Hub dataset: {src}")
+    if without_caption:
+        skips.add(NO_CAPTION, None, without_caption)
+    items = items[:limit] if limit is not None else items
+    return _Source(items, len(items), skips, {"source_kind": kind, "captions": None})
+
+
+def _primary_caption(captions: dict[str, str], primary: tuple[str, ...]) -> str:
+    return next((captions[k] for k in primary if k in captions), next(iter(captions.values())))
 
 
 def _encode_image(im: Image.Image, fmt: str) -> bytes:
@@ -101,15 +194,35 @@ def _encode_image(im: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _caption_embeddings(encoder, samples: list[dict]) -> None:
-    """Add each caption field's embedding to its sample: fp16, only the real tokens (the mask's
-    True rows), which is what training pads back to max_tokens."""
-    jobs = [(s, field, text) for s in samples for field, text in _fields_of(s).items()]
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _stored_array(e: torch.Tensor) -> np.ndarray:
+    """An embedding in its storage dtype -> the array written (bfloat16: its bit patterns as uint16)."""
+    return e.view(torch.int16).numpy().view(np.uint16) if e.dtype == torch.bfloat16 else e.numpy()
+
+
+def _caption_embeddings(encoder, samples: list[dict], dtype: str) -> None:
+    """Add the caption embeddings to each sample: only the real tokens (the mask's True rows), which
+    is what training pads back to max_tokens; txt always, a json field only when its text differs
+    from txt's (training falls back to txt's). Refuses a non-finite value, naming the sample."""
+    jobs = [(s, name, text) for s in samples for name, text in _fields_of(s).items()
+            if name == "txt" or text != s.get("txt")]
     if not jobs:
         return
     emb, mask = encoder.encode([text for _, _, text in jobs])
-    for (s, field, _), e, m in zip(jobs, emb, mask):
-        s[embedding_member(field)] = e[m].numpy().astype(np.float16)
+    for (s, name, _), e, m in zip(jobs, emb, mask):
+        cast = e[m].to(getattr(torch, dtype))  # float16 may overflow to inf here: checked now
+        if not torch.isfinite(cast).all():
+            where = f"sample {s['__key__']} ({s['json']['pixelrun']['source']}), caption field {name}"
+            if dtype == "float16" and torch.isfinite(e[m]).all():
+                raise ConfigError("--embedding-dtype", f"{where}: its embedding exceeds float16's range (T5-family "
+                                                       f"encoders do); use --embedding-dtype bfloat16")
+            raise ConfigError("--text-encoder", f"{where}: the encoder's output has non-finite values")
+        s[embedding_member(name)] = _npy(_stored_array(cast))
 
 
 def _fields_of(sample: dict) -> dict[str, str]:
@@ -119,90 +232,151 @@ def _fields_of(sample: dict) -> dict[str, str]:
     return out
 
 
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
 def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, shard_size: int = 1000,
             image_format: str = "jpg", text_encoder: str | None = None, max_tokens: int = TextConfig.max_tokens,
-            progress: bool = True, workers: int = 0) -> dict:
-    """Write the images of `src` (an image folder or a JSONL manifest) as shards under `out`,
-    each resized once to its aspect bucket at `resolution`. Returns the index it writes.
+            progress: bool = True, workers: int = 0, captions: str | None = None, image_column: str | None = None,
+            limit: int | None = None, split: str = "train", embedding_dtype: str = "bfloat16",
+            max_pixels: int = DEFAULT_MAX_PIXELS, log: Callable[[str], None] | None = None) -> dict:
+    """Write the images of `src` as shards under `out`, each resized once to its aspect bucket at
+    `resolution`. Returns the index it writes.
 
-    `workers` > 0 decodes, resizes and encodes in that many processes (the shards are the same).
-    The shards are written under `out/.partial/` and moved into `out` only when all are complete,
-    `index.json` last, so an interrupted conversion never leaves shards that look finished; running
-    it again starts over."""
+    `src`: an image folder, a JSONL manifest, or Parquet / Arrow tables and Hugging Face datasets
+    (see pixelrun/data/parquet.py; `captions` = their caption columns with weights, `image_column`,
+    `split`). `limit`: only the first that many images / rows. `workers` > 0 decodes, resizes and
+    encodes in that many processes (the shards are byte for byte the same). Every check of the
+    arguments and the source's columns happens before any work. The shards are written under
+    `out/.partial/` and moved into `out` only when all are complete, `index.json` last, so an
+    interrupted or failed conversion never leaves shards that look finished."""
     from webdataset import ShardWriter
 
-    src, out = Path(src), Path(out)
+    log = log or (lambda line: print(line, file=sys.stderr))
+    src, out = str(src), Path(out)
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image format must be one of {', '.join(IMAGE_FORMATS)}; got {image_format!r}")
+    if embedding_dtype not in EMBEDDING_DTYPES:
+        raise ConfigError("--embedding-dtype", f"must be one of {', '.join(EMBEDDING_DTYPES)}; got {embedding_dtype!r}")
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1; got {shard_size}")
+    if limit is not None and limit < 1:
+        raise ConfigError("--limit", f"must be >= 1; got {limit}")
     buckets = aspect_buckets(resolution, patch)
-    if src.is_dir():
-        items, without_caption = folder_images(src)
-    elif src.is_file():
-        items, without_caption = manifest_images(src)
-    else:
-        raise FileNotFoundError(f"no such image folder or manifest: {src}")
     if out.is_dir() and any(out.glob("*.tar")):
         raise FileExistsError(f"{out} already holds .tar shards; convert into an empty folder")
-    partial = out / _PARTIAL
-    if partial.exists():  # left by an interrupted conversion
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    source = _open_source(src, captions, image_column, split, limit, log)
 
     encoder = None
     if text_encoder is not None:
         from ..text import TextEncoder
 
         encoder = TextEncoder(text_encoder, max_tokens)
-    per_bucket: Counter = Counter()
-    unreadable: list[str] = []
-    written = 0
-    resize = partial_fn(_resized_sample, buckets=buckets, image_format=image_format)
-    pool = ProcessPoolExecutor(workers) if workers > 0 else None
-    with ShardWriter(str(partial / "%05d.tar"), maxcount=shard_size, verbose=0) as writer, \
-            tqdm(total=len(items), desc="convert", unit="img", disable=not progress) as bar:
-        for start in range(0, len(items), _CHUNK):
-            samples = []
-            chunk = items[start:start + _CHUNK]
-            resized = pool.map(resize, chunk, chunksize=4) if pool else map(resize, chunk)
-            for item, sample in zip(chunk, resized):
-                if sample is None:
-                    unreadable.append(item.name)
-                    continue
-                sample["__key__"] = f"{written + len(samples):08d}"
-                samples.append(sample)
-            if encoder is not None:
-                _caption_embeddings(encoder, samples)
-            for sample in samples:
-                per_bucket["x".join(map(str, sample["json"]["pixelrun"]["bucket"]))] += 1
-                writer.write(sample)
-            written += len(samples)
-            bar.update(len(chunk))
-    if pool:
-        pool.shutdown()
+        per_text = max_tokens * encoder.dim * np.dtype(EMBEDDING_STORAGE[embedding_dtype]).itemsize
+        log(f"text embeddings: {embedding_dtype}, at most {max_tokens} tokens x {encoder.dim} = "
+            f"{format_bytes(per_text)} per caption text (stored trimmed to its tokens; the average per sample is "
+            f"printed at the end)")
+    partial = out / _PARTIAL
+    if partial.exists():  # left by an interrupted conversion
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        written, stats = _write(source, partial, buckets, image_format, shard_size, encoder, embedding_dtype,
+                                max_pixels, workers, progress, ShardWriter)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
+        raise
     shards = sorted(p.name for p in partial.glob("*.tar"))
     if not written:
         shutil.rmtree(partial)
-        raise ValueError(f"no image of {src} could be read ({len(unreadable)} unreadable)")
+        why = skip_text(source.skips.counts, source.skips.names, stats["read"])
+        raise ValueError(f"no image of {src} could be used ({why})")
+    disk = sum((partial / name).stat().st_size for name in shards)
     for name in shards:
         (partial / name).rename(out / name)
     partial.rmdir()
+    skips = source.skips
+    image_skips = [n for reason, names in skips.names.items() if reason != NO_CAPTION for n in names]
     index = {
-        "format": "pixelrun-shards/1", "source": str(src), "count": written,
-        "skipped_unreadable": len(unreadable), "unreadable": unreadable[:100],
-        "skipped_without_caption": without_caption, "resolution": resolution, "patch": patch,
+        "format": "pixelrun-shards/1", "source": src, **source.info, "count": written,
+        "read": stats["read"], "skipped": dict(skips.counts), "skipped_names": skips.names,
+        "skipped_unreadable": skips.of_images(), "unreadable": image_skips[:_NAMES_KEPT],
+        "skipped_without_caption": skips.counts[NO_CAPTION], "resolution": resolution, "patch": patch,
         "image_format": image_format, "shard_size": shard_size, "shards": shards,
         "spec": f"{{{shards[0][:-4]}..{shards[-1][:-4]}}}.tar",
-        "buckets": dict(sorted(per_bucket.items())),
+        "buckets": dict(sorted(stats["buckets"].items())), "caption_fields": dict(sorted(stats["fields"].items())),
+        "bytes_per_sample": {"on_disk": round(disk / written), "image": round(stats["image_bytes"] / written),
+                             "text_embeddings": round(stats["embedding_bytes"] / written)},
         "text_embeddings": None if encoder is None else {
             "encoder": text_encoder, "fingerprint": _fingerprint(text_encoder), "max_tokens": max_tokens,
-            "dim": encoder.dim, "dtype": "float16", "member": "KEY.emb.FIELD.npy"},
+            "dim": encoder.dim, "dtype": embedding_dtype, "member": "KEY.emb.FIELD.npy",
+            "stored_as": str(np.dtype(EMBEDDING_STORAGE[embedding_dtype]))},
     }
     tmp = out / f".{INDEX_FILE}.tmp"
     tmp.write_text(json.dumps(index, indent=2) + "\n")
     tmp.rename(out / INDEX_FILE)
     return index
+
+
+def _write(source: _Source, partial: Path, buckets, image_format: str, shard_size: int, encoder, embedding_dtype: str,
+           max_pixels: int, workers: int, progress: bool, writer_cls) -> tuple[int, dict]:
+    """The writing loop: chunks of items decoded (in `workers` processes, in order), captions
+    encoded, samples written. Returns (samples written, statistics)."""
+    stats = {"read": 0, "buckets": Counter(), "fields": Counter(), "image_bytes": 0, "embedding_bytes": 0}
+    resize = partial_fn(_resized_sample, buckets=buckets, image_format=image_format, max_pixels=max_pixels)
+    pool = ProcessPoolExecutor(workers) if workers > 0 else None
+    written = 0
+    items = iter(source.items)
+    try:
+        # mtime 0: the same source gives the same bytes (whatever the date or the number of workers)
+        with writer_cls(str(partial / "%05d.tar"), maxcount=shard_size, verbose=0, mtime=0) as writer, \
+                tqdm(total=source.total, desc="convert", unit="img", disable=not progress) as bar:
+            while chunk := list(itertools.islice(items, _CHUNK)):
+                stats["read"] += len(chunk)
+                usable = []
+                for item in chunk:
+                    if item.captions:
+                        usable.append(item)
+                    else:
+                        source.skips.add(NO_CAPTION, item.name)
+                resized = pool.map(resize, usable, chunksize=4) if pool else map(resize, usable)
+                samples = []
+                for item, sample in zip(usable, resized):
+                    if isinstance(sample, str):
+                        source.skips.add(sample, item.name)
+                        continue
+                    sample["txt"] = _primary_caption(item.captions, source.primary)
+                    sample["__key__"] = f"{written + len(samples):08d}"
+                    samples.append(sample)
+                if encoder is not None:
+                    _caption_embeddings(encoder, samples, embedding_dtype)
+                for sample in samples:
+                    stats["buckets"]["x".join(map(str, sample["json"]["pixelrun"]["bucket"]))] += 1
+                    stats["fields"].update(caption_fields({"txt": sample["txt"].encode(),  # as training sees them
+                                                           "json": json.dumps(sample["json"]).encode()}).keys())
+                    stats["image_bytes"] += len(sample[image_format])
+                    stats["embedding_bytes"] += sum(len(v) for k, v in sample.items() if k.startswith("emb."))
+                    writer.write(sample)
+                written += len(samples)
+                bar.update(len(chunk))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return written, stats
+
+
+def skip_text(counts: dict[str, int], names: dict[str, list[str]], read: int) -> str:
+    """What was skipped, by reason, each with its first name (file and row for tables): one line."""
+    if not counts:
+        return "skipped nothing"
+    parts = [f"{n} {reason}" + (f" (first: {names[reason][0]})" if names.get(reason) else "")
+             for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return f"skipped {sum(counts.values())} of {read}: " + ", ".join(parts)
 
 
 def _fingerprint(text_encoder: str) -> str:
@@ -211,20 +385,27 @@ def _fingerprint(text_encoder: str) -> str:
     return encoder_fingerprint(text_encoder)
 
 
-def _resized_sample(item: SourceImage, buckets: list[tuple[int, int]], image_format: str) -> dict | None:
-    """One sample to write (without its key), or None if the image cannot be read."""
-    size = read_size(item.path)
+def _resized_sample(item: SourceImage, buckets: list[tuple[int, int]], image_format: str,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> dict | str:
+    """One sample to write (without its key and txt), or why the image cannot be used."""
+    if item.data is None and item.path is None:
+        return "without an image"
+
+    def opened():
+        return io.BytesIO(item.data) if item.data is not None else item.path
+
+    size = read_size(opened(), max_pixels=2**62)  # the size limit is checked here, to say so
     if size is None:
-        return None
+        return "unreadable image"
+    if size[0] * size[1] > max_pixels:
+        return "enormous image"
     bucket = nearest_bucket(*size, buckets)
-    im = load_rgb(item.path, target=bucket)  # a JPEG may decode at a reduced scale: size is the header's
+    im = load_rgb(opened(), max_pixels, target=bucket)  # a JPEG may decode at a reduced scale: size is the header's
     if im is None:
-        return None
+        return "image does not decode"
     meta = {"original_size": list(size), "bucket": list(bucket), "source": item.name}
-    sample = {image_format: _encode_image(resize_to_bucket(im, *bucket), image_format),
-              "json": {**item.captions, "pixelrun": meta}}
-    sample["txt"] = _primary_caption(item.captions)
-    return sample
+    return {image_format: _encode_image(resize_to_bucket(im, *bucket), image_format),
+            "json": {**item.captions, "pixelrun": meta}}
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -276,7 +457,8 @@ def inspect_shards(spec: str, contact_sheet: str | Path | None = None, n: int = 
             size = read_size(io.BytesIO(sample[ext])) if ext else None
             captions = caption_fields(sample)
             if size is None or not captions:
-                broken.append(f"{url}#{sample['__key__']}")
+                why = "no image member" if ext is None else "unreadable image" if size is None else "no caption"
+                broken.append(f"{url}#{sample['__key__']} ({why})")
                 continue
             count += 1
             sizes["x".join(map(str, nearest_bucket(*size, buckets) if buckets else size))] += 1
@@ -295,7 +477,11 @@ def inspect_shards(spec: str, contact_sheet: str | Path | None = None, n: int = 
         "captions": {f: {"count": len(chars[f]), "chars": _length_stats(chars[f]), "words": _length_stats(words[f])}
                      for f in sorted(chars)},
         "embeddings": {"fields": dict(sorted(embedded.items())),
-                       "encoder": ((index or {}).get("text_embeddings") or {}).get("fingerprint")},
+                       "encoder": ((index or {}).get("text_embeddings") or {}).get("fingerprint"),
+                       "dtype": ((index or {}).get("text_embeddings") or {}).get("dtype")},
+        # how the shards were written (index.json of `pixelrun data convert`), when known
+        "converted": {k: index[k] for k in ("source", "caption_columns", "captions", "resolution", "patch",
+                                            "bytes_per_sample", "skipped") if k in index} if index else None,
     }
     if contact_sheet is not None and sheet:
         from ..images import save_grid
@@ -315,12 +501,23 @@ def format_report(r: dict) -> str:
         c, w = s["chars"], s["words"]
         lines.append(f"{field:<24}{s['count']:>8}  {'%d / %.1f / %g / %d' % (c['min'], c['mean'], c['median'], c['max']):>28}"
                      f"  {'%d / %.1f / %g / %d' % (w['min'], w['mean'], w['median'], w['max']):>28}")
+    conv = r.get("converted") or {}
+    if conv.get("caption_columns"):
+        lines.append("caption columns at conversion (weight): " + ", ".join(
+            f"{c} ({w:g})" for c, w in conv["caption_columns"].items())
+            + (f"; train with data.captions={conv['captions']}" if conv.get("captions") else ""))
     emb = r["embeddings"]
     if emb["fields"]:
-        lines.append(f"text embeddings: {emb['encoder'] or 'encoder unknown (no index.json)'}; samples per field: "
-                     + ", ".join(f"{k}: {v}" for k, v in emb["fields"].items()))
+        lines.append(f"text embeddings: {emb['encoder'] or 'encoder unknown (no index.json)'}"
+                     + (f", {emb['dtype']}" if emb.get("dtype") else "") + "; samples per stored field: "
+                     + ", ".join(f"{k}: {v}" for k, v in emb["fields"].items())
+                     + " (a json field equal to txt uses txt's)")
     else:
         lines.append("text embeddings: none")
+    if conv.get("bytes_per_sample"):
+        b = conv["bytes_per_sample"]
+        lines.append(f"bytes per sample: {format_bytes(b['on_disk'])} on disk (image {format_bytes(b['image'])}, "
+                     f"text embeddings {format_bytes(b['text_embeddings'])})")
     if "contact_sheet" in r:
         lines.append(f"contact sheet: {r['contact_sheet']}")
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from ..config import ConfigError
 from . import Batch
 from .batching import BucketedBatchSource
 from .buckets import resize_to_bucket, stack_images, to_array
@@ -132,12 +133,22 @@ def caption_fields(sample: dict) -> dict[str, str]:
 
 def parse_captions(spec: str) -> list[tuple[str, float]]:
     """`data.captions` -> [(field, weight)]. Raises ValueError with the offending part."""
+    fields = parse_weights(spec)
+    for name, _ in fields:
+        if name != "txt" and not (name.startswith("json.") and len(name) > len("json.")):
+            raise ValueError(f"caption field {name!r} is neither txt nor json.NAME (in {spec!r})")
+    return fields
+
+
+def parse_weights(spec: str) -> list[tuple[str, float]]:
+    """`name:weight,name,...` -> [(name, weight)], weight 1 when left out (data.captions, and the
+    caption columns of `pixelrun data convert`). Raises ValueError with the offending part."""
     fields: list[tuple[str, float]] = []
     for part in spec.split(","):
         name, _, weight_text = part.partition(":")
         name = name.strip()
-        if name != "txt" and not (name.startswith("json.") and len(name) > len("json.")):
-            raise ValueError(f"caption field {name!r} is neither txt nor json.NAME (in {spec!r})")
+        if not name:
+            raise ValueError(f"empty name in {spec!r}")
         try:
             weight = float(weight_text) if weight_text.strip() else 1.0
         except ValueError:
@@ -197,17 +208,87 @@ def embedding_match(index: dict | None, fingerprint: str, max_tokens: int) -> tu
                   f"the text encoder only encodes the empty prompt and the grid prompts")
 
 
-def _pad_embeddings(arrays: list[np.ndarray], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Trimmed [n_i, D] fp16 arrays -> fp32 [B, max_tokens, D] and its mask. The padding rows are
+# How each `--embedding-dtype` is stored in the .npy members: numpy has no bfloat16, so bfloat16
+# embeddings are their raw 16-bit patterns as uint16 (index.json names the dtype).
+EMBEDDING_STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+
+
+class StoredEmbeddingError(ConfigError):
+    """A stored caption embedding that cannot be used (non-finite values, wrong layout): one line
+    naming the sample. Picklable with its key, since a loader worker process may raise it."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__("data.path", f"{name}: {message}")
+        self.name, self.message = name, message
+
+    def __reduce__(self):
+        return type(self), (self.name, self.message)
+
+
+def stored_embedding_dtype(index: dict | None) -> str:
+    """The dtype of the shards' stored embeddings (shards written before it was recorded: float16)."""
+    return ((index or {}).get("text_embeddings") or {}).get("dtype", "float16")
+
+
+def decode_embedding(raw: bytes, dtype: str, name: str) -> torch.Tensor:
+    """A stored embedding member -> float32 [tokens, D]. A non-finite value stops training with one
+    line naming the sample: a NaN would otherwise spread through every step silently."""
+    a = np.load(io.BytesIO(raw), allow_pickle=False)
+    if a.ndim != 2 or a.dtype != EMBEDDING_STORAGE[dtype]:
+        raise StoredEmbeddingError(name, f"its stored text embedding is {a.dtype} of shape {list(a.shape)}, not the "
+                                         f"[tokens, dim] {dtype} that index.json describes")
+    t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(a)
+    t = t.float()
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise StoredEmbeddingError(name, f"its stored text embedding has {bad} non-finite value(s) of {t.numel()}; "
+                                         f"convert these shards again (pixelrun data convert refuses such values)")
+    return t
+
+
+def _stored_embedding(sample: dict, available: dict[str, str], field: str) -> bytes | None:
+    """The stored embedding of a caption field. `convert` stores a json field whose text equals the
+    `txt` caption once, as txt's."""
+    raw = sample.get(embedding_member(field))
+    if raw is None and field != "txt" and available.get("txt") == available.get(field):
+        raw = sample.get(embedding_member("txt"))
+    return raw
+
+
+def _pad_embeddings(arrays: list[torch.Tensor], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trimmed float32 [n_i, D] embeddings -> [B, max_tokens, D] and its mask. The padding rows are
     zeros where the encoder had pad-token outputs; both are masked out of attention, so the model
     sees the same thing."""
     text = torch.zeros(len(arrays), max_tokens, arrays[0].shape[1])
     mask = torch.zeros(len(arrays), max_tokens, dtype=torch.bool)
     for i, a in enumerate(arrays):
         n = min(len(a), max_tokens)
-        text[i, :n] = torch.from_numpy(a[:n].astype(np.float32))
+        text[i, :n] = a[:n]
         mask[i, :n] = True
     return text, mask
+
+
+def resolution_note(index: dict | None, buckets: list[tuple[int, int]]) -> str | None:
+    """A line when the shards were converted at another resolution than the one trained at (the
+    side of the largest training bucket, which is the square of data.resolution)."""
+    stored = (index or {}).get("resolution")
+    train = math.isqrt(max(h * w for h, w in buckets))
+    if not stored or stored == train:
+        return None
+    if stored < train:
+        return (f"shards: converted at {stored}px, below data.resolution {train}: every image is enlarged when read "
+                f"(blurry); convert again with --resolution {train}")
+    return (f"shards: converted at {stored}px, data.resolution is {train}: every image is resized again when read "
+            f"(converting with --resolution {train} would read faster)")
+
+
+def check_caption_fields(index: dict | None, fields: list[tuple[str, float]], captions: str, spec: str) -> None:
+    """Refuse, before any work, data.captions whose fields no sample has (when index.json counts the
+    caption fields of the samples; shards from elsewhere are checked sample by sample)."""
+    counts = (index or {}).get("caption_fields")
+    if counts and not any(counts.get(f) for f, _ in fields):
+        raise ConfigError("data.captions", f"{captions!r}: no sample of {spec} has any of these caption fields; "
+                                           f"they have " + ", ".join(f"{k} ({v})" for k, v in counts.items()))
 
 
 # ----------------------------------------------------------------------------- the batch source
@@ -261,10 +342,15 @@ class ShardBatchSource(BucketedBatchSource):
                                            f"convert --shard-size)")
         self.captions, self.fields = captions, parse_captions(captions)
         self.max_pixels = max_pixels
-        self.use_embeddings, self.text_note = False, None
+        index = read_index(self.urls)
+        check_caption_fields(index, self.fields, captions, spec)
+        self.use_embeddings, embedding_note = False, None
         self.max_tokens = text_encoder[1] if text_encoder else 0
+        self.embedding_dtype = stored_embedding_dtype(index)
         if text_encoder is not None:
-            self.use_embeddings, self.text_note = embedding_match(read_index(self.urls), *text_encoder)
+            self.use_embeddings, embedding_note = embedding_match(index, *text_encoder)
+        # what the run start prints about these shards (train.py shows it), one line each
+        self.text_note = "\n".join(n for n in (embedding_note, resolution_note(index, self.buckets)) if n) or None
         self.epoch = self.shard_cursor = self.ordinal = 0
         self._good = 0  # usable samples drawn this epoch: an epoch without any means nothing ever will be
         self._stream: Iterator[dict] | None = None
@@ -315,7 +401,7 @@ class ShardBatchSource(BucketedBatchSource):
         field = choose_caption(available, self.fields, self.seed, epoch, sample["__key__"])
         if field is None:
             return f"{name} (none of the caption fields {self.captions})"
-        embedding = sample.get(embedding_member(field)) if self.use_embeddings else None
+        embedding = _stored_embedding(sample, available, field) if self.use_embeddings else None
         return _Item(loc, epoch, name, sample[ext], size, available[field], embedding)
 
     def _skip(self, loc: tuple[int, int], what: str) -> None:
@@ -344,7 +430,8 @@ class ShardBatchSource(BucketedBatchSource):
     def _batch(self, items: list[_Item], images: list[np.ndarray]) -> Batch:
         text = mask = None
         if self.use_embeddings and all(it.embedding is not None for it in items):
-            text, mask = _pad_embeddings([np.load(io.BytesIO(it.embedding)) for it in items], self.max_tokens)
+            text, mask = _pad_embeddings([decode_embedding(it.embedding, self.embedding_dtype, it.name)
+                                          for it in items], self.max_tokens)
         return Batch(stack_images(images), [it.caption for it in items], text, mask)
 
     def _reject(self, item: _Item) -> None:
