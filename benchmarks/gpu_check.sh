@@ -1,30 +1,60 @@
 #!/usr/bin/env bash
-# The CUDA checks of issue 4, as one script for a lent GPU machine (results under $OUT, or ./gpu-out).
-#  1. the CUDA path end to end under torchrun (NCCL, FSDP2 on one rank, DCP checkpoints, bf16):
-#     train, stop, resume, sample;
-#  2. `pixelrun bench` of the 1.2B `small` preset at 512px (256 tokens) and 1024px, dense and routed,
-#     blocks compiled, bf16, with MFU; then the same dense 512px step with Muon.
-# Needs a tiny text encoder at $ENC (benchmarks/make_tiny_encoder.py writes one) because the GPU
-# machine has no network and the MiniLM package; the bench uses random text embeddings.
+# Issue 10's GPU measurements, as one script for a lent H200 (results under $OUT, or ./gpu-out):
+#  0. grouped bf16 Newton-Schulz of the `small` preset's 112 block matrices: bitwise equal to one
+#     matrix at a time on CUDA?, and the time of each;
+#  1. Muon step / AdamW step, `small`, 512px, batch 32 (goal <= 1.8; 10.1 with fp32 Newton-Schulz);
+#  2. dense 512px MFU at per-GPU batch 64 (goal 45%) and TREAD / dense (goal <= 0.72);
+#  3. the projection of configs/speedrun/speedrun.yaml onto 32 GPUs (teachers and T5Gemma with
+#     random weights of their architectures: the machine has no network).
+# Every bench compiles the blocks (parallel.compile=true, warm-up 3) and runs bf16, as the speedrun.
+# About 8 minutes; each part has its own timeout so one failure leaves the others' JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-ENC=${ENC:-.devcarry/tiny-bert}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+exec > >(tee "$OUT/gpu_check.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-run=/tmp/cuda-run
-common="text.encoder=$ENC run.dir=$run train.log_every=5 train.checkpoint_every=20 eval.prompts=16 train.sample_every=0"
-echo "== 1. CUDA path: torchrun, 1 rank, NCCL + FSDP2, stop at 20, resume to 40"
-time torchrun --standalone --nproc_per_node=1 -m pixelrun train $common train.steps=20 2>&1 | grep -v '^train:' | tail -8
-time torchrun --standalone --nproc_per_node=1 -m pixelrun train $common train.steps=40 2>&1 | grep -v '^train:' | tail -8
-python3 -m pixelrun sample --checkpoint $run --prompt "a large red circle in the top left on a white background" --out "$OUT/sample" 2>&1 | tail -2
-cp $run/metrics.jsonl "$OUT/cuda-run-metrics.jsonl"
+echo "== 0. Newton-Schulz, small preset, bf16: grouped vs one by one"
+timeout 120 python3 - "$OUT/newton-schulz-small.json" <<'EOF'
+import json, sys, time, torch
+from pixelrun.model import build_model
+from pixelrun.optim import newton_schulz_flops, orthogonalize, orthogonalize_many, split_parameters
+with torch.device("meta"):
+    shapes = [tuple(p.shape) for p in split_parameters(build_model("small", 2304))[0]]
+mats = [torch.randn(s, device="cuda") for s in shapes]
+def timed(fn):
+    fn(); torch.cuda.synchronize(); ts = []
+    for _ in range(5):
+        t = time.perf_counter(); fn(); torch.cuda.synchronize(); ts.append(time.perf_counter() - t)
+    return sorted(ts)[2]
+grouped, single = orthogonalize_many(mats), [orthogonalize(m) for m in mats]
+r = {"matrices": len(mats), "tflop": sum(map(newton_schulz_flops, shapes)) / 1e12,
+     "bitwise_equal": all(torch.equal(a, b) for a, b in zip(grouped, single)),
+     "max_abs_difference": max((a.float() - b.float()).abs().max().item() for a, b in zip(grouped, single)),
+     "grouped_seconds": timed(lambda: orthogonalize_many(mats)),
+     "one_by_one_seconds": timed(lambda: [orthogonalize(m) for m in mats]),
+     "grouped_fp32_seconds": timed(lambda: orthogonalize_many(mats, dtype=torch.float32))}
+print(json.dumps(r, indent=2)); open(sys.argv[1], "w").write(json.dumps(r, indent=2))
+EOF
 
-echo "== 2. bench: small preset, compiled, bf16"
-b="python3 -m pixelrun bench model.preset=small parallel.compile=true --text-dim 2304 --text-tokens 256"
-timeout 200 $b data.resolution=512 train.batch_size=32 --variants dense,routed --steps 10 --warmup 3 --out "$OUT/bench-small-512.json" | tail -40
-timeout 200 $b data.resolution=1024 train.batch_size=16 --variants dense,routed --steps 6 --warmup 3 --out "$OUT/bench-small-1024.json" | tail -40
-timeout 120 $b data.resolution=512 train.batch_size=32 train.optimizer=muon --variants dense --steps 5 --warmup 3 --out "$OUT/bench-small-512-muon.json" | tail -20
+b="python3 -m pixelrun bench model.preset=small parallel.compile=true data.resolution=512 --text-dim 2304 --text-tokens 256"
+echo "== 1. Muon vs AdamW step, small, 512px, batch 32"
+timeout 150 $b train.batch_size=32 train.optimizer=adamw --variants dense --steps 8 --warmup 3 --out "$OUT/step-adamw.json"
+timeout 150 $b train.batch_size=32 train.optimizer=muon --variants dense --steps 8 --warmup 3 --out "$OUT/step-muon.json"
+python3 - "$OUT" <<'EOF'
+import json, sys
+a, m = (json.load(open(f"{sys.argv[1]}/step-{k}.json"))["results"]["dense"] for k in ("adamw", "muon"))
+print(f"Muon / AdamW step: {m['step_seconds_median'] / a['step_seconds_median']:.2f} "
+      f"({m['step_seconds_median'] * 1e3:.1f} ms / {a['step_seconds_median'] * 1e3:.1f} ms; optimizer "
+      f"{m['optimizer_seconds_median'] * 1e3:.1f} ms / {a['optimizer_seconds_median'] * 1e3:.1f} ms)")
+EOF
+
+echo "== 2. dense and TREAD at 512px, batch 64"
+timeout 200 $b train.batch_size=64 --variants dense,routed --steps 8 --warmup 3 --out "$OUT/mfu-512-b64.json"
+
+echo "== 3. projection of the speedrun onto 32 GPUs"
+timeout 330 python3 -m pixelrun bench --config configs/speedrun/speedrun.yaml --gpus 32 --steps 5 --warmup 3 \
+  --out "$OUT/projection-speedrun-32.json"

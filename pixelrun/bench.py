@@ -1,7 +1,8 @@
 """`pixelrun bench`: time training steps of any preset and resolution, dense or routed, with or
 without the teachers, after a warm-up. Text embeddings are random tensors of the configured width
 (the text encoder is a cache lookup in real runs), so the numbers are the denoiser's step, the
-loss terms, gradient clipping and the optimizer.
+loss terms, gradient clipping and the optimizer, the last two also timed apart. `pixelrun bench
+--gpus N` times a whole staged config with its text encoder instead (pixelrun/projection.py).
 
 Besides time, each variant reports the denoiser's model FLOPs per training image (pixelrun/flops.py,
 analytic, routed when the variant routes; teachers not included), the achieved model FLOP/s and,
@@ -15,6 +16,7 @@ import json
 import math
 import platform
 import time
+from statistics import median
 from pathlib import Path
 
 import torch
@@ -79,7 +81,11 @@ def measured_step_flops(model, aux, cfg: Config, device, text_dim: int, text_tok
     return counter.get_total_flops()
 
 
-def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_tokens: int) -> dict:
+def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_tokens: int,
+               count_flops: bool = True) -> dict:
+    """Median times of `steps` training steps after `warmup` untimed ones, split into the forward
+    + backward (draws, model, every loss term) and the optimizer (gradient clipping + step), with
+    the analytic model FLOPs; `count_flops` adds torch's FlopCounterMode count of a one-image step."""
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg, text_dim).to(device)
@@ -87,7 +93,7 @@ def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_toke
     opt, _ = make_optimizer(model, cfg, extra_adam_modules=[aux.projector] if aux.projector is not None else [])
     b, res = cfg.train.batch_size, cfg.data.resolution
     flops = training_flops_per_image(model.cfg, res, res, text_tokens, cfg.routing.ratio, routing_span(cfg))
-    measured = measured_step_flops(model, aux, cfg, device, text_dim, text_tokens)
+    measured = measured_step_flops(model, aux, cfg, device, text_dim, text_tokens) if count_flops else None
     # Speed options only after the count: they change how, not what, the model computes.
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     if cfg.parallel.compile:
@@ -97,29 +103,39 @@ def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_toke
     null_text, null_mask = text[:1] * 0, mask[:1]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(warmup + steps):
+
+    def now() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        return time.perf_counter()
+
+    times, forward_backward, optimizer = [], [], []
+    for i in range(warmup + steps):
+        t0 = now()
         noise = draw_noise(cfg, i, list(range(b)), (3, res, res), model.cfg.patch_size, device)
         res_ = training_step(model, batch, text, mask, null_text, null_mask, noise, cfg, device, aux)
         opt.zero_grad(set_to_none=True)
         res_.loss.backward()
+        t1 = now()
         clip_gradients(params, cfg.train.grad_clip or math.inf)  # as the training loop does
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
+        t2 = now()
+        times.append(t2 - t0)
+        forward_backward.append(t1 - t0)
+        optimizer.append(t2 - t1)
     warm, times = times[:warmup], times[warmup:]
-    step = sorted(times)[len(times) // 2]
+    step = median(times)
     tokens = flops["image_tokens"]
     achieved = flops["training_total"] * b / step
     peak = peak_flops(device_name(device)) if device.type == "cuda" else None
     teachers = aux.repa_teacher is not None or aux.lpips is not None or aux.dino is not None
-    out = {"step_seconds_median": step, "step_seconds": times, "images_per_s": b / step,
-           "image_tokens_per_s": b * tokens / step, "image_tokens": tokens, "kept_tokens": flops["kept_tokens"],
-           "batch_size": b, "terms": sorted(res_.terms),
+    out = {"step_seconds_median": step, "step_seconds": times,
+           "forward_backward_seconds_median": median(forward_backward[warmup:]),
+           "optimizer_seconds_median": median(optimizer[warmup:]),
+           "images_per_s": b / step, "image_tokens_per_s": b * tokens / step, "image_tokens": tokens,
+           "kept_tokens": flops["kept_tokens"], "batch_size": b, "terms": sorted(res_.terms),
+           "optimizer": cfg.train.optimizer + (f" (Newton-Schulz {cfg.train.muon_precision})"
+                                               if cfg.train.optimizer == "muon" else ""),
            "precision": "bf16" if autocast_dtype(cfg, device) == torch.bfloat16 else "fp32",
            "compiled": cfg.parallel.compile, "activation_checkpointing": cfg.parallel.activation_checkpointing,
            "warmup_seconds": sum(warm),  # includes the compilation when compiled
@@ -127,9 +143,8 @@ def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_toke
            "model_flops_by_part": flops["training"],
            "achieved_model_flops_per_s": achieved, "peak_flops": peak, "mfu": achieved / peak if peak else None,
            "measured_step_flops_per_image": measured,
-           "teacher_flops_per_image": measured - flops["training_total"] if teachers else None}
-    if device.type == "cuda":
-        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+           "teacher_flops_per_image": measured - flops["training_total"] if teachers and measured else None,
+           "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     return out
 
 
@@ -142,6 +157,13 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+def variant_overrides(overrides: list[str], variant: str) -> list[str]:
+    """The overrides with the variant's own appended; its keys win over the same keys among the
+    overrides (a key may appear only once)."""
+    mine = {o.split("=", 1)[0].strip() for o in VARIANTS[variant]}
+    return [o for o in overrides if o.split("=", 1)[0].strip() not in mine] + VARIANTS[variant]
+
+
 def run_bench(config: str | None, overrides: list[str], *, variants: list[str], steps: int, warmup: int,
               text_dim: int, text_tokens: int, out: str | None) -> dict:
     """Each variant is a named list of overrides applied on top of the base config."""
@@ -152,8 +174,9 @@ def run_bench(config: str | None, overrides: list[str], *, variants: list[str], 
             raise ConfigError("--variants", f"unknown bench variant {name!r}; choose from {', '.join(VARIANTS)}")
     results = {}
     for name in variants:
-        cfg = load_config(config, [*overrides, *VARIANTS[name]])
-        results[name] = {"overrides": [*overrides, *VARIANTS[name]],
+        over = variant_overrides(overrides, name)
+        cfg = load_config(config, over)
+        results[name] = {"overrides": over,
                          **time_steps(cfg, text_dim=text_dim, steps=steps, warmup=warmup, text_tokens=text_tokens)}
     base = results.get("dense", {}).get("step_seconds_median")
     if base:

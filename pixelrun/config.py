@@ -126,6 +126,9 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon for the 2-D weights inside blocks, AdamW for the rest)
     muon_lr: float | None = None  # null = train.lr (the update is RMS-matched to AdamW, so one lr serves both)
     muon_momentum: float = 0.95
+    # Newton-Schulz precision: bf16 as torch.optim.Muon runs it (tensor cores on GPUs; bitwise torch's
+    # update), or fp32 (more exact; far faster on CPUs without native bf16, such as AVX2-only ones)
+    muon_precision: str = "bf16"  # bf16 | fp32
     grad_clip: float = 1.0
     # auto = bf16 autocast on CUDA, fp32 on the CPU: without AVX512-BF16/AMX (this 2-core AVX2 machine)
     # bf16 matmuls are emulated and a CPU step is ~50x slower than fp32. Master weights are always fp32.
@@ -567,6 +570,7 @@ def validate(cfg: Config) -> None:
         _positive("train.muon_lr", t.muon_lr)
     if not 0 <= t.muon_momentum < 1:
         raise ConfigError("train.muon_momentum", f"must be in [0, 1); got {t.muon_momentum}")
+    _choice("train.muon_precision", t.muon_precision, ("bf16", "fp32"))
     _choice("train.precision", t.precision, ("auto", "bf16", "fp32"))
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError("train.device", f"must be auto, cpu, cuda or cuda:N; got {t.device!r}")

@@ -16,13 +16,21 @@ AdamW group, so the training loop keeps a single `step()`, `zero_grad()`, `state
 `load_state_dict()`, and an `LRScheduler` scales both groups' lr (each from its own base lr).
 
 The Muon update is written out here (not wrapped from `torch.optim.Muon`) so that the
-orthogonalisation is its own function, `orthogonalize`, which the FSDP2 path calls on a gathered
-full matrix on an owner rank before scattering the result back (`muon_step` on DTensor
-parameters; see `_orthogonalize_sharded` for the communication). It reproduces
-`torch.optim.Muon(adjust_lr_fn="match_rms_adamw")` exactly when Newton-Schulz runs in bfloat16,
-which is what torch hard-codes; by default it runs Newton-Schulz in float32 instead (the recipe's
-choice: more accurate, and cheap next to a forward/backward pass), which agrees with torch to
-bfloat16 precision.
+orthogonalisation is its own function. `orthogonalize_many` runs Newton-Schulz on many matrices
+at once: matrices of the same shape (a tall one counts as its transpose) are stacked and go
+through one batched matmul chain, so the 112 block matrices of the 1.2B model take 5 chains
+instead of 112. The FSDP2 path calls it on the whole matrices each owner rank gathers (`muon_step`
+on DTensor parameters; `_orthogonalize_sharded` for the communication, `balanced_owners` for who
+owns what).
+
+Precision: Newton-Schulz runs in bfloat16 by default (`train.muon_precision: bf16`), as
+`torch.optim.Muon` hard-codes (torch/optim/_muon.py, `_zeropower_via_newtonschulz`:
+`grad.bfloat16()`) and as Keller Jordan's reference it cites does; the quintic iteration only
+needs its singular values in roughly [0.7, 1.2], which bf16 gives (about 2% from the float64
+iteration), and on GPUs bf16 runs on the tensor cores. In bf16 the update is
+`torch.optim.Muon(adjust_lr_fn="match_rms_adamw")`'s bit for bit (tests/test_optim.py).
+`fp32` stays a setting: more exact, and far faster on a CPU without native bf16 (on this
+project's AVX2 VM bf16 matmuls are emulated: benchmarks/results/muon-cpu/).
 """
 from __future__ import annotations
 
@@ -41,7 +49,10 @@ from pixelrun.model import Block
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# Newton-Schulz precisions: the config's spellings (train.muon_precision) and torch's dtype names
+# (which earlier checkpoints stored in the Muon group's "ns_dtype").
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "bfloat16": torch.bfloat16, "float32": torch.float32,
+             "float64": torch.float64}
 
 try:  # FSDP2 shards parameters as DTensors; orthogonalising a shard would be silently wrong.
     from torch.distributed.tensor import DTensor as _DTensor
@@ -115,13 +126,65 @@ def split_parameters(
 # Muon
 
 
+def newton_schulz_flops(shape: torch.Size | tuple[int, ...], steps: int = 5) -> int:
+    """Matmul FLOPs of `steps` Newton-Schulz iterations on one matrix of `shape`. With m <= n its
+    sides (the wide orientation `orthogonalize` uses), an iteration is X X^T (2 m^2 n), the
+    polynomial b A + c A^2 (2 m^3) and its product with X (2 m^2 n)."""
+    m, n = sorted(shape[-2:])
+    return steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def _newton_schulz(x: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float) -> Tensor:
+    """The iteration on a stack [B, m, n] of wide matrices (m <= n), in x's dtype. torch.optim.Muon's
+    op sequence (norm, then X X^T, addmm, addmm) with the batched ops: each matrix is scaled by its
+    own norm and the matmuls are per matrix, so the result is the per-matrix one."""
+    a, b, c = coefficients
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # out of place: x may be the caller's
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A^2
+        x = torch.baddbmm(x, poly, x, beta=a)  # a*X + (b*A + c*A^2) X
+    return x
+
+
+def orthogonalize_many(
+    updates: list[Tensor],
+    steps: int = 5,
+    *,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = NS_EPS,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[Tensor]:
+    """`orthogonalize` of every 2-D matrix in `updates`, in `dtype`, in order. Matrices of one
+    shape (up to transposition) on one device go through one batched chain: a stack [B, m, n],
+    copied once into `dtype` and the wide orientation. The result of a matrix does not depend on
+    its batch-mates (per-matrix norms and products); on the CPU it is bitwise the one-by-one
+    result (tests/test_optim.py), on GPUs a batched GEMM may sum in another order than a single
+    one. Returns views into the stacks."""
+    groups: dict[tuple, list[int]] = {}
+    for i, u in enumerate(updates):
+        if u.ndim != 2:
+            raise ValueError(f"orthogonalize needs a 2-D matrix, got shape {tuple(u.shape)}")
+        groups.setdefault((u.device, min(u.shape), max(u.shape)), []).append(i)
+    out: list[Tensor | None] = [None] * len(updates)
+    for (device, m, n), idx in groups.items():
+        x = torch.empty(len(idx), m, n, dtype=dtype, device=device)
+        for j, i in enumerate(idx):
+            u = updates[i]
+            x[j].copy_(u.mT if u.size(0) > u.size(1) else u)  # one pass: cast and orient
+        x = _newton_schulz(x, steps, coefficients, eps)
+        for j, i in enumerate(idx):
+            out[i] = x[j].mT if updates[i].size(0) > updates[i].size(1) else x[j]
+    return out
+
+
 def orthogonalize(
     update: Tensor,
     steps: int = 5,
     *,
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     eps: float = NS_EPS,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:
     """Approximately replace the singular values of a 2-D `update` by 1 (U S V^T -> U S' V^T,
     S' roughly in [0.7, 1.2]) with `steps` quintic Newton-Schulz iterations computed in `dtype`.
@@ -132,19 +195,7 @@ def orthogonalize(
     (rows <= cols) keeps the Gram matrix X X^T the small one. The op sequence is
     torch.optim.Muon's, so with dtype=bfloat16 the result is bitwise torch's. Returns `dtype`.
     """
-    if update.ndim != 2:
-        raise ValueError(f"orthogonalize needs a 2-D matrix, got shape {tuple(update.shape)}")
-    a, b, c = coefficients
-    x = update.to(dtype)
-    tall = update.size(0) > update.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # out of place: never scribble on the caller's tensor
-    for _ in range(steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A^2
-        x = torch.addmm(x, poly, x, beta=a)  # a*X + (b*A + c*A^2) X
-    return x.T if tall else x
+    return orthogonalize_many([update], steps, coefficients=coefficients, eps=eps, dtype=dtype)[0]
 
 
 def muon_lr_scale(shape: torch.Size | tuple[int, ...]) -> float:
@@ -167,13 +218,13 @@ def muon_step(
     ns_steps: int,
     ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     eps: float = NS_EPS,
-    ns_dtype: torch.dtype = torch.float32,
+    ns_dtype: torch.dtype = torch.bfloat16,
 ) -> None:
     """One Muon update of each matrix, in place, torch.optim.Muon's arithmetic:
 
         B <- mu B + (1 - mu) G                   (written as B.lerp_(G, 1 - mu))
         U <- (1 - mu) G + mu B   if nesterov,    else U <- B
-        O <- orthogonalize(U)
+        O <- orthogonalize(U)                    (same-shape matrices batched: orthogonalize_many)
         W <- W (1 - lr wd)                       (decoupled weight decay, unscaled lr)
         W <- W - lr * 0.2 sqrt(max(rows, cols)) * O
 
@@ -185,7 +236,10 @@ def muon_step(
     DTensor parameters (FSDP2 / HSDP shards) take `_muon_step_sharded`: the same arithmetic, with
     the momentum on the local shard and Newton-Schulz on the gathered whole matrix.
     """
-    sharded = []
+    def orth_many(updates: list[Tensor]) -> list[Tensor]:
+        return orthogonalize_many(updates, ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
+
+    sharded, local, updates = [], [], []
     for p, g, buf in zip(params, grads, momentum_buffers):
         if g.ndim != 2:
             raise ValueError(f"Muon needs 2-D gradients, got shape {tuple(g.shape)}")
@@ -193,16 +247,14 @@ def muon_step(
             sharded.append((p, g, buf))
             continue
         buf.lerp_(g, 1 - momentum)
-        update = g.lerp(buf, momentum) if nesterov else buf
-        o = orthogonalize(update, ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
+        local.append(p)
+        updates.append(g.lerp(buf, momentum) if nesterov else buf)
+    for p, o in zip(local, orth_many(updates)):  # all momenta first, then one chain per shape
         p.mul_(1 - lr * weight_decay)
         p.add_(o, alpha=-(lr * muon_lr_scale(p.shape)))
     if sharded:
-        def orth(update: Tensor) -> Tensor:
-            return orthogonalize(update, ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
-
         _muon_step_sharded(sharded, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                           orth=orth)
+                           orth_many=orth_many, ns_steps=ns_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,17 +327,36 @@ def _exchange(send: list[list[Tensor]], recv_sizes: list[int], group, dtype: tor
     return out
 
 
+def balanced_owners(shapes: list[torch.Size | tuple[int, ...]], world: int, steps: int = 5) -> list[int]:
+    """The owner rank of each matrix so that every rank's Newton-Schulz FLOPs are about equal.
+
+    Counting matrices would not do: in a block of the 1.2B model the adaLN modulation (10752 x
+    1792) costs 4.3x the output projection (1792 x 1792) and 1.6x a GeGLU matrix. Greedy longest-
+    processing-time first: matrices in decreasing cost (ties: input order), each to the rank with
+    the least load so far (ties: the lowest rank). Every rank computes the same list from the same
+    shapes, so no communication is needed; the busiest rank carries at most 4/3 of the optimum."""
+    load = [0] * world
+    owner = [0] * len(shapes)
+    cost = [newton_schulz_flops(s, steps) for s in shapes]
+    for k in sorted(range(len(shapes)), key=lambda k: (-cost[k], k)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[k] = r
+        load[r] += cost[k]
+    return owner
+
+
 def _orthogonalize_sharded(updates: list[Tensor], shapes: list[torch.Size], mesh, dim: int,
-                           orth: Callable[[Tensor], Tensor]) -> list[Tensor]:
+                           orth_many: Callable[[list[Tensor]], list[Tensor]], ns_steps: int = 5) -> list[Tensor]:
     """Orthogonalise whole matrices that live as dim-0 shards over mesh dim `dim`; return each
     rank's rows of the results. `updates` are this rank's local shards, `shapes` the full shapes;
     every rank of the shard group calls this with the same matrices in the same order.
 
-    Matrix k is owned by rank k mod world (round-robin, so each rank runs Newton-Schulz on about
-    1/world of the matrices). Two all_to_all_single calls over the shard group, each batching
-    every matrix: (1) each rank sends its shard of matrix k to k's owner, which reassembles the
-    whole matrix and orthogonalises it; (2) the owner sends every rank its rows of the result.
-    Shards are padded to ceil(rows / world) rows so that the pieces line up; padding is cut off.
+    Owners come from `balanced_owners` (each rank runs about 1/world of the Newton-Schulz FLOPs).
+    Two all_to_all_single calls over the shard group, each batching every matrix: (1) each rank
+    sends its shard of matrix k to k's owner, which reassembles the whole matrix; the owner
+    orthogonalises all its matrices together (`orth_many`: one batched chain per shape); (2) the
+    owner sends every rank its rows of the result. Shards are padded to ceil(rows / world) rows so
+    that the pieces line up; padding is cut off.
 
     Communication: a matrix of M elements crosses the network twice, (world-1)/world * M each way
     (the owner's own shard stays put). Per exchange a rank sends its shards (about 1/world of the
@@ -300,7 +371,7 @@ def _orthogonalize_sharded(updates: list[Tensor], shapes: list[torch.Size], mesh
     world, me = mesh.size(dim), mesh.get_local_rank(dim)
     dtype = functools.reduce(torch.promote_types, [u.dtype for u in updates])
     device = updates[0].device
-    owner = [k % world for k in range(len(updates))]
+    owner = balanced_owners(shapes, world, ns_steps)
     blocks = [shard_rows(s[0], world)[0] for s in shapes]  # padded rows per rank
     my_rows = [shard_rows(s[0], world)[1][me] for s in shapes]
     sizes = [b * s[1] for b, s in zip(blocks, shapes)]  # elements of one packed shard
@@ -315,14 +386,15 @@ def _orthogonalize_sharded(updates: list[Tensor], shapes: list[torch.Size], mesh
         send[owner[k]].append(_pack_shard(u.to(dtype), blocks[k]))
     got = _exchange(send, [owned_size[me]] * world, group, dtype, device).view(world, owned_size[me])
 
-    # Whole matrices, orthogonalised on their owner.
-    send = [[] for _ in range(world)]
-    offset = 0
-    for k in (k for k in range(len(shapes)) if owner[k] == me):
-        rows, cols = shapes[k]
-        full = _unpack_full(got[:, offset:offset + sizes[k]], rows, cols)
+    # Whole matrices, orthogonalised together on their owner.
+    mine = [k for k in range(len(shapes)) if owner[k] == me]
+    fulls, offset = [], 0
+    for k in mine:
+        fulls.append(_unpack_full(got[:, offset:offset + sizes[k]], *shapes[k]))
         offset += sizes[k]
-        for r, piece in enumerate(_split_full(orth(full).to(dtype), world, blocks[k])):
+    send = [[] for _ in range(world)]
+    for k, o in zip(mine, orth_many(fulls)):
+        for r, piece in enumerate(_split_full(o.to(dtype), world, blocks[k])):
             send[r].append(piece)
 
     # (2) Each rank's rows back from the owners, in owner order then matrix order.
@@ -337,7 +409,8 @@ def _orthogonalize_sharded(updates: list[Tensor], shapes: list[torch.Size], mesh
 
 
 def _muon_step_sharded(items: list[tuple[Tensor, Tensor, Tensor]], *, lr: float, weight_decay: float,
-                       momentum: float, nesterov: bool, orth: Callable[[Tensor], Tensor]) -> None:
+                       momentum: float, nesterov: bool, orth_many: Callable[[list[Tensor]], list[Tensor]],
+                       ns_steps: int) -> None:
     """`muon_step` for DTensor (param, grad, momentum buffer) triples, in place on the local shards.
 
     The momentum and Nesterov mix are elementwise, so they run on the local shards exactly as on
@@ -357,9 +430,10 @@ def _muon_step_sharded(items: list[tuple[Tensor, Tensor, Tensor]], *, lr: float,
         batches.setdefault(key, []).append((p, update))
     for key, batch in batches.items():
         if key is None:  # every rank holds the whole matrix (e.g. a shard group of one): no traffic
-            outs = [orth(u) for _, u in batch]
+            outs = orth_many([u for _, u in batch])
         else:
-            outs = _orthogonalize_sharded([u for _, u in batch], [p.shape for p, _ in batch], *key, orth)
+            outs = _orthogonalize_sharded([u for _, u in batch], [p.shape for p, _ in batch], *key, orth_many,
+                                          ns_steps)
         for (p, _), o in zip(batch, outs):
             local = p.to_local()
             local.mul_(1 - lr * weight_decay)
@@ -403,7 +477,13 @@ class MuonAdamW(torch.optim.Optimizer):
         mine = [g["algorithm"] for g in self.param_groups]
         if saved != mine:
             raise ValueError(f"optimizer state has groups {saved}, this optimizer has {mine}")
+        # The Newton-Schulz precision is a setting, not state: torch restores every saved group
+        # option, which would silently keep a checkpoint's fp32 after the config says bf16.
+        precision = [g.get("ns_dtype") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for g, ns_dtype in zip(self.param_groups, precision):
+            if ns_dtype is not None:
+                g["ns_dtype"] = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -434,7 +514,7 @@ class MuonAdamW(torch.optim.Optimizer):
         muon_step(params, grads, bufs, lr=group["lr"], weight_decay=group["weight_decay"],
                   momentum=group["momentum"], nesterov=group["nesterov"], ns_steps=group["ns_steps"],
                   ns_coefficients=tuple(group["ns_coefficients"]), eps=group["eps"],
-                  ns_dtype=_DTYPES[group["ns_dtype"]])
+                  ns_dtype=NS_DTYPES[group["ns_dtype"]])
 
     def _adamw_group(self, group: dict) -> None:
         from torch.optim.adam import adam
@@ -476,13 +556,14 @@ def build_optimizer(
     muon_momentum: float = 0.95,
     muon_nesterov: bool = True,
     muon_ns_steps: int = 5,
-    muon_ns_dtype: str = "float32",
+    muon_ns_dtype: str = "bf16",
     extra_adam_modules: Iterable[nn.Module] = (),
 ) -> torch.optim.Optimizer:
     """kind="adamw": a plain `torch.optim.AdamW` over the model and the extra modules.
     kind="muon": one `MuonAdamW` with group 0 = Muon (lr `muon_lr`, default `lr`) and group 1 =
-    AdamW (lr `lr`); the weight decay applies to both, decoupled. `muon_ns_dtype="bfloat16"`
-    reproduces torch.optim.Muon bit for bit and is faster on GPUs; float32 is the default.
+    AdamW (lr `lr`); the weight decay applies to both, decoupled. `muon_ns_dtype`: the
+    Newton-Schulz precision, "bf16" (default; torch.optim.Muon's update bit for bit) or "fp32"
+    (more exact, slower); torch's names "bfloat16", "float32" and "float64" work too.
 
     Either way the optimizer gets a `report` attribute (split counts, kind, lrs) for `describe`.
     """
@@ -499,8 +580,8 @@ def build_optimizer(
         return opt
     if kind != "muon":
         raise ValueError(f"unknown optimizer kind {kind!r}; choose 'adamw' or 'muon'")
-    if muon_ns_dtype not in _DTYPES:
-        raise ValueError(f"muon_ns_dtype must be one of {sorted(_DTYPES)}, got {muon_ns_dtype!r}")
+    if muon_ns_dtype not in NS_DTYPES:
+        raise ValueError(f"muon_ns_dtype must be one of {', '.join(NS_DTYPES)}, got {muon_ns_dtype!r}")
     muon_params, adam_params, report = split_parameters(model, extra)
     muon_lr = lr if muon_lr is None else muon_lr
     groups = [

@@ -266,7 +266,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, extra_adam_modules=()):
     t = cfg.train
     opt = build_optimizer(model, kind=t.optimizer, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                           weight_decay=t.weight_decay, muon_lr=t.muon_lr, muon_momentum=t.muon_momentum,
-                          extra_adam_modules=extra_adam_modules)
+                          muon_ns_dtype=t.muon_precision, extra_adam_modules=extra_adam_modules)
     warm = max(1, t.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     return opt, sched

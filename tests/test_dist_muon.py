@@ -1,5 +1,8 @@
 """Muon under FSDP2 (`fully_shard`) and HSDP: gloo CPU processes run the optimizer on sharded
-parameters, and the parameters and state must equal a single-process run of the same steps.
+parameters, and the parameters and state must equal a single-process run of the same steps, bit for
+bit: the momentum is elementwise on the shards, the owner orthogonalises the exact gathered matrix
+in a batch whose members do not affect it (bitwise on the CPU, tests/test_optim.py), and gloo's
+reduction of two equal gradients is exact.
 
 Every case in one spawn (starting processes and importing torch is most of the cost). Each rank
 saves its full parameters and optimizer state; the tests compare them with an unsharded run here.
@@ -23,16 +26,18 @@ LR, WD, STEPS = 0.02, 0.1, 3
 
 # name -> mesh shape (1-D: FSDP, 2-D: HSDP (replicate, shard)); `uneven` and `probe` as in
 # `make_model`; `backward`: a real forward/backward (FSDP2 reduce-scatters the gradients) instead of
-# setting the same gradients on both copies; Nesterov or plain momentum.
+# setting the same gradients on both copies; Nesterov or plain momentum; Newton-Schulz precision.
+_C = dict(uneven=True, probe=True, backward=False, nesterov=True, precision="bf16")
 CASES = {
-    "fsdp_even": dict(mesh=(2,), uneven=False, probe=False, backward=False, nesterov=True),
-    "fsdp_uneven": dict(mesh=(2,), uneven=True, probe=True, backward=False, nesterov=True),
-    "fsdp_uneven_plain_momentum": dict(mesh=(2,), uneven=True, probe=True, backward=False, nesterov=False),
-    "fsdp_backward": dict(mesh=(2,), uneven=True, probe=False, backward=True, nesterov=True),
-    "hsdp_1x2": dict(mesh=(1, 2), uneven=True, probe=True, backward=False, nesterov=True),
-    "hsdp_2x1": dict(mesh=(2, 1), uneven=True, probe=True, backward=False, nesterov=True),
+    "fsdp_even": dict(_C, mesh=(2,), uneven=False, probe=False),
+    "fsdp_uneven": dict(_C, mesh=(2,)),
+    "fsdp_uneven_plain_momentum": dict(_C, mesh=(2,), nesterov=False),
+    "fsdp_uneven_fp32": dict(_C, mesh=(2,), precision="fp32"),
+    "fsdp_backward": dict(_C, mesh=(2,), probe=False, backward=True),
+    "hsdp_1x2": dict(_C, mesh=(1, 2)),
+    "hsdp_2x1": dict(_C, mesh=(2, 1)),
 }
-HSDP_4 = {"hsdp_2x2": dict(mesh=(2, 2), uneven=True, probe=True, backward=False, nesterov=True)}
+HSDP_4 = {"hsdp_2x2": dict(_C, mesh=(2, 2))}
 
 
 def make_model(uneven: bool, probe: bool) -> nn.Module:
@@ -65,8 +70,9 @@ def loss_of(model: nn.Module, step: int) -> torch.Tensor:
     return (model(x, t, text).prediction - x).pow(2).mean()
 
 
-def optimizer(model: nn.Module, nesterov: bool):
-    return build_optimizer(model, kind="muon", lr=LR, muon_lr=LR, weight_decay=WD, muon_nesterov=nesterov)
+def optimizer(model: nn.Module, case: dict):
+    return build_optimizer(model, kind="muon", lr=LR, muon_lr=LR, weight_decay=WD, muon_nesterov=case["nesterov"],
+                           muon_ns_dtype=case["precision"])
 
 
 def full(t):
@@ -113,7 +119,7 @@ def _worker(rank: int, world: int, port: int, cases: dict, out_dir: str) -> None
             for block in model.blocks:
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
-            opt = optimizer(model, case["nesterov"])
+            opt = optimizer(model, case)
             muon = {id(p) for p in opt.param_groups[0]["params"]}
             assert all(isinstance(p, DTensor) for p in model.parameters())
             local_rows = {n: p.to_local().shape[0] for n, p in model.named_parameters() if id(p) in muon}
@@ -158,23 +164,22 @@ def reference(case: dict) -> tuple[dict, dict]:
     def set_grad(p, grad):
         p.grad = grad
 
-    return run_steps(model, optimizer(model, case["nesterov"]), case, set_grad), init
+    return run_steps(model, optimizer(model, case), case, set_grad), init
 
 
 def check_against_reference(out_dir, name: str, case: dict, world: int) -> tuple[list[dict], dict, dict]:
-    """Every rank's parameters and optimizer state equal the unsharded run's to ~1e-5."""
+    """Every rank's parameters and optimizer state equal the unsharded run's, bit for bit."""
     ref, init = reference(case)
     results = [torch.load(os.path.join(out_dir, f"{name}.rank{r}.pt"), weights_only=False) for r in range(world)]
     for rank, got in enumerate(results):
         assert got["params"].keys() == ref["params"].keys()
         for n, want in ref["params"].items():
-            torch.testing.assert_close(got["params"][n], want, rtol=1e-5, atol=1e-5, msg=f"rank {rank}: {n}")
+            torch.testing.assert_close(got["params"][n], want, rtol=0, atol=0, msg=f"rank {rank}: {n}")
         assert got["state"].keys() == ref["state"].keys()
         for i, s in ref["state"].items():
             assert got["state"][i].keys() == s.keys()
             for k, want in s.items():
-                torch.testing.assert_close(got["state"][i][k], want, rtol=1e-5, atol=1e-5,
-                                           msg=f"rank {rank}: state {i} {k}")
+                torch.testing.assert_close(got["state"][i][k], want, rtol=0, atol=0, msg=f"rank {rank}: state {i} {k}")
     return results, ref, init
 
 

@@ -121,9 +121,11 @@ def test_checkpoints_move_between_rank_counts(runs):
 def test_muon_on_two_ranks_equals_one(runs):
     """Newton-Schulz on whole matrices gathered from uneven FSDP2 shards (pixelrun/optim.py). Given
     the same gradients the sharded update is bitwise the single-device one (tests/test_dist_muon.py);
-    here the gradients differ by fp32 reduction order, which Adam and Newton-Schulz amplify to a
-    few 1e-6 after 3 steps at lr 3e-3."""
-    _same_run(runs["muon_one_x8"], runs["muon_two_x4"], atol=1e-5)
+    here the gradients differ by fp32 reduction order. Newton-Schulz in bf16 (the default) turns
+    that into an occasional different rounding of an orthogonalised entry, 2^-8 of it: a weight
+    moves by lr * 0.2 sqrt(97) * 2^-8 * |O| ~ 2e-5 * |O| per step, so after 3 steps at lr 3e-3 the
+    weights agree to 1e-4 (4.6e-5 seen; fp32 Newton-Schulz: a few 1e-6) and the losses to 1e-5."""
+    _same_run(runs["muon_one_x8"], runs["muon_two_x4"], atol=1e-4)
 
 
 def test_hybrid_sharding_equals_one_rank(runs):
