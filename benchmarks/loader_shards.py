@@ -53,7 +53,7 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    from pixelrun.data.buckets import aspect_buckets
+    from pixelrun.config import aspect_buckets
     from pixelrun.data.folder import FolderBatchSource, ImageFolder
     from pixelrun.data.shards import ShardBatchSource
 

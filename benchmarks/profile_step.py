@@ -12,7 +12,8 @@ from pixelrun.config import load_config
 from pixelrun.data import Batch
 from pixelrun.distributed import clip_gradients
 from pixelrun.model import compile_blocks
-from pixelrun.train import draw_noise, make_optimizer, model_from_config, training_step
+from pixelrun.build import make_optimizer, model_from_config
+from pixelrun.step import draw_noise, training_step
 
 res = int(sys.argv[1]) if len(sys.argv) > 1 else 512
 b = int(sys.argv[2]) if len(sys.argv) > 2 else 32

@@ -26,7 +26,9 @@ from .data import Batch
 from .distributed import clip_gradients
 from .flops import training_flops_per_image
 from .model import compile_blocks
-from .train import Auxiliary, autocast_dtype, draw_noise, make_optimizer, model_from_config, resolve_device, training_step
+from .build import Auxiliary, autocast_dtype, make_optimizer, model_from_config
+from .distributed import resolve_device
+from .step import draw_noise, training_step
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets, matched on
 # torch.cuda.get_device_name() upper-cased; first match wins, so the specific names come first.

@@ -18,6 +18,7 @@ An exported model (`pixelrun export`) is a directory with `model.safetensors` an
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -115,7 +116,21 @@ def _single_process_quiet():
     """DCP warns on every save and load without a process group; one process is a normal case here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         yield
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole, by flattened name, in this process alone (no collective):
+    for comparing checkpoints, not for training."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+            if isinstance(m, TensorStorageMetadata)}
+    with _single_process_quiet():
+        dcp.load(flat, checkpoint_id=str(path), no_dist=True)
+    return flat
 
 
 def saved_keys(path: str | Path) -> set[str]:
@@ -138,6 +153,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     latest = latest_checkpoint(p)
     if latest is not None:
         return latest
+    if (p / "model_index.json").is_file():
+        raise FileNotFoundError(f"{p} is a diffusers pipeline (`pixelrun export --format diffusers`): load it with "
+                                f"diffusers' PRXPixelPipeline.from_pretrained. pixelrun itself reads a run directory, "
+                                f"a checkpoints/step_* directory or a `pixelrun export` (--format safetensors) directory")
     raise FileNotFoundError(f"no checkpoint found at {p} (expected a run directory, a checkpoints/step_* "
                             f"directory or a `pixelrun export` directory)")
 
@@ -162,19 +181,89 @@ def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema")
     model.load_state_dict(flat)
 
 
+EXPORT_MARKER = "pixelrun-export.json"  # what makes a folder one that `pixelrun export` may replace
+
+
+class UnsafeOutput(ValueError):
+    """An output folder that an export must not replace (the CLI names `--out`)."""
+
+
+def check_export_target(out: str | Path, source: str | Path) -> None:
+    """Refuse any `--out` that writing an export could destroy: the checkpoint it reads (or a folder
+    holding it, such as its run), the current folder or one above it, and any folder that is neither
+    empty nor an earlier export of pixelrun (recognised by its `EXPORT_MARKER`)."""
+    out, source, here = Path(out).resolve(), Path(source).resolve(), Path.cwd().resolve()
+    if out == source or out in source.parents or source in out.parents:
+        raise UnsafeOutput(f"{out} is or holds the checkpoint {source} that is being exported; choose another folder")
+    if out == here or out in here.parents:
+        raise UnsafeOutput(f"{out} is the current folder or one above it; export into a new folder")
+    if out.exists() and not out.is_dir():
+        raise UnsafeOutput(f"{out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise UnsafeOutput(f"{out} is not empty and is not an earlier pixelrun export (no {EXPORT_MARKER}); "
+                           f"export into a new or empty folder")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _readable(root: Path) -> None:
+    """Files as the user's umask would create them (tempfile-made ones are private: 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | Path):
-    """Yield a temporary directory beside `out`; when the block ends without an error it replaces
-    `out` in one rename, so `out` is always either the old complete directory or the new one."""
+def atomic_dir(out: str | Path, marker: dict | None = None):
+    """Yield a temporary directory beside `out`; when the block ends without an error it takes the
+    place of `out`. An existing `out` (empty, or an earlier export: `check_export_target` is the
+    caller's job) is swapped out in one step and only then deleted, so at every moment `out` is
+    either the old complete directory or the new one. `marker`, when given, is written as
+    `EXPORT_MARKER` so a later export may replace the folder."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    yield tmp
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        yield tmp
+        if marker is not None:
+            (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _readable(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not out.exists():
+        os.replace(tmp, out)
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp)  # now holds the old directory
+    else:  # no atomic exchange here: move the old one aside first, put it back if the new one fails
+        old = out.parent / f".old-{out.name}-{os.getpid()}"
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old)
+    _fsync_dir(out.parent)
+
+
+def export_marker(fmt: str, checkpoint: str | Path, weights: str) -> dict:
+    return {"format": fmt, "checkpoint": str(Path(checkpoint).resolve()), "weights": weights}
 
 
 def export_weights(checkpoint: str | Path, out: str | Path, model: torch.nn.Module, config_yaml: str,
@@ -185,21 +274,31 @@ def export_weights(checkpoint: str | Path, out: str | Path, model: torch.nn.Modu
 
     load_weights(checkpoint, model, weights)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, export_marker("safetensors", checkpoint, weights)) as tmp:
         save_file(state, str(tmp / EXPORT_FILE), metadata={"text_dim": str(text_dim), "weights": weights})
         (tmp / "config.yaml").write_text(config_yaml)
     return Path(out)
 
 
 def saved_config(path: str | Path) -> tuple[dict, int]:
-    """(config dict, text width) of a checkpoint directory or an exported model directory."""
+    """(config dict, text width) of a checkpoint directory or an exported model directory. For a
+    checkpoint of a staged run, the config is the one of the stage it was saved in (its resolution,
+    batch, loss weights): what the weights were last trained with, so inference defaults follow it."""
     path = Path(path)
     if is_complete(path):
         meta = load_meta(path)
-        return meta["config"], meta["text_dim"]
+        return _stage_dict(meta["config"], meta.get("stage")), meta["text_dim"]
     import yaml
     from safetensors import safe_open
 
     with safe_open(str(path / EXPORT_FILE), "pt") as f:
         text_dim = int(f.metadata()["text_dim"])
     return yaml.safe_load((path / "config.yaml").read_text()), text_dim
+
+
+def _stage_dict(config: dict, stage: int | None) -> dict:
+    if not config.get("stages") or stage is None:
+        return config
+    from .config import config_from_dict, stage_plan, to_dict
+
+    return to_dict(stage_plan(config_from_dict(config))[stage][2])

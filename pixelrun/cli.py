@@ -7,59 +7,132 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, TextConfig
+from .data import NoUsableData
 
 
 def _parse_size(text: str) -> tuple[int, int]:
+    """--size WxH (width first, as most image tools write it) -> (height, width)."""
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
+        w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must be HxW (for example 64x64), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--size must be WxH in pixels (for example 96x64: 96 wide, 64 high), "
+                                         f"got {text!r}") from None
     return h, w
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pixelrun")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def cmd_train(args) -> int:
-    from .config import check_paths, load_config
+    from .build import check_paths
+    from .config import load_config
 
     cfg = load_config(args.config, args.overrides)  # all validation happens here, before any work
-    check_paths(cfg)
-    from .train import train
+    if args.rehearse:
+        from .rehearse import rehearse
 
-    summary = train(cfg)
+        summary = rehearse(cfg)  # rank 0: the report; other ranks: {}
+        if "resume" in summary and not summary["resume"]["same"]:
+            return 1  # the rehearsal ran, and found that a resume does not continue the run exactly
+    else:
+        check_paths(cfg)
+        from .train import train
+
+        summary = train(cfg)
     return 128 + summary["signal"] if isinstance(summary.get("signal"), int) else 0
 
 
 def _sample_overrides(args) -> list[str]:
+    """The sampling flags as config overrides, checked first so an error names the flag."""
     out = []
     if args.steps is not None:
+        if args.steps < 1:
+            raise ConfigError("--steps", f"must be >= 1; got {args.steps}")
         out.append(f"sample.steps={args.steps}")
     if args.guidance is not None:
+        if args.guidance < 1:
+            raise ConfigError("--guidance", f"must be >= 1 (1 = no guidance; larger follows the prompt more); "
+                                            f"got {args.guidance:g}")
         out.append(f"sample.guidance={args.guidance}")
-    if getattr(args, "guidance_mode", None):
+    if args.guidance_mode == "self":
+        from .inference import checkpoint_config
+
+        if checkpoint_config(args.checkpoint)[0].routing.ratio == 0:
+            raise ConfigError("--guidance-mode", "self-guidance contrasts a dense and a TREAD-routed pass, and this "
+                                                 "checkpoint was trained without routing (routing.ratio=0): use "
+                                                 "--guidance-mode cfg")
+    if args.guidance_mode:
         out.append(f"sample.guidance_mode={args.guidance_mode}")
     return out
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError("--prompts-file", f"cannot read {args.prompts_file}: {e.strerror}") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("--prompt", "give at least one prompt (--prompt TEXT, repeatable, or --prompts-file FILE)")
+    return prompts
+
+
+def _sample_dir(out: Path) -> list[Path]:
+    """`--out` holds this command's images only: a new or empty folder, or an earlier `pixelrun sample`
+    output, whose files (listed in its prompts.json) are returned, to be replaced once the new
+    images exist; anything else in it is refused, before any work."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} is a file")
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    try:
+        earlier = json.loads((out / "prompts.json").read_text())
+        made = {*earlier["prompts"], "grid.png", "prompts.json"}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError("--out", f"{out} is not empty and holds no earlier `pixelrun sample` output; choose a new "
+                                   f"or empty folder") from None
+    others = [p.name for p in out.iterdir() if p.name not in made]
+    if others:
+        raise ConfigError("--out", f"{out} holds files this command did not write ({', '.join(sorted(others)[:3])}); "
+                                   f"choose a new or empty folder")
+    return [out / name for name in made]
 
 
 def cmd_sample(args) -> int:
     from tqdm import tqdm
 
-    from .evaluate import generate, load_for_inference
+    from .inference import generate, load_for_inference
     from .images import save_grid, save_png
 
+    prompts = _read_prompts(args)
+    out = Path(args.out)
+    earlier = _sample_dir(out)
     model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, args.device, _sample_overrides(args))
     h, w = args.size or (cfg.data.resolution, cfg.data.resolution)
     p = model.cfg.patch_size
     if h % p or w % p:
-        raise ConfigError("--size", f"{h}x{w} is not a multiple of the patch size {p}")
-    out = Path(args.out)
+        raise ConfigError("--size", f"{w}x{h} (WxH) is not a multiple of the patch size {p}")
     seed = cfg.sample.seed if args.seed is None else args.seed
-    with tqdm(total=cfg.sample.steps * ((len(args.prompt) + 31) // 32), desc="sample", unit="step", file=sys.stderr) as bar:
-        images = generate(model, encoder, args.prompt, cfg, next(model.parameters()).device, seed=seed, height=h, width=w, progress=bar)
+    with tqdm(total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="sample", unit="step", file=sys.stderr) as bar:
+        images = generate(model, encoder, prompts, cfg, next(model.parameters()).device, seed=seed, height=h, width=w,
+                          progress=bar)
+    for f in earlier:
+        f.unlink(missing_ok=True)
     written = [save_png(img, out / f"{i:03d}.png") for i, img in enumerate(images)]
     (out / "prompts.json").write_text(json.dumps({"checkpoint": str(path), "seed": seed, "steps": cfg.sample.steps,
                                                   "guidance": cfg.sample.guidance, "guidance_mode": cfg.sample.guidance_mode,
-                                                  "prompts": {f.name: p for f, p in zip(written, args.prompt)}}, indent=2))
+                                                  "size": f"{w}x{h}",
+                                                  "prompts": {f.name: p for f, p in zip(written, prompts)}}, indent=2))
     if len(images) > 1:
-        written.append(save_grid(images, args.prompt, out / "grid.png"))
+        written.append(save_grid(images, prompts, out / "grid.png"))
     for f in written:
         print(f)
     return 0
@@ -74,9 +147,9 @@ def _eval_overrides(args) -> list[str]:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import (Evaluator, applicable_metrics, checkpoint_config, cli_default_metrics, load_for_inference,
-                           parse_metrics)
-    from .train import resolve_device
+    from .evaluate import Evaluator, applicable_metrics, cli_default_metrics, parse_metrics
+    from .inference import checkpoint_config, load_for_inference
+    from .distributed import resolve_device
 
     if args.samples < 1:
         raise ConfigError("--samples", f"must be at least 1 (one generated and one real image per caption); "
@@ -94,7 +167,7 @@ def cmd_eval(args) -> int:
             print(f"pixelrun eval: the checkpoint's eval.metrics {cfg.eval.metrics} do not apply to data.source="
                   f"{cfg.data.source}; computing {','.join(metrics)} (choose with --metrics)", file=sys.stderr)
     # the metric networks first: a missing or broken one fails before the model is even loaded
-    evaluator = Evaluator(cfg, metrics, resolve_device(args.device), progress=True, key=key)
+    evaluator = Evaluator(cfg, metrics, resolve_device(args.device, "--device"), progress=True, key=key)
     model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, args.device, overrides)
     result = evaluator(model, encoder, cfg, sample_seed=cfg.sample.seed if args.seed is None else args.seed)
     result["checkpoint"] = str(path)
@@ -116,16 +189,24 @@ def cmd_export(args) -> int:
     --format diffusers: a directory that diffusers' `PRXPixelPipeline.from_pretrained` loads
     (pixelrun/export_diffusers.py); overrides may change the sampling settings it carries."""
     from . import checkpoint as ckpt
-    from .config import config_from_dict, to_yaml
-    from .train import model_from_config
+    from .config import to_yaml
+    from .inference import checkpoint_config, load_for_inference
+    from .build import model_from_config
 
+    if args.overrides and args.format != "diffusers":
+        raise ConfigError("overrides", "only --format diffusers takes overrides (sampling settings)")
+    cfg, path, text_dim = checkpoint_config(args.checkpoint, args.overrides)  # no weights loaded yet
+    try:
+        ckpt.check_export_target(args.out, path)
+    except ckpt.UnsafeOutput as e:
+        raise ConfigError("--out", str(e)) from None
+    marker = ckpt.export_marker(args.format, path, args.weights)
     if args.format == "diffusers":
-        from .evaluate import checkpoint_config, load_for_inference
         from .export_diffusers import check_config, export_diffusers
 
-        check_config(checkpoint_config(args.checkpoint, args.overrides)[0])  # refuse before loading anything
+        check_config(cfg)  # refuse before loading anything
         model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, "cpu", args.overrides)
-        out = export_diffusers(model, encoder, cfg, args.out)
+        out = export_diffusers(model, encoder, cfg, args.out, marker)
         import importlib.util
 
         if importlib.util.find_spec("ftfy") is None:
@@ -135,16 +216,10 @@ def cmd_export(args) -> int:
               f"num_inference_steps={cfg.sample.steps}, guidance_scale={cfg.sample.guidance}, "
               f"generator=torch.Generator().manual_seed(seed))")
         return 0
-    if args.overrides:
-        raise ConfigError("overrides", "only --format diffusers takes overrides (sampling settings)")
-    path = ckpt.resolve_checkpoint(args.checkpoint)
     if not ckpt.is_complete(path):
         raise ConfigError("--checkpoint", f"{path} is already an exported model")
-    meta = ckpt.load_meta(path)
-    cfg = config_from_dict(meta["config"])
-    out = ckpt.export_weights(path, args.out, model_from_config(cfg, meta["text_dim"]), to_yaml(cfg),
-                              meta["text_dim"], args.weights)
-    print(f"exported {args.weights} weights of {path} (step {meta['step']}) to {out}")
+    out = ckpt.export_weights(path, args.out, model_from_config(cfg, text_dim), to_yaml(cfg), text_dim, args.weights)
+    print(f"exported {args.weights} weights of {path} (step {ckpt.load_meta(path)['step']}) to {out}")
     return 0
 
 
@@ -203,18 +278,27 @@ def cmd_data_inspect(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    """Parameter counts of the size presets (built on the meta device: no memory, no time)."""
+    """Parameter counts of the size presets (built on the meta device: no memory, no time), with the
+    offline MiniLM's text width (what `pixelrun train` prints for the default run) and with a
+    T5Gemma-2B's (the recipe's), or with `--text-dim` alone."""
     import torch
 
-    from .model import PRESETS, build_model, count_parameters
+    from .config import PRESETS
+    from .model import build_model, count_parameters
 
-    print(f"{'preset':<8}{'patch':>6}{'width':>7}{'depth':>6}{'heads':>6}{'bottleneck':>11}{'parameters':>16}")
+    widths = [args.text_dim] if args.text_dim else [384, 2304]
+    names = {384: "MiniLM", 2304: "T5Gemma-2B"}
+    heads = [f"params, text {names.get(d, d)}" + (f" ({d})" if d in names else "") for d in widths]
+    print(f"{'preset':<8}{'patch':>6}{'width':>7}{'depth':>6}{'heads':>6}{'bottleneck':>11}"
+          + "".join(f"{h:>33}" for h in heads))
     for name, f in PRESETS.items():
-        with torch.device("meta"):
-            n = count_parameters(build_model(name, args.text_dim))
+        counts = []
+        for d in widths:
+            with torch.device("meta"):
+                counts.append(count_parameters(build_model(name, d)))
         print(f"{name:<8}{f['patch_size']:>6}{f['hidden_size']:>7}{f['depth']:>6}{f['num_heads']:>6}"
-              f"{str(f['bottleneck_size']):>11}{n:>16,}")
-    print(f"(text encoder width {args.text_dim}; it only changes the text projection)")
+              f"{str(f['bottleneck_size']):>11}" + "".join(f"{n:>33,}" for n in counts))
+    print("(the text encoder's width only changes the text projection)")
     return 0
 
 
@@ -275,28 +359,45 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pixelrun", description="Pixel-space text-to-image diffusion training.")
+    ap.add_argument("--version", action="version", version=f"pixelrun {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or resume) a model; no arguments = the built-in CPU demo")
     t.add_argument("--config", help="YAML config file (default: the built-in demo, configs/demo.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+    t.add_argument("--rehearse", action="store_true",
+                   help="run this config with every switch as written but at rehearsal size (small width, a few "
+                        "tokens per side, a few steps per stage, grids, evaluations and checkpoints between), "
+                        "resume it once and compare, then print a report; in RUN_DIR-rehearsal")
     t.set_defaults(func=cmd_train)
 
     def add_model_args(p):
-        p.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+        p.add_argument("--checkpoint", required=True,
+                       help="a run directory (its newest checkpoint), a checkpoints/step_* directory or a "
+                            "`pixelrun export` (safetensors) directory")
         p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
-        p.add_argument("--guidance", type=float, help="guidance scale (default: the checkpoint's sample.guidance)")
+        p.add_argument("--guidance", type=float,
+                       help="guidance scale, >= 1: 1 = no guidance, larger follows the prompt more (default: the "
+                            "checkpoint's sample.guidance)")
         p.add_argument("--guidance-mode", choices=["cfg", "self", "none"],
-                       help="cfg: against the empty prompt; self: dense vs TREAD-routed pass; default: the checkpoint's")
+                       help="cfg: against the empty prompt; self: dense vs TREAD-routed pass (models trained with "
+                            "routing); none: the conditional prediction alone; default: the checkpoint's")
         p.add_argument("--seed", type=int, help="noise seed (default: the checkpoint's sample.seed)")
-        p.add_argument("--weights", choices=["ema", "raw"], default="ema")
-        p.add_argument("--device", default="auto")
+        p.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                       help="ema: the averaged weights (default; what grids and evaluations use); raw: the trained ones")
+        p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
 
-    s = sub.add_parser("sample", help="generate images for prompts")
+    s = sub.add_parser("sample", help="generate images for prompts",
+                       description="Writes OUT/000.png, 001.png, ... (one per prompt, in order), OUT/grid.png with "
+                                   "the prompts as labels when there are several, and OUT/prompts.json (checkpoint, "
+                                   "seed, steps, guidance, size, prompt of each file).")
     add_model_args(s)
-    s.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    s.add_argument("--out", required=True, help="output directory for PNGs")
-    s.add_argument("--size", type=_parse_size, help="HxW in pixels (default: the training resolution)")
+    s.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    s.add_argument("--prompts-file", help="a text file with one prompt per line (added after any --prompt)")
+    s.add_argument("--out", required=True, help="output folder: new, empty, or an earlier `pixelrun sample` output "
+                                                "(its files are replaced)")
+    s.add_argument("--size", type=_parse_size, help="WxH in pixels, width first, e.g. 96x64 (default: the "
+                                                    "resolution the checkpoint was last trained at)")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="metrics of a checkpoint's images for held-out captions (JSON)",
@@ -381,7 +482,8 @@ examples:
     x.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", help="the model size presets and their parameter counts")
-    pr.add_argument("--text-dim", type=int, default=2304, help="text encoder width (T5Gemma-2B: 2304, MiniLM: 384)")
+    pr.add_argument("--text-dim", type=int, help="count with this text encoder width only (default: both MiniLM's "
+                                                 "384 and T5Gemma-2B's 2304)")
     pr.set_defaults(func=cmd_presets)
 
     d = sub.add_parser("data", help="write WebDataset shards for data.source=shards, or inspect shards")
@@ -451,14 +553,28 @@ first 100 of each. The last line is the training command for the shards, quoted 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"pixelrun: config error: {e}", file=sys.stderr)
         return 2
+    except NoUsableData as e:
+        print(f"pixelrun: config error: data.path: {e}", file=sys.stderr)
+        return 2
     except FileNotFoundError as e:
         print(f"pixelrun: {e}", file=sys.stderr)
         return 2
+
+
+def _quiet_libraries() -> None:
+    """transformers draws a "Loading weights" bar for every network it loads (text encoder, teachers,
+    metric networks): noise around pixelrun's own progress bars."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,141 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
         self.key = key
+
+
+# ----------------------------------------------------------------------------- rules
+# What validation needs to know about the rest of the package lives here, as data and pure
+# functions, so this module imports no other pixelrun module (the layers: pixelrun/__init__.py).
+# The modules that act on these values import them from here.
+
+# Model size presets: name -> architecture (patch, width, depth, heads, MLP ratio, bottleneck).
+PRESETS: dict[str, dict] = {
+    # The CPU default: 36 tokens at 48px. At patch 8 a patch has 192 values, so no bottleneck.
+    "tiny": dict(patch_size=8, hidden_size=256, depth=4, num_heads=4, mlp_ratio=3.5, bottleneck_size=None),
+    # Between the two: the recipe's layout at a size a single consumer GPU trains comfortably.
+    "base": dict(patch_size=32, hidden_size=768, depth=12, num_heads=12, mlp_ratio=3.5, bottleneck_size=256),
+    # The speedrun model (about 1.2B parameters with a 2304-d text encoder).
+    "small": dict(patch_size=32, hidden_size=1792, depth=16, num_heads=28, mlp_ratio=3.5, bottleneck_size=256),
+}
+
+DATA_SOURCES = ("shapes", "folder", "emoji", "shards")
+SPACINGS = ("diffusers", "linear")  # sampling time grids (pixelrun/sampling.py, `time_grid`)
+GUIDANCE_MODES = ("cfg", "none", "self")  # pixelrun/sampling.py, `sample`
+
+#: every evaluation metric, with what it is (the names eval.metrics and --metrics accept)
+METRICS = {
+    "shapes": "shapes score (SHAPES.md) of the generated images against their captions",
+    "fd-effnet": "Fréchet distance on EfficientNet-Lite0 features (offline ImageNet CNN; not FID)",
+    "fid": "FID: Fréchet distance on pytorch-fid's Inception-v3 pool3 features",
+    "cmmd": "CMMD: MMD of CLIP image embeddings",
+    "dino-mmd": "DINO-MMD: MMD of DINOv2 CLS embeddings",
+}
+
+
+def _round_half_up_sixteenths(numerator: int) -> int:
+    """round_half_up(numerator / 16) in exact integer arithmetic (Python's round() is banker's)."""
+    return (numerator + 8) // 16
+
+
+def span_for_depth(depth: int, start: int | None = None, end: int | None = None) -> tuple[int, int]:
+    """The routed span (start, end), 0-indexed and inclusive, for a model of `depth` blocks.
+
+    Explicit `start` / `end` are validated (0 <= start <= end < depth) and returned; a missing one
+    takes its default. Default rule, which gives PRX's 2..12 at depth 16:
+
+        start = round_half_up(2 * depth / 16)
+        end   = depth - 1 - round_half_up(3 * depth / 16)
+
+    then clamped so the span leaves at least one dense block before and one after it (depth >= 3):
+    the first block(s) see every token before the split (so routed tokens carry some processing),
+    and the last block(s) mix routed and kept tokens again before the output layer. At depth 2
+    only the block after can be kept free (span 0..0); at depth 1 the span is 0..0. Examples:
+    depth 4 -> (1, 2), 8 -> (1, 5), 12 -> (2, 9), 16 -> (2, 12), 24 -> (3, 18), 28 -> (4, 22).
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    d_start = _round_half_up_sixteenths(2 * depth)
+    d_end = depth - 1 - _round_half_up_sixteenths(3 * depth)
+    if depth >= 3:
+        d_start, d_end = max(d_start, 1), min(d_end, depth - 2)
+    else:
+        d_end = 0
+    d_start = min(d_start, d_end)
+    s = d_start if start is None else start
+    e = d_end if end is None else end
+    if start is not None and not 0 <= start < depth:
+        raise ValueError(f"routing span start {start} is outside the model's blocks 0..{depth - 1}")
+    if end is not None and not 0 <= end < depth:
+        raise ValueError(f"routing span end {end} is outside the model's blocks 0..{depth - 1}")
+    if s > e:
+        which = "start" if start is not None else "end"
+        raise ValueError(f"routing span start {s} is after its end {e} (inclusive span; "
+                         f"the {which} was given explicitly)")
+    return s, e
+
+
+def aspect_buckets(
+    resolution: int, patch: int, min_ratio: float = 0.5, max_ratio: float = 2.0
+) -> list[tuple[int, int]]:
+    """(height, width) bucket sizes in pixels, multiples of `patch`, sorted from tall to wide.
+
+    Rule (the enumeration of Photoroom's PRX data pipeline, reimplemented): with a budget of
+    N = (resolution / patch)^2 tokens and ratio r = width / height,
+      * for every grid width  gw in [ceil(sqrt(N * min_ratio)),  floor(sqrt(N * max_ratio))]
+        take the tallest height that fits the budget, gh = floor(N / gw);
+      * for every grid height gh in [ceil(sqrt(N / max_ratio)), floor(sqrt(N / min_ratio))]
+        take the widest width that fits, gw = floor(N / gh);
+      * the union of both, without duplicates.
+    The enumerated side is bounded by the ratio, the other side is the largest that keeps
+    gh * gw <= N. Enumerating both sides matters: one pass alone misses sizes such as 12x20
+    next to 12x21 (one pass gives 11 buckets at 512 px, 22 at 1024 px).
+
+    Numbers (patch 32): 512 px -> N = 256, 13 buckets of 240..256 tokens, 11x22 .. 22x11,
+    ratios exactly within [0.5, 2]. 1024 px -> N = 1024, 27 buckets of 984..1024 tokens,
+    22x45 .. 45x22. Note: flooring the free side can push a ratio slightly past the bound;
+    at 1024 px 22x45 and 45x22 have ratio 2.045 / 0.489 (the RECIPE's count of 27 includes them).
+    """
+    if resolution % patch:
+        raise ValueError(f"resolution {resolution} is not a multiple of patch {patch}")
+    if not 0 < min_ratio <= 1 <= max_ratio:
+        raise ValueError(f"need 0 < min_ratio <= 1 <= max_ratio, got {min_ratio}, {max_ratio}")
+    n = (resolution // patch) ** 2
+    grids = set()
+    for gw in range(math.ceil(math.sqrt(n * min_ratio)), math.floor(math.sqrt(n * max_ratio)) + 1):
+        grids.add((n // gw, gw))
+    for gh in range(math.ceil(math.sqrt(n / max_ratio)), math.floor(math.sqrt(n / min_ratio)) + 1):
+        grids.add((gh, n // gh))
+    return [(gh * patch, gw * patch) for gh, gw in sorted(grids, key=lambda g: (g[1] / g[0], g[0]))]
+
+
+def parse_weights(spec: str) -> list[tuple[str, float]]:
+    """`name:weight,name,...` -> [(name, weight)], weight 1 when left out (data.captions, and the
+    caption columns of `pixelrun data convert`). Raises ValueError with the offending part."""
+    fields: list[tuple[str, float]] = []
+    for part in spec.split(","):
+        name, _, weight_text = part.partition(":")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"empty name in {spec!r}")
+        try:
+            weight = float(weight_text) if weight_text.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"the weight {weight_text.strip()!r} of {name} is not a number") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"the weight of {name} must be a positive number, got {weight_text.strip()}")
+        if name in (f for f, _ in fields):
+            raise ValueError(f"caption field {name} is listed twice")
+        fields.append((name, weight))
+    return fields
+
+
+def parse_captions(spec: str) -> list[tuple[str, float]]:
+    """`data.captions` -> [(field, weight)]. Raises ValueError with the offending part."""
+    fields = parse_weights(spec)
+    for name, _ in fields:
+        if name != "txt" and not (name.startswith("json.") and len(name) > len("json.")):
+            raise ValueError(f"caption field {name!r} is neither txt nor json.NAME (in {spec!r})")
+    return fields
 
 
 @dataclass
@@ -111,7 +247,7 @@ class PerceptualConfig:
     lpips_scale: float = 0.5  # both images downsampled by this factor first
     dino_weight: float = 0.0  # P-DINO; 0 = off; the recipe: 0.01
     dino_teacher: str = "efficientnet-lite0"  # a DINO local path or hub id; or the offline CNN
-    max_t: float | None = None  # noise-level gate: only samples with t <= max_t (PixelGen: 0.7); null = all
+    max_t: float | None = None  # noise-level gate: only samples with t < max_t count (PixelGen: 0.7); null = all
 
 
 @dataclass
@@ -169,7 +305,7 @@ class EMAConfig:
 @dataclass
 class SampleConfig:
     steps: int = 25
-    guidance: float = 4.0
+    guidance: float = 4.0  # >= 1: 1 = no guidance, larger follows the prompt more
     guidance_mode: str = "cfg"  # cfg (empty prompt) | self (dense vs routed pass; needs routing.ratio > 0) | none
     spacing: str = "diffusers"  # diffusers | linear (see sampling.time_grid)
     shift: float = 3.0
@@ -299,6 +435,32 @@ def _coerce(key: str, tp, value):
     raise ConfigError(key, f"unsupported type {tp}")
 
 
+def _leaf_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of a config section, down to its leaves ("train.steps", ...)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        out += _leaf_keys(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [prefix + f.name]
+    return out
+
+
+def _as_typed(prefix: str, key: str, value) -> str:
+    """The key as the user wrote it: `no.such.key=1` arrives as {"no": {"such": {"key": 1}}}."""
+    while isinstance(value, dict) and len(value) == 1:
+        key, value = f"{key}.{next(iter(value))}", next(iter(value.values()))
+    return prefix + key
+
+
+def _unknown_key(cls, prefix: str, key: str, value) -> ConfigError:
+    import difflib
+
+    typed = _as_typed(prefix, str(key), value)
+    near = difflib.get_close_matches(typed, [prefix + k for k in _leaf_keys(cls)], n=1, cutoff=0.75)
+    hint = f"; did you mean {near[0]}?" if near else f" (known here: {', '.join(f.name for f in dataclasses.fields(cls))})"
+    return ConfigError(typed, f"unknown key{hint}")
+
+
 def _build(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(prefix.rstrip(".") or "<root>", f"expected a mapping, got {data!r}")
@@ -306,7 +468,7 @@ def _build(cls, data: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            raise ConfigError(prefix + str(k), f"unknown key (known: {', '.join(sorted(names))})")
+            raise _unknown_key(cls, prefix, k, data[k])
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -332,10 +494,15 @@ def _set_dotted(tree: dict, dotted: str, value):
 
 def parse_overrides(overrides: list[str]) -> dict:
     tree: dict = {}
+    seen: set[str] = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "overrides are written key=value (for example train.steps=100)")
         key, raw = item.split("=", 1)
+        if key.strip() in seen:  # e.g. an unquoted data.path={0..9}.tar that the shell expanded into several
+            raise ConfigError(key.strip(), "given twice on the command line (quote a value that the shell could "
+                                           "expand: data.path='shards/{00000..00009}.tar')")
+        seen.add(key.strip())
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
@@ -365,6 +532,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config_from_dict(data)
 
 
+def with_overrides(data: dict, overrides: list[str] = ()) -> Config:
+    """A config from a saved tree (a checkpoint's) with dotted `key=value` overrides applied."""
+    return config_from_dict(_merge(data, parse_overrides(list(overrides))))
+
+
 def config_from_dict(data: dict) -> Config:
     cfg = _build(Config, data)
     if cfg.stages:  # the run is as long as its stages
@@ -388,26 +560,6 @@ def to_yaml(cfg: Config) -> str:
 
 # ----------------------------------------------------------------------------- validation
 
-def check_paths(cfg: Config) -> None:
-    """What only the machine that runs the job can check (kept out of `validate` so a config written
-    for a cluster still loads anywhere). Called by `train` before any work."""
-    if cfg.data.source == "folder" and not Path(cfg.data.path).is_dir():
-        raise ConfigError("data.path", f"no such folder: {cfg.data.path}")
-    if cfg.data.source == "shards":
-        from .data.shards import expand_shards
-
-        try:
-            expand_shards(cfg.data.path)
-        except FileNotFoundError as e:
-            raise ConfigError("data.path", str(e)) from None
-    if cfg.log.wandb:
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigError("log.wandb", "is true but the wandb package is not installed: pip install wandb "
-                                           "(or pip install 'pixelrun[wandb]'), or set log.wandb=false")
-
-
 def _choice(key, value, choices):
     if value not in choices:
         raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
@@ -420,8 +572,6 @@ def _positive(key, value, allow_zero=False):
 
 def model_fields(cfg: Config) -> dict:
     """The model's architecture: the preset with the config's explicit overrides applied."""
-    from .model import PRESETS
-
     _choice("model.preset", cfg.model.preset, tuple(PRESETS))
     fields = dict(PRESETS[cfg.model.preset])
     for f in dataclasses.fields(ModelSection):
@@ -433,8 +583,6 @@ def model_fields(cfg: Config) -> dict:
 
 def routing_span(cfg: Config) -> tuple[int, int]:
     """The routed blocks (start, end), inclusive, for this config's depth."""
-    from .routing import span_for_depth
-
     try:
         return span_for_depth(model_fields(cfg)["depth"], cfg.routing.start, cfg.routing.end)
     except ValueError as e:
@@ -445,8 +593,6 @@ def routing_span(cfg: Config) -> tuple[int, int]:
 def image_sizes(cfg: Config) -> list[tuple[int, int]]:
     """The (height, width) sizes batches come in: the square, or the aspect-ratio buckets."""
     if cfg.data.buckets:
-        from .data.buckets import aspect_buckets
-
         return aspect_buckets(cfg.data.resolution, model_fields(cfg)["patch_size"])
     return [(cfg.data.resolution, cfg.data.resolution)]
 
@@ -484,6 +630,53 @@ def stage_plan(cfg: Config) -> list[tuple[int, int, Config]]:
     return plan
 
 
+def has_repa_projector(cfg: Config) -> bool:
+    """Whether a run trains a REPA projector: REPA on in any of its stages (one projector throughout)."""
+    return any(c.repa.weight > 0 for _, _, c in stage_plan(cfg))
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """A config dict as {dotted key: value}; lists of sections as stages[i].key."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, list) and tree and all(isinstance(x, dict) for x in tree):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix.rstrip('.')}[{i}].").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def resume_changes(saved: Config, new: Config) -> tuple[dict, dict]:
+    """What differs between the config a checkpoint was saved with and the one resuming it, as
+    ({key: (old, new)} refused, {key: (old, new)} allowed).
+
+    Refused: whatever changes the model's or the optimizer's shape (the architecture, the text
+    encoder whose width the text projection takes, the optimizer kind, the REPA projector), or makes
+    it another run (its data source; a moved data.path is allowed). Loading such a checkpoint would either fail deep inside DCP or, worse,
+    load partially and train on silently with fresh blocks. Everything else (steps, learning rate,
+    cadences, sampling, evaluation, parallelism) may change, and is printed."""
+    refused = {}
+    old_m, new_m = model_fields(saved), model_fields(new)
+    for k in old_m:
+        if old_m[k] != new_m[k]:
+            refused[f"model.{k}"] = (old_m[k], new_m[k])
+    pairs = [("text.encoder", saved.text.encoder, new.text.encoder),
+             ("train.optimizer", saved.train.optimizer, new.train.optimizer),
+             ("data.source", saved.data.source, new.data.source)]
+    old_p, new_p = has_repa_projector(saved), has_repa_projector(new)
+    if old_p != new_p:
+        pairs.append(("repa.weight", "on" if old_p else "off", "on" if new_p else "off"))
+    elif new_p:
+        pairs += [("repa.hidden", saved.repa.hidden, new.repa.hidden), ("repa.teacher", saved.repa.teacher, new.repa.teacher)]
+    refused.update({k: (a, b) for k, a, b in pairs if a != b})
+    old_flat, new_flat = _flat(to_dict(saved)), _flat(to_dict(new))
+    allowed = {}
+    for k in sorted(set(old_flat) | set(new_flat)):
+        # model.* were compared as the resolved architecture above: a preset named differently
+        # that builds the same model is no change
+        if old_flat.get(k) != new_flat.get(k) and k not in refused and not k.startswith("model."):
+            allowed[k] = (old_flat.get(k), new_flat.get(k))
+    return refused, allowed
+
+
 def repa_block(cfg: Config) -> int:
     """The block whose output REPA aligns: explicit, or the recipe's 7 of 16 scaled to the depth."""
     depth = model_fields(cfg)["depth"]
@@ -506,14 +699,12 @@ def validate(cfg: Config) -> None:
     if m["bottleneck_size"] is not None:
         _positive("model.bottleneck_size", m["bottleneck_size"])
 
-    _choice("data.source", cfg.data.source, ("shapes", "folder", "emoji", "shards"))
+    _choice("data.source", cfg.data.source, DATA_SOURCES)
     _positive("data.resolution", cfg.data.resolution)
     if cfg.data.resolution % m["patch_size"]:
         raise ConfigError("data.resolution", f"{cfg.data.resolution} is not a multiple of the patch size {m['patch_size']}")
     if cfg.data.source in ("folder", "shards") and not cfg.data.path:
         raise ConfigError("data.path", f"is required when data.source is {cfg.data.source}")
-    from .data.shards import parse_captions
-
     try:
         parse_captions(cfg.data.captions)
     except ValueError as e:
@@ -601,9 +792,9 @@ def validate(cfg: Config) -> None:
 
     s = cfg.sample
     _positive("sample.steps", s.steps)
-    _positive("sample.guidance", s.guidance, allow_zero=True)
-    from .sampling import GUIDANCE_MODES, SPACINGS
-
+    if s.guidance < 1 and s.guidance_mode != "none":  # below 1 the guide points away from the prompt
+        raise ConfigError("sample.guidance", f"must be >= 1 (1 = no guidance; larger follows the prompt more); "
+                                             f"got {s.guidance:g}")
     _choice("sample.guidance_mode", s.guidance_mode, GUIDANCE_MODES)
     if s.guidance_mode == "self" and cfg.routing.ratio == 0:
         raise ConfigError("sample.guidance_mode", "self-guidance contrasts a dense and a routed pass: set routing.ratio > 0")
@@ -612,8 +803,6 @@ def validate(cfg: Config) -> None:
     _positive("sample.grid_prompts", s.grid_prompts, allow_zero=True)
     _positive("eval.prompts", cfg.eval.prompts, allow_zero=True)
     _positive("eval.every", cfg.eval.every, allow_zero=True)
-    from .evaluate import METRICS
-
     for i, name in enumerate(cfg.eval.metrics):
         _choice(f"eval.metrics[{i}]", name, tuple(METRICS))
     _positive("eval.dino_mmd_sigma", cfg.eval.dino_mmd_sigma)

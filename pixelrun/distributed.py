@@ -4,16 +4,19 @@ of it: the model stays a plain module and every helper here is a no-op.
 
 Layout of one optimizer step over `world` ranks with micro-batch B and A accumulation steps:
 micro-step m on rank r holds step-local samples j = (m * world + r) * B + i, i < B. The data
-sources and the per-sample noise (`train.sample_noise`) are both keyed by j, so one step sees the
+sources and the per-sample noise (`step.draw_noise`) are both keyed by j, so one step sees the
 same images with the same noise whether it runs as 1 rank x 8, 2 ranks x 4 or 1 rank x 4 x 2.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .config import ConfigError
 
 
 @dataclass
@@ -67,11 +70,24 @@ def world_from_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a torch device; anything else, or CUDA on a machine without
+    it, is a ConfigError naming `key` (the config key, or the flag that gave the name)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (name in ("cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(key, f"must be auto, cpu, cuda or cuda:N; got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(key, f"{name} asked for, but CUDA is not available on this machine (use cpu or auto)")
+        if ":" in name and int(name[5:]) >= torch.cuda.device_count():
+            raise ConfigError(key, f"{name} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(name)
+
+
 def init_distributed(device_name: str, replicate: int = 1) -> DistContext:
     """Join the process group if the launcher started several processes: NCCL on CUDA, gloo on CPU.
     Each rank takes the GPU of its local rank."""
-    from .train import resolve_device
-
     rank, world, local = world_from_env()
     device = resolve_device(device_name)
     if world == 0:
@@ -91,10 +107,17 @@ def init_distributed(device_name: str, replicate: int = 1) -> DistContext:
     return DistContext(rank, world, local, device, mesh)
 
 
-def shard(module: torch.nn.Module, ctx: DistContext, param_dtype: torch.dtype | None, blocks=()) -> torch.nn.Module:
+def shard(module: torch.nn.Module, ctx: DistContext, param_dtype: torch.dtype | None, blocks=(),
+          forward_only: bool = False) -> torch.nn.Module:
     """FSDP2: each of `blocks` is its own unit (its parameters are gathered just before it runs
     and freed after), then the root takes the rest. With bf16, parameters are gathered in bf16 and
-    gradients reduced in fp32; the master weights and the optimizer stay fp32."""
+    gradients reduced in fp32; the master weights and the optimizer stay fp32.
+
+    `forward_only` is for a copy that never runs a backward (the EMA weights, used by grids and
+    evaluations). FSDP2 leaves the root's parameters gathered after a forward, expecting the
+    backward to need them at once; a forward-only module would keep full tensors registered where
+    its shards belong, and the next shard-wise update (EMA) would mix the two. Asking for
+    `reshard_after_forward=True` explicitly makes the root reshard like every other unit."""
     if not ctx.distributed:
         return module
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -102,7 +125,7 @@ def shard(module: torch.nn.Module, ctx: DistContext, param_dtype: torch.dtype | 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     for block in blocks:
         fully_shard(block, mesh=ctx.mesh, mp_policy=mp)
-    fully_shard(module, mesh=ctx.mesh, mp_policy=mp)
+    fully_shard(module, mesh=ctx.mesh, mp_policy=mp, reshard_after_forward=True if forward_only else None)
     return module
 
 
@@ -118,6 +141,13 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether `fully_shard` was applied to `module` (its parameters are then DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip by the global 2-norm over all gradients (whole tensors, not shards) and return it."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -128,6 +158,21 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)
     return norm
+
+
+@contextlib.contextmanager
+def process_group(device_name: str, replicate: int = 1):
+    """`init_distributed`'s context for the block, and the process group left as `shutdown` says:
+    together after a clean finish, at once after an error."""
+    ctx = init_distributed(device_name, replicate)
+    try:
+        yield ctx
+    except BaseException:
+        if ctx.distributed:
+            shutdown(clean=False)
+        raise
+    if ctx.distributed:
+        shutdown(clean=True)
 
 
 def shutdown(clean: bool = True):

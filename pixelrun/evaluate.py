@@ -10,7 +10,7 @@ Metrics (``eval.metrics``, ``pixelrun eval --metrics``):
 * ``dino-mmd``: the same MMD of DINOv2 CLS embeddings (``eval.dino_model``, ``eval.dino_mmd_*``).
 
 One evaluation: ``eval.prompts`` captions of held-out real data and their real images
-(:func:`real_images_and_prompts`), one generated image per caption with the noise ``pixelrun
+(:func:`pixelrun.heldout.real_images_and_prompts`), one generated image per caption with the noise ``pixelrun
 sample`` draws for the same seed, then each metric. The real side is computed once per dataset,
 resolution, count and network and cached on disk (``eval.cache_dir``) with its captions; when every
 metric's real side is cached, only those captions are read and no real image is loaded. Everything
@@ -20,54 +20,20 @@ that is neither cached nor reachable) fails before the first image is generated,
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, routing_span
-from .sampling import sample, to_uint8
+from .config import METRICS, Config, ConfigError
+from .heldout import dataset_key, held_out_captions, real_images_and_prompts
+from .inference import generate
 
-#: every metric, with what it is (the names eval.metrics and --metrics accept)
-METRICS = {
-    "shapes": "shapes score (SHAPES.md) of the generated images against their captions",
-    "fd-effnet": "Fréchet distance on EfficientNet-Lite0 features (offline ImageNet CNN; not FID)",
-    "fid": "FID: Fréchet distance on pytorch-fid's Inception-v3 pool3 features",
-    "cmmd": "CMMD: MMD of CLIP image embeddings",
-    "dino-mmd": "DINO-MMD: MMD of DINOv2 CLS embeddings",
-}
 #: what ``pixelrun eval`` computes on data other than shapes when eval.metrics has nothing for it
 OFFLINE_DEFAULT_METRICS = ["fd-effnet"]
 _FRECHET = ("fd-effnet", "fid")  # compared through (mu, sigma); the MMDs need every real embedding
-
-
-def generate(model, encoder, prompts: list[str], cfg: Config, device, *, seed: int, height: int | None = None,
-             width: int | None = None, steps: int | None = None, guidance: float | None = None,
-             guidance_mode: str | None = None, chunk: int = 32, progress=None) -> np.ndarray:
-    """uint8 [N, H, W, 3] images. Prompts are sampled in chunks; chunk k uses seed + k, so a single
-    call with at most `chunk` prompts draws its noise exactly as diffusers' pipeline does."""
-    s = cfg.sample
-    height = height or cfg.data.resolution
-    width = width or cfg.data.resolution
-    null_text, null_mask = (a.to(device) for a in encoder.encode([""]))
-    from .train import autocast_dtype
-
-    amp = autocast_dtype(cfg, torch.device(device))
-    out = []
-    for k in range(0, len(prompts), chunk):
-        text, mask = (a.to(device) for a in encoder.encode(prompts[k:k + chunk]))
-        images = sample(model, text, mask, null_text=null_text, null_mask=null_mask, height=height, width=width,
-                        steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
-                        guidance_mode=guidance_mode or s.guidance_mode, shift=s.shift, spacing=s.spacing,
-                        noise_scale=cfg.objective.noise_scale, t_clamp=cfg.objective.t_clamp,
-                        seed=seed + k // chunk, autocast_dtype=amp, progress=progress,
-                        routing_span=routing_span(cfg), routing_ratio=cfg.routing.ratio)
-        out.append(to_uint8(images))
-    return np.concatenate(out)
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -222,92 +188,6 @@ def sample_size_warnings(metrics: list[str], networks: dict, n: int) -> list[str
     return out
 
 
-def dataset_key(cfg: Config) -> str:
-    """What fixes an evaluation's real images (the dataset part of the real-statistics cache key)."""
-    d = cfg.data
-    if d.source == "shapes":
-        return f"shapes-eval-seed{cfg.eval.seed}-max{d.max_shapes}"
-    if d.source == "emoji":
-        return "emoji-heldout"
-    if d.source == "folder":
-        return f"folder:{os.path.realpath(d.path)}"
-    return f"{d.source}:{d.path}:seed{cfg.seed}"  # drawn from the start of the training stream
-
-
-def held_out_captions(cfg: Config, n: int) -> list[str]:
-    """The captions of :func:`real_images_and_prompts`, without rendering or decoding an image where
-    the source allows it (shapes, emoji); other sources read their first ``n`` items as it does."""
-    if cfg.data.source == "shapes":
-        from .data.shapes import fixed_prompts
-
-        return fixed_prompts(n, seed=cfg.eval.seed, max_shapes=cfg.data.max_shapes)
-    if cfg.data.source == "emoji":
-        from .data.emoji import EmojiDataset
-
-        captions = EmojiDataset("eval").captions
-        if n > len(captions):
-            raise ConfigError("eval.prompts", f"the emoji data holds out {len(captions)} images, {n} asked for "
-                                              f"(pixelrun eval: --samples)")
-        return list(captions[:n])
-    return real_images_and_prompts(cfg, n)[1]
-
-
-def real_images_and_prompts(cfg: Config, n: int) -> tuple[np.ndarray, list[str]]:
-    """``n`` real images (uint8 ``[n, R, R, 3]`` at ``data.resolution``) and their captions: the
-    shapes "eval" split (``eval.seed``, the captions of the shapes score), the held-out emoji, the
-    first ``n`` readable items of an image folder, or for any other source the first ``n`` items
-    its training batch source yields (square, no buckets)."""
-    res = cfg.data.resolution
-    if cfg.data.source == "shapes":
-        from .data.shapes import ShapesDataset, caption, render
-
-        data = ShapesDataset(cfg.eval.seed, "eval", cfg.data.max_shapes)
-        scenes = [data.scene(i) for i in range(n)]
-        return np.stack([render(s, res, res) for s in scenes]), [caption(s) for s in scenes]
-    if cfg.data.source == "emoji":
-        from .data.emoji import EmojiDataset
-
-        data = EmojiDataset("eval")
-        if n > len(data):
-            raise ConfigError("eval.prompts", f"the emoji data holds out {len(data)} images, {n} asked for "
-                                              f"(pixelrun eval: --samples)")
-        items = [data.item(i, res, res) for i in range(n)]
-        return torch.stack([im for im, _ in items]).permute(0, 2, 3, 1).numpy(), [c for _, c in items]
-    if cfg.data.source == "folder":
-        return _first_folder_items(cfg.data.path, n, res)
-    from .train import make_batch_source
-
-    square = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, buckets=False))
-    return draw_real_images(make_batch_source(square), n)
-
-
-def _first_folder_items(path: str, n: int, res: int) -> tuple[np.ndarray, list[str]]:
-    from .data.buckets import resize_to_bucket
-    from .data.folder import ImageFolder
-
-    folder = ImageFolder(path)
-    images, captions = [], []
-    for i in range(len(folder)):
-        im = folder.load(i, target=(res, res))
-        if im is not None:  # unreadable files are skipped, as in training
-            images.append(np.asarray(resize_to_bucket(im, res, res)))
-            captions.append(folder.captions[i])
-            if len(images) == n:
-                return np.stack(images), captions
-    raise ConfigError("eval.prompts", f"{path} has {len(images)} readable captioned images, {n} asked for "
-                                      f"(pixelrun eval: --samples)")
-
-
-def draw_real_images(source, n: int) -> tuple[np.ndarray, list[str]]:
-    """The first ``n`` images (uint8) and captions a batch source yields."""
-    images, captions = [], []
-    while len(captions) < n:
-        batch = next(source)
-        images.append(batch.images.permute(0, 2, 3, 1).numpy())
-        captions += batch.captions
-    return np.concatenate(images)[:n], captions[:n]
-
-
 def _bar(enabled: bool, **kwargs):
     from tqdm import tqdm
 
@@ -323,7 +203,7 @@ class Evaluator:
     captions come from the cache file (several GB of images at FID scale are never loaded).
     ``compute=False`` (ranks other than 0 in training) only generates: a sharded model's forward is
     collective, so every rank samples, but only one computes and reports the metrics; those ranks
-    read only the captions (:func:`held_out_captions`).
+    read only the captions (:func:`pixelrun.heldout.held_out_captions`).
     """
 
     def __init__(self, cfg: Config, metrics: list[str], device, *, compute: bool = True, progress: bool = False,
@@ -466,30 +346,3 @@ def flat_metrics(values: dict) -> dict[str, float]:
 def describe_metrics(values: dict) -> str:
     """One line: "shapes score 0.633, fd-effnet 12.4"."""
     return ", ".join(f"shapes score {v['placed']:.3f}" if k == "shapes" else f"{k} {v:.4g}" for k, v in values.items())
-
-
-def checkpoint_config(checkpoint: str, overrides: list[str] = ()) -> tuple[Config, Path, int]:
-    """(config, checkpoint dir, text width): the checkpoint's own config with ``overrides`` applied,
-    read without loading any weights, so settings can be checked before the work starts."""
-    from . import checkpoint as ckpt
-    from .config import _merge, config_from_dict, parse_overrides
-
-    path = ckpt.resolve_checkpoint(checkpoint)
-    saved, text_dim = ckpt.saved_config(path)
-    return config_from_dict(_merge(saved, parse_overrides(list(overrides)))), path, text_dim
-
-
-def load_for_inference(checkpoint: str, weights: str = "ema", device: str = "auto", overrides: list[str] = ()):
-    """(model, text encoder, config, checkpoint dir) from a run directory, a checkpoint directory
-    (saved on any number of ranks) or an exported model. Sampling defaults come from the
-    checkpoint's own config; `overrides` may change them."""
-    from . import checkpoint as ckpt
-    from .text import TextEncoder
-    from .train import model_from_config, resolve_device
-
-    cfg, path, text_dim = checkpoint_config(checkpoint, overrides)
-    dev = resolve_device(device)
-    encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=dev, cache_gib=cfg.text.cache_gib)
-    model = model_from_config(cfg, text_dim)
-    ckpt.load_weights(path, model, weights)
-    return model.to(dev).eval().requires_grad_(False), encoder, cfg, path

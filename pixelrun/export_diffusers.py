@@ -101,9 +101,10 @@ def _cpu_fp32_copy(model):
     return copy.deepcopy(model).float().cpu().eval()
 
 
-def export_diffusers(model, encoder, cfg: Config, out: str | Path) -> Path:
+def export_diffusers(model, encoder, cfg: Config, out: str | Path, marker: dict | None = None) -> Path:
     """Write a `PRXPixelPipeline.from_pretrained`-loadable directory, atomically (temporary name,
-    then rename). `model` is our denoiser, `encoder` the `TextEncoder` it was trained with."""
+    then swapped in). `model` is our denoiser, `encoder` the `TextEncoder` it was trained with;
+    `marker` identifies the export (`checkpoint.export_marker`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, PRXPixelPipeline
 
     check_expressible(cfg, encoder.model)
@@ -113,7 +114,7 @@ def export_diffusers(model, encoder, cfg: Config, out: str | Path) -> Path:
         transformer=transformer, scheduler=scheduler, text_encoder=encoder.model, tokenizer=encoder.tokenizer,
         default_sample_size=cfg.data.resolution, prompt_max_tokens=cfg.text.max_tokens,
         noise_scale=cfg.objective.noise_scale)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "pixelrun_config.yaml").write_text(to_yaml(cfg))  # provenance and sampling defaults
     return Path(out)

@@ -1,6 +1,7 @@
 """Pictures for people: labelled sample grids."""
 from __future__ import annotations
 
+import functools
 import textwrap
 from pathlib import Path
 
@@ -15,15 +16,39 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     return path
 
 
+# Fonts with wide Unicode coverage, tried in order (DejaVu ships with most Linux systems and with
+# matplotlib); Pillow's built-in font, the last resort, covers ASCII only.
+_FONTS = ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+          "/usr/share/fonts/dejavu/DejaVuSans.ttf", "/Library/Fonts/Arial Unicode.ttf", "C:/Windows/Fonts/arial.ttf")
+_NOT_A_CHARACTER = "\U0010FFFD"  # a private-use code point no font draws: its mask is the missing-glyph box
+
+
+@functools.lru_cache(maxsize=4)
+def label_font(size: int = 11) -> ImageFont.FreeTypeFont:
+    for path in _FONTS:
+        try:
+            return ImageFont.truetype(path, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
+
+
+def drawable(text: str, font) -> str:
+    """`text` with every character the font has no glyph for replaced by "?": a visible mark, where
+    the font would draw an empty box that reads like a rendering bug."""
+    missing = bytes(font.getmask(_NOT_A_CHARACTER))
+    return "".join(ch if ch.isspace() or bytes(font.getmask(ch)) != missing else "?" for ch in text)
+
+
 def save_grid(images: np.ndarray, captions: list[str], path: str | Path, tile: int = 160, columns: int = 4) -> Path:
     """A grid of uint8 [B, H, W, 3] images, each enlarged (nearest, so pixels stay honest) to about
     `tile` px on its longer side and labelled with its prompt underneath."""
     b, h, w, _ = images.shape
     scale = max(1, tile // max(h, w))
     tw, th = w * scale, h * scale
-    font = ImageFont.load_default(size=11)
+    font = label_font(11)
     chars = max(8, tw // 6)
-    wrapped = ["\n".join(textwrap.wrap(c, chars)[:6]) for c in captions]
+    wrapped = ["\n".join(textwrap.wrap(drawable(c, font), chars)[:6]) for c in captions]
     label_h = 14 * max((s.count("\n") + 1 for s in wrapped), default=1) + 6
     cols = min(columns, b)
     rows = (b + cols - 1) // cols

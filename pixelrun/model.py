@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .config import PRESETS
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -48,17 +50,6 @@ class ModelConfig:
     @property
     def patch_dim(self) -> int:
         return self.in_channels * self.patch_size**2
-
-
-# name -> (patch, width, depth, heads, mlp ratio, bottleneck)
-PRESETS: dict[str, dict] = {
-    # The CPU default: 64 tokens at 64px. At patch 8 a patch has 192 values, so no bottleneck.
-    "tiny": dict(patch_size=8, hidden_size=256, depth=4, num_heads=4, mlp_ratio=3.5, bottleneck_size=None),
-    # Between the two: the recipe's layout at a size a single consumer GPU trains comfortably.
-    "base": dict(patch_size=32, hidden_size=768, depth=12, num_heads=12, mlp_ratio=3.5, bottleneck_size=256),
-    # The speedrun model (about 1.2B parameters with a 2304-d text encoder).
-    "small": dict(patch_size=32, hidden_size=1792, depth=16, num_heads=28, mlp_ratio=3.5, bottleneck_size=256),
-}
 
 
 @dataclass(frozen=True)
@@ -270,11 +261,11 @@ class PRXDenoiser(nn.Module):
                                                         use_reentrant=False)
             else:
                 img = block(img, txt, vec, mask, block_cos, block_sin)
+            if i in return_features:  # before the scatter: a block of the span only saw its kept tokens
+                features[i] = img
             if routing is not None and i == routing.end:
                 img = scatter_tokens(saved, img, routing.keep)
                 mask = full_mask
-            if i in return_features:
-                features[i] = img
         out = self.final_layer(img, vec)
         return ModelOutput(unpatchify(out, p, h, w), features)
 

@@ -38,48 +38,6 @@ DEFAULT_RATIO = 0.5
 _ROUTING_STREAM = 0x7EAD
 
 
-def _round_half_up_sixteenths(numerator: int) -> int:
-    """round_half_up(numerator / 16) in exact integer arithmetic (Python's round() is banker's)."""
-    return (numerator + 8) // 16
-
-
-def span_for_depth(depth: int, start: int | None = None, end: int | None = None) -> tuple[int, int]:
-    """The routed span (start, end), 0-indexed and inclusive, for a model of `depth` blocks.
-
-    Explicit `start` / `end` are validated (0 <= start <= end < depth) and returned; a missing one
-    takes its default. Default rule, which gives PRX's 2..12 at depth 16:
-
-        start = round_half_up(2 * depth / 16)
-        end   = depth - 1 - round_half_up(3 * depth / 16)
-
-    then clamped so the span leaves at least one dense block before and one after it (depth >= 3):
-    the first block(s) see every token before the split (so routed tokens carry some processing),
-    and the last block(s) mix routed and kept tokens again before the output layer. At depth 2
-    only the block after can be kept free (span 0..0); at depth 1 the span is 0..0. Examples:
-    depth 4 -> (1, 2), 8 -> (1, 5), 12 -> (2, 9), 16 -> (2, 12), 24 -> (3, 18), 28 -> (4, 22).
-    """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    d_start = _round_half_up_sixteenths(2 * depth)
-    d_end = depth - 1 - _round_half_up_sixteenths(3 * depth)
-    if depth >= 3:
-        d_start, d_end = max(d_start, 1), min(d_end, depth - 2)
-    else:
-        d_end = 0
-    d_start = min(d_start, d_end)
-    s = d_start if start is None else start
-    e = d_end if end is None else end
-    if start is not None and not 0 <= start < depth:
-        raise ValueError(f"routing span start {start} is outside the model's blocks 0..{depth - 1}")
-    if end is not None and not 0 <= end < depth:
-        raise ValueError(f"routing span end {end} is outside the model's blocks 0..{depth - 1}")
-    if s > e:
-        which = "start" if start is not None else "end"
-        raise ValueError(f"routing span start {s} is after its end {e} (inclusive span; "
-                         f"the {which} was given explicitly)")
-    return s, e
-
-
 def kept_count(n_tokens: int, ratio: float) -> int:
     """K, the number of tokens that go through the span: round_half_up(n * (1 - ratio)), >= 1."""
     _check_ratio(ratio)

@@ -16,12 +16,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from .config import GUIDANCE_MODES, SPACINGS, span_for_depth
 from .model import Routing
 from .objective import shift_time, x_to_velocity
-from .routing import random_routing, routing_generator, span_for_depth
+from .routing import random_routing, routing_generator
 
-SPACINGS = ("diffusers", "linear")
-GUIDANCE_MODES = ("cfg", "none", "self")
 
 
 def time_grid(steps: int, shift: float = 3.0, spacing: str = "diffusers", num_train_timesteps: int = 1000) -> torch.Tensor:

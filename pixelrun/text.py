@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections import OrderedDict
 
 import torch
@@ -167,6 +168,8 @@ class TextEncoder:
         self.cache_size = cache_size if cache_gib is None else int(cache_gib * 2**30 // row_bytes)
         self._cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         self.hits = self.misses = self.forward_calls = 0
+        self.truncated, self.first_truncated = 0, None  # distinct captions cut to max_tokens
+        self.warn = lambda message: print(message, file=sys.stderr)  # said once, at the first cut caption
 
     def _forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         # Always exactly `chunk_size` rows (filled with ""): BLAS/attention kernels are picked
@@ -175,9 +178,21 @@ class TextEncoder:
         tok = self.tokenizer(captions + [""] * (self.chunk_size - n), padding="max_length",
                              truncation=True, max_length=self.max_tokens, return_tensors="pt")
         self.forward_calls += 1
+        self._count_truncated(captions)
         out = self.model(input_ids=tok["input_ids"].to(self.device),
                          attention_mask=tok["attention_mask"].to(self.device)).last_hidden_state
         return out[:n].cpu(), tok["attention_mask"][:n].bool()
+
+    def _count_truncated(self, captions: list[str]) -> None:
+        """Captions longer than max_tokens are cut by the tokenizer without a word: count them (each
+        distinct caption once, as the cache encodes it once) and say so the first time."""
+        lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False)["input_ids"]]
+        cut = [c for c, n in zip(captions, lengths) if n > self.max_tokens]
+        if cut and self.first_truncated is None:
+            self.first_truncated = cut[0]
+            self.warn(f"warning: captions longer than text.max_tokens={self.max_tokens} tokens are cut (first: "
+                      f"{cut[0][:80]!r}, {max(lengths)} tokens); the run's final line gives the count")
+        self.truncated += len(cut)
 
     @torch.no_grad()  # not inference_mode: cached inference tensors could not be saved for backward
     def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:

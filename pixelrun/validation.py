@@ -42,7 +42,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .build import autocast_dtype
 from .config import Config, ConfigError
+from .data import to_model_range
+from .heldout import dataset_key, real_images_and_prompts
+from .objective import add_noise, velocity_loss
 
 #: (name, lower bound, upper bound) of each bin of t; the last bin includes t = 1
 BINS = (("low", 0.0, 1 / 3), ("mid", 1 / 3, 2 / 3), ("high", 2 / 3, 1.0))
@@ -87,14 +91,12 @@ class ValidationLoss:
         """(clean images uint8 [n, 3, R, R] on the CPU, text [n, T, D] and mask [n, T] on the device,
         captions) of ``cfg``'s data and resolution; built once per data and resolution (a stage that
         changes the resolution gets its own)."""
-        from .evaluate import dataset_key, real_images_and_prompts
 
         key = (dataset_key(cfg), cfg.data.resolution)
         if key not in self._batches:
-            try:
-                images, captions = real_images_and_prompts(cfg, self.n)
-            except ConfigError as e:  # it names eval.prompts, the evaluation's count
-                raise ConfigError("eval.val_images", str(e).split(": ", 1)[1]) from None
+            # a folder smaller than eval.val_images lends all its images (the same ones every call)
+            images, captions = real_images_and_prompts(cfg, self.n, at_most=True)
+            self.n = len(captions)
             text, mask = (a.to(self.device) for a in self.encoder.encode(captions))
             self._batches[key] = (torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), text, mask,
                                   captions)
@@ -105,9 +107,6 @@ class ValidationLoss:
         """``{f"{prefix}/flow/low": ..., ".../mid": ..., ".../high": ...}`` of ``model`` (raw or EMA,
         sharded or not) on this batch. ``cfg``: the current stage's config (default: the one given at
         construction) for its resolution and objective settings."""
-        from .data import to_model_range
-        from .objective import add_noise, velocity_loss
-        from .train import autocast_dtype
 
         cfg = cfg or self.cfg
         images, text, mask, _ = self.batch(cfg)

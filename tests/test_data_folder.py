@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelrun.data import Batch, to_model_range
-from pixelrun.data.buckets import aspect_buckets, nearest_bucket, resize_to_bucket, to_tensor
+from pixelrun.data import Batch, NoUsableData, to_model_range
+from pixelrun.config import aspect_buckets
+from pixelrun.data.buckets import nearest_bucket, resize_to_bucket, to_tensor
 from pixelrun.data.folder import FolderBatchSource, ImageFolder, load_rgb, read_size
 
 # ---------------------------------------------------------------- buckets
@@ -221,7 +222,7 @@ def test_fewer_images_than_batch_cycles(tmp_path):
 def test_all_broken_raises(tmp_path):
     (tmp_path / "a.png").write_text("no")
     (tmp_path / "a.txt").write_text("cap")
-    with pytest.raises(RuntimeError, match="could be loaded"):
+    with pytest.raises(NoUsableData, match="could be loaded"):  # the CLI: one line naming data.path
         next(FolderBatchSource(ImageFolder(tmp_path), 2, BUCKETS))
 
 
@@ -259,7 +260,7 @@ def test_malformed_caption_lines_are_reported_once_at_start(tmp_path, capsys):
     """Counted, and named with the file and the first bad line's number (worker processes:
     tests/test_loader.py)."""
     from pixelrun.config import load_config
-    from pixelrun.train import make_batch_source
+    from pixelrun.build import make_batch_source
 
     root = make_folder(tmp_path / "d", broken=False)  # its captions.jsonl ends with "{oops"
     lines = (root / "captions.jsonl").read_text().splitlines()
@@ -274,6 +275,6 @@ def test_malformed_caption_lines_are_reported_once_at_start(tmp_path, capsys):
     assert ImageFolder(tmp_path / "ok").caption_note is None
     cfg = load_config(None, ["data.source=folder", f"data.path={root}", "data.resolution=32", "model.patch_size=8"])
     capsys.readouterr()
-    make_batch_source(cfg)
+    make_batch_source(cfg, say=print)  # training passes its rank-0 printer
     out = capsys.readouterr().out
     assert out.count("malformed line(s)") == 1 and "first at line 2" in out

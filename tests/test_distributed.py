@@ -18,7 +18,8 @@ import torch
 from conftest import tiny_overrides
 from pixelrun import checkpoint as ckpt
 from pixelrun.config import ConfigError, batch_split, load_config
-from pixelrun.train import model_from_config, train
+from pixelrun.build import model_from_config
+from pixelrun.train import train
 
 BASE = {"train.global_batch_size": 8, "eval.prompts": 0, "train.warmup_steps": 1, "train.lr": 3e-3,
         "routing.ratio": 0.5, "model.depth": 4}
@@ -76,7 +77,10 @@ def runs(tmp_path_factory, tiny_encoder_dir):
     enc = tiny_encoder_dir
     r = {k: root / k for k in ("one_x8", "one_x4x2", "two_x4", "two_then_two", "two_then_one", "one_then_two",
                                "muon_one_x8", "muon_two_x4", "hsdp_two_x4")}
-    with_eval = {"eval.prompts": 4}  # the shapes score at the end: sampling a sharded model is collective
+    # The shapes score at the end (sampling a sharded model is collective), plus grids and an evaluation
+    # between checkpoints: the EMA updates that follow them once crashed on 2 ranks (a forward-only
+    # pass left the sharded EMA's root gathered; tests/test_ema_sharded.py).
+    with_eval = {"eval.prompts": 4, "train.sample_every": 2, "eval.every": 3}
     train(load_config(None, _over(r["one_x8"], enc, 4, 8, **with_eval)))
     train(load_config(None, _over(r["one_x4x2"], enc, 4, 4)))
     r["two_x4_log"] = torchrun(2, _over(r["two_x4"], enc, 4, 4, **with_eval)).stdout
@@ -100,6 +104,10 @@ def test_accumulation_equals_the_large_batch(runs):
 def test_two_ranks_equal_one(runs):
     assert "2 rank(s) x micro-batch 4 x 1 accumulation step(s)" in runs["two_x4_log"]
     _same_run(runs["one_x8"], runs["two_x4"])
+    # grids at steps 2 and an evaluation at 3 ran between checkpoints, and the EMA kept updating
+    assert (Path(runs["two_x4"]) / "samples" / "step_00000002.png").is_file()
+    rows = [json.loads(line) for line in (Path(runs["two_x4"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/shapes/placed" in r] == [3, 4]
 
 
 def test_evaluation_on_two_ranks_equals_one(runs):
@@ -133,7 +141,7 @@ def test_hybrid_sharding_equals_one_rank(runs):
 
 
 def test_masks_differ_across_ranks_and_steps_and_repeat_from_the_seed():
-    from pixelrun.train import draw_noise
+    from pixelrun.step import draw_noise
 
     cfg = load_config(None, ["routing.ratio=0.5"])
     shape = (3, 48, 48)

@@ -9,7 +9,8 @@ from conftest import tiny_overrides
 from pixelrun.config import load_config
 from pixelrun.data.emoji import (EVAL_COUNT, EmojiBatchSource, EmojiDataset, caption_for, catalog, emoji_name,
                                  fixed_prompts)
-from pixelrun.train import _grid_prompts, make_batch_source, train
+from pixelrun.build import make_batch_source
+from pixelrun.train import _grid_prompts, train
 
 
 def test_the_package_ships_4009_pngs_and_3843_are_named():

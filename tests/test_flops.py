@@ -8,8 +8,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from pixelrun.flops import training_flops_per_image
-from pixelrun.model import PRESETS, ModelConfig, Routing, build_model
-from pixelrun.routing import kept_count, span_for_depth
+from pixelrun.config import PRESETS
+from pixelrun.model import ModelConfig, Routing, build_model
+from pixelrun.config import span_for_depth
+from pixelrun.routing import kept_count
 
 
 @pytest.mark.parametrize("size, ratio, expected", [

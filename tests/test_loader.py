@@ -19,7 +19,7 @@ from conftest import tiny_overrides
 from pixelrun import checkpoint as ckpt
 from pixelrun.config import ConfigError, load_config
 from pixelrun.data import Batch, CountedBatchSource, Prefetcher
-from pixelrun.data.buckets import aspect_buckets
+from pixelrun.config import aspect_buckets
 from pixelrun.data.folder import FolderBatchSource, ImageFolder
 from pixelrun.data.loader import WorkerLoader, _Plans
 from pixelrun.data.shards import ShardBatchSource

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pixelrun.model import PRESETS, Routing, apply_rope, build_model, count_parameters, patchify, rope_angles, unpatchify
+from pixelrun.config import PRESETS
+from pixelrun.model import Routing, apply_rope, build_model, count_parameters, patchify, rope_angles, unpatchify
 
 
 def tiny(**kw):
@@ -83,14 +84,22 @@ def test_routing_keeping_every_token_equals_dense():
 
 
 def test_routing_skipped_tokens_bypass_the_span():
-    m = randomize(tiny())
+    """Span 1..2 of a depth-4 model whose block 3 is the identity (zero adaLN: gates 0), so block 3's
+    output shows the tokens as the span left them: the skipped ones are block 0's output unchanged.
+    Block 2's own features are the kept tokens only (taken before the others are put back)."""
+    torch.manual_seed(0)
+    m = randomize(build_model("tiny", 24, hidden_size=32, num_heads=2, depth=4))
+    torch.nn.init.zeros_(m.blocks[3].modulation.lin.weight)
+    torch.nn.init.zeros_(m.blocks[3].modulation.lin.bias)
     x, t, txt, mask = inputs()
     keep = torch.tensor([[0, 2, 5], [1, 3, 4]])
-    out = m(x, t, txt, mask, routing=Routing(keep, 1, 2), return_features=(0, 2))
-    before, after = out.features[0], out.features[2]
+    out = m(x, t, txt, mask, routing=Routing(keep, 1, 2), return_features=(0, 2, 3))
+    before, after = out.features[0], out.features[3]
+    assert out.features[2].shape == (2, 3, 32)
     for b in range(2):
         skipped = [i for i in range(12) if i not in keep[b].tolist()]
         assert torch.equal(after[b, skipped], before[b, skipped])
+        assert torch.equal(after[b, keep[b]], out.features[2][b])
         assert not torch.allclose(after[b, keep[b]], before[b, keep[b]])
 
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from pixelrun.config import ConfigError, load_config
-from pixelrun.model import PRESETS, build_model
+from pixelrun.config import PRESETS
+from pixelrun.model import build_model
 from pixelrun.optim import (MuonAdamW, balanced_owners, build_optimizer, describe, newton_schulz_flops, orthogonalize,
                             orthogonalize_many, split_parameters)
 
@@ -303,7 +304,7 @@ def test_precision_comes_from_the_config():
     model = tiny()
     cfg = load_config(None, ["train.optimizer=muon"])
     assert cfg.train.muon_precision == "bf16"
-    from pixelrun.train import make_optimizer
+    from pixelrun.build import make_optimizer
 
     assert make_optimizer(model, cfg)[0].param_groups[0]["ns_dtype"] == "bf16"
     cfg = load_config(None, ["train.optimizer=muon", "train.muon_precision=fp32"])

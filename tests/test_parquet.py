@@ -15,7 +15,7 @@ from webdataset import TarWriter
 
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config
-from pixelrun.data.buckets import aspect_buckets
+from pixelrun.config import aspect_buckets
 from pixelrun.data.convert import convert, format_bytes
 from pixelrun.data.shards import ShardBatchSource, decode_embedding, expand_shards, read_samples
 from pixelrun.text import encoder_fingerprint

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pixelrun.data import Batch, Prefetcher
-from pixelrun.data.buckets import aspect_buckets
+from pixelrun.config import aspect_buckets
 from pixelrun.data.folder import FolderBatchSource, ImageFolder
 
 

@@ -6,13 +6,15 @@ stubs check the sampler's combination rule and its fixed mask.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from pixelrun.model import ModelOutput, Routing, build_model, gather_tokens, scatter_tokens
 from pixelrun.objective import x_to_velocity
-from pixelrun.routing import (kept_count, keep_mask, random_routing, routed_indices, routing_generator,
-                              span_for_depth)
+from pixelrun.config import span_for_depth
+from pixelrun.routing import (kept_count, keep_mask, random_routing, routed_indices, routing_generator)
 from pixelrun.sampling import initial_noise, sample, self_guidance_routing, time_grid
 
 SIZE = 32  # 32x32 px at patch 8: 16 tokens
@@ -111,12 +113,20 @@ def test_blocks_inside_the_span_see_fewer_tokens(tiny):
     f = out.features
     assert f[0].shape == (2, N_TOKENS, 32)
     assert f[1].shape == (2, 8, 32)  # block `start`: only the kept tokens
-    # Block `end` is reported after the routed tokens are put back; so is everything after it.
-    assert f[2].shape == (2, N_TOKENS, 32) and f[3].shape == (2, N_TOKENS, 32)
-    # The routed tokens skipped blocks 1..2 unchanged: at the end of the span they are block 0's output.
+    # Block `end` too: its features are taken before the routed tokens are put back (REPA on that
+    # block must count only the tokens that went through it); block 3 sees all tokens again.
+    assert f[2].shape == (2, 8, 32) and f[3].shape == (2, N_TOKENS, 32)
+    # The routed tokens skipped blocks 1..2 unchanged: with block 3 made the identity (its adaLN
+    # gates zero), its output shows them as block 0 left them, and the kept ones as block 2 did.
+    identity_after = copy.deepcopy(tiny)  # the fixture is shared by the module's tests
+    with torch.no_grad():
+        identity_after.blocks[3].modulation.lin.weight.zero_()
+        identity_after.blocks[3].modulation.lin.bias.zero_()
+    f = identity_after(x, t, text, mask, routing=r, return_features=(0, 2, 3)).features
     dropped = routed_indices(r.keep, N_TOKENS)
-    assert torch.equal(gather_tokens(f[2], dropped), gather_tokens(f[0], dropped))
-    assert not torch.allclose(gather_tokens(f[2], r.keep), gather_tokens(f[0], r.keep))
+    assert torch.equal(gather_tokens(f[3], dropped), gather_tokens(f[0], dropped))
+    assert torch.equal(gather_tokens(f[3], r.keep), f[2])
+    assert not torch.allclose(gather_tokens(f[3], r.keep), gather_tokens(f[0], r.keep))
     dense = tiny(x, t, text, mask, return_features=(1,))
     assert dense.features[1].shape == (2, N_TOKENS, 32)
     assert not torch.allclose(out.prediction, dense.prediction, atol=1e-4)  # routing changes the output

@@ -14,7 +14,8 @@ from conftest import tiny_overrides
 from pixelrun import checkpoint as ckpt
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config, stage_plan
-from pixelrun.train import model_from_config, train
+from pixelrun.build import model_from_config
+from pixelrun.train import train
 
 
 def _stages_file(tmp_path, enc) -> Path:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pixelrun.cli import main
-from pixelrun.config import ConfigError, check_paths, load_config
+from pixelrun.build import check_paths
+from pixelrun.config import ConfigError, load_config
 from pixelrun.tracking import Tracker
 
 

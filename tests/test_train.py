@@ -16,7 +16,9 @@ from pixelrun.cli import main
 from pixelrun.config import load_config
 from pixelrun.data.shapes import ShapesBatchSource
 from pixelrun.text import TextEncoder
-from pixelrun.train import draw_noise, make_optimizer, model_from_config, train, training_step
+from pixelrun.build import make_optimizer, model_from_config
+from pixelrun.step import draw_noise, training_step
+from pixelrun.train import train
 
 
 def _metrics(run):
@@ -75,6 +77,24 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_encoder_dir):
     assert ma["data"] == mb["data"] and ma["scheduler"] == mb["scheduler"]
 
 
+def test_validation_bins_at_every_evaluation_and_identical_after_resume(tmp_path, tiny_encoder_dir):
+    """The validation loss by noise level (pixelrun/validation.py) of the raw and EMA weights, at
+    every evaluation and at the end, the same numbers in a run that was stopped and resumed."""
+    extra = {"train.steps": 6, "train.checkpoint_every": 2, "eval.prompts": 0, "eval.every": 2,
+             "eval.val_images": 4}
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(load_config(None, tiny_overrides(full, tiny_encoder_dir, **extra)))
+    cfg = load_config(None, tiny_overrides(part, tiny_encoder_dir, **extra))
+    train(cfg, stop_at_step=3)
+    train(cfg)
+    keys = [f"{w}/flow/{b}" for w in ("val", "val_ema") for b in ("low", "mid", "high")]
+    rows = {name: [r for r in _metrics(run) if "val/flow/low" in r] for name, run in (("full", full), ("part", part))}
+    assert [r["step"] for r in rows["full"]] == [2, 4, 6] == [r["step"] for r in rows["part"]]
+    for a, b in zip(rows["full"], rows["part"]):
+        assert [a[k] for k in keys] == [b[k] for k in keys], a["step"]
+    assert all(r[k] > 0 for r in rows["full"] for k in keys)
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path):
     root = ckpt.checkpoint_root(tmp_path)
     ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, {"step": 2}, "seed: 0\n")
@@ -130,7 +150,7 @@ def test_default_run_outputs_sample_and_eval(tmp_path, tiny_encoder_dir, capsys)
     first = np.asarray(Image.open(outdir / "000.png"))
     assert first.shape == (32, 32, 3)
     assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(tmp_path / "again"),
-                 "--seed", "5", "--size", "32x48"]) == 0
+                 "--seed", "5", "--size", "48x32"]) == 0  # WxH: 48 wide, 32 high
     assert np.asarray(Image.open(tmp_path / "again" / "000.png")).shape == (32, 48, 3)
     assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(tmp_path / "same"), "--seed", "5"]) == 0
     assert np.array_equal(first, np.asarray(Image.open(tmp_path / "same" / "000.png")))
@@ -161,7 +181,7 @@ def test_trains_on_an_image_folder_with_a_broken_image(tmp_path, tiny_encoder_di
                                                      "train.batch_size": 3, "train.steps": 4, "sample.grid_prompts": 2})
     summary = train(load_config(None, over))
     out = capsys.readouterr().out
-    assert summary["skipped_images"] == 1 and "skipped 1 unreadable images" in out and "broken.png" in out
+    assert summary["skipped_images"] == 1 and "skipped 1 unusable samples" in out and "broken.png" in out
     assert "score" not in summary  # the shapes score is for the shapes dataset only
     assert (run / "samples" / "final.png").exists()
     assert len([r for r in _metrics(run) if "loss" in r]) == 4
@@ -179,15 +199,15 @@ def test_parallel_options_reach_the_trained_model(tmp_path, tiny_encoder_dir):
     samples); parallel.activation_checkpointing switches recomputation on."""
     from pixelrun.config import stage_plan
     from pixelrun.distributed import DistContext
-    from pixelrun.train import _build_state
+    from pixelrun.build import build_state
 
     cfg = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{"parallel.compile": "true",
                                                                           "parallel.activation_checkpointing": "true"}))
-    st = _build_state(cfg, stage_plan(cfg), DistContext(0, 1, 0, torch.device("cpu")), 32)
+    st = build_state(cfg, [c for *_, c in stage_plan(cfg)], DistContext(0, 1, 0, torch.device("cpu")), 32)
     assert st.model.activation_checkpointing
     assert all(b._compiled_call_impl is not None for b in st.model.blocks)
     assert all(b._compiled_call_impl is None for b in st.ema.model.blocks)
-    plain = _build_state(load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir)), stage_plan(cfg),
+    plain = build_state(load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir)), [c for *_, c in stage_plan(cfg)],
                          DistContext(0, 1, 0, torch.device("cpu")), 32)
     assert not plain.model.activation_checkpointing
     assert all(b._compiled_call_impl is None for b in plain.model.blocks)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,22 @@ class Rejected:
     pixelrun/data/loader.py)."""
 
     positions: list[int]
+
+
+@dataclass
+class SourceImage:
+    """One image to convert into shards (`pixelrun data convert`): a file, or encoded bytes read
+    from a table, with its caption fields."""
+
+    path: Path | None  # the image file (folders, manifests, tables storing paths), or None
+    name: str  # for messages and the sample's json: relative to the source, or "TABLE row N"
+    captions: dict[str, str]  # field name in the sample's json -> caption
+    data: bytes | None = None  # the encoded image itself (tables)
+
+
+class NoUsableData(ValueError):
+    """A data source with nothing to train on (no captioned image, or none that decodes). The CLI
+    reports it as a one-line error naming `data.path`."""
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:

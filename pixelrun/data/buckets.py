@@ -13,39 +13,6 @@ import torch
 from PIL import Image
 
 
-def aspect_buckets(
-    resolution: int, patch: int, min_ratio: float = 0.5, max_ratio: float = 2.0
-) -> list[tuple[int, int]]:
-    """(height, width) bucket sizes in pixels, multiples of `patch`, sorted from tall to wide.
-
-    Rule (the enumeration of Photoroom's PRX data pipeline, reimplemented): with a budget of
-    N = (resolution / patch)^2 tokens and ratio r = width / height,
-      * for every grid width  gw in [ceil(sqrt(N * min_ratio)),  floor(sqrt(N * max_ratio))]
-        take the tallest height that fits the budget, gh = floor(N / gw);
-      * for every grid height gh in [ceil(sqrt(N / max_ratio)), floor(sqrt(N / min_ratio))]
-        take the widest width that fits, gw = floor(N / gh);
-      * the union of both, without duplicates.
-    The enumerated side is bounded by the ratio, the other side is the largest that keeps
-    gh * gw <= N. Enumerating both sides matters: one pass alone misses sizes such as 12x20
-    next to 12x21 (one pass gives 11 buckets at 512 px, 22 at 1024 px).
-
-    Numbers (patch 32): 512 px -> N = 256, 13 buckets of 240..256 tokens, 11x22 .. 22x11,
-    ratios exactly within [0.5, 2]. 1024 px -> N = 1024, 27 buckets of 984..1024 tokens,
-    22x45 .. 45x22. Note: flooring the free side can push a ratio slightly past the bound;
-    at 1024 px 22x45 and 45x22 have ratio 2.045 / 0.489 (the RECIPE's count of 27 includes them).
-    """
-    if resolution % patch:
-        raise ValueError(f"resolution {resolution} is not a multiple of patch {patch}")
-    if not 0 < min_ratio <= 1 <= max_ratio:
-        raise ValueError(f"need 0 < min_ratio <= 1 <= max_ratio, got {min_ratio}, {max_ratio}")
-    n = (resolution // patch) ** 2
-    grids = set()
-    for gw in range(math.ceil(math.sqrt(n * min_ratio)), math.floor(math.sqrt(n * max_ratio)) + 1):
-        grids.add((n // gw, gw))
-    for gh in range(math.ceil(math.sqrt(n / max_ratio)), math.floor(math.sqrt(n / min_ratio)) + 1):
-        grids.add((gh, n // gh))
-    return [(gh * patch, gw * patch) for gh, gw in sorted(grids, key=lambda g: (g[1] / g[0], g[0]))]
-
 
 def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
     """The bucket whose aspect ratio is closest in log space (so 1:2 and 2:1 are equally far from

@@ -53,8 +53,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..config import ConfigError, TextConfig
-from .buckets import aspect_buckets, nearest_bucket, resize_to_bucket
+from ..config import ConfigError, TextConfig, aspect_buckets
+from . import SourceImage
+from .buckets import nearest_bucket, resize_to_bucket
 from .folder import DEFAULT_MAX_PIXELS, ImageFolder, load_rgb, read_size
 from .shards import (EMBEDDING_STORAGE, INDEX_FILE, caption_fields, embedding_member, expand_shards, image_member,
                      read_index, read_samples)
@@ -67,14 +68,6 @@ _CHUNK = 64  # samples whose captions are encoded together
 _PARTIAL = ".partial"  # where shards are written until the conversion completes
 _NAMES_KEPT = 100  # names of skipped rows kept per reason in index.json
 NO_CAPTION = "without a caption"
-
-
-@dataclass
-class SourceImage:
-    path: Path | None  # the image file (folders, manifests, tables storing paths), or None
-    name: str  # for messages and the sample's json: relative to the source, or "TABLE row N"
-    captions: dict[str, str]  # field name in the sample's json -> caption
-    data: bytes | None = None  # the encoded image itself (tables)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import Batch
+from . import Batch, NoUsableData
 from .batching import BucketedBatchSource
 from .buckets import resize_to_bucket, stack_images, to_array
 
@@ -132,7 +132,7 @@ class ImageFolder:
                 self.paths.append(path)
                 self.captions.append(caption)
         if not self.paths:
-            raise ValueError(
+            raise NoUsableData(
                 f"image folder {str(self.root)!r} has no usable items: no {'/'.join(exts)} file "
                 f"with a caption ({self.missing_captions} image(s) lacked a .txt caption or an "
                 f"entry in {captions_file})")
@@ -222,7 +222,7 @@ class FolderBatchSource(BucketedBatchSource):
         self._bad.add(i)
         self._count_skip(str(self.folder.paths[i]))
         if len(self._bad) == len(self.folder):
-            raise RuntimeError(f"no image under {self.folder.root} could be loaded "
+            raise NoUsableData(f"no image under {self.folder.root} could be loaded "
                                f"(first failures: {self.skipped_paths[:5]})")
 
     def _draw(self) -> None:

@@ -33,9 +33,8 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import ConfigError
-from .convert import SourceImage
-from .shards import parse_weights
+from ..config import ConfigError, parse_weights
+from . import SourceImage
 
 READ_ROWS = 64  # rows handed on at a time (a row group is read whole, then sliced)
 PRIMARY_CAPTION_COLUMNS = ("caption", "prompt", "text")  # the default --captions, first found

@@ -37,7 +37,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from ..config import ConfigError
+from ..config import ConfigError, parse_captions
 from . import Batch
 from .batching import BucketedBatchSource
 from .buckets import resize_to_bucket, stack_images, to_array
@@ -130,36 +130,6 @@ def caption_fields(sample: dict) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- captions
-
-def parse_captions(spec: str) -> list[tuple[str, float]]:
-    """`data.captions` -> [(field, weight)]. Raises ValueError with the offending part."""
-    fields = parse_weights(spec)
-    for name, _ in fields:
-        if name != "txt" and not (name.startswith("json.") and len(name) > len("json.")):
-            raise ValueError(f"caption field {name!r} is neither txt nor json.NAME (in {spec!r})")
-    return fields
-
-
-def parse_weights(spec: str) -> list[tuple[str, float]]:
-    """`name:weight,name,...` -> [(name, weight)], weight 1 when left out (data.captions, and the
-    caption columns of `pixelrun data convert`). Raises ValueError with the offending part."""
-    fields: list[tuple[str, float]] = []
-    for part in spec.split(","):
-        name, _, weight_text = part.partition(":")
-        name = name.strip()
-        if not name:
-            raise ValueError(f"empty name in {spec!r}")
-        try:
-            weight = float(weight_text) if weight_text.strip() else 1.0
-        except ValueError:
-            raise ValueError(f"the weight {weight_text.strip()!r} of {name} is not a number") from None
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"the weight of {name} must be a positive number, got {weight_text.strip()}")
-        if name in (f for f, _ in fields):
-            raise ValueError(f"caption field {name} is listed twice")
-        fields.append((name, weight))
-    return fields
-
 
 def _unit_hash(*parts) -> float:
     """A uniform number in [0, 1) from the parts: the same on every machine and Python run (unlike
@@ -349,7 +319,7 @@ class ShardBatchSource(BucketedBatchSource):
         self.embedding_dtype = stored_embedding_dtype(index)
         if text_encoder is not None:
             self.use_embeddings, embedding_note = embedding_match(index, *text_encoder)
-        # what the run start prints about these shards (train.py shows it), one line each
+        # what the run start prints about these shards (build.make_batch_source says it), one line each
         self.text_note = "\n".join(n for n in (embedding_note, resolution_note(index, self.buckets)) if n) or None
         self.epoch = self.shard_cursor = self.ordinal = 0
         self._good = 0  # usable samples drawn this epoch: an epoch without any means nothing ever will be

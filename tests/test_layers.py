@@ -1,0 +1,105 @@
+"""The package's imports flow one way (pixelrun/__init__.py states the layers): every import of
+every module, function-level ones included, goes to a module of the same or a lower layer, and
+there is no cycle. Read from the source with `ast`, so an import hidden inside a function counts."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pixelrun
+
+PACKAGE = Path(pixelrun.__file__).parent
+LAYERS = {
+    0: {"config"},
+    1: {"model", "objective", "routing", "sampling", "teachers", "text", "data", "images", "checkpoint",
+        "distributed", "ema", "optim", "metrics", "flops", "shapes_score", "tracking"},
+    2: {"build", "heldout"},
+    3: {"step", "inference", "validation"},
+    4: {"train", "evaluate", "bench", "projection", "rehearse", "export_diffusers"},
+    5: {"cli", "__main__"},
+}
+
+
+def modules() -> dict[str, Path]:
+    """'pixelrun.data.shards' -> its file, for every module of the package."""
+    out = {}
+    for f in PACKAGE.rglob("*.py"):
+        parts = f.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return out
+
+
+def imports(name: str, path: Path, known: dict) -> set[str]:
+    """The pixelrun modules `name` imports anywhere in its source."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            targets = [f"{target}.{a.name}" if f"{target}.{a.name}" in known else target for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t not in known and "." in t:
+                t = t.rsplit(".", 1)[0]
+            if t in known and t != name and t.startswith("pixelrun."):
+                found.add(t)
+    return found
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1] if module.count(".") else ""
+    for layer, names in LAYERS.items():
+        if top in names:
+            return layer
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and to pixelrun/__init__.py")
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {m: imports(m, p, known) for m, p in known.items() if m != "pixelrun"}
+
+
+def test_no_module_imports_from_a_higher_layer():
+    upward = sorted(f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})"
+                    for m, targets in graph().items() for t in targets if t != "pixelrun" and layer_of(t) > layer_of(m))
+    assert not upward, "\n".join(upward)
+
+
+def test_config_imports_no_other_pixelrun_module():
+    assert graph()["pixelrun.config"] == set()
+
+
+def test_no_import_cycle():
+    g = graph()
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        path.append(m)
+        for t in sorted(g.get(m, ())):
+            if state.get(t) == 1:
+                cycle = path[path.index(t):] + [t]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if t not in state:
+                visit(t)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m)
+
+
+def test_the_walker_sees_function_level_imports(tmp_path):
+    """The walker itself: an import inside a function, relative and absolute, is found."""
+    known = {"pixelrun.a": tmp_path / "a.py", "pixelrun.b": tmp_path / "b.py", "pixelrun.c": tmp_path / "c.py"}
+    (tmp_path / "a.py").write_text("def f():\n    from .b import x\n    import pixelrun.c\n")
+    assert imports("pixelrun.a", known["pixelrun.a"], known) == {"pixelrun.b", "pixelrun.c"}
