@@ -218,6 +218,26 @@ class TrainState:
         return []
 
 
+def block_graphs(stages: list[Config]) -> int:
+    """How many input variants a compiled block meets in a run of `stages` (each a graph under
+    `compile_blocks`' static shapes): per stage, every bucket's token count N at the micro-batch,
+    with grad, and its TREAD count K when routing; without grad, the validation loss's square
+    images in chunks of the micro-batch and the remainder. Sampling runs the EMA copy, which is not
+    compiled. Plus a margin of 4."""
+    from .routing import kept_count
+
+    variants = set()
+    for c in stages:
+        p, b = model_fields(c)["patch_size"], c.train.batch_size
+        for h, w in image_sizes(c):
+            n = (h // p) * (w // p)
+            variants |= {(True, b, n)} | ({(True, b, kept_count(n, c.routing.ratio))} if c.routing.ratio else set())
+        if c.eval.val_images:
+            square = (c.data.resolution // p) ** 2
+            variants |= {(False, min(b, c.eval.val_images), square), (False, c.eval.val_images % b or b, square)}
+    return len(variants) + 4
+
+
 def build_state(cfg: Config, stages: list[Config], ctx: DistContext, text_dim: int) -> TrainState:
     """The model, its EMA copy, teachers and projector, optimizer and schedule, parallelised as the
     config asks: per-block compile and activation checkpointing, then FSDP2 sharding."""
@@ -226,7 +246,7 @@ def build_state(cfg: Config, stages: list[Config], ctx: DistContext, text_dim: i
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     ema = EMA(model, cfg.ema.decay, cfg.ema.every)  # copied before compiling: the EMA only samples
     if cfg.parallel.compile:
-        compile_blocks(model)
+        compile_blocks(model, block_graphs(stages or [cfg]))
     aux = Auxiliary(cfg, model.cfg.hidden_size, device, stages=stages)
     dtype = autocast_dtype(cfg, device)
     shard(model, ctx, dtype, blocks=model.blocks)

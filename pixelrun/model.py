@@ -287,12 +287,23 @@ def build_model(preset: str, text_dim: int, **overrides) -> PRXDenoiser:
     return PRXDenoiser(ModelConfig(text_dim=text_dim, **fields))
 
 
-def compile_blocks(model: PRXDenoiser) -> PRXDenoiser:
+def compile_blocks(model: PRXDenoiser, graphs: int = 0) -> PRXDenoiser:
     """torch.compile each transformer block in place (`Module.compile`: parameter names and the
     state dict stay as they are). Per block, not the whole model, so FSDP2's per-block hooks do not
     break the graph. Static shapes: under TREAD a block inside the span always sees K tokens and one
     outside it N, so each block keeps a specialised graph per shape instead of falling back to a
-    slower dynamic-shape one after the second size it meets."""
+    slower dynamic-shape one after the second size it meets.
+
+    The blocks share one compiled frame (`Block.forward`) with one graph per input variant: each
+    token count of each aspect bucket, dense and routed, with and without grad (the validation
+    loss), per micro-batch size. torch's default limit is 8 graphs per frame, after which dynamo
+    stops compiling new variants and runs them eagerly, without a word beyond a log line: a run with
+    aspect buckets meets more. `graphs` (pixelrun.build.block_graphs) raises the limit to fit."""
+    if graphs:
+        import torch._dynamo.config as dynamo
+
+        dynamo.recompile_limit = max(dynamo.recompile_limit, graphs)
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, graphs)
     for block in model.blocks:
         block.compile(dynamic=False)
     return model

@@ -39,7 +39,9 @@ def repa_loss(aux: Auxiliary, features: torch.Tensor, x: torch.Tensor, routing, 
     target = aux.repa_teacher.features_for_grid(x, *grid)  # [B, L, C], no grad
     if routing is not None and features.shape[1] != target.shape[1]:
         target = gather_tokens(target, routing.keep)
-    pred = aux.projector(features).float()
+    # through the projector as rows: on a 3-D input Linear returns a view of its 2-D result, and
+    # FSDP2 warns on every step that a sharded module's view output could lose its backward hook
+    pred = aux.projector(features.reshape(-1, features.shape[-1])).reshape(*features.shape[:-1], -1).float()
     return -F.cosine_similarity(pred, target, dim=-1).mean()
 
 

@@ -194,6 +194,37 @@ def test_time_budget_ends_the_run_like_a_finished_one(tmp_path, tiny_encoder_dir
     assert "train.max_minutes=1e-06 reached at step 1" in capsys.readouterr().out
 
 
+def test_compiled_blocks_may_keep_a_graph_for_every_shape_the_run_meets(tmp_path, tiny_encoder_dir):
+    """Aspect buckets at 32px, patch 8: 24x40, 32x32, 40x24 -> 15 and 16 tokens; TREAD 0.5 keeps 8
+    of either; micro-batch 4 with grad: (4, 15), (4, 16), (4, 8). The validation loss without grad:
+    6 square images (16 tokens) in chunks of 4: (4, 16) and (2, 16). 5 variants + a margin of 4.
+    torch's default limit of 8 graphs would be short, so building a compiled run raises it."""
+    import torch._dynamo.config as dynamo
+
+    from pixelrun.build import block_graphs
+    from pixelrun.config import stage_plan
+
+    cfg = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{
+        "data.buckets": "true", "routing.ratio": 0.5, "model.depth": 4, "eval.val_images": 6}))
+    assert block_graphs([c for *_, c in stage_plan(cfg)]) == 9
+    stages = "stages=[{steps: 1, resolution: 32}, {steps: 1, resolution: 48, batch_size: 2}]"
+    staged = load_config(None, [o for o in tiny_overrides(tmp_path, tiny_encoder_dir, **{"data.buckets": "true"})
+                                if not o.startswith("train.steps=")] + [stages])
+    assert block_graphs([c for *_, c in stage_plan(staged)]) > block_graphs([stage_plan(staged)[0][2]])
+    before = dynamo.recompile_limit
+    try:
+        from pixelrun.build import build_state
+        from pixelrun.distributed import DistContext
+
+        many = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{
+            "data.buckets": "true", "routing.ratio": 0.5, "model.depth": 4, "parallel.compile": "true",
+            "eval.val_images": 6, "data.resolution": 64}))
+        build_state(many, [many], DistContext(0, 1, 0, torch.device("cpu")), 32)
+        assert dynamo.recompile_limit == max(before, block_graphs([many])) > 8
+    finally:
+        dynamo.recompile_limit = before
+
+
 def test_parallel_options_reach_the_trained_model(tmp_path, tiny_encoder_dir):
     """parallel.compile compiles each block of the trained model (not the EMA copy, which only
     samples); parallel.activation_checkpointing switches recomputation on."""

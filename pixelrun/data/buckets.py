@@ -54,5 +54,19 @@ def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
 
 
 def stack_images(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 [H, W, 3] arrays of one size -> one uint8 [B, 3, H, W] batch."""
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    """uint8 [H, W, 3] arrays of one size -> one uint8 [B, 3, H, W] batch, written once, straight
+    into its final memory. In a DataLoader worker that memory is shared, so handing the batch to
+    the training process copies nothing more: as torch's `default_collate`
+    (torch/utils/data/_utils/collate.py, `collate_tensor_fn`) does. Stacking in numpy, making the
+    result contiguous and then sharing it cost three passes over fresh pages, and on a VM where a
+    page fault costs microseconds that was a third of a worker's time per 512px batch."""
+    h, w, c = images[0].shape
+    size = (len(images), c, h, w)
+    if torch.utils.data.get_worker_info() is not None:
+        storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(math.prod(size))
+        out = torch.empty(0, dtype=torch.uint8).new(storage).resize_(size)
+    else:
+        out = torch.empty(size, dtype=torch.uint8)
+    for i, im in enumerate(images):
+        out[i].copy_(torch.from_numpy(im).permute(2, 0, 1))
+    return out
