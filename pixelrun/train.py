@@ -22,7 +22,7 @@ from .build import TrainState, autocast_dtype, build_state, check_init_from, che
     make_batch_source, text_encoder
 from .config import Config, batch_split, stage_plan, to_dict, to_yaml
 from .data import Prefetcher
-from .distributed import DistContext, process_group
+from .distributed import DistContext, is_sharded, process_group
 from .evaluate import Evaluator, applicable_metrics, describe_metrics, flat_metrics
 from .images import save_grid
 from .inference import generate
@@ -261,6 +261,8 @@ def evaluate_now(run: Run, scfg: Config) -> dict | None:
     row, result = {}, None
     if run.validation is not None:
         row.update(run.validation(run.st.model, scfg))
+        if is_sharded(run.st.model):  # a forward without backward leaves FSDP2's root gathered
+            run.st.model.reshard()
         row.update(run.validation(run.st.ema.model, scfg, prefix="val_ema"))
     if run.evaluator is not None:
         result = run.evaluator(run.st.ema.model, run.encoder, scfg, sample_seed=scfg.sample.seed)
