@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .build import native_cpu_bf16
 from .config import Config, ConfigError, config_from_dict, image_sizes, model_fields, to_dict
 
 STEPS_PER_STAGE = 5  # a single-stage run gets two stages' worth
@@ -94,7 +95,7 @@ def rehearsal_config(cfg: Config, world_size: int, device_type: str = "cpu") -> 
     put("ema.every", 1)  # every step: the sharded EMA update runs between grids, evaluations and saves
     if world_size % cfg.parallel.replicate:
         put("parallel.replicate", 1)
-    if device_type == "cpu" and not _native_cpu_bf16():
+    if device_type == "cpu" and not native_cpu_bf16():
         # emulated bf16 runs many times slower than fp32 here: the rehearsal would take hours
         if cfg.train.precision == "bf16":
             put("train.precision", "fp32")
@@ -106,14 +107,6 @@ def rehearsal_config(cfg: Config, world_size: int, device_type: str = "cpu") -> 
         return Shrunk(config_from_dict(d), changes)
     except ConfigError as e:
         raise ConfigError(e.key, f"(in the rehearsal's shrunk config) {str(e).split(': ', 1)[-1]}") from None
-
-
-def _native_cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 / AMX); without, torch emulates them."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _rehearsal_resolution(cfg: Config, patch: int) -> int:

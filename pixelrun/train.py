@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .build import TrainState, autocast_dtype, build_state, check_init_from, check_paths, check_resume, \
-    make_batch_source, text_encoder
+    make_batch_source, muon_precision_warning, text_encoder
 from .config import Config, batch_split, stage_plan, to_dict, to_yaml
 from .data import Prefetcher
 from .distributed import DistContext, is_sharded, process_group
@@ -142,6 +142,8 @@ def _describe(run: Run) -> None:
             f"{' (sharded)' if ctx.distributed else ''}; text encoder {run.encoder.name} (dim {run.encoder.dim}); "
             f"device {ctx.device}{f' x {ctx.world_size} ranks' if ctx.distributed else ''}; autocast "
             f"{autocast_dtype(cfg, ctx.device) or 'off (fp32)'}")
+    if warning := muon_precision_warning(cfg, ctx.device):
+        run.say(warning)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -463,3 +463,17 @@ def test_is_one_torch_optimizer():
     assert opt.param_groups[1]["betas"] == (0.9, 0.95) and opt.param_groups[1]["eps"] == 1e-8
     assert opt.param_groups[0]["momentum"] == 0.95 and opt.param_groups[0]["nesterov"] is True
     assert all(g["weight_decay"] == 0.0 and g["lr"] == 1e-4 for g in opt.param_groups)
+
+
+def test_muon_bf16_on_an_emulating_cpu_is_warned(monkeypatch):
+    from pixelrun import build
+
+    cfg = load_config(overrides=["train.optimizer=muon"])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(build, "native_cpu_bf16", lambda: False)
+    assert "train.muon_precision=fp32" in build.muon_precision_warning(cfg, cpu)
+    assert build.muon_precision_warning(cfg, cuda) is None  # GPUs run bf16 natively
+    assert build.muon_precision_warning(load_config(overrides=["train.optimizer=muon", "train.muon_precision=fp32"]), cpu) is None
+    assert build.muon_precision_warning(load_config(overrides=[]), cpu) is None  # AdamW: no Newton-Schulz
+    monkeypatch.setattr(build, "native_cpu_bf16", lambda: True)
+    assert build.muon_precision_warning(cfg, cpu) is None

@@ -67,6 +67,7 @@ def stack_images(images: list[np.ndarray]) -> torch.Tensor:
         out = torch.empty(0, dtype=torch.uint8).new(storage).resize_(size)
     else:
         out = torch.empty(size, dtype=torch.uint8)
+    view = out.numpy()  # the same memory; numpy copies from PIL's read-only arrays without a warning
     for i, im in enumerate(images):
-        out[i].copy_(torch.from_numpy(im).permute(2, 0, 1))
+        view[i] = im.transpose(2, 0, 1)
     return out

@@ -455,9 +455,9 @@ def inspect_shards(spec: str, contact_sheet: str | Path | None = None, n: int = 
                 continue
             count += 1
             sizes["x".join(map(str, nearest_bucket(*size, buckets) if buckets else size))] += 1
-            for field, text in captions.items():
-                chars.setdefault(field, []).append(len(text))
-                words.setdefault(field, []).append(len(text.split()))
+            for name, text in captions.items():
+                chars.setdefault(name, []).append(len(text))
+                words.setdefault(name, []).append(len(text.split()))
             embedded.update(k[len("emb."):-len(".npy")] for k in sample if k.startswith("emb.") and k.endswith(".npy"))
             if contact_sheet is not None and len(sheet) < n:
                 im = load_rgb(io.BytesIO(sample[ext]))
@@ -490,9 +490,9 @@ def format_report(r: dict) -> str:
              + (f" (first: {r['broken_examples'][0]})" if r["broken"] else "")]
     lines.append(f"buckets ({r['buckets_of']}), HxW: samples: " + ", ".join(f"{k}: {v}" for k, v in r["buckets"].items()))
     lines.append(f"{'caption field':<24}{'samples':>8}  {'chars min/mean/median/max':>28}  {'words min/mean/median/max':>28}")
-    for field, s in r["captions"].items():
+    for name, s in r["captions"].items():
         c, w = s["chars"], s["words"]
-        lines.append(f"{field:<24}{s['count']:>8}  {'%d / %.1f / %g / %d' % (c['min'], c['mean'], c['median'], c['max']):>28}"
+        lines.append(f"{name:<24}{s['count']:>8}  {'%d / %.1f / %g / %d' % (c['min'], c['mean'], c['median'], c['max']):>28}"
                      f"  {'%d / %.1f / %g / %d' % (w['min'], w['mean'], w['median'], w['max']):>28}")
     conv = r.get("converted") or {}
     if conv.get("caption_columns"):

@@ -38,7 +38,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from ..config import ConfigError, parse_captions
-from . import Batch
+from . import Batch, ustar
 from .batching import BucketedBatchSource
 from .buckets import resize_to_bucket, stack_images, to_array
 from .folder import DEFAULT_MAX_PIXELS, load_rgb, read_size
@@ -83,10 +83,27 @@ def _reraise(exn: Exception) -> bool:
 
 def read_samples(url: str, handler: Callable[[Exception], bool] = _reraise) -> Iterator[dict]:
     """The samples of one shard in stored order: dicts of member suffix -> bytes plus `__key__` and
-    `__url__`, from webdataset's stream opener, tar expander and key grouping. `handler` decides
-    whether a read error ends the shard quietly (True) or propagates."""
-    streams = url_opener([{"url": url}], handler=handler)
-    return group_by_keys(tar_file_expander(streams, handler=handler), handler=handler)
+    `__url__`, as webdataset's stream opener, tar expander and key grouping make them. `handler`
+    decides whether a read error ends the shard quietly (True) or propagates.
+
+    A local plain tar file is read by `ustar` (5-7x faster here, the same samples); at anything it
+    does not handle, webdataset reads the shard on from the first sample `ustar` had not given, and
+    reports any damage through `handler` as it always did."""
+    path = _local_path(url)
+    given = 0
+    if path is not None:
+        try:
+            for sample in ustar.samples(path, url):
+                yield sample
+                given += 1
+            return
+        except (ustar.NotPlain, OSError):
+            pass
+    rest = group_by_keys(tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler),
+                         handler=handler)
+    for _ in range(given):
+        next(rest, None)
+    yield from rest
 
 
 def read_index(urls: list[str]) -> dict | None:
