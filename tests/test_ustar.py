@@ -63,8 +63,18 @@ def test_plain_tars_are_read_fast_and_equal_webdataset(tmp_path, fmt):
                                                  else ["sub/dir/0000", "sub/dir/0001"])
 
 
+def with_header_bytes(data, at, offset, new):
+    """The tar bytes with the header at `at` changed at `offset` and its checksum made right again."""
+    h = bytearray(data[at:at + 512])
+    h[offset:offset + len(new)] = new
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return data[:at] + bytes(h) + data[at + 512:]
+
+
 @pytest.mark.parametrize("case", ["pax long name", "gnu long name", "non-ascii name", "truncated", "bad checksum",
-                                  "gzip", "duplicate member", "no end blocks"])
+                                  "gzip", "duplicate member", "no end blocks", "gnu times in the prefix field",
+                                  "directory name with data"])
 def test_other_tars_go_to_webdataset_with_the_same_samples(tmp_path, case):
     members = sample_members(6)
     long = "x" * 120 + "/0099"
@@ -85,6 +95,10 @@ def test_other_tars_go_to_webdataset_with_the_same_samples(tmp_path, case):
     if case == "bad checksum":
         data = data[:2048] + b"\x01" + data[2049:]  # a byte of the 2nd sample's first header
         assert data[2048 + 257:2048 + 262] == b"ustar"  # (so it is a header: the test's own check)
+    if case == "gnu times in the prefix field":  # tarfile would prepend them to the name
+        data = with_header_bytes(with_header_bytes(data, 2048, 257, b"ustar  \0"), 2048, 345, b"14000000000")
+    if case == "directory name with data":  # an old-style directory (type NUL, trailing slash) tarfile reads no data of
+        data = with_header_bytes(with_header_bytes(data, 2048, 0, b"0001/\0"), 2048, 156, b"\0")
     if case == "gzip":
         data = gzip.compress(data)
     if case == "no end blocks":

@@ -59,7 +59,9 @@ def _checksum_ok(header: bytes) -> bool:
 
 def _name(header: bytes) -> str:
     name = _field(header[:100])
-    if header[257:265] == _POSIX_MAGIC and header[345]:
+    if header[345]:  # tarfile prepends a non-empty prefix field whatever the magic; GNU keeps times there
+        if header[257:265] != _POSIX_MAGIC:
+            raise NotPlain("GNU header with data in the prefix field")
         name = _field(header[345:500]) + b"/" + name
     try:
         return name.decode("ascii")
@@ -82,6 +84,8 @@ def members(path: str) -> Iterator[tuple[str, bytes]]:
             if kind not in _REGULAR and kind != _DIRECTORY or kind == _DIRECTORY and size:
                 raise NotPlain(f"member type {kind!r} of size {size}")
             name = _name(header)
+            if name.endswith("/") and size:  # tarfile takes it for a directory and reads no data
+                raise NotPlain(f"{name}: a directory name with data")
             data = f.read(size)
             if len(data) < size:
                 raise NotPlain("truncated member")
