@@ -93,11 +93,11 @@ def test_other_tars_go_to_webdataset_with_the_same_samples(tmp_path, case):
     if case == "truncated":
         data = data[: data.index(b"caption 4") + 3]  # inside a member (the end is zeros of padding)
     if case == "bad checksum":
-        data = data[:2048] + b"\x01" + data[2049:]  # a byte of the 2nd sample's first header
+        data = data[:2048] + b"\x01" + data[2049:]  # a byte of the first sample's third header
         assert data[2048 + 257:2048 + 262] == b"ustar"  # (so it is a header: the test's own check)
     if case == "gnu times in the prefix field":  # tarfile would prepend them to the name
         data = with_header_bytes(with_header_bytes(data, 2048, 257, b"ustar  \0"), 2048, 345, b"14000000000")
-    if case == "directory name with data":  # an old-style directory (type NUL, trailing slash) tarfile reads no data of
+    if case == "directory name with data":  # type NUL and a trailing slash: tarfile reads it as a directory, no data
         data = with_header_bytes(with_header_bytes(data, 2048, 0, b"0001/\0"), 2048, 156, b"\0")
     if case == "gzip":
         data = gzip.compress(data)
