@@ -8,6 +8,7 @@ every loss term by name, is pixelrun/step.py.
 """
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ from .build import TrainState, autocast_dtype, build_state, check_init_from, che
     make_batch_source, muon_precision_warning, text_encoder
 from .config import Config, batch_split, stage_plan, to_dict, to_yaml
 from .data import Prefetcher
-from .distributed import DistContext, is_sharded, process_group
+from .distributed import DistContext, process_group
 from .evaluate import Evaluator, applicable_metrics, describe_metrics, flat_metrics
 from .images import save_grid
 from .inference import generate
@@ -263,8 +264,6 @@ def evaluate_now(run: Run, scfg: Config) -> dict | None:
     row, result = {}, None
     if run.validation is not None:
         row.update(run.validation(run.st.model, scfg))
-        if is_sharded(run.st.model):  # a forward without backward leaves FSDP2's root gathered
-            run.st.model.reshard()
         row.update(run.validation(run.st.ema.model, scfg, prefix="val_ema"))
     if run.evaluator is not None:
         result = run.evaluator(run.st.ema.model, run.encoder, scfg, sample_seed=scfg.sample.seed)
@@ -273,8 +272,6 @@ def evaluate_now(run: Run, scfg: Config) -> dict | None:
     if result is not None:
         row.update(flat_metrics(result["metrics"]))
         settings_path = run.run_dir / "eval" / "settings.json"
-        import json
-
         settings = json.dumps(result["settings"], indent=2)
         if not settings_path.exists() or settings_path.read_text() != settings:
             settings_path.parent.mkdir(exist_ok=True)
@@ -305,8 +302,6 @@ def finish(run: Run, stopped) -> dict:
                "steps_this_session": run.step - run.start_step}
     result = evaluate_now(run, scfg)
     if result is not None:  # rank 0 only
-        import json
-
         (run.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
         summary["eval"] = result["metrics"]
         if "score" in result:

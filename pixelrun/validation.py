@@ -32,6 +32,9 @@ sharded model's forward is collective; rank 0 writes the numbers)::
     # {"val/flow/low": .., "val/flow/mid": .., "val/flow/high": ..,
     #  "val_ema/flow/low": .., "val_ema/flow/mid": .., "val_ema/flow/high": ..}
 
+Each call leaves a sharded model resharded (FSDP2 keeps the root gathered after a forward, for
+a backward that validation never runs), so the optimizer and the EMA update find shards.
+
 ``val/...`` are the raw weights (the ones the optimizer moves: comparable with the training loss),
 ``val_ema/...`` the EMA weights (the ones sampled and evaluated). Every rank feeds the same rows in
 the same chunks of ``train.batch_size`` (the micro-batch, which is known to fit), bin by bin, images
@@ -45,6 +48,7 @@ import torch
 from .build import autocast_dtype
 from .config import Config, ConfigError
 from .data import to_model_range
+from .distributed import is_sharded
 from .heldout import dataset_key, real_images_and_prompts
 from .objective import add_noise, velocity_loss
 
@@ -132,4 +136,6 @@ class ValidationLoss:
                 out[f"{prefix}/flow/{name}"] = total / self.n
         finally:
             model.train(was_training)
+            if is_sharded(model):  # FSDP2 keeps the root gathered after a forward, for a backward
+                model.reshard()  # that never comes here: leave the weights as shards, as found
         return out

@@ -140,6 +140,10 @@ def _rank(rank: int, world: int, port: int, cfg_overrides: list[str], encoder: _
             fully_shard(block)
         fully_shard(model)
         values = ValidationLoss(cfg, encoder, "cpu")(model)
+        from torch.distributed.tensor import DTensor
+
+        # FSDP2 leaves the root gathered after a forward; validation must leave shards behind
+        values["left_sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
         with open(f"{out}.{rank}", "w") as f:
             json.dump(values, f)
     finally:
@@ -161,5 +165,6 @@ def test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers(tmp_path, tiny_
                                              str(tmp_path / "values")), nprocs=2)
     ranks = [json.loads((tmp_path / f"values.{r}").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank ran the same rows through the same gathered weights
+    assert ranks[0]["left_sharded"]
     for k in KEYS:
         assert ranks[0][k] == pytest.approx(single[k], rel=1e-5), k
