@@ -26,9 +26,14 @@ import statistics
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from .build import native_cpu_bf16
-from .config import Config, ConfigError, config_from_dict, image_sizes, model_fields, to_dict
+from . import checkpoint as ckpt
+from .build import check_paths, native_cpu_bf16
+from .config import (Config, ConfigError, batch_split, config_from_dict, image_sizes, load_config, model_fields,
+                     stage_plan, to_dict, to_yaml)
+from .distributed import process_group
+from .train import run_training
 
 STEPS_PER_STAGE = 5  # a single-stage run gets two stages' worth
 TOKENS_PER_SIDE = 3  # first stage; later stages keep their resolution ratio to it
@@ -129,12 +134,6 @@ def _smallest_bucket_side(cfg: Config, res: int) -> float:
 def rehearse(cfg: Config) -> dict:
     """Run the rehearsal of `cfg` (one process or under torchrun) and print its report. Returns the
     report on rank 0 ({} elsewhere), or the summary of a run stopped by a signal."""
-    from tqdm import tqdm
-
-    from .build import check_paths
-    from .distributed import process_group
-    from .train import run_training
-
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     with process_group(cfg.train.device) as ctx:  # the shrunk config decides replication below
@@ -183,8 +182,6 @@ def _claim(run: Path, cfg: Config, ctx) -> None:
             raise ConfigError("run.dir", f"the rehearsal writes to {run}, which holds files it did not write; move "
                                          f"them or set another run.dir")
         saved = run / "config.yaml"
-        from .config import load_config, to_yaml
-
         if saved.is_file() and to_yaml(load_config(saved)) != to_yaml(cfg):
             shutil.rmtree(run)  # a rehearsal of another config: start afresh
         run.mkdir(parents=True, exist_ok=True)
@@ -194,8 +191,6 @@ def _claim(run: Path, cfg: Config, ctx) -> None:
 
 def _prepare_resume(run: Path, step: int, ctx) -> Path:
     """A fresh run directory holding only the checkpoint of `step`, so the next run resumes from it."""
-    from . import checkpoint as ckpt
-
     target = run / "resume-check"
     if ctx.is_main:
         src = ckpt.checkpoint_root(run) / f"step_{step:08d}"
@@ -220,9 +215,6 @@ _NOT_LOSSES = {"step", "grad_norm", "lr", "images_per_s"}
 def build_report(cfg: Config, run: Path, resumed: Path, from_step: int, first: dict) -> dict:
     """Each stage's steps, resolution, batch, loss terms (first and last) and time per step, and
     the resume check; `first` is the summary of the run that went straight through."""
-    from . import checkpoint as ckpt
-    from .config import batch_split, stage_plan
-
     rows = [r for r in _rows(run) if "loss" in r]
     stages = []
     for i, (s0, s1, scfg) in enumerate(stage_plan(cfg)):
@@ -253,8 +245,6 @@ def _max_diff(a: dict, b: dict, prefix: str) -> float | None:
 def compare_runs(full: Path, resumed: Path, from_step: int) -> dict:
     """How the run resumed from `from_step` ended, against the run that went straight through:
     losses per step, and the final model, EMA, optimizer, schedule and data position."""
-    from . import checkpoint as ckpt
-
     a_rows = {r["step"]: r for r in _rows(full) if "loss" in r and r["step"] > from_step}
     b_rows = {r["step"]: r for r in _rows(resumed) if "loss" in r and r["step"] > from_step}
     first_diff, loss_diff = None, 0.0
