@@ -30,7 +30,6 @@ def _version() -> str:
 
 
 def cmd_train(args) -> int:
-    from .build import check_paths
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)  # all validation happens here, before any work
@@ -41,10 +40,9 @@ def cmd_train(args) -> int:
         if "resume" in summary and not summary["resume"]["same"]:
             return 1  # the rehearsal ran, and found that a resume does not continue the run exactly
     else:
-        check_paths(cfg)
         from .train import train
 
-        summary = train(cfg)
+        summary = train(cfg)  # checks the data paths first, before any work
     return 128 + summary["signal"] if isinstance(summary.get("signal"), int) else 0
 
 
