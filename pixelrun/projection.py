@@ -182,16 +182,27 @@ def time_text_encoder(model: torch.nn.Module, captions: int, tokens: int, device
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (TEXT_CHUNK, tokens), device=device)
     mask = torch.ones_like(ids)
-    times = []
-    for _ in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+
+    def encode():
         for _ in range(math.ceil(captions / TEXT_CHUNK)):
             model(input_ids=ids, attention_mask=mask)
+
+    return median_seconds(encode, device, steps=steps, warmup=warmup)
+
+
+def median_seconds(run, device, *, steps: int, warmup: int) -> float:
+    """Median wall time of `run()` over `steps` calls after `warmup` untimed ones, the device
+    synchronised around each call (CUDA runs asynchronously)."""
+    def now() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter()
+
+    times = []
+    for _ in range(warmup + steps):
+        t0 = now()
+        run()
+        times.append(now() - t0)
     return median(times[warmup:])
 
 
@@ -201,16 +212,8 @@ def time_newton_schulz(cfg, text_dim: int, device, *, steps: int, warmup: int) -
     with torch.device("meta"):
         shapes = [tuple(p.shape) for p in split_parameters(model_from_config(cfg, text_dim))[0]]
     mats = [torch.randn(s, device=device) for s in shapes]
-    times = []
-    for _ in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        orthogonalize_many(mats, dtype=NS_DTYPES[cfg.train.muon_precision])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return median(times[warmup:]), shapes
+    dtype = NS_DTYPES[cfg.train.muon_precision]
+    return median_seconds(lambda: orthogonalize_many(mats, dtype=dtype), device, steps=steps, warmup=warmup), shapes
 
 
 def stage_projection(cfg, gpus: int, step: dict, text_seconds: float, ns_seconds: float | None, shapes: list,
