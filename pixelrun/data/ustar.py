@@ -46,6 +46,23 @@ def _size(header: bytes) -> int:
         raise NotPlain("size is not octal") from None
 
 
+_NUMBERS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # mode .. mtime, devices
+
+
+def _numbers_ok(header: bytes) -> bool:
+    """The numeric fields this reader does not use parse as tarfile's `nti` parses them (octal;
+    base-256 ones go to tarfile), or tarfile would refuse the header where this reader read on."""
+    try:
+        for a, b in _NUMBERS:
+            raw = header[a:b]
+            if raw[0] & 0x80:
+                return False
+            int(_field(raw).strip() or b"0", 8)
+    except ValueError:
+        return False
+    return True
+
+
 def _checksum_ok(header: bytes) -> bool:
     """tarfile's calc_chksums: the header's byte sum with the checksum field read as spaces,
     unsigned or signed."""
@@ -78,7 +95,8 @@ def members(path: str) -> Iterator[tuple[str, bytes]]:
                 raise NotPlain("no end-of-archive block")
             if header == bytes(BLOCK):
                 return
-            if header[257:265] not in (_POSIX_MAGIC, _GNU_MAGIC) or not _checksum_ok(header):
+            magic = header[257:265] in (_POSIX_MAGIC, _GNU_MAGIC)
+            if not (magic and _checksum_ok(header) and _numbers_ok(header)):
                 raise NotPlain("not a valid ustar header")
             kind, size = header[156:157], _size(header)
             if kind not in _REGULAR and kind != _DIRECTORY or kind == _DIRECTORY and size:
