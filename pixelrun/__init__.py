@@ -16,6 +16,6 @@ ones included, and fails on an upward import or a cycle):
 3. the steps: ``step`` (noise draws, every loss term by name, the optimizer step), ``inference``
    (a checkpoint's model and images for prompts) and ``validation`` (the loss by noise level).
 4. the programs: ``train`` (the loop), ``evaluate``, ``bench``, ``projection``, ``rehearse``,
-   ``export_diffusers``.
+   ``export_diffusers``, ``ablate`` (variants at an equal budget, run by ``train``).
 5. ``cli`` (and ``__main__``).
 """

@@ -161,17 +161,64 @@ class Auxiliary(torch.nn.Module):
 
 # ----------------------------------------------------------------------------- optimizer
 
+def lr_multiplier(step: int, steps: int, warmup: int, cooldown: float) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of train.lr: a linear warm-up
+    over `warmup` steps, constant, then (warmup-stable-decay) a linear decay over the last
+    round(cooldown * steps) steps, reaching 1/cooldown_steps at the last step (never 0: every step
+    of the budget still moves the weights)."""
+    m = min(1.0, (step + 1) / max(1, warmup))
+    decay = round(cooldown * steps)
+    if decay and step >= steps - decay:
+        m = min(m, (steps - step) / decay)
+    return m
+
+
+class LRSchedule:
+    """The learning rate as a pure function of the step and the config (JiT's `util/lr_sched.py`
+    does the same per epoch), so a resume applies the config it runs with: a changed train.lr,
+    warm-up or cooldown takes effect, and only the step count comes back from a checkpoint. The
+    other optimizer settings of the config (betas, eps, weight decay, Muon's momentum) are re-applied
+    after an optimizer state is loaded for the same reason (torch's load_state_dict restores the
+    saved ones). Keeps LambdaLR's names (`step`, `get_last_lr`, `state_dict` with `last_epoch`)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, cfg: Config):
+        self.opt, t = opt, cfg.train
+        self.steps, self.warmup, self.cooldown = t.steps, t.warmup_steps, t.cooldown
+        self.settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        self.last_epoch = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        m = lr_multiplier(self.last_epoch, self.steps, self.warmup, self.cooldown)
+        for group, base in zip(self.opt.param_groups, self.settings):
+            group.update(base)
+            group["lr"] = base["lr"] * m
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.opt.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The step count only (also from a checkpoint that saved a LambdaLR's state)."""
+        self.last_epoch = int(state["last_epoch"])
+        self._apply()
+
+
 def make_optimizer(model: torch.nn.Module, cfg: Config, extra_adam_modules=()):
-    """AdamW, or Muon + AdamW (optim.py), with a linear warm-up then a constant learning rate."""
+    """AdamW, or Muon + AdamW (optim.py), with its learning-rate schedule (`LRSchedule`)."""
     from .optim import build_optimizer
 
     t = cfg.train
     opt = build_optimizer(model, kind=t.optimizer, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                           weight_decay=t.weight_decay, muon_lr=t.muon_lr, muon_momentum=t.muon_momentum,
                           muon_ns_dtype=t.muon_precision, extra_adam_modules=extra_adam_modules)
-    warm = max(1, t.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    return opt, sched
+    return opt, LRSchedule(opt, cfg)
 
 
 # ----------------------------------------------------------------------------- the state of a run
@@ -186,7 +233,7 @@ class TrainState:
     aux: Auxiliary
     trainable: torch.nn.ModuleDict  # the trained modules by name: the denoiser, and the REPA projector
     opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
+    sched: LRSchedule
 
     @property
     def trained_params(self) -> list[torch.Tensor]:
@@ -211,7 +258,7 @@ class TrainState:
         set_model_state_dict(self.trainable, tree["model"])
         set_model_state_dict(self.ema.model, tree["ema"])
         set_optimizer_state_dict(self.trainable, self.opt, tree["optimizer"])
-        self.sched.load_state_dict(meta["scheduler"])
+        self.sched.load_state_dict(meta["scheduler"])  # after the optimizer: it re-applies the config's settings
         torch.set_rng_state(meta["torch_rng"])
 
     def init_weights(self, path: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""pixelrun train | sample | eval | export | bench | presets | data."""
+"""pixelrun train | sample | eval | export | bench | ablate | presets | data."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,17 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--size must be WxH in pixels (for example 96x64: 96 wide, 64 high), "
                                          f"got {text!r}") from None
     return h, w
+
+
+def _parse_guidances(text: str) -> list[float]:
+    """--guidance 4 or 1,2,4 (a sweep) -> the scales, in order."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--guidance takes numbers separated by commas (1,2,4), got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("--guidance is empty")
+    return list(dict.fromkeys(values))
 
 
 def _version() -> str:
@@ -145,7 +156,8 @@ def _eval_overrides(args) -> list[str]:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import Evaluator, applicable_metrics, cli_default_metrics, parse_metrics
+    from .config import to_dict, with_overrides
+    from .evaluate import Evaluator, applicable_metrics, cli_default_metrics, describe_metrics, parse_metrics
     from .inference import checkpoint_config, load_for_inference
     from .distributed import resolve_device
 
@@ -155,6 +167,11 @@ def cmd_eval(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise ConfigError("--out", f"{out} is a folder; give the JSON file's path, e.g. {out / 'eval.json'}")
+    sweep = args.guidance or [None]
+    for g in sweep[1:]:
+        args.guidance = g
+        _sample_overrides(args)  # each scale checked like a single one, before any work
+    args.guidance = sweep[0]
     overrides = _sample_overrides(args) + _eval_overrides(args)
     cfg, _, _ = checkpoint_config(args.checkpoint, overrides)
     if args.metrics:
@@ -167,7 +184,17 @@ def cmd_eval(args) -> int:
     # the metric networks first: a missing or broken one fails before the model is even loaded
     evaluator = Evaluator(cfg, metrics, resolve_device(args.device, "--device"), progress=True, key=key)
     model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, args.device, overrides)
-    result = evaluator(model, encoder, cfg, sample_seed=cfg.sample.seed if args.seed is None else args.seed)
+    seed = cfg.sample.seed if args.seed is None else args.seed
+    results = []
+    for g in sweep:
+        cfg_g = cfg if g is None or g == cfg.sample.guidance else with_overrides(to_dict(cfg), [f"sample.guidance={g}"])
+        r = evaluator(model, encoder, cfg_g, sample_seed=seed)
+        results.append({k: v for k, v in r.items() if k not in ("per_prompt", "prompts")})
+        if len(sweep) > 1:
+            print(f"guidance {cfg_g.sample.guidance:g}: {describe_metrics(r['metrics'])}", file=sys.stderr, flush=True)
+    result = results[0]
+    if len(sweep) > 1:
+        result["guidance_sweep"] = [{"guidance": r["settings"]["guidance"], "metrics": r["metrics"]} for r in results]
     result["checkpoint"] = str(path)
     result["weights"] = args.weights
     text = json.dumps(result, indent=2)
@@ -275,6 +302,64 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+ABLATE_ACTIONS = ("run", "plan", "status", "report", "commands")
+
+
+def cmd_ablate(args) -> int:
+    """run (the default): plan, train what is not done, then the report; plan: check the SPEC and
+    print the steps each variant gets, writing nothing; status: where each run stands; report: the
+    report from the run folders (a SPEC or the ablation's folder); commands: write and print one
+    torchrun command per run, for a scheduler."""
+    from . import ablate
+
+    action, target = (args.args[0], args.args[1:]) if args.args[0] in ABLATE_ACTIONS else ("run", args.args)
+    if len(target) != 1:
+        raise ConfigError("SPEC", f"pixelrun ablate [{'|'.join(ABLATE_ACTIONS)}] SPEC.yaml: give one SPEC file"
+                                  + (" (or, for report, the ablation's folder)" if action == "report" else ""))
+    if action == "report":
+        folder = Path(target[0])
+        out = folder if (folder / "ablation.json").is_file() else Path(ablate.load_spec(folder).out)
+        return _ablation_report(out)
+    spec = ablate.load_spec(target[0])
+    if args.parallel is not None:
+        if args.parallel < 1:
+            raise ConfigError("--parallel", f"must be >= 1; got {args.parallel}")
+        spec.launch.parallel = args.parallel
+    plan = ablate.plan_ablation(spec, say=lambda line: print(line, file=sys.stderr))
+    for line in ablate.describe_plan(plan):
+        print(line, file=sys.stderr)
+    if action == "plan":
+        return 0
+    if action == "status":
+        print("\n".join(ablate.status_lines(plan)))
+        return 0
+    ablate.write_plan(plan)
+    if action == "commands":
+        print((plan.out / "commands.sh").read_text(), end="")
+        print(f"wrote {plan.out / 'commands.sh'}; build the report afterwards with: pixelrun ablate report "
+              f"{plan.out}", file=sys.stderr)
+        return 0
+    result = ablate.execute(plan)
+    if result["interrupted"]:
+        print("interrupted: every run saved where it stood; run the same command to resume", file=sys.stderr)
+        return 130
+    code = _ablation_report(plan.out)
+    if result["failed"]:
+        print(f"pixelrun ablate: {len(result['failed'])} run(s) failed: "
+              f"{', '.join(f'{v} seed {s}' for v, s in result['failed'])} (logs in {plan.out / 'logs'}); "
+              f"the report covers the others", file=sys.stderr)
+        return 1
+    return code
+
+
+def _ablation_report(out: Path) -> int:
+    from .report import write_ablation_report
+
+    for path in write_ablation_report(out):
+        print(path)
+    return 0
+
+
 def cmd_presets(args) -> int:
     """Parameter counts of the size presets (built on the meta device: no memory, no time), with the
     offline MiniLM's text width (what `pixelrun train` prints for the default run) and with a
@@ -369,14 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "resume it once and compare, then print a report; in RUN_DIR-rehearsal")
     t.set_defaults(func=cmd_train)
 
-    def add_model_args(p):
+    def add_model_args(p, guidance_sweep: bool = False):
         p.add_argument("--checkpoint", required=True,
                        help="a run directory (its newest checkpoint), a checkpoints/step_* directory or a "
                             "`pixelrun export` (safetensors) directory")
         p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
-        p.add_argument("--guidance", type=float,
-                       help="guidance scale, >= 1: 1 = no guidance, larger follows the prompt more (default: the "
-                            "checkpoint's sample.guidance)")
+        if guidance_sweep:
+            p.add_argument("--guidance", type=_parse_guidances,
+                           help="guidance scale, >= 1: 1 = no guidance, larger follows the prompt more (default: the "
+                                "checkpoint's sample.guidance); several, comma-separated (1,2,4), evaluate each: one "
+                                "row per value, the JSON under guidance_sweep")
+        else:
+            p.add_argument("--guidance", type=float,
+                           help="guidance scale, >= 1: 1 = no guidance, larger follows the prompt more (default: the "
+                                "checkpoint's sample.guidance)")
         p.add_argument("--guidance-mode", choices=["cfg", "self", "none"],
                        help="cfg: against the empty prompt; self: dense vs TREAD-routed pass (models trained with "
                             "routing); none: the conditional prediction alone; default: the checkpoint's")
@@ -401,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="metrics of a checkpoint's images for held-out captions (JSON)",
                        description="Generate one image per held-out caption of the checkpoint's dataset and "
                                    "compare them with the real images of the same captions.")
-    add_model_args(e)
+    add_model_args(e, guidance_sweep=True)
     e.add_argument("--metrics", help="comma list of: shapes (shapes data), fd-effnet (EfficientNet-Lite0 Fréchet "
                                      "distance, offline), fid (needs --fid-weights), cmmd (CLIP, --clip-model), "
                                      "dino-mmd (DINOv2, --dino-model); default: the checkpoint's eval.metrics "
@@ -478,6 +569,19 @@ examples:
     x.add_argument("overrides", nargs="*", help="--format diffusers only: sampling overrides, e.g. "
                                                 "sample.spacing=diffusers sample.shift=3")
     x.set_defaults(func=cmd_export)
+
+    ab = sub.add_parser("ablate", help="train named variants of a config at an equal budget with paired seeds, and "
+                                       "report each against the baseline with intervals",
+                        description="pixelrun ablate [run|plan|status|report|commands] SPEC.yaml. run (default): "
+                                    "train every (variant, seed) not done yet, then write the report; rerun it after "
+                                    "a crash or Ctrl-C to resume. plan: check the SPEC and print each variant's steps. "
+                                    "status: where each run stands. report: rebuild the report from the run folders "
+                                    "(SPEC or the ablation's folder). commands: one torchrun command per run, for a "
+                                    "scheduler (written to OUT/commands.sh). SPEC keys: docs/ablations.md.")
+    ab.add_argument("args", nargs="+", metavar="[ACTION] SPEC", help=f"an action ({', '.join(ABLATE_ACTIONS)}; "
+                                                                     f"default run) and the SPEC file")
+    ab.add_argument("--parallel", type=int, help="runs at a time on this machine (default: the SPEC's launch.parallel)")
+    ab.set_defaults(func=cmd_ablate)
 
     pr = sub.add_parser("presets", help="the model size presets and their parameter counts")
     pr.add_argument("--text-dim", type=int, help="count with this text encoder width only (default: both MiniLM's "

@@ -256,6 +256,10 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 50
+    # Warmup-stable-decay: the last `cooldown` fraction of train.steps decays the lr linearly towards 0
+    # (0 = constant after the warm-up). Equal-budget comparisons end in a cooldown: rankings of optimizers
+    # and tricks taken before the decay can flip once it ends.
+    cooldown: float = 0.0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -336,6 +340,11 @@ class EvalConfig:
     # The validation loss by noise level (pixelrun/validation.py): this many held-out images, each at
     # one fixed t in each of the bins low [0, 1/3), mid [1/3, 2/3), high [2/3, 1]; 0 = off.
     val_images: int = 32
+    at_steps: list[int] = field(default_factory=list)  # also evaluate after these steps (an ablation's budget points)
+    # A guidance sweep: every evaluation also runs at each of these scales (points/step_*.json keeps them
+    # all; metrics.jsonl and TensorBoard keep sample.guidance's). Empty = sample.guidance only.
+    guidance: list[float] = field(default_factory=list)
+    weights: str = "ema"  # ema | raw: the weights the evaluations during training sample from
 
 
 @dataclass
@@ -347,6 +356,9 @@ class LogConfig:
     wandb_project: str = "pixelrun"
     wandb_name: str | None = None  # the run's name in W&B; null = the name of run.dir
     wandb_entity: str | None = None  # the W&B team or user; null = your default entity
+    # FLOPs of one training image, for the FLOPs axis of evaluation points (points/step_*.json); null =
+    # the denoiser's analytic count (pixelrun/flops.py). `pixelrun ablate` sets it with the teachers included.
+    flops_per_image: float | None = None
 
 
 @dataclass
@@ -752,6 +764,8 @@ def validate(cfg: Config) -> None:
     _positive("train.batch_size", t.batch_size)
     _positive("train.lr", t.lr)
     _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    if not 0 <= t.cooldown <= 1:
+        raise ConfigError("train.cooldown", f"must be a fraction of train.steps in [0, 1]; got {t.cooldown}")
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError("train.betas", f"must be two numbers in [0, 1); got {t.betas}")
@@ -809,5 +823,14 @@ def validate(cfg: Config) -> None:
     _positive("eval.dino_mmd_scale", cfg.eval.dino_mmd_scale)
     _positive("eval.dino_resolution", cfg.eval.dino_resolution)
     _positive("eval.val_images", cfg.eval.val_images, allow_zero=True)
+    for i, at in enumerate(cfg.eval.at_steps):
+        if not 1 <= at <= t.steps:
+            raise ConfigError(f"eval.at_steps[{i}]", f"must be a step in 1..train.steps={t.steps}; got {at}")
+    for i, g in enumerate(cfg.eval.guidance):
+        if not (math.isfinite(g) and (g >= 1 or s.guidance_mode == "none")):
+            raise ConfigError(f"eval.guidance[{i}]", f"must be >= 1 (1 = no guidance); got {g:g}")
+    _choice("eval.weights", cfg.eval.weights, ("ema", "raw"))
+    if cfg.log.flops_per_image is not None:
+        _positive("log.flops_per_image", cfg.log.flops_per_image)
     if not cfg.log.wandb_project:
         raise ConfigError("log.wandb_project", "must not be empty")

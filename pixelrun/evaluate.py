@@ -262,9 +262,10 @@ class Evaluator:
         from .metrics import feature_stats, frechet_distance, image_features, mmd
 
         if metric == "shapes":
-            from .shapes_score import score_images
+            from .shapes_score import score_each
 
-            return score_images(list(images), prompts)
+            each = score_each(list(images), prompts)
+            return {**{k: float(np.mean(v)) for k, v in each.items()}, "n": len(prompts)}, each
         reference = self._reference(metric, cfg, real, prompts)
         with _bar(self.progress, total=len(images), desc=f"eval: generated images, {metric}", unit="img") as bar:
             fake = image_features(self.networks[metric], images, progress=bar)
@@ -273,10 +274,12 @@ class Evaluator:
         sigma, scale = _kernel(cfg, metric)
         return mmd(reference, fake, sigma=sigma, scale=scale)
 
-    def __call__(self, model, encoder, cfg: Config, *, sample_seed: int) -> dict | None:
+    def __call__(self, model, encoder, cfg: Config, *, sample_seed: int, keep_images: int = 0) -> dict | None:
         """Generate one image per held-out caption with ``cfg.sample``'s settings and ``sample_seed``,
-        then every metric: ``{"metrics", "settings"}`` (plus today's ``score`` and ``real_images``
-        with the shapes score), or None where ``compute`` is off."""
+        then every metric: ``{"metrics", "settings", "per_prompt", "prompts"}`` (plus ``score`` and
+        ``real_images`` with the shapes score; ``images``, the first ``keep_images`` generated, when
+        asked), or None where ``compute`` is off. ``per_prompt`` holds each prompt's value of the
+        metrics that have one (the shapes score's measures): what paired comparisons resample."""
         from .shapes_score import real_image_sanity
 
         real, prompts = self._real_data(cfg)
@@ -289,11 +292,19 @@ class Evaluator:
         if not self.compute:
             self._data[self._data_key(cfg)] = (None, prompts)  # this rank only needs the captions
             return None
-        values = {m: self._metric(m, cfg, images, prompts, real) for m in self.metrics}
+        values, per_prompt = {}, {}
+        for m in self.metrics:
+            value = self._metric(m, cfg, images, prompts, real)
+            values[m], each = value if isinstance(value, tuple) else (value, None)
+            if each is not None:
+                per_prompt[m] = each
         # Every metric's real side is now held in memory: the real images (n x R x R x 3 bytes, GBs
         # for an FID-sized n at 512px) are not needed again.
         self._data[self._data_key(cfg)] = (None, prompts)
-        result = {"metrics": values, "settings": self.settings(cfg, sample_seed)}
+        result = {"metrics": values, "settings": self.settings(cfg, sample_seed), "per_prompt": per_prompt,
+                  "prompts": list(prompts)}
+        if keep_images:
+            result["images"] = images[:keep_images]
         if "shapes" in values:  # the keys `pixelrun eval` printed before there were other metrics
             result["score"] = values["shapes"]
             result["real_images"] = real_image_sanity(n=len(prompts), size=cfg.data.resolution)

@@ -90,14 +90,22 @@ def score_image(image: np.ndarray, text: str) -> dict:
             "kind": kind_ok / n, "size": size_ok / n}
 
 
-def score_images(images: list[np.ndarray], captions: list[str]) -> dict:
-    """Mean of each measure over prompts ("placed" is the headline score), plus the count n."""
+MEASURES = ("placed", "exact_set", "kind", "size")
+
+
+def score_each(images: list[np.ndarray], captions: list[str]) -> dict[str, list[float]]:
+    """Each measure for each prompt, in order (what a paired comparison of two models resamples)."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     scores = [score_image(im, c) for im, c in zip(images, captions)]
-    out = {k: float(np.mean([s[k] for s in scores])) if scores else 0.0
-           for k in ("placed", "exact_set", "kind", "size")}
-    out["n"] = len(scores)
+    return {k: [s[k] for s in scores] for k in MEASURES}
+
+
+def score_images(images: list[np.ndarray], captions: list[str]) -> dict:
+    """Mean of each measure over prompts ("placed" is the headline score), plus the count n."""
+    each = score_each(images, captions)
+    out = {k: float(np.mean(v)) if v else 0.0 for k, v in each.items()}
+    out["n"] = len(images)
     return out
 
 

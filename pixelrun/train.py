@@ -9,6 +9,7 @@ every loss term by name, is pixelrun/step.py.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import time
@@ -21,13 +22,13 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .build import TrainState, autocast_dtype, build_state, check_init_from, check_paths, check_resume, \
     make_batch_source, muon_precision_warning, text_encoder
-from .config import Config, batch_split, stage_plan, to_dict, to_yaml
+from .config import Config, batch_split, model_fields, routing_span, stage_plan, to_dict, to_yaml, with_overrides
 from .data import Prefetcher
 from .distributed import DistContext, process_group
 from .evaluate import Evaluator, applicable_metrics, describe_metrics, flat_metrics
-from .images import save_grid
+from .images import save_grid, save_png
 from .inference import generate
-from .model import count_parameters
+from .model import ModelConfig, count_parameters
 from .step import train_step
 from .tracking import Tracker
 from .validation import ValidationLoss
@@ -83,6 +84,8 @@ class Run:
     source: object = None
     grid_prompts: list[str] = field(default_factory=list)
     clock: tuple[float, int] = (0.0, 0)  # (time, step) images/s is measured from
+    train_seconds: float = 0.0  # time in training steps over every session (no grids, evaluations, saves)
+    flops_per_image: float = 0.0  # log.flops_per_image, or the denoiser's analytic count
 
     def say(self, *lines: str) -> None:
         if self.ctx.is_main:
@@ -129,9 +132,24 @@ def open_run(cfg: Config, ctx: DistContext) -> Run:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tracker = Tracker(cfg, run_dir, start_step=step, enabled=ctx.is_main)
     run = Run(cfg, ctx, plan, splits, run_dir, st, encoder, null_text, null_mask, evaluator, validation, tracker,
-              step, meta, start_step=step)
+              step, meta, start_step=step, train_seconds=float((meta or {}).get("train_seconds", 0.0)),
+              flops_per_image=cfg.log.flops_per_image or analytic_flops_per_image(cfg, encoder.dim))
+    if ctx.is_main:
+        write_json(run_dir / "provenance.json", provenance(ctx.device))
     _describe(run)
     return run
+
+
+def analytic_flops_per_image(cfg: Config, text_dim: int) -> float:
+    """The denoiser's training FLOPs per image (pixelrun/flops.py) at the last stage's square
+    resolution, routed when it routes: the FLOPs axis when log.flops_per_image is not given."""
+    from .flops import training_flops_per_image
+
+    last = stage_plan(cfg)[-1][2]
+    model_cfg = ModelConfig(text_dim=text_dim, **model_fields(last))
+    res = last.data.resolution
+    return float(training_flops_per_image(model_cfg, res, res, last.text.max_tokens, last.routing.ratio,
+                                          routing_span(last))["training_total"])
 
 
 def _describe(run: Run) -> None:
@@ -163,11 +181,15 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
             _, micro, accum = run.splits[stage_index]
             run.clock = (time.time(), run.step)
             while run.step < s1 and stopped is None:
+                began = time.time()
                 terms, grad_norm = train_step(run.st, run.source, run.encoder, run.null_text, run.null_mask, scfg,
                                               run.step, micro, accum)
                 run.step += 1
                 bar.update(1)
                 logged = log_step(run, terms, grad_norm, bar)
+                # CUDA runs ahead of the host by a step or two at most, and the logged steps wait for
+                # it (their .item()), so the sum over steps is the training time
+                run.train_seconds += time.time() - began
                 after_step(run, scfg)
                 if logged:
                     run.clock = (time.time(), run.step)  # images/s measures training, not grids or saves
@@ -212,7 +234,8 @@ def log_step(run: Run, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, 
     values = run.ctx.mean({k: v.item() for k, v in terms.items()})
     since, at = run.clock
     images_per_s = (run.step - at) * run.splits[run.stage_index][0] / max(time.time() - since, 1e-9)
-    row = {**values, "grad_norm": grad_norm.item(), "lr": run.st.sched.get_last_lr()[0], "images_per_s": images_per_s}
+    row = {**values, "grad_norm": grad_norm.item(), "lr": run.st.sched.get_last_lr()[0], "images_per_s": images_per_s,
+           "train_seconds": run.train_seconds}
     run.tracker.scalars(run.step, row, prefix="train/")
     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{images_per_s:.0f}")
     return True
@@ -226,7 +249,7 @@ def after_step(run: Run, scfg: Config) -> None:
     if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps:
         path = sample_grid(run, scfg, f"step_{step:08d}.png")
         run.tracker.image("samples/ema", path, step)
-    if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+    if ((cfg.eval.every and step % cfg.eval.every == 0) or step in cfg.eval.at_steps) and step < cfg.train.steps:
         evaluate_now(run, scfg)
     if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or (step == s1 and s1 < cfg.train.steps):
         save(run)
@@ -242,6 +265,7 @@ def save(run: Run) -> Path:
         "torch_rng": torch.get_rng_state(), "data": run.ctx.gather_objects(run.source.state_dict()),
         "world_size": run.ctx.world_size, "trainable": sorted(st.trainable.keys()),
         "optimizer_kind": run.cfg.train.optimizer, "config": to_dict(run.cfg), "text_dim": run.encoder.dim,
+        "train_seconds": run.train_seconds,
     }
     return ckpt.save_checkpoint(run.run_dir, run.step, st.state_dicts(), meta, to_yaml(run.cfg),
                                 run.cfg.train.keep_checkpoints, run.ctx)
@@ -258,15 +282,23 @@ def sample_grid(run: Run, scfg: Config, name: str) -> Path:
 
 
 def evaluate_now(run: Run, scfg: Config) -> dict | None:
-    """eval.metrics of the EMA weights on the fixed held-out captions and seeds, and the validation
-    loss by noise level of the raw and EMA weights, logged as one row (eval/<metric>, val/flow/<bin>,
-    val_ema/flow/<bin>); the metric settings go to eval/settings.json when they change (a new stage)."""
-    row, result = {}, None
+    """eval.metrics of the eval.weights (EMA by default) on the fixed held-out captions and seeds, at
+    sample.guidance and at each scale of the eval.guidance sweep, and the validation loss by noise
+    level of the raw and EMA weights. metrics.jsonl gets one row (eval/<metric> at sample.guidance,
+    val/flow/<bin>, val_ema/flow/<bin>); points/step_*.json gets everything, each prompt's values
+    and the first generated images included (what `pixelrun ablate` and `pixelrun report` read); the
+    metric settings go to eval/settings.json when they change (a new stage)."""
+    row, results = {}, []
     if run.validation is not None:
         row.update(run.validation(run.st.model, scfg))
         row.update(run.validation(run.st.ema.model, scfg, prefix="val_ema"))
+    model = run.st.ema.model if scfg.eval.weights == "ema" else run.st.model
     if run.evaluator is not None:
-        result = run.evaluator(run.st.ema.model, run.encoder, scfg, sample_seed=scfg.sample.seed)
+        for g in dict.fromkeys([scfg.sample.guidance, *scfg.eval.guidance]):
+            gcfg = with_overrides(to_dict(scfg), [f"sample.guidance={g}"]) if g != scfg.sample.guidance else scfg
+            results.append(run.evaluator(model, run.encoder, gcfg, sample_seed=scfg.sample.seed,
+                                         keep_images=POINT_IMAGES if not results else 0))
+    result = results[0] if results else None
     if not run.ctx.is_main or not (row or result):
         return result
     if result is not None:
@@ -276,9 +308,103 @@ def evaluate_now(run: Run, scfg: Config) -> dict | None:
         if not settings_path.exists() or settings_path.read_text() != settings:
             settings_path.parent.mkdir(exist_ok=True)
             settings_path.write_text(settings)
-        run.say(f"step {run.step}: {describe_metrics(result['metrics'])} (EMA, {scfg.eval.prompts} prompts)")
+        run.say(f"step {run.step}: {describe_metrics(result['metrics'])} ({scfg.eval.weights.upper()}, "
+                f"{scfg.eval.prompts} prompts)")
+        for r in results[1:]:
+            run.say(f"  at guidance {r['settings']['guidance']:g}: {describe_metrics(r['metrics'])}")
     run.tracker.scalars(run.step, row)
+    write_point(run, scfg, row, results)
     return result
+
+
+POINT_IMAGES = 8  # generated images kept per evaluation point, for grids of the same prompts across runs
+
+
+def images_seen(run: Run, step: int) -> int:
+    """Training images up to `step`, over the stages (each with its own global batch)."""
+    return sum(max(0, min(step, s1) - s0) * split[0] for (s0, s1, _), split in zip(run.plan, run.splits))
+
+
+def write_point(run: Run, scfg: Config, row: dict, results: list[dict]) -> Path:
+    """points/step_XXXXXXXX.json: this evaluation whole, against steps, images, FLOPs and training
+    time; its first generated images as points/step_XXXXXXXX/NNN.png."""
+    name = f"step_{run.step:08d}"
+    folder = run.run_dir / "points"
+    images = results[0].pop("images", None) if results else None
+    if images is not None:
+        for i, image in enumerate(images):
+            save_png(image, folder / name / f"{i:03d}.png")
+    seen = images_seen(run, run.step)
+    point = {
+        "step": run.step, "fraction": run.step / run.cfg.train.steps, "images": seen,
+        "flops": seen * run.flops_per_image, "train_seconds": run.train_seconds, "weights": scfg.eval.weights,
+        "sample_seed": scfg.sample.seed, "prompts": results[0]["prompts"] if results else [],
+        "val": {k: v for k, v in row.items() if k.startswith(("val/", "val_ema/"))},
+        "results": [{"guidance": r["settings"]["guidance"], "guidance_mode": r["settings"]["guidance_mode"],
+                     "metrics": r["metrics"], "per_prompt": r["per_prompt"]} for r in results],
+        "settings": results[0]["settings"] if results else None,
+    }
+    return write_json(folder / f"{name}.json", point)
+
+
+def write_json(path: Path, data) -> Path:
+    """Whole or not at all (a temporary file renamed over it); non-finite numbers as null, so the file
+    stays JSON that every reader parses."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_finite(data), indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def provenance(device) -> dict:
+    """What produced a run: the code (git commit and whether the tree had changes), the packages,
+    the machine and the command (modded-nanogpt keeps the same at the top of every log)."""
+    import platform
+    import socket
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    packages = {}
+    for name in ("pixelrun", "torch", "numpy", "transformers", "diffusers", "webdataset"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    status = git("status", "--porcelain")
+    device = torch.device(device)
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
+            "packages": packages, "python": platform.python_version(), "host": socket.gethostname(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "command": " ".join(sys.argv)}
+
+
+def peak_memory_bytes(device) -> int:
+    """The CUDA allocator's peak on a GPU; the process's peak resident memory on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def finish(run: Run, stopped) -> dict:
@@ -302,13 +428,36 @@ def finish(run: Run, stopped) -> dict:
                "steps_this_session": run.step - run.start_step}
     result = evaluate_now(run, scfg)
     if result is not None:  # rank 0 only
+        result = {k: v for k, v in result.items() if k not in ("per_prompt", "prompts", "images")}
         (run.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
         summary["eval"] = result["metrics"]
         if "score" in result:
             summary["score"] = result["score"]
     summary.update(_data_counts(run))
+    if run.ctx.is_main:
+        write_json(run.run_dir / "run-summary.json", run_summary(run))
     run.say(_summary_line(run, summary, last, final_grid, elapsed))
     return summary
+
+
+def run_summary(run: Run) -> dict:
+    """What a finished run reached and what it cost: steps, images, FLOPs, training time, throughput
+    (the median of the logged images/s, each over the steps since the previous log) and peak memory."""
+    rates = []
+    path = run.run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row.get("images_per_s"), (int, float)) and row["images_per_s"] > 0:
+            rates.append(row["images_per_s"])
+    images = images_seen(run, run.step)
+    rate = float(sorted(rates)[len(rates) // 2]) if rates else images / max(run.train_seconds, 1e-9)
+    return {"status": "done", "steps": run.step, "images": images, "flops": images * run.flops_per_image,
+            "flops_per_image": run.flops_per_image, "train_seconds": run.train_seconds, "images_per_s": rate,
+            "step_seconds": run.splits[-1][0] / rate, "peak_memory_bytes": peak_memory_bytes(run.ctx.device),
+            "device": provenance(run.ctx.device)["device"], "world_size": run.ctx.world_size}
 
 
 def _data_counts(run: Run) -> dict:

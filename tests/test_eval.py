@@ -490,3 +490,20 @@ def test_training_writes_eval_rows(tmp_path, tiny_encoder_dir):
     assert len(os.listdir(cache)) == 1  # the real statistics, computed once for both evaluations
     assert summary["eval"]["fd-effnet"] == evals[-1]["eval/fd-effnet"] and "score" in summary
     assert json.loads((run / "eval.json").read_text())["metrics"]["fd-effnet"] == evals[-1]["eval/fd-effnet"]
+
+
+def test_eval_guidance_sweep_prints_a_row_per_scale(tiny_run, capsys):
+    """--guidance 1,3 evaluates at each scale with the same prompts and noise: the first scale's result
+    is the plain `--guidance 1` result, and each scale gets one printed row."""
+    args = ["--checkpoint", str(tiny_run), "--samples", "3", "--steps", "2"]
+    capsys.readouterr()
+    assert main(["eval", *args, "--guidance", "1,3"]) == 0
+    printed = capsys.readouterr()
+    sweep = json.loads(printed.out)
+    rows = [line for line in printed.err.splitlines() if line.startswith("guidance ")]
+    assert [r["guidance"] for r in sweep["guidance_sweep"]] == [1.0, 3.0] and len(rows) == 2
+    single = _eval(capsys, *args, "--guidance", "1")
+    assert sweep["guidance_sweep"][0]["metrics"] == single["metrics"] == sweep["metrics"]
+    assert "per_prompt" not in single and "prompts" not in single
+    assert main(["eval", *args, "--guidance", "1,0.5"]) == 2
+    assert "config error: --guidance: must be >= 1" in capsys.readouterr().err

@@ -15,7 +15,7 @@ LAYERS = {
         "distributed", "ema", "optim", "metrics", "flops", "shapes_score", "tracking"},
     2: {"build", "heldout"},
     3: {"step", "inference", "validation"},
-    4: {"train", "evaluate", "bench", "projection", "rehearse", "export_diffusers"},
+    4: {"train", "evaluate", "bench", "projection", "rehearse", "export_diffusers", "ablate"},
     5: {"cli", "__main__"},
 }
 
