@@ -377,8 +377,8 @@ def ablation_blocks(summary: dict, figures: dict[str, Path]) -> list[tuple]:
     floor = summary["noise_floor"]
     if floor:
         blocks += [("h2", f"Noise floor: {summary['baseline']} from seed to seed"),
-                   ("p", "The spread of the baseline's per-seed means at the budget: differences of this size "
-                         "are what changing the seed alone does."),
+                   ("p", ("The spread of the baseline's per-seed means at the budget: differences of this size "
+                          "are what changing the seed alone does.")),
                    ("table", ["metric", "mean", "std", "range", "seeds"],
                     [[m, _num(f["mean"]), _num(f["std"], 3), _num(f["range"], 3), str(f["n"])] for m, f in floor.items()])]
     if summary["best_guidance"]:
@@ -509,11 +509,16 @@ def write_ablation_report(out_dir: str | Path) -> list[Path]:
 def _figure(panels: list[tuple[str, list[tuple]]], xlabel: str, path: Path, xlog: bool = False) -> Path:
     """One PNG of small plots: panels are (title, series); a series is (label, x, mean, low, high),
     drawn as a line with a shaded band from low to high (None: no band)."""
-    from matplotlib.figure import Figure  # the object API: no pyplot state, renders with Agg
+    # the object API: no pyplot state, renders PNGs with Agg
+    from matplotlib.figure import Figure
 
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    fig = Figure(figsize=(4.4 * cols, 3.2 * rows), dpi=100, layout="constrained")
+    width, height = 4.4 * cols, 3.2 * rows
+    fig = Figure(figsize=(width, height), dpi=100)
+    # fixed margins in inches: a layout engine would cost more than the drawing itself
+    fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - 0.35 / height,
+                        wspace=0.3, hspace=0.5)
     for i, (title, series) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         for label, x, y, low, high in series:
@@ -535,7 +540,7 @@ def _figure(panels: list[tuple[str, list[tuple]]], xlabel: str, path: Path, xlog
 
 def _seed_band(per_seed: list[dict]) -> tuple | None:
     """Per-seed curves {key: (x, y)} -> (x, mean, min, max) over the seeds that have each key (x
-    averaged too: a point's wall time differs between seeds)."""
+    averaged too: a point's wall time differs between seeds); no band (None, None) for one seed."""
     keys = sorted({k for curve in per_seed for k in curve})
     if not keys:
         return None
@@ -546,7 +551,7 @@ def _seed_band(per_seed: list[dict]) -> tuple | None:
         mean.append(pts[:, 1].mean())
         low.append(pts[:, 1].min())
         high.append(pts[:, 1].max())
-    return xs, mean, low, high
+    return (xs, mean, low, high) if len(per_seed) > 1 else (xs, mean, None, None)
 
 
 def ablation_figures(summary: dict, runs: list[dict], folder: Path) -> dict[str, Path]:

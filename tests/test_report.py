@@ -232,6 +232,7 @@ def test_run_report_curves_read_every_loss_term(tmp_path):
     panels = report._row_panels([{"variant": "r", "seed": 0, "rows": rows}], ["r"], report._is_loss_term,
                                 lambda r, step: step)
     assert [title for title, _ in panels] == ["loss", "flow", "repa"]
-    (label, x, mean, low, high), = panels[1][1]
+    (_, x, mean, low, high), = panels[1][1]
+    assert low is None and high is None  # one run: no seed band
     assert x == list(range(1, 11)) and mean == pytest.approx([1 / s for s in range(1, 11)])
     assert write_run_report(run)[-1] == run / "report" / "report.html"
