@@ -127,8 +127,9 @@ def _load_runs(out_dir: Path, spec: dict) -> list[dict]:
     run-summary.json yet) or missing (no folder)."""
     runs = []
     for r in spec.get("runs", []):
-        d = out_dir / r["dir"]
-        run = {**r, "path": d, "points": {}, "summary": None, "rows": []}
+        rel = r.get("dir", f"runs/{r['variant']}/seed{r['seed']}")
+        d = out_dir / rel
+        run = {**r, "dir": rel, "path": d, "points": {}, "summary": None, "rows": []}
         if not d.is_dir():
             run["status"] = "missing"
         else:

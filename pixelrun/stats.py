@@ -16,6 +16,7 @@ Every interval is seeded: the same data and seed give the same interval.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -67,15 +68,24 @@ def two_level_bootstrap(data, confidence: float = CONFIDENCE, resamples: int = R
         return Estimate(one.estimate, one.low, one.high, 1, one.method, prompts=p,
                         note="one seed: the interval covers prompt sampling only, not seed-to-seed noise"
                         if one.low is not None else "one seed and one prompt: no interval")
-    rng = np.random.default_rng(seed)
-    # How often each seed and each prompt is drawn; a resample's mean is then
-    # sum_ij seed_count_i * d_ij * prompt_count_j / (s * p), for all resamples in two matrix products.
-    seed_counts = rng.multinomial(s, np.full(s, 1.0 / s), size=resamples).astype(np.float64)
-    prompt_counts = rng.multinomial(p, np.full(p, 1.0 / p), size=resamples).astype(np.float64)
+    seed_counts, prompt_counts = _draw_counts(s, p, resamples, seed)
     means = np.einsum("bp,bp->b", seed_counts @ d, prompt_counts) / (s * p)
     alpha = (1.0 - confidence) / 2
     low, high = np.percentile(means, [100 * alpha, 100 * (1 - alpha)])
     return Estimate(float(d.mean()), float(low), float(high), s, "two-level bootstrap", prompts=p)
+
+
+@functools.lru_cache(maxsize=4)
+def _draw_counts(s: int, p: int, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """How often each seed and each prompt is drawn in each resample, ``[resamples, s]`` and
+    ``[resamples, p]``: a resample's mean is then sum_ij seed_count_i * d_ij * prompt_count_j / (s p),
+    all resamples in two matrix products. Drawing is most of the cost and depends only on the shape
+    and the seed, so a report's many same-shaped tables share one draw (read-only)."""
+    rng = np.random.default_rng(seed)
+    seed_counts = rng.multinomial(s, np.full(s, 1.0 / s), size=resamples).astype(np.float64)
+    prompt_counts = rng.multinomial(p, np.full(p, 1.0 / p), size=resamples).astype(np.float64)
+    seed_counts.flags.writeable = prompt_counts.flags.writeable = False
+    return seed_counts, prompt_counts
 
 
 def paired_bootstrap(variant, baseline, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,

@@ -236,3 +236,14 @@ def test_run_report_curves_read_every_loss_term(tmp_path):
     assert low is None and high is None  # one run: no seed band
     assert x == list(range(1, 11)) and mean == pytest.approx([1 / s for s in range(1, 11)])
     assert write_run_report(run)[-1] == run / "report" / "report.html"
+
+
+def test_an_ablation_before_any_run_finished_still_gets_a_report(ablation):
+    import shutil
+
+    shutil.rmtree(ablation / "runs")
+    written = write_ablation_report(ablation)
+    assert [p.name for p in written] == ["report.md", "summary.csv", "summary.json", "report.html"]
+    s = summarize_ablation(ablation)
+    assert len(s["incomplete"]) == 4 and s["final"] == {"baseline": {}, "tread": {}}
+    assert "baseline seed 0 (runs/baseline/seed0, missing): no run folder" in (ablation / "report.md").read_text()
