@@ -44,7 +44,7 @@ def read_json(path: Path) -> dict | None:
 
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl; lines that do not parse (a torn last line) are skipped."""
-    rows = []
+    rows: list[dict] = []
     try:
         text = Path(path).read_text()
     except OSError:
@@ -179,7 +179,7 @@ def _cell(runs: list[dict], base_runs: list[dict], metric: str, fraction: float,
     else:
         delta = stats.paired_t([mine[s][0] for s in common], [theirs[s][0] for s in common])
     cell["delta"] = delta.as_dict()
-    cell["verdict"] = stats.verdict(delta, cell["higher_is_better"])
+    cell["verdict"] = stats.verdict(delta, higher_is_better(metric))
     return cell
 
 
@@ -369,7 +369,7 @@ def ablation_blocks(summary: dict, figures: dict[str, Path]) -> list[tuple]:
             + [_num(tp[v]["images_per_s"]), _num(tp[v]["step_seconds"], 3), _num(tp[v]["flops_per_image"], 3),
                _gib(tp[v]["peak_memory_bytes"]), _num(tp[v]["step_reached"]), _num(tp[v]["images_reached"])]
             for v in summary["variants"]]
-    blocks = [("h1", f"Ablation: {summary['name']}"), ("p", summary["budget_line"]), ("p", _protocol_line(summary)),
+    blocks: list[tuple] = [("h1", f"Ablation: {summary['name']}"), ("p", summary["budget_line"]), ("p", _protocol_line(summary)),
               ("table", header, rows)]
     if val_m:
         blocks += [("h2", "Validation loss at the budget (lower is better)"),
@@ -642,7 +642,9 @@ def sample_grid(summary: dict, runs: list[dict], path: Path, tile: int = 128) ->
     and noise in every row. None when no run has images there."""
     from PIL import Image, ImageDraw
 
-    final, rows, prompts = summary["final_point"], [], []
+    final = summary["final_point"]
+    rows: list[tuple[str, list[Path]]] = []
+    prompts: list[str] = []
     for v in summary["variants"]:
         mine = sorted((r for r in runs if r["variant"] == v and final in r["points"]), key=lambda r: r["seed"])
         if not mine:
@@ -667,10 +669,12 @@ def sample_grid(summary: dict, runs: list[dict], path: Path, tile: int = 128) ->
         y = head + r * (tile + pad)
         draw.multiline_text((pad, y + 3), drawable(label, font), fill="black", font=font, spacing=2)
         for c, f in enumerate(files):
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                scale = tile / max(im.size)
-                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.NEAREST)
+            with Image.open(f) as src:
+                im = src.convert("RGB")
+            scale = tile / max(im.size)
+            # enlarged pixel for pixel (nothing is invented), reduced with a proper filter
+            how = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), how)
             canvas.paste(im, (label_w + pad + c * (tile + pad), y))
     buf = io.BytesIO()
     canvas.save(buf, format="png")
@@ -703,7 +707,7 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> list
         panels = _row_panels([run], [run_dir.name], pick, lambda r, step: step)
         if panels:
             figures[title] = _figure(panels, "step", out / fname)
-    blocks = [("h1", f"Run: {run_dir.resolve().name}")]
+    blocks: list[tuple] = [("h1", f"Run: {run_dir.resolve().name}")]
     last = max((row["step"] for row in rows), default=None)
     blocks.append(("p", f"{len(rows)} rows in metrics.jsonl, up to step {last}." if rows
                    else "metrics.jsonl holds no rows yet."))
