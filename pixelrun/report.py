@@ -345,6 +345,13 @@ def _cell_text(cell: dict | None) -> str:
     return text
 
 
+def _plain(value) -> str:
+    """A setting for people: lists comma-separated, nested settings as JSON."""
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
 def _gib(x) -> str:
     return "–" if x is None else f"{x / 2**30:.2f} GiB"
 
@@ -390,8 +397,8 @@ def ablation_blocks(summary: dict, figures: dict[str, Path]) -> list[tuple]:
         blocks += [("h2", "Runs missing from the comparison"),
                    ("ul", [f"{r['variant']} seed {r['seed']} ({r['dir']}, {r['status']}): {r['reason']}"
                            for r in summary["incomplete"]])]
-    blocks += [("h2", "Protocol"), ("ul", [f"{k}: {v}" for k, v in summary["protocol"].items()]),
-               ("h2", "Machine"), ("ul", [f"{k}: {v}" for k, v in summary["machine"].items()])]
+    blocks += [("h2", "Protocol"), ("ul", [f"{k}: {_plain(v)}" for k, v in summary["protocol"].items()]),
+               ("h2", "Machine"), ("ul", [f"{k}: {_plain(v)}" for k, v in summary["machine"].items()])]
     if figures:
         blocks.append(("h2", "Figures"))
         blocks += [("img", title, path) for title, path in figures.items()]

@@ -157,7 +157,7 @@ def test_report_files_are_written_and_the_html_is_self_contained(ablation):
     assert len(sources) == 7 and all(src.startswith("data:image/png;base64,") for src in sources)
     assert "href=" not in html
     md = (ablation / "report.md").read_text()
-    assert "equal steps" in md and "Noise floor" in md and "test cpu" in md
+    assert "equal steps" in md and "Noise floor" in md and "- cpu: test cpu" in md and "- guidance: 1.0, 4.0" in md
     tread_row = next(line for line in md.splitlines() if line.startswith("| tread |"))
     assert "Δ +0.25 [+0.25, +0.25] better" in tread_row
     summary = summarize_ablation(ablation)
