@@ -628,20 +628,37 @@ def _is_loss_term(key: str) -> bool:
     return key not in TRAINING_ONLY and not key.startswith(("val", "eval/"))
 
 
+SMOOTH_ABOVE = 200  # logged values per curve above which a noisy curve is drawn as a moving average
+
+
 def _row_panels(runs: list[dict], variants: list[str], pick, x_of) -> list[tuple]:
-    """Panels of metrics.jsonl keys chosen by `pick`: one line per variant, band over its seeds."""
+    """Panels of metrics.jsonl keys chosen by `pick`: one line per variant, band over its seeds.
+    A long curve (more than SMOOTH_ABOVE values) other than the learning rate is drawn as a trailing
+    moving average over 1 % of its length, said in the panel's title: minibatch losses scatter more
+    than the trend a reader is after."""
     keys = list(dict.fromkeys(k for r in runs for row in r["rows"] for k in row
                               if pick(k) and isinstance(row[k], (int, float))))
     panels = []
     for k in keys:
+        bands = {v: _seed_band([{row["step"]: (x_of(r, row["step"]), row[k]) for row in r["rows"]
+                                 if isinstance(row.get(k), (int, float))} for r in runs if r["variant"] == v])
+                 for v in variants}
+        longest = max((len(b[0]) for b in bands.values() if b), default=0)
+        window = longest // 100 if longest > SMOOTH_ABOVE and k != "lr" else 1
         series = []
-        for v in variants:
-            band = _seed_band([{row["step"]: (x_of(r, row["step"]), row[k]) for row in r["rows"]
-                                if isinstance(row.get(k), (int, float))} for r in runs if r["variant"] == v])
+        for v, band in bands.items():
+            if band and len(band[0]) >= window > 1:
+                band = (band[0][window - 1:], *(None if y is None else _moving_average(y, window) for y in band[1:]))
             if band:
                 series.append((v, *band))
-        panels.append((k, series))
+        panels.append((k if window == 1 else f"{k} (moving average of {window})", series))
     return panels
+
+
+def _moving_average(values, window: int) -> list[float]:
+    """The mean of each `window` consecutive values, placed at the last of them."""
+    c = np.cumsum(np.concatenate([[0.0], np.asarray(values, dtype=np.float64)]))
+    return list((c[window:] - c[:-window]) / window)
 
 
 def sample_grid(summary: dict, runs: list[dict], path: Path, tile: int = 128) -> Path | None:

@@ -247,3 +247,17 @@ def test_an_ablation_before_any_run_finished_still_gets_a_report(ablation):
     s = summarize_ablation(ablation)
     assert len(s["incomplete"]) == 4 and s["final"] == {"baseline": {}, "tread": {}}
     assert "baseline seed 0 (runs/baseline/seed0, missing): no run folder" in (ablation / "report.md").read_text()
+
+
+def test_a_long_noisy_curve_is_drawn_as_a_moving_average():
+    """400 logged losses alternating 0, 1: a window of 4 (1 % of the length) averages every pair to
+    0.5; the learning rate is drawn as logged."""
+    from pixelrun import report
+
+    rows = [{"step": s, "loss": float(s % 2), "lr": s * 1e-4} for s in range(1, 401)]
+    panels = dict(report._row_panels([{"variant": "r", "seed": 0, "rows": rows}], ["r"],
+                                     lambda k: k in ("loss", "lr"), lambda r, step: step))
+    (_, x, mean, _, _), = panels["loss (moving average of 4)"]
+    assert x == list(range(4, 401)) and mean == pytest.approx([0.5] * 397)
+    (_, x, mean, _, _), = panels["lr"]
+    assert len(x) == 400 and mean == pytest.approx([s * 1e-4 for s in range(1, 401)])
