@@ -303,7 +303,7 @@ def _run_row(run: dict, final: float) -> dict:
 def _write(path: Path, data: bytes | str) -> Path:
     """Write beside, then swap in whole: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two reports built at once do not share one
     tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
     return path
