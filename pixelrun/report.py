@@ -514,7 +514,7 @@ def write_ablation_report(out_dir: str | Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- figures
 
-def _figure(panels: list[tuple[str, list[tuple]]], xlabel: str, path: Path, xlog: bool = False) -> Path:
+def _figure(panels: list[tuple[str, list[tuple]]], xlabel: str, path: Path) -> Path:
     """One PNG of small plots: panels are (title, series); a series is (label, x, mean, low, high),
     drawn as a line with a shaded band from low to high (None: no band)."""
     # the object API: no pyplot state, renders PNGs with Agg
@@ -536,8 +536,6 @@ def _figure(panels: list[tuple[str, list[tuple]]], xlabel: str, path: Path, xlog
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.tick_params(labelsize=8)
-        if xlog:
-            ax.set_xscale("log")
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend(fontsize=8)
@@ -565,57 +563,66 @@ def _seed_band(per_seed: list[dict]) -> tuple | None:
 def ablation_figures(summary: dict, runs: list[dict], folder: Path) -> dict[str, Path]:
     """The ablation's PNGs, by title: eval metrics against images, FLOPs and wall time; training
     loss terms and validation bins over training; the guidance curve; the sample grid."""
-    variants, guidance = summary["variants"], summary["primary_guidance"]
+    variants = summary["variants"]
     eval_m = [m for m in summary["metrics"] if not m.startswith("val")]
     figures = {}
-    for axis, label, xlog in (("images", "training images", False), ("flops", "training FLOPs", False),
-                              ("train_seconds", "training seconds", False)):
-        panels = []
-        for m in eval_m:
-            series = []
-            for v in variants:
-                per_seed = []
-                for r in runs:
-                    if r["variant"] == v:
-                        curve = {}
-                        for f, p in r["points"].items():
-                            got = point_value(p, m, guidance)
-                            if got is not None and isinstance(p.get(axis), (int, float)):
-                                curve[f] = (p[axis], got[0])
-                        per_seed.append(curve)
-                band = _seed_band(per_seed)
-                if band:
-                    series.append((v, *band))
-            if series:
-                panels.append((m, series))
+    for axis, label, name in (("images", "training images", "images"), ("flops", "training FLOPs", "flops"),
+                              ("train_seconds", "training seconds", "seconds")):
+        panels = _point_panels(runs, variants, eval_m, summary["primary_guidance"], axis)
         if panels:
-            name = "seconds" if axis == "train_seconds" else axis
-            figures[f"eval metrics against {label}"] = _figure(panels, label, folder / f"eval_vs_{name}.png", xlog)
+            figures[f"eval metrics against {label}"] = _figure(panels, label, folder / f"eval_vs_{name}.png")
     batch = {(r["variant"], r["seed"]): r.get("global_batch") or 1 for r in runs}
     for title, pick, fname in (("training loss terms", _is_loss_term, "training_losses.png"),
                                ("validation loss by noise level", lambda k: k.startswith("val"), "validation.png")):
         panels = _row_panels(runs, variants, pick, lambda r, step: step * batch[(r["variant"], r["seed"])])
         if panels:
             figures[f"{title} against training images"] = _figure(panels, "training images", folder / fname)
-    curves = summary["guidance"]
-    if curves:
-        panels = []
-        for m in eval_m:
-            series = []
-            for v in variants:
-                pts = curves.get(v, {}).get(m, [])
-                if pts:
-                    series.append((v, [c["guidance"] for c in pts], [c["mean"]["estimate"] for c in pts],
-                                   *_bounds(pts)))
-            if series:
-                panels.append((m, series))
-        if panels:
-            figures[f"guidance at the budget (mean over seeds, {summary['confidence']:.0%} interval)"] = \
-                _figure(panels, "guidance", folder / "guidance.png")
+    panels = _guidance_panels(summary["guidance"], variants, eval_m)
+    if panels:
+        figures[f"guidance at the budget (mean over seeds, {summary['confidence']:.0%} interval)"] = \
+            _figure(panels, "guidance", folder / "guidance.png")
     grid = sample_grid(summary, runs, folder / "samples.png")
     if grid is not None:
         figures["the same prompts and noise across variants (first seed, at the budget)"] = grid
     return figures
+
+
+def _point_panels(runs: list[dict], variants: list[str], metrics: list[str], guidance: float | None,
+                  axis: str) -> list[tuple]:
+    """Each metric at the budget points against the points' `axis` (images, flops, train_seconds)."""
+    panels = []
+    for m in metrics:
+        series = []
+        for v in variants:
+            per_seed = []
+            for r in (r for r in runs if r["variant"] == v):
+                curve = {}
+                for f, p in r["points"].items():
+                    got = point_value(p, m, guidance)
+                    if got is not None and isinstance(p.get(axis), (int, float)):
+                        curve[f] = (p[axis], got[0])
+                per_seed.append(curve)
+            band = _seed_band(per_seed)
+            if band:
+                series.append((v, *band))
+        if series:
+            panels.append((m, series))
+    return panels
+
+
+def _guidance_panels(curves: dict, variants: list[str], metrics: list[str]) -> list[tuple]:
+    """Each metric against guidance at the budget: the mean over seeds and its interval."""
+    panels = []
+    for m in metrics:
+        series = []
+        for v in variants:
+            cells = curves.get(v, {}).get(m, [])
+            if cells:
+                series.append((v, [c["guidance"] for c in cells], [c["mean"]["estimate"] for c in cells],
+                               *_bounds(cells)))
+        if series:
+            panels.append((m, series))
+    return panels
 
 
 def _bounds(cells: list[dict]) -> tuple:
