@@ -1,4 +1,4 @@
-"""pixelrun train | sample | eval | export | bench | ablate | presets | data."""
+"""pixelrun train | sample | eval | export | bench | ablate | report | presets | data."""
 from __future__ import annotations
 
 import argparse
@@ -440,6 +440,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_run_report
+
+    for path in write_run_report(args.run, args.out):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pixelrun", description="Pixel-space text-to-image diffusion training.")
     ap.add_argument("--version", action="version", version=f"pixelrun {_version()}")
@@ -587,6 +595,15 @@ examples:
     pr.add_argument("--text-dim", type=int, help="count with this text encoder width only (default: both MiniLM's "
                                                  "384 and T5Gemma-2B's 2304)")
     pr.set_defaults(func=cmd_presets)
+
+    rp = sub.add_parser("report", help="a run's curves and sample grids as PNGs and one self-contained HTML page",
+                        description="Plots every loss term, the validation loss by noise level, the evaluation "
+                                    "metrics, the learning rate, gradient norm and images/s of RUN's metrics.jsonl, "
+                                    "and writes them with RUN's sample grids into report.html (images embedded: it "
+                                    "opens without a server). Runs while training too.")
+    rp.add_argument("run", help="a run folder (the one `pixelrun train` writes, with metrics.jsonl)")
+    rp.add_argument("--out", help="output folder (default RUN/report)")
+    rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("data", help="write WebDataset shards for data.source=shards, or inspect shards")
     dsub = d.add_subparsers(dest="data_command", required=True)
