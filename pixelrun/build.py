@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import (Config, ConfigError, config_from_dict, image_sizes, model_fields, repa_block,
-                     resume_changes)
+                     repa_hidden, resume_changes)
 from .distributed import DistContext, shard
 from .ema import EMA
 from .model import PRXDenoiser, build_model, compile_blocks
@@ -134,7 +134,7 @@ class Auxiliary(torch.nn.Module):
             from .teachers.features import load_teacher
 
             self.repa_teacher = load_teacher(cfg.repa.teacher)
-            h = cfg.repa.hidden
+            h = repa_hidden(cfg)
             self.projector = torch.nn.Sequential(
                 torch.nn.Linear(hidden_size, h), torch.nn.SiLU(), torch.nn.Linear(h, h), torch.nn.SiLU(),
                 torch.nn.Linear(h, self.repa_teacher.dim))

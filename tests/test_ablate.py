@@ -191,3 +191,14 @@ def test_schedule_reapplies_the_configs_optimizer_settings_after_a_load():
     sched.load_state_dict({"last_epoch": 3, "base_lrs": [5.0]})
     assert opt.param_groups[0]["lr"] == pytest.approx(0.002) and opt.param_groups[0]["betas"] == (0.8, 0.9)
     assert sched.state_dict() == {"last_epoch": 3}
+    # The report, rebuilt from the folders, holds the numbers the folders hold.
+    summary = json.loads((out / "summary.json").read_text())
+    for metric in ("val_ema/flow/high", "val/flow/mid"):
+        per = {v: [json.loads((out / f"runs/{v}/seed{s}/points/step_00000004.json").read_text())["val"][metric]
+                   for s in (0, 1)] for v in ("baseline", "deeper")}
+        cell = summary["final"]["deeper"][metric]
+        assert cell["per_seed"] == pytest.approx(per["deeper"])
+        assert cell["mean"]["estimate"] == pytest.approx(sum(per["deeper"]) / 2)
+        assert cell["delta"]["estimate"] == pytest.approx(sum(d - b for d, b in zip(per["deeper"], per["baseline"])) / 2)
+    for name in ("report.md", "report.html", "summary.csv", "report/eval_vs_images.png"):
+        assert (out / name).stat().st_size > 0

@@ -127,3 +127,16 @@ def test_resume_changes_refuse_shapes_and_data_allow_the_rest():
     refused, _ = resume_changes(saved, load_config(None, ["text.encoder=other", "train.optimizer=muon",
                                                           "repa.weight=0.5"]))
     assert set(refused) == {"text.encoder", "train.optimizer", "repa.weight"}
+
+
+def test_repa_projector_width_follows_the_model_and_the_speedrun_keeps_2048():
+    from pixelrun.config import repa_hidden, resume_changes
+
+    assert repa_hidden(load_config(None, ["repa.weight=0.5"])) == 512  # twice the tiny preset's 256
+    assert repa_hidden(load_config(None, ["repa.weight=0.5", "model.preset=base", "data.resolution=64"])) == 1536
+    assert repa_hidden(load_config(None, ["repa.weight=0.5", "repa.hidden=64"])) == 64
+    assert repa_hidden(load_config(ROOT / "configs" / "speedrun" / "speedrun.yaml")) == 2048
+    # a resume compares the widths the projectors have, not how they were written
+    implicit, explicit = load_config(None, ["repa.weight=0.5"]), load_config(None, ["repa.weight=0.5", "repa.hidden=512"])
+    assert "repa.hidden" not in resume_changes(implicit, explicit)[0]
+    assert resume_changes(load_config(None, ["repa.weight=0.5", "repa.hidden=2048"]), implicit)[0]["repa.hidden"] == (2048, 512)
