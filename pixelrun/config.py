@@ -44,7 +44,7 @@ GUIDANCE_MODES = ("cfg", "none", "self")  # pixelrun/sampling.py, `sample`
 
 #: every evaluation metric, with what it is (the names eval.metrics and --metrics accept)
 METRICS = {
-    "shapes": "shapes score (SHAPES.md) of the generated images against their captions",
+    "shapes": "shapes score (docs/recipe.md) of the generated images against their captions",
     "fd-effnet": "Fréchet distance on EfficientNet-Lite0 features (offline ImageNet CNN; not FID)",
     "fid": "FID: Fréchet distance on pytorch-fid's Inception-v3 pool3 features",
     "cmmd": "CMMD: MMD of CLIP image embeddings",
@@ -113,7 +113,7 @@ def aspect_buckets(
     Numbers (patch 32): 512 px -> N = 256, 13 buckets of 240..256 tokens, 11x22 .. 22x11,
     ratios exactly within [0.5, 2]. 1024 px -> N = 1024, 27 buckets of 984..1024 tokens,
     22x45 .. 45x22. Note: flooring the free side can push a ratio slightly past the bound;
-    at 1024 px 22x45 and 45x22 have ratio 2.045 / 0.489 (the RECIPE's count of 27 includes them).
+    at 1024 px 22x45 and 45x22 have ratio 2.045 / 0.489 (docs/recipe.md's count of 27 includes them).
     """
     if resolution % patch:
         raise ValueError(f"resolution {resolution} is not a multiple of patch {patch}")

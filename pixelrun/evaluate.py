@@ -1,5 +1,5 @@
 """Evaluation: images generated for held-out captions, compared with the real images of the same
-captions (RECIPE.md "Evaluation"), and the shapes score of SHAPES.md.
+captions (docs/recipe.md "Evaluation"), and the shapes score of docs/recipe.md.
 
 Metrics (``eval.metrics``, ``pixelrun eval --metrics``):
 

@@ -3,7 +3,7 @@
 Given noisy pixels, a time t in [0, 1] and text embeddings, it returns a tensor of the image's shape
 (the training objective decides what that tensor means; here it is trained as the clean image).
 
-Layout (RECIPE.md, "Model"), kept parameter-for-parameter compatible with diffusers'
+Layout (docs/recipe.md, "Model"), kept parameter-for-parameter compatible with diffusers'
 `PRXTransformer2DModel` so that a trained model can be exported to `PRXPixelPipeline`:
 - patches of p x p RGB pixels, flattened in (channel, row, column) order, embedded through an
   optional low-rank bottleneck (Linear -> Linear, no activation between);

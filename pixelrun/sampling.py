@@ -102,7 +102,7 @@ def sample(
     guidance_mode "none": the conditional prediction alone.
     guidance_mode "self": each step runs a dense pass and a TREAD-routed pass, both with the real
     prompt, and x_hat = x_routed + w * (x_dense - x_routed). The routed pass skips
-    `routing_span` (start, end inclusive, e.g. `routing.span_for_depth(depth)`) for a fraction
+    `routing_span` (start, end inclusive, e.g. `config.span_for_depth(depth)`) for a fraction
     `routing_ratio` of the tokens, as in training. One mask per sample is drawn once from `seed`
     (`self_guidance_routing`) and kept for every step: a mask redrawn each step would add noise to
     the guidance direction. The two passes are separate forward calls (different token counts in
@@ -117,7 +117,7 @@ def sample(
     if guidance_mode == "self":
         if routing_span is None:
             raise ValueError("guidance mode 'self' needs routing_span=(start, end), the model's routed blocks "
-                             "(see pixelrun.routing.span_for_depth)")
+                             "(see pixelrun.config.span_for_depth)")
         mcfg = _model_cfg(model)
         if getattr(mcfg, "depth", None) is not None:  # a span past the last block would never scatter back
             routing_span = span_for_depth(mcfg.depth, *routing_span)

@@ -1,4 +1,4 @@
-"""The shapes dataset (shared/SHAPES.md) and its score: determinism, exact geometry, resumable
+"""The shapes dataset (docs/recipe.md) and its score: determinism, exact geometry, resumable
 distributed batches, and a scorer that agrees with the renderer."""
 import math
 

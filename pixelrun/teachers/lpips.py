@@ -371,7 +371,7 @@ def load_lpips(spec: str) -> LPIPS:
 
 
 def lpips_loss(lpips: LPIPS, x_hat: torch.Tensor, x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
-    """Per-sample LPIPS [B] on the whole images downsampled by `scale` (RECIPE: x0.5, bilinear).
+    """Per-sample LPIPS [B] on the whole images downsampled by `scale` (docs/recipe.md: x0.5, bilinear).
 
     Antialiased bilinear resizing (area-like low-pass) so the half-resolution images are not aliased;
     it is differentiable, so the gradient reaches `x_hat`. scale=1 skips the resize. Images are
