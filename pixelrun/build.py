@@ -13,12 +13,10 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import (Config, ConfigError, config_from_dict, image_sizes, model_fields, repa_block,
-                     resume_changes)
+from .config import Config, ConfigError, config_from_dict, image_sizes, model_fields, repa_block, resume_changes
 from .distributed import DistContext, shard
 from .ema import EMA
 from .model import PRXDenoiser, build_model, compile_blocks
-
 
 # ----------------------------------------------------------------------------- device, model, data
 

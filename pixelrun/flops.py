@@ -25,8 +25,8 @@ tests/test_flops.py checks the forward and the training counts against torch's F
 """
 from __future__ import annotations
 
-from .model import ModelConfig
 from .config import span_for_depth
+from .model import ModelConfig
 from .routing import kept_count
 
 # Width of the sinusoidal time features `time_in` reads (model.py's timestep_embedding(t, 256, ...)).

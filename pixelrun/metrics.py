@@ -196,7 +196,7 @@ class _FrozenEmbedder(nn.Module):
             p.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "_FrozenEmbedder":
+    def train(self, mode: bool = True) -> _FrozenEmbedder:
         return super().train(False)
 
 
@@ -301,7 +301,7 @@ class CLIPImageEmbedder(_NormalisedEmbedder):
         self._freeze()
 
     @classmethod
-    def from_pretrained(cls, spec: str, **hf_kwargs) -> "CLIPImageEmbedder":
+    def from_pretrained(cls, spec: str, **hf_kwargs) -> CLIPImageEmbedder:
         from transformers import AutoConfig, CLIPVisionModelWithProjection
 
         from .text import _from_pretrained
@@ -366,7 +366,7 @@ class DinoImageEmbedder(_NormalisedEmbedder):
         self._freeze()
 
     @classmethod
-    def from_pretrained(cls, spec: str, *, size: int = 518, **hf_kwargs) -> "DinoImageEmbedder":
+    def from_pretrained(cls, spec: str, *, size: int = 518, **hf_kwargs) -> DinoImageEmbedder:
         from .teachers.features import HFDinoTeacher
 
         teacher = HFDinoTeacher.from_pretrained(spec, compute_dtype=torch.float32, **hf_kwargs)

@@ -22,7 +22,6 @@ from .objective import shift_time, x_to_velocity
 from .routing import random_routing, routing_generator
 
 
-
 def time_grid(steps: int, shift: float = 3.0, spacing: str = "diffusers", num_train_timesteps: int = 1000) -> torch.Tensor:
     """The steps+1 times visited by the sampler, from 1 down to exactly 0.
 

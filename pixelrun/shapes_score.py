@@ -12,7 +12,15 @@ import numpy as np
 from scipy import ndimage
 
 from pixelrun.data.shapes import (
-    BACKGROUNDS, COLOURS, KINDS, SIZES, ShapesDataset, caption, classify_pixels, parse_caption, render,
+    BACKGROUNDS,
+    COLOURS,
+    KINDS,
+    SIZES,
+    ShapesDataset,
+    caption,
+    classify_pixels,
+    parse_caption,
+    render,
 )
 
 _FOUR = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]])

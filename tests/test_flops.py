@@ -7,10 +7,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from pixelrun.config import PRESETS, span_for_depth
 from pixelrun.flops import training_flops_per_image
-from pixelrun.config import PRESETS
 from pixelrun.model import ModelConfig, Routing, build_model
-from pixelrun.config import span_for_depth
 from pixelrun.routing import kept_count
 
 

@@ -10,11 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from pixelrun.config import ConfigError, load_config
-from pixelrun.config import PRESETS
+from pixelrun.config import PRESETS, ConfigError, load_config
 from pixelrun.model import build_model
-from pixelrun.optim import (MuonAdamW, balanced_owners, build_optimizer, describe, newton_schulz_flops, orthogonalize,
-                            orthogonalize_many, split_parameters)
+from pixelrun.optim import (
+    MuonAdamW,
+    balanced_owners,
+    build_optimizer,
+    describe,
+    newton_schulz_flops,
+    orthogonalize,
+    orthogonalize_many,
+    split_parameters,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

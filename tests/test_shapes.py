@@ -8,8 +8,20 @@ import torch
 
 from pixelrun.data import Batch
 from pixelrun.data.shapes import (
-    BACKGROUNDS, CELLS, COLOURS, KINDS, SIZES, SceneSpec, ShapeSpec, ShapesBatchSource,
-    ShapesDataset, caption, fixed_prompts, parse_caption, render, sample_scene,
+    BACKGROUNDS,
+    CELLS,
+    COLOURS,
+    KINDS,
+    SIZES,
+    SceneSpec,
+    ShapesBatchSource,
+    ShapesDataset,
+    ShapeSpec,
+    caption,
+    fixed_prompts,
+    parse_caption,
+    render,
+    sample_scene,
 )
 from pixelrun.shapes_score import real_image_sanity, score_image, score_images
 

@@ -196,12 +196,12 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, num_classes)  # ImageNet logits; kept so the state dict matches
         self.freeze()
 
-    def freeze(self) -> "FIDInceptionV3":
+    def freeze(self) -> FIDInceptionV3:
         for p in self.parameters():
             p.requires_grad_(False)
         return super().train(False)
 
-    def train(self, mode: bool = True) -> "FIDInceptionV3":
+    def train(self, mode: bool = True) -> FIDInceptionV3:
         """Always eval: BatchNorm must use the stored running statistics."""
         return super().train(False)
 
