@@ -518,7 +518,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -532,7 +532,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config_from_dict(data)
 
 
-def with_overrides(data: dict, overrides: list[str] = ()) -> Config:
+def with_overrides(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A config from a saved tree (a checkpoint's) with dotted `key=value` overrides applied."""
     return config_from_dict(_merge(data, parse_overrides(list(overrides))))
 
@@ -658,7 +658,7 @@ def resume_changes(saved: Config, new: Config) -> tuple[dict, dict]:
     for k in old_m:
         if old_m[k] != new_m[k]:
             refused[f"model.{k}"] = (old_m[k], new_m[k])
-    pairs = [("text.encoder", saved.text.encoder, new.text.encoder),
+    pairs: list[tuple[str, object, object]] = [("text.encoder", saved.text.encoder, new.text.encoder),
              ("train.optimizer", saved.train.optimizer, new.train.optimizer),
              ("data.source", saved.data.source, new.data.source)]
     old_p, new_p = has_repa_projector(saved), has_repa_projector(new)

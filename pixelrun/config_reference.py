@@ -51,7 +51,7 @@ def field_comments(source: str) -> dict[tuple[str, str], str]:
         for node in cls.body:
             if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
                 continue
-            above = []
+            above: list[str] = []
             line = node.lineno - 1
             while line in comments and line not in code_lines:
                 above.insert(0, comments[line])

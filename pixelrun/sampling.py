@@ -124,9 +124,9 @@ def sample(
         if height % p or width % p:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
         # Drawn (and validated) even when w == 1 skips the routed pass, so errors do not depend on w.
-        routing = self_guidance_routing(b, (height // p) * (width // p), tuple(routing_span), routing_ratio, seed, device)
+        routing = self_guidance_routing(b, (height // p) * (width // p), (routing_span[0], routing_span[1]), routing_ratio, seed, device)
     if use_cfg:
-        if null_text is None:
+        if null_text is None or null_mask is None:
             raise ValueError("classic CFG needs the empty prompt's embedding (null_text)")
         both_text = torch.cat([null_text.expand(b, -1, -1), text])
         both_mask = torch.cat([null_mask.expand(b, -1), text_mask])
