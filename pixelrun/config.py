@@ -266,7 +266,7 @@ class TrainConfig:
     # update), or fp32 (more exact; far faster on CPUs without native bf16, such as AVX2-only ones)
     muon_precision: str = "bf16"  # bf16 | fp32
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
-    # auto = bf16 autocast on CUDA, fp32 on the CPU: without AVX512-BF16/AMX (this 2-core AVX2 machine)
+    # auto = bf16 autocast on CUDA, fp32 on the CPU: without AVX512-BF16/AMX (AVX2-only CPUs)
     # bf16 matmuls are emulated and a CPU step is ~50x slower than fp32. Master weights are always fp32.
     precision: str = "auto"  # auto | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N

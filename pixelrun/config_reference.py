@@ -2,7 +2,7 @@
 
     python -m pixelrun.config_reference > docs/configuration.md
 
-A key's help text is the comment on its line in pixelrun/config.py, after the comment lines directly
+A key's help text is the comment on its line in pixelrun/config.py, then the comment lines directly
 above it (if any); a section's introduction is its class docstring. So a new key documents itself by
 the comment written beside it, and tests/test_config_reference.py fails when a key has none or when
 the committed page differs from this output.
@@ -37,8 +37,8 @@ is used instead.
 def field_comments(source: str) -> dict[tuple[str, str], str]:
     """{(class name, field name): help text} for every annotated field of every class in `source`.
 
-    The help text is the comment lines directly above the field (no blank line between) followed by
-    the comment at the end of the field's line(s), joined into one line."""
+    The help text is the comment at the end of the field's line(s) (often its values, `auto | bf16`),
+    then the comment lines directly above the field (no blank line between), joined into one line."""
     comments: dict[int, str] = {}
     code_lines: set[int] = set()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -58,7 +58,10 @@ def field_comments(source: str) -> dict[tuple[str, str], str]:
                 line -= 1
             end = node.end_lineno or node.lineno
             trailing = [comments[n] for n in range(node.lineno, end + 1) if n in comments]
-            out[(cls.name, node.target.id)] = " ".join(above + trailing).strip()
+            beside = " ".join(trailing)
+            joined = " ".join(above)
+            both = f"{beside.rstrip('.')}. {joined}"
+            out[(cls.name, node.target.id)] = both if beside and joined else beside or joined
     return out
 
 

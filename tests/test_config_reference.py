@@ -30,7 +30,7 @@ def test_the_page_lists_every_key_once():
     assert "**`stages[i].resolution`** (int | null, default `null`)" in page
 
 
-def test_help_text_is_the_comment_above_then_the_comment_beside():
+def test_help_text_is_the_comment_beside_then_the_comment_above():
     source = (
         "class A:\n"
         "    x: int = 1  # beside x\n"
@@ -44,7 +44,7 @@ def test_help_text_is_the_comment_above_then_the_comment_beside():
         "    w: list[int] = field(\n"
         "        default_factory=list)  # on the last line of w\n"
     )
-    assert field_comments(source) == {("A", "x"): "beside x", ("A", "y"): "above y, two lines and beside",
+    assert field_comments(source) == {("A", "x"): "beside x", ("A", "y"): "and beside. above y, two lines",
                                       ("A", "z"): "", ("A", "w"): "on the last line of w"}
 
 
