@@ -8,11 +8,11 @@ import time
 
 import torch
 
+from pixelrun.build import make_optimizer, model_from_config
 from pixelrun.config import load_config
 from pixelrun.data import Batch
 from pixelrun.distributed import clip_gradients
 from pixelrun.model import compile_blocks
-from pixelrun.build import make_optimizer, model_from_config
 from pixelrun.step import draw_noise, training_step
 
 res = int(sys.argv[1]) if len(sys.argv) > 1 else 512
@@ -60,7 +60,7 @@ print(f"small {res}px batch {b} routing {cfg.routing.ratio}: {total * 1e3:.1f} m
 for k, v in phases.items():
     print(f"  {k:<16}{v / n * 1e3:8.1f} ms  {v / n / total:6.1%}")
 
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
     for i in range(3):

@@ -16,18 +16,17 @@ import json
 import math
 import platform
 import time
-from statistics import median
 from pathlib import Path
+from statistics import median
 
 import torch
 
+from .build import Auxiliary, autocast_dtype, make_optimizer, model_from_config
 from .config import Config, ConfigError, load_config, routing_span, to_dict
 from .data import Batch
-from .distributed import clip_gradients
+from .distributed import clip_gradients, resolve_device
 from .flops import training_flops_per_image
 from .model import compile_blocks
-from .build import Auxiliary, autocast_dtype, make_optimizer, model_from_config
-from .distributed import resolve_device
 from .step import draw_noise, training_step
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets, matched on
@@ -182,7 +181,7 @@ def run_bench(config: str | None, overrides: list[str], *, variants: list[str], 
                          **time_steps(cfg, text_dim=text_dim, steps=steps, warmup=warmup, text_tokens=text_tokens)}
     base = results.get("dense", {}).get("step_seconds_median")
     if base:
-        for name, r in results.items():
+        for r in results.values():
             r["step_time_vs_dense"] = r["step_seconds_median"] / base
     cfg = load_config(config, overrides)
     device = resolve_device(cfg.train.device)

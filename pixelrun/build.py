@@ -13,12 +13,19 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import (Config, ConfigError, config_from_dict, image_sizes, model_fields, repa_block,
-                     repa_hidden, resume_changes)
+from .config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    image_sizes,
+    model_fields,
+    repa_block,
+    repa_hidden,
+    resume_changes,
+)
 from .distributed import DistContext, shard
 from .ema import EMA
 from .model import PRXDenoiser, build_model, compile_blocks
-
 
 # ----------------------------------------------------------------------------- device, model, data
 
@@ -32,7 +39,7 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 def native_cpu_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 / AMX); without, torch emulates
-    them tens of times slower than fp32 (measured in README, Muon on the CPU)."""
+    them tens of times slower than fp32 (measured in docs/benchmarks.md, Muon on the CPU)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

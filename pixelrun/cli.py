@@ -118,8 +118,8 @@ def _sample_dir(out: Path) -> list[Path]:
 def cmd_sample(args) -> int:
     from tqdm import tqdm
 
-    from .inference import generate, load_for_inference
     from .images import save_grid, save_png
+    from .inference import generate, load_for_inference
 
     prompts = _read_prompts(args)
     out = Path(args.out)
@@ -157,9 +157,9 @@ def _eval_overrides(args) -> list[str]:
 
 def cmd_eval(args) -> int:
     from .config import to_dict, with_overrides
+    from .distributed import resolve_device
     from .evaluate import Evaluator, applicable_metrics, cli_default_metrics, describe_metrics, parse_metrics
     from .inference import checkpoint_config, load_for_inference
-    from .distributed import resolve_device
 
     if args.samples < 1:
         raise ConfigError("--samples", f"must be at least 1 (one generated and one real image per caption); "
@@ -214,9 +214,9 @@ def cmd_export(args) -> int:
     --format diffusers: a directory that diffusers' `PRXPixelPipeline.from_pretrained` loads
     (pixelrun/export_diffusers.py); overrides may change the sampling settings it carries."""
     from . import checkpoint as ckpt
+    from .build import model_from_config
     from .config import to_yaml
     from .inference import checkpoint_config, load_for_inference
-    from .build import model_from_config
 
     if args.overrides and args.format != "diffusers":
         raise ConfigError("overrides", "only --format diffusers takes overrides (sampling settings)")

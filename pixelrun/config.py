@@ -44,7 +44,7 @@ GUIDANCE_MODES = ("cfg", "none", "self")  # pixelrun/sampling.py, `sample`
 
 #: every evaluation metric, with what it is (the names eval.metrics and --metrics accept)
 METRICS = {
-    "shapes": "shapes score (SHAPES.md) of the generated images against their captions",
+    "shapes": "shapes score (docs/recipe.md) of the generated images against their captions",
     "fd-effnet": "Fréchet distance on EfficientNet-Lite0 features (offline ImageNet CNN; not FID)",
     "fid": "FID: Fréchet distance on pytorch-fid's Inception-v3 pool3 features",
     "cmmd": "CMMD: MMD of CLIP image embeddings",
@@ -113,7 +113,7 @@ def aspect_buckets(
     Numbers (patch 32): 512 px -> N = 256, 13 buckets of 240..256 tokens, 11x22 .. 22x11,
     ratios exactly within [0.5, 2]. 1024 px -> N = 1024, 27 buckets of 984..1024 tokens,
     22x45 .. 45x22. Note: flooring the free side can push a ratio slightly past the bound;
-    at 1024 px 22x45 and 45x22 have ratio 2.045 / 0.489 (the RECIPE's count of 27 includes them).
+    at 1024 px 22x45 and 45x22 have ratio 2.045 / 0.489 (docs/recipe.md's count of 27 includes them).
     """
     if resolution % patch:
         raise ValueError(f"resolution {resolution} is not a multiple of patch {patch}")
@@ -160,7 +160,7 @@ def parse_captions(spec: str) -> list[tuple[str, float]]:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/demo"
+    dir: str = "runs/demo"  # the run directory: config.yaml, metrics.jsonl, tensorboard/, samples/, checkpoints/
     resume: bool = True  # continue from the newest complete checkpoint in `dir` if there is one
     # A new run (no checkpoint in `dir` yet) starts from these weights and EMA: a run directory,
     # a checkpoint directory or an exported model. Optimizer and step start afresh.
@@ -169,14 +169,14 @@ class RunConfig:
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny"
+    preset: str = "tiny"  # tiny | base | small (`pixelrun presets` lists them with their sizes)
     # Optional overrides of the preset's fields (null = the preset's value).
     patch_size: int | None = None
-    hidden_size: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
-    bottleneck_size: int | None = None
+    hidden_size: int | None = None  # the transformer's width D
+    depth: int | None = None  # the number of transformer blocks
+    num_heads: int | None = None  # attention heads; hidden_size / num_heads must be a multiple of 4 (2-D RoPE)
+    mlp_ratio: float | None = None  # GeGLU MLP width as a multiple of hidden_size
+    bottleneck_size: int | None = None  # patch embedding Linear(patch values -> this -> D); null = one Linear
 
 
 @dataclass
@@ -208,14 +208,14 @@ class TextConfig:
 
 @dataclass
 class ObjectiveConfig:
-    noise_scale: float = 1.0
-    time_shift: float = 3.0
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    uniform_fraction: float = 0.1
-    t_min: float = 1e-3
-    t_clamp: float = 0.05
-    caption_dropout: float = 0.1
+    noise_scale: float = 1.0  # x_t = (1 - t) x + t * noise_scale * eps (Photoroom's pixel model: 2.0)
+    time_shift: float = 3.0  # training times: t = s*u / (1 + (s-1)*u) with s = time_shift
+    logit_mean: float = 0.0  # u = sigmoid(N(logit_mean, logit_std))
+    logit_std: float = 1.0  # the spread of the logit-normal draw of u
+    uniform_fraction: float = 0.1  # this fraction of each batch draws t uniformly instead
+    t_min: float = 1e-3  # training times are kept in [t_min, 1)
+    t_clamp: float = 0.05  # velocity denominator max(t, t_clamp) in the loss and the sampler
+    caption_dropout: float = 0.1  # fraction of captions replaced by the empty prompt (for classic CFG)
 
 
 @dataclass
@@ -254,33 +254,33 @@ class PerceptualConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2500
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 50
+    steps: int = 2500  # optimizer steps (with stages: their sum)
+    batch_size: int = 16  # images per rank in one forward and backward (the micro-batch)
+    lr: float = 1e-3  # peak learning rate, reached after warmup_steps and then held (see cooldown)
+    warmup_steps: int = 50  # linear warm-up of the learning rate from 0
     # Warmup-stable-decay: the last `cooldown` fraction of train.steps decays the lr linearly towards 0
     # (0 = constant after the warm-up). Equal-budget comparisons end in a cooldown: rankings of optimizers
     # and tricks taken before the decay can flip once it ends.
     cooldown: float = 0.0
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW (and Muon) decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
     optimizer: str = "adamw"  # adamw | muon (Muon for the 2-D weights inside blocks, AdamW for the rest)
     muon_lr: float | None = None  # null = train.lr (the update is RMS-matched to AdamW, so one lr serves both)
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
     # Newton-Schulz precision: bf16 as torch.optim.Muon runs it (tensor cores on GPUs; bitwise torch's
     # update), or fp32 (more exact; far faster on CPUs without native bf16, such as AVX2-only ones)
     muon_precision: str = "bf16"  # bf16 | fp32
-    grad_clip: float = 1.0
-    # auto = bf16 autocast on CUDA, fp32 on the CPU: without AVX512-BF16/AMX (this 2-core AVX2 machine)
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    # auto = bf16 autocast on CUDA, fp32 on the CPU: without AVX512-BF16/AMX (AVX2-only CPUs)
     # bf16 matmuls are emulated and a CPU step is ~50x slower than fp32. Master weights are always fp32.
     precision: str = "auto"  # auto | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_minutes: float = 0.0  # stop (and finish normally: grid, eval) after this much training time; 0 = no limit
-    log_every: int = 10
-    sample_every: int = 500
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    log_every: int = 10  # steps between rows of metrics.jsonl and TensorBoard (and at each stage's end)
+    sample_every: int = 500  # steps between sample grids (EMA weights); 0 = only at the end
+    checkpoint_every: int = 500  # steps between checkpoints; 0 = only at the end (and on Ctrl-C)
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept, older ones deleted
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     # The optimizer step sees global_batch_size images = ranks x batch_size x accumulation steps.
     # batch_size is the micro-batch one rank pushes through the model at once; null = no
@@ -305,18 +305,18 @@ class EMAConfig:
     # The recipe's 0.999 every 10 steps has a half-life of ~6,900 steps: right for 100k steps,
     # far too slow for the 2,500-step CPU default. 0.995 every step has a half-life of ~140.
     decay: float = 0.995
-    every: int = 1
+    every: int = 1  # update the EMA every N optimizer steps
 
 
 @dataclass
 class SampleConfig:
-    steps: int = 25
+    steps: int = 25  # Euler steps per image
     guidance: float = 4.0  # >= 1: 1 = no guidance, larger follows the prompt more
     guidance_mode: str = "cfg"  # cfg (empty prompt) | self (dense vs routed pass; needs routing.ratio > 0) | none
     spacing: str = "diffusers"  # diffusers | linear (see sampling.time_grid)
-    shift: float = 3.0
-    seed: int = 0
-    grid_prompts: int = 8
+    shift: float = 3.0  # time shift of the sampling grid (the diffusers scheduler's shift)
+    seed: int = 0  # noise seed of the sample grids and of `pixelrun sample`
+    grid_prompts: int = 8  # held-out prompts in each sample grid; 0 = no grids
 
 
 @dataclass
@@ -334,10 +334,10 @@ class EvalConfig:
     # DINO-MMD's DINOv2, a local path or hub id, and the side its input is resized to. PRX's callback:
     # DINOv2-L/14 with registers at 518px; facebook/dinov2-base at 224 is the lighter choice.
     dino_model: str = "facebook/dinov2-with-registers-large"
-    dino_resolution: int = 518
+    dino_resolution: int = 518  # DINO-MMD's input side in pixels
     # DINO-MMD's RBF kernel: CMMD's sigma and scale, on L2-normalised DINO embeddings (see metrics.py)
     dino_mmd_sigma: float = 10.0
-    dino_mmd_scale: float = 1000.0
+    dino_mmd_scale: float = 1000.0  # DINO-MMD's scale factor
     cache_dir: str = "~/.cache/pixelrun/eval"  # real-image statistics and embeddings, computed once
     # The validation loss by noise level (pixelrun/validation.py): this many held-out images, each at
     # one fixed t in each of the bins low [0, 1/3), mid [1/3, 2/3), high [2/3, 1]; 0 = off.
@@ -355,7 +355,7 @@ class LogConfig:
     metrics.jsonl and TensorBoard always; Weights & Biases as well when `wandb` is true."""
 
     wandb: bool = False  # needs the wandb package (pip install 'pixelrun[wandb]'); WANDB_MODE=offline works
-    wandb_project: str = "pixelrun"
+    wandb_project: str = "pixelrun"  # the W&B project
     wandb_name: str | None = None  # the run's name in W&B; null = the name of run.dir
     wandb_entity: str | None = None  # the W&B team or user; null = your default entity
     # FLOPs of one training image, for the FLOPs axis of evaluation points (points/step_*.json); null =
@@ -368,7 +368,7 @@ class StageConfig:
     """One stage of a multi-stage run. Unset (null) values keep the top-level config's. Stages run
     in order in one run directory; each starts from the previous one's weights, EMA and optimizer."""
 
-    name: str = ""
+    name: str = ""  # the stage's name in logs and reports
     steps: int = 0  # optimizer steps in this stage
     resolution: int | None = None  # data.resolution
     global_batch_size: int | None = None  # train.global_batch_size
@@ -388,7 +388,7 @@ _STAGE_KEYS = {"resolution": ("data", "resolution"), "global_batch_size": ("trai
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = 0  # seeds the model's initialisation and every random draw of training (data order, noise, masks)
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
@@ -532,7 +532,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -546,7 +546,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config_from_dict(data)
 
 
-def with_overrides(data: dict, overrides: list[str] = ()) -> Config:
+def with_overrides(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A config from a saved tree (a checkpoint's) with dotted `key=value` overrides applied."""
     return config_from_dict(_merge(data, parse_overrides(list(overrides))))
 
@@ -672,7 +672,7 @@ def resume_changes(saved: Config, new: Config) -> tuple[dict, dict]:
     for k in old_m:
         if old_m[k] != new_m[k]:
             refused[f"model.{k}"] = (old_m[k], new_m[k])
-    pairs = [("text.encoder", saved.text.encoder, new.text.encoder),
+    pairs: list[tuple[str, object, object]] = [("text.encoder", saved.text.encoder, new.text.encoder),
              ("train.optimizer", saved.train.optimizer, new.train.optimizer),
              ("data.source", saved.data.source, new.data.source)]
     old_p, new_p = has_repa_projector(saved), has_repa_projector(new)

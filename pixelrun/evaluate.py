@@ -1,5 +1,5 @@
 """Evaluation: images generated for held-out captions, compared with the real images of the same
-captions (RECIPE.md "Evaluation"), and the shapes score of SHAPES.md.
+captions (docs/recipe.md "Evaluation"), and the shapes score of docs/recipe.md.
 
 Metrics (``eval.metrics``, ``pixelrun eval --metrics``):
 
@@ -123,7 +123,7 @@ def _hub_kwargs(key: str, spec: str, metric: str) -> dict:
                            f"(hf download {spec}) or give a local path")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
     """One HEAD request, no retries; any HTTP answer counts (proxies from the environment apply)."""
     import urllib.error

@@ -1,6 +1,6 @@
 """Analytic cost of training the PRX denoiser (pixelrun/model.py), in FLOPs per image.
 
-How it counts (RECIPE.md, "Cost model"):
+How it counts (docs/recipe.md, "Cost model"):
 
 - Only matrix products: an [m, k] x [k, n] product is 2*m*n*k FLOPs (one multiply, one add).
   Elementwise work (norms, RoPE, activations, softmax, adaLN's scale/shift/gate, residuals, biases,
@@ -25,8 +25,8 @@ tests/test_flops.py checks the forward and the training counts against torch's F
 """
 from __future__ import annotations
 
-from .model import ModelConfig
 from .config import span_for_depth
+from .model import ModelConfig
 from .routing import kept_count
 
 # Width of the sinusoidal time features `time_in` reads (model.py's timestep_embedding(t, 256, ...)).
@@ -42,7 +42,7 @@ def training_flops_per_image(model_cfg: ModelConfig, height: int, width: int, te
     """FLOPs of one image through the denoiser, by part, forward and training (forward + backward).
 
     `routing_ratio` is TREAD's fraction of image tokens routed away (0 = dense); `span` the routed
-    blocks (start, end), inclusive, default the recipe's span for the depth (routing.span_for_depth).
+    blocks (start, end), inclusive, default the recipe's span for the depth (config.span_for_depth).
     Returns {"forward": {part: flops}, "training": {part: flops}, "forward_total", "training_total",
     "image_tokens" (N), "kept_tokens" (K, = N when dense), "text_tokens" (T), "routed_blocks"
     ([start, end] or None)}. Parts: patch_embed, time_embed, text_embed, image_qkv, text_kv,

@@ -1,4 +1,4 @@
-"""Evaluation metrics of RECIPE.md ("Evaluation"): distances between two sets of image embeddings.
+"""Evaluation metrics of docs/recipe.md ("Evaluation"): distances between two sets of image embeddings.
 
 The recipe's triad is FID (Inception-v3 pool features, Fréchet distance), CMMD (CLIP image
 embeddings, RBF-kernel MMD with sigma 10 and scale 1000) and DINO-MMD (DINOv2 global embeddings,
@@ -25,7 +25,7 @@ plus the embedding networks (one ships offline, FID's needs user-supplied weight
 * DINO-MMD: :class:`DinoImageEmbedder` (the DINOv2 CLS token, by default of DINOv2-L/14 with
   registers at 518px as PRX's callback, loaded by the REPA / P-DINO teacher loader) + the same MMD.
 
-Input convention (the pitfall RECIPE.md records for PRX): metric networks take **floats in [0, 1]**.
+Input convention (the pitfall docs/recipe.md records for PRX): metric networks take **floats in [0, 1]**.
 Reference FID code multiplies its input by 255 internally; feeding it uint8 images makes the
 product wrap around in uint8 and the metric silently measures garbage. :func:`image_features`
 therefore accepts uint8 (converted here, ``/ 255``, exactly once) or floats that must already lie in
@@ -196,7 +196,7 @@ class _FrozenEmbedder(nn.Module):
             p.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "_FrozenEmbedder":
+    def train(self, mode: bool = True) -> _FrozenEmbedder:
         return super().train(False)
 
 
@@ -301,7 +301,7 @@ class CLIPImageEmbedder(_NormalisedEmbedder):
         self._freeze()
 
     @classmethod
-    def from_pretrained(cls, spec: str, **hf_kwargs) -> "CLIPImageEmbedder":
+    def from_pretrained(cls, spec: str, **hf_kwargs) -> CLIPImageEmbedder:
         from transformers import AutoConfig, CLIPVisionModelWithProjection
 
         from .text import _from_pretrained
@@ -366,7 +366,7 @@ class DinoImageEmbedder(_NormalisedEmbedder):
         self._freeze()
 
     @classmethod
-    def from_pretrained(cls, spec: str, *, size: int = 518, **hf_kwargs) -> "DinoImageEmbedder":
+    def from_pretrained(cls, spec: str, *, size: int = 518, **hf_kwargs) -> DinoImageEmbedder:
         from .teachers.features import HFDinoTeacher
 
         teacher = HFDinoTeacher.from_pretrained(spec, compute_dtype=torch.float32, **hf_kwargs)
@@ -443,7 +443,7 @@ def image_features(network: nn.Module, images, batch: int = 64, progress=None) -
 
     ``images``: uint8 (``[N, H, W, 3]`` numpy or ``[N, 3, H, W]`` tensor; divided by 255 here) or
     floats already in [0, 1]. The network always receives floats in [0, 1] — never uint8, which a
-    metric that multiplies by 255 would wrap (RECIPE.md's PRX pitfall) — and does its own resize
+    metric that multiplies by 255 would wrap (docs/recipe.md's PRX pitfall) — and does its own resize
     and normalisation. Runs in fp32 on the network's device, ``batch`` images at a time;
     ``progress`` (a tqdm bar, optional) advances by the images done.
     """

@@ -3,7 +3,7 @@
 Given noisy pixels, a time t in [0, 1] and text embeddings, it returns a tensor of the image's shape
 (the training objective decides what that tensor means; here it is trained as the clean image).
 
-Layout (RECIPE.md, "Model"), kept parameter-for-parameter compatible with diffusers'
+Layout (docs/recipe.md, "Model"), kept parameter-for-parameter compatible with diffusers'
 `PRXTransformer2DModel` so that a trained model can be exported to `PRXPixelPipeline`:
 - patches of p x p RGB pixels, flattened in (channel, row, column) order, embedded through an
   optional low-rank bottleneck (Linear -> Linear, no activation between);
@@ -188,7 +188,7 @@ class PRXDenoiser(nn.Module):
         self.cfg = cfg
         d = cfg.hidden_size
         if cfg.bottleneck_size:
-            self.img_in = nn.Sequential(nn.Linear(cfg.patch_dim, cfg.bottleneck_size), nn.Linear(cfg.bottleneck_size, d))
+            self.img_in: nn.Module = nn.Sequential(nn.Linear(cfg.patch_dim, cfg.bottleneck_size), nn.Linear(cfg.bottleneck_size, d))
         else:
             self.img_in = nn.Linear(cfg.patch_dim, d)
         self.time_in = MLPEmbedder(256, d)
@@ -243,7 +243,7 @@ class PRXDenoiser(nn.Module):
             full_mask = torch.cat([text_mask.bool(), ones], dim=1)[:, None, None, :]
 
         features: dict[int, torch.Tensor] = {}
-        saved = None
+        saved: torch.Tensor | None = None
         mask = full_mask
         for i, block in enumerate(self.blocks):
             if routing is not None and i == routing.start:
@@ -264,7 +264,7 @@ class PRXDenoiser(nn.Module):
             if i in return_features:  # before the scatter: a block of the span only saw its kept tokens
                 features[i] = img
             if routing is not None and i == routing.end:
-                img = scatter_tokens(saved, img, routing.keep)
+                img = scatter_tokens(saved, img, routing.keep)  # type: ignore[arg-type]  # saved at routing.start
                 mask = full_mask
         out = self.final_layer(img, vec)
         return ModelOutput(unpatchify(out, p, h, w), features)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 
-def shift_time(u: torch.Tensor | float, shift: float):
+def shift_time(u, shift: float):  # u: a tensor, an array or a float
     """Resolution shift of SD3 / PRX: pushes times towards the noise end for s > 1 (t=0, t=1 fixed)."""
     return shift * u / (1 + (shift - 1) * u)
 

@@ -1,4 +1,4 @@
-"""Optimizers: AdamW, or Muon for the blocks' matrices plus AdamW for everything else (RECIPE.md, "Muon").
+"""Optimizers: AdamW, or Muon for the blocks' matrices plus AdamW for everything else (docs/recipe.md, "Muon").
 
 Which parameters Muon takes. Muon orthogonalises a matrix-shaped update, which only makes sense
 for the hidden layers' weight matrices, so the split is: the 2-D weights of the `nn.Linear`

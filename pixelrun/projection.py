@@ -29,15 +29,15 @@ from statistics import median
 
 import torch
 
-from .config import ConfigError, batch_split, load_config, stage_plan, to_dict
 from .bench import device_name, time_steps
+from .build import model_from_config
+from .config import ConfigError, batch_split, load_config, stage_plan, to_dict
+from .distributed import resolve_device
 from .optim import NS_DTYPES, balanced_owners, newton_schulz_flops, orthogonalize_many, split_parameters
 from .teachers.features import EFFICIENTNET_SPECS
 from .text import TextEncoder, _hidden_size, load_text_encoder, resolve_encoder
-from .build import model_from_config
-from .distributed import resolve_device
 
-# RECIPE.md, "Schedule (32 H200, about $1500)": the seed's 24-hour speedrun.
+# docs/recipe.md, "Schedule (32 H200, about $1500)": the seed's 24-hour speedrun.
 SEED = {"hours": 24.0, "gpus": 32, "gpu": "H200", "dollars": 1500.0}
 
 # Architectures of the networks the speedrun config names, as their hub config.json give them

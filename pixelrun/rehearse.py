@@ -30,8 +30,18 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .build import check_paths, native_cpu_bf16
-from .config import (Config, ConfigError, batch_split, config_from_dict, image_sizes, load_config, model_fields,
-                     stage_plan, to_dict, to_yaml)
+from .config import (
+    Config,
+    ConfigError,
+    batch_split,
+    config_from_dict,
+    image_sizes,
+    load_config,
+    model_fields,
+    stage_plan,
+    to_dict,
+    to_yaml,
+)
 from .distributed import process_group
 from .train import run_training
 

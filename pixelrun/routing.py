@@ -1,6 +1,6 @@
 """TREAD token routing (Krause et al. 2025): which image tokens skip which blocks.
 
-Semantics (RECIPE.md, "TREAD token routing"):
+Semantics (docs/recipe.md, "TREAD token routing"):
 
 - A *span* is an inclusive range of block indices `start..end` (0-indexed). Before block `start`,
   each sample's image tokens are split in two: the *kept* tokens go through blocks

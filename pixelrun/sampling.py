@@ -22,7 +22,6 @@ from .objective import shift_time, x_to_velocity
 from .routing import random_routing, routing_generator
 
 
-
 def time_grid(steps: int, shift: float = 3.0, spacing: str = "diffusers", num_train_timesteps: int = 1000) -> torch.Tensor:
     """The steps+1 times visited by the sampler, from 1 down to exactly 0.
 
@@ -102,7 +101,7 @@ def sample(
     guidance_mode "none": the conditional prediction alone.
     guidance_mode "self": each step runs a dense pass and a TREAD-routed pass, both with the real
     prompt, and x_hat = x_routed + w * (x_dense - x_routed). The routed pass skips
-    `routing_span` (start, end inclusive, e.g. `routing.span_for_depth(depth)`) for a fraction
+    `routing_span` (start, end inclusive, e.g. `config.span_for_depth(depth)`) for a fraction
     `routing_ratio` of the tokens, as in training. One mask per sample is drawn once from `seed`
     (`self_guidance_routing`) and kept for every step: a mask redrawn each step would add noise to
     the guidance direction. The two passes are separate forward calls (different token counts in
@@ -117,7 +116,7 @@ def sample(
     if guidance_mode == "self":
         if routing_span is None:
             raise ValueError("guidance mode 'self' needs routing_span=(start, end), the model's routed blocks "
-                             "(see pixelrun.routing.span_for_depth)")
+                             "(see pixelrun.config.span_for_depth)")
         mcfg = _model_cfg(model)
         if getattr(mcfg, "depth", None) is not None:  # a span past the last block would never scatter back
             routing_span = span_for_depth(mcfg.depth, *routing_span)
@@ -125,9 +124,9 @@ def sample(
         if height % p or width % p:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
         # Drawn (and validated) even when w == 1 skips the routed pass, so errors do not depend on w.
-        routing = self_guidance_routing(b, (height // p) * (width // p), tuple(routing_span), routing_ratio, seed, device)
+        routing = self_guidance_routing(b, (height // p) * (width // p), (routing_span[0], routing_span[1]), routing_ratio, seed, device)
     if use_cfg:
-        if null_text is None:
+        if null_text is None or null_mask is None:
             raise ValueError("classic CFG needs the empty prompt's embedding (null_text)")
         both_text = torch.cat([null_text.expand(b, -1, -1), text])
         both_mask = torch.cat([null_mask.expand(b, -1), text_mask])

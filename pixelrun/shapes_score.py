@@ -1,4 +1,4 @@
-"""Automatic score for images generated from "shapes" captions (spec: shared/SHAPES.md).
+"""Automatic score for images generated from "shapes" captions (spec: docs/recipe.md).
 
 It reads an image the way the renderer draws it (flat named colours on a flat background), so a
 real dataset image scores 1.0 on every measure and a model's score measures how well it follows
@@ -12,7 +12,15 @@ import numpy as np
 from scipy import ndimage
 
 from pixelrun.data.shapes import (
-    BACKGROUNDS, COLOURS, KINDS, SIZES, ShapesDataset, caption, classify_pixels, parse_caption, render,
+    BACKGROUNDS,
+    COLOURS,
+    KINDS,
+    SIZES,
+    ShapesDataset,
+    caption,
+    classify_pixels,
+    parse_caption,
+    render,
 )
 
 _FOUR = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]])
@@ -26,7 +34,7 @@ def _shape_area(kind: str, size: str, side: int) -> float:
 
 def _component(image: np.ndarray, labels: np.ndarray, ci: int, background: str) -> dict | None:
     """Largest 4-connected component of colour `ci`, with its hard pixel area and centroid
-    (presence and placement, as SHAPES.md says) and a sub-pixel area and bounding box (kind and
+    (presence and placement, as docs/recipe.md says) and a sub-pixel area and bounding box (kind and
     size). A small shape is ~10 px across at 64 px, where whole-pixel counts misread kinds (a
     small triangle's 1-px apex rows fall below half coverage, pushing its fill ratio to ~0.64,
     the circle/triangle midpoint). So the component and its 1-px ring are read as coverage:

@@ -20,8 +20,17 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .build import TrainState, autocast_dtype, build_state, check_init_from, check_paths, check_resume, \
-    make_batch_source, muon_precision_warning, text_encoder
+from .build import (
+    TrainState,
+    autocast_dtype,
+    build_state,
+    check_init_from,
+    check_paths,
+    check_resume,
+    make_batch_source,
+    muon_precision_warning,
+    text_encoder,
+)
 from .config import Config, batch_split, model_fields, routing_span, stage_plan, to_dict, to_yaml, with_overrides
 from .data import Prefetcher
 from .distributed import DistContext, process_group
@@ -174,7 +183,7 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
     with StopFlag() as stop, tqdm(total=cfg.train.steps, initial=run.step, desc="train", unit="step",
                                   dynamic_ncols=True, file=sys.stderr, disable=not run.ctx.is_main) as bar:
         run.st.model.train()
-        for stage_index, (s0, s1, scfg) in enumerate(run.plan):
+        for stage_index, (_, s1, scfg) in enumerate(run.plan):
             if run.step >= s1:
                 continue
             open_stage(run, stage_index)

@@ -5,7 +5,7 @@ PRX logs it, and it is the cheapest early warning that a run has gone wrong: a r
 FID move. Unlike the training loss, nothing in it changes between calls but the weights.
 
 The batch: the first ``eval.val_images`` held-out images of the run's data and their captions
-(:func:`pixelrun.evaluate.real_images_and_prompts`: the shapes "eval" split, the held-out emoji,
+(:func:`pixelrun.heldout.real_images_and_prompts`: the shapes "eval" split, the held-out emoji,
 the first items of a folder or of the shards), each evaluated once in every bin:
 
     low  = t in [0, 1/3)      (little noise)

@@ -12,6 +12,42 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# The markers of the slow and multi-process tests, by file and by test name, so no test file carries
+# them: `python -m pytest -q -m "not slow and not distributed"` is the fast subset to run while
+# working; CI runs everything. Slow: 5 s or more on a 2-core CPU (pytest --durations=40), a
+# module fixture's setup included. tests/test_markers.py checks every name here still exists.
+DISTRIBUTED_FILES = {"test_distributed.py", "test_dist_muon.py", "test_ema_sharded.py", "test_rehearsal.py"}
+DISTRIBUTED_TESTS = {"test_validation.py::test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers"}
+SLOW_FILES = {"test_distributed.py", "test_dist_muon.py", "test_ema_sharded.py", "test_rehearsal.py"}
+SLOW_TESTS = {
+    "test_stages.py::test_stage_switch_drops_repa_changes_resolution_and_resumes",
+    "test_stages.py::test_init_from_and_export",
+    "test_shards.py::test_training_on_stored_embeddings_gives_the_same_losses",
+    "test_shards.py::test_interrupted_shard_run_resumes_exactly",
+    "test_eval.py::test_eval_cli_shapes_and_fd_effnet_with_cached_real_stats",
+    "test_eval.py::test_eval_on_emoji_defaults_to_fd_effnet_writes_out_and_reads_no_real_image_on_a_cache_hit",
+    "test_eval.py::test_training_writes_eval_rows",
+    "test_metrics.py::test_fid_inception_load_round_trip",
+    "test_metrics.py::test_efficientnet_frechet_same_vs_different",
+    "test_loader.py::test_ctrl_c_with_workers_saves_exits_cleanly_and_resumes",
+    "test_loader.py::test_a_run_with_workers_stopped_and_resumed_has_the_inline_losses",
+    "test_train.py::test_sigterm_saves_and_the_same_command_resumes",
+    "test_safety.py::test_stage_two_resolution_is_what_inference_uses",
+    "test_safety.py::test_resume_with_another_model_or_data_is_refused_before_any_work",
+    "test_routing.py::test_self_guidance_mask_is_fixed_and_noise_unchanged",
+    "test_validation.py::test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        file, name = item.path.name, f"{item.path.name}::{item.originalname}"
+        if file in SLOW_FILES or name in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        if file in DISTRIBUTED_FILES or name in DISTRIBUTED_TESTS:
+            item.add_marker(pytest.mark.distributed)
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory) -> str:
     from transformers import AutoTokenizer, BertConfig, BertModel

@@ -16,7 +16,7 @@ import yaml
 from pixelrun.ablate import BudgetSpec, load_spec, plan_ablation, point_steps, steps_for_budget
 from pixelrun.build import lr_multiplier
 from pixelrun.cli import main
-from pixelrun.config import ConfigError, model_fields
+from pixelrun.config import model_fields
 from pixelrun.flops import training_flops_per_image
 from pixelrun.model import ModelConfig
 
@@ -171,6 +171,17 @@ def test_ablation_runs_resumes_and_skips_finished_runs(tmp_path):
     loss = lambda rows: [(r["step"], r["loss"]) for r in rows if "loss" in r]  # noqa: E731
     assert loss(resumed) == loss(uninterrupted) and len(loss(resumed)) == 4
     assert (victim / "points" / "step_00000004.json").exists()
+    # The report, rebuilt from the folders, holds the numbers the folders hold.
+    summary = json.loads((out / "summary.json").read_text())
+    for metric in ("val_ema/flow/high", "val/flow/mid"):
+        per = {v: [json.loads((out / f"runs/{v}/seed{s}/points/step_00000004.json").read_text())["val"][metric]
+                   for s in (0, 1)] for v in ("baseline", "deeper")}
+        cell = summary["final"]["deeper"][metric]
+        assert cell["per_seed"] == pytest.approx(per["deeper"])
+        assert cell["mean"]["estimate"] == pytest.approx(sum(per["deeper"]) / 2)
+        assert cell["delta"]["estimate"] == pytest.approx(sum(d - b for d, b in zip(per["deeper"], per["baseline"])) / 2)
+    for name in ("report.md", "report.html", "summary.csv", "report/eval_vs_images.png"):
+        assert (out / name).stat().st_size > 0
 
 
 def test_schedule_reapplies_the_configs_optimizer_settings_after_a_load():
@@ -191,14 +202,3 @@ def test_schedule_reapplies_the_configs_optimizer_settings_after_a_load():
     sched.load_state_dict({"last_epoch": 3, "base_lrs": [5.0]})
     assert opt.param_groups[0]["lr"] == pytest.approx(0.002) and opt.param_groups[0]["betas"] == (0.8, 0.9)
     assert sched.state_dict() == {"last_epoch": 3}
-    # The report, rebuilt from the folders, holds the numbers the folders hold.
-    summary = json.loads((out / "summary.json").read_text())
-    for metric in ("val_ema/flow/high", "val/flow/mid"):
-        per = {v: [json.loads((out / f"runs/{v}/seed{s}/points/step_00000004.json").read_text())["val"][metric]
-                   for s in (0, 1)] for v in ("baseline", "deeper")}
-        cell = summary["final"]["deeper"][metric]
-        assert cell["per_seed"] == pytest.approx(per["deeper"])
-        assert cell["mean"]["estimate"] == pytest.approx(sum(per["deeper"]) / 2)
-        assert cell["delta"]["estimate"] == pytest.approx(sum(d - b for d, b in zip(per["deeper"], per["baseline"])) / 2)
-    for name in ("report.md", "report.html", "summary.csv", "report/eval_vs_images.png"):
-        assert (out / name).stat().st_size > 0

@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_overrides
+
 from pixelrun import checkpoint as ckpt
+from pixelrun.build import Auxiliary
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config
 from pixelrun.model import Routing, build_model
-from pixelrun.teachers.features import FeatureTeacher
-from pixelrun.build import Auxiliary
 from pixelrun.step import pdino_loss, repa_loss
+from pixelrun.teachers.features import FeatureTeacher
 from pixelrun.train import train
 
 

@@ -8,9 +8,8 @@ import pytest
 
 from pixelrun.bench import peak_flops, run_bench, variant_overrides
 from pixelrun.cli import BENCH_SUMMARY, main
-from pixelrun.config import ConfigError, load_config, routing_span
+from pixelrun.config import PRESETS, ConfigError, load_config, routing_span
 from pixelrun.flops import training_flops_per_image
-from pixelrun.config import PRESETS
 from pixelrun.model import ModelConfig
 
 # A model small enough that a CPU step takes milliseconds.
@@ -32,7 +31,7 @@ def test_bench_reports_flops(tmp_path):
                        out=str(out))
     assert json.loads(out.read_text()) == report
     assert report["peak_flops"] is None  # a CPU: FLOP/s only
-    for name, r in report["results"].items():
+    for r in report["results"].values():
         cfg = load_config(None, r["overrides"])
         expected = training_flops_per_image(ModelConfig(text_dim=8, **{**PRESETS["tiny"], "hidden_size": 32,
                                                                          "num_heads": 2, "depth": 4}),

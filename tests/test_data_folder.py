@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelrun.data import Batch, NoUsableData, to_model_range
 from pixelrun.config import aspect_buckets
+from pixelrun.data import Batch, NoUsableData, to_model_range
 from pixelrun.data.buckets import nearest_bucket, resize_to_bucket, to_tensor
 from pixelrun.data.folder import FolderBatchSource, ImageFolder, load_rgb, read_size
 
@@ -259,8 +259,8 @@ def test_ranks_disjoint_within_epoch(tmp_path):
 def test_malformed_caption_lines_are_reported_once_at_start(tmp_path, capsys):
     """Counted, and named with the file and the first bad line's number (worker processes:
     tests/test_loader.py)."""
-    from pixelrun.config import load_config
     from pixelrun.build import make_batch_source
+    from pixelrun.config import load_config
 
     root = make_folder(tmp_path / "d", broken=False)  # its captions.jsonl ends with "{oops"
     lines = (root / "captions.jsonl").read_text().splitlines()

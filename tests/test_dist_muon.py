@@ -19,8 +19,16 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from pixelrun.model import build_model
-from pixelrun.optim import (_pack_shard, _split_full, _unpack_full, _unpack_shard, build_optimizer, orthogonalize,
-                            shard_rows, split_parameters)
+from pixelrun.optim import (
+    _pack_shard,
+    _split_full,
+    _unpack_full,
+    _unpack_shard,
+    build_optimizer,
+    orthogonalize,
+    shard_rows,
+    split_parameters,
+)
 
 LR, WD, STEPS = 0.02, 0.1, 3
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from pixelrun import checkpoint as ckpt
-from pixelrun.config import ConfigError, batch_split, load_config
 from pixelrun.build import model_from_config
+from pixelrun.config import ConfigError, batch_split, load_config
 from pixelrun.train import train
 
 BASE = {"train.global_batch_size": 8, "eval.prompts": 0, "train.warmup_steps": 1, "train.lr": 3e-3,

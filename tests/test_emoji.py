@@ -3,13 +3,20 @@ import json
 
 import numpy as np
 import torch
+from conftest import tiny_overrides
 from PIL import Image
 
-from conftest import tiny_overrides
-from pixelrun.config import load_config
-from pixelrun.data.emoji import (EVAL_COUNT, EmojiBatchSource, EmojiDataset, caption_for, catalog, emoji_name,
-                                 fixed_prompts)
 from pixelrun.build import make_batch_source
+from pixelrun.config import load_config
+from pixelrun.data.emoji import (
+    EVAL_COUNT,
+    EmojiBatchSource,
+    EmojiDataset,
+    caption_for,
+    catalog,
+    emoji_name,
+    fixed_prompts,
+)
 from pixelrun.train import _grid_prompts, train
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_overrides
 from PIL import Image
 
-from conftest import tiny_overrides
 from pixelrun.cli import main
 from pixelrun.config import load_config
 from pixelrun.metrics import CLIP_MEAN, CLIP_STD, CMMD_SCALE, CMMD_SIGMA, load_metric_network, mmd
@@ -220,11 +220,11 @@ def test_cmmd_of_a_set_with_itself_is_zero(tiny_clip_dir):
 
 
 def test_real_images_and_prompts_per_source(tmp_path):
+    from pixelrun.build import make_batch_source
     from pixelrun.data.emoji import fixed_prompts as emoji_prompts
     from pixelrun.data.shapes import fixed_prompts as shapes_prompts
     from pixelrun.heldout import draw_real_images, held_out_captions, real_images_and_prompts
     from pixelrun.shapes_score import score_images
-    from pixelrun.build import make_batch_source
 
     cfg = load_config(None, ["data.resolution=32"])
     images, prompts = real_images_and_prompts(cfg, 5)
@@ -412,9 +412,9 @@ def test_hub_model_neither_cached_nor_reachable_fails_at_once(tmp_path, tiny_cli
     import shutil
     import time
 
-    import pixelrun.evaluate
     from huggingface_hub import constants
 
+    import pixelrun.evaluate
     from pixelrun.config import ConfigError
     from pixelrun.evaluate import load_metric_networks
 

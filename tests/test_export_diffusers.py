@@ -96,8 +96,8 @@ def test_t5gemma_encoder_exports_too(tmp_path):
     T5GemmaEncoderModel and encodes the same; here a tiny random one with the MiniLM tokenizer."""
     from transformers import AutoTokenizer, T5GemmaConfig, T5GemmaModel
 
-    from pixelrun.inference import generate
     from pixelrun.export_diffusers import export_diffusers
+    from pixelrun.inference import generate
     from pixelrun.model import build_model
     from pixelrun.text import TextEncoder, resolve_encoder
 

@@ -1,4 +1,4 @@
-"""The analytic cost model (pixelrun/flops.py) against RECIPE.md's figures and against torch's own
+"""The analytic cost model (pixelrun/flops.py) against docs/recipe.md's figures and against torch's own
 FLOP counter on real forward and backward passes."""
 from __future__ import annotations
 
@@ -7,17 +7,16 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from pixelrun.config import PRESETS, span_for_depth
 from pixelrun.flops import training_flops_per_image
-from pixelrun.config import PRESETS
 from pixelrun.model import ModelConfig, Routing, build_model
-from pixelrun.config import span_for_depth
 from pixelrun.routing import kept_count
 
 
 @pytest.mark.parametrize("size, ratio, expected", [
     (512, 0.0, 1.36e12), (512, 0.5, 0.95e12), (1024, 0.0, 5.2e12), (1024, 0.5, 3.4e12)])
 def test_small_preset_matches_recipe(size, ratio, expected):
-    # RECIPE.md "Cost model": the 1.2B model, 2304-d text (T5Gemma-2B), 256 text tokens, TREAD 0.5
+    # docs/recipe.md "Cost model": the 1.2B model, 2304-d text (T5Gemma-2B), 256 text tokens, TREAD 0.5
     # over blocks 2..12 (derived independently of this code).
     cfg = ModelConfig(text_dim=2304, **PRESETS["small"])
     r = training_flops_per_image(cfg, size, size, 256, routing_ratio=ratio, span=(2, 12) if ratio else None)

@@ -12,14 +12,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
 from PIL import Image
 from webdataset import TarWriter
 
-from conftest import tiny_overrides
 from pixelrun import checkpoint as ckpt
-from pixelrun.config import ConfigError, load_config
+from pixelrun.config import ConfigError, aspect_buckets, load_config
 from pixelrun.data import Batch, CountedBatchSource, Prefetcher
-from pixelrun.config import aspect_buckets
 from pixelrun.data.folder import FolderBatchSource, ImageFolder
 from pixelrun.data.loader import WorkerLoader, _Plans
 from pixelrun.data.shards import ShardBatchSource

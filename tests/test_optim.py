@@ -10,11 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from pixelrun.config import ConfigError, load_config
-from pixelrun.config import PRESETS
+from pixelrun.config import PRESETS, ConfigError, load_config
 from pixelrun.model import build_model
-from pixelrun.optim import (MuonAdamW, balanced_owners, build_optimizer, describe, newton_schulz_flops, orthogonalize,
-                            orthogonalize_many, split_parameters)
+from pixelrun.optim import (
+    MuonAdamW,
+    balanced_owners,
+    build_optimizer,
+    describe,
+    newton_schulz_flops,
+    orthogonalize,
+    orthogonalize_many,
+    split_parameters,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -227,7 +234,7 @@ def test_owners_balance_the_small_presets_flops(world):
     round_robin = busiest([k % world for k in range(len(shapes))])
     assert balanced <= 4 / 3 * best_possible
     assert balanced <= round_robin
-    if world in (2, 32):  # perfectly balanced here; round-robin on 32 ranks: 1.38x the mean (README)
+    if world in (2, 32):  # perfectly balanced here; round-robin on 32 ranks: 1.38x the mean (docs/distributed.md)
         assert balanced == sum(cost) / world
     if world == 32:
         assert round(round_robin / (sum(cost) / world), 2) == 1.38

@@ -14,8 +14,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from pixelrun.cli import main
-from pixelrun.config import ConfigError, load_config
-from pixelrun.config import aspect_buckets
+from pixelrun.config import ConfigError, aspect_buckets, load_config
 from pixelrun.data.convert import convert, format_bytes
 from pixelrun.data.shards import ShardBatchSource, decode_embedding, expand_shards, read_samples
 from pixelrun.text import encoder_fingerprint

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelrun.data import Batch, Prefetcher
 from pixelrun.config import aspect_buckets
+from pixelrun.data import Batch, Prefetcher
 from pixelrun.data.folder import FolderBatchSource, ImageFolder
 
 

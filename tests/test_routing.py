@@ -11,10 +11,10 @@ import copy
 import pytest
 import torch
 
+from pixelrun.config import span_for_depth
 from pixelrun.model import ModelOutput, Routing, build_model, gather_tokens, scatter_tokens
 from pixelrun.objective import x_to_velocity
-from pixelrun.config import span_for_depth
-from pixelrun.routing import (kept_count, keep_mask, random_routing, routed_indices, routing_generator)
+from pixelrun.routing import keep_mask, kept_count, random_routing, routed_indices, routing_generator
 from pixelrun.sampling import initial_noise, sample, self_guidance_routing, time_grid
 
 SIZE = 32  # 32x32 px at patch 8: 16 tokens

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
 from PIL import Image
 
-from conftest import tiny_overrides
 from pixelrun import checkpoint as ckpt
 from pixelrun.cli import main
 from pixelrun.config import load_config

@@ -1,4 +1,4 @@
-"""The shapes dataset (shared/SHAPES.md) and its score: determinism, exact geometry, resumable
+"""The shapes dataset (docs/recipe.md) and its score: determinism, exact geometry, resumable
 distributed batches, and a scorer that agrees with the renderer."""
 import math
 
@@ -8,8 +8,20 @@ import torch
 
 from pixelrun.data import Batch
 from pixelrun.data.shapes import (
-    BACKGROUNDS, CELLS, COLOURS, KINDS, SIZES, SceneSpec, ShapeSpec, ShapesBatchSource,
-    ShapesDataset, caption, fixed_prompts, parse_caption, render, sample_scene,
+    BACKGROUNDS,
+    CELLS,
+    COLOURS,
+    KINDS,
+    SIZES,
+    SceneSpec,
+    ShapesBatchSource,
+    ShapesDataset,
+    ShapeSpec,
+    caption,
+    fixed_prompts,
+    parse_caption,
+    render,
+    sample_scene,
 )
 from pixelrun.shapes_score import real_image_sanity, score_image, score_images
 

@@ -11,18 +11,24 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
 from PIL import Image
 from webdataset import TarWriter
 
-from conftest import tiny_overrides
 from pixelrun.cli import main
-from pixelrun.config import ConfigError, load_config
-from pixelrun.config import aspect_buckets, parse_captions
+from pixelrun.config import ConfigError, aspect_buckets, load_config, parse_captions
 from pixelrun.data.buckets import resize_to_bucket, to_tensor
 from pixelrun.data.convert import convert
 from pixelrun.data.folder import load_rgb
-from pixelrun.data.shards import (ShardBatchSource, caption_fields, choose_caption, embedding_match,
-                                  expand_shards, read_index, read_samples)
+from pixelrun.data.shards import (
+    ShardBatchSource,
+    caption_fields,
+    choose_caption,
+    embedding_match,
+    expand_shards,
+    read_index,
+    read_samples,
+)
 from pixelrun.text import encoder_fingerprint
 
 SIZES = [(32, 64), (64, 32), (48, 48)]  # (width, height): wide, tall, square

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_overrides
 from PIL import Image
 
-from conftest import tiny_overrides
 from pixelrun import checkpoint as ckpt
+from pixelrun.build import model_from_config
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config, stage_plan
-from pixelrun.build import model_from_config
 from pixelrun.train import train
 
 

@@ -12,9 +12,9 @@ installed, and a random state dict in the same key layout loaded by path.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-import pytest
 
 from pixelrun.teachers.features import (
     IMAGENET_MEAN,
@@ -47,8 +47,14 @@ def _images(b=2, h=40, w=56, seed=0):
 
 def _tiny_dino(kind):
     """(model class, config, prefix tokens to drop) for a tiny random model of the real class."""
-    from transformers import (DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model,
-                              Dinov2WithRegistersConfig, Dinov2WithRegistersModel)
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+        DINOv3ViTConfig,
+        DINOv3ViTModel,
+    )
 
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=16, image_size=64)
     if kind == "dinov3_vit":

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pixelrun.cli import main
 from pixelrun.build import check_paths
+from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config
 from pixelrun.tracking import Tracker
 

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import tiny_overrides
 from PIL import Image
 
-from conftest import tiny_overrides
 from pixelrun import checkpoint as ckpt
+from pixelrun.build import make_optimizer, model_from_config
 from pixelrun.cli import main
 from pixelrun.config import load_config
 from pixelrun.data.shapes import ShapesBatchSource
-from pixelrun.text import TextEncoder
-from pixelrun.build import make_optimizer, model_from_config
 from pixelrun.step import draw_noise, training_step
+from pixelrun.text import TextEncoder
 from pixelrun.train import train
 
 
@@ -44,7 +44,7 @@ def test_tiny_model_overfits_one_batch(tmp_path, tiny_encoder_dir):
     null = enc.encode([""])
     losses = []
     noise = draw_noise(cfg, 0, list(range(4)), (3, 32, 32), 8, "cpu")
-    for i in range(150):
+    for _ in range(150):
         # the same noise and times every step: a fixed regression problem the model must fit
         res = training_step(model, batch, text, mask, *null, noise, cfg, torch.device("cpu"))
         opt.zero_grad()
@@ -228,9 +228,9 @@ def test_compiled_blocks_may_keep_a_graph_for_every_shape_the_run_meets(tmp_path
 def test_parallel_options_reach_the_trained_model(tmp_path, tiny_encoder_dir):
     """parallel.compile compiles each block of the trained model (not the EMA copy, which only
     samples); parallel.activation_checkpointing switches recomputation on."""
+    from pixelrun.build import build_state
     from pixelrun.config import stage_plan
     from pixelrun.distributed import DistContext
-    from pixelrun.build import build_state
 
     cfg = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{"parallel.compile": "true",
                                                                           "parallel.activation_checkpointing": "true"}))

@@ -10,8 +10,8 @@ import socket
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from pixelrun.config import load_config
 from pixelrun.model import ModelOutput
 from pixelrun.validation import BINS, ValidationLoss, bin_noise, bin_times

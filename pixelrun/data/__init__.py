@@ -50,7 +50,7 @@ class NoUsableData(ValueError):
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """`Batch.images` (uint8) -> float32 in [-1, 1], the model's pixel range (RECIPE.md).
+    """`Batch.images` (uint8) -> float32 in [-1, 1], the model's pixel range (docs/recipe.md).
 
     Loaders hand over bytes and the training step converts after the copy to the device: a quarter
     of the bytes cross the bus, and on a GPU the conversion costs nothing, while on the loader's

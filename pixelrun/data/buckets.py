@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 
-
 def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
     """The bucket whose aspect ratio is closest in log space (so 1:2 and 2:1 are equally far from
     1:1), which minimises the share of the image that the centre crop throws away. Ties go to the

@@ -42,11 +42,11 @@ import shutil
 import statistics
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial as partial_fn
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -57,8 +57,16 @@ from ..config import ConfigError, TextConfig, aspect_buckets
 from . import SourceImage
 from .buckets import nearest_bucket, resize_to_bucket
 from .folder import DEFAULT_MAX_PIXELS, ImageFolder, load_rgb, read_size
-from .shards import (EMBEDDING_STORAGE, INDEX_FILE, caption_fields, embedding_member, expand_shards, image_member,
-                     read_index, read_samples)
+from .shards import (
+    EMBEDDING_STORAGE,
+    INDEX_FILE,
+    caption_fields,
+    embedding_member,
+    expand_shards,
+    image_member,
+    read_index,
+    read_samples,
+)
 
 IMAGE_FORMATS = ("jpg", "png")
 EMBEDDING_DTYPES = tuple(EMBEDDING_STORAGE)  # bfloat16 (default), float16, float32
@@ -134,8 +142,14 @@ class _Source:
 
 def _open_source(src: str, captions: str | None, image_column: str | None, split: str, limit: int | None,
                  log: Callable[[str], None]) -> _Source:
-    from .parquet import (choose_caption_columns, choose_image_column, is_table_source, memory_notes, resolve_tables,
-                          table_rows)
+    from .parquet import (
+        choose_caption_columns,
+        choose_image_column,
+        is_table_source,
+        memory_notes,
+        resolve_tables,
+        table_rows,
+    )
 
     skips = _Skips()
     if is_table_source(src):

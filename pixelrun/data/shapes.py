@@ -1,4 +1,4 @@
-"""The built-in procedural "shapes" text-to-image dataset (spec: shared/SHAPES.md).
+"""The built-in procedural "shapes" text-to-image dataset (spec: docs/recipe.md).
 
 It needs no download, exercises every part of text conditioning (colour, kind, size, position,
 count) and renders with exact, documented geometry so that `pixelrun.shapes_score` can grade a
@@ -142,7 +142,7 @@ def _inside(kind: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, d: fl
 
 
 def render(scene: SceneSpec, height: int, width: int) -> np.ndarray:
-    """Draw a scene as uint8 [H, W, 3] with the exact geometry of SHAPES.md.
+    """Draw a scene as uint8 [H, W, 3] with the exact geometry of docs/recipe.md.
 
     Edges are anti-aliased by 4x4 supersampled coverage, but an edge pixel whose blend would be
     read as a *third* named colour (orange on white blends into "yellow", yellow on black into

@@ -25,9 +25,9 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 

@@ -107,13 +107,13 @@ class FeatureTeacher(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     # ---- freezing ---------------------------------------------------------------------------
-    def freeze(self) -> "FeatureTeacher":
+    def freeze(self) -> FeatureTeacher:
         """Eval mode and no parameter gradients; subclasses call this at the end of ``__init__``."""
         for p in self.parameters():
             p.requires_grad_(False)
         return super().train(False)
 
-    def train(self, mode: bool = True) -> "FeatureTeacher":
+    def train(self, mode: bool = True) -> FeatureTeacher:
         """Always stay in eval mode: a teacher is frozen. A parent's ``.train()`` must not switch
         BatchNorm to batch statistics (EfficientNet), enable dropout, or turn on DINOv3's
         training-time RoPE coordinate jitter / rescaling, which would make the targets random."""
@@ -237,7 +237,7 @@ class HFDinoTeacher(FeatureTeacher):
 
     @classmethod
     def from_pretrained(cls, spec: str, *, compute_dtype: str | torch.dtype = "auto",
-                        **hf_kwargs) -> "HFDinoTeacher":
+                        **hf_kwargs) -> HFDinoTeacher:
         """Load from a local folder or a hub id (``hf_kwargs``: ``revision``, ``token``, ...).
 
         Weights load in fp32 whatever the checkpoint's dtype (autocast gives bf16 speed on GPU;

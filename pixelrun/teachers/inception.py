@@ -18,7 +18,7 @@ loads key for key (``Conv2d_1a_3x3.conv.weight``, ``Mixed_5b.branch_pool.bn.runn
 
 Input: images as **floats in [0, 1]**, ``[B, 3, H, W]``. They are resized to 299x299 bilinearly
 (``align_corners=False``, no antialiasing, as pytorch-fid does) and mapped to [-1, 1] inside. Never
-pass uint8: reference FID code multiplies by 255 and uint8 arithmetic wraps (RECIPE.md's PRX
+pass uint8: reference FID code multiplies by 255 and uint8 arithmetic wraps (docs/recipe.md's PRX
 pitfall). Output: ``[B, 2048]`` pool3 features (global average of ``Mixed_7c``).
 """
 from __future__ import annotations
@@ -196,12 +196,12 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, num_classes)  # ImageNet logits; kept so the state dict matches
         self.freeze()
 
-    def freeze(self) -> "FIDInceptionV3":
+    def freeze(self) -> FIDInceptionV3:
         for p in self.parameters():
             p.requires_grad_(False)
         return super().train(False)
 
-    def train(self, mode: bool = True) -> "FIDInceptionV3":
+    def train(self, mode: bool = True) -> FIDInceptionV3:
         """Always eval: BatchNorm must use the stored running statistics."""
         return super().train(False)
 

@@ -169,7 +169,7 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "LPIPS":
+    def train(self, mode: bool = True) -> LPIPS:
         """Stays in eval mode whatever a parent module asks: this is a frozen teacher."""
         return super().train(False)
 
@@ -196,7 +196,7 @@ class LPIPS(nn.Module):
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def from_files(cls, vgg_path: str | os.PathLike, lin_path: str | os.PathLike) -> "LPIPS":
+    def from_files(cls, vgg_path: str | os.PathLike, lin_path: str | os.PathLike) -> LPIPS:
         """Standard LPIPS v0.1: torchvision-layout VGG16 ImageNet weights + LPIPS `vgg.pth` heads.
 
         Classifier keys of the VGG file are ignored; anything else that is not a `features` conv
@@ -217,7 +217,7 @@ class LPIPS(nn.Module):
         return model
 
     @classmethod
-    def from_stlpips(cls, variant: str = "vgg") -> "LPIPS":
+    def from_stlpips(cls, variant: str = "vgg") -> LPIPS:
         """Shift-tolerant LPIPS from the installed `stlpips-pytorch` wheel, read as files only.
 
         Only the VGG file is wired ('vgg'): the project's recipe asks for VGG LPIPS. The wheel also
@@ -371,7 +371,7 @@ def load_lpips(spec: str) -> LPIPS:
 
 
 def lpips_loss(lpips: LPIPS, x_hat: torch.Tensor, x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
-    """Per-sample LPIPS [B] on the whole images downsampled by `scale` (RECIPE: x0.5, bilinear).
+    """Per-sample LPIPS [B] on the whole images downsampled by `scale` (docs/recipe.md: x0.5, bilinear).
 
     Antialiased bilinear resizing (area-like low-pass) so the half-resolution images are not aliased;
     it is differentiable, so the gradient reaches `x_hat`. scale=1 skips the resize. Images are
