@@ -194,6 +194,7 @@ class LRSchedule:
         self.settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         self.last_epoch = 0
         self._apply()
+        self.used = self.get_last_lr()
 
     def _apply(self) -> None:
         m = lr_multiplier(self.last_epoch, self.steps, self.warmup, self.cooldown)
@@ -202,6 +203,7 @@ class LRSchedule:
             group["lr"] = base["lr"] * m
 
     def step(self) -> None:
+        self.used = self.get_last_lr()  # what the optimizer step just taken ran with: what the logs show
         self.last_epoch += 1
         self._apply()
 

@@ -243,7 +243,7 @@ def log_step(run: Run, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, 
     values = run.ctx.mean({k: v.item() for k, v in terms.items()})
     since, at = run.clock
     images_per_s = (run.step - at) * run.splits[run.stage_index][0] / max(time.time() - since, 1e-9)
-    row = {**values, "grad_norm": grad_norm.item(), "lr": run.st.sched.get_last_lr()[0], "images_per_s": images_per_s,
+    row = {**values, "grad_norm": grad_norm.item(), "lr": run.st.sched.used[0], "images_per_s": images_per_s,
            "train_seconds": run.train_seconds}
     run.tracker.scalars(run.step, row, prefix="train/")
     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{images_per_s:.0f}")

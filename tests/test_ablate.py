@@ -114,14 +114,16 @@ def test_resume_applies_a_changed_learning_rate(tmp_path, capsys):
     from pixelrun.config import load_config
     from pixelrun.train import train
 
-    over = TOY + [f"run.dir={tmp_path / 'run'}", "train.steps=4", "eval.prompts=0", "eval.val_images=0"]
+    over = TOY + [f"run.dir={tmp_path / 'run'}", "train.steps=4", "eval.prompts=0", "eval.val_images=0",
+                  "train.cooldown=0.5"]
     train(load_config(None, over), stop_at_step=2)
     summary = train(load_config(None, over + ["train.lr=0.002"]))
     assert summary["step"] == 4
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lr = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    # each row logs the rate its step ran with: warm-up over 1 step, the last 2 of 4 steps decaying (2/2, 1/2)
     assert lr[1] == pytest.approx(1e-3) and lr[2] == pytest.approx(1e-3)
-    assert lr[3] == pytest.approx(2e-3) and lr[4] == pytest.approx(2e-3)
+    assert lr[3] == pytest.approx(2e-3) and lr[4] == pytest.approx(1e-3)
     printed = capsys.readouterr()
     assert "changed since the checkpoint: train.lr: 0.001 -> 0.002" in printed.out + printed.err
 
