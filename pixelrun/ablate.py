@@ -445,7 +445,7 @@ def _last_step(path: Path) -> int:
     return last
 
 
-def execute(plan: Plan, *, parallel: int | None = None, say=print) -> dict:
+def execute(plan: Plan, *, parallel: int | None = None) -> dict:
     """Train every run that is not done, `parallel` at a time, each in its own process (a crash stays
     in its run; the others go on). Ctrl-C or SIGTERM reaches every run, which saves and stops; the
     same command resumes them. Returns {"trained": [...], "skipped": [...], "failed": [...]}."""
@@ -455,7 +455,7 @@ def execute(plan: Plan, *, parallel: int | None = None, say=print) -> dict:
     pending = [r for r in plan.runs if run_state(plan, r)["state"] != "done"]
     skipped = [r for r in plan.runs if r not in pending]
     for r in skipped:
-        say(f"{r.variant} seed {r.seed}: done, skipped")
+        tqdm.write(f"{r.variant} seed {r.seed}: done, skipped", file=sys.stderr)
     logs = plan.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // (parallel * plan.spec.launch.nproc_per_node))
