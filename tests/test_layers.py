@@ -12,7 +12,7 @@ PACKAGE = Path(pixelrun.__file__).parent
 LAYERS = {
     0: {"config"},
     1: {"model", "objective", "routing", "sampling", "teachers", "text", "data", "images", "checkpoint",
-        "distributed", "ema", "optim", "metrics", "flops", "shapes_score", "tracking"},
+        "distributed", "ema", "optim", "metrics", "flops", "shapes_score", "tracking", "locks"},
     2: {"build", "heldout"},
     3: {"step", "inference", "validation"},
     4: {"train", "evaluate", "bench", "projection", "rehearse", "export_diffusers"},
