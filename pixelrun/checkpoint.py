@@ -12,8 +12,8 @@ The tensors are saved by parameter name, not by rank, so a checkpoint written by
 A directory only gets its final name once every rank's files and `meta.pt` are complete and
 flushed, so a crash or a kill mid-save leaves at most a `.tmp-*` directory, which is ignored and
 cleaned up later. A resume checks every file against `manifest.json` (`verified_latest`) and falls
-back to the previous checkpoint when one does not match; rotation never deletes the checkpoint just
-written, nor any newer one.
+back to the previous checkpoint when one does not match (the damaged one is moved aside, never
+deleted); rotation never deletes the checkpoint just written, nor any newer one.
 
 An exported model (`pixelrun export`) is a directory with `model.safetensors` and `config.yaml`;
 `resolve_checkpoint` and `load_weights` accept it wherever a checkpoint is accepted.
@@ -156,10 +156,12 @@ def _file_problem(path: Path, entry: dict) -> list[str]:
 
 
 def verified_latest(run_dir: str | Path, ctx=None, say=print) -> tuple[Path | None, dict | None]:
-    """(path, meta) of the newest checkpoint whose every file matches its manifest, saying which file
-    of each newer one does not; (None, None) when the run has none. Checkpoints that all fail are a
-    CheckpointError: starting afresh would overwrite the run."""
-    found = list_checkpoints(run_dir)
+    """(path, meta) of the newest checkpoint whose every file matches its manifest; (None, None)
+    when the run has none. Each newer, damaged one is named with what is wrong, and moved aside to
+    `damaged-step_*` (kept for inspection; no longer listed, rotated or resumed). When every
+    checkpoint is damaged nothing is moved and it is a CheckpointError: starting afresh would
+    overwrite the run."""
+    found, damaged = list_checkpoints(run_dir), []
     for path in reversed(found):
         problem = checkpoint_problem(path, ctx)
         meta = None
@@ -169,11 +171,21 @@ def verified_latest(run_dir: str | Path, ctx=None, say=print) -> tuple[Path | No
             except Exception as e:  # a manifest-less checkpoint's meta.pt (a checked one loaded above)
                 problem = f"meta.pt is unreadable ({type(e).__name__})"
         if problem is None:
+            for bad, why in damaged:
+                aside = bad.with_name(f"damaged-{bad.name}")
+                say(f"checkpoint {bad} is damaged: {why}; moved aside to {aside.name}, resuming from an earlier one")
+                if ctx is None or ctx.is_main:
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.replace(bad, aside)
+            if ctx is not None:
+                ctx.barrier()
             return path, meta
-        say(f"checkpoint {path} is damaged: {problem}; falling back to the previous one")
+        damaged.append((path, problem))
     if found:
-        raise CheckpointError(f"no usable checkpoint in {checkpoint_root(run_dir)} (every one is damaged, see "
-                              f"above): move the run directory aside, or set run.resume=false to start afresh")
+        bad, why = damaged[0]
+        raise CheckpointError(f"no usable checkpoint in {checkpoint_root(run_dir)}: every one is damaged (the newest, "
+                              f"{bad.name}: {why}); move the run directory aside, or set run.resume=false to start "
+                              f"afresh")
     return None, None
 
 
@@ -322,8 +334,8 @@ def _put_in_place(tmp: Path, final: Path) -> None:
 
 def _rotate(run_dir: str | Path, step: int, keep: int) -> None:
     """Keep the newest `keep` checkpoints up to `step` (the one just written is the newest of them).
-    Newer ones (left after a fall-back from a damaged checkpoint) are not touched here: the run
-    replaces each when it reaches its step."""
+    Newer ones (a run resumed with run.resume=false over an older one) are not touched here: the
+    run replaces each when it reaches its step."""
     upto = [p for p in list_checkpoints(run_dir) if step_of(p) <= step]
     for old in upto[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -16,10 +16,10 @@ def _parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must be WxH in pixels (for example 96x64: 96 wide, 64 high), "
-                                         f"got {text!r}") from None
+        raise ConfigError("--size", f"must be WxH in pixels (for example 96x64: 96 wide, 64 high), "
+                                    f"got {text!r}") from None
     if w < 1 or h < 1:
-        raise argparse.ArgumentTypeError(f"--size must be positive in both sides (WxH, e.g. 96x64), got {text!r}")
+        raise ConfigError("--size", f"both sides must be at least 1 pixel (WxH, e.g. 96x64), got {text!r}")
     return h, w
 
 
@@ -128,11 +128,12 @@ def cmd_sample(args) -> int:
     from .images import save_grid, save_png
 
     prompts = _read_prompts(args)
+    size = _parse_size(args.size) if args.size is not None else None
     out = Path(args.out)
     _sample_dir(out)
     model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, args.device, _sample_overrides(args))
     encoder.warn = lambda message: None  # said once below, for this command's prompts
-    h, w = args.size or (cfg.data.resolution, cfg.data.resolution)
+    h, w = size or (cfg.data.resolution, cfg.data.resolution)
     p = model.cfg.patch_size
     if h % p or w % p:
         raise ConfigError("--size", f"{w}x{h} (WxH) is not a multiple of the patch size {p}")
@@ -421,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts-file", help="a text file with one prompt per line (added after any --prompt)")
     s.add_argument("--out", required=True, help="output folder: new, empty, or an earlier `pixelrun sample` output "
                                                 "(its files are replaced)")
-    s.add_argument("--size", type=_parse_size, help="WxH in pixels, width first, e.g. 96x64 (default: the "
+    s.add_argument("--size", help="WxH in pixels, width first, e.g. 96x64 (default: the "
                                                     "resolution the checkpoint was last trained at)")
     s.set_defaults(func=cmd_sample)
 

@@ -19,6 +19,7 @@ from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config
 from pixelrun.config import aspect_buckets, parse_captions
 from pixelrun.data.buckets import resize_to_bucket, to_tensor
+from pixelrun.data import NoUsableData
 from pixelrun.data.convert import convert
 from pixelrun.data.folder import load_rgb
 from pixelrun.data.shards import (ShardBatchSource, caption_fields, choose_caption, embedding_match,
@@ -210,7 +211,7 @@ def test_all_broken_raises_and_too_few_shards(tmp_path):
     (tmp_path / "d").mkdir()
     with TarWriter(str(tmp_path / "d" / "a.tar")) as w:
         w.write({"__key__": "x", "txt": "no image"})
-    with pytest.raises(RuntimeError, match="no usable sample"):
+    with pytest.raises(NoUsableData, match="no usable sample"):
         next(ShardBatchSource(str(tmp_path / "d"), 2, [(32, 32)]))
     with pytest.raises(ConfigError, match="data.path: 1 shard.* cannot be split over 2 ranks"):
         ShardBatchSource(str(tmp_path / "d"), 2, [(32, 32)], rank=1, world_size=2)
