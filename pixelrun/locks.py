@@ -54,13 +54,13 @@ def folder_lock(folder: str | Path, key: str, what: str, enabled: bool = True):
         yield
         return
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(key, f"{folder} is not a folder")
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(key, f"cannot create the folder {folder}: {e.strerror}") from None
-    if not folder.is_dir():
-        raise ConfigError(key, f"{folder} is not a folder")
     path = folder / LOCK_FILE
     try:
         fd = _acquire(path)
