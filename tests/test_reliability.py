@@ -134,6 +134,21 @@ def test_first_nonfinite_names_the_tensor():
     assert ckpt.first_nonfinite(tree) is None
 
 
+def test_sampling_refuses_non_finite_weights(tiny_run, tmp_path, capsys):
+    """A checkpoint saved before these checks existed may hold NaN weights: sample names it instead
+    of writing black images."""
+    src = ckpt.latest_checkpoint(tiny_run)
+    flat = ckpt.read_tensors(src)
+    name = next(k for k in flat if k.startswith("ema.") and flat[k].is_floating_point())
+    flat[name][...] = float("nan")
+    meta = ckpt.load_meta(src)
+    ckpt.save_checkpoint(tmp_path / "nan", meta["step"], flat, meta, (src / "config.yaml").read_text())
+    out = tmp_path / "o"
+    assert main(["sample", "--checkpoint", str(tmp_path / "nan"), "--prompt", PROMPT, "--out", str(out)]) == 2
+    _one_line_error(capsys, "--checkpoint", "ema weights", "non-finite values", name[len("ema."):])
+    assert not out.exists()
+
+
 def test_metrics_rows_write_non_finite_numbers_as_null():
     from pixelrun.tracking import json_row
 
