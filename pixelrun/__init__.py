@@ -9,7 +9,7 @@ ones included, and fails on an upward import or a cycle):
 1. leaves, each doing one thing and importing only ``config`` and other leaves: ``model``,
    ``objective``, ``routing``, ``sampling``, ``teachers``, ``text``, ``data``, ``images``,
    ``checkpoint``, ``distributed``, ``ema``, ``optim``, ``metrics``, ``flops``, ``shapes_score``,
-   ``tracking``, ``stats``, ``config_reference`` (the generated configuration reference page).
+   ``tracking``, ``stats``, ``locks``, ``config_reference`` (the generated configuration reference page).
 2. building what a run is made of from a config: ``build`` (device and precision, model, batch
    source, text encoder, teachers and projector, optimizer and schedule, EMA, the checkpointed
    state) and ``heldout`` (the held-out captions and images evaluations compare against).

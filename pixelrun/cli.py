@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from .config import ConfigError, TextConfig
+from .config import ConfigError, RunFailed, TextConfig
 from .data import NoUsableData
 
 
@@ -15,8 +16,10 @@ def _parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must be WxH in pixels (for example 96x64: 96 wide, 64 high), "
-                                         f"got {text!r}") from None
+        raise ConfigError("--size", f"must be WxH in pixels (for example 96x64: 96 wide, 64 high), "
+                                    f"got {text!r}") from None
+    if w < 1 or h < 1:
+        raise ConfigError("--size", f"both sides must be at least 1 pixel (WxH, e.g. 96x64), got {text!r}")
     return h, w
 
 
@@ -65,6 +68,8 @@ def _sample_overrides(args) -> list[str]:
             raise ConfigError("--steps", f"must be >= 1; got {args.steps}")
         out.append(f"sample.steps={args.steps}")
     if args.guidance is not None:
+        if not math.isfinite(args.guidance):
+            raise ConfigError("--guidance", f"must be a finite number >= 1; got {args.guidance}")
         if args.guidance < 1:
             raise ConfigError("--guidance", f"must be >= 1 (1 = no guidance; larger follows the prompt more); "
                                             f"got {args.guidance:g}")
@@ -88,6 +93,11 @@ def _read_prompts(args) -> list[str]:
             text = Path(args.prompts_file).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError("--prompts-file", f"cannot read {args.prompts_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError("--prompts-file", f"{args.prompts_file} is not a UTF-8 text file (one prompt per "
+                                                f"line)") from None
+        if "\x00" in text:
+            raise ConfigError("--prompts-file", f"{args.prompts_file} holds NUL bytes: not a text file of prompts")
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("--prompt", "give at least one prompt (--prompt TEXT, repeatable, or --prompts-file FILE)")
@@ -96,10 +106,13 @@ def _read_prompts(args) -> list[str]:
 
 def _sample_dir(out: Path) -> list[Path]:
     """`--out` holds this command's images only: a new or empty folder, or an earlier `pixelrun sample`
-    output, whose files (listed in its prompts.json) are returned, to be replaced once the new
-    images exist; anything else in it is refused, before any work."""
+    output, whose files (listed in its prompts.json) are returned: the whole folder is replaced once
+    the new images exist. Anything else in it, or the current folder, is refused, before any work."""
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", f"{out} is a file")
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise ConfigError("--out", f"{out} is the current folder or one above it; write into a new folder")
     if not out.is_dir() or not any(out.iterdir()):
         return []
     try:
@@ -115,17 +128,23 @@ def _sample_dir(out: Path) -> list[Path]:
     return [out / name for name in made]
 
 
+GRID_MAX = 64  # images on a sample grid.png; beyond this it grows too tall to open (each image has its own file)
+
+
 def cmd_sample(args) -> int:
     from tqdm import tqdm
 
+    from .checkpoint import atomic_dir
     from .images import save_grid, save_png
     from .inference import generate, load_for_inference
 
     prompts = _read_prompts(args)
+    size = _parse_size(args.size) if args.size is not None else None
     out = Path(args.out)
-    earlier = _sample_dir(out)
+    _sample_dir(out)
     model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, args.device, _sample_overrides(args))
-    h, w = args.size or (cfg.data.resolution, cfg.data.resolution)
+    encoder.warn = lambda message: None  # said once below, for this command's prompts
+    h, w = size or (cfg.data.resolution, cfg.data.resolution)
     p = model.cfg.patch_size
     if h % p or w % p:
         raise ConfigError("--size", f"{w}x{h} (WxH) is not a multiple of the patch size {p}")
@@ -133,17 +152,26 @@ def cmd_sample(args) -> int:
     with tqdm(total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="sample", unit="step", file=sys.stderr) as bar:
         images = generate(model, encoder, prompts, cfg, next(model.parameters()).device, seed=seed, height=h, width=w,
                           progress=bar)
-    for f in earlier:
-        f.unlink(missing_ok=True)
-    written = [save_png(img, out / f"{i:03d}.png") for i, img in enumerate(images)]
-    (out / "prompts.json").write_text(json.dumps({"checkpoint": str(path), "seed": seed, "steps": cfg.sample.steps,
-                                                  "guidance": cfg.sample.guidance, "guidance_mode": cfg.sample.guidance_mode,
-                                                  "size": f"{w}x{h}",
-                                                  "prompts": {f.name: p for f, p in zip(written, prompts)}}, indent=2))
-    if len(images) > 1:
-        written.append(save_grid(images, prompts, out / "grid.png"))
-    for f in written:
-        print(f)
+    if encoder.truncated:
+        print(f"note: {encoder.truncated} prompt(s) are longer than text.max_tokens={cfg.text.max_tokens} tokens and "
+              f"were cut: the model saw only their start (first: {encoder.first_truncated[:80]!r})", file=sys.stderr)
+    # Written beside `out` and swapped in whole: an interruption leaves the earlier output as it was.
+    with atomic_dir(out) as tmp:
+        names = [f"{i:03d}.png" for i in range(len(images))]
+        for name, img in zip(names, images):
+            save_png(img, tmp / name)
+        (tmp / "prompts.json").write_text(json.dumps({"checkpoint": str(path), "seed": seed, "steps": cfg.sample.steps,
+                                                      "guidance": cfg.sample.guidance,
+                                                      "guidance_mode": cfg.sample.guidance_mode, "size": f"{w}x{h}",
+                                                      "prompts": dict(zip(names, prompts))}, indent=2))
+        if len(images) > 1:
+            save_grid(images[:GRID_MAX], prompts[:GRID_MAX], tmp / "grid.png")
+            names.append("grid.png")
+    for name in names:
+        print(out / name)
+    if len(images) > GRID_MAX:
+        print(f"note: grid.png shows the first {GRID_MAX} of {len(images)} images; every image has its own file",
+              file=sys.stderr)
     return 0
 
 
@@ -493,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts-file", help="a text file with one prompt per line (added after any --prompt)")
     s.add_argument("--out", required=True, help="output folder: new, empty, or an earlier `pixelrun sample` output "
                                                 "(its files are replaced)")
-    s.add_argument("--size", type=_parse_size, help="WxH in pixels, width first, e.g. 96x64 (default: the "
+    s.add_argument("--size", help="WxH in pixels, width first, e.g. 96x64 (default: the "
                                                     "resolution the checkpoint was last trained at)")
     s.set_defaults(func=cmd_sample)
 
@@ -684,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"pixelrun: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"pixelrun: {e}", file=sys.stderr)
+        return 1
 
 
 def _quiet_libraries() -> None:

@@ -23,6 +23,11 @@ class ConfigError(ValueError):
         self.key = key
 
 
+class RunFailed(RuntimeError):
+    """Work that cannot go on for a reason its message states in one line (the CLI exits 1): a
+    training run whose updates stay non-finite, a checkpoint that cannot be written."""
+
+
 # ----------------------------------------------------------------------------- rules
 # What validation needs to know about the rest of the package lives here, as data and pure
 # functions, so this module imports no other pixelrun module (the layers: pixelrun/__init__.py).
@@ -272,6 +277,9 @@ class TrainConfig:
     # update), or fp32 (more exact; far faster on CPUs without native bf16, such as AVX2-only ones)
     muon_precision: str = "bf16"  # bf16 | fp32
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    # A step whose loss or gradient norm is not finite is skipped (no parameter, optimizer or EMA
+    # change); this many in a row stop the run, naming the step. Isolated ones are counted in the log.
+    max_nonfinite_steps: int = 3
     # auto = bf16 autocast on CUDA, fp32 on the CPU: without AVX512-BF16/AMX (AVX2-only CPUs)
     # bf16 matmuls are emulated and a CPU step is ~50x slower than fp32. Master weights are always fp32.
     precision: str = "auto"  # auto | bf16 | fp32
@@ -434,14 +442,19 @@ def _coerce(key: str, tp, value):
             return value
         raise ConfigError(key, f"expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(key, f"expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(key, f"must be a finite number; got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -532,6 +545,24 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error: PyYAML keeps
+    the last one silently, and the first is usually the one the user meant to edit."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key != "<<" and key in seen:
+                raise _DuplicateKey(f"the key {key!r} is given twice in one section (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     data: dict = {}
     if path is not None:
@@ -539,9 +570,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError("--config", f"no such file: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except UnicodeDecodeError:
+            raise ConfigError("--config", f"{p} is not a text file (not UTF-8); give a YAML config") from None
+        except OSError as e:
+            raise ConfigError("--config", f"cannot read {p}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ConfigError("--config", f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ConfigError("--config", f"{p} must hold a mapping of sections (run:, model:, train:, ...); "
+                                          f"it holds a {type(data).__name__}")
     data = _merge(data, parse_overrides(list(overrides)))
     return config_from_dict(data)
 
@@ -769,8 +808,11 @@ def validate(cfg: Config) -> None:
     if pc.max_t is not None and not 0 < pc.max_t <= 1:
         raise ConfigError("perceptual.max_t", f"must be in (0, 1] or null; got {pc.max_t}")
 
+    if not cfg.run.dir.strip():
+        raise ConfigError("run.dir", "must not be empty (it would write into the current folder); give a folder")
     t = cfg.train
     _positive("train.steps", t.steps)
+    _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
     _positive("train.batch_size", t.batch_size)
     _positive("train.lr", t.lr)
     _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)

@@ -50,6 +50,14 @@ class DistContext:
         dist.all_reduce(t)
         return {k: v / self.world_size for k, v in zip(keys, t.tolist())}
 
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """A small tensor summed over ranks, on the device (no host sync of its own)."""
+        if not self.distributed:
+            return t
+        t = t.to(self._comm_device(), torch.float32)
+        dist.all_reduce(t)
+        return t
+
     def gather_objects(self, obj) -> list:
         if not self.distributed:
             return [obj]

@@ -11,7 +11,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .build import autocast_dtype, model_from_config, text_encoder
-from .config import Config, routing_span, with_overrides
+from .config import Config, ConfigError, routing_span, with_overrides
 from .distributed import resolve_device
 from .sampling import sample, to_uint8
 
@@ -33,6 +33,10 @@ def load_for_inference(checkpoint: str, weights: str = "ema", device: str = "aut
     encoder = text_encoder(cfg, dev)
     model = model_from_config(cfg, text_dim)
     ckpt.load_weights(path, model, weights)
+    bad = ckpt.first_nonfinite(model.state_dict())
+    if bad is not None:  # images from such weights are black or noise: refuse rather than write them
+        raise ConfigError("--checkpoint", f"the {weights} weights of {path} hold non-finite values ({bad}); they "
+                                          f"cannot make images: use an earlier checkpoint")
     return model.to(dev).eval().requires_grad_(False), encoder, cfg, path
 
 

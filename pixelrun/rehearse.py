@@ -219,7 +219,7 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-_NOT_LOSSES = {"step", "grad_norm", "lr", "images_per_s"}
+_NOT_LOSSES = {"step", "grad_norm", "lr", "images_per_s", "skipped_steps"}
 
 
 def build_report(cfg: Config, run: Path, resumed: Path, from_step: int, first: dict) -> dict:

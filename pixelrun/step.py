@@ -152,12 +152,24 @@ def training_step(model, batch: Batch, text, text_mask, null_text, null_mask, no
     return StepResult(loss, terms)
 
 
+def update_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, ctx) -> bool:
+    """Whether the loss of every rank and the global gradient norm are finite. The one host sync of
+    a step that is not a logging step: the update must not run on a non-finite gradient, and
+    skipping it exactly (parameters, optimizer moments and step counts, EMA all untouched) needs the
+    answer before the optimizer runs. Under torchrun the ranks agree through one small all-reduce,
+    so they all skip or all step."""
+    bad = (~torch.isfinite(loss.detach())).float() + (~torch.isfinite(grad_norm.detach())).float()
+    return ctx.sum_over_ranks(bad).item() == 0
+
+
 def train_step(st: TrainState, source, encoder, null_text, null_mask, cfg: Config, step: int, micro: int,
-               accum: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+               accum: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """One optimizer step: `accum` micro-batches of `micro` images from `source` (forward, backward,
     gradients reduced across ranks on the last one only), clipping by the global norm, the
     optimizer, the schedule and the EMA. Returns the loss terms averaged over the micro-batches, on
-    the device (no host sync), and the gradient norm before clipping."""
+    the device, the gradient norm before clipping, and whether the update was applied: a step whose
+    loss or gradient norm is not finite changes no parameter, optimizer state or EMA (the schedule
+    still advances: it counts steps)."""
     ctx, device = st.ctx, st.ctx.device
     terms: dict[str, torch.Tensor] = {}
     for m in range(accum):
@@ -173,8 +185,11 @@ def train_step(st: TrainState, source, encoder, null_text, null_mask, cfg: Confi
         for k, v in {"loss": result.loss, **result.terms}.items():
             terms[k] = terms.get(k, 0.0) + v.detach() / accum
     grad_norm = clip_gradients(st.trained_params, cfg.train.grad_clip or math.inf)
-    st.opt.step()
+    applied = update_is_finite(terms["loss"], grad_norm, ctx)
+    if applied:
+        st.opt.step()
     st.opt.zero_grad(set_to_none=True)
     st.sched.step()
-    st.ema.maybe_update(st.model, step)
-    return terms, grad_norm
+    if applied:
+        st.ema.maybe_update(st.model, step)
+    return terms, grad_norm, applied

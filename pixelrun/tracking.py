@@ -11,8 +11,9 @@ only the main rank writes, the others get a sink that does nothing)::
     tracker.close()
 
 * ``metrics.jsonl``: one JSON object per call, ``{"step": step, **values}`` with the keys as given
-  (no prefix). A resumed run (``start_step > 0``) first drops the rows past its checkpoint and any
-  torn last line, so the file reads as one uninterrupted run.
+  (no prefix); a non-finite number is written as ``null``. A resumed run (``start_step > 0``)
+  first drops the rows past its checkpoint and any torn last line, so the file reads as one
+  uninterrupted run.
 * TensorBoard (``run_dir/tensorboard``): each value as ``prefix + key``; resuming purges the events
   past ``start_step``; the resolved config as the text ``config``.
 * W&B (``log.wandb``; ``log.wandb_project``, ``log.wandb_name`` (default: the run directory's
@@ -25,6 +26,7 @@ only the main rank writes, the others get a sink that does nothing)::
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from pathlib import Path
 
@@ -48,6 +50,19 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
+
+
+def json_row(row):
+    """A row (or any nest of dicts and lists) that is valid JSON: a NaN or an infinity (a step whose
+    update was skipped) becomes null (JSON has no such numbers; Python would write bare NaN /
+    Infinity that other readers reject)."""
+    if isinstance(row, float) and not math.isfinite(row):
+        return None
+    if isinstance(row, dict):
+        return {k: json_row(v) for k, v in row.items()}
+    if isinstance(row, (list, tuple)):
+        return [json_row(v) for v in row]
+    return row
 
 
 class Tracker:
@@ -77,7 +92,7 @@ class Tracker:
         if not self.enabled:
             return
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.write(json.dumps(json_row({"step": step, **values}), allow_nan=False) + "\n")
         for k, v in values.items():
             self.writer.add_scalar(prefix + k, v, step)
         if self.wandb_run is not None:

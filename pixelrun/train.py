@@ -9,7 +9,6 @@ every loss term by name, is pixelrun/step.py.
 from __future__ import annotations
 
 import json
-import math
 import signal
 import sys
 import time
@@ -31,15 +30,26 @@ from .build import (
     muon_precision_warning,
     text_encoder,
 )
-from .config import Config, batch_split, model_fields, routing_span, stage_plan, to_dict, to_yaml, with_overrides
+from .config import (
+    Config,
+    RunFailed,
+    batch_split,
+    model_fields,
+    routing_span,
+    stage_plan,
+    to_dict,
+    to_yaml,
+    with_overrides,
+)
 from .data import Prefetcher
 from .distributed import DistContext, process_group
 from .evaluate import Evaluator, applicable_metrics, describe_metrics, flat_metrics
 from .images import save_grid, save_png
 from .inference import generate
+from .locks import folder_lock
 from .model import ModelConfig, count_parameters
 from .step import train_step
-from .tracking import Tracker
+from .tracking import Tracker, json_row
 from .validation import ValidationLoss
 
 
@@ -57,14 +67,20 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
         return run_training(cfg, ctx, stop_at_step)
 
 
+class TrainingStopped(RunFailed):
+    """The run cannot go on (its updates stay non-finite, its state would be saved non-finite): one line."""
+
+
 def run_training(cfg: Config, ctx: DistContext, stop_at_step: int | None = None) -> dict:
-    """The whole run in an existing process group (the rehearsal runs two in one)."""
-    run = open_run(cfg, ctx)
-    try:
-        stopped = train_stages(run, stop_at_step)
-        return finish(run, stopped)
-    finally:
-        run.tracker.close()
+    """The whole run in an existing process group (the rehearsal runs two in one), holding the run
+    directory's lock (rank 0 takes it: the ranks of one run share the directory)."""
+    with folder_lock(cfg.run.dir, "run.dir", "pixelrun train", enabled=ctx.is_main):
+        run = open_run(cfg, ctx)
+        try:
+            stopped = train_stages(run, stop_at_step)
+            return finish(run, stopped)
+        finally:
+            run.tracker.close()
 
 
 # ----------------------------------------------------------------------------- the run's parts
@@ -95,6 +111,9 @@ class Run:
     clock: tuple[float, int] = (0.0, 0)  # (time, step) images/s is measured from
     train_seconds: float = 0.0  # time in training steps over every session (no grids, evaluations, saves)
     flops_per_image: float = 0.0  # log.flops_per_image, or the denoiser's analytic count
+    nonfinite_in_row: int = 0  # consecutive steps skipped for a non-finite loss or gradient norm
+    skipped_steps: int = 0  # all such steps of the run, resumed sessions included
+    saved_step: int = -1  # the step of the checkpoint this session wrote last
 
     def say(self, *lines: str) -> None:
         if self.ctx.is_main:
@@ -109,8 +128,9 @@ def open_run(cfg: Config, ctx: DistContext) -> Run:
     splits = [batch_split(c, ctx.world_size) for _, _, c in plan]  # config errors before any work
     say = tqdm.write if ctx.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run.dir)
-    latest = ckpt.latest_checkpoint(run_dir) if cfg.run.resume else None
-    meta = ckpt.load_meta(latest) if latest is not None else None
+    if ctx.is_main:  # the run's lock is held: a temporary folder here is a save that died
+        ckpt.remove_stale(run_dir)
+    latest, meta = ckpt.verified_latest(run_dir, ctx, say) if cfg.run.resume else (None, None)
     init_src = ckpt.resolve_checkpoint(cfg.run.init_from) if cfg.run.init_from and meta is None else None
     for line in check_resume(cfg, meta["config"], latest) if meta is not None else []:
         say(line)
@@ -142,7 +162,8 @@ def open_run(cfg: Config, ctx: DistContext) -> Run:
     tracker = Tracker(cfg, run_dir, start_step=step, enabled=ctx.is_main)
     run = Run(cfg, ctx, plan, splits, run_dir, st, encoder, null_text, null_mask, evaluator, validation, tracker,
               step, meta, start_step=step, train_seconds=float((meta or {}).get("train_seconds", 0.0)),
-              flops_per_image=cfg.log.flops_per_image or analytic_flops_per_image(cfg, encoder.dim))
+              flops_per_image=cfg.log.flops_per_image or analytic_flops_per_image(cfg, encoder.dim),
+              skipped_steps=(meta or {}).get("skipped_steps", 0), saved_step=step if meta is not None else -1)
     if ctx.is_main:
         write_json(run_dir / "provenance.json", provenance(ctx.device))
     _describe(run)
@@ -191,10 +212,11 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
             run.clock = (time.time(), run.step)
             while run.step < s1 and stopped is None:
                 began = time.time()
-                terms, grad_norm = train_step(run.st, run.source, run.encoder, run.null_text, run.null_mask, scfg,
-                                              run.step, micro, accum)
+                terms, grad_norm, applied = train_step(run.st, run.source, run.encoder, run.null_text, run.null_mask,
+                                                       scfg, run.step, micro, accum)
                 run.step += 1
                 bar.update(1)
+                count_nonfinite(run, applied, terms, grad_norm)
                 logged = log_step(run, terms, grad_norm, bar)
                 # CUDA runs ahead of the host by a step or two at most, and the logged steps wait for
                 # it (their .item()), so the sum over steps is the training time
@@ -244,10 +266,30 @@ def log_step(run: Run, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, 
     since, at = run.clock
     images_per_s = (run.step - at) * run.splits[run.stage_index][0] / max(time.time() - since, 1e-9)
     row = {**values, "grad_norm": grad_norm.item(), "lr": run.st.sched.used[0], "images_per_s": images_per_s,
-           "train_seconds": run.train_seconds}
+           "train_seconds": run.train_seconds, "skipped_steps": run.skipped_steps}
     run.tracker.scalars(run.step, row, prefix="train/")
     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{images_per_s:.0f}")
     return True
+
+
+def count_nonfinite(run: Run, applied: bool, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+    """Count a skipped step and say so; train.max_nonfinite_steps of them in a row stop the run
+    (TrainingStopped) before anything else happens, so nothing of the diverged steps is saved."""
+    if applied:
+        run.nonfinite_in_row = 0
+        return
+    run.nonfinite_in_row += 1
+    run.skipped_steps += 1
+    limit = run.cfg.train.max_nonfinite_steps
+    what = f"loss {terms['loss'].item():g}, gradient norm {grad_norm.item():g}"
+    if run.nonfinite_in_row >= limit:
+        last = ckpt.latest_checkpoint(run.run_dir)
+        raise TrainingStopped(f"training stopped at step {run.step}: the loss or gradient norm was not finite for "
+                              f"{limit} steps in a row ({what}; train.max_nonfinite_steps={limit}); nothing of them "
+                              f"was applied or saved; the last checkpoint is {last or 'none'}. Lower train.lr or raise "
+                              f"train.warmup_steps, then run again")
+    run.say(f"step {run.step}: not finite ({what}); the update was skipped ({run.nonfinite_in_row} in a row, "
+            f"{limit} stop the run)")
 
 
 def after_step(run: Run, scfg: Config) -> None:
@@ -267,17 +309,29 @@ def after_step(run: Run, scfg: Config) -> None:
 # ----------------------------------------------------------------------------- what happens between steps
 
 def save(run: Run) -> Path:
-    """A checkpoint of this step: every stateful part, and where each rank's data stands."""
+    """A checkpoint of this step: every stateful part, and where each rank's data stands. Never of a
+    non-finite state (TrainingStopped instead), and once per step."""
     st = run.st
+    final = ckpt.checkpoint_root(run.run_dir) / f"step_{run.step:08d}"
+    if run.saved_step == run.step:
+        return final
+    tensors = st.state_dicts()
+    bad = ckpt.first_nonfinite(tensors, run.ctx)
+    if bad is not None:
+        raise TrainingStopped(f"training stopped at step {run.step}: {bad} holds non-finite values, so no checkpoint "
+                              f"was written; the last checkpoint is {ckpt.latest_checkpoint(run.run_dir) or 'none'}")
     meta = {
         "step": run.step, "stage": run.stage_index, "scheduler": st.sched.state_dict(),
         "torch_rng": torch.get_rng_state(), "data": run.ctx.gather_objects(run.source.state_dict()),
         "world_size": run.ctx.world_size, "trainable": sorted(st.trainable.keys()),
         "optimizer_kind": run.cfg.train.optimizer, "config": to_dict(run.cfg), "text_dim": run.encoder.dim,
         "train_seconds": run.train_seconds,
+        "skipped_steps": run.skipped_steps,
     }
-    return ckpt.save_checkpoint(run.run_dir, run.step, st.state_dicts(), meta, to_yaml(run.cfg),
-                                run.cfg.train.keep_checkpoints, run.ctx)
+    path = ckpt.save_checkpoint(run.run_dir, run.step, tensors, meta, to_yaml(run.cfg), run.cfg.train.keep_checkpoints,
+                                run.ctx)
+    run.saved_step = run.step
+    return path
 
 
 def sample_grid(run: Run, scfg: Config, name: str) -> Path:
@@ -361,19 +415,9 @@ def write_json(path: Path, data) -> Path:
     stays JSON that every reader parses."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=1) + "\n")
+    tmp.write_text(json.dumps(json_row(data), indent=1, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def provenance(device) -> dict:

@@ -12,7 +12,8 @@ PACKAGE = Path(pixelrun.__file__).parent
 LAYERS = {
     0: {"config"},
     1: {"model", "objective", "routing", "sampling", "teachers", "text", "data", "images", "checkpoint",
-        "distributed", "ema", "optim", "metrics", "flops", "shapes_score", "tracking", "stats", "config_reference"},
+        "distributed", "ema", "optim", "metrics", "flops", "shapes_score", "tracking", "stats", "locks",
+        "config_reference"},
     2: {"build", "heldout"},
     3: {"step", "inference", "validation"},
     4: {"train", "evaluate", "bench", "projection", "rehearse", "export_diffusers", "ablate", "report"},

@@ -162,9 +162,12 @@ def test_sample_flags_fail_as_one_line_naming_the_flag(tiny_run, tmp_path, capsy
     if not torch.cuda.is_available():
         assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--device", "cuda"]) == 2
         _one_line_error(capsys, "--device", "CUDA is not available")
-    with pytest.raises(SystemExit):  # argparse's own: not WxH
-        main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--size", "big"])
-    capsys.readouterr()
+    for size in ("big", "0x0", "32x-8"):
+        assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--size", size]) == 2
+        _one_line_error(capsys, "--size", repr(size))
+    assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--guidance", "nan"]) == 2
+    _one_line_error(capsys, "--guidance", "finite")
+    assert not Path(out).exists()
 
 
 def test_sample_out_holds_only_this_call_and_prompts_file(tiny_run, tmp_path, capsys):

@@ -17,6 +17,7 @@ from webdataset import TarWriter
 
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, aspect_buckets, load_config, parse_captions
+from pixelrun.data import NoUsableData
 from pixelrun.data.buckets import resize_to_bucket, to_tensor
 from pixelrun.data.convert import convert
 from pixelrun.data.folder import load_rgb
@@ -216,7 +217,7 @@ def test_all_broken_raises_and_too_few_shards(tmp_path):
     (tmp_path / "d").mkdir()
     with TarWriter(str(tmp_path / "d" / "a.tar")) as w:
         w.write({"__key__": "x", "txt": "no image"})
-    with pytest.raises(RuntimeError, match="no usable sample"):
+    with pytest.raises(NoUsableData, match="no usable sample"):
         next(ShardBatchSource(str(tmp_path / "d"), 2, [(32, 32)]))
     with pytest.raises(ConfigError, match="data.path: 1 shard.* cannot be split over 2 ranks"):
         ShardBatchSource(str(tmp_path / "d"), 2, [(32, 32)], rank=1, world_size=2)

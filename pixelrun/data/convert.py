@@ -38,6 +38,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -54,12 +55,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..config import ConfigError, TextConfig, aspect_buckets
+from ..locks import folder_lock
 from . import SourceImage
 from .buckets import nearest_bucket, resize_to_bucket
 from .folder import DEFAULT_MAX_PIXELS, ImageFolder, load_rgb, read_size
 from .shards import (
     EMBEDDING_STORAGE,
     INDEX_FILE,
+    PARTIAL_DIR,
     caption_fields,
     embedding_member,
     expand_shards,
@@ -73,7 +76,7 @@ EMBEDDING_DTYPES = tuple(EMBEDDING_STORAGE)  # bfloat16 (default), float16, floa
 _MANIFEST_IMAGE_KEYS = ("file", "image", "file_name")  # as ImageFolder's captions.jsonl
 _PRIMARY_CAPTION_KEYS = ("caption", "text")
 _CHUNK = 64  # samples whose captions are encoded together
-_PARTIAL = ".partial"  # where shards are written until the conversion completes
+_PARTIAL = PARTIAL_DIR  # where shards are written until the conversion completes
 _NAMES_KEPT = 100  # names of skipped rows kept per reason in index.json
 NO_CAPTION = "without a caption"
 
@@ -261,9 +264,8 @@ def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, 
     encodes in that many processes (the shards are byte for byte the same). Every check of the
     arguments and the source's columns happens before any work. The shards are written under
     `out/.partial/` and moved into `out` only when all are complete, `index.json` last, so an
-    interrupted or failed conversion never leaves shards that look finished."""
-    from webdataset import ShardWriter
-
+    interrupted or failed conversion never leaves shards that look finished. One conversion at a time
+    writes to `out` (a second is refused, naming --out)."""
     log = log or (lambda line: print(line, file=sys.stderr))
     src, out = str(src), Path(out)
     if image_format not in IMAGE_FORMATS:
@@ -275,8 +277,44 @@ def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, 
     if limit is not None and limit < 1:
         raise ConfigError("--limit", f"must be >= 1; got {limit}")
     buckets = aspect_buckets(resolution, patch)
-    if out.is_dir() and any(out.glob("*.tar")):
-        raise FileExistsError(f"{out} already holds .tar shards; convert into an empty folder")
+    with folder_lock(out, "--out", "pixelrun data convert"):
+        removed = _remove_interrupted(out)
+        if removed:
+            log(f"removed {removed} shard(s) left in {out} by a conversion that was stopped while moving them into place")
+        if any(out.glob("*.tar")):
+            raise FileExistsError(f"{out} already holds .tar shards; convert into an empty folder")
+        return _convert_locked(src, out, resolution, patch, shard_size, image_format, text_encoder, max_tokens,
+                               progress, workers, captions, image_column, limit, split, embedding_dtype, max_pixels,
+                               buckets, log)
+
+
+def _remove_interrupted(out: Path) -> int:
+    """The shards an interrupted final move left in `out`: named in `.partial/index.json` (written
+    before any shard moves) while `out` has no index.json of its own. Removes them and `.partial/`;
+    returns how many shards were removed."""
+    partial = out / _PARTIAL
+    if not partial.is_dir():
+        return 0
+    moved = 0
+    if not (out / INDEX_FILE).is_file():
+        try:
+            names = json.loads((partial / INDEX_FILE).read_text())["shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            names = []
+        for name in names:
+            if (out / name).is_file() and not (partial / name).exists():
+                (out / name).unlink()
+                moved += 1
+    shutil.rmtree(partial)
+    return moved
+
+
+def _convert_locked(src: str, out: Path, resolution: int, patch: int, shard_size: int, image_format: str,
+                    text_encoder: str | None, max_tokens: int, progress: bool, workers: int, captions: str | None,
+                    image_column: str | None, limit: int | None, split: str, embedding_dtype: str, max_pixels: int,
+                    buckets, log) -> dict:
+    from webdataset import ShardWriter
+
     source = _open_source(src, captions, image_column, split, limit, log)
 
     encoder = None
@@ -289,8 +327,6 @@ def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, 
             f"{format_bytes(per_text)} per caption text (stored trimmed to its tokens; the average per sample is "
             f"printed at the end)")
     partial = out / _PARTIAL
-    if partial.exists():  # left by an interrupted conversion
-        shutil.rmtree(partial)
     partial.mkdir(parents=True)
     try:
         written, stats = _write(source, partial, buckets, image_format, shard_size, encoder, embedding_dtype,
@@ -304,9 +340,6 @@ def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, 
         why = skip_text(source.skips.counts, source.skips.names, stats["read"])
         raise ValueError(f"no image of {src} could be used ({why})")
     disk = sum((partial / name).stat().st_size for name in shards)
-    for name in shards:
-        (partial / name).rename(out / name)
-    partial.rmdir()
     skips = source.skips
     image_skips = [n for reason, names in skips.names.items() if reason != NO_CAPTION for n in names]
     index = {
@@ -324,10 +357,23 @@ def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, 
             "dim": encoder.dim, "dtype": embedding_dtype, "member": "KEY.emb.FIELD.npy",
             "stored_as": str(np.dtype(EMBEDDING_STORAGE[embedding_dtype]))},
     }
-    tmp = out / f".{INDEX_FILE}.tmp"
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.rename(out / INDEX_FILE)
+    _move_into_place(partial, out, shards, index)
     return index
+
+
+def _move_into_place(partial: Path, out: Path, shards: list[str], index: dict) -> None:
+    """`index.json` first into `.partial/` (it names the shards about to move), then the shards into
+    `out`, then index.json: a folder is a finished conversion exactly when it has index.json and no
+    `.partial/`. Interrupted midway, training refuses the folder and the next conversion removes
+    what was moved."""
+    with open(partial / INDEX_FILE, "w") as f:
+        f.write(json.dumps(index, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    for name in shards:
+        (partial / name).rename(out / name)
+    (partial / INDEX_FILE).rename(out / INDEX_FILE)
+    partial.rmdir()
 
 
 def _write(source: _Source, partial: Path, buckets, image_format: str, shard_size: int, encoder, embedding_dtype: str,

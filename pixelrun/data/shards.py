@@ -38,7 +38,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from ..config import ConfigError, parse_captions
-from . import Batch, ustar
+from . import Batch, NoUsableData, ustar
 from .batching import BucketedBatchSource
 from .buckets import resize_to_bucket, stack_images, to_array
 from .folder import DEFAULT_MAX_PIXELS, load_rgb, read_size
@@ -65,6 +65,7 @@ def expand_shards(spec: str) -> list[str]:
     """The shard URLs of a `data.path` spec: a folder's `*.tar` files in name order, or the spec's
     brace / `::` expansion (webdataset's own). Local shards must exist, so a typo fails at start."""
     if os.path.isdir(spec):
+        check_finished(Path(spec))
         urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
         if not urls:
             raise FileNotFoundError(f"no .tar shards in the folder {spec}")
@@ -75,6 +76,28 @@ def expand_shards(spec: str) -> list[str]:
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"shard {url} does not exist (expanded from {spec!r})")
     return urls
+
+
+PARTIAL_DIR = ".partial"  # where `pixelrun data convert` writes until its output is complete
+
+
+def check_finished(folder: Path) -> None:
+    """Refuse a folder that `pixelrun data convert` did not finish: its `.partial/` is still there
+    (it was stopped while writing or while moving the shards into place), or its `index.json` names
+    shards that are missing. A folder of shards written by other tools (no index.json) is used as
+    it is."""
+    if (folder / PARTIAL_DIR).is_dir():
+        raise FileNotFoundError(f"{folder} holds an unfinished `pixelrun data convert` ({PARTIAL_DIR}/ is still there"
+                                f"{'' if (folder / INDEX_FILE).is_file() else ' and there is no index.json'}): run "
+                                f"the same conversion again")
+    try:
+        listed = json.loads((folder / INDEX_FILE).read_text()).get("shards") or []
+    except (OSError, ValueError, AttributeError):
+        return
+    missing = [name for name in listed if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}/{INDEX_FILE} lists {len(listed)} shards and {len(missing)} of them are "
+                                f"missing (first: {missing[0]}): convert again, or restore them")
 
 
 def _reraise(exn: Exception) -> bool:
@@ -359,7 +382,7 @@ class ShardBatchSource(BucketedBatchSource):
             share = self._epoch_share(self.epoch, len(self.urls))
             if self.shard_cursor >= len(share):
                 if self._good == 0:
-                    raise RuntimeError(f"no usable sample in this rank's shards of {self.spec} "
+                    raise NoUsableData(f"no usable sample in this rank's shards of {self.spec} "
                                        f"(first failures: {self.skipped_paths[:5]})")
                 self.epoch, self.shard_cursor, self.ordinal, self._good = self.epoch + 1, 0, 0, 0
                 continue
