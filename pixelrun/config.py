@@ -262,8 +262,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon for the 2-D weights inside blocks, AdamW for the rest)
     muon_lr: float | None = None  # null = train.lr (the update is RMS-matched to AdamW, so one lr serves both)
     muon_momentum: float = 0.95
-    # Newton-Schulz precision: bf16 as torch.optim.Muon runs it (tensor cores on GPUs; bitwise torch's
-    # update), or fp32 (more exact; far faster on CPUs without native bf16, such as AVX2-only ones)
+    # Newton-Schulz precision: bf16 as torch.optim.Muon runs it (tensor cores on GPUs; torch's update bit for bit
+    # on the CPU), or fp32 (more exact; far faster on CPUs without native bf16, such as AVX2-only ones)
     muon_precision: str = "bf16"  # bf16 | fp32
     grad_clip: float = 1.0
     # auto = bf16 autocast on CUDA, fp32 on the CPU: without AVX512-BF16/AMX (this 2-core AVX2 machine)
