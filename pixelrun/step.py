@@ -10,6 +10,7 @@ and the rehearsal all step through here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -153,11 +154,13 @@ def training_step(model, batch: Batch, text, text_mask, null_text, null_mask, no
 
 
 def train_step(st: TrainState, source, encoder, null_text, null_mask, cfg: Config, step: int, micro: int,
-               accum: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+               accum: int, after_backward: Callable[[], None] | None = None
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step: `accum` micro-batches of `micro` images from `source` (forward, backward,
     gradients reduced across ranks on the last one only), clipping by the global norm, the
     optimizer, the schedule and the EMA. Returns the loss terms averaged over the micro-batches, on
-    the device (no host sync), and the gradient norm before clipping."""
+    the device (no host sync), and the gradient norm before clipping. `after_backward` is called
+    between the last backward and the clipping: where `pixelrun bench` splits its clock."""
     ctx, device = st.ctx, st.ctx.device
     terms: dict[str, torch.Tensor] = {}
     for m in range(accum):
@@ -172,6 +175,8 @@ def train_step(st: TrainState, source, encoder, null_text, null_mask, cfg: Confi
         (result.loss / accum).backward()
         for k, v in {"loss": result.loss, **result.terms}.items():
             terms[k] = terms.get(k, 0.0) + v.detach() / accum
+    if after_backward is not None:
+        after_backward()
     grad_norm = clip_gradients(st.trained_params, cfg.train.grad_clip or math.inf)
     st.opt.step()
     st.opt.zero_grad(set_to_none=True)

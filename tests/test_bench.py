@@ -49,6 +49,26 @@ def test_bench_reports_flops(tmp_path):
     assert routed["model_flops_per_image"] < dense["model_flops_per_image"]
 
 
+def test_bench_steps_through_the_training_step(monkeypatch):
+    """The bench times training's own step (`train_step` on `build_state`'s state): sharded with
+    FSDP2 on a process group of one, the schedule stepped once per step, the configured optimizer."""
+    import pixelrun.bench as bench
+    from pixelrun.distributed import is_sharded
+
+    seen, real = [], bench.train_step
+
+    def spy(st, *args, **kwargs):
+        out = real(st, *args, **kwargs)
+        seen.append((is_sharded(st.model), st.sched.last_epoch, type(st.opt).__name__))
+        return out
+
+    monkeypatch.setattr(bench, "train_step", spy)
+    r = bench.time_steps(load_config(None, [*TINY, "train.optimizer=muon"]), text_dim=8, steps=2, warmup=1,
+                         text_tokens=5, count_flops=False)
+    assert seen == [(True, 1, "MuonAdamW"), (True, 2, "MuonAdamW"), (True, 3, "MuonAdamW")]
+    assert r["sharded"] == "FSDP2 over 1 rank(s)" and len(r["step_seconds"]) == 2
+
+
 def test_bench_activation_checkpointing_counts_model_flops_only():
     report = run_bench(None, [*TINY, "parallel.activation_checkpointing=true"], variants=["routed"], steps=1, warmup=0,
                        text_dim=8, text_tokens=5, out=None)
