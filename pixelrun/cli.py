@@ -304,9 +304,9 @@ def cmd_presets(args) -> int:
 # What `pixelrun bench` prints for each variant; its --help lists the same keys from here. --out
 # keeps these and more (every step's time, FLOPs by part, the resolved config).
 BENCH_SUMMARY: dict[str, str] = {
-    "step_seconds_median": "median training step: forward, backward, gradient clipping, optimizer",
+    "step_seconds_median": "median training step (training's own: FSDP2, optimizer, schedule, EMA)",
     "forward_backward_seconds_median": "its draws, model, loss terms and backward",
-    "optimizer_seconds_median": "its gradient clipping and optimizer step",
+    "optimizer_seconds_median": "its gradient clipping, optimizer step, schedule and EMA",
     "step_time_vs_dense": "step time / the dense variant's (when dense runs)",
     "images_per_s": "",
     "image_tokens_per_s": "",
