@@ -358,7 +358,8 @@ def run_tiny(work: Path) -> None:
     run_dir = work / "tiny-run"
     over = [f"run.dir={run_dir}", f"train.steps={SIZES.tiny_steps}", f"train.device={DEVICE}",
             f"text.encoder={text_encoder_spec(work)}", "train.sample_every=0", "eval.val_images=0",
-            *(["eval.metrics=[]", "sample.steps=2", "sample.grid_prompts=1"] if DRY else ["eval.prompts=16"])]
+            *([*SIZES.model, "train.batch_size=2", "eval.metrics=[]", "sample.steps=2", "sample.grid_prompts=1"]
+              if DRY else ["eval.prompts=16"])]
     cli("train", *over)
     cli("sample", "--checkpoint", str(run_dir), "--prompt", "a red circle", "--out", str(work / "tiny-sample"),
         "--device", DEVICE, *(["--steps", "2"] if DRY else []))
