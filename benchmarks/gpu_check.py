@@ -172,9 +172,11 @@ def run_bench_part(name: str, optimizer: str, batch: int) -> Callable[[Path], No
 
         s = SIZES
         print(f"$ pixelrun bench {' '.join(bench_overrides(optimizer, batch))} --variants dense,routed "
-              f"--steps {s.steps} --warmup {s.warmup} --text-dim {s.text_dim} --text-tokens {s.text_tokens}", flush=True)
+              f"--steps {s.steps} --warmup {s.warmup} --text-dim {s.text_dim} --text-tokens {s.text_tokens}",
+              flush=True)
         report = run_bench(None, bench_overrides(optimizer, batch), variants=["dense", "routed"], steps=s.steps,
-                           warmup=s.warmup, text_dim=s.text_dim, text_tokens=s.text_tokens, out=str(work / f"{name}.json"))
+                           warmup=s.warmup, text_dim=s.text_dim, text_tokens=s.text_tokens,
+                           out=str(work / f"{name}.json"))
         for v, r in report["results"].items():
             print(f"{name} {v}: {r['step_seconds_median'] * 1e3:.1f} ms/step, {r['images_per_s']:.1f} images/s, "
                   f"MFU {r['mfu'] if r['mfu'] is None else format(r['mfu'], '.1%')}", flush=True)
@@ -253,7 +255,8 @@ def newton_schulz_numbers(work: Path) -> dict[str, Number]:
 
 
 # The dry run shrinks the speedrun config to a toy with networks that are on this machine.
-DRY_PROJECTION = ["model.preset=tiny", *SIZES.model, "data.buckets=false", "text.encoder=minilm", "text.max_tokens=4", "repa.teacher=efficientnet-lite0",
+DRY_PROJECTION = ["model.preset=tiny", *SIZES.model, "data.buckets=false", "text.encoder=minilm", "text.max_tokens=4",
+                  "repa.teacher=efficientnet-lite0",
                   "repa.block=1", "repa.hidden=16", "perceptual.dino_teacher=efficientnet-lite0", "routing.start=null",
                   "routing.end=null", "train.precision=fp32", "train.muon_precision=fp32", "parallel.compile=false",
                   "stages=[{name: s1, steps: 10, resolution: 48, global_batch_size: 32, batch_size: 1}, "

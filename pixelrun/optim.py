@@ -18,9 +18,9 @@ AdamW group, so the training loop keeps a single `step()`, `zero_grad()`, `state
 The Muon update is written out here (not wrapped from `torch.optim.Muon`) so that the
 orthogonalisation is its own function. `orthogonalize_many` runs Newton-Schulz on many matrices
 at once: matrices of the same shape are stacked and go through one batched matmul chain, so the
-112 block matrices of the 1.2B model take 6 chains instead of 112. The FSDP2 path calls it on the whole matrices each owner rank gathers (`muon_step`
-on DTensor parameters; `_orthogonalize_sharded` for the communication, `balanced_owners` for who
-owns what).
+112 block matrices of the 1.2B model take 6 chains instead of 112. The FSDP2 path calls it on the
+whole matrices each owner rank gathers (`muon_step` on DTensor parameters; `_orthogonalize_sharded`
+for the communication, `balanced_owners` for who owns what).
 
 Precision: Newton-Schulz runs in bfloat16 by default (`train.muon_precision: bf16`), as
 `torch.optim.Muon` hard-codes (torch/optim/_muon.py, `_zeropower_via_newtonschulz`:

@@ -185,7 +185,8 @@ def test_projection_of_a_staged_run(tmp_path):
         assert s["measured"]["batch_size"] == s["micro_batch"] and s["measured"]["kept_tokens"] < \
             s["measured"]["image_tokens"]  # TREAD on, as configured
     assert r["hours"] == pytest.approx(low["hours"] + high["hours"])
-    assert r["hours_stored_embeddings"] == pytest.approx(low["hours_stored_embeddings"] + high["hours_stored_embeddings"])
+    assert r["hours_stored_embeddings"] == pytest.approx(low["hours_stored_embeddings"]
+                                                         + high["hours_stored_embeddings"])
     assert r["seed"] == {"hours": 24.0, "gpus": 32, "gpu": "H200", "dollars": 1500.0, "gpu_hours": 768.0}
     text = format_projection(r)
     for needle in ("low: 1,000 steps", "high: 200 steps", "loader must deliver", "the seed's figure: 24 h on 32 H200s",
