@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -101,8 +101,10 @@ def in_child(fn: Callable[[], None], seconds: float) -> tuple[int, float]:
         try:
             fn()
             rc = 0
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
+        except SystemExit as e:  # a message instead of a status is printed and fails
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, flush=True)
+            rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         except BaseException:
             traceback.print_exc()
         finally:
@@ -155,7 +157,6 @@ class Part:
     min_s: float  # skipped when less is left
     run: Callable[[Path], None]  # writes its files into the work folder
     numbers: Callable[[Path], dict[str, Number]]  # read back from them
-    result: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- the parts
@@ -346,7 +347,8 @@ def train_numbers(work: Path) -> dict[str, Number]:
             "resumed_checkpoint_step": Number(
                 float(stop) if (work / "train-run" / "checkpoints" / f"step_{stop:08d}").is_dir() else None,
                 ("==", stop)),
-            "steps_logged_after_resume": Number(sum(s > stop for s in steps), ("==", end - stop)),
+            # a resume logs steps stop+1..end after 1..stop; a restart from scratch would log more
+            "steps_logged": Number(float(len(steps)), ("==", end)),
             "losses_finite": Number(float(all(math.isfinite(x) for x in losses)), ("==", 1)),
             "final_loss": Number(losses[-1]),
             "images_per_s_median": Number(rate),
