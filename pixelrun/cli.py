@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -416,9 +417,9 @@ def cmd_presets(args) -> int:
 # What `pixelrun bench` prints for each variant; its --help lists the same keys from here. --out
 # keeps these and more (every step's time, FLOPs by part, the resolved config).
 BENCH_SUMMARY: dict[str, str] = {
-    "step_seconds_median": "median training step: forward, backward, gradient clipping, optimizer",
+    "step_seconds_median": "median training step (training's own: FSDP2, optimizer, schedule, EMA)",
     "forward_backward_seconds_median": "its draws, model, loss terms and backward",
-    "optimizer_seconds_median": "its gradient clipping and optimizer step",
+    "optimizer_seconds_median": "its gradient clipping, optimizer step, schedule and EMA",
     "step_time_vs_dense": "step time / the dense variant's (when dense runs)",
     "images_per_s": "",
     "image_tokens_per_s": "",
@@ -698,8 +699,27 @@ first 100 of each. The last line is the training command for the shards, quoted 
     return ap
 
 
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse, with `key=value` overrides accepted anywhere on the line, before or after flags:
+    argparse fills the `overrides` positional from the first run of positionals only, so the later
+    ones come back unrecognised and join it here. Anything else unrecognised is argparse's error."""
+    args, rest = parser.parse_known_args(argv)
+    extra = [a for a in rest if _OVERRIDE.match(a)]
+    unknown = [a for a in rest if not _OVERRIDE.match(a)]
+    if extra and not hasattr(args, "overrides"):
+        unknown = rest  # this subcommand takes no overrides
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     _quiet_libraries()
     try:
         return args.func(args)

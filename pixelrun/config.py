@@ -273,8 +273,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon for the 2-D weights inside blocks, AdamW for the rest)
     muon_lr: float | None = None  # null = train.lr (the update is RMS-matched to AdamW, so one lr serves both)
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
-    # Newton-Schulz precision: bf16 as torch.optim.Muon runs it (tensor cores on GPUs; bitwise torch's
-    # update), or fp32 (more exact; far faster on CPUs without native bf16, such as AVX2-only ones)
+    # Newton-Schulz precision: bf16 as torch.optim.Muon runs it (tensor cores on GPUs; torch's update bit for bit
+    # on the CPU), or fp32 (more exact; far faster on CPUs without native bf16, such as AVX2-only ones)
     muon_precision: str = "bf16"  # bf16 | fp32
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     # A step whose loss or gradient norm is not finite is skipped (no parameter, optimizer or EMA

@@ -17,18 +17,19 @@ AdamW group, so the training loop keeps a single `step()`, `zero_grad()`, `state
 
 The Muon update is written out here (not wrapped from `torch.optim.Muon`) so that the
 orthogonalisation is its own function. `orthogonalize_many` runs Newton-Schulz on many matrices
-at once: matrices of the same shape (a tall one counts as its transpose) are stacked and go
-through one batched matmul chain, so the 112 block matrices of the 1.2B model take 5 chains
-instead of 112. The FSDP2 path calls it on the whole matrices each owner rank gathers (`muon_step`
-on DTensor parameters; `_orthogonalize_sharded` for the communication, `balanced_owners` for who
-owns what).
+at once: matrices of the same shape are stacked and go through one batched matmul chain, so the
+112 block matrices of the 1.2B model take 6 chains instead of 112. The FSDP2 path calls it on the
+whole matrices each owner rank gathers (`muon_step` on DTensor parameters; `_orthogonalize_sharded`
+for the communication, `balanced_owners` for who owns what).
 
 Precision: Newton-Schulz runs in bfloat16 by default (`train.muon_precision: bf16`), as
 `torch.optim.Muon` hard-codes (torch/optim/_muon.py, `_zeropower_via_newtonschulz`:
 `grad.bfloat16()`) and as Keller Jordan's reference it cites does; the quintic iteration only
 needs its singular values in roughly [0.7, 1.2], which bf16 gives (about 2% from the float64
 iteration), and on GPUs bf16 runs on the tensor cores. In bf16 the update is
-`torch.optim.Muon(adjust_lr_fn="match_rms_adamw")`'s bit for bit (tests/test_optim.py).
+`torch.optim.Muon(adjust_lr_fn="match_rms_adamw")`'s bit for bit on the CPU, tall matrices included
+(tests/test_optim.py: every matrix shape of the tiny preset); on a GPU the batched GEMM may sum in
+another order than torch's one-matrix GEMM, so there the two agree to bf16 rounding, not bitwise.
 `fp32` stays a setting: more exact, and far faster on a CPU without native bf16 (on this
 project's AVX2 VM bf16 matmuls are emulated: benchmarks/results/muon-cpu/).
 """
@@ -135,13 +136,15 @@ def newton_schulz_flops(shape: torch.Size | tuple[int, ...], steps: int = 5) -> 
 
 
 def _newton_schulz(x: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float) -> Tensor:
-    """The iteration on a stack [B, m, n] of wide matrices (m <= n), in x's dtype. torch.optim.Muon's
-    op sequence (norm, then X X^T, addmm, addmm) with the batched ops: each matrix is scaled by its
-    own norm and the matmuls are per matrix, so the result is the per-matrix one."""
+    """The iteration on a stack [B, m, n] of wide matrices (m <= n), in x's dtype, in place on x
+    (the caller's scratch stack). torch.optim.Muon's op sequence (norm, `div_`, X X^T, addmm,
+    addmm) with the batched ops: each matrix is scaled by its own norm and multiplied by itself
+    only, so the result is the per-matrix one. `bmm`, not `@`: matmul folds a stack of one into a
+    2-D product through a copy, which for a transposed view sums in another order than torch's."""
     a, b, c = coefficients
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # out of place: x may be the caller's
+    x.div_(x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))  # in place: x keeps its memory layout
     for _ in range(steps):
-        gram = x @ x.mT
+        gram = torch.bmm(x, x.mT)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A^2
         x = torch.baddbmm(x, poly, x, beta=a)  # a*X + (b*A + c*A^2) X
     return x
@@ -156,8 +159,8 @@ def orthogonalize_many(
     dtype: torch.dtype = torch.bfloat16,
 ) -> list[Tensor]:
     """`orthogonalize` of every 2-D matrix in `updates`, in `dtype`, in order. Matrices of one
-    shape (up to transposition) on one device go through one batched chain: a stack [B, m, n],
-    copied once into `dtype` and the wide orientation. The result of a matrix does not depend on
+    shape on one device go through one batched chain: a stack copied once into `dtype`, a tall one
+    run as its transposed view. The result of a matrix does not depend on
     its batch-mates (per-matrix norms and products); on the CPU it is bitwise the one-by-one
     result (tests/test_optim.py), on GPUs a batched GEMM may sum in another order than a single
     one. Returns views into the stacks."""
@@ -165,16 +168,22 @@ def orthogonalize_many(
     for i, u in enumerate(updates):
         if u.ndim != 2:
             raise ValueError(f"orthogonalize needs a 2-D matrix, got shape {tuple(u.shape)}")
-        groups.setdefault((u.device, min(u.shape), max(u.shape)), []).append(i)
+        groups.setdefault((u.device, *u.shape), []).append(i)
     out: list[Tensor | None] = [None] * len(updates)
-    for (device, m, n), idx in groups.items():
-        x = torch.empty(len(idx), m, n, dtype=dtype, device=device)
+    for (device, rows, cols), idx in groups.items():
+        x = torch.empty(len(idx), rows, cols, dtype=dtype, device=device)
         for j, i in enumerate(idx):
-            u = updates[i]
-            x[j].copy_(u.mT if u.size(0) > u.size(1) else u)  # one pass: cast and orient
-        x = _newton_schulz(x, steps, coefficients, eps)
+            x[j].copy_(updates[i])  # one pass: the cast
+        # A tall stack runs as its transposed view, in the memory layout it has, as torch.optim.Muon
+        # runs a tall matrix (`.T` of the bf16 copy): a GEMM reading a transposed operand may sum in
+        # another order than one reading a contiguous copy of it (on the CPU, 1 ulp in the first
+        # Gram matrix of a 1536x256 matrix, about 1e-3 in the result), so copying it into the wide
+        # layout would lose the bitwise equality with torch. Tall and wide matrices of one shape
+        # up to transposition therefore run as two chains.
+        tall = rows > cols
+        x = _newton_schulz(x.mT if tall else x, steps, coefficients, eps)
         for j, i in enumerate(idx):
-            out[i] = x[j].mT if updates[i].size(0) > updates[i].size(1) else x[j]
+            out[i] = x[j].mT if tall else x[j]
     return out
 
 
@@ -193,7 +202,8 @@ def orthogonalize(
     given the gathered full matrix, not a shard. X = U / max(||U||_F, eps) puts every singular
     value in [0, 1] (the Frobenius norm bounds the spectral norm); the wide orientation
     (rows <= cols) keeps the Gram matrix X X^T the small one. The op sequence is
-    torch.optim.Muon's, so with dtype=bfloat16 the result is bitwise torch's. Returns `dtype`.
+    torch.optim.Muon's, in the same memory layouts, so with dtype=bfloat16 on the CPU the result
+    is bitwise torch's (on a GPU, to bf16 rounding). Returns `dtype`.
     """
     return orthogonalize_many([update], steps, coefficients=coefficients, eps=eps, dtype=dtype)[0]
 
@@ -479,11 +489,11 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"optimizer state has groups {saved}, this optimizer has {mine}")
         # The Newton-Schulz precision is a setting, not state: torch restores every saved group
         # option, which would silently keep a checkpoint's fp32 after the config says bf16.
-        precision = [g.get("ns_dtype") for g in self.param_groups]
+        # The AdamW kernel likewise follows the parameters' device, not the machine that saved.
+        settings = [{k: g[k] for k in ("ns_dtype", "fused") if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for g, ns_dtype in zip(self.param_groups, precision):
-            if ns_dtype is not None:
-                g["ns_dtype"] = ns_dtype
+        for g, mine in zip(self.param_groups, settings):
+            g.update(mine)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -527,10 +537,14 @@ class MuonAdamW(torch.optim.Optimizer):
                 raise RuntimeError("AdamW does not support sparse gradients")
             state = self.state[p]
             if len(state) == 0:
-                # As torch.optim.Adam (capturable/fused off): the step count lives on the CPU.
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # As torch.optim.Adam: the step count lives on the CPU, on the parameter's device for the
+            # fused kernel (which groups every tensor by device); a resumed unfused state moves over.
+            step_device = p.device if group["fused"] else torch.device("cpu")
+            if state["step"].device != step_device:
+                state["step"] = state["step"].to(step_device)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -542,6 +556,13 @@ class MuonAdamW(torch.optim.Optimizer):
              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
              foreach=group["foreach"], capturable=False, differentiable=False, fused=group["fused"],
              decoupled_weight_decay=True)
+
+
+def _fused_kernel(params: list[Tensor]) -> bool | None:
+    """torch's fused AdamW kernel when every parameter is on CUDA (True), else torch's default
+    (None): on the 1.2B model at 512px the foreach AdamW took 18% of an H200 step
+    (benchmarks/results/gpu/profile-small-512.txt). Plain AdamW and Muon's AdamW group alike."""
+    return True if params and all(p.is_cuda for p in params) else None
 
 
 def build_optimizer(
@@ -562,7 +583,7 @@ def build_optimizer(
     """kind="adamw": a plain `torch.optim.AdamW` over the model and the extra modules.
     kind="muon": one `MuonAdamW` with group 0 = Muon (lr `muon_lr`, default `lr`) and group 1 =
     AdamW (lr `lr`); the weight decay applies to both, decoupled. `muon_ns_dtype`: the
-    Newton-Schulz precision, "bf16" (default; torch.optim.Muon's update bit for bit) or "fp32"
+    Newton-Schulz precision, "bf16" (default; torch.optim.Muon's update, bit for bit on the CPU) or "fp32"
     (more exact, slower); torch's names "bfloat16", "float32" and "float64" work too.
 
     Either way the optimizer gets a `report` attribute (split counts, kind, lrs) for `describe`.
@@ -571,10 +592,8 @@ def build_optimizer(
     betas = (float(betas[0]), float(betas[1]))
     if kind == "adamw":
         every = _params_of([model, *extra])
-        # The fused CUDA kernel: on the 1.2B model at 512px the foreach AdamW took 18% of an H200
-        # step (benchmarks/results/gpu/profile-small-512.txt). CPU keeps the default kernel.
-        fused = bool(every) and all(p.is_cuda for p in every)
-        opt = torch.optim.AdamW(every, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
+        opt = torch.optim.AdamW(every, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                fused=_fused_kernel(every))
         opt.report = {"kind": "adamw", "muon": 0, "adam": sum(p.numel() for p in every),
                       "muon_tensors": 0, "adam_tensors": len(every), "lr": lr}
         return opt
@@ -589,7 +608,7 @@ def build_optimizer(
              momentum=muon_momentum, nesterov=muon_nesterov, ns_steps=muon_ns_steps,
              ns_coefficients=NS_COEFFICIENTS, eps=NS_EPS, ns_dtype=muon_ns_dtype),
         dict(params=adam_params, algorithm="adamw", lr=lr, betas=betas, eps=eps,
-             weight_decay=weight_decay, **_ADAMW_FIXED),
+             weight_decay=weight_decay, **{**_ADAMW_FIXED, "fused": _fused_kernel(adam_params)}),
     ]
     opt = MuonAdamW(groups)
     opt.report = {"kind": "muon", **report, "lr": lr, "muon_lr": muon_lr}

@@ -66,8 +66,9 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 TEXT_CHUNK = inspect.signature(TextEncoder).parameters["chunk_size"].default
 
 
-def build_random(model_type: str, fields: dict, device="cpu") -> torch.nn.Module:
-    """A network of the given architecture with transformers' random initialisation."""
+def build_random(model_type: str, fields: dict, device="cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A network of the given architecture with transformers' random initialisation (in `dtype`,
+    default fp32)."""
     import transformers
 
     if model_type == "t5gemma_encoder":  # as pixelrun/text.py's load_text_encoder builds T5Gemma
@@ -78,7 +79,7 @@ def build_random(model_type: str, fields: dict, device="cpu") -> torch.nn.Module
         cls = {"dinov3_vit": transformers.DINOv3ViTModel,
                "dinov2_with_registers": transformers.Dinov2WithRegistersModel}[model_type]
     with torch.device(device):
-        return cls(config).eval().requires_grad_(False)
+        return cls(config).to(dtype or torch.float32).eval().requires_grad_(False)
 
 
 def local_copy(spec: str) -> str | None:
@@ -161,18 +162,27 @@ def random_lpips_files(folder: str) -> str:
     return folder
 
 
+def text_encoder_dtype(device) -> torch.dtype:
+    """bf16 on CUDA (as caption embeddings are stored: `pixelrun data convert`'s default; a
+    2.6B-parameter T5Gemma in fp32 would dominate the step), fp32 on the CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def text_encoder_for_timing(spec: str, device, architectures: dict = ARCHITECTURES) -> tuple[torch.nn.Module, str]:
-    """The encoder `text.encoder` names, as training loads it (fp32, on the device), or with random
+    """The encoder `text.encoder` names, on the device in `text_encoder_dtype`, or with random
     weights of its hub architecture when it is not on this machine; and a note saying which."""
+    dtype = text_encoder_dtype(device)
+    name = str(dtype).removeprefix("torch.")
     if spec != "minilm":
         path = local_copy(spec)
         if path is None:
             if spec not in architectures:
                 raise _unknown("text.encoder", spec, architectures)
-            return (build_random(*architectures[spec], device=device),
-                    f"{spec}: random weights of its architecture (not on this machine; they time the same)")
+            return (build_random(*architectures[spec], device=device, dtype=dtype),
+                    f"{spec}: random weights of its architecture, {name} (not on this machine; they time the same)")
         spec = path
-    return load_text_encoder(spec, device=device)[0], f"{spec} (trained weights, {resolve_encoder(spec)})"
+    return (load_text_encoder(spec, dtype=dtype, device=device)[0],
+            f"{spec} (trained weights, {resolve_encoder(spec)}), {name}")
 
 
 @torch.no_grad()
@@ -233,6 +243,7 @@ def stage_projection(cfg, gpus: int, step: dict, text_seconds: float, ns_seconds
     micro_step = step["forward_backward_seconds_median"] + text_seconds
     seconds = accum * micro_step + per_rank_optimizer
     images_per_s = global_batch / seconds  # all GPUs together
+    stored = accum * step["forward_backward_seconds_median"] + per_rank_optimizer  # no text encoder in the step
     steps = cfg.train.steps
     return {
         "steps": steps, "global_batch": global_batch, "micro_batch": micro, "accumulation": accum,
@@ -244,6 +255,8 @@ def stage_projection(cfg, gpus: int, step: dict, text_seconds: float, ns_seconds
         "loader_images_per_s_per_core": images_per_s / gpus / loader_cores,
         "hours": steps * seconds / 3600, "gpu_hours": steps * seconds / 3600 * gpus,
         "mfu": step["model_flops_per_image"] * images_per_s / gpus / step["peak_flops"] if step["peak_flops"] else None,
+        "step_seconds_stored_embeddings": stored, "images_per_s_stored_embeddings": global_batch / stored,
+        "hours_stored_embeddings": steps * stored / 3600, "peak_memory_gib": step["peak_memory_gib"],
     }
 
 
@@ -296,12 +309,14 @@ def project(config: str | None, overrides: list[str], *, gpus: int, micro_batch:
             stages.append({"name": name, **stage_projection(c, gpus, step, text_s, ns, shapes, loader_cores),
                            "measured": step})
     hours = sum(s["hours"] for s in stages)
+    hours_stored = sum(s["hours_stored_embeddings"] for s in stages)
     report = {
         "device": device_name(device), "model": f"{cfg.model.preset} ({parameters:,} parameters)", "gpus": gpus,
         "replicate": cfg.parallel.replicate,
         "loader_cores_per_gpu": loader_cores, "steps": steps, "warmup": warmup, "micro_batch_override": micro_batch,
         "text_encoder": text_note, "teachers": teacher_notes, "stages": stages,
         "hours": hours, "gpu_hours": hours * gpus,
+        "hours_stored_embeddings": hours_stored, "gpu_hours_stored_embeddings": hours_stored * gpus,
         "seed": {**SEED, "gpu_hours": SEED["hours"] * SEED["gpus"]},
         "dollars_at_seed_rate": hours * gpus * SEED["dollars"] / (SEED["hours"] * SEED["gpus"]),
         "assumptions": ASSUMPTIONS, "torch": torch.__version__, "config": to_dict(cfg),
@@ -315,8 +330,9 @@ def project(config: str | None, overrides: list[str], *, gpus: int, micro_batch:
 ASSUMPTIONS = ("weak scaling: every GPU runs the measured micro-step at the measured speed, accumulation steps one "
                "after another; communication (FSDP all-gathers / reduce-scatters, Muon's all_to_alls) not measured, "
                "assumed hidden under compute; the optimizer's elementwise work split over a shard group, "
-               "Newton-Schulz over its balanced owners; every caption encoded anew (no cache hits, no stored "
-               "embeddings); square images at the stage resolution; the loader keeps up")
+               "Newton-Schulz over its balanced owners; every caption encoded anew (no cache hits; the "
+               "stored-embeddings figures leave the encoder out instead); square images at the stage resolution; "
+               "the loader keeps up")
 
 
 def _rate(x: float) -> str:
@@ -358,13 +374,17 @@ def format_projection(r: dict) -> str:
             f"  loader must deliver {_rate(s['images_per_s_per_gpu'])} images/s per GPU: "
             f"{_rate(s['loader_images_per_s_per_core'])} images/s per core with {r['loader_cores_per_gpu']} loader "
             f"cores per GPU",
-            f"  projected: {_duration(s['hours'])}, {s['gpu_hours']:,.1f} GPU-hours",
+            f"  projected: {_duration(s['hours'])}, {s['gpu_hours']:,.1f} GPU-hours; with stored caption "
+            f"embeddings {_duration(s['hours_stored_embeddings'])} ({_rate(s['images_per_s_stored_embeddings'])} "
+            f"images/s)" + (f"; peak memory {s['peak_memory_gib']:.1f} GiB per GPU"
+                            if s["peak_memory_gib"] is not None else ""),
         ]
     seed = r["seed"]
     lines += ["",
               f"total: {_duration(r['hours'])} on {n} GPUs, {r['gpu_hours']:,.1f} GPU-hours "
               f"(${r['dollars_at_seed_rate']:,.0f} at the seed's ${seed['dollars'] / seed['gpu_hours']:.2f} per "
-              f"GPU-hour)",
+              f"GPU-hour); with stored caption embeddings {_duration(r['hours_stored_embeddings'])}, "
+              f"{r['gpu_hours_stored_embeddings']:,.1f} GPU-hours",
               f"the seed's figure: {seed['hours']:.0f} h on {seed['gpus']} {seed['gpu']}s, {seed['gpu_hours']:.0f} "
               f"GPU-hours, about ${seed['dollars']:,.0f}",
               f"assumptions: {r['assumptions']}"]

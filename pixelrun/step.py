@@ -10,6 +10,7 @@ and the rehearsal all step through here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -163,13 +164,15 @@ def update_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, ctx) -> bool:
 
 
 def train_step(st: TrainState, source, encoder, null_text, null_mask, cfg: Config, step: int, micro: int,
-               accum: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+               accum: int, after_backward: Callable[[], None] | None = None
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """One optimizer step: `accum` micro-batches of `micro` images from `source` (forward, backward,
     gradients reduced across ranks on the last one only), clipping by the global norm, the
     optimizer, the schedule and the EMA. Returns the loss terms averaged over the micro-batches, on
     the device, the gradient norm before clipping, and whether the update was applied: a step whose
     loss or gradient norm is not finite changes no parameter, optimizer state or EMA (the schedule
-    still advances: it counts steps)."""
+    still advances: it counts steps). `after_backward` is called between the last backward and the
+    clipping: where `pixelrun bench` splits its clock."""
     ctx, device = st.ctx, st.ctx.device
     terms: dict[str, torch.Tensor] = {}
     for m in range(accum):
@@ -184,6 +187,8 @@ def train_step(st: TrainState, source, encoder, null_text, null_mask, cfg: Confi
         (result.loss / accum).backward()
         for k, v in {"loss": result.loss, **result.terms}.items():
             terms[k] = terms.get(k, 0.0) + v.detach() / accum
+    if after_backward is not None:
+        after_backward()
     grad_norm = clip_gradients(st.trained_params, cfg.train.grad_clip or math.inf)
     applied = update_is_finite(terms["loss"], grad_norm, ctx)
     if applied:

@@ -48,6 +48,26 @@ def test_bench_reports_flops(tmp_path):
     assert routed["model_flops_per_image"] < dense["model_flops_per_image"]
 
 
+def test_bench_steps_through_the_training_step(monkeypatch):
+    """The bench times training's own step (`train_step` on `build_state`'s state): sharded with
+    FSDP2 on a process group of one, the schedule stepped once per step, the configured optimizer."""
+    import pixelrun.bench as bench
+    from pixelrun.distributed import is_sharded
+
+    seen, real = [], bench.train_step
+
+    def spy(st, *args, **kwargs):
+        out = real(st, *args, **kwargs)
+        seen.append((is_sharded(st.model), st.sched.last_epoch, type(st.opt).__name__))
+        return out
+
+    monkeypatch.setattr(bench, "train_step", spy)
+    r = bench.time_steps(load_config(None, [*TINY, "train.optimizer=muon"]), text_dim=8, steps=2, warmup=1,
+                         text_tokens=5, count_flops=False)
+    assert seen == [(True, 1, "MuonAdamW"), (True, 2, "MuonAdamW"), (True, 3, "MuonAdamW")]
+    assert r["sharded"] == "FSDP2 over 1 rank(s)" and len(r["step_seconds"]) == 2
+
+
 def test_bench_activation_checkpointing_counts_model_flops_only():
     report = run_bench(None, [*TINY, "parallel.activation_checkpointing=true"], variants=["routed"], steps=1, warmup=0,
                        text_dim=8, text_tokens=5, out=None)
@@ -156,14 +176,21 @@ def test_projection_of_a_staged_run(tmp_path):
         assert s["images_per_s"] == pytest.approx(s["global_batch"] / s["step_seconds"])
         assert s["loader_images_per_s_per_core"] == pytest.approx(s["images_per_s"] / 2 / 4)
         assert s["hours"] == pytest.approx(s["steps"] * s["step_seconds"] / 3600)
+        # stored caption embeddings: the same step without the text encoder
+        assert s["step_seconds_stored_embeddings"] == pytest.approx(s["step_seconds"] - 2 * s["text_encoder_seconds"])
+        assert s["hours_stored_embeddings"] == pytest.approx(s["steps"] * s["step_seconds_stored_embeddings"] / 3600)
+        assert s["peak_memory_gib"] is None  # CUDA only
         assert s["gpu_hours"] == pytest.approx(2 * s["hours"])
         assert s["measured"]["batch_size"] == s["micro_batch"] and s["measured"]["kept_tokens"] < \
             s["measured"]["image_tokens"]  # TREAD on, as configured
     assert r["hours"] == pytest.approx(low["hours"] + high["hours"])
+    assert r["hours_stored_embeddings"] == pytest.approx(low["hours_stored_embeddings"]
+                                                         + high["hours_stored_embeddings"])
     assert r["seed"] == {"hours": 24.0, "gpus": 32, "gpu": "H200", "dollars": 1500.0, "gpu_hours": 768.0}
     text = format_projection(r)
     for needle in ("low: 1,000 steps", "high: 200 steps", "loader must deliver", "the seed's figure: 24 h on 32 H200s",
-                   "weak scaling", "communication", "not measured", "4 loader cores per GPU"):
+                   "weak scaling", "communication", "not measured", "4 loader cores per GPU",
+                   "with stored caption embeddings"):
         assert needle in text
 
 
@@ -195,6 +222,7 @@ perceptual: {dino_weight: 0.01, dino_teacher: test/tiny-dinov2-reg}
     (one,) = r["stages"]
     assert one["terms"] == ["flow", "pdino", "repa"] and one["accumulation"] == 2
     assert "random weights" in r["text_encoder"] and "test/tiny-t5gemma" in r["text_encoder"]
+    assert "float32" in r["text_encoder"]  # on the CPU; bfloat16 on CUDA (text_encoder_dtype)
     assert all("random weights" in note for note in r["teachers"].values()) and len(r["teachers"]) == 2
     assert "they time the same" in format_projection(r)
     assert r["config"]["text"]["encoder"] == "test/tiny-t5gemma"
@@ -236,3 +264,16 @@ def test_random_lpips_files_load_through_the_real_loader(tmp_path):
     lpips = load_lpips(f"path:{folder}")
     assert lpips.backbone == "vgg16" and lpips.source.startswith("lpips-vgg16 v0.1")
     assert sum(p.numel() for p in lpips.parameters()) == sum(p.numel() for p in LPIPS("vgg16").parameters())
+
+
+def test_text_encoder_is_timed_in_bf16_on_cuda():
+    """The projection times the text encoder in bf16 on CUDA (fp32 T5Gemma-2B would dominate the
+    step), fp32 on the CPU; the random-weight stand-in is built in that dtype."""
+    import torch
+
+    from pixelrun.projection import build_random, text_encoder_dtype
+
+    assert text_encoder_dtype("cuda") == text_encoder_dtype(torch.device("cuda", 1)) == torch.bfloat16
+    assert text_encoder_dtype("cpu") == torch.float32
+    net = build_random(*TINY_ARCHITECTURES["test/tiny-t5gemma"], dtype=torch.bfloat16)
+    assert {p.dtype for p in net.parameters()} == {torch.bfloat16}
