@@ -535,7 +535,7 @@ def main() -> int:
             continue
         cap = min(part.cap_s, left)
         print(f"\n== {part.name}: {part.title} (cap {cap:.0f} s)", flush=True)
-        rc, wall = in_child(lambda: part.run(work), cap)
+        rc, wall = in_child(lambda part=part: part.run(work), cap)
         try:
             numbers = part.numbers(work)
         except Exception as e:  # what it wrote is incomplete: every number it owes is missing

@@ -262,7 +262,7 @@ def flops_per_image(cfg: Config, text_dim: int) -> float:
     import torch
 
     from .bench import measured_step_flops
-    from .build import Auxiliary, model_from_config
+    from .build import Auxiliary
     from .config import to_dict, with_overrides
     from .train import analytic_flops_per_image
 
@@ -272,12 +272,15 @@ def flops_per_image(cfg: Config, text_dim: int) -> float:
     bare = with_overrides(to_dict(cfg), ["repa.weight=0", "perceptual.lpips_weight=0", "perceptual.dino_weight=0"])
     device = torch.device("cpu")
     torch.manual_seed(0)
-    model = model_from_config(cfg, text_dim)
-    with_aux = measured_step_flops(model, Auxiliary(cfg, model.cfg.hidden_size, device), cfg, device, text_dim,
-                                   cfg.text.max_tokens)
-    without = measured_step_flops(model, Auxiliary(bare, model.cfg.hidden_size, device), bare, device, text_dim,
-                                  cfg.text.max_tokens)
+    with_aux = measured_step_flops(cfg, Auxiliary(cfg, _width(cfg), device), device, text_dim, cfg.text.max_tokens)
+    without = measured_step_flops(bare, Auxiliary(bare, _width(cfg), device), device, text_dim, cfg.text.max_tokens)
     return analytic + float(with_aux - without)
+
+
+def _width(cfg: Config) -> int:
+    from .config import model_fields
+
+    return model_fields(cfg)["hidden_size"]
 
 
 def calibrate_step_seconds(cfg: Config, text_dim: int, steps: int) -> float:

@@ -154,7 +154,7 @@ def _time_steps(cfg: Config, ctx: DistContext, *, text_dim: int, steps: int, war
         t0 = now()
         backward_done = []
         terms, *_ = train_step(st, source, None, null_text, null_mask, cfg, i, b, 1,
-                              after_backward=lambda: backward_done.append(now()))
+                              after_backward=lambda done=backward_done: done.append(now()))
         t2 = now()
         times.append(t2 - t0)
         forward_backward.append(backward_done[0] - t0)
