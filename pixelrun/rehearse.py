@@ -219,7 +219,7 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-_NOT_LOSSES = {"step", "grad_norm", "lr", "images_per_s", "skipped_steps"}
+_NOT_LOSSES = {"step", "grad_norm", "lr", "images_per_s", "skipped_steps", "train_seconds"}
 
 
 def build_report(cfg: Config, run: Path, resumed: Path, from_step: int, first: dict) -> dict:
@@ -261,7 +261,7 @@ def compare_runs(full: Path, resumed: Path, from_step: int) -> dict:
     for step in sorted(a_rows):
         b = b_rows.get(step)
         for k, v in a_rows[step].items():
-            if k in ("images_per_s",) or not isinstance(v, (int, float)):
+            if k in ("images_per_s", "train_seconds") or not isinstance(v, (int, float)):  # clocks, not the run
                 continue
             d = abs(v - b[k]) if b is not None and k in b else float("inf")
             loss_diff = max(loss_diff, d)
