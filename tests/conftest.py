@@ -75,3 +75,12 @@ def tiny_overrides(run_dir, encoder_dir, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def one_line_error(capsys, *words) -> str:
+    """What the CLI printed on stderr: one line, no traceback, holding every word."""
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import one_line_error, tiny_overrides
 from PIL import Image
 
 from pixelrun import checkpoint as ckpt
@@ -25,14 +25,6 @@ from pixelrun.train import train
 LOCK_FILE = ".pixelrun.lock"  # pixelrun.locks.LOCK_FILE
 
 PROMPT = "a large red circle in the top left on a white background"
-
-
-def _one_line_error(capsys, *words) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 def _last_line(capsys, *words) -> str:
@@ -145,7 +137,7 @@ def test_sampling_refuses_non_finite_weights(tiny_run, tmp_path, capsys):
     ckpt.save_checkpoint(tmp_path / "nan", meta["step"], flat, meta, (src / "config.yaml").read_text())
     out = tmp_path / "o"
     assert main(["sample", "--checkpoint", str(tmp_path / "nan"), "--prompt", PROMPT, "--out", str(out)]) == 2
-    _one_line_error(capsys, "--checkpoint", "ema weights", "non-finite values", name[len("ema."):])
+    one_line_error(capsys, "--checkpoint", "ema weights", "non-finite values", name[len("ema."):])
     assert not out.exists()
 
 
@@ -204,7 +196,7 @@ def test_every_checkpoint_damaged_is_one_line_not_a_fresh_start(tmp_path, tiny_e
     metrics = (run / "metrics.jsonl").read_text()
     capsys.readouterr()
     assert main(["train", *over]) == 1
-    _one_line_error(capsys, "no usable checkpoint", "run.resume=false")
+    one_line_error(capsys, "no usable checkpoint", "run.resume=false")
     assert (run / "metrics.jsonl").read_text() == metrics
 
 
@@ -302,7 +294,7 @@ def test_a_second_train_on_one_run_dir_is_refused(tmp_path, tiny_encoder_dir, ca
     try:
         over = tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 2, "eval.prompts": 0})
         assert main(["train", *over]) == 2
-        _one_line_error(capsys, "run.dir:", "is in use by another pixelrun train", f"pid {holder.pid} on host")
+        one_line_error(capsys, "run.dir:", "is in use by another pixelrun train", f"pid {holder.pid} on host")
         assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # nothing written
     finally:
         holder.kill()
@@ -316,7 +308,7 @@ def test_a_second_train_on_one_run_dir_is_refused(tmp_path, tiny_encoder_dir, ca
     capsys.readouterr()
     assert main(["train", *tiny_overrides(new, tiny_encoder_dir, **{"train.steps": 2, "eval.metrics": "[fid]",
                                                                     "eval.fid_weights": str(tmp_path / "no.pth")})]) == 2
-    _one_line_error(capsys, "eval.fid_weights")
+    one_line_error(capsys, "eval.fid_weights")
     assert not new.exists()
 
 
@@ -326,7 +318,7 @@ def test_a_second_convert_to_one_out_is_refused(tmp_path, capsys):
     holder = _hold_lock(out)
     try:
         assert main(["data", "convert", "--src", str(src), "--out", str(out), "--resolution", "32", "--patch", "8"]) == 2
-        _one_line_error(capsys, "--out:", "in use by another pixelrun data convert")
+        one_line_error(capsys, "--out:", "in use by another pixelrun data convert")
     finally:
         holder.kill()
         holder.wait()
@@ -404,7 +396,7 @@ def test_convert_stopped_during_its_final_moves_is_refused_then_redone(tmp_path,
     over = tiny_overrides(run, tiny_encoder_dir, **{"data.source": "shards", "data.path": str(out), "train.steps": 1,
                                                       "eval.prompts": 0, "train.batch_size": 2})
     assert main(["train", *over]) == 2
-    _one_line_error(capsys, "data.path", "unfinished `pixelrun data convert`", "run the same conversion again")
+    one_line_error(capsys, "data.path", "unfinished `pixelrun data convert`", "run the same conversion again")
     said = []
     index = convert(src, out, 32, patch=8, shard_size=3, progress=False, log=said.append)
     assert said == [f"removed 1 shard(s) left in {out} by a conversion that was stopped while moving them into place"]
@@ -412,7 +404,7 @@ def test_convert_stopped_during_its_final_moves_is_refused_then_redone(tmp_path,
                                                                            "index.json"]
     (out / "00001.tar").unlink()
     assert main(["train", *over]) == 2
-    _one_line_error(capsys, "data.path", "lists 3 shards and 1 of them are missing (first: 00001.tar)")
+    one_line_error(capsys, "data.path", "lists 3 shards and 1 of them are missing (first: 00001.tar)")
 
 
 # ----------------------------------------------------------------------------- bad inputs: one line, exit 2
@@ -425,7 +417,7 @@ def test_bad_config_files_are_one_line(tmp_path, capsys):
         path = tmp_path / name
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
         assert main(["train", "--config", str(path), f"run.dir={tmp_path / 'r'}"]) == 2, name
-        _one_line_error(capsys, "--config", words)
+        one_line_error(capsys, "--config", words)
     assert not (tmp_path / "r").exists()
 
 
@@ -438,7 +430,7 @@ def test_bad_config_files_are_one_line(tmp_path, capsys):
 def test_bad_train_values_are_one_line(tmp_path, capsys, monkeypatch, override, words):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "train.steps=1", "eval.prompts=0", override]) == 2
-    _one_line_error(capsys, words)
+    one_line_error(capsys, words)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -457,11 +449,11 @@ def test_sample_prompts_file_cut_prompts_and_a_capped_grid(tiny_run, tmp_path, c
     binary.write_bytes(bytes(range(256)) * 4)
     out = tmp_path / "o"
     assert main(["sample", "--checkpoint", str(tiny_run), "--prompts-file", str(binary), "--out", str(out)]) == 2
-    _one_line_error(capsys, "--prompts-file", "not a UTF-8 text file")
+    one_line_error(capsys, "--prompts-file", "not a UTF-8 text file")
     nul = tmp_path / "nul.txt"
     nul.write_bytes(b"a red circle\x00\x00\n")
     assert main(["sample", "--checkpoint", str(tiny_run), "--prompts-file", str(nul), "--out", str(out)]) == 2
-    _one_line_error(capsys, "--prompts-file", "NUL bytes")
+    one_line_error(capsys, "--prompts-file", "NUL bytes")
     many = tmp_path / "many.txt"
     long_prompt = "a very long prompt " + " and another red circle" * 10  # past the grid: one-line labels there
     many.write_text("\n".join([f"circle {i}" for i in range(69)] + [long_prompt]) + "\n")

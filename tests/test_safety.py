@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import one_line_error, tiny_overrides
 from PIL import Image
 
 from pixelrun import checkpoint as ckpt
@@ -33,22 +33,14 @@ def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def _one_line_error(capsys, *words) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
-
-
 # ----------------------------------------------------------------------------- export never deletes
 
 def test_export_into_its_own_run_is_refused_and_the_run_is_intact(tiny_run, capsys):
     before = _tree(tiny_run)
     assert main(["export", "--checkpoint", str(tiny_run), "--out", str(tiny_run)]) == 2
-    _one_line_error(capsys, "--out", "holds the checkpoint")
+    one_line_error(capsys, "--out", "holds the checkpoint")
     assert main(["export", "--checkpoint", str(tiny_run), "--out", str(tiny_run / "checkpoints")]) == 2
-    _one_line_error(capsys, "--out")
+    one_line_error(capsys, "--out")
     assert _tree(tiny_run) == before
 
 
@@ -60,12 +52,12 @@ def test_export_into_the_current_folder_or_a_foreign_one_is_refused(tiny_run, tm
     before = _tree(here)
     monkeypatch.chdir(here)
     assert main(["export", "--checkpoint", str(tiny_run), "--out", "."]) == 2
-    _one_line_error(capsys, "--out", "current folder")
+    one_line_error(capsys, "--out", "current folder")
     assert main(["export", "--checkpoint", str(tiny_run), "--out", str(here)]) == 2
-    _one_line_error(capsys, "--out")
+    one_line_error(capsys, "--out")
     monkeypatch.chdir(tmp_path)
     assert main(["export", "--checkpoint", str(tiny_run), "--out", str(here)]) == 2
-    _one_line_error(capsys, "--out", "not empty", "not an earlier pixelrun export")
+    one_line_error(capsys, "--out", "not empty", "not an earlier pixelrun export")
     assert _tree(here) == before
 
 
@@ -114,7 +106,7 @@ def test_resume_with_another_model_or_data_is_refused_before_any_work(tmp_path, 
     for change, key in (({"model.depth": 6}, "model.depth"), ({"data.source": "emoji"}, "data.source"),
                         ({"model.hidden_size": 64, "train.optimizer": "muon"}, "model.hidden_size, train.optimizer")):
         assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{**base, "train.steps": 4, **change})]) == 2
-        err = _one_line_error(capsys, key, "run.init_from")
+        err = one_line_error(capsys, key, "run.init_from")
         assert "step_00000002" in err
         assert (run / "config.yaml").read_text() == saved_yaml  # untouched
         assert ckpt.latest_checkpoint(run).name == "step_00000002"
@@ -143,10 +135,10 @@ def test_an_image_folder_with_nothing_usable_is_one_line(tmp_path, capsys):
     (folder / "a.png").write_bytes(b"not a png")
     (folder / "a.txt").write_text("a caption")
     assert main(["train", "data.source=folder", f"data.path={folder}", f"run.dir={tmp_path / 'r'}"]) == 2
-    _one_line_error(capsys, "data.path", "could be loaded")
+    one_line_error(capsys, "data.path", "could be loaded")
     (folder / "a.txt").unlink()
     assert main(["train", "data.source=folder", f"data.path={folder}", f"run.dir={tmp_path / 'r2'}"]) == 2
-    _one_line_error(capsys, "data.path", "no usable items")
+    one_line_error(capsys, "data.path", "no usable items")
 
 
 # ----------------------------------------------------------------------------- sample
@@ -156,17 +148,17 @@ def test_sample_flags_fail_as_one_line_naming_the_flag(tiny_run, tmp_path, capsy
     for args, flag in ((["--device", "gpu"], "--device"), (["--guidance", "0"], "--guidance"),
                        (["--guidance", "0.5"], "--guidance"), (["--guidance-mode", "self"], "--guidance-mode")):
         assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, *args]) == 2, args
-        err = _one_line_error(capsys, flag)
+        err = one_line_error(capsys, flag)
         if flag == "--guidance-mode":
             assert "trained without routing" in err
     if not torch.cuda.is_available():
         assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--device", "cuda"]) == 2
-        _one_line_error(capsys, "--device", "CUDA is not available")
+        one_line_error(capsys, "--device", "CUDA is not available")
     for size in ("big", "0x0", "32x-8"):
         assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--size", size]) == 2
-        _one_line_error(capsys, "--size", repr(size))
+        one_line_error(capsys, "--size", repr(size))
     assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--guidance", "nan"]) == 2
-    _one_line_error(capsys, "--guidance", "finite")
+    one_line_error(capsys, "--guidance", "finite")
     assert not Path(out).exists()
 
 
@@ -182,7 +174,7 @@ def test_sample_out_holds_only_this_call_and_prompts_file(tiny_run, tmp_path, ca
     (out / "mine.txt").write_text("keep me")
     capsys.readouterr()
     assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", str(out)]) == 2
-    _one_line_error(capsys, "--out", "mine.txt")
+    one_line_error(capsys, "--out", "mine.txt")
     assert (out / "mine.txt").read_text() == "keep me" and (out / "000.png").exists()
 
 
@@ -191,7 +183,7 @@ def test_a_diffusers_export_is_named_as_such(tiny_run, tmp_path, capsys):
     pipe.mkdir()
     (pipe / "model_index.json").write_text("{}")
     assert main(["sample", "--checkpoint", str(pipe), "--prompt", PROMPT, "--out", str(tmp_path / "o")]) == 2
-    _one_line_error(capsys, "diffusers pipeline", "PRXPixelPipeline", "--format safetensors")
+    one_line_error(capsys, "diffusers pipeline", "PRXPixelPipeline", "--format safetensors")
 
 
 # ----------------------------------------------------------------------------- small things
