@@ -17,7 +17,6 @@ import csv
 import io
 import json
 import math
-import os
 import textwrap
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 from . import stats
 from .config import ConfigError
 from .images import drawable, label_font
+from .tracking import write_atomic
 
 FIGURES = "report"  # the ablation's PNGs, under its folder
 TRAINING_ONLY = ("step", "lr", "grad_norm", "images_per_s", "train_seconds")
@@ -300,13 +300,6 @@ def _run_row(run: dict, final: float) -> dict:
 
 # ----------------------------------------------------------------------------- writing
 
-def _write(path: Path, data: bytes | str) -> Path:
-    """Write beside, then swap in whole: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two reports built at once do not share one
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-    return path
 
 
 def _jsonable(value):
@@ -505,10 +498,10 @@ def write_ablation_report(out_dir: str | Path) -> list[Path]:
     blocks = ablation_blocks(summary, figures)
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(_csv_rows(summary))
-    written = [_write(out_dir / "report.md", render_markdown(blocks, out_dir)),
-               _write(out_dir / "summary.csv", buf.getvalue()),
-               _write(out_dir / "summary.json", json.dumps(_jsonable(summary), indent=2) + "\n"),
-               _write(out_dir / "report.html", render_html(f"Ablation: {summary['name']}", blocks))]
+    written = [write_atomic(out_dir / "report.md", render_markdown(blocks, out_dir)),
+               write_atomic(out_dir / "summary.csv", buf.getvalue()),
+               write_atomic(out_dir / "summary.json", json.dumps(_jsonable(summary), indent=2) + "\n"),
+               write_atomic(out_dir / "report.html", render_html(f"Ablation: {summary['name']}", blocks))]
     return written + list(figures.values())
 
 
@@ -541,7 +534,7 @@ def _figure(panels: list[tuple[str, list[tuple]]], xlabel: str, path: Path) -> P
             ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return _write(path, buf.getvalue())
+    return write_atomic(path, buf.getvalue())
 
 
 def _seed_band(per_seed: list[dict]) -> tuple | None:
@@ -709,7 +702,7 @@ def sample_grid(summary: dict, runs: list[dict], path: Path, tile: int = 128) ->
             canvas.paste(im, (label_w + pad + c * (tile + pad), y))
     buf = io.BytesIO()
     canvas.save(buf, format="png")
-    return _write(path, buf.getvalue())
+    return write_atomic(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- one run
@@ -755,5 +748,5 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> list
     if grids:
         blocks.append(("h2", "Samples over training (EMA weights)"))
         blocks += [("img", "final" if g.stem == "final" else f"step {g.stem[5:].lstrip('0') or 0}", g) for g in grids]
-    html = _write(out / "report.html", render_html(f"Run: {run_dir.resolve().name}", blocks))
+    html = write_atomic(out / "report.html", render_html(f"Run: {run_dir.resolve().name}", blocks))
     return list(figures.values()) + [html]

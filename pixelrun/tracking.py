@@ -27,12 +27,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 from pathlib import Path
 
 import numpy as np
 
 from .config import Config, ConfigError, to_dict, to_yaml
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write beside, then swap in whole: a reader never sees half a file, a crash leaves the old one.
+    The temporary name carries the pid, so two writers never share one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+    return path
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -47,9 +59,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and row.get("step", 0) <= step:
             keep.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def json_row(row):

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .bench import device_name
 from .build import (
     TrainState,
     autocast_dtype,
@@ -49,7 +50,7 @@ from .inference import generate
 from .locks import folder_lock
 from .model import ModelConfig, count_parameters
 from .step import train_step
-from .tracking import Tracker, json_row
+from .tracking import Tracker, json_row, write_atomic
 from .validation import ValidationLoss
 
 
@@ -413,11 +414,7 @@ def write_point(run: Run, scfg: Config, row: dict, results: list[dict]) -> Path:
 def write_json(path: Path, data) -> Path:
     """Whole or not at all (a temporary file renamed over it); non-finite numbers as null, so the file
     stays JSON that every reader parses."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_row(data), indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, json.dumps(json_row(data), indent=1, allow_nan=False) + "\n")
 
 
 def provenance(device) -> dict:
@@ -442,12 +439,9 @@ def provenance(device) -> dict:
         except PackageNotFoundError:
             pass
     status = git("status", "--porcelain")
-    device = torch.device(device)
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
             "packages": packages, "python": platform.python_version(), "host": socket.gethostname(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-            f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "command": " ".join(sys.argv)}
+            "device": device_name(torch.device(device)), "command": " ".join(sys.argv)}
 
 
 def peak_memory_bytes(device) -> int:
@@ -510,7 +504,7 @@ def run_summary(run: Run) -> dict:
     return {"status": "done", "steps": run.step, "images": images, "flops": images * run.flops_per_image,
             "flops_per_image": run.flops_per_image, "train_seconds": run.train_seconds, "images_per_s": rate,
             "step_seconds": run.splits[-1][0] / rate, "peak_memory_bytes": peak_memory_bytes(run.ctx.device),
-            "device": provenance(run.ctx.device)["device"], "world_size": run.ctx.world_size}
+            "device": device_name(run.ctx.device), "world_size": run.ctx.world_size}
 
 
 def _data_counts(run: Run) -> dict:
