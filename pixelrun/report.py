@@ -266,6 +266,7 @@ def _summarize(out_dir: Path) -> tuple[dict, list[dict]]:
     incomplete = [{"variant": r["variant"], "seed": r["seed"], "dir": r["dir"], "status": r["status"],
                    "reason": _incomplete_reason(r, final)} for r in runs if final not in r["points"]]
     budget_line, equal = _budget_line(spec, runs)
+    target = _time_to_target(runs, spec.get("budget", {}), primary)
     return {
         "name": spec.get("name", out_dir.name), "baseline": baseline, "variants": variants,
         "seeds": spec.get("seeds", []), "budget": spec.get("budget", {}), "budget_line": budget_line,
@@ -274,8 +275,30 @@ def _summarize(out_dir: Path) -> tuple[dict, list[dict]]:
         "final": by_point[f"{final:g}"], "by_point": by_point, "guidance": guidance_curves, "best_guidance": best,
         "noise_floor": floor, "throughput": {v: _throughput(by_variant[v]) for v in variants},
         "runs": [_run_row(r, final) for r in runs], "incomplete": incomplete,
-        "confidence": stats.CONFIDENCE,
+        "confidence": stats.CONFIDENCE, "time_to_target": target,
     }, runs
+
+
+def _time_to_target(runs: list[dict], budget: dict, guidance: float | None) -> list[dict]:
+    """A `target` budget: per run, the first evaluation point at which budget.metric reached
+    budget.target (higher or lower, as the metric improves), with its images and training seconds;
+    None where it never did. Empty for the other budgets."""
+    if budget.get("kind") != "target" or budget.get("metric") is None or budget.get("target") is None:
+        return []
+    metric, goal = budget["metric"], float(budget["target"])
+    higher = higher_is_better(metric)
+    out = []
+    for r in runs:
+        reached = None
+        for fraction in sorted(r["points"]):
+            value = point_value(r["points"][fraction], metric, guidance)
+            if value is not None and (value[0] >= goal if higher else value[0] <= goal):
+                point = r["points"][fraction]
+                reached = {"step": point.get("step"), "images": point.get("images"),
+                           "train_seconds": point.get("train_seconds"), "value": value[0]}
+                break
+        out.append({"variant": r["variant"], "seed": r["seed"], "reached": reached})
+    return out
 
 
 def _best_guidance(curve: list[dict], higher: bool) -> float:
@@ -386,6 +409,14 @@ def ablation_blocks(summary: dict, figures: dict[str, Path]) -> list[tuple]:
         blocks += [("h2", "Best guidance per variant"),
                    ("table", ["variant"] + eval_m,
                     [[v] + [_num(summary["best_guidance"][v].get(m)) for m in eval_m] for v in summary["variants"]])]
+    if summary["time_to_target"]:
+        b = summary["budget"]
+        blocks += [("h2", f"Time to reach {b['metric']} {b['target']}"),
+                   ("table", ["variant", "seed", "step", "images", "training seconds"],
+                    [[t["variant"], str(t["seed"])] + ([str(t["reached"]["step"]), str(t["reached"]["images"]),
+                                                         _num(t["reached"]["train_seconds"])]
+                                                        if t["reached"] else ["not reached", "", ""])
+                     for t in summary["time_to_target"]])]
     if summary["incomplete"]:
         blocks += [("h2", "Runs missing from the comparison"),
                    ("ul", [f"{r['variant']} seed {r['seed']} ({r['dir']}, {r['status']}): {r['reason']}"

@@ -261,3 +261,21 @@ def test_a_long_noisy_curve_is_drawn_as_a_moving_average():
     assert x == list(range(4, 401)) and mean == pytest.approx([0.5] * 397)
     (_, x, mean, _, _), = panels["lr"]
     assert len(x) == 400 and mean == pytest.approx([s * 1e-4 for s in range(1, 401)])
+
+
+def test_a_target_budget_reports_when_each_run_reached_it(ablation):
+    """The first point at which shapes/placed reached the target, per run, from the point files."""
+    spec = json.loads((ablation / "ablation.json").read_text())
+    spec["budget"] = {"kind": "target", "value": 40.0, "metric": "shapes/placed", "target": 0.0, "equal_steps": True}
+    (ablation / "ablation.json").write_text(json.dumps(spec))
+    first = {(v, s): point_of(ablation, v, s, 5) for v in ("baseline", "tread") for s in (0, 1)}
+    target = summarize_ablation(ablation)["time_to_target"]
+    assert [(t["variant"], t["seed"]) for t in target] == [("baseline", 0), ("tread", 0), ("baseline", 1), ("tread", 1)]
+    for t in target:  # every value is >= 0: reached at the first point, with that point's images
+        p = first[(t["variant"], t["seed"])]
+        assert t["reached"]["step"] == p["step"] == 5 and t["reached"]["images"] == p["images"]
+    spec["budget"]["target"] = 2.0  # a fraction of prompts never exceeds 1
+    (ablation / "ablation.json").write_text(json.dumps(spec))
+    assert all(t["reached"] is None for t in summarize_ablation(ablation)["time_to_target"])
+    write_ablation_report(ablation)
+    assert "## Time to reach shapes/placed 2.0" in (ablation / "report.md").read_text()
