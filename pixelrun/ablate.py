@@ -258,7 +258,8 @@ def point_steps(steps: int, fractions: list[float]) -> list[int]:
 def flops_per_image(cfg: Config, text_dim: int) -> float:
     """Training FLOPs of one image: the denoiser's analytic count (pixelrun/flops.py) plus the
     teachers' and REPA projector's, which FlopCounterMode counts as the difference between a
-    one-image step with and without them (the same model, the same draws)."""
+    one-image step with and without them (the same model, the same draws). REPA's share counts for
+    the repa.until fraction of the steps it runs: the run's mean."""
     import torch
 
     from .bench import measured_step_flops
@@ -272,9 +273,15 @@ def flops_per_image(cfg: Config, text_dim: int) -> float:
     bare = with_overrides(to_dict(cfg), ["repa.weight=0", "perceptual.lpips_weight=0", "perceptual.dino_weight=0"])
     device = torch.device("cpu")
     torch.manual_seed(0)
-    with_aux = measured_step_flops(cfg, Auxiliary(cfg, _width(cfg), device), device, text_dim, cfg.text.max_tokens)
-    without = measured_step_flops(bare, Auxiliary(bare, _width(cfg), device), device, text_dim, cfg.text.max_tokens)
-    return analytic + float(with_aux - without)
+    def extra(c: Config) -> float:  # FLOPs the teachers and projector of `c` add to one image
+        return float(measured_step_flops(c, Auxiliary(c, _width(c), device), device, text_dim, c.text.max_tokens)
+                     - measured_step_flops(bare, Auxiliary(bare, _width(c), device), device, text_dim,
+                                           c.text.max_tokens))
+
+    if cfg.repa.weight == 0 or cfg.repa.until == 1:
+        return analytic + extra(cfg)
+    no_repa = with_overrides(to_dict(cfg), ["repa.weight=0"])
+    return analytic + cfg.repa.until * extra(cfg) + (1 - cfg.repa.until) * extra(no_repa)
 
 
 def _width(cfg: Config) -> int:

@@ -21,6 +21,7 @@ from .config import (
     model_fields,
     repa_block,
     repa_hidden,
+    repa_stop_step,
     resume_changes,
 )
 from .distributed import DistContext, shard
@@ -136,6 +137,7 @@ class Auxiliary(torch.nn.Module):
         super().__init__()
         every = [cfg, *stages]
         self.repa_block = repa_block(cfg)
+        self.repa_stop = repa_stop_step(cfg)  # REPA is off from this step on (repa.until)
         self.repa_teacher = self.projector = self.lpips = self.dino = None
         if any(c.repa.weight > 0 for c in every):
             from .teachers.features import load_teacher

@@ -243,6 +243,10 @@ class REPAConfig:
     # projector: Linear-SiLU-Linear-SiLU-Linear with this hidden width; null = twice the model's width (REPA's
     # SiT-XL/2 projector is 2048 wide on a 1152-wide model), so a small model's projector stays small
     hidden: int | None = None
+    # HASTE's early stop: REPA (teacher, projector and term) runs for this fraction of train.steps
+    # (over all stages) and is off after it; 1 = the whole run. Alignment helps early and can hold a
+    # model back late (PRX drops it for stage 2), and its teacher's FLOPs stop with it.
+    until: float = 1.0
 
 
 @dataclass
@@ -737,6 +741,11 @@ def repa_hidden(cfg: Config) -> int:
     return cfg.repa.hidden if cfg.repa.hidden is not None else 2 * model_fields(cfg)["hidden_size"]
 
 
+def repa_stop_step(cfg: Config) -> int:
+    """The first optimizer step without REPA (repa.until of train.steps, the sum over stages)."""
+    return math.ceil(cfg.repa.until * cfg.train.steps)
+
+
 def repa_block(cfg: Config) -> int:
     """The block whose output REPA aligns: explicit, or the recipe's 7 of 16 scaled to the depth."""
     depth = model_fields(cfg)["depth"]
@@ -794,6 +803,8 @@ def validate(cfg: Config) -> None:
     _positive("repa.weight", cfg.repa.weight, allow_zero=True)
     if cfg.repa.hidden is not None:
         _positive("repa.hidden", cfg.repa.hidden)
+    if not 0 < cfg.repa.until <= 1:
+        raise ConfigError("repa.until", f"must be in (0, 1], got {cfg.repa.until}")
     repa_block(cfg)
     pc = cfg.perceptual
     for k in ("lpips_weight", "dino_weight"):

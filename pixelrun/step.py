@@ -115,8 +115,9 @@ def draw_noise(cfg: Config, step: int, samples: list[int], image_shape: tuple[in
 
 
 def training_step(model, batch: Batch, text, text_mask, null_text, null_mask, noise: SampleNoise, cfg: Config,
-                  device, aux: Auxiliary | None = None) -> StepResult:
-    """Every loss term of a step is computed here, by name, and summed with its weight."""
+                  device, aux: Auxiliary | None = None, step: int | None = None) -> StepResult:
+    """Every loss term of a step is computed here, by name, and summed with its weight. `step`
+    (the optimizer step) switches REPA off from repa.until on; None = a step inside the REPA span."""
     o = cfg.objective
     x = to_model_range(batch.images.to(device, non_blocking=True))
     # Caption dropout: the empty prompt's embedding, so classic CFG works at sampling time.
@@ -126,7 +127,8 @@ def training_step(model, batch: Batch, text, text_mask, null_text, null_mask, no
     x_t = add_noise(x, noise.eps, t, o.noise_scale)
     dtype = autocast_dtype(cfg, device)
     amp = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    repa_on = aux is not None and aux.projector is not None and cfg.repa.weight > 0
+    repa_on = (aux is not None and aux.projector is not None and cfg.repa.weight > 0
+               and (step is None or step < aux.repa_stop))
     with amp:
         out = model(x_t, t, text, text_mask, routing=routing, return_features=(aux.repa_block,) if repa_on else ())
     x_hat = out.prediction.float()
@@ -183,7 +185,7 @@ def train_step(st: TrainState, source, encoder, null_text, null_mask, cfg: Confi
         noise = draw_noise(cfg, step, list(range(first, first + micro)), tuple(batch.images.shape[1:]),
                            st.model.cfg.patch_size, device)
         set_gradient_sync(st.trainable.values(), m == accum - 1)
-        result = training_step(st.model, batch, text, text_mask, null_text, null_mask, noise, cfg, device, st.aux)
+        result = training_step(st.model, batch, text, text_mask, null_text, null_mask, noise, cfg, device, st.aux, step)
         (result.loss / accum).backward()
         for k, v in {"loss": result.loss, **result.terms}.items():
             terms[k] = terms.get(k, 0.0) + v.detach() / accum

@@ -101,6 +101,17 @@ def test_teacher_flops_are_counted(tmp_path):
     assert repa > base
 
 
+def test_repa_stopped_early_costs_its_share_of_the_run(tmp_path):
+    """REPA for the first quarter of the steps: an image costs the baseline plus a quarter of
+    REPA's extra FLOPs, on average over the run."""
+    variants = {"baseline": [], "repa": ["repa.weight=0.5", "repa.hidden=64"],
+                "quarter": ["repa.weight=0.5", "repa.hidden=64", "repa.until=0.25"]}
+    plan = plan_ablation(load_spec(write_spec(tmp_path, variants=variants, seeds=1)), say=lambda *a: None)
+    cost = {r.variant: r.flops_per_image for r in plan.runs}
+    base, repa, quarter = cost["baseline"], cost["repa"], cost["quarter"]
+    assert quarter == pytest.approx(base + 0.25 * (repa - base), rel=1e-9)
+
+
 # ----------------------------------------------------------------------------- the schedule
 
 def test_lr_multiplier_warmup_stable_decay():

