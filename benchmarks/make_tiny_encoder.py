@@ -5,7 +5,7 @@ import sys
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from pixelrun.text import resolve_encoder
+from pixelrun.model.text import resolve_encoder
 
 out = sys.argv[1]
 torch.manual_seed(0)

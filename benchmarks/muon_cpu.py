@@ -24,9 +24,9 @@ from statistics import median
 
 import torch
 
-from pixelrun.bench import run_bench
-from pixelrun.model import build_model
-from pixelrun.optim import newton_schulz_flops, orthogonalize, orthogonalize_many, split_parameters
+from pixelrun.model.denoiser import build_model
+from pixelrun.tools.bench import run_bench
+from pixelrun.training.optim import newton_schulz_flops, orthogonalize, orthogonalize_many, split_parameters
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

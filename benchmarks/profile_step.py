@@ -8,12 +8,12 @@ import time
 
 import torch
 
-from pixelrun.build import make_optimizer, model_from_config
 from pixelrun.config import load_config
 from pixelrun.data import Batch
-from pixelrun.distributed import clip_gradients
-from pixelrun.model import compile_blocks
-from pixelrun.step import draw_noise, training_step
+from pixelrun.infra.distributed import clip_gradients
+from pixelrun.model.denoiser import compile_blocks
+from pixelrun.training.build import make_optimizer, model_from_config
+from pixelrun.training.step import draw_noise, training_step
 
 res = int(sys.argv[1]) if len(sys.argv) > 1 else 512
 b = int(sys.argv[2]) if len(sys.argv) > 2 else 32

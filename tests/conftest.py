@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(config, items):
 def tiny_encoder_dir(tmp_path_factory) -> str:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from pixelrun.text import resolve_encoder
+    from pixelrun.model.text import resolve_encoder
 
     path = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """pixelrun ablate: the SPEC's checks, budgets turned into steps (checked by hand against
-pixelrun/flops.py), the warmup-stable-decay schedule, a resume that applies a changed learning rate,
+pixelrun/model/flops.py), the warmup-stable-decay schedule, a resume that applies a changed learning rate,
 and a 2-variant x 2-seed ablation that is interrupted and resumed."""
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pixelrun.ablate import BudgetSpec, load_spec, plan_ablation, point_steps, steps_for_budget
-from pixelrun.build import lr_multiplier
 from pixelrun.cli import main
 from pixelrun.config import model_fields
-from pixelrun.flops import training_flops_per_image
-from pixelrun.model import ModelConfig
+from pixelrun.experiments.ablate import BudgetSpec, load_spec, plan_ablation, point_steps, steps_for_budget
+from pixelrun.model.denoiser import ModelConfig
+from pixelrun.model.flops import training_flops_per_image
+from pixelrun.training.build import lr_multiplier
 
 TOY = ["data.resolution=16", "train.batch_size=4", "train.log_every=1", "train.sample_every=0",
        "train.checkpoint_every=2", "train.warmup_steps=1", "sample.grid_prompts=2"]
@@ -74,7 +74,7 @@ def test_point_steps_and_image_budget():
 
 def test_flops_budget_gives_a_costlier_variant_fewer_steps(tmp_path):
     """Each variant's steps are floor(budget / (FLOPs per image x batch)), the FLOPs counted by hand
-    from the model's shape through pixelrun/flops.py; a deeper model gets proportionally fewer."""
+    from the model's shape through pixelrun/model/flops.py; a deeper model gets proportionally fewer."""
     budget = 5e10
     spec = load_spec(write_spec(tmp_path, budget={"kind": "flops", "value": budget}))
     plan = plan_ablation(spec, say=lambda *a: None)
@@ -123,7 +123,7 @@ def test_lr_multiplier_warmup_stable_decay():
 
 def test_resume_applies_a_changed_learning_rate(tmp_path, capsys):
     from pixelrun.config import load_config
-    from pixelrun.train import train
+    from pixelrun.run.train import train
 
     over = TOY + [f"run.dir={tmp_path / 'run'}", "train.steps=4", "eval.prompts=0", "eval.val_images=0",
                   "train.cooldown=0.5"]
@@ -202,8 +202,8 @@ def test_schedule_reapplies_the_configs_optimizer_settings_after_a_load():
     config's back (a resume runs with the config it is given)."""
     import torch
 
-    from pixelrun.build import LRSchedule
     from pixelrun.config import load_config
+    from pixelrun.training.build import LRSchedule
 
     cfg = load_config(None, ["train.lr=0.002", "train.betas=[0.8,0.9]", "train.warmup_steps=0", "train.steps=10"])
     p = torch.nn.Parameter(torch.zeros(2))

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_overrides
 
-from pixelrun import checkpoint as ckpt
-from pixelrun.build import Auxiliary
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config
-from pixelrun.model import Routing, build_model
-from pixelrun.step import pdino_loss, repa_loss
+from pixelrun.infra import checkpoint as ckpt
+from pixelrun.model.denoiser import Routing, build_model
+from pixelrun.run.train import train
 from pixelrun.teachers.features import FeatureTeacher
-from pixelrun.train import train
+from pixelrun.training.build import Auxiliary
+from pixelrun.training.step import pdino_loss, repa_loss
 
 
 class LinearTeacher(FeatureTeacher):
@@ -148,7 +148,7 @@ def test_bench_reports_dense_and_routed(tmp_path, capsys):
 
 def test_perceptual_gate_keeps_only_low_noise_samples():
     from pixelrun.data import Batch
-    from pixelrun.step import draw_noise, training_step
+    from pixelrun.training.step import draw_noise, training_step
 
     torch.manual_seed(0)
     model = build_model("tiny", 8, hidden_size=32, num_heads=2, depth=2)

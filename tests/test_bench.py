@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from pixelrun.bench import peak_flops, run_bench, variant_overrides
 from pixelrun.cli import BENCH_SUMMARY, main
 from pixelrun.config import PRESETS, ConfigError, load_config, routing_span
-from pixelrun.flops import training_flops_per_image
-from pixelrun.model import ModelConfig
+from pixelrun.model.denoiser import ModelConfig
+from pixelrun.model.flops import training_flops_per_image
+from pixelrun.tools.bench import peak_flops, run_bench, variant_overrides
 
 # A model small enough that a CPU step takes milliseconds.
 TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=4", "data.resolution=32", "train.batch_size=2",
@@ -51,8 +51,8 @@ def test_bench_reports_flops(tmp_path):
 def test_bench_steps_through_the_training_step(monkeypatch):
     """The bench times training's own step (`train_step` on `build_state`'s state): sharded with
     FSDP2 on a process group of one, the schedule stepped once per step, the configured optimizer."""
-    import pixelrun.bench as bench
-    from pixelrun.distributed import is_sharded
+    import pixelrun.tools.bench as bench
+    from pixelrun.infra.distributed import is_sharded
 
     seen, real = [], bench.train_step
 
@@ -154,7 +154,7 @@ def _staged(tmp_path, extra: str = "") -> str:
 
 
 def test_projection_of_a_staged_run(tmp_path):
-    from pixelrun.projection import format_projection, project
+    from pixelrun.tools.forecast import format_projection, project
 
     out = tmp_path / "projection.json"
     r = project(_staged(tmp_path), [], gpus=2, loader_cores=4, steps=1, warmup=0, out=str(out))
@@ -195,7 +195,7 @@ def test_projection_of_a_staged_run(tmp_path):
 
 
 def test_projection_checks_the_split_before_any_work(tmp_path):
-    from pixelrun.projection import project
+    from pixelrun.tools.forecast import project
 
     with pytest.raises(ConfigError, match="train.global_batch_size"):
         project(_staged(tmp_path), [], gpus=3)  # 8 images do not split over 3 GPUs
@@ -210,7 +210,7 @@ def test_projection_times_hub_networks_with_random_weights(tmp_path):
     """Teachers and the text encoder named by hub ids that are not on the machine are built with
     random weights of their architecture: the DINO teachers saved and loaded back through the real
     loading code, the encoder's width feeding the model. An unknown id is a config error."""
-    from pixelrun.projection import format_projection, project
+    from pixelrun.tools.forecast import format_projection, project
 
     extra = """
 repa: {weight: 0.5, teacher: test/tiny-dinov3}
@@ -236,7 +236,7 @@ def test_hand_written_architectures_are_the_published_networks():
     """The random-weight stand-ins have the published sizes: DINOv3 ViT-L/16 about 0.3B parameters
     (1024 wide, patch 16, 4 registers), DINOv2-B/14 with registers about 86M (768 wide), T5Gemma
     2B-2B's encoder Gemma 2 2B's 2.61B (2304 wide)."""
-    from pixelrun.projection import ARCHITECTURES, build_random
+    from pixelrun.tools.forecast import ARCHITECTURES, build_random
 
     expected = {"facebook/dinov3-vitl16-pretrain-lvd1689m": (295e6, 310e6, 1024),
                 "facebook/dinov2-with-registers-base": (86e6, 87e6, 768),
@@ -257,8 +257,8 @@ def test_hand_written_architectures_are_the_published_networks():
 def test_random_lpips_files_load_through_the_real_loader(tmp_path):
     """Where stlpips-pytorch is not installed (the GPU machine), the projection times LPIPS as a
     standard VGG16 LPIPS with random weights, written as the two files `load_lpips` reads."""
-    from pixelrun.projection import random_lpips_files
     from pixelrun.teachers.lpips import LPIPS, load_lpips
+    from pixelrun.tools.forecast import random_lpips_files
 
     folder = random_lpips_files(str(tmp_path / "lpips"))
     lpips = load_lpips(f"path:{folder}")
@@ -271,7 +271,7 @@ def test_text_encoder_is_timed_in_bf16_on_cuda():
     step), fp32 on the CPU; the random-weight stand-in is built in that dtype."""
     import torch
 
-    from pixelrun.projection import build_random, text_encoder_dtype
+    from pixelrun.tools.forecast import build_random, text_encoder_dtype
 
     assert text_encoder_dtype("cuda") == text_encoder_dtype(torch.device("cuda", 1)) == torch.bfloat16
     assert text_encoder_dtype("cpu") == torch.float32

@@ -1,19 +1,19 @@
-"""docs/configuration.md is generated from pixelrun/config.py (pixelrun/config_reference.py): every key
+"""docs/configuration.md is generated from pixelrun/config/__init__.py (pixelrun/config/reference.py): every key
 has help text, and the committed page is exactly what the generator writes today."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from pixelrun import config
-from pixelrun.config_reference import field_comments, help_texts, keys, reference_markdown
+from pixelrun.config.reference import field_comments, help_texts, keys, reference_markdown
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
-REGENERATE = "python -m pixelrun.config_reference > docs/configuration.md"
+REGENERATE = "python -m pixelrun.config.reference > docs/configuration.md"
 
 
 def test_every_key_has_help_text():
     missing = [key for key, text in help_texts().items() if not text]
-    assert not missing, f"config keys without a comment in pixelrun/config.py: {', '.join(missing)}"
+    assert not missing, f"config keys without a comment in pixelrun/config/__init__.py: {', '.join(missing)}"
 
 
 def test_committed_page_is_the_generated_one():

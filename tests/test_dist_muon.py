@@ -18,8 +18,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from pixelrun.model import build_model
-from pixelrun.optim import (
+from pixelrun.model.denoiser import build_model
+from pixelrun.training.optim import (
     _pack_shard,
     _split_full,
     _unpack_full,

@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from pixelrun import checkpoint as ckpt
-from pixelrun.build import model_from_config
 from pixelrun.config import ConfigError, batch_split, load_config
-from pixelrun.train import train
+from pixelrun.infra import checkpoint as ckpt
+from pixelrun.run.train import train
+from pixelrun.training.build import model_from_config
 
 BASE = {"train.global_batch_size": 8, "eval.prompts": 0, "train.warmup_steps": 1, "train.lr": 3e-3,
         "routing.ratio": 0.5, "model.depth": 4}
@@ -126,7 +126,7 @@ def test_checkpoints_move_between_rank_counts(runs):
 
 
 def test_muon_on_two_ranks_equals_one(runs):
-    """Newton-Schulz on whole matrices gathered from uneven FSDP2 shards (pixelrun/optim.py). Given
+    """Newton-Schulz on whole matrices gathered from uneven FSDP2 shards (pixelrun/training/optim.py). Given
     the same gradients the sharded update is bitwise the single-device one (tests/test_dist_muon.py);
     here the gradients differ by fp32 reduction order. Newton-Schulz in bf16 (the default) turns
     that into an occasional different rounding of an orthogonalised entry, 2^-8 of it: a weight
@@ -140,7 +140,7 @@ def test_hybrid_sharding_equals_one_rank(runs):
 
 
 def test_masks_differ_across_ranks_and_steps_and_repeat_from_the_seed():
-    from pixelrun.step import draw_noise
+    from pixelrun.training.step import draw_noise
 
     cfg = load_config(None, ["routing.ratio=0.5"])
     shape = (3, 48, 48)

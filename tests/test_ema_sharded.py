@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pixelrun.model import build_model
+from pixelrun.model.denoiser import build_model
 
 DECAY = 0.9
 
@@ -47,8 +47,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from pixelrun.distributed import DistContext, shard
-    from pixelrun.ema import EMA
+    from pixelrun.infra.distributed import DistContext, shard
+    from pixelrun.training.ema import EMA
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -6,7 +6,6 @@ import torch
 from conftest import tiny_overrides
 from PIL import Image
 
-from pixelrun.build import make_batch_source
 from pixelrun.config import load_config
 from pixelrun.data.emoji import (
     EVAL_COUNT,
@@ -17,7 +16,8 @@ from pixelrun.data.emoji import (
     emoji_name,
     fixed_prompts,
 )
-from pixelrun.train import _grid_prompts, train
+from pixelrun.run.train import _grid_prompts, train
+from pixelrun.training.build import make_batch_source
 
 
 def test_the_package_ships_4009_pngs_and_3843_are_named():

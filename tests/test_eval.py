@@ -1,4 +1,4 @@
-"""Evaluation (pixelrun/evaluate.py, the embedders of pixelrun/metrics.py): CMMD's CLIP and DINO-MMD's
+"""Evaluation (pixelrun/evaluation/evaluate.py, the embedders of pixelrun/evaluation/metrics.py): CMMD's CLIP and DINO-MMD's
 DINOv2 loaded through the real from_pretrained path from tiny random checkpoints saved here, real
 images and captions per data source, `pixelrun eval --metrics`, cached real statistics, failures
 before any work, and evaluation rows written during training."""
@@ -17,7 +17,7 @@ from PIL import Image
 
 from pixelrun.cli import main
 from pixelrun.config import load_config
-from pixelrun.metrics import CLIP_MEAN, CLIP_STD, CMMD_SCALE, CMMD_SIGMA, load_metric_network, mmd
+from pixelrun.evaluation.metrics import CLIP_MEAN, CLIP_STD, CMMD_SCALE, CMMD_SIGMA, load_metric_network, mmd
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_dino_embedder_at_224_is_the_layernormed_cls_token(tiny_dino_dir):
 
 
 def test_cmmd_of_a_set_with_itself_is_zero(tiny_clip_dir):
-    from pixelrun.metrics import image_features
+    from pixelrun.evaluation.metrics import image_features
 
     clip = load_metric_network("clip", model=tiny_clip_dir)
     a = image_features(clip, np.stack([_high_frequency_image(32, 32, seed) for seed in range(6)]))
@@ -220,11 +220,11 @@ def test_cmmd_of_a_set_with_itself_is_zero(tiny_clip_dir):
 
 
 def test_real_images_and_prompts_per_source(tmp_path):
-    from pixelrun.build import make_batch_source
     from pixelrun.data.emoji import fixed_prompts as emoji_prompts
     from pixelrun.data.shapes import fixed_prompts as shapes_prompts
-    from pixelrun.heldout import draw_real_images, held_out_captions, real_images_and_prompts
-    from pixelrun.shapes_score import score_images
+    from pixelrun.evaluation.heldout import draw_real_images, held_out_captions, real_images_and_prompts
+    from pixelrun.evaluation.shapes_score import score_images
+    from pixelrun.training.build import make_batch_source
 
     cfg = load_config(None, ["data.resolution=32"])
     images, prompts = real_images_and_prompts(cfg, 5)
@@ -267,9 +267,9 @@ def _eval(capsys, *args) -> dict:
 
 
 def test_eval_cli_shapes_and_fd_effnet_with_cached_real_stats(tiny_run, tmp_path, capsys):
-    from pixelrun.heldout import dataset_key
-    from pixelrun.inference import checkpoint_config
-    from pixelrun.metrics import stats_cache_path
+    from pixelrun.evaluation.heldout import dataset_key
+    from pixelrun.evaluation.metrics import stats_cache_path
+    from pixelrun.training.inference import checkpoint_config
 
     cache = tmp_path / "cache"
     args = ["--checkpoint", str(tiny_run), "--metrics", "shapes,fd-effnet", "--samples", "4", "--steps", "2",
@@ -325,7 +325,7 @@ def test_eval_cli_cmmd_and_dino_mmd(tiny_run, tiny_clip_dir, tiny_dino_reg_dir, 
 
 def test_dino_resolution_must_fit_the_patch(tiny_dino_reg_dir):
     from pixelrun.config import ConfigError
-    from pixelrun.evaluate import load_metric_networks
+    from pixelrun.evaluation.evaluate import load_metric_networks
 
     cfg = load_config(None, [f"eval.dino_model={tiny_dino_reg_dir}", "eval.dino_resolution=500"])
     with pytest.raises(ConfigError, match=r"^eval\.dino_resolution: 500 is not a multiple of .* patch 14"):
@@ -340,12 +340,12 @@ def test_dino_resolution_must_fit_the_patch(tiny_dino_reg_dir):
     (["--metrics", "shapes,fd-effnet,nonsense"], "--metrics"),
 ])
 def test_eval_missing_network_fails_before_any_work(tiny_run, tmp_path, capsys, monkeypatch, args, key):
-    import pixelrun.evaluate
+    import pixelrun.evaluation.evaluate
 
     def no_generation(*a, **k):
         raise AssertionError("images were generated before the check")
 
-    monkeypatch.setattr(pixelrun.evaluate, "generate", no_generation)
+    monkeypatch.setattr(pixelrun.evaluation.evaluate, "generate", no_generation)
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tiny_run), "--samples", "2", "--cache-dir", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -363,16 +363,16 @@ def emoji_run(tmp_path_factory, tiny_encoder_dir) -> Path:
 
 def test_eval_on_emoji_defaults_to_fd_effnet_writes_out_and_reads_no_real_image_on_a_cache_hit(
         emoji_run, tmp_path, capsys, monkeypatch):
-    import pixelrun.evaluate
+    import pixelrun.evaluation.evaluate
 
     loads = []
-    real_loader = pixelrun.evaluate.real_images_and_prompts
+    real_loader = pixelrun.evaluation.evaluate.real_images_and_prompts
 
     def counting_loader(cfg, n):  # the real loader, counted
         loads.append(n)
         return real_loader(cfg, n)
 
-    monkeypatch.setattr(pixelrun.evaluate, "real_images_and_prompts", counting_loader)
+    monkeypatch.setattr(pixelrun.evaluation.evaluate, "real_images_and_prompts", counting_loader)
     out = tmp_path / "new" / "dir" / "e.json"
     args = ["eval", "--checkpoint", str(emoji_run), "--samples", "3", "--steps", "1", "--cache-dir",
             str(tmp_path / "cache"), "--out", str(out)]
@@ -395,13 +395,13 @@ def test_eval_on_emoji_defaults_to_fd_effnet_writes_out_and_reads_no_real_image_
 
 @pytest.mark.parametrize("args, key", [(["--samples", "0"], "--samples"), (["--out", "."], "--out")])
 def test_eval_bad_samples_or_out_is_one_line_before_any_work(tiny_run, capsys, monkeypatch, args, key):
-    import pixelrun.evaluate
+    import pixelrun.evaluation.evaluate
 
     def no_work(*a, **k):
         raise AssertionError("work started before the check")
 
-    monkeypatch.setattr(pixelrun.evaluate, "generate", no_work)
-    monkeypatch.setattr(pixelrun.evaluate, "real_images_and_prompts", no_work)
+    monkeypatch.setattr(pixelrun.evaluation.evaluate, "generate", no_work)
+    monkeypatch.setattr(pixelrun.evaluation.evaluate, "real_images_and_prompts", no_work)
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tiny_run), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -414,9 +414,9 @@ def test_hub_model_neither_cached_nor_reachable_fails_at_once(tmp_path, tiny_cli
 
     from huggingface_hub import constants
 
-    import pixelrun.evaluate
+    import pixelrun.evaluation.evaluate
     from pixelrun.config import ConfigError
-    from pixelrun.evaluate import load_metric_networks
+    from pixelrun.evaluation.evaluate import load_metric_networks
 
     probes = []
 
@@ -424,7 +424,7 @@ def test_hub_model_neither_cached_nor_reachable_fails_at_once(tmp_path, tiny_cli
         probes.append(endpoint)
         return False
 
-    monkeypatch.setattr(pixelrun.evaluate, "_hub_reachable", unreachable)
+    monkeypatch.setattr(pixelrun.evaluation.evaluate, "_hub_reachable", unreachable)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     cfg = load_config(None, ["eval.clip_model=someorg/tiny-clip"])
@@ -449,8 +449,8 @@ def test_hub_model_neither_cached_nor_reachable_fails_at_once(tmp_path, tiny_cli
 
 def test_fid_network_comes_from_eval_fid_weights(tmp_path):
     from pixelrun.config import ConfigError
-    from pixelrun.evaluate import load_metric_networks
-    from pixelrun.teachers.inception import FIDInceptionV3
+    from pixelrun.evaluation.evaluate import load_metric_networks
+    from pixelrun.evaluation.inception import FIDInceptionV3
 
     torch.save(FIDInceptionV3().state_dict(), tmp_path / "pt_inception.pth")
     cfg = load_config(None, [f"eval.fid_weights={tmp_path / 'pt_inception.pth'}"])
@@ -473,7 +473,7 @@ def test_training_fails_before_any_work_on_a_missing_network(tmp_path, tiny_enco
 
 
 def test_training_writes_eval_rows(tmp_path, tiny_encoder_dir):
-    from pixelrun.train import train
+    from pixelrun.run.train import train
 
     run, cache = tmp_path / "run", tmp_path / "cache"
     cfg = load_config(None, tiny_overrides(run, tiny_encoder_dir, **{

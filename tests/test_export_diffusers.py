@@ -12,8 +12,8 @@ from PIL import Image
 
 from pixelrun.cli import main
 from pixelrun.config import load_config
-from pixelrun.model import PRXDenoiser
-from pixelrun.train import train
+from pixelrun.model.denoiser import PRXDenoiser
+from pixelrun.run.train import train
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("ftfy", reason="PRXPixelPipeline cleans prompts with ftfy")
@@ -96,10 +96,10 @@ def test_t5gemma_encoder_exports_too(tmp_path):
     T5GemmaEncoderModel and encodes the same; here a tiny random one with the MiniLM tokenizer."""
     from transformers import AutoTokenizer, T5GemmaConfig, T5GemmaModel
 
-    from pixelrun.export_diffusers import export_diffusers
-    from pixelrun.inference import generate
-    from pixelrun.model import build_model
-    from pixelrun.text import TextEncoder, resolve_encoder
+    from pixelrun.model.denoiser import build_model
+    from pixelrun.model.text import TextEncoder, resolve_encoder
+    from pixelrun.tools.export_diffusers import export_diffusers
+    from pixelrun.training.inference import generate
 
     enc_dir = tmp_path / "t5gemma"
     layers = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -1,4 +1,4 @@
-"""The analytic cost model (pixelrun/flops.py) against docs/recipe.md's figures and against torch's own
+"""The analytic cost model (pixelrun/model/flops.py) against docs/recipe.md's figures and against torch's own
 FLOP counter on real forward and backward passes."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from pixelrun.config import PRESETS, span_for_depth
-from pixelrun.flops import training_flops_per_image
-from pixelrun.model import ModelConfig, Routing, build_model
-from pixelrun.routing import kept_count
+from pixelrun.model.denoiser import ModelConfig, Routing, build_model
+from pixelrun.model.flops import training_flops_per_image
+from pixelrun.model.routing import kept_count
 
 
 @pytest.mark.parametrize("size, ratio, expected", [

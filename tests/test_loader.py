@@ -16,12 +16,12 @@ from conftest import tiny_overrides
 from PIL import Image
 from webdataset import TarWriter
 
-from pixelrun import checkpoint as ckpt
 from pixelrun.config import ConfigError, aspect_buckets, load_config
 from pixelrun.data import Batch, CountedBatchSource, Prefetcher
 from pixelrun.data.folder import FolderBatchSource, ImageFolder
 from pixelrun.data.loader import WorkerLoader, _Plans
 from pixelrun.data.shards import ShardBatchSource
+from pixelrun.infra import checkpoint as ckpt
 
 BUCKETS = aspect_buckets(32, 8)  # 24x40, 32x32, 40x24
 SIZES = [(40, 40), (24, 48), (48, 24)]  # (height, width): one of each bucket
@@ -250,7 +250,7 @@ def _losses(run):
 
 
 def test_a_run_with_workers_stopped_and_resumed_has_the_inline_losses(tmp_path, tiny_encoder_dir):
-    from pixelrun.train import train
+    from pixelrun.run.train import train
 
     make_folder(tmp_path / "d")
     inline = train(load_config(None, _folder_run(tmp_path, tiny_encoder_dir, "inline", 0)))

@@ -1,4 +1,4 @@
-"""Evaluation metrics (pixelrun/metrics.py).
+"""Evaluation metrics (pixelrun/evaluation/metrics.py).
 
 Every distance is checked against a number worked out independently here: closed forms for the
 Fréchet distance of Gaussians, kernel sums written out term by term for the MMD.
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pixelrun.metrics import (
+from pixelrun.evaluation.metrics import (
     CMMD_SCALE,
     CMMD_SIGMA,
     feature_stats,
@@ -254,7 +254,7 @@ def test_real_stats_cache_round_trip(lite0, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# FID Inception-v3 (pixelrun/teachers/inception.py): no real weights here, so a randomly
+# FID Inception-v3 (pixelrun/evaluation/inception.py): no real weights here, so a randomly
 # initialised network of the architecture is saved with torch.save(state_dict) and loaded back by
 # path, the same code the published pt_inception-2015-12-05-6726825d.pth goes through.
 
@@ -285,7 +285,7 @@ FID_KEY_SHAPES = {
 
 @pytest.fixture(scope="module")
 def random_inception(tmp_path_factory):
-    from pixelrun.teachers.inception import FIDInceptionV3
+    from pixelrun.evaluation.inception import FIDInceptionV3
 
     torch.manual_seed(0)
     net = FIDInceptionV3()
@@ -316,7 +316,7 @@ def test_fid_inception_key_layout(random_inception):
 
 
 def test_fid_inception_load_round_trip(random_inception, tmp_path):
-    from pixelrun.teachers.inception import load_fid_inception
+    from pixelrun.evaluation.inception import load_fid_inception
 
     net, path = random_inception
     loaded = load_metric_network("fid-inception", weights_path=path)
@@ -357,7 +357,7 @@ def test_fid_inception_load_round_trip(random_inception, tmp_path):
 
 
 def test_fid_inception_tf_pooling():
-    from pixelrun.teachers.inception import _avg3_tf
+    from pixelrun.evaluation.inception import _avg3_tf
 
     x = torch.arange(1.0, 10.0).view(1, 1, 3, 3)  # [[1 2 3] [4 5 6] [7 8 9]]
     out = _avg3_tf(x)

@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from pixelrun.config import PRESETS
-from pixelrun.model import Routing, apply_rope, build_model, count_parameters, patchify, rope_angles, unpatchify
+from pixelrun.model.denoiser import (
+    Routing,
+    apply_rope,
+    build_model,
+    count_parameters,
+    patchify,
+    rope_angles,
+    unpatchify,
+)
 
 
 def tiny(**kw):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pixelrun.objective import add_noise, sample_times, shift_time, velocity_loss, x_to_velocity
+from pixelrun.diffusion.objective import add_noise, sample_times, shift_time, velocity_loss, x_to_velocity
 
 
 def test_shift_by_hand():

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from pixelrun.config import PRESETS, ConfigError, load_config
-from pixelrun.model import build_model
-from pixelrun.optim import (
+from pixelrun.model.denoiser import build_model
+from pixelrun.training.optim import (
     MuonAdamW,
     balanced_owners,
     build_optimizer,
@@ -330,7 +330,7 @@ def test_precision_comes_from_the_config():
     model = tiny()
     cfg = load_config(None, ["train.optimizer=muon"])
     assert cfg.train.muon_precision == "bf16"
-    from pixelrun.build import make_optimizer
+    from pixelrun.training.build import make_optimizer
 
     assert make_optimizer(model, cfg)[0].param_groups[0]["ns_dtype"] == "bf16"
     cfg = load_config(None, ["train.optimizer=muon", "train.muon_precision=fp32"])
@@ -380,7 +380,7 @@ def test_adam_group_takes_the_fused_kernel_as_plain_adamw(monkeypatch):
     does too; here the choice is forced on the CPU, which has the kernel as well. The group equals
     torch.optim.AdamW(fused=True), and loading a state saved unfused keeps it fused (the kernel
     follows the machine, not the checkpoint)."""
-    import pixelrun.optim as optim
+    import pixelrun.training.optim as optim
 
     lr, wd = 1e-3, 0.05
     unfused_state = build_optimizer(tiny(), kind="muon", lr=lr, weight_decay=wd).state_dict()
@@ -521,7 +521,7 @@ def test_is_one_torch_optimizer():
 
 
 def test_muon_bf16_on_an_emulating_cpu_is_warned(monkeypatch):
-    from pixelrun import build
+    from pixelrun.training import build
 
     cfg = load_config(overrides=["train.optimizer=muon"])
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

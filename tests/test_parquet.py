@@ -17,7 +17,7 @@ from pixelrun.cli import main
 from pixelrun.config import ConfigError, aspect_buckets, load_config
 from pixelrun.data.convert import convert, format_bytes
 from pixelrun.data.shards import ShardBatchSource, decode_embedding, expand_shards, read_samples
-from pixelrun.text import encoder_fingerprint
+from pixelrun.model.text import encoder_fingerprint
 
 BUCKETS_32 = aspect_buckets(32, 8)  # (h, w): 24x40, 32x32, 40x24
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the datasets Image feature's storage
@@ -247,7 +247,7 @@ def loud_encoder_dir(tiny_encoder_dir, tmp_path_factory):
 
 def test_bfloat16_embeddings_by_default_and_float16_overflow_refused(tmp_path, tiny_encoder_dir, loud_encoder_dir,
                                                                      capsys):
-    from pixelrun.text import TextEncoder
+    from pixelrun.model.text import TextEncoder
 
     src = write_tables(tmp_path / "data")
     out = tmp_path / "out"

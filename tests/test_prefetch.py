@@ -88,7 +88,7 @@ def test_an_error_surfaces_when_its_batch_is_asked_for():
 def test_training_prefetches_only_when_data_prefetch_is_on(tmp_path, tiny_encoder_dir, monkeypatch):
     from conftest import tiny_overrides
 
-    import pixelrun.train as train_mod
+    import pixelrun.run.train as train_mod
     from pixelrun.config import load_config
 
     made = []

@@ -118,8 +118,8 @@ def test_every_named_repository_path_exists():
 def test_the_scanner_finds_each_kind_of_reference(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("See RECIPE.md, pixelrun/nowhere.py and docs/missing.md; [a link](gone.md#x), "
-                    "[site](https://example.org/a.md) and pixelrun.routing.span_for_depth. Fine: "
-                    "pixelrun/config.py, docs/recipe.md, CHANGELOG.md, runs/demo/config.yaml, "
+                    "[site](https://example.org/a.md) and pixelrun.model.routing.span_for_depth. Fine: "
+                    "pixelrun/config/__init__.py, docs/recipe.md, CHANGELOG.md, runs/demo/config.yaml, "
                     "pixelrun.config.span_for_depth, tests/test_{name}.py, benchmarks/results/bench-*.json.\n")
     assert broken_references(page) == ["pixelrun/nowhere.py", "docs/missing.md", "RECIPE.md", "gone.md",
-                                       "link gone.md", "pixelrun.routing.span_for_depth"]
+                                       "link gone.md", "pixelrun.model.routing.span_for_depth"]

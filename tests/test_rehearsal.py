@@ -27,7 +27,7 @@ from PIL import Image
 
 from pixelrun.cli import main
 from pixelrun.config import load_config
-from pixelrun.rehearse import CHECKPOINT_EVERY, rehearsal_config
+from pixelrun.run.rehearse import CHECKPOINT_EVERY, rehearsal_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEEDRUN = ROOT / "configs" / "speedrun" / "speedrun.yaml"

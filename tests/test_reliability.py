@@ -17,12 +17,12 @@ import torch
 from conftest import one_line_error, tiny_overrides
 from PIL import Image
 
-from pixelrun import checkpoint as ckpt
 from pixelrun.cli import main
 from pixelrun.config import load_config
-from pixelrun.train import train
+from pixelrun.infra import checkpoint as ckpt
+from pixelrun.run.train import train
 
-LOCK_FILE = ".pixelrun.lock"  # pixelrun.locks.LOCK_FILE
+LOCK_FILE = ".pixelrun.lock"  # pixelrun.infra.locks.LOCK_FILE
 
 PROMPT = "a large red circle in the top left on a white background"
 
@@ -67,11 +67,11 @@ def test_a_diverging_run_stops_in_one_line_and_saves_nothing_non_finite(tmp_path
 
 
 def test_a_skipped_step_changes_no_parameter_optimizer_state_or_ema(tmp_path, tiny_encoder_dir, monkeypatch):
-    from pixelrun import step as step_mod
-    from pixelrun.build import build_state, text_encoder
     from pixelrun.config import stage_plan
     from pixelrun.data.shapes import ShapesBatchSource
-    from pixelrun.distributed import DistContext
+    from pixelrun.infra.distributed import DistContext
+    from pixelrun.training import step as step_mod
+    from pixelrun.training.build import build_state, text_encoder
 
     cfg = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{"ema.every": 1}))
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
@@ -142,7 +142,7 @@ def test_sampling_refuses_non_finite_weights(tiny_run, tmp_path, capsys):
 
 
 def test_metrics_rows_write_non_finite_numbers_as_null():
-    from pixelrun.tracking import json_row
+    from pixelrun.infra.tracking import json_row
 
     assert json.dumps(json_row({"loss": float("nan"), "g": float("inf"), "lr": 1e-3, "n": 2})) == \
         '{"loss": null, "g": null, "lr": 0.001, "n": 2}'
@@ -280,7 +280,7 @@ def test_a_save_checks_the_free_space_first(tmp_path, monkeypatch):
 
 def _hold_lock(folder: Path, seconds: float = 60.0) -> subprocess.Popen:
     """Another process holding `folder`'s lock, as a running `pixelrun train` or convert would."""
-    code = ("import sys, time; from pixelrun.locks import folder_lock\n"
+    code = ("import sys, time; from pixelrun.infra.locks import folder_lock\n"
             "with folder_lock(sys.argv[1], 'k', 'test'):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder), str(seconds)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
@@ -345,7 +345,7 @@ def tiny_run(tmp_path_factory, tiny_encoder_dir):
 
 
 def test_sample_interrupted_midway_keeps_the_earlier_output(tiny_run, tmp_path, monkeypatch, capsys):
-    from pixelrun import images
+    from pixelrun.infra import grids as images
 
     out = tmp_path / "o"
     args = ["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--prompt", "a blue square", "--out", str(out)]

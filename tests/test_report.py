@@ -1,4 +1,4 @@
-"""pixelrun/report.py on synthetic folders laid out as `pixelrun ablate` and `pixelrun train` write
+"""pixelrun/experiments/report.py on synthetic folders laid out as `pixelrun ablate` and `pixelrun train` write
 them: the report's numbers equal those recomputed here from the files, every output is written and
 self-contained, an incomplete ablation is reported rather than fatal, and `pixelrun report RUN`."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelrun import stats
 from pixelrun.cli import main
-from pixelrun.report import summarize_ablation, write_ablation_report, write_run_report
+from pixelrun.experiments import stats
+from pixelrun.experiments.report import summarize_ablation, write_ablation_report, write_run_report
 
 PROMPTS = [f"a red circle in cell {i}" for i in range(8)]
 VAL = ("val/flow/low", "val/flow/mid", "val/flow/high", "val_ema/flow/low", "val_ema/flow/mid", "val_ema/flow/high")
@@ -223,7 +223,7 @@ def test_pixelrun_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 def test_run_report_curves_read_every_loss_term(tmp_path):
     """The loss panel holds every training term the rows carry, and nothing of optimizer or evaluation."""
-    from pixelrun import report
+    from pixelrun.experiments import report
 
     run = tmp_path / "run"
     write_run(run, np.random.default_rng(3))
@@ -252,7 +252,7 @@ def test_an_ablation_before_any_run_finished_still_gets_a_report(ablation):
 def test_a_long_noisy_curve_is_drawn_as_a_moving_average():
     """400 logged losses alternating 0, 1: a window of 4 (1 % of the length) averages every pair to
     0.5; the learning rate is drawn as logged."""
-    from pixelrun import report
+    from pixelrun.experiments import report
 
     rows = [{"step": s, "loss": float(s % 2), "lr": s * 1e-4} for s in range(1, 401)]
     panels = dict(report._row_panels([{"variant": "r", "seed": 0, "rows": rows}], ["r"],

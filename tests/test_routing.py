@@ -1,4 +1,4 @@
-"""TREAD routing (pixelrun.routing) and self-guidance (sampling, guidance mode "self").
+"""TREAD routing (pixelrun.model.routing) and self-guidance (sampling, guidance mode "self").
 
 A tiny randomly initialised model (normal std 0.05 everywhere, so the zero-initialised modulation
 and output layers do not make every output trivially 0) checks the model side of routing; small
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from pixelrun.config import span_for_depth
-from pixelrun.model import ModelOutput, Routing, build_model, gather_tokens, scatter_tokens
-from pixelrun.objective import x_to_velocity
-from pixelrun.routing import keep_mask, kept_count, random_routing, routed_indices, routing_generator
-from pixelrun.sampling import initial_noise, sample, self_guidance_routing, time_grid
+from pixelrun.diffusion.objective import x_to_velocity
+from pixelrun.diffusion.sampling import initial_noise, sample, self_guidance_routing, time_grid
+from pixelrun.model.denoiser import ModelOutput, Routing, build_model, gather_tokens, scatter_tokens
+from pixelrun.model.routing import keep_mask, kept_count, random_routing, routed_indices, routing_generator
 
 SIZE = 32  # 32x32 px at patch 8: 16 tokens
 N_TOKENS = 16

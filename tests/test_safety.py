@@ -14,10 +14,10 @@ import torch
 from conftest import one_line_error, tiny_overrides
 from PIL import Image
 
-from pixelrun import checkpoint as ckpt
 from pixelrun.cli import main
 from pixelrun.config import load_config
-from pixelrun.train import train
+from pixelrun.infra import checkpoint as ckpt
+from pixelrun.run.train import train
 
 PROMPT = "a large red circle in the top left on a white background"
 
@@ -198,7 +198,7 @@ def test_version_and_presets_with_both_text_widths(capsys):
 
 
 def test_cut_captions_are_warned_once_and_counted(tmp_path, tiny_encoder_dir):
-    from pixelrun.text import TextEncoder
+    from pixelrun.model.text import TextEncoder
 
     enc = TextEncoder(tiny_encoder_dir, max_tokens=8)
     said = []
@@ -209,7 +209,7 @@ def test_cut_captions_are_warned_once_and_counted(tmp_path, tiny_encoder_dir):
 
 
 def test_grid_labels_show_missing_glyphs_visibly():
-    from pixelrun.images import drawable, label_font
+    from pixelrun.infra.grids import drawable, label_font
 
     font = label_font(11)
     assert drawable("a red circle", font) == "a red circle"
@@ -219,7 +219,7 @@ def test_grid_labels_show_missing_glyphs_visibly():
 def test_stage_two_resolution_is_what_inference_uses(tmp_path, tiny_encoder_dir, capsys):
     """After a 32px then 48px run, sampling and exports default to 48px (the stage the checkpoint was
     last trained in), not the base config's 32."""
-    from pixelrun.inference import checkpoint_config
+    from pixelrun.training.inference import checkpoint_config
 
     run = tmp_path / "run"
     over = tiny_overrides(run, tiny_encoder_dir, **{"eval.prompts": 0})

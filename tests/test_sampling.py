@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pixelrun.model import ModelOutput
-from pixelrun.sampling import initial_noise, sample, time_grid
+from pixelrun.diffusion.sampling import initial_noise, sample, time_grid
+from pixelrun.model.denoiser import ModelOutput
 
 
 def test_linear_grid_matches_recipe():

@@ -23,7 +23,7 @@ from pixelrun.data.shapes import (
     render,
     sample_scene,
 )
-from pixelrun.shapes_score import real_image_sanity, score_image, score_images
+from pixelrun.evaluation.shapes_score import real_image_sanity, score_image, score_images
 
 
 def _one(kind="square", colour="red", size="large", cell=4, background="white", jitter=((0.0, 0.0),)):

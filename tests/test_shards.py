@@ -30,7 +30,7 @@ from pixelrun.data.shards import (
     read_index,
     read_samples,
 )
-from pixelrun.text import encoder_fingerprint
+from pixelrun.model.text import encoder_fingerprint
 
 SIZES = [(32, 64), (64, 32), (48, 48)]  # (width, height): wide, tall, square
 BUCKETS_32 = aspect_buckets(32, 8)  # 24x40, 32x32, 40x24
@@ -312,7 +312,7 @@ def test_resume_from_state_dict_is_exact(tmp_path):
 
 
 def test_stored_embeddings_used_when_they_match(tmp_path, tiny_encoder_dir, capsys):
-    from pixelrun.text import TextEncoder
+    from pixelrun.model.text import TextEncoder
 
     out = converted(tmp_path, text_encoder=tiny_encoder_dir, max_tokens=16)
     fp = encoder_fingerprint(tiny_encoder_dir)
@@ -358,8 +358,8 @@ def test_inspect_counts_broken_samples(tmp_path):
 
 
 def test_training_on_stored_embeddings_gives_the_same_losses(tmp_path, tiny_encoder_dir, capsys, monkeypatch):
-    from pixelrun.text import TextEncoder
-    from pixelrun.train import train
+    from pixelrun.model.text import TextEncoder
+    from pixelrun.run.train import train
 
     calls = []  # the batch sizes the text encoder is asked to encode during training
     encode = TextEncoder.encode
@@ -389,8 +389,8 @@ def test_training_on_stored_embeddings_gives_the_same_losses(tmp_path, tiny_enco
 
 
 def test_interrupted_shard_run_resumes_exactly(tmp_path, tiny_encoder_dir):
-    from pixelrun import checkpoint as ckpt
-    from pixelrun.train import train
+    from pixelrun.infra import checkpoint as ckpt
+    from pixelrun.run.train import train
 
     shards = converted(tmp_path, n=10, shard_size=3)
     extra = {"data.source": "shards", "data.path": str(shards), "data.buckets": "true", "train.batch_size": 2,

@@ -11,11 +11,11 @@ import yaml
 from conftest import tiny_overrides
 from PIL import Image
 
-from pixelrun import checkpoint as ckpt
-from pixelrun.build import model_from_config
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config, stage_plan
-from pixelrun.train import train
+from pixelrun.infra import checkpoint as ckpt
+from pixelrun.run.train import train
+from pixelrun.training.build import model_from_config
 
 
 def _stages_file(tmp_path, enc) -> Path:

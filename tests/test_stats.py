@@ -1,4 +1,4 @@
-"""pixelrun/stats.py against hand computations: where the bootstrap distribution of a mean is known
+"""pixelrun/experiments/stats.py against hand computations: where the bootstrap distribution of a mean is known
 exactly (0/1 data: Binomial(n, p) / n), where it has no spread (constant data, an effect that is the
 same on every prompt and seed), and a t interval worked out from a t table."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from pixelrun import stats
+from pixelrun.experiments import stats
 
 
 def binomial_interval(n: int, k: int) -> tuple[float, float]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from pixelrun.text import DEFAULT_TEXT_ENCODER, TextEncoder, encoder_fingerprint, resolve_encoder
+from pixelrun.model.text import DEFAULT_TEXT_ENCODER, TextEncoder, encoder_fingerprint, resolve_encoder
 
 CAPS = ["a red cat on a mat", "", "two dogs " * 20, "a blue car"]
 

@@ -1,4 +1,4 @@
-"""The run's sink (pixelrun/tracking.py): metrics.jsonl, TensorBoard and, with log.wandb=true,
+"""The run's sink (pixelrun/infra/tracking.py): metrics.jsonl, TensorBoard and, with log.wandb=true,
 Weights & Biases in offline mode, read back from the files each one wrote. wandb is in the `test`
 extra; without it the W&B test is skipped, the rest still runs."""
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pixelrun.build import check_paths
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config
-from pixelrun.tracking import Tracker
+from pixelrun.infra.tracking import Tracker
+from pixelrun.training.build import check_paths
 
 
 def _tensorboard(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -11,14 +11,14 @@ import torch
 from conftest import tiny_overrides
 from PIL import Image
 
-from pixelrun import checkpoint as ckpt
-from pixelrun.build import make_optimizer, model_from_config
 from pixelrun.cli import main
 from pixelrun.config import load_config
 from pixelrun.data.shapes import ShapesBatchSource
-from pixelrun.step import draw_noise, training_step
-from pixelrun.text import TextEncoder
-from pixelrun.train import train
+from pixelrun.infra import checkpoint as ckpt
+from pixelrun.model.text import TextEncoder
+from pixelrun.run.train import train
+from pixelrun.training.build import make_optimizer, model_from_config
+from pixelrun.training.step import draw_noise, training_step
 
 
 def _metrics(run):
@@ -78,7 +78,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_encoder_dir):
 
 
 def test_validation_bins_at_every_evaluation_and_identical_after_resume(tmp_path, tiny_encoder_dir):
-    """The validation loss by noise level (pixelrun/validation.py) of the raw and EMA weights, at
+    """The validation loss by noise level (pixelrun/evaluation/validation.py) of the raw and EMA weights, at
     every evaluation and at the end, the same numbers in a run that was stopped and resumed."""
     extra = {"train.steps": 6, "train.checkpoint_every": 2, "eval.prompts": 0, "eval.every": 2,
              "eval.val_images": 4}
@@ -201,8 +201,8 @@ def test_compiled_blocks_may_keep_a_graph_for_every_shape_the_run_meets(tmp_path
     torch's default limit of 8 graphs would be short, so building a compiled run raises it."""
     import torch._dynamo.config as dynamo
 
-    from pixelrun.build import block_graphs
     from pixelrun.config import stage_plan
+    from pixelrun.training.build import block_graphs
 
     cfg = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{
         "data.buckets": "true", "routing.ratio": 0.5, "model.depth": 4, "eval.val_images": 6}))
@@ -213,8 +213,8 @@ def test_compiled_blocks_may_keep_a_graph_for_every_shape_the_run_meets(tmp_path
     assert block_graphs([c for *_, c in stage_plan(staged)]) > block_graphs([stage_plan(staged)[0][2]])
     before = dynamo.recompile_limit
     try:
-        from pixelrun.build import build_state
-        from pixelrun.distributed import DistContext
+        from pixelrun.infra.distributed import DistContext
+        from pixelrun.training.build import build_state
 
         many = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{
             "data.buckets": "true", "routing.ratio": 0.5, "model.depth": 4, "parallel.compile": "true",
@@ -228,9 +228,9 @@ def test_compiled_blocks_may_keep_a_graph_for_every_shape_the_run_meets(tmp_path
 def test_parallel_options_reach_the_trained_model(tmp_path, tiny_encoder_dir):
     """parallel.compile compiles each block of the trained model (not the EMA copy, which only
     samples); parallel.activation_checkpointing switches recomputation on."""
-    from pixelrun.build import build_state
     from pixelrun.config import stage_plan
-    from pixelrun.distributed import DistContext
+    from pixelrun.infra.distributed import DistContext
+    from pixelrun.training.build import build_state
 
     cfg = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{"parallel.compile": "true",
                                                                           "parallel.activation_checkpointing": "true"}))

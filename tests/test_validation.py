@@ -1,4 +1,4 @@
-"""Validation loss by noise level (pixelrun/validation.py): fixed numbers, one bin recomputed by hand
+"""Validation loss by noise level (pixelrun/evaluation/validation.py): fixed numbers, one bin recomputed by hand
 from the held-out images, an exact prediction scoring 0, and the same numbers from an FSDP2-sharded
 model on 2 gloo ranks."""
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from conftest import tiny_overrides
 
 from pixelrun.config import load_config
-from pixelrun.model import ModelOutput
-from pixelrun.validation import BINS, ValidationLoss, bin_noise, bin_times
+from pixelrun.evaluation.validation import BINS, ValidationLoss, bin_noise, bin_times
+from pixelrun.model.denoiser import ModelOutput
 
 KEYS = ["val/flow/low", "val/flow/mid", "val/flow/high"]
 
@@ -26,7 +26,7 @@ def _config(tmp_path, encoder_dir, **extra):
 
 def _model(cfg, text_dim):
     """The configured denoiser with its zero-initialised output layers randomised, so x_hat != 0."""
-    from pixelrun.build import model_from_config
+    from pixelrun.training.build import model_from_config
 
     torch.manual_seed(3)
     model = model_from_config(cfg, text_dim)
@@ -37,7 +37,7 @@ def _model(cfg, text_dim):
 
 @pytest.fixture(scope="module")
 def encoder(tiny_encoder_dir):
-    from pixelrun.text import TextEncoder
+    from pixelrun.model.text import TextEncoder
 
     return TextEncoder(tiny_encoder_dir, 16, device="cpu")
 
@@ -60,8 +60,8 @@ def test_bins_are_as_written_and_the_numbers_are_fixed(tmp_path, tiny_encoder_di
 
 
 def test_one_bin_by_hand_with_velocity_loss(tmp_path, tiny_encoder_dir, encoder):
-    from pixelrun.heldout import real_images_and_prompts
-    from pixelrun.objective import velocity_loss
+    from pixelrun.diffusion.objective import velocity_loss
+    from pixelrun.evaluation.heldout import real_images_and_prompts
 
     cfg = _config(tmp_path, tiny_encoder_dir, **{"objective.noise_scale": 2.0})
     model = _model(cfg, encoder.dim).eval()
@@ -97,7 +97,7 @@ class _Oracle(torch.nn.Module):
 
 
 def test_exact_prediction_scores_zero(tmp_path, tiny_encoder_dir, encoder):
-    from pixelrun.heldout import real_images_and_prompts
+    from pixelrun.evaluation.heldout import real_images_and_prompts
 
     cfg = _config(tmp_path, tiny_encoder_dir)
     images, _ = real_images_and_prompts(cfg, 6)

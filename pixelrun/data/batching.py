@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from . import Batch, Rejected
-from .buckets import nearest_bucket
+from pixelrun.data import Batch, Rejected
+from pixelrun.data.buckets import nearest_bucket
 
 SKIPPED_NAMES_CAP = 100  # names of skipped items kept for the end-of-run report
 

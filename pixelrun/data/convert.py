@@ -54,12 +54,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..config import ConfigError, TextConfig, aspect_buckets
-from ..locks import folder_lock
-from . import SourceImage
-from .buckets import nearest_bucket, resize_to_bucket
-from .folder import DEFAULT_MAX_PIXELS, ImageFolder, load_rgb, read_size
-from .shards import (
+from pixelrun.config import ConfigError, TextConfig, aspect_buckets
+from pixelrun.data import SourceImage
+from pixelrun.data.buckets import nearest_bucket, resize_to_bucket
+from pixelrun.data.folder import DEFAULT_MAX_PIXELS, ImageFolder, load_rgb, read_size
+from pixelrun.data.shards import (
     EMBEDDING_STORAGE,
     INDEX_FILE,
     PARTIAL_DIR,
@@ -70,6 +69,7 @@ from .shards import (
     read_index,
     read_samples,
 )
+from pixelrun.infra.locks import folder_lock
 
 IMAGE_FORMATS = ("jpg", "png")
 EMBEDDING_DTYPES = tuple(EMBEDDING_STORAGE)  # bfloat16 (default), float16, float32
@@ -145,7 +145,7 @@ class _Source:
 
 def _open_source(src: str, captions: str | None, image_column: str | None, split: str, limit: int | None,
                  log: Callable[[str], None]) -> _Source:
-    from .parquet import (
+    from pixelrun.data.parquet import (
         choose_caption_columns,
         choose_image_column,
         is_table_source,
@@ -319,7 +319,7 @@ def _convert_locked(src: str, out: Path, resolution: int, patch: int, shard_size
 
     encoder = None
     if text_encoder is not None:
-        from ..text import TextEncoder
+        from pixelrun.model.text import TextEncoder
 
         encoder = TextEncoder(text_encoder, max_tokens)
         per_text = max_tokens * encoder.dim * np.dtype(EMBEDDING_STORAGE[embedding_dtype]).itemsize
@@ -433,7 +433,7 @@ def skip_text(counts: dict[str, int], names: dict[str, list[str]], read: int) ->
 
 
 def _fingerprint(text_encoder: str) -> str:
-    from ..text import encoder_fingerprint
+    from pixelrun.model.text import encoder_fingerprint
 
     return encoder_fingerprint(text_encoder)
 
@@ -537,7 +537,7 @@ def inspect_shards(spec: str, contact_sheet: str | Path | None = None, n: int = 
                                             "bytes_per_sample", "skipped") if k in index} if index else None,
     }
     if contact_sheet is not None and sheet:
-        from ..images import save_grid
+        from pixelrun.infra.grids import save_grid
 
         report["contact_sheet"] = str(save_grid(np.stack([a for a, _ in sheet]), [c for _, c in sheet],
                                                 contact_sheet, tile=tile, columns=8))

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import CountedBatchSource
-from .buckets import to_tensor
-from .folder import _to_rgb
+from pixelrun.data import CountedBatchSource
+from pixelrun.data.buckets import to_tensor
+from pixelrun.data.folder import _to_rgb
 
 EVAL_COUNT = 64  # emoji held out of "train"; their captions are the fixed grid prompts
 _HELD_OUT_SEED = 1234  # the held-out choice never depends on the run's seed

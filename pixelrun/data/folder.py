@@ -14,9 +14,9 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import Batch, NoUsableData
-from .batching import BucketedBatchSource
-from .buckets import resize_to_bucket, stack_images, to_array
+from pixelrun.data import Batch, NoUsableData
+from pixelrun.data.batching import BucketedBatchSource
+from pixelrun.data.buckets import resize_to_bucket, stack_images, to_array
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 64_000_000

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
-from . import Batch, Rejected
+from pixelrun.config import ConfigError
+from pixelrun.data import Batch, Rejected
 
 _QUIET = {signal.SIGINT, signal.SIGTERM}
 

@@ -33,8 +33,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import ConfigError, parse_weights
-from . import SourceImage
+from pixelrun.config import ConfigError, parse_weights
+from pixelrun.data import SourceImage
 
 READ_ROWS = 64  # rows handed on at a time (a row group is read whole, then sliced)
 PRIMARY_CAPTION_COLUMNS = ("caption", "prompt", "text")  # the default --captions, first found

@@ -1,7 +1,7 @@
 """The built-in procedural "shapes" text-to-image dataset (spec: docs/recipe.md).
 
 It needs no download, exercises every part of text conditioning (colour, kind, size, position,
-count) and renders with exact, documented geometry so that `pixelrun.shapes_score` can grade a
+count) and renders with exact, documented geometry so that `pixelrun.evaluation.shapes_score` can grade a
 generated image against the caption it was prompted with. Every sample is a pure function of
 (seed, split, index), so runs, ranks and resumptions all see the same data.
 """

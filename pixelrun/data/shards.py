@@ -37,11 +37,11 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from ..config import ConfigError, parse_captions
-from . import Batch, NoUsableData, ustar
-from .batching import BucketedBatchSource
-from .buckets import resize_to_bucket, stack_images, to_array
-from .folder import DEFAULT_MAX_PIXELS, load_rgb, read_size
+from pixelrun.config import ConfigError, parse_captions
+from pixelrun.data import Batch, NoUsableData, ustar
+from pixelrun.data.batching import BucketedBatchSource
+from pixelrun.data.buckets import resize_to_bucket, stack_images, to_array
+from pixelrun.data.folder import DEFAULT_MAX_PIXELS, load_rgb, read_size
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # looked for in this order
 INDEX_FILE = "index.json"  # written by `pixelrun data convert` beside the shards
@@ -345,7 +345,7 @@ class ShardBatchSource(BucketedBatchSource):
         self._init_batching(batch_size, buckets, seed, rank, world_size)
         self.spec, self.urls = spec, expand_shards(spec)
         if len(self.urls) < world_size:
-            from ..config import ConfigError
+            from pixelrun.config import ConfigError
 
             raise ConfigError("data.path", f"{len(self.urls)} shard(s) cannot be split over {world_size} ranks (each "
                                            f"rank reads whole shards); write more, smaller shards (pixelrun data "

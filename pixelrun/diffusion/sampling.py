@@ -1,0 +1,159 @@
+"""Euler sampling from t = 1 (noise) to t = 0 (image), with optional classic CFG.
+
+The network predicts x_hat; every step turns it into a velocity with the same clamp as training
+(objective.x_to_velocity) and takes an Euler step x <- x + (t_next - t) * v.
+Initial noise is drawn as diffusers' PRXPixelPipeline draws it: one `torch.randn` of the whole
+batch from a CPU `torch.Generator().manual_seed(seed)`, times the noise scale.
+
+Guidance modes: "cfg" (classic, against the empty prompt), "none", and "self" (self-guidance for
+TREAD-routed models, Guided Token-Sparse Diffusion): the model's own routed pass plays the weak
+model that guidance pushes away from, so no empty prompt is needed.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from pixelrun.config import GUIDANCE_MODES, SPACINGS, span_for_depth
+from pixelrun.diffusion.objective import shift_time, x_to_velocity
+from pixelrun.model.denoiser import Routing
+from pixelrun.model.routing import random_routing, routing_generator
+
+
+def time_grid(steps: int, shift: float = 3.0, spacing: str = "diffusers", num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The steps+1 times visited by the sampler, from 1 down to exactly 0.
+
+    - "diffusers": what `FlowMatchEulerDiscreteScheduler(shift=s)` does, so an exported pipeline
+      called plainly reproduces our images: u = linspace(1, shift(1/T), N), t = shift(u), then 0.
+    - "linear": Photoroom's training repository: t = shift(linspace(1, 0, N+1)).
+    """
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if spacing == "diffusers":
+        u_min = shift_time(1.0 / num_train_timesteps, shift)
+        u = np.linspace(1.0, u_min, steps)
+        t = np.append(shift_time(u, shift), 0.0)
+    elif spacing == "linear":
+        t = shift_time(np.linspace(1.0, 0.0, steps + 1), shift)
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
+    return torch.tensor(t, dtype=torch.float32)
+
+
+def initial_noise(batch: int, height: int, width: int, seed: int, noise_scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, 3, height, width), generator=g) * noise_scale
+
+
+def _model_cfg(model):
+    """The denoiser's ModelConfig, looking through torch.compile / DDP-style wrappers."""
+    for m in (model, getattr(model, "_orig_mod", None), getattr(model, "module", None)):
+        cfg = getattr(m, "cfg", None)
+        if cfg is not None and hasattr(cfg, "patch_size"):
+            return cfg
+    raise ValueError("self-guidance needs the model's patch size to count tokens: the model has no cfg.patch_size")
+
+
+def self_guidance_routing(
+    batch: int, n_tokens: int, span: tuple[int, int], ratio: float, seed: int, device=None
+) -> Routing:
+    """The routing that guidance mode "self" uses for a whole sampling run: one mask per sample.
+
+    Drawn once from `routing_generator(seed)`, a CPU generator separate from (and not correlated
+    with) the noise generator, so the initial noise is the same as in the other modes and the
+    masks do not depend on the device. Exposed so tests and tools can rebuild the exact mask.
+    """
+    routing = random_routing(batch, n_tokens, ratio, span, routing_generator(seed), device=device)
+    if routing is None:
+        raise ValueError("self-guidance needs routing_ratio > 0 (ratio 0 makes the routed pass the dense one)")
+    return routing
+
+
+@torch.no_grad()
+def sample(
+    model,
+    text: torch.Tensor,
+    text_mask: torch.Tensor,
+    *,
+    null_text: torch.Tensor | None = None,
+    null_mask: torch.Tensor | None = None,
+    height: int,
+    width: int,
+    steps: int = 28,
+    guidance: float = 4.0,
+    guidance_mode: str = "cfg",
+    shift: float = 3.0,
+    spacing: str = "diffusers",
+    noise_scale: float = 1.0,
+    t_clamp: float = 0.05,
+    seed: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    progress=None,
+    routing_span: tuple[int, int] | None = None,
+    routing_ratio: float = 0.5,
+) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] for the prompts whose embeddings are given.
+
+    guidance_mode "cfg": x_hat = x_uncond + w * (x_cond - x_uncond) against the empty prompt
+    (`null_text`), run as one batch [uncond ; cond] like diffusers; skipped when w == 1 as there.
+    guidance_mode "none": the conditional prediction alone.
+    guidance_mode "self": each step runs a dense pass and a TREAD-routed pass, both with the real
+    prompt, and x_hat = x_routed + w * (x_dense - x_routed). The routed pass skips
+    `routing_span` (start, end inclusive, e.g. `config.span_for_depth(depth)`) for a fraction
+    `routing_ratio` of the tokens, as in training. One mask per sample is drawn once from `seed`
+    (`self_guidance_routing`) and kept for every step: a mask redrawn each step would add noise to
+    the guidance direction. The two passes are separate forward calls (different token counts in
+    the span). Skipped, like CFG, when w == 1 (the dense prediction alone).
+    """
+    if guidance_mode not in GUIDANCE_MODES:
+        raise ValueError(f"unknown guidance mode {guidance_mode!r}; choose one of {GUIDANCE_MODES}")
+    device = text.device
+    b = text.shape[0]
+    use_cfg = guidance_mode == "cfg" and guidance != 1.0
+    use_self = guidance_mode == "self" and guidance != 1.0
+    if guidance_mode == "self":
+        if routing_span is None:
+            raise ValueError("guidance mode 'self' needs routing_span=(start, end), the model's routed blocks "
+                             "(see pixelrun.config.span_for_depth)")
+        mcfg = _model_cfg(model)
+        if getattr(mcfg, "depth", None) is not None:  # a span past the last block would never scatter back
+            routing_span = span_for_depth(mcfg.depth, *routing_span)
+        p = mcfg.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+        # Drawn (and validated) even when w == 1 skips the routed pass, so errors do not depend on w.
+        routing = self_guidance_routing(b, (height // p) * (width // p), (routing_span[0], routing_span[1]), routing_ratio, seed, device)
+    if use_cfg:
+        if null_text is None or null_mask is None:
+            raise ValueError("classic CFG needs the empty prompt's embedding (null_text)")
+        both_text = torch.cat([null_text.expand(b, -1, -1), text])
+        both_mask = torch.cat([null_mask.expand(b, -1), text_mask])
+    x = initial_noise(b, height, width, seed, noise_scale).to(device)
+    times = time_grid(steps, shift, spacing)
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    for i in range(steps):
+        t = times[i].to(device).expand(b)
+        with amp:
+            if use_cfg:
+                pred = model(torch.cat([x, x]), torch.cat([t, t]), both_text, both_mask).prediction.float()
+                uncond, cond = pred.chunk(2)
+                x_hat = uncond + guidance * (cond - uncond)
+            elif use_self:
+                dense = model(x, t, text, text_mask).prediction.float()
+                routed = model(x, t, text, text_mask, routing=routing).prediction.float()
+                x_hat = routed + guidance * (dense - routed)
+            else:
+                x_hat = model(x, t, text, text_mask).prediction.float()
+        v = x_to_velocity(x, x_hat, t, t_clamp)
+        x = x + (times[i + 1] - times[i]).item() * v
+        if progress is not None:
+            progress.update(1)
+    return x.clamp(-1, 1)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8 (rounded, not truncated)."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()

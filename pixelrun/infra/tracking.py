@@ -1,0 +1,163 @@
+"""Where a run's numbers and pictures go: ``metrics.jsonl`` and TensorBoard always, Weights & Biases
+as well with ``log.wandb=true``. One sink, so every row reaches every destination the same way.
+
+How the training loop uses it (built once per run, after the checkpoint is restored, on every rank;
+only the main rank writes, the others get a sink that does nothing)::
+
+    tracker = Tracker(cfg, run_dir, start_step=step, enabled=ctx.is_main)
+    tracker.scalars(step, {"loss": .., "flow": .., "lr": ..}, prefix="train/")  # a training row
+    tracker.scalars(step, {"eval/fd-effnet": .., "val/flow/low": ..})          # evaluation rows
+    tracker.image("samples/ema", grid_png_path, step)
+    tracker.close()
+
+* ``metrics.jsonl``: one JSON object per call, ``{"step": step, **values}`` with the keys as given
+  (no prefix); a non-finite number is written as ``null``. A resumed run (``start_step > 0``)
+  first drops the rows past its checkpoint and any torn last line, so the file reads as one
+  uninterrupted run.
+* TensorBoard (``run_dir/tensorboard``): each value as ``prefix + key``; resuming purges the events
+  past ``start_step``; the resolved config as the text ``config``.
+* W&B (``log.wandb``; ``log.wandb_project``, ``log.wandb_name`` (default: the run directory's
+  name), ``log.wandb_entity``): the same tags as TensorBoard, against the training step, plotted on
+  a ``step`` axis of its own (W&B drops rows logged with a smaller ``step=`` than it has seen, which
+  a resume after a crash would otherwise do); the sample grids as images; the resolved config as the
+  run's config. The W&B run id is kept in ``run_dir/wandb_run_id``, so a resume continues the same
+  W&B run. ``WANDB_MODE=offline`` writes it under ``run_dir/wandb`` for ``wandb sync`` later.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from pixelrun.config import Config, ConfigError, to_dict, to_yaml
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write beside, then swap in whole: a reader never sees half a file, a crash leaves the old one.
+    The temporary name carries the pid, so two writers never share one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+    return path
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``path`` whose step is at most ``step`` (whole lines only), atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a crash or a full disk: only a log line
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line)
+    write_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def json_row(row):
+    """A row (or any nest of dicts and lists) that is valid JSON: a NaN or an infinity (a step whose
+    update was skipped) becomes null (JSON has no such numbers; Python would write bare NaN /
+    Infinity that other readers reject)."""
+    if isinstance(row, float) and not math.isfinite(row):
+        return None
+    if isinstance(row, dict):
+        return {k: json_row(v) for k, v in row.items()}
+    if isinstance(row, (list, tuple)):
+        return [json_row(v) for v in row]
+    return row
+
+
+class Tracker:
+    """The sink of one run's scalars, images and config (see the module docstring)."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, *, start_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.writer = self.wandb_run = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if start_step:
+            truncate_metrics(self.metrics_path, start_step)
+        else:
+            self.metrics_path.write_text("")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
+        self.writer.add_text("config", f"```yaml\n{to_yaml(cfg)}```", start_step)
+        if cfg.log.wandb:
+            self.wandb_run = _start_wandb(cfg, run_dir, resume=start_step > 0)
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        """One row: ``{"step": step, **values}`` in metrics.jsonl; ``prefix + key`` elsewhere."""
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(json_row({"step": step, **values}), allow_nan=False) + "\n")
+        for k, v in values.items():
+            self.writer.add_scalar(prefix + k, v, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log({"step": step, **{prefix + k: v for k, v in values.items()}})
+
+    def image(self, tag: str, image: str | Path | np.ndarray, step: int, caption: str | None = None) -> None:
+        """A picture (a PNG's path, or uint8 ``[H, W, 3]``) under ``tag`` at ``step``."""
+        if not self.enabled:
+            return
+        if not isinstance(image, np.ndarray):
+            from PIL import Image
+
+            with Image.open(image) as im:
+                image = np.asarray(im.convert("RGB"))
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({"step": step, tag: wandb.Image(image, caption=caption)})
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close every destination; safe to call twice."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _start_wandb(cfg: Config, run_dir: Path, resume: bool):
+    """A W&B run for this run directory: the same W&B run again when resuming (its id is kept in
+    ``run_dir/wandb_run_id``), a new one otherwise. A W&B that cannot start (not logged in, no
+    network in online mode) is a ConfigError naming ``log.wandb``."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("log.wandb", "is true but the wandb package is not installed: pip install wandb "
+                                       "(or pip install 'pixelrun[wandb]'), or set log.wandb=false") from None
+    id_file = run_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else secrets.token_hex(4)
+    id_file.write_text(run_id + "\n")
+    log = cfg.log
+    try:
+        run = wandb.init(project=log.wandb_project, entity=log.wandb_entity,
+                         name=log.wandb_name or run_dir.resolve().name, config=to_dict(cfg), dir=str(run_dir),
+                         id=run_id, resume="allow")
+    except Exception as e:  # wandb raises its own error types, several of them
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("log.wandb", f"Weights & Biases did not start ({reason}): run `wandb login`, set "
+                                       f"WANDB_MODE=offline, or set log.wandb=false") from e
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run

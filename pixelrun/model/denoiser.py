@@ -1,0 +1,313 @@
+"""The denoiser: PRX's pixel-space transformer. It knows nothing about diffusion.
+
+Given noisy pixels, a time t in [0, 1] and text embeddings, it returns a tensor of the image's shape
+(the training objective decides what that tensor means; here it is trained as the clean image).
+
+Layout (docs/recipe.md, "Model"), kept parameter-for-parameter compatible with diffusers'
+`PRXTransformer2DModel` so that a trained model can be exported to `PRXPixelPipeline`:
+- patches of p x p RGB pixels, flattened in (channel, row, column) order, embedded through an
+  optional low-rank bottleneck (Linear -> Linear, no activation between);
+- text projected to the width once (`txt_in`) and never updated: each block's image queries attend
+  to [text keys/values ; image keys/values], the text padding mask is a broadcast key mask;
+- 2-D axial RoPE on image queries and keys, RMSNorm on q and k (and on text keys);
+- per-block adaLN (shift, scale, gate for attention and for the GeGLU MLP) from a time embedding,
+  zero-initialised so every block starts as the identity; a zero-initialised output layer.
+
+Token routing (TREAD) is an explicit argument of `forward`: a `Routing` names which image tokens
+go through a span of blocks; the others skip it and are put back unchanged after it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from pixelrun.config import PRESETS
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    patch_size: int
+    hidden_size: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    bottleneck_size: int | None
+    text_dim: int
+    in_channels: int = 3
+    rope_theta: float = 10000.0
+    time_factor: float = 1000.0
+    time_max_period: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.patch_size**2
+
+
+@dataclass(frozen=True)
+class Routing:
+    """TREAD routing for one forward pass.
+
+    `keep` [B, K] holds, per sample, the indices of the image tokens that go through blocks
+    `start`..`end` (0-indexed, both inclusive); the other tokens skip those blocks and re-enter,
+    unchanged, after block `end`.
+    """
+
+    keep: torch.Tensor
+    start: int
+    end: int
+
+
+def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p], tokens in row-major order, values in (c, y, x) order."""
+    b, c, h, w = img.shape
+    x = img.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(seq: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
+    b, _, d = seq.shape
+    c = d // (p * p)
+    x = seq.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, h, w)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, scale: float, max_period: float) -> torch.Tensor:
+    """Sinusoidal embedding of scale*t as [cos | sin] (the order diffusers' PRX uses)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = scale * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_angles(h: int, w: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [L, head_dim/2] for a 2-D axial RoPE: the first half of the rotated pairs encodes
+    the row, the second half the column, at integer grid positions."""
+    axis = head_dim // 2
+    omega = 1.0 / theta ** (torch.arange(0, axis, 2, dtype=torch.float64, device=device) / axis)
+    rows = torch.arange(h, dtype=torch.float64, device=device).repeat_interleave(w)
+    cols = torch.arange(w, dtype=torch.float64, device=device).repeat(h)
+    ang = torch.cat([rows[:, None] * omega, cols[:, None] * omega], dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x0, x1) of x [B, heads, L, D] by the angles; cos/sin [B or 1, 1, L, D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, dim)
+        self.out_layer = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.img_qkv_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.txt_kv_proj = nn.Linear(dim, 2 * dim, bias=False)
+        self.norm_q = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.norm_k = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.norm_added_k = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])
+
+    def forward(self, x, txt, key_mask, cos, sin):
+        b, n, _ = x.shape
+        q, k, v = self.img_qkv_proj(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        tk, tv = self.txt_kv_proj(txt).view(b, txt.shape[1], 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = apply_rope(self.norm_q(q), cos, sin)
+        k = apply_rope(self.norm_k(k), cos, sin)
+        k = torch.cat([self.norm_added_k(tk), k], dim=2)
+        v = torch.cat([tv, v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        return self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.img_pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attention = Attention(dim, heads)
+        self.post_attention_layernorm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.modulation = nn.Module()
+        self.modulation.lin = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, txt, vec, key_mask, cos, sin):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation.lin(F.silu(vec))[:, None].chunk(6, dim=-1)
+        h = (1 + scale1) * self.img_pre_norm(x) + shift1
+        x = x + gate1 * self.attention(h, txt, key_mask, cos, sin)
+        h = (1 + scale2) * self.post_attention_layernorm(x) + shift2
+        mlp = self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
+        return x + gate2 * mlp
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
+        return self.linear((1 + scale) * self.norm_final(x) + shift)
+
+
+@dataclass
+class ModelOutput:
+    prediction: torch.Tensor  # [B, C, H, W]
+    features: dict[int, torch.Tensor]  # block index -> its output [B, L or K, D], when asked for
+
+
+class PRXDenoiser(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.hidden_size % cfg.num_heads or cfg.head_dim % 4:
+            raise ValueError("hidden_size / num_heads must be a multiple of 4 (2-D RoPE on pairs)")
+        self.cfg = cfg
+        d = cfg.hidden_size
+        if cfg.bottleneck_size:
+            self.img_in: nn.Module = nn.Sequential(nn.Linear(cfg.patch_dim, cfg.bottleneck_size), nn.Linear(cfg.bottleneck_size, d))
+        else:
+            self.img_in = nn.Linear(cfg.patch_dim, d)
+        self.time_in = MLPEmbedder(256, d)
+        self.txt_in = nn.Linear(cfg.text_dim, d)
+        self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(d, cfg.patch_dim)
+        # Recompute each block's activations in the backward instead of keeping them (memory for
+        # compute); a flag rather than a wrapper module so parameter names never change.
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        # Zero modulation: each block starts as the identity; zero output: x_hat = 0 at step 0.
+        for blk in self.blocks:
+            nn.init.zeros_(blk.modulation.lin.weight)
+            nn.init.zeros_(blk.modulation.lin.bias)
+        for lin in (self.final_layer.linear, self.final_layer.adaLN_modulation[1]):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        routing: Routing | None = None,
+        return_features: tuple[int, ...] = (),
+    ) -> ModelOutput:
+        """x [B, C, H, W]; t [B] in [0, 1]; text [B, T, text_dim]; text_mask [B, T] bool (True = real)."""
+        cfg = self.cfg
+        b, _, h, w = x.shape
+        p = cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        if routing is not None and not 0 <= routing.start <= routing.end < cfg.depth:
+            raise ValueError(f"routing span {routing.start}..{routing.end} is outside blocks 0..{cfg.depth - 1}")
+        img = self.img_in(patchify(x, p))
+        txt = self.txt_in(text)
+        vec = self.time_in(timestep_embedding(t, 256, cfg.time_factor, cfg.time_max_period).to(img.dtype))
+        cos, sin = rope_angles(h // p, w // p, cfg.head_dim, cfg.rope_theta, x.device)
+        cos, sin = cos[None, None], sin[None, None]
+        n_img = img.shape[1]
+        full_mask = None
+        if text_mask is not None:
+            ones = torch.ones(b, n_img, dtype=torch.bool, device=x.device)
+            full_mask = torch.cat([text_mask.bool(), ones], dim=1)[:, None, None, :]
+
+        features: dict[int, torch.Tensor] = {}
+        saved: torch.Tensor | None = None
+        mask = full_mask
+        for i, block in enumerate(self.blocks):
+            if routing is not None and i == routing.start:
+                saved = img
+                img = gather_tokens(img, routing.keep)
+                cos_k = gather_tokens(cos.expand(b, 1, -1, -1).squeeze(1), routing.keep)[:, None]
+                sin_k = gather_tokens(sin.expand(b, 1, -1, -1).squeeze(1), routing.keep)[:, None]
+                if full_mask is not None:
+                    mask = full_mask[..., : text.shape[1] + routing.keep.shape[1]]
+                block_cos, block_sin = cos_k, sin_k
+            elif routing is None or not (routing.start <= i <= routing.end):
+                block_cos, block_sin = cos, sin
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                img = torch.utils.checkpoint.checkpoint(block, img, txt, vec, mask, block_cos, block_sin,
+                                                        use_reentrant=False)
+            else:
+                img = block(img, txt, vec, mask, block_cos, block_sin)
+            if i in return_features:  # before the scatter: a block of the span only saw its kept tokens
+                features[i] = img
+            if routing is not None and i == routing.end:
+                img = scatter_tokens(saved, img, routing.keep)  # type: ignore[arg-type]  # saved at routing.start
+                mask = full_mask
+        out = self.final_layer(img, vec)
+        return ModelOutput(unpatchify(out, p, h, w), features)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D], idx [B, K] -> [B, K, D]."""
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(base: torch.Tensor, kept: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Put the processed kept tokens back at their positions of `base`; the rest stay unchanged."""
+    return base.scatter(1, idx[..., None].expand(-1, -1, base.shape[-1]), kept)
+
+
+def build_model(preset: str, text_dim: int, **overrides) -> PRXDenoiser:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return PRXDenoiser(ModelConfig(text_dim=text_dim, **fields))
+
+
+def compile_blocks(model: PRXDenoiser, graphs: int = 0) -> PRXDenoiser:
+    """torch.compile each transformer block in place (`Module.compile`: parameter names and the
+    state dict stay as they are). Per block, not the whole model, so FSDP2's per-block hooks do not
+    break the graph. Static shapes: under TREAD a block inside the span always sees K tokens and one
+    outside it N, so each block keeps a specialised graph per shape instead of falling back to a
+    slower dynamic-shape one after the second size it meets.
+
+    The blocks share one compiled frame (`Block.forward`) with one graph per input variant: each
+    token count of each aspect bucket, dense and routed, with and without grad (the validation
+    loss), per micro-batch size. torch's default limit is 8 graphs per frame, after which dynamo
+    stops compiling new variants and runs them eagerly, without a word beyond a log line: a run with
+    aspect buckets meets more. `graphs` (pixelrun.training.build.block_graphs) raises the limit to fit."""
+    if graphs:
+        import torch._dynamo.config as dynamo
+
+        dynamo.recompile_limit = max(dynamo.recompile_limit, graphs)
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, graphs)
+    for block in model.blocks:
+        block.compile(dynamic=False)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,120 @@
+"""Export a trained model as a diffusers `PRXPixelPipeline` directory.
+
+The directory holds the denoiser as `PRXTransformer2DModel` (same parameter names and shapes, so
+the state dict loads strictly), the frozen text encoder and its tokenizer as saved by transformers,
+a `FlowMatchEulerDiscreteScheduler` with our sampler's shift, and the pipeline's own settings: the
+initial-noise scale, the prompt token budget and the training resolution. Called with the same
+prompt, seed (`generator=torch.Generator().manual_seed(seed)`), steps and CFG scale, and with
+`use_resolution_binning=False` (diffusers bins only 1024px models), the pipeline reproduces
+`pixelrun sample`.
+
+What the pipeline cannot express is refused with one error naming the config key:
+- `sample.spacing=linear`: the pipeline calls `scheduler.set_timesteps(steps)`, whose grid is our
+  "diffusers" spacing; no scheduler setting gives the linear one for every step count.
+- `objective.t_clamp` other than 0.05: the pipeline converts x-predictions to velocities with a
+  hard-coded clamp of 0.05.
+- a text encoder that is not a standalone transformers model (an encoder taken out of an
+  encoder-decoder model by `get_encoder()`).
+Not refused, but worth knowing: the pipeline guides only with classic CFG (no self-guidance), and
+it cleans prompts with ftfy and HTML unescaping before tokenizing (we do not), so prompts that this
+cleaning changes (surrounding spaces, HTML entities, mojibake) encode differently.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pixelrun.config import Config, ConfigError, to_yaml
+from pixelrun.infra.checkpoint import atomic_dir
+
+#: The clamp of t in the x -> velocity conversion that PRXPixelPipeline hard-codes.
+PIPELINE_T_CLAMP = 0.05
+NUM_TRAIN_TIMESTEPS = 1000  # what sampling.time_grid assumes for the "diffusers" spacing
+
+
+def check_config(cfg: Config) -> None:
+    """Raise ConfigError (one line, naming the key) for settings PRXPixelPipeline cannot reproduce;
+    needs no weights, so the CLI calls it before loading anything."""
+    if cfg.sample.spacing != "diffusers":
+        raise ConfigError("sample.spacing", f"{cfg.sample.spacing!r} cannot be expressed by PRXPixelPipeline, whose "
+                                            "FlowMatchEulerDiscreteScheduler visits the 'diffusers' time grid; export "
+                                            "with the override sample.spacing=diffusers")
+    if abs(cfg.objective.t_clamp - PIPELINE_T_CLAMP) > 1e-12:
+        raise ConfigError("objective.t_clamp", f"is {cfg.objective.t_clamp} but PRXPixelPipeline hard-codes "
+                                               f"{PIPELINE_T_CLAMP} in its x-prediction to velocity conversion")
+
+
+def check_expressible(cfg: Config, text_model) -> None:
+    """check_config, and the text encoder must be a model PRXPixelPipeline can save and load."""
+    from transformers import PreTrainedModel
+
+    check_config(cfg)
+    if not isinstance(text_model, PreTrainedModel):
+        raise ConfigError("text.encoder", f"{cfg.text.encoder!r} loads as {type(text_model).__name__}, not a "
+                                          "standalone transformers model that PRXPixelPipeline can save and load")
+
+
+def to_diffusers_transformer(model):
+    """A `PRXTransformer2DModel` with the denoiser's layout and weights (checked by one forward pass)."""
+    from diffusers import PRXTransformer2DModel
+
+    m = model.cfg
+    if m.in_channels != 3 or m.head_dim % 4 or float(m.rope_theta) != int(m.rope_theta):
+        raise ConfigError("model", f"layout {m} cannot be expressed by PRXTransformer2DModel")
+    ref = PRXTransformer2DModel(
+        in_channels=m.in_channels, patch_size=m.patch_size, context_in_dim=m.text_dim, hidden_size=m.hidden_size,
+        mlp_ratio=m.mlp_ratio, num_heads=m.num_heads, depth=m.depth, axes_dim=[m.head_dim // 2, m.head_dim // 2],
+        theta=int(m.rope_theta), time_factor=m.time_factor, time_max_period=int(m.time_max_period),
+        bottleneck_size=m.bottleneck_size or None, resolution_embeds=False)
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    try:
+        ref.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError("model", "the weights do not load into PRXTransformer2DModel: "
+                                   + str(e).splitlines()[0]) from None
+    ref.eval().requires_grad_(False)
+    # One forward pass of both on a small random input: the layouts must agree, not only the names.
+    g = torch.Generator().manual_seed(0)
+    p = m.patch_size
+    x = torch.randn(2, m.in_channels, 2 * p, p, generator=g)
+    t = torch.tensor([0.3, 0.8])
+    txt = torch.randn(2, 3, m.text_dim, generator=g)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    ours_model = _cpu_fp32_copy(model)
+    with torch.no_grad():
+        ours = ours_model(x, t, txt, mask).prediction
+        theirs = ref(x, t, txt, attention_mask=mask, return_dict=False)[0]
+    err = (ours - theirs).abs().max().item()
+    if not err <= 1e-3 * max(1.0, ours.abs().max().item()):
+        raise ConfigError("model", f"PRXTransformer2DModel computes something else than our denoiser "
+                                   f"(max difference {err:.3g} on a test input)")
+    return ref
+
+
+def _cpu_fp32_copy(model):
+    """The model itself when it already is fp32 on the CPU (no second copy of a large model)."""
+    import copy
+
+    if all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters()) and not model.training:
+        return model
+    return copy.deepcopy(model).float().cpu().eval()
+
+
+def export_diffusers(model, encoder, cfg: Config, out: str | Path, marker: dict | None = None) -> Path:
+    """Write a `PRXPixelPipeline.from_pretrained`-loadable directory, atomically (temporary name,
+    then swapped in). `model` is our denoiser, `encoder` the `TextEncoder` it was trained with;
+    `marker` identifies the export (`checkpoint.export_marker`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, PRXPixelPipeline
+
+    check_expressible(cfg, encoder.model)
+    transformer = to_diffusers_transformer(model)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=cfg.sample.shift)
+    pipe = PRXPixelPipeline(
+        transformer=transformer, scheduler=scheduler, text_encoder=encoder.model, tokenizer=encoder.tokenizer,
+        default_sample_size=cfg.data.resolution, prompt_max_tokens=cfg.text.max_tokens,
+        noise_scale=cfg.objective.noise_scale)
+    with atomic_dir(out, marker) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "pixelrun_config.yaml").write_text(to_yaml(cfg))  # provenance and sampling defaults
+    return Path(out)
