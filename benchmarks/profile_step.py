@@ -10,10 +10,11 @@ import torch
 
 from pixelrun.config import load_config
 from pixelrun.data import Batch
+from pixelrun.diffusion.draws import step_draws
 from pixelrun.infra.distributed import clip_gradients
 from pixelrun.model.denoiser import compile_blocks
 from pixelrun.training.build import make_optimizer, model_from_config
-from pixelrun.training.step import draw_noise, training_step
+from pixelrun.training.step import compute_losses
 
 res = int(sys.argv[1]) if len(sys.argv) > 1 else 512
 b = int(sys.argv[2]) if len(sys.argv) > 2 else 32
@@ -36,9 +37,9 @@ def step(i, phases=None):
             phases[name] = phases.get(name, 0.0) + now - mark.t
             mark.t = now
     mark.t = time.perf_counter()
-    noise = draw_noise(cfg, i, list(range(b)), (3, res, res), 32, dev)
+    noise = step_draws(cfg, i, list(range(b)), (3, res, res), 32, dev)
     mark("noise draws")
-    r = training_step(model, batch, text, mask, text[:1] * 0, mask[:1], noise, cfg, dev)
+    r = compute_losses(model, batch, text, mask, text[:1] * 0, mask[:1], noise, cfg, dev)
     mark("forward + loss")
     r.loss.backward()
     mark("backward")

@@ -13,7 +13,7 @@ from pixelrun.infra import checkpoint as ckpt
 from pixelrun.model.denoiser import Routing, build_model
 from pixelrun.run.train import train
 from pixelrun.teachers.features import FeatureTeacher
-from pixelrun.training.build import Auxiliary
+from pixelrun.training.build import LossNetworks
 from pixelrun.training.step import pdino_loss, repa_loss
 
 
@@ -34,11 +34,11 @@ class LinearTeacher(FeatureTeacher):
         return self.proj(p)
 
 
-def _aux_with_teacher(dim_model=32):
-    aux = Auxiliary(load_config(None, []), dim_model, "cpu")
-    aux.repa_teacher = LinearTeacher()
-    aux.projector = torch.nn.Sequential(torch.nn.Linear(dim_model, 16), torch.nn.SiLU(), torch.nn.Linear(16, 5))
-    return aux
+def _loss_nets_with_teacher(dim_model=32):
+    loss_nets = LossNetworks(load_config(None, []), dim_model, "cpu")
+    loss_nets.repa_teacher = LinearTeacher()
+    loss_nets.projector = torch.nn.Sequential(torch.nn.Linear(dim_model, 16), torch.nn.SiLU(), torch.nn.Linear(16, 5))
+    return loss_nets
 
 
 @pytest.mark.parametrize("block", [1, 2])
@@ -47,7 +47,7 @@ def test_repa_uses_the_kept_tokens_and_trains_model_and_projector_only(block):
     those K tokens and the loss compares them with the teacher's tokens at the same places. Block 2
     is the span's end: its features are taken before the routed tokens are put back."""
     torch.manual_seed(0)
-    aux = _aux_with_teacher()
+    loss_nets = _loss_nets_with_teacher()
     model = build_model("tiny", 24, hidden_size=32, num_heads=2, depth=4)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
@@ -57,16 +57,16 @@ def test_repa_uses_the_kept_tokens_and_trains_model_and_projector_only(block):
                 return_features=(block,))
     feats = out.features[block]
     assert feats.shape == (2, 6, 32)
-    loss = repa_loss(aux, feats, x, Routing(keep, 1, 2), (4, 4))
+    loss = repa_loss(loss_nets, feats, x, Routing(keep, 1, 2), (4, 4))
     # independent: teacher features of every token, then the kept ones, by plain indexing
-    full = aux.repa_teacher(F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)).reshape(2, 16, 5)
+    full = loss_nets.repa_teacher(F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)).reshape(2, 16, 5)
     target = torch.stack([full[b, keep[b]] for b in range(2)])
-    expected = -F.cosine_similarity(aux.projector(feats), target, dim=-1).mean()
+    expected = -F.cosine_similarity(loss_nets.projector(feats), target, dim=-1).mean()
     assert torch.allclose(loss, expected, atol=1e-6)
     loss.backward()
-    assert all(p.grad is not None for p in aux.projector.parameters())
+    assert all(p.grad is not None for p in loss_nets.projector.parameters())
     assert model.blocks[0].attention.img_qkv_proj.weight.grad is not None
-    assert all(p.grad is None for p in aux.repa_teacher.parameters())
+    assert all(p.grad is None for p in loss_nets.repa_teacher.parameters())
     assert model.blocks[3].attention.img_qkv_proj.weight.grad is None  # after the REPA block: untouched
 
 
@@ -148,34 +148,35 @@ def test_bench_reports_dense_and_routed(tmp_path, capsys):
 
 def test_perceptual_gate_keeps_only_low_noise_samples():
     from pixelrun.data import Batch
-    from pixelrun.training.step import draw_noise, training_step
+    from pixelrun.diffusion.draws import step_draws
+    from pixelrun.training.step import compute_losses
 
     torch.manual_seed(0)
     model = build_model("tiny", 8, hidden_size=32, num_heads=2, depth=2)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    aux = Auxiliary(load_config(None, []), 32, "cpu")
-    aux.dino = LinearTeacher()
+    loss_nets = LossNetworks(load_config(None, []), 32, "cpu")
+    loss_nets.dino = LinearTeacher()
     batch = Batch(torch.rand(4, 3, 16, 16) * 2 - 1, [""] * 4)
     text, mask = torch.randn(4, 3, 8), torch.ones(4, 3, dtype=torch.bool)
 
     def pdino(max_t):
         cfg = load_config(None, ["perceptual.dino_weight=0.01", f"perceptual.max_t={max_t}", "objective.caption_dropout=0"])
-        noise = draw_noise(cfg, 0, list(range(4)), (3, 16, 16), 8, "cpu")
-        return training_step(model, batch, text, mask, text[:1], mask[:1], noise, cfg, torch.device("cpu"),
-                             aux).terms["pdino"].item()
+        noise = step_draws(cfg, 0, list(range(4)), (3, 16, 16), 8, "cpu")
+        return compute_losses(model, batch, text, mask, text[:1], mask[:1], noise, cfg, torch.device("cpu"),
+                             loss_nets).terms["pdino"].item()
 
     # the same draws for both: t >= 1e-3 always, t < 1 always
     assert pdino(1e-4) == 0.0  # every sample is noisier than the gate
     assert pdino(1.0) > 0.0
     # a gate that lets some samples through: the mean over those samples, not over the batch (PRX)
-    noise = draw_noise(load_config(None, ["objective.caption_dropout=0"]), 0, list(range(4)), (3, 16, 16), 8, "cpu")
+    noise = step_draws(load_config(None, ["objective.caption_dropout=0"]), 0, list(range(4)), (3, 16, 16), 8, "cpu")
     t = noise.t
     cut = float(t.sort().values[1:3].mean())  # between the 2nd and 3rd smallest: two samples pass
     x = batch.images.float() / 127.5 - 1
     x_t = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * noise.eps
     with torch.no_grad():
-        per = pdino_loss(aux.dino, model(x_t, t, text, mask).prediction, x)
+        per = pdino_loss(loss_nets.dino, model(x_t, t, text, mask).prediction, x)
     assert pdino(cut) == pytest.approx(per[t < cut].mean().item(), rel=1e-5)
     assert int((t < cut).sum()) == 2
 

@@ -140,18 +140,18 @@ def test_hybrid_sharding_equals_one_rank(runs):
 
 
 def test_masks_differ_across_ranks_and_steps_and_repeat_from_the_seed():
-    from pixelrun.training.step import draw_noise
+    from pixelrun.diffusion.draws import step_draws
 
     cfg = load_config(None, ["routing.ratio=0.5"])
     shape = (3, 48, 48)
-    rank0, rank1 = (draw_noise(cfg, 5, list(range(a, a + 4)), shape, 8, "cpu") for a in (0, 4))
-    again = draw_noise(cfg, 5, [0, 1, 2, 3], shape, 8, "cpu")
-    later = draw_noise(cfg, 6, [0, 1, 2, 3], shape, 8, "cpu")
+    rank0, rank1 = (step_draws(cfg, 5, list(range(a, a + 4)), shape, 8, "cpu") for a in (0, 4))
+    again = step_draws(cfg, 5, [0, 1, 2, 3], shape, 8, "cpu")
+    later = step_draws(cfg, 6, [0, 1, 2, 3], shape, 8, "cpu")
     assert torch.equal(rank0.routing.keep, again.routing.keep) and torch.equal(rank0.eps, again.eps)
     assert not torch.equal(rank0.routing.keep, rank1.routing.keep)
     assert not torch.equal(rank0.routing.keep, later.routing.keep)
     assert len({tuple(k.tolist()) for k in rank0.routing.keep}) == 4  # per sample, too
-    both = draw_noise(cfg, 5, list(range(8)), shape, 8, "cpu")  # one rank holding all 8 samples
+    both = step_draws(cfg, 5, list(range(8)), shape, 8, "cpu")  # one rank holding all 8 samples
     assert torch.equal(both.routing.keep, torch.cat([rank0.routing.keep, rank1.routing.keep]))
     assert torch.equal(both.t, torch.cat([rank0.t, rank1.t]))
 

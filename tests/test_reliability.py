@@ -85,21 +85,21 @@ def test_a_skipped_step_changes_no_parameter_optimizer_state_or_ema(tmp_path, ti
         return {k: v.clone() for k, v in ckpt_tensors(st).items()}
 
     before = snapshot()
-    real = step_mod.training_step
+    real = step_mod.compute_losses
 
     def poisoned(*a, **k):
         out = real(*a, **k)
         out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(step_mod, "training_step", poisoned)
+    monkeypatch.setattr(step_mod, "compute_losses", poisoned)
     terms, grad_norm, applied = step_mod.train_step(st, source, enc, *null, cfg, 1, 4, 1)
     assert not applied and not torch.isfinite(terms["loss"])
     after = snapshot()
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
-    monkeypatch.setattr(step_mod, "training_step", real)
+    monkeypatch.setattr(step_mod, "compute_losses", real)
     assert step_mod.train_step(st, source, enc, *null, cfg, 2, 4, 1)[2]  # the next finite step applies
 
 

@@ -14,11 +14,12 @@ from PIL import Image
 from pixelrun.cli import main
 from pixelrun.config import load_config
 from pixelrun.data.shapes import ShapesBatchSource
+from pixelrun.diffusion.draws import step_draws
 from pixelrun.infra import checkpoint as ckpt
 from pixelrun.model.text import TextEncoder
 from pixelrun.run.train import train
 from pixelrun.training.build import make_optimizer, model_from_config
-from pixelrun.training.step import draw_noise, training_step
+from pixelrun.training.step import compute_losses
 
 
 def _metrics(run):
@@ -43,10 +44,10 @@ def test_tiny_model_overfits_one_batch(tmp_path, tiny_encoder_dir):
     text, mask = enc.encode(batch.captions)
     null = enc.encode([""])
     losses = []
-    noise = draw_noise(cfg, 0, list(range(4)), (3, 32, 32), 8, "cpu")
+    noise = step_draws(cfg, 0, list(range(4)), (3, 32, 32), 8, "cpu")
     for _ in range(150):
         # the same noise and times every step: a fixed regression problem the model must fit
-        res = training_step(model, batch, text, mask, *null, noise, cfg, torch.device("cpu"))
+        res = compute_losses(model, batch, text, mask, *null, noise, cfg, torch.device("cpu"))
         opt.zero_grad()
         res.loss.backward()
         opt.step()

@@ -265,7 +265,7 @@ def flops_per_image(cfg: Config, text_dim: int) -> float:
     from pixelrun.config import to_dict, with_overrides
     from pixelrun.run.train import analytic_flops_per_image
     from pixelrun.tools.bench import measured_step_flops
-    from pixelrun.training.build import Auxiliary
+    from pixelrun.training.build import LossNetworks
 
     analytic = analytic_flops_per_image(cfg, text_dim)
     if not (cfg.repa.weight or cfg.perceptual.lpips_weight or cfg.perceptual.dino_weight):
@@ -274,8 +274,8 @@ def flops_per_image(cfg: Config, text_dim: int) -> float:
     device = torch.device("cpu")
     torch.manual_seed(0)
     def extra(c: Config) -> float:  # FLOPs the teachers and projector of `c` add to one image
-        return float(measured_step_flops(c, Auxiliary(c, _width(c), device), device, text_dim, c.text.max_tokens)
-                     - measured_step_flops(bare, Auxiliary(bare, _width(c), device), device, text_dim,
+        return float(measured_step_flops(c, LossNetworks(c, _width(c), device), device, text_dim, c.text.max_tokens)
+                     - measured_step_flops(bare, LossNetworks(bare, _width(c), device), device, text_dim,
                                            c.text.max_tokens))
 
     if cfg.repa.weight == 0 or cfg.repa.until == 1:

@@ -4,7 +4,7 @@ of it: the model stays a plain module and every helper here is a no-op.
 
 Layout of one optimizer step over `world` ranks with micro-batch B and A accumulation steps:
 micro-step m on rank r holds step-local samples j = (m * world + r) * B + i, i < B. The data
-sources and the per-sample noise (`step.draw_noise`) are both keyed by j, so one step sees the
+sources and the per-sample noise (`diffusion.draws.step_draws`) are both keyed by j, so one step sees the
 same images with the same noise whether it runs as 1 rank x 8, 2 ranks x 4 or 1 rank x 4 x 2.
 """
 from __future__ import annotations

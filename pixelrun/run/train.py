@@ -244,7 +244,7 @@ def open_stage(run: Run, stage_index: int) -> None:
     if len(run.plan) > 1:
         run.say(f"stage {stage_index + 1}/{len(run.plan)} {run.cfg.stages[stage_index].name!r}: steps {s0}..{s1}, "
                 f"{scfg.data.resolution}px, global batch {global_batch}")
-    run.say(*run.st.aux.describe(scfg))
+    run.say(*run.st.loss_nets.describe(scfg))
     if run.ctx.distributed or accum > 1:
         run.say(f"batch: global {global_batch} = {run.ctx.world_size} rank(s) x micro-batch {micro} x {accum} "
                 f"accumulation step(s)")

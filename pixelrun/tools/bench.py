@@ -28,10 +28,11 @@ import torch
 
 from pixelrun.config import Config, ConfigError, load_config, routing_span, to_dict
 from pixelrun.data import Batch
+from pixelrun.diffusion.draws import step_draws
 from pixelrun.infra.distributed import DistContext, process_group, resolve_device, world_from_env
 from pixelrun.model.flops import training_flops_per_image
-from pixelrun.training.build import Auxiliary, autocast_dtype, build_state, model_from_config
-from pixelrun.training.step import draw_noise, train_step, training_step
+from pixelrun.training.build import LossNetworks, autocast_dtype, build_state, model_from_config
+from pixelrun.training.step import compute_losses, train_step
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets, matched on
 # torch.cuda.get_device_name() upper-cased; first match wins, so the specific names come first.
@@ -66,7 +67,7 @@ def random_inputs(b: int, res: int, text_tokens: int, text_dim: int, device) -> 
     return batch, text, torch.ones(b, text_tokens, dtype=torch.bool, device=device)
 
 
-def measured_step_flops(cfg: Config, aux: Auxiliary, device, text_dim: int, text_tokens: int) -> int:
+def measured_step_flops(cfg: Config, loss_nets: LossNetworks, device, text_dim: int, text_tokens: int) -> int:
     """FLOPs of a one-image training step (forward + backward, teachers included) as torch's
     FlopCounterMode counts them (matmuls, attention, convolutions). Run on an eager, unsharded
     twin of the model: not compiled, without activation checkpointing, whose recompute model FLOPs
@@ -79,10 +80,10 @@ def measured_step_flops(cfg: Config, aux: Auxiliary, device, text_dim: int, text
     model = model_from_config(cfg, text_dim).to(device)
     res = cfg.data.resolution
     batch, text, mask = random_inputs(1, res, text_tokens, text_dim, device)
-    noise = draw_noise(cfg, 0, [0], (3, res, res), model.cfg.patch_size, device)
+    draws = step_draws(cfg, 0, [0], (3, res, res), model.cfg.patch_size, device)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        training_step(model, batch, text, mask, text * 0, mask, noise, cfg, device, aux).loss.backward()
-    aux.zero_grad(set_to_none=True)
+        compute_losses(model, batch, text, mask, text * 0, mask, draws, cfg, device, loss_nets).loss.backward()
+    loss_nets.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
@@ -137,7 +138,7 @@ def _time_steps(cfg: Config, ctx: DistContext, *, text_dim: int, steps: int, war
     st = build_state(cfg, [cfg], ctx, text_dim)
     b, res = cfg.train.batch_size, cfg.data.resolution
     flops = training_flops_per_image(st.model.cfg, res, res, text_tokens, cfg.routing.ratio, routing_span(cfg))
-    measured = measured_step_flops(cfg, st.aux, device, text_dim, text_tokens) if count_flops else None
+    measured = measured_step_flops(cfg, st.loss_nets, device, text_dim, text_tokens) if count_flops else None
     batch, text, mask = random_inputs(b, res, text_tokens, text_dim, device)
     source = itertools.repeat(Batch(batch.images, batch.captions, text, mask))  # as stored caption embeddings
     null_text, null_mask = text[:1] * 0, mask[:1]
@@ -164,8 +165,8 @@ def _time_steps(cfg: Config, ctx: DistContext, *, text_dim: int, steps: int, war
     tokens = flops["image_tokens"]
     achieved = flops["training_total"] * b / step
     peak = peak_flops(device_name(device)) if device.type == "cuda" else None
-    aux = st.aux
-    teachers = aux.repa_teacher is not None or aux.lpips is not None or aux.dino is not None
+    loss_nets = st.loss_nets
+    teachers = loss_nets.repa_teacher is not None or loss_nets.lpips is not None or loss_nets.dino is not None
     out = {"step_seconds_median": step, "step_seconds": times,
            "forward_backward_seconds_median": median(forward_backward[warmup:]),
            "optimizer_seconds_median": median(optimizer[warmup:]),

@@ -126,7 +126,7 @@ def text_encoder(cfg: Config, device):
 
 # ----------------------------------------------------------------------------- teachers and projector
 
-class Auxiliary(torch.nn.Module):
+class LossNetworks(torch.nn.Module):
     """What the extra loss terms need besides the model: the REPA projector (trained, in the Adam
     group, saved in checkpoints) and frozen teachers (never trained, never saved). Kept outside the
     denoiser so parallelism, EMA and export only ever see the denoiser itself."""
@@ -241,7 +241,7 @@ class TrainState:
     ctx: DistContext
     model: torch.nn.Module
     ema: EMA
-    aux: Auxiliary
+    loss_nets: LossNetworks
     trainable: torch.nn.ModuleDict  # the trained modules by name: the denoiser, and the REPA projector
     opt: torch.optim.Optimizer
     sched: LRSchedule
@@ -324,15 +324,15 @@ def build_state(cfg: Config, stages: list[Config], ctx: DistContext, text_dim: i
     ema = EMA(model, cfg.ema.decay, cfg.ema.every)  # copied before compiling: the EMA only samples
     if cfg.parallel.compile:
         compile_blocks(model, block_graphs(stages or [cfg]))
-    aux = Auxiliary(cfg, model.cfg.hidden_size, device, stages=stages)
+    loss_nets = LossNetworks(cfg, model.cfg.hidden_size, device, stages=stages)
     dtype = autocast_dtype(cfg, device)
     shard(model, ctx, dtype, blocks=model.blocks)
     ema.shard(ctx)
     trainable = torch.nn.ModuleDict({"denoiser": model})
-    if aux.projector is not None:
-        trainable["repa_projector"] = shard(aux.projector, ctx, dtype)
-    opt, sched = make_optimizer(model, cfg, extra_adam_modules=[aux.projector] if aux.projector is not None else [])
-    return TrainState(ctx, model, ema, aux, trainable, opt, sched)
+    if loss_nets.projector is not None:
+        trainable["repa_projector"] = shard(loss_nets.projector, ctx, dtype)
+    opt, sched = make_optimizer(model, cfg, extra_adam_modules=[loss_nets.projector] if loss_nets.projector is not None else [])
+    return TrainState(ctx, model, ema, loss_nets, trainable, opt, sched)
 
 
 # ----------------------------------------------------------------------------- what may continue what

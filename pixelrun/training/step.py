@@ -1,7 +1,7 @@
-"""One training step, top to bottom: the random draws of every sample, the forward pass, every
-loss term by name with its weight (`training_step`), and the optimizer step around it with
-gradient accumulation, clipping, the schedule and the EMA (`train_step`). The loop, the benchmark
-and the rehearsal all step through here.
+"""One training step, top to bottom: the random draws of every sample (`diffusion.draws`),
+the forward pass, every loss term by name with its weight (`compute_losses`), and the optimizer
+step around it with gradient accumulation, clipping, the schedule and the EMA (`train_step`).
+The loop, the benchmark and the rehearsal all step through here.
 
     batch (uint8) -> [-1, 1] -> caption dropout -> noising at t -> model (routing, REPA features)
       -> x-prediction -> flow loss in velocity space (+ REPA, LPIPS, P-DINO) -> backward
@@ -14,35 +14,34 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pixelrun.config import Config, routing_span
+from pixelrun.config import Config
 from pixelrun.data import Batch, to_model_range
-from pixelrun.diffusion.objective import add_noise, sample_times, velocity_loss
+from pixelrun.diffusion.draws import Draws, step_draws
+from pixelrun.diffusion.objective import add_noise, velocity_loss
 from pixelrun.infra.distributed import clip_gradients, set_gradient_sync
-from pixelrun.model.denoiser import Routing, gather_tokens
-from pixelrun.model.routing import random_routing
-from pixelrun.training.build import Auxiliary, TrainState, autocast_dtype
+from pixelrun.model.denoiser import gather_tokens
+from pixelrun.training.build import LossNetworks, TrainState, autocast_dtype
 
 
 @dataclass
-class StepResult:
+class Losses:
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
 
 
-def repa_loss(aux: Auxiliary, features: torch.Tensor, x: torch.Tensor, routing, grid: tuple[int, int]) -> torch.Tensor:
+def repa_loss(loss_nets: LossNetworks, features: torch.Tensor, x: torch.Tensor, routing, grid: tuple[int, int]) -> torch.Tensor:
     """-mean cosine between projected block features and the teacher's patch features of the clean
     image on the same token grid. Inside a TREAD span the block only saw the kept tokens, so the
     teacher tokens are gathered at the same indices."""
-    target = aux.repa_teacher.features_for_grid(x, *grid)  # [B, L, C], no grad
+    target = loss_nets.repa_teacher.features_for_grid(x, *grid)  # [B, L, C], no grad
     if routing is not None and features.shape[1] != target.shape[1]:
         target = gather_tokens(target, routing.keep)
     # through the projector as rows: on a 3-D input Linear returns a view of its 2-D result, and
     # FSDP2 warns on every step that a sharded module's view output could lose its backward hook
-    pred = aux.projector(features.reshape(-1, features.shape[-1])).reshape(*features.shape[:-1], -1).float()
+    pred = loss_nets.projector(features.reshape(-1, features.shape[-1])).reshape(*features.shape[:-1], -1).float()
     return -F.cosine_similarity(pred, target, dim=-1).mean()
 
 
@@ -63,74 +62,23 @@ def gated_mean(per_sample: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return (per_sample * gate).sum() / gate.sum().clamp(min=1)
 
 
-@dataclass
-class SampleNoise:
-    """Every random draw of a training step, per sample: caption dropout, time, noise, routing."""
-
-    drop: torch.Tensor  # [B] bool
-    t: torch.Tensor  # [B]
-    eps: torch.Tensor  # [B, C, H, W]
-    routing: Routing | None
-
-
-_NOISE_STREAM = 0x6E6F697365  # "noise": keeps these streams apart from other users of the seed
-
-
-def sample_generator(seed: int, step: int, sample: int, device) -> torch.Generator:
-    """The generator of one sample of one step, from a hash of (seed, step, sample). Keying the
-    draws by the sample's place in the global batch (not by rank or micro-batch) is what makes a
-    step the same on 1 rank x 8 as on 2 ranks x 4 or 1 rank x 4 x 2 accumulation steps, and what
-    makes resume exact with no generator state to save. Masks still differ per sample, per step and
-    per rank (ranks hold different samples)."""
-    state = np.random.SeedSequence([seed & (2**63 - 1), step, sample, _NOISE_STREAM]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device).manual_seed(int(state) & (2**63 - 1))
-
-
-def draw_noise(cfg: Config, step: int, samples: list[int], image_shape: tuple[int, int, int], patch: int,
-               device) -> SampleNoise:
-    """The draws for the samples `samples` (indices within the step's global batch) of `step`.
-
-    The small draws (dropout, time, routing) come from a CPU generator per sample, so they are the
-    same on every device and cost microseconds; only the image noise is drawn on the device, from a
-    device generator seeded the same way (on an H200, drawing everything on the GPU took 9% of a
-    1.2B-model step in kernel launches)."""
-    o = cfg.objective
-    span = routing_span(cfg)
-    n_tokens = (image_shape[1] // patch) * (image_shape[2] // patch)
-    device = torch.device(device)
-    drop, t, eps, keep = [], [], [], []
-    for j in samples:
-        g = sample_generator(cfg.seed, step, j, "cpu")
-        drop.append(torch.rand(1, generator=g) < o.caption_dropout)
-        t.append(sample_times(1, g, shift=o.time_shift, logit_mean=o.logit_mean, logit_std=o.logit_std,
-                              uniform_fraction=o.uniform_fraction, t_min=o.t_min))
-        r = random_routing(1, n_tokens, cfg.routing.ratio, span, g)  # None = dense
-        if r is not None:
-            keep.append(r.keep)
-        g_dev = g if device.type == "cpu" else sample_generator(cfg.seed, step, j, device)
-        eps.append(torch.randn((1, *image_shape), generator=g_dev, device=device))
-    routing = Routing(torch.cat(keep).to(device, non_blocking=True), *span) if keep else None
-    return SampleNoise(torch.cat(drop).to(device, non_blocking=True), torch.cat(t).to(device, non_blocking=True),
-                       torch.cat(eps), routing)
-
-
-def training_step(model, batch: Batch, text, text_mask, null_text, null_mask, noise: SampleNoise, cfg: Config,
-                  device, aux: Auxiliary | None = None, step: int | None = None) -> StepResult:
+def compute_losses(model, batch: Batch, text, text_mask, null_text, null_mask, draws: Draws, cfg: Config,
+                  device, loss_nets: LossNetworks | None = None, step: int | None = None) -> Losses:
     """Every loss term of a step is computed here, by name, and summed with its weight. `step`
     (the optimizer step) switches REPA off from repa.until on; None = a step inside the REPA span."""
     o = cfg.objective
     x = to_model_range(batch.images.to(device, non_blocking=True))
     # Caption dropout: the empty prompt's embedding, so classic CFG works at sampling time.
-    text = torch.where(noise.drop[:, None, None], null_text, text)
-    text_mask = torch.where(noise.drop[:, None], null_mask, text_mask)
-    routing, t = noise.routing, noise.t
-    x_t = add_noise(x, noise.eps, t, o.noise_scale)
+    text = torch.where(draws.drop[:, None, None], null_text, text)
+    text_mask = torch.where(draws.drop[:, None], null_mask, text_mask)
+    routing, t = draws.routing, draws.t
+    x_t = add_noise(x, draws.eps, t, o.noise_scale)
     dtype = autocast_dtype(cfg, device)
     amp = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    repa_on = (aux is not None and aux.projector is not None and cfg.repa.weight > 0
-               and (step is None or step < aux.repa_stop))
+    repa_on = (loss_nets is not None and loss_nets.projector is not None and cfg.repa.weight > 0
+               and (step is None or step < loss_nets.repa_stop))
     with amp:
-        out = model(x_t, t, text, text_mask, routing=routing, return_features=(aux.repa_block,) if repa_on else ())
+        out = model(x_t, t, text, text_mask, routing=routing, return_features=(loss_nets.repa_block,) if repa_on else ())
     x_hat = out.prediction.float()
     terms = {"flow": velocity_loss(x_hat, x, x_t, t, o.t_clamp)}
     weights = {"flow": 1.0}
@@ -138,21 +86,21 @@ def training_step(model, batch: Batch, text, text_mask, null_text, null_mask, no
         patch = model.cfg.patch_size
         grid = (x.shape[2] // patch, x.shape[3] // patch)
         with amp:
-            terms["repa"] = repa_loss(aux, out.features[aux.repa_block], x, routing, grid)
+            terms["repa"] = repa_loss(loss_nets, out.features[loss_nets.repa_block], x, routing, grid)
         weights["repa"] = cfg.repa.weight
     pc = cfg.perceptual
     # PixelGen applies its perceptual losses at low noise only; in our convention that is t < max_t.
     gate = (t < pc.max_t).float() if pc.max_t is not None else torch.ones_like(t)
-    if aux is not None and aux.lpips is not None and pc.lpips_weight > 0:
+    if loss_nets is not None and loss_nets.lpips is not None and pc.lpips_weight > 0:
         from pixelrun.teachers.lpips import lpips_loss
 
-        terms["lpips"] = gated_mean(lpips_loss(aux.lpips, x_hat, x, pc.lpips_scale), gate)
+        terms["lpips"] = gated_mean(lpips_loss(loss_nets.lpips, x_hat, x, pc.lpips_scale), gate)
         weights["lpips"] = pc.lpips_weight
-    if aux is not None and aux.dino is not None and pc.dino_weight > 0:
-        terms["pdino"] = gated_mean(pdino_loss(aux.dino, x_hat, x), gate)
+    if loss_nets is not None and loss_nets.dino is not None and pc.dino_weight > 0:
+        terms["pdino"] = gated_mean(pdino_loss(loss_nets.dino, x_hat, x), gate)
         weights["pdino"] = pc.dino_weight
     loss = sum(weights[k] * v for k, v in terms.items())
-    return StepResult(loss, terms)
+    return Losses(loss, terms)
 
 
 def update_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, ctx) -> bool:
@@ -182,10 +130,10 @@ def train_step(st: TrainState, source, encoder, null_text, null_mask, cfg: Confi
         stored = (batch.text, batch.text_mask) if batch.text is not None else None
         text, text_mask = (a.to(device) for a in stored or encoder.encode(batch.captions))
         first = (m * ctx.world_size + ctx.rank) * micro  # this micro-batch's place in the global batch
-        noise = draw_noise(cfg, step, list(range(first, first + micro)), tuple(batch.images.shape[1:]),
+        draws = step_draws(cfg, step, list(range(first, first + micro)), tuple(batch.images.shape[1:]),
                            st.model.cfg.patch_size, device)
         set_gradient_sync(st.trainable.values(), m == accum - 1)
-        result = training_step(st.model, batch, text, text_mask, null_text, null_mask, noise, cfg, device, st.aux, step)
+        result = compute_losses(st.model, batch, text, text_mask, null_text, null_mask, draws, cfg, device, st.loss_nets, step)
         (result.loss / accum).backward()
         for k, v in {"loss": result.loss, **result.terms}.items():
             terms[k] = terms.get(k, 0.0) + v.detach() / accum
