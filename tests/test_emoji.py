@@ -16,7 +16,8 @@ from pixelrun.data.emoji import (
     emoji_name,
     fixed_prompts,
 )
-from pixelrun.run.train import _grid_prompts, train
+from pixelrun.data.sources import source_kind
+from pixelrun.run.train import train
 from pixelrun.training.build import make_batch_source
 
 
@@ -89,7 +90,7 @@ def test_tiny_training_run_on_emoji(tmp_path, tiny_encoder_dir):
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(run, tiny_encoder_dir, **{"data.source": "emoji", "train.steps": 2}))
     assert isinstance(make_batch_source(cfg), EmojiBatchSource)
-    assert _grid_prompts(cfg, None) == fixed_prompts(2)
+    assert source_kind(cfg).grid_prompts(cfg, None) == fixed_prompts(2)
     summary = train(cfg)
     assert summary["step"] == 2 and "score" not in summary  # the shapes score is for shapes only
     assert (run / "samples" / "final.png").exists()

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pixelrun.config import METRICS, Config, ConfigError
+from pixelrun.data.sources import source_kind
 from pixelrun.evaluation.heldout import dataset_key, held_out_captions, real_images_and_prompts
 from pixelrun.training.inference import generate
 
@@ -50,7 +51,7 @@ def parse_metrics(text: str) -> list[str]:
 def applicable_metrics(cfg: Config) -> list[str]:
     """``eval.metrics`` as they apply to this config's data: the shapes score is dropped on other data
     (it parses shapes captions), so the default ``[shapes]`` means nothing heavy, everywhere."""
-    return [m for m in cfg.eval.metrics if m != "shapes" or cfg.data.source == "shapes"]
+    return [m for m in cfg.eval.metrics if m != "shapes" or source_kind(cfg).shapes_captions]
 
 
 def cli_default_metrics(cfg: Config) -> list[str]:
@@ -64,7 +65,7 @@ def check_metrics(cfg: Config, metrics: list[str], key: str = "eval.metrics") ->
     """What can be checked without loading anything: the shapes score on shapes data, enough samples
     for a covariance, and the network of each metric named (and, if it is a path, present; if it is
     a hub id, cached or reachable)."""
-    if "shapes" in metrics and cfg.data.source != "shapes":
+    if "shapes" in metrics and not source_kind(cfg).shapes_captions:
         raise ConfigError(key, f"the shapes score needs data.source=shapes, this run's is {cfg.data.source}")
     if any(m in _FRECHET for m in metrics) and cfg.eval.prompts < 2:
         raise ConfigError("eval.prompts", f"a Fréchet distance needs at least 2 samples, got {cfg.eval.prompts} "
@@ -315,7 +316,7 @@ class Evaluator:
         s = cfg.sample
         return {
             "metrics": self.metrics, "prompts": cfg.eval.prompts, "data": dataset_key(cfg),
-            "prompt_seed": cfg.eval.seed if cfg.data.source == "shapes" else None, "sample_seed": sample_seed, "steps": s.steps, "guidance": s.guidance,
+            "prompt_seed": cfg.eval.seed if source_kind(cfg).shapes_captions else None, "sample_seed": sample_seed, "steps": s.steps, "guidance": s.guidance,
             "guidance_mode": s.guidance_mode, "spacing": s.spacing, "shift": s.shift,
             "resolution": cfg.data.resolution,
             "networks": {m: self._describe_network(cfg, m) for m in self.networks},

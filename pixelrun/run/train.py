@@ -30,6 +30,7 @@ from pixelrun.config import (
     with_overrides,
 )
 from pixelrun.data import Prefetcher
+from pixelrun.data.sources import source_kind
 from pixelrun.evaluation.evaluate import Evaluator, applicable_metrics, describe_metrics, flat_metrics
 from pixelrun.evaluation.validation import ValidationLoss
 from pixelrun.infra import checkpoint as ckpt
@@ -240,7 +241,7 @@ def open_stage(run: Run, stage_index: int) -> None:
     source = make_batch_source(scfg, run.ctx.rank, run.ctx.world_size, say=run.say)
     run.source = Prefetcher(source) if scfg.data.prefetch else source
     _restore_position(run.source, scfg, run.meta, stage_index, run.step - s0, accum, run.ctx, run.say)
-    run.grid_prompts = _grid_prompts(scfg, run.source)
+    run.grid_prompts = source_kind(scfg).grid_prompts(scfg, run.source)
     if len(run.plan) > 1:
         run.say(f"stage {stage_index + 1}/{len(run.plan)} {run.cfg.stages[stage_index].name!r}: steps {s0}..{s1}, "
                 f"{scfg.data.resolution}px, global batch {global_batch}")
@@ -461,7 +462,7 @@ def finish(run: Run, stopped) -> dict:
         run.stage_index = len(run.plan) - 1
         scfg = run.plan[-1][2]
         run.source = make_batch_source(scfg, run.ctx.rank, run.ctx.world_size)
-        run.grid_prompts = _grid_prompts(scfg, run.source)
+        run.grid_prompts = source_kind(scfg).grid_prompts(scfg, run.source)
     last = save(run)
     close_stage(run)
     elapsed = time.time() - run.t0
@@ -609,17 +610,3 @@ def _should_stop(ctx: DistContext, stop: StopFlag, stop_at_step, step: int, t0: 
     return why
 
 
-def _grid_prompts(cfg: Config, source) -> list[str]:
-    """Fixed prompts for the sample grids: fresh shapes captions, held-out emoji captions, or the
-    first captions of a folder or of the shards."""
-    if cfg.data.source == "shapes":
-        from pixelrun.data.shapes import fixed_prompts
-
-        return fixed_prompts(cfg.sample.grid_prompts, max_shapes=cfg.data.max_shapes)
-    if cfg.data.source == "emoji":
-        from pixelrun.data.emoji import fixed_prompts
-
-        return fixed_prompts(cfg.sample.grid_prompts)
-    if cfg.data.source == "shards":
-        return source.preview_captions(cfg.sample.grid_prompts)
-    return list(source.folder.captions[: cfg.sample.grid_prompts])

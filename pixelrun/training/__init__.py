@@ -1,3 +1,3 @@
 """One training step and what it is built from: the run's parts from a config (`build`),
-the random draws and loss terms and the optimizer step (`step`), the optimizers (`optim`), the EMA
+every loss term and the optimizer step (`step`), the optimizers (`optim`), the EMA
 (`ema`) and a checkpoint's model sampling images for prompts (`inference`)."""

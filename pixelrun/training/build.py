@@ -23,6 +23,7 @@ from pixelrun.config import (
     repa_stop_step,
     resume_changes,
 )
+from pixelrun.data.sources import source_kind
 from pixelrun.infra import checkpoint as ckpt
 from pixelrun.infra.distributed import DistContext, shard
 from pixelrun.model.denoiser import PRXDenoiser, build_model, compile_blocks
@@ -64,15 +65,7 @@ def model_from_config(cfg: Config, text_dim: int) -> PRXDenoiser:
 def check_paths(cfg: Config) -> None:
     """What only the machine that runs the job can check (kept out of `config.validate` so a config
     written for a cluster still loads anywhere). Called before any work."""
-    if cfg.data.source == "folder" and not Path(cfg.data.path).is_dir():
-        raise ConfigError("data.path", f"no such folder: {cfg.data.path}")
-    if cfg.data.source == "shards":
-        from pixelrun.data.shards import expand_shards
-
-        try:
-            expand_shards(cfg.data.path)
-        except FileNotFoundError as e:
-            raise ConfigError("data.path", str(e)) from None
+    source_kind(cfg).check(cfg)
     if cfg.log.wandb:
         import importlib.util
 
@@ -87,35 +80,10 @@ def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1, say=None)
     from pixelrun.data.loader import with_workers
 
     pin = cfg.data.workers > 0 and cfg.train.device != "cpu" and torch.cuda.is_available()
-    source = with_workers(_plain_batch_source(cfg, rank, world_size, say), cfg.data.workers, pin_memory=pin)
+    source = with_workers(source_kind(cfg).build(cfg, rank, world_size, say), cfg.data.workers, pin_memory=pin)
     if say is not None and getattr(source, "text_note", None):  # shards: stored caption embeddings or not
         say(source.text_note)
     return source
-
-
-def _plain_batch_source(cfg: Config, rank: int, world_size: int, say):
-    sizes = image_sizes(cfg)
-    if cfg.data.source == "shapes":
-        from pixelrun.data.shapes import ShapesBatchSource
-
-        return ShapesBatchSource(cfg.seed, "train", cfg.train.batch_size, sizes, cfg.data.max_shapes, rank, world_size)
-    if cfg.data.source == "emoji":
-        from pixelrun.data.emoji import EmojiBatchSource
-
-        return EmojiBatchSource(cfg.seed, cfg.train.batch_size, sizes, rank, world_size)
-    if cfg.data.source == "shards":
-        from pixelrun.data.shards import ShardBatchSource
-        from pixelrun.model.text import encoder_fingerprint
-
-        return ShardBatchSource(cfg.data.path, cfg.train.batch_size, sizes, cfg.seed, rank, world_size,
-                                captions=cfg.data.captions,
-                                text_encoder=(encoder_fingerprint(cfg.text.encoder), cfg.text.max_tokens))
-    from pixelrun.data.folder import FolderBatchSource, ImageFolder
-
-    folder = ImageFolder(cfg.data.path)
-    if say is not None and folder.caption_note:
-        say(folder.caption_note)
-    return FolderBatchSource(folder, cfg.train.batch_size, sizes, cfg.seed, rank, world_size)
 
 
 def text_encoder(cfg: Config, device):

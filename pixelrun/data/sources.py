@@ -1,0 +1,210 @@
+"""The registry of data sources: what each value of `data.source` builds, checks, holds out for
+evaluation and shows on the sample grids. Training, evaluation and the loop ask the registry
+(`source_kind(cfg)`) instead of comparing the name, so a new source is one entry here plus its
+name in the config's `DATA_SOURCES` (a test keeps the two equal).
+
+Each source module is imported only when its source is used: the shards and folder readers pull
+in image decoders and tar readers that the shapes default never needs."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from pixelrun.config import Config, ConfigError, image_sizes
+from pixelrun.data import Batch, NoUsableData
+
+Say = Callable[[str], None] | None
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the training loop reads: batches, and a position it can save with a checkpoint and
+    restore on resume (so a resumed run reads what the uninterrupted run would have read)."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def __next__(self) -> Batch: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """One value of `data.source`.
+
+    `held_out` returns n real images (uint8 [n, R, R, 3] at data.resolution) and their captions,
+    or all it has when `at_most`; None means "the first n items of the training stream" (the
+    caller builds that stream, which lives above this layer). `held_out_captions` is the same
+    captions without rendering or decoding an image; None means "read them from `held_out`"."""
+
+    name: str
+    build: Callable[[Config, int, int, Say], BatchSource]  # (cfg, rank, world_size, say)
+    grid_prompts: Callable[[Config, BatchSource], list[str]]
+    held_out_key: Callable[[Config], str]  # what fixes the held-out images: the real-statistics cache key
+    held_out: Callable[[Config, int, bool], tuple[np.ndarray, list[str]]] | None = None
+    held_out_captions: Callable[[Config, int], list[str]] | None = None
+    check: Callable[[Config], None] = lambda cfg: None  # what only the machine that runs the job can check
+    shapes_captions: bool = False  # captions the shapes score can parse, drawn from eval.seed
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def _shapes_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSource:
+    from pixelrun.data.shapes import ShapesBatchSource
+
+    return ShapesBatchSource(cfg.seed, "train", cfg.train.batch_size, image_sizes(cfg), cfg.data.max_shapes,
+                             rank, world_size)
+
+
+def _shapes_held_out(cfg: Config, n: int, at_most: bool) -> tuple[np.ndarray, list[str]]:
+    """The shapes "eval" split: scenes from eval.seed, never drawn by training."""
+    from pixelrun.data.shapes import ShapesDataset, caption, render
+
+    res = cfg.data.resolution
+    data = ShapesDataset(cfg.eval.seed, "eval", cfg.data.max_shapes)
+    scenes = [data.scene(i) for i in range(n)]
+    return np.stack([render(s, res, res) for s in scenes]), [caption(s) for s in scenes]
+
+
+def _shapes_captions(cfg: Config, n: int) -> list[str]:
+    from pixelrun.data.shapes import fixed_prompts
+
+    return fixed_prompts(n, seed=cfg.eval.seed, max_shapes=cfg.data.max_shapes)
+
+
+def _shapes_grid(cfg: Config, source: BatchSource) -> list[str]:
+    from pixelrun.data.shapes import fixed_prompts
+
+    return fixed_prompts(cfg.sample.grid_prompts, max_shapes=cfg.data.max_shapes)
+
+
+# ----------------------------------------------------------------------------- emoji
+
+def _emoji_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSource:
+    from pixelrun.data.emoji import EmojiBatchSource
+
+    return EmojiBatchSource(cfg.seed, cfg.train.batch_size, image_sizes(cfg), rank, world_size)
+
+
+def _too_few_emoji(have: int, n: int) -> ConfigError:
+    return ConfigError("eval.prompts", f"the emoji data holds out {have} images, {n} asked for")
+
+
+def _emoji_held_out(cfg: Config, n: int, at_most: bool) -> tuple[np.ndarray, list[str]]:
+    from pixelrun.data.emoji import EmojiDataset
+
+    res = cfg.data.resolution
+    data = EmojiDataset("eval")
+    n = min(n, len(data)) if at_most else n
+    if n > len(data):
+        raise _too_few_emoji(len(data), n)
+    items = [data.item(i, res, res) for i in range(n)]
+    return torch.stack([im for im, _ in items]).permute(0, 2, 3, 1).numpy(), [c for _, c in items]
+
+
+def _emoji_captions(cfg: Config, n: int) -> list[str]:
+    from pixelrun.data.emoji import EmojiDataset
+
+    captions = EmojiDataset("eval").captions
+    if n > len(captions):
+        raise _too_few_emoji(len(captions), n)
+    return list(captions[:n])
+
+
+def _emoji_grid(cfg: Config, source: BatchSource) -> list[str]:
+    from pixelrun.data.emoji import fixed_prompts
+
+    return fixed_prompts(cfg.sample.grid_prompts)
+
+
+# ----------------------------------------------------------------------------- an image folder
+
+def _folder_check(cfg: Config) -> None:
+    if not os.path.isdir(cfg.data.path):
+        raise ConfigError("data.path", f"no such folder: {cfg.data.path}")
+
+
+def _folder_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSource:
+    from pixelrun.data.folder import FolderBatchSource, ImageFolder
+
+    folder = ImageFolder(cfg.data.path)
+    if say is not None and folder.caption_note:
+        say(folder.caption_note)
+    return FolderBatchSource(folder, cfg.train.batch_size, image_sizes(cfg), cfg.seed, rank, world_size)
+
+
+def _folder_held_out(cfg: Config, n: int, at_most: bool) -> tuple[np.ndarray, list[str]]:
+    """The first `n` readable items of the folder (all there are, if fewer, with `at_most`)."""
+    from pixelrun.data.buckets import resize_to_bucket
+    from pixelrun.data.folder import ImageFolder
+
+    path, res = cfg.data.path, cfg.data.resolution
+    folder = ImageFolder(path)
+    images, captions = [], []
+    for i in range(len(folder)):
+        im = folder.load(i, target=(res, res))
+        if im is not None:  # unreadable files are skipped, as in training
+            images.append(np.asarray(resize_to_bucket(im, res, res)))
+            captions.append(folder.captions[i])
+            if len(images) == n:
+                return np.stack(images), captions
+    if not images:
+        raise NoUsableData(f"no image under {path} could be loaded")
+    if at_most:
+        return np.stack(images), captions
+    raise ConfigError("eval.prompts", f"{path} has {len(images)} readable captioned images, {n} asked for")
+
+
+def _folder_grid(cfg: Config, source) -> list[str]:
+    return list(source.folder.captions[: cfg.sample.grid_prompts])
+
+
+# ----------------------------------------------------------------------------- WebDataset shards
+
+def _shards_check(cfg: Config) -> None:
+    from pixelrun.data.shards import expand_shards
+
+    try:
+        expand_shards(cfg.data.path)
+    except FileNotFoundError as e:
+        raise ConfigError("data.path", str(e)) from None
+
+
+def _shards_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSource:
+    from pixelrun.data.shards import ShardBatchSource
+    from pixelrun.model.text import encoder_fingerprint
+
+    return ShardBatchSource(cfg.data.path, cfg.train.batch_size, image_sizes(cfg), cfg.seed, rank, world_size,
+                            captions=cfg.data.captions,
+                            text_encoder=(encoder_fingerprint(cfg.text.encoder), cfg.text.max_tokens))
+
+
+def _shards_grid(cfg: Config, source) -> list[str]:
+    return source.preview_captions(cfg.sample.grid_prompts)
+
+
+SOURCES: dict[str, SourceKind] = {
+    "shapes": SourceKind("shapes", _shapes_build, _shapes_grid,
+                         lambda cfg: f"shapes-eval-seed{cfg.eval.seed}-max{cfg.data.max_shapes}",
+                         held_out=_shapes_held_out, held_out_captions=_shapes_captions, shapes_captions=True),
+    "emoji": SourceKind("emoji", _emoji_build, _emoji_grid, lambda cfg: "emoji-heldout",
+                        held_out=_emoji_held_out, held_out_captions=_emoji_captions),
+    "folder": SourceKind("folder", _folder_build, _folder_grid,
+                         lambda cfg: f"folder:{os.path.realpath(cfg.data.path)}",
+                         held_out=_folder_held_out, check=_folder_check),
+    # held out: the start of the training stream (shards carry no split of their own)
+    "shards": SourceKind("shards", _shards_build, _shards_grid,
+                         lambda cfg: f"shards:{cfg.data.path}:seed{cfg.seed}", check=_shards_check),
+}
+
+
+def source_kind(cfg: Config) -> SourceKind:
+    """The registry entry of `cfg.data.source` (validated against the registry's names on load)."""
+    return SOURCES[cfg.data.source]
