@@ -1,10 +1,10 @@
-"""docs/configuration.md is generated from pixelrun/config/__init__.py (pixelrun/config/reference.py): every key
+"""docs/configuration.md is generated from pixelrun/config/schema.py (pixelrun/config/reference.py): every key
 has help text, and the committed page is exactly what the generator writes today."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from pixelrun import config
+from pixelrun.config import schema
 from pixelrun.config.reference import field_comments, help_texts, keys, reference_markdown
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -13,7 +13,7 @@ REGENERATE = "python -m pixelrun.config.reference > docs/configuration.md"
 
 def test_every_key_has_help_text():
     missing = [key for key, text in help_texts().items() if not text]
-    assert not missing, f"config keys without a comment in pixelrun/config/__init__.py: {', '.join(missing)}"
+    assert not missing, f"config keys without a comment in pixelrun/config/schema.py: {', '.join(missing)}"
 
 
 def test_committed_page_is_the_generated_one():
@@ -49,6 +49,6 @@ def test_help_text_is_the_comment_beside_then_the_comment_above():
 
 
 def test_a_new_key_with_a_comment_documents_itself():
-    comments = field_comments(Path(config.__file__).read_text(encoding="utf-8"))
+    comments = field_comments(Path(schema.__file__).read_text(encoding="utf-8"))
     assert comments[("TrainConfig", "steps")] == help_texts()["train.steps"] != ""
     assert help_texts()["stages[i].routing_ratio"] == "routing.ratio"

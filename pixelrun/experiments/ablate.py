@@ -38,7 +38,9 @@ from pathlib import Path
 
 import yaml
 
-from pixelrun.config import Config, ConfigError, _build, _flat, batch_split, load_config, to_yaml
+from pixelrun.config import Config, ConfigError, batch_split, load_config, to_yaml
+from pixelrun.config.derived import _flat
+from pixelrun.config.schema import _build
 
 # ----------------------------------------------------------------------------- the SPEC
 

@@ -1,0 +1,217 @@
+"""`validate(cfg)`: reject inconsistent values before any work is done, with a ConfigError naming the key.
+
+One function per section, called in a fixed order; within a section the checks run top to bottom, so a
+config with several errors always reports the same, first one. A check that compares two sections
+(the resolution against the model's patch, LPIPS's input side against the buckets, self-guidance
+against routing, evaluation steps against train.steps) sits in the section it reports, at its place
+in that order, rather than in a pass of its own that would change which error fires first.
+"""
+from __future__ import annotations
+
+import math
+
+from pixelrun.config.derived import image_sizes, model_fields, repa_block, routing_span, stage_plan
+from pixelrun.config.errors import ConfigError
+from pixelrun.config.rules import DATA_SOURCES, GUIDANCE_MODES, METRICS, SPACINGS, _choice, _positive, parse_captions
+from pixelrun.config.schema import Config
+
+
+def validate(cfg: Config) -> None:
+    """Reject inconsistent values before any work is done."""
+    _validate_model(cfg)
+    _validate_data(cfg)
+    _validate_text(cfg)
+    _validate_objective(cfg)
+    _validate_routing(cfg)
+    _validate_repa(cfg)
+    _validate_perceptual(cfg)
+    _validate_run(cfg)
+    _validate_train(cfg)
+    _validate_parallel(cfg)
+    _validate_stages(cfg)
+    _validate_ema(cfg)
+    _validate_sample(cfg)
+    _validate_eval(cfg)
+    _validate_log(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    m = model_fields(cfg)
+    for k in ("patch_size", "hidden_size", "depth", "num_heads"):
+        _positive(f"model.{k}", m[k])
+    if m["hidden_size"] % m["num_heads"]:
+        raise ConfigError("model.num_heads", f"must divide hidden_size {m['hidden_size']}")
+    if (m["hidden_size"] // m["num_heads"]) % 4:
+        raise ConfigError("model.num_heads", "head dim (hidden_size / num_heads) must be a multiple of 4 for 2-D RoPE")
+    _positive("model.mlp_ratio", m["mlp_ratio"])
+    if m["bottleneck_size"] is not None:
+        _positive("model.bottleneck_size", m["bottleneck_size"])
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    _choice("data.source", d.source, DATA_SOURCES)
+    _positive("data.resolution", d.resolution)
+    patch = model_fields(cfg)["patch_size"]
+    if d.resolution % patch:
+        raise ConfigError("data.resolution", f"{d.resolution} is not a multiple of the patch size {patch}")
+    if d.source in ("folder", "shards") and not d.path:
+        raise ConfigError("data.path", f"is required when data.source is {d.source}")
+    try:
+        parse_captions(d.captions)
+    except ValueError as e:
+        raise ConfigError("data.captions", str(e)) from None
+    _positive("data.workers", d.workers, allow_zero=True)
+    if not 1 <= d.max_shapes <= 6:
+        raise ConfigError("data.max_shapes", f"must be between 1 and 6 (six colours); got {d.max_shapes}")
+
+
+def _validate_text(cfg: Config) -> None:
+    _positive("text.max_tokens", cfg.text.max_tokens)
+    _positive("text.cache_gib", cfg.text.cache_gib, allow_zero=True)
+
+
+def _validate_objective(cfg: Config) -> None:
+    o = cfg.objective
+    _positive("objective.noise_scale", o.noise_scale)
+    _positive("objective.time_shift", o.time_shift)
+    _positive("objective.logit_std", o.logit_std)
+    for key, v in (("objective.uniform_fraction", o.uniform_fraction), ("objective.caption_dropout", o.caption_dropout)):
+        if not 0 <= v <= 1:
+            raise ConfigError(key, f"must be in [0, 1]; got {v}")
+    if not 0 <= o.t_min < 1:
+        raise ConfigError("objective.t_min", f"must be in [0, 1); got {o.t_min}")
+    _positive("objective.t_clamp", o.t_clamp)
+
+
+def _validate_routing(cfg: Config) -> None:
+    if not 0 <= cfg.routing.ratio < 1:
+        raise ConfigError("routing.ratio", f"must be in [0, 1); got {cfg.routing.ratio}")
+    routing_span(cfg)
+
+
+def _validate_repa(cfg: Config) -> None:
+    r = cfg.repa
+    _positive("repa.weight", r.weight, allow_zero=True)
+    if r.hidden is not None:
+        _positive("repa.hidden", r.hidden)
+    if not 0 < r.until <= 1:
+        raise ConfigError("repa.until", f"must be in (0, 1], got {r.until}")
+    repa_block(cfg)
+
+
+def _validate_perceptual(cfg: Config) -> None:
+    pc = cfg.perceptual
+    for k in ("lpips_weight", "dino_weight"):
+        _positive(f"perceptual.{k}", getattr(pc, k), allow_zero=True)
+    if not 0 < pc.lpips_scale <= 1:
+        raise ConfigError("perceptual.lpips_scale", f"must be in (0, 1]; got {pc.lpips_scale}")
+    if pc.lpips_weight > 0:
+        side = min(min(hw) for hw in image_sizes(cfg)) * pc.lpips_scale
+        if side < 18:  # VGG16's pooling (ST-LPIPS's blur-pool variant) needs at least 18 px
+            raise ConfigError("perceptual.lpips_scale", f"LPIPS would see {side:g} px images (smallest bucket side x "
+                                                       f"scale); VGG16 needs at least 18: raise the scale or the resolution")
+    if pc.max_t is not None and not 0 < pc.max_t <= 1:
+        raise ConfigError("perceptual.max_t", f"must be in (0, 1] or null; got {pc.max_t}")
+
+
+def _validate_run(cfg: Config) -> None:
+    if not cfg.run.dir.strip():
+        raise ConfigError("run.dir", "must not be empty (it would write into the current folder); give a folder")
+
+
+def _validate_train(cfg: Config) -> None:
+    t = cfg.train
+    _positive("train.steps", t.steps)
+    _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.lr", t.lr)
+    _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    if not 0 <= t.cooldown <= 1:
+        raise ConfigError("train.cooldown", f"must be a fraction of train.steps in [0, 1]; got {t.cooldown}")
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError("train.betas", f"must be two numbers in [0, 1); got {t.betas}")
+    _positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    _choice("train.optimizer", t.optimizer, ("adamw", "muon"))
+    if t.muon_lr is not None:
+        _positive("train.muon_lr", t.muon_lr)
+    if not 0 <= t.muon_momentum < 1:
+        raise ConfigError("train.muon_momentum", f"must be in [0, 1); got {t.muon_momentum}")
+    _choice("train.muon_precision", t.muon_precision, ("bf16", "fp32"))
+    _choice("train.precision", t.precision, ("auto", "bf16", "fp32"))
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError("train.device", f"must be auto, cpu, cuda or cuda:N; got {t.device!r}")
+    for k in ("log_every", "sample_every", "checkpoint_every"):
+        _positive(f"train.{k}", getattr(t, k), allow_zero=True)  # 0 = never (except at the end)
+    _positive("train.keep_checkpoints", t.keep_checkpoints)
+    _positive("train.threads", t.threads, allow_zero=True)
+    _positive("train.max_minutes", t.max_minutes, allow_zero=True)
+
+    if t.global_batch_size is not None:
+        _positive("train.global_batch_size", t.global_batch_size)
+        if t.global_batch_size % t.batch_size:
+            raise ConfigError("train.global_batch_size", f"{t.global_batch_size} is not a multiple of the "
+                                                         f"micro-batch train.batch_size={t.batch_size}")
+
+
+def _validate_parallel(cfg: Config) -> None:
+    _positive("parallel.replicate", cfg.parallel.replicate)
+
+
+def _validate_stages(cfg: Config) -> None:
+    """Each stage's steps, then each stage's whole config (the top level with the stage's values applied)."""
+    for i, st in enumerate(cfg.stages):
+        _positive(f"stages[{i}].steps", st.steps)
+    for i, (_, _, stage_cfg) in enumerate(stage_plan(cfg) if cfg.stages else []):
+        try:
+            validate(stage_cfg)
+        except ConfigError as e:
+            raise ConfigError(f"stages[{i}]", f"gives an invalid {e}") from None
+
+
+def _validate_ema(cfg: Config) -> None:
+    if not 0 <= cfg.ema.decay < 1:
+        raise ConfigError("ema.decay", f"must be in [0, 1); got {cfg.ema.decay}")
+    _positive("ema.every", cfg.ema.every)
+
+
+def _validate_sample(cfg: Config) -> None:
+    s = cfg.sample
+    _positive("sample.steps", s.steps)
+    if s.guidance < 1 and s.guidance_mode != "none":  # below 1 the guide points away from the prompt
+        raise ConfigError("sample.guidance", f"must be >= 1 (1 = no guidance; larger follows the prompt more); "
+                                             f"got {s.guidance:g}")
+    _choice("sample.guidance_mode", s.guidance_mode, GUIDANCE_MODES)
+    if s.guidance_mode == "self" and cfg.routing.ratio == 0:
+        raise ConfigError("sample.guidance_mode", "self-guidance contrasts a dense and a routed pass: set routing.ratio > 0")
+    _choice("sample.spacing", s.spacing, SPACINGS)
+    _positive("sample.shift", s.shift)
+    _positive("sample.grid_prompts", s.grid_prompts, allow_zero=True)
+
+
+def _validate_eval(cfg: Config) -> None:
+    ev = cfg.eval
+    _positive("eval.prompts", ev.prompts, allow_zero=True)
+    _positive("eval.every", ev.every, allow_zero=True)
+    for i, name in enumerate(ev.metrics):
+        _choice(f"eval.metrics[{i}]", name, tuple(METRICS))
+    _positive("eval.dino_mmd_sigma", ev.dino_mmd_sigma)
+    _positive("eval.dino_mmd_scale", ev.dino_mmd_scale)
+    _positive("eval.dino_resolution", ev.dino_resolution)
+    _positive("eval.val_images", ev.val_images, allow_zero=True)
+    steps = cfg.train.steps
+    for i, at in enumerate(ev.at_steps):
+        if not 1 <= at <= steps:
+            raise ConfigError(f"eval.at_steps[{i}]", f"must be a step in 1..train.steps={steps}; got {at}")
+    for i, g in enumerate(ev.guidance):
+        if not (math.isfinite(g) and (g >= 1 or cfg.sample.guidance_mode == "none")):
+            raise ConfigError(f"eval.guidance[{i}]", f"must be >= 1 (1 = no guidance); got {g:g}")
+    _choice("eval.weights", ev.weights, ("ema", "raw"))
+
+
+def _validate_log(cfg: Config) -> None:
+    if cfg.log.flops_per_image is not None:
+        _positive("log.flops_per_image", cfg.log.flops_per_image)
+    if not cfg.log.wandb_project:
+        raise ConfigError("log.wandb_project", "must not be empty")
