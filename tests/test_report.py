@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from PIL import Image
 
 from pixelrun.cli import main
 from pixelrun.experiments import stats
-from pixelrun.experiments.report import summarize_ablation, write_ablation_report, write_run_report
+from pixelrun.experiments.report import _jsonable, summarize_ablation, write_ablation_report, write_run_report
 
 PROMPTS = [f"a red circle in cell {i}" for i in range(8)]
 VAL = ("val/flow/low", "val/flow/mid", "val/flow/high", "val_ema/flow/low", "val_ema/flow/mid", "val_ema/flow/high")
@@ -174,7 +176,6 @@ def test_report_files_are_written_and_the_html_is_self_contained(ablation):
 
 
 def test_a_missing_and_an_unfinished_run_are_listed_not_fatal(ablation):
-    import shutil
 
     shutil.rmtree(ablation / "runs" / "tread" / "seed1")
     unfinished = ablation / "runs" / "baseline" / "seed1"
@@ -239,7 +240,6 @@ def test_run_report_curves_read_every_loss_term(tmp_path):
 
 
 def test_an_ablation_before_any_run_finished_still_gets_a_report(ablation):
-    import shutil
 
     shutil.rmtree(ablation / "runs")
     written = write_ablation_report(ablation)
@@ -279,3 +279,19 @@ def test_a_target_budget_reports_when_each_run_reached_it(ablation):
     assert all(t["reached"] is None for t in summarize_ablation(ablation)["time_to_target"])
     write_ablation_report(ablation)
     assert "## Time to reach shapes/placed 2.0" in (ablation / "report.md").read_text()
+
+
+KEPT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "ablations"
+
+
+@pytest.mark.parametrize("study", sorted(p.name for p in KEPT.glob("*") if (p / "runs").is_dir()))
+def test_each_kept_study_report_rebuilds_from_its_run_folders(study, tmp_path):
+    """The numbers of a kept study (benchmarks/results/ablations/*/) are what its run folders give:
+    its summary is rebuilt from a copy of the folders and compared with the one kept."""
+    copy = tmp_path / study
+    shutil.copytree(KEPT / study, copy, ignore=shutil.ignore_patterns("report*", "summary.*"))
+    rebuilt = json.loads(json.dumps(_jsonable(summarize_ablation(copy))))
+    kept = json.loads((KEPT / study / "summary.json").read_text())
+    assert rebuilt["final"] and rebuilt["variants"] == kept["variants"]
+    for key in ("final", "by_point", "noise_floor", "throughput", "confidence", "budget_line"):
+        assert rebuilt[key] == kept[key], key
