@@ -39,7 +39,7 @@ def held_out_captions(cfg: Config, n: int) -> list[str]:
         captions = EmojiDataset("eval").captions
         if n > len(captions):
             raise ConfigError("eval.prompts", f"the emoji data holds out {len(captions)} images, {n} asked for "
-                                              f"(pixelrun eval: --samples)")
+                                              f"(lower eval.prompts)")
         return list(captions[:n])
     return real_images_and_prompts(cfg, n)[1]
 
@@ -64,7 +64,7 @@ def real_images_and_prompts(cfg: Config, n: int, at_most: bool = False) -> tuple
         n = min(n, len(data)) if at_most else n
         if n > len(data):
             raise ConfigError("eval.prompts", f"the emoji data holds out {len(data)} images, {n} asked for "
-                                              f"(pixelrun eval: --samples)")
+                                              f"(lower eval.prompts)")
         items = [data.item(i, res, res) for i in range(n)]
         return torch.stack([im for im, _ in items]).permute(0, 2, 3, 1).numpy(), [c for _, c in items]
     if cfg.data.source == "folder":
@@ -92,7 +92,7 @@ def _first_folder_items(path: str, n: int, res: int, at_most: bool = False) -> t
     if at_most:
         return np.stack(images), captions
     raise ConfigError("eval.prompts", f"{path} has {len(images)} readable captioned images, {n} asked for "
-                                      f"(pixelrun eval: --samples)")
+                                      f"(lower eval.prompts)")
 
 
 def draw_real_images(source, n: int) -> tuple[np.ndarray, list[str]]:
