@@ -367,7 +367,7 @@ def run_tiny(work: Path) -> None:
               if DRY else ["eval.prompts=16"])]
     cli("train", *over)
     cli("sample", "--checkpoint", str(run_dir), "--prompt", "a red circle", "--out", str(work / "tiny-sample"),
-        "--device", DEVICE, *(["--steps", "2"] if DRY else []))
+        "--device", DEVICE, *(["sample.steps=2"] if DRY else []))
     cli("export", "--checkpoint", str(run_dir), "--format", "diffusers", "--out", str(work / "tiny-diffusers"))
 
 

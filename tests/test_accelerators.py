@@ -131,7 +131,7 @@ def test_self_guidance_from_the_cli_and_config_errors(tmp_path, tiny_encoder_dir
     assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"routing.ratio": 0.5, "model.depth": 4,
                                                                     "train.steps": 2, "eval.prompts": 0})]) == 0
     assert main(["sample", "--checkpoint", str(run), "--prompt", "a small red square in the center on a black background",
-                 "--out", str(tmp_path / "o"), "--guidance-mode", "self", "--guidance", "3.0"]) == 0
+                 "--out", str(tmp_path / "o"), "sample.guidance_mode=self", "sample.guidance=3.0"]) == 0
     assert (tmp_path / "o" / "000.png").exists()
 
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pixelrun.cli import BENCH_SUMMARY, main
+from pixelrun.cli import main
+from pixelrun.cli.bench import BENCH_SUMMARY
 from pixelrun.config import PRESETS, ConfigError, load_config, routing_span
 from pixelrun.model.denoiser import ModelConfig
 from pixelrun.model.flops import training_flops_per_image

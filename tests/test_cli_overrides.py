@@ -13,6 +13,8 @@ from pixelrun.cli import build_parser, main, parse_args
     (["train", "x=1", "--config", "f"], ["x=1"]),
     (["train", "--config", "f", "x=1", "y=2"], ["x=1", "y=2"]),
     (["export", "--checkpoint", "c", "--out", "o", "sample.shift=3"], ["sample.shift=3"]),
+    (["sample", "--checkpoint", "c", "sample.steps=2", "--out", "o", "sample.seed=3"], ["sample.steps=2", "sample.seed=3"]),
+    (["eval", "eval.prompts=4", "--checkpoint", "c", "eval.metrics=[shapes]"], ["eval.prompts=4", "eval.metrics=[shapes]"]),
 ])
 def test_overrides_anywhere(line, overrides):
     args = parse_args(build_parser(), line)
@@ -39,3 +41,16 @@ def test_overrides_after_flags_reach_the_config(capsys):
     """The override after the flags is applied (an invalid value fails naming its key)."""
     assert main(["bench", "--steps", "1", "--variants", "dense", "train.batch_size=0"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
+
+
+def test_every_command_is_a_module_with_add_parser_and_run():
+    """pixelrun/cli/<command>.py declares its arguments in add_parser and does its work in run."""
+    import pixelrun.cli
+
+    names = set(build_parser()._subparsers._group_actions[0].choices)
+    assert names == {"train", "sample", "eval", "bench", "export", "ablate", "presets", "report", "data"}
+    for command in pixelrun.cli.COMMANDS:
+        assert callable(command.add_parser) and callable(command.run), command.__name__
+    for line in (["sample", "--checkpoint", "c", "--out", "o"], ["eval", "--checkpoint", "c"],
+                 ["data", "inspect", "s"], ["presets"]):
+        assert parse_args(build_parser(), line).func.__module__ == f"pixelrun.cli.{line[0]}"

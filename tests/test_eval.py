@@ -1,7 +1,7 @@
 """Evaluation (pixelrun/evaluation/evaluate.py, the embedders of pixelrun/evaluation/metrics.py): CMMD's CLIP and DINO-MMD's
 DINOv2 loaded through the real from_pretrained path from tiny random checkpoints saved here, real
-images and captions per data source, `pixelrun eval --metrics`, cached real statistics, failures
-before any work, and evaluation rows written during training."""
+images and captions per data source, `pixelrun eval` (its eval.* and sample.* overrides), cached real
+statistics, failures before any work, and evaluation rows written during training."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_overrides
+from conftest import one_line_error, tiny_overrides
 from PIL import Image
 
 from pixelrun.cli import main
@@ -272,8 +272,8 @@ def test_eval_cli_shapes_and_fd_effnet_with_cached_real_stats(tiny_run, tmp_path
     from pixelrun.training.inference import checkpoint_config
 
     cache = tmp_path / "cache"
-    args = ["--checkpoint", str(tiny_run), "--metrics", "shapes,fd-effnet", "--samples", "4", "--steps", "2",
-            "--cache-dir", str(cache)]
+    args = ["--checkpoint", str(tiny_run), "eval.metrics=[shapes,fd-effnet]", "eval.prompts=4", "sample.steps=2",
+            f"eval.cache_dir={cache}"]
     report = _eval(capsys, *args)
     assert set(report["metrics"]) == {"shapes", "fd-effnet"}
     assert 0 <= report["metrics"]["shapes"]["placed"] <= 1 and report["score"] == report["metrics"]["shapes"]
@@ -292,15 +292,15 @@ def test_eval_cli_shapes_and_fd_effnet_with_cached_real_stats(tiny_run, tmp_path
     assert os.stat(path).st_mtime_ns == before and len(os.listdir(cache)) == 1
     assert again["metrics"] == report["metrics"]
     # the default is unchanged: the checkpoint's eval.metrics ([shapes]) on 64 prompts
-    default = _eval(capsys, "--checkpoint", str(tiny_run), "--samples", "3", "--steps", "2")
+    default = _eval(capsys, "--checkpoint", str(tiny_run), "eval.prompts=3", "sample.steps=2")
     assert set(default["metrics"]) == {"shapes"} and default["settings"]["prompts"] == 3
     assert default["real_images"]["placed"] == 1.0 and default["settings"]["networks"] == {}
 
 
 def test_eval_cli_cmmd_and_dino_mmd(tiny_run, tiny_clip_dir, tiny_dino_reg_dir, tiny_dino_dir, tmp_path, capsys):
-    report = _eval(capsys, "--checkpoint", str(tiny_run), "--metrics", "cmmd,dino-mmd", "--samples", "3",
-                   "--steps", "1", "--clip-model", tiny_clip_dir, "--dino-model", tiny_dino_reg_dir,
-                   "--cache-dir", str(tmp_path / "cache"))
+    report = _eval(capsys, "--checkpoint", str(tiny_run), "eval.metrics=[cmmd,dino-mmd]", "eval.prompts=3",
+                   "sample.steps=1", f"eval.clip_model={tiny_clip_dir}", f"eval.dino_model={tiny_dino_reg_dir}",
+                   f"eval.cache_dir={tmp_path / 'cache'}")
     assert set(report["metrics"]) == {"cmmd", "dino-mmd"}
     assert all(np.isfinite(v) and v >= 0 for v in report["metrics"].values())
     nets = report["settings"]["networks"]
@@ -312,14 +312,14 @@ def test_eval_cli_cmmd_and_dino_mmd(tiny_run, tiny_clip_dir, tiny_dino_reg_dir, 
     assert nets["dino-mmd"]["network"].startswith("dino-cls-l2-518px") and "squash" in nets["dino-mmd"]["preprocessing"]
     assert len(os.listdir(tmp_path / "cache")) == 2  # one file of real embeddings per network
     # eval.dino_mmd_scale is read: the MMD is linear in its scale (same images, cached real side)
-    doubled = _eval(capsys, "--checkpoint", str(tiny_run), "--metrics", "dino-mmd", "--samples", "3", "--steps", "1",
-                    "--dino-model", tiny_dino_reg_dir, "--cache-dir", str(tmp_path / "cache"),
-                    "--dino-mmd-scale", "2000")
+    doubled = _eval(capsys, "--checkpoint", str(tiny_run), "eval.metrics=[dino-mmd]", "eval.prompts=3",
+                    "sample.steps=1", f"eval.dino_model={tiny_dino_reg_dir}", f"eval.cache_dir={tmp_path / 'cache'}",
+                    "eval.dino_mmd_scale=2000")
     assert doubled["metrics"]["dino-mmd"] == pytest.approx(2 * report["metrics"]["dino-mmd"], rel=1e-9)
     assert doubled["settings"]["networks"]["dino-mmd"]["scale"] == 2000.0
     # the 224px base model stays a setting; its real side is a file of its own
-    base = _eval(capsys, "--checkpoint", str(tiny_run), "--metrics", "dino-mmd", "--samples", "3", "--steps", "1",
-                 "--dino-model", tiny_dino_dir, "--dino-resolution", "224", "--cache-dir", str(tmp_path / "cache"))
+    base = _eval(capsys, "--checkpoint", str(tiny_run), "eval.metrics=[dino-mmd]", "eval.prompts=3", "sample.steps=1",
+                 f"eval.dino_model={tiny_dino_dir}", "eval.dino_resolution=224", f"eval.cache_dir={tmp_path / 'cache'}")
     assert base["settings"]["networks"]["dino-mmd"]["resolution"] == 224 and len(os.listdir(tmp_path / "cache")) == 3
 
 
@@ -333,11 +333,12 @@ def test_dino_resolution_must_fit_the_patch(tiny_dino_reg_dir):
 
 
 @pytest.mark.parametrize("args, key", [
-    (["--metrics", "fid"], "eval.fid_weights"),
-    (["--metrics", "fid", "--fid-weights", "/no/such/pt_inception.pth"], "eval.fid_weights"),
-    (["--metrics", "cmmd", "--clip-model", "/no/such/clip"], "eval.clip_model"),
-    (["--metrics", "dino-mmd", "--dino-model", "no-such-org/no-such-dino"], "eval.dino_model"),  # offline hub id
-    (["--metrics", "shapes,fd-effnet,nonsense"], "--metrics"),
+    (["eval.metrics=[fid]"], "eval.fid_weights"),
+    (["eval.metrics=[fid]", "eval.fid_weights=/no/such/pt_inception.pth"], "eval.fid_weights"),
+    (["eval.metrics=[cmmd]", "eval.clip_model=/no/such/clip"], "eval.clip_model"),
+    (["eval.metrics=[dino-mmd]", "eval.dino_model=no-such-org/no-such-dino"], "eval.dino_model"),  # offline hub id
+    (["eval.metrics=[shapes,fd-effnet,nonsense]"], "eval.metrics[2]"),
+    (["eval.metrics=[]"], "eval.metrics"),
 ])
 def test_eval_missing_network_fails_before_any_work(tiny_run, tmp_path, capsys, monkeypatch, args, key):
     import pixelrun.evaluation.evaluate
@@ -347,7 +348,7 @@ def test_eval_missing_network_fails_before_any_work(tiny_run, tmp_path, capsys, 
 
     monkeypatch.setattr(pixelrun.evaluation.evaluate, "generate", no_generation)
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(tiny_run), "--samples", "2", "--cache-dir", str(tmp_path), *args]) == 2
+    assert main(["eval", "--checkpoint", str(tiny_run), "eval.prompts=2", f"eval.cache_dir={tmp_path}", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"pixelrun: config error: {key}:"), err
 
@@ -374,8 +375,8 @@ def test_eval_on_emoji_defaults_to_fd_effnet_writes_out_and_reads_no_real_image_
 
     monkeypatch.setattr(pixelrun.evaluation.evaluate, "real_images_and_prompts", counting_loader)
     out = tmp_path / "new" / "dir" / "e.json"
-    args = ["eval", "--checkpoint", str(emoji_run), "--samples", "3", "--steps", "1", "--cache-dir",
-            str(tmp_path / "cache"), "--out", str(out)]
+    args = ["eval", "--checkpoint", str(emoji_run), "eval.prompts=3", "sample.steps=1",
+            f"eval.cache_dir={tmp_path / 'cache'}", "--out", str(out)]
     capsys.readouterr()
     assert main(args) == 0
     captured = capsys.readouterr()
@@ -393,8 +394,16 @@ def test_eval_on_emoji_defaults_to_fd_effnet_writes_out_and_reads_no_real_image_
     assert loads == [3] and json.loads(capsys.readouterr().out)["metrics"] == printed["metrics"]
 
 
-@pytest.mark.parametrize("args, key", [(["--samples", "0"], "--samples"), (["--out", "."], "--out")])
-def test_eval_bad_samples_or_out_is_one_line_before_any_work(tiny_run, capsys, monkeypatch, args, key):
+@pytest.mark.parametrize("args, key", [
+    (["eval.prompts=0"], "eval.prompts"), (["--out", "."], "--out"),
+    (["eval.nosuchkey=1"], "eval.nosuchkey"),  # validated like `pixelrun train` overrides
+    (["eval.prompt=3"], "eval.prompt"),  # with a hint: did you mean eval.prompts?
+    (["sample.guidance=0.5"], "sample.guidance"),
+    (["sample.guidance_mode=self"], "sample.guidance_mode"),  # a checkpoint trained without routing
+    (["model.depth=3"], "model.depth"),  # the checkpoint fixes the model
+    (["--samples", "3", "--steps", "2"], "--samples"),  # a former flag names the override to write
+])
+def test_eval_bad_override_or_out_is_one_line_before_any_work(tiny_run, capsys, monkeypatch, args, key):
     import pixelrun.evaluation.evaluate
 
     def no_work(*a, **k):
@@ -406,6 +415,56 @@ def test_eval_bad_samples_or_out_is_one_line_before_any_work(tiny_run, capsys, m
     assert main(["eval", "--checkpoint", str(tiny_run), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"pixelrun: config error: {key}:"), err
+
+
+
+def test_eval_override_errors_say_what_to_write(tiny_run, capsys, monkeypatch):
+    """An unknown key gets the config's hint, a key the checkpoint fixes says so, and the flags that
+    used to set config keys are refused with the overrides to write instead (quoted for the shell)."""
+    import pixelrun.evaluation.evaluate
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the check")
+
+    monkeypatch.setattr(pixelrun.evaluation.evaluate, "generate", no_work)
+    capsys.readouterr()
+    line = ["eval", "--checkpoint", str(tiny_run)]
+    assert main([*line, "eval.prompt=3"]) == 2
+    one_line_error(capsys, "pixelrun: config error: eval.prompt: unknown key; did you mean eval.prompts?")
+    assert main([*line, "model.depth=3"]) == 2
+    one_line_error(capsys, "model.depth: pixelrun eval changes only eval.* and sample.* keys")
+    assert main([*line, "sample.guidance_mode=self"]) == 2
+    one_line_error(capsys, "sample.guidance_mode:", "trained without routing", "use sample.guidance_mode=cfg")
+    assert main([*line, "--samples", "256", "--metrics", "shapes,fd-effnet", "--guidance", "1,2,4",
+                 "--clip-model", "/my models/clip"]) == 2
+    one_line_error(capsys, "config error: --samples: sets a config key", "write eval.prompts=256 "
+                   "'eval.metrics=[shapes,fd-effnet]' sample.guidance=1 'eval.guidance=[2,4]' "
+                   "'eval.clip_model=/my models/clip' instead of --samples 256")
+
+
+def test_eval_of_a_run_that_evaluated_nothing_takes_64_captions(tiny_run, capsys, monkeypatch):
+    """tiny_run trained with eval.prompts=0 (no evaluations): `pixelrun eval` without an eval.prompts
+    override evaluates the key's default 64, and says so; an override is taken as given."""
+    import pixelrun.evaluation.evaluate
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def evaluator(cfg, metrics, device, **kwargs):
+        seen.append((cfg.eval.prompts, metrics))
+        raise Stop
+
+    monkeypatch.setattr(pixelrun.evaluation.evaluate, "Evaluator", evaluator)
+    capsys.readouterr()
+    with pytest.raises(Stop):
+        main(["eval", "--checkpoint", str(tiny_run)])
+    assert seen == [(64, ["shapes"])]
+    assert "the checkpoint's eval.prompts is 0; evaluating 64 captions" in capsys.readouterr().err
+    with pytest.raises(Stop):
+        main(["eval", "--checkpoint", str(tiny_run), "eval.prompts=5", "eval.metrics=[fd-effnet]"])
+    assert seen[-1] == (5, ["fd-effnet"]) and "evaluating 64" not in capsys.readouterr().err
 
 
 def test_hub_model_neither_cached_nor_reachable_fails_at_once(tmp_path, tiny_clip_dir, monkeypatch):
@@ -493,17 +552,17 @@ def test_training_writes_eval_rows(tmp_path, tiny_encoder_dir):
 
 
 def test_eval_guidance_sweep_prints_a_row_per_scale(tiny_run, capsys):
-    """--guidance 1,3 evaluates at each scale with the same prompts and noise: the first scale's result
-    is the plain `--guidance 1` result, and each scale gets one printed row."""
-    args = ["--checkpoint", str(tiny_run), "--samples", "3", "--steps", "2"]
+    """sample.guidance=1 'eval.guidance=[3]' evaluates at each scale with the same prompts and noise: the
+    first scale's result is the plain `sample.guidance=1` result, and each scale gets one printed row."""
+    args = ["--checkpoint", str(tiny_run), "eval.prompts=3", "sample.steps=2"]
     capsys.readouterr()
-    assert main(["eval", *args, "--guidance", "1,3"]) == 0
+    assert main(["eval", *args, "sample.guidance=1", "eval.guidance=[3]"]) == 0
     printed = capsys.readouterr()
     sweep = json.loads(printed.out)
     rows = [line for line in printed.err.splitlines() if line.startswith("guidance ")]
     assert [r["guidance"] for r in sweep["guidance_sweep"]] == [1.0, 3.0] and len(rows) == 2
-    single = _eval(capsys, *args, "--guidance", "1")
+    single = _eval(capsys, *args, "sample.guidance=1")
     assert sweep["guidance_sweep"][0]["metrics"] == single["metrics"] == sweep["metrics"]
     assert "per_prompt" not in single and "prompts" not in single
-    assert main(["eval", *args, "--guidance", "1,0.5"]) == 2
-    assert "config error: --guidance: must be >= 1" in capsys.readouterr().err
+    assert main(["eval", *args, "sample.guidance=1", "eval.guidance=[0.5]"]) == 2
+    assert "config error: eval.guidance[0]: must be >= 1" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_pipeline_reproduces_pixelrun_sample(run_dir, tmp_path):
 
     steps, guidance, seed = 4, 3.0, 7
     assert main(["sample", "--checkpoint", str(run_dir), "--prompt", PROMPT, "--out", str(tmp_path / "ours"),
-                 "--steps", str(steps), "--guidance", str(guidance), "--seed", str(seed)]) == 0
+                 f"sample.steps={steps}", f"sample.guidance={guidance}", f"sample.seed={seed}"]) == 0
     ours = np.asarray(Image.open(tmp_path / "ours" / "000.png").convert("RGB")).astype(int)
 
     pipe = diffusers.PRXPixelPipeline.from_pretrained(str(out))

@@ -164,6 +164,6 @@ def test_speedrun_rehearsal_survives_a_lost_node(tmp_path, tiny_encoder_dir, cap
     assert json.loads((out / "transformer" / "config.json").read_text())["depth"] == 16  # the preset's depth, kept
     assert json.loads((out / "model_index.json").read_text())["default_sample_size"] == 192  # the last stage's
     assert main(["sample", "--checkpoint", str(rehearsal), "--prompt", "a red square on a white background",
-                 "--guidance-mode", "self", "--steps", "2", "--out", str(tmp_path / "samples")]) == 0
+                 "sample.guidance_mode=self", "sample.steps=2", "--out", str(tmp_path / "samples")]) == 0
     assert Image.open(tmp_path / "samples" / "000.png").size == (192, 192)  # stage 2's resolution
     capsys.readouterr()

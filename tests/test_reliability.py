@@ -361,11 +361,11 @@ def test_sample_interrupted_midway_keeps_the_earlier_output(tiny_run, tmp_path, 
 
     monkeypatch.setattr(images, "save_png", dies_on_the_second)
     with pytest.raises(KeyboardInterrupt):
-        main([*args[:-4], "--prompt", "a green triangle", "--out", str(out), "--seed", "3"])
+        main([*args[:-4], "--prompt", "a green triangle", "--out", str(out), "sample.seed=3"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     monkeypatch.setattr(images, "save_png", real)
     (tmp_path / ".tmp-o-999999999").mkdir()  # what a kill -9 of an earlier call leaves beside it
-    assert main([*args, "--seed", "3"]) == 0  # not refused; replaced whole
+    assert main([*args, "sample.seed=3"]) == 0  # not refused; replaced whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
     assert {p.name for p in out.iterdir()} == set(before)
     assert (out / "000.png").read_bytes() != before["000.png"]
@@ -458,7 +458,7 @@ def test_sample_prompts_file_cut_prompts_and_a_capped_grid(tiny_run, tmp_path, c
     long_prompt = "a very long prompt " + " and another red circle" * 10  # past the grid: one-line labels there
     many.write_text("\n".join([f"circle {i}" for i in range(69)] + [long_prompt]) + "\n")
     assert main(["sample", "--checkpoint", str(tiny_run), "--prompts-file", str(many), "--out", str(out),
-                 "--steps", "1"]) == 0
+                 "sample.steps=1"]) == 0
     err = capsys.readouterr().err
     assert "1 prompt(s) are longer than text.max_tokens=16 tokens and were cut" in err
     assert "grid.png shows the first 64 of 70 images" in err

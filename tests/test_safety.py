@@ -143,22 +143,28 @@ def test_an_image_folder_with_nothing_usable_is_one_line(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- sample
 
-def test_sample_flags_fail_as_one_line_naming_the_flag(tiny_run, tmp_path, capsys):
+def test_sample_flags_and_overrides_fail_as_one_line_naming_them(tiny_run, tmp_path, capsys):
     out = str(tmp_path / "o")
-    for args, flag in ((["--device", "gpu"], "--device"), (["--guidance", "0"], "--guidance"),
-                       (["--guidance", "0.5"], "--guidance"), (["--guidance-mode", "self"], "--guidance-mode")):
+    for args, flag in ((["--device", "gpu"], "--device"), (["sample.guidance=0"], "sample.guidance"),
+                       (["sample.guidance=0.5"], "sample.guidance"), (["sample.guidance_mode=self"], "sample.guidance_mode"),
+                       (["sample.nosuchkey=1"], "sample.nosuchkey"), (["eval.prompts=3"], "eval.prompts"),
+                       (["a", "red", "circle"], "a"), (["--steps", "2"], "--steps")):
         assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, *args]) == 2, args
-        err = one_line_error(capsys, flag)
-        if flag == "--guidance-mode":
-            assert "trained without routing" in err
+        err = one_line_error(capsys, f"config error: {flag}:")
+        if flag == "sample.guidance_mode":
+            assert "trained without routing" in err and "use sample.guidance_mode=cfg" in err
+        if flag == "eval.prompts":
+            assert "pixelrun sample changes only sample.* keys" in err
+        if flag == "--steps":  # a former flag: the override to write instead
+            assert "write sample.steps=2 instead of --steps 2" in err
     if not torch.cuda.is_available():
         assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--device", "cuda"]) == 2
         one_line_error(capsys, "--device", "CUDA is not available")
     for size in ("big", "0x0", "32x-8"):
         assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--size", size]) == 2
         one_line_error(capsys, "--size", repr(size))
-    assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--guidance", "nan"]) == 2
-    one_line_error(capsys, "--guidance", "finite")
+    assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "sample.guidance=nan"]) == 2
+    one_line_error(capsys, "sample.guidance", "finite")
     assert not Path(out).exists()
 
 

@@ -91,7 +91,7 @@ def test_init_from_and_export(tmp_path, tiny_encoder_dir, capsys):
     assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
     prompt = "a large red circle in the top left on a white background"
     for src, dst in ((first, "from_run"), (out, "from_export")):
-        assert main(["sample", "--checkpoint", str(src), "--prompt", prompt, "--out", str(tmp_path / dst), "--seed", "3"]) == 0
+        assert main(["sample", "--checkpoint", str(src), "--prompt", prompt, "--out", str(tmp_path / dst), "sample.seed=3"]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "from_run" / "000.png")),
                           np.asarray(Image.open(tmp_path / "from_export" / "000.png")))
     # an exported model starts a new run too

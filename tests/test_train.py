@@ -147,17 +147,17 @@ def test_default_run_outputs_sample_and_eval(tmp_path, tiny_encoder_dir, capsys)
 
     outdir = tmp_path / "out"
     prompt = "a large red circle in the top left on a white background"
-    assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(outdir), "--seed", "5"]) == 0
+    assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(outdir), "sample.seed=5"]) == 0
     first = np.asarray(Image.open(outdir / "000.png"))
     assert first.shape == (32, 32, 3)
     assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(tmp_path / "again"),
-                 "--seed", "5", "--size", "48x32"]) == 0  # WxH: 48 wide, 32 high
+                 "sample.seed=5", "--size", "48x32"]) == 0  # WxH: 48 wide, 32 high
     assert np.asarray(Image.open(tmp_path / "again" / "000.png")).shape == (32, 48, 3)
-    assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(tmp_path / "same"), "--seed", "5"]) == 0
+    assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(tmp_path / "same"), "sample.seed=5"]) == 0
     assert np.array_equal(first, np.asarray(Image.open(tmp_path / "same" / "000.png")))
 
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(run), "--prompts", "3", "--steps", "2"]) == 0
+    assert main(["eval", "--checkpoint", str(run), "eval.prompts=3", "sample.steps=2"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["settings"]["prompts"] == 3 and report["settings"]["steps"] == 2 and 0 <= report["score"]["placed"] <= 1
 

@@ -24,7 +24,7 @@ DATA_SOURCES = ("shapes", "folder", "emoji", "shards")
 SPACINGS = ("diffusers", "linear")  # sampling time grids (pixelrun/diffusion/sampling.py, `time_grid`)
 GUIDANCE_MODES = ("cfg", "none", "self")  # pixelrun/diffusion/sampling.py, `sample`
 
-#: every evaluation metric, with what it is (the names eval.metrics and --metrics accept)
+#: every evaluation metric, with what it is (the names eval.metrics accepts)
 METRICS = {
     "shapes": "shapes score (docs/recipe.md) of the generated images against their captions",
     "fd-effnet": "Fréchet distance on EfficientNet-Lite0 features (offline ImageNet CNN; not FID)",

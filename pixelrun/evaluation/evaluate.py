@@ -1,7 +1,7 @@
 """Evaluation: images generated for held-out captions, compared with the real images of the same
 captions (docs/recipe.md "Evaluation"), and the shapes score of docs/recipe.md.
 
-Metrics (``eval.metrics``, ``pixelrun eval --metrics``):
+Metrics (``eval.metrics``; ``pixelrun eval 'eval.metrics=[...]'``):
 
 * ``shapes``: the shapes score; needs no real images, only the shapes data's captions.
 * ``fd-effnet``: the Fréchet distance on EfficientNet-Lite0 features (offline; NOT FID).
@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import torch
 
-from pixelrun.config import METRICS, Config, ConfigError
+from pixelrun.config import Config, ConfigError
 from pixelrun.data.sources import source_kind
 from pixelrun.evaluation.heldout import dataset_key, held_out_captions, real_images_and_prompts
 from pixelrun.training.inference import generate
@@ -37,17 +37,6 @@ OFFLINE_DEFAULT_METRICS = ["fd-effnet"]
 _FRECHET = ("fd-effnet", "fid")  # compared through (mu, sigma); the MMDs need every real embedding
 
 
-def parse_metrics(text: str) -> list[str]:
-    """``--metrics`` ("shapes,fd-effnet") -> the names, in order, without repeats."""
-    names = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    for name in names:
-        if name not in METRICS:
-            raise ConfigError("--metrics", f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
-    if not names:
-        raise ConfigError("--metrics", f"is empty; choose from {', '.join(METRICS)}")
-    return names
-
-
 def applicable_metrics(cfg: Config) -> list[str]:
     """``eval.metrics`` as they apply to this config's data: the shapes score is dropped on other data
     (it parses shapes captions), so the default ``[shapes]`` means nothing heavy, everywhere."""
@@ -55,9 +44,9 @@ def applicable_metrics(cfg: Config) -> list[str]:
 
 
 def cli_default_metrics(cfg: Config) -> list[str]:
-    """What ``pixelrun eval`` computes without ``--metrics``: the checkpoint's eval.metrics that apply
-    to its data, or, when none does (the default [shapes] on emoji, folder or shard data), the offline
-    :data:`OFFLINE_DEFAULT_METRICS`."""
+    """What ``pixelrun eval`` computes without an eval.metrics override: the checkpoint's eval.metrics
+    that apply to its data, or, when none does (the default [shapes] on emoji, folder or shard data),
+    the offline :data:`OFFLINE_DEFAULT_METRICS`."""
     return applicable_metrics(cfg) or list(OFFLINE_DEFAULT_METRICS)
 
 
@@ -69,11 +58,11 @@ def check_metrics(cfg: Config, metrics: list[str], key: str = "eval.metrics") ->
         raise ConfigError(key, f"the shapes score needs data.source=shapes, this run's is {cfg.data.source}")
     if any(m in _FRECHET for m in metrics) and cfg.eval.prompts < 2:
         raise ConfigError("eval.prompts", f"a Fréchet distance needs at least 2 samples, got {cfg.eval.prompts} "
-                                          f"(pixelrun eval: --samples)")
+                                          f"(set eval.prompts=2 or more)")
     if "fid" in metrics:
         if not cfg.eval.fid_weights:
             raise ConfigError("eval.fid_weights", "the fid metric needs pytorch-fid's pt_inception-2015-12-05-"
-                                                  "6726825d.pth: set eval.fid_weights=PATH (pixelrun eval: --fid-weights)")
+                                                  "6726825d.pth: set eval.fid_weights=PATH")
         if not os.path.isfile(os.path.expanduser(cfg.eval.fid_weights)):
             raise ConfigError("eval.fid_weights", f"no such file: {cfg.eval.fid_weights}")
     for metric, model_key, spec in (("cmmd", "eval.clip_model", cfg.eval.clip_model),
@@ -184,7 +173,7 @@ def sample_size_warnings(metrics: list[str], networks: dict, n: int) -> list[str
         if m in _FRECHET and dim and n < dim:
             out.append(f"{m} on {n} samples, fewer than its {dim} feature dimensions: the covariance is singular "
                        f"and the number mostly estimation bias; compare it only with numbers at the same sample "
-                       f"count, or raise eval.prompts (pixelrun eval: --samples) to {dim} or more (FID is usually "
+                       f"count, or raise eval.prompts to {dim} or more (FID is usually "
                        f"reported at 10k-50k)")
     return out
 

@@ -1,0 +1,62 @@
+"""pixelrun export: a checkpoint's weights as one safetensors file with its config, or as a
+diffusers PRXPixelPipeline directory."""
+from __future__ import annotations
+
+import sys
+
+from pixelrun.config import ConfigError
+
+
+def add_parser(subparsers) -> None:
+    x = subparsers.add_parser("export", help="write a checkpoint's weights as one safetensors file with its config, "
+                                             "or as a diffusers PRXPixelPipeline directory")
+    x.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory "
+                                                       "(--format diffusers also takes an exported model)")
+    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    x.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
+                   help="safetensors: pixelrun's own layout (model.safetensors, config.yaml); diffusers: a "
+                        "PRXPixelPipeline directory (transformer, text encoder, tokenizer, scheduler)")
+    x.add_argument("overrides", nargs="*", help="--format diffusers only: sampling overrides, e.g. "
+                                                "sample.spacing=diffusers sample.shift=3")
+    x.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """--format safetensors: one consolidated safetensors file (EMA weights by default) and the config,
+    from a checkpoint written on any number of ranks; `pixelrun sample --checkpoint OUT` accepts it.
+    --format diffusers: a directory that diffusers' `PRXPixelPipeline.from_pretrained` loads
+    (pixelrun/tools/export_diffusers.py); overrides may change the sampling settings it carries."""
+    from pixelrun.config import to_yaml
+    from pixelrun.infra import checkpoint as ckpt
+    from pixelrun.training.build import model_from_config
+    from pixelrun.training.inference import checkpoint_config, load_for_inference
+
+    if args.overrides and args.format != "diffusers":
+        raise ConfigError("overrides", "only --format diffusers takes overrides (sampling settings)")
+    cfg, path, text_dim = checkpoint_config(args.checkpoint, args.overrides)  # no weights loaded yet
+    try:
+        ckpt.check_export_target(args.out, path)
+    except ckpt.UnsafeOutput as e:
+        raise ConfigError("--out", str(e)) from None
+    marker = ckpt.export_marker(args.format, path, args.weights)
+    if args.format == "diffusers":
+        from pixelrun.tools.export_diffusers import check_config, export_diffusers
+
+        check_config(cfg)  # refuse before loading anything
+        model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, "cpu", args.overrides)
+        out = export_diffusers(model, encoder, cfg, args.out, marker)
+        import importlib.util
+
+        if importlib.util.find_spec("ftfy") is None:
+            print("note: PRXPixelPipeline needs the package ftfy to encode prompts (pip install ftfy)", file=sys.stderr)
+        print(f"exported {args.weights} weights of {path} as a diffusers PRXPixelPipeline to {out} "
+              f"(sample with use_resolution_binning=False, height=width={cfg.data.resolution}, "
+              f"num_inference_steps={cfg.sample.steps}, guidance_scale={cfg.sample.guidance}, "
+              f"generator=torch.Generator().manual_seed(seed))")
+        return 0
+    if not ckpt.is_complete(path):
+        raise ConfigError("--checkpoint", f"{path} is already an exported model")
+    out = ckpt.export_weights(path, args.out, model_from_config(cfg, text_dim), to_yaml(cfg), text_dim, args.weights)
+    print(f"exported {args.weights} weights of {path} (step {ckpt.load_meta(path)['step']}) to {out}")
+    return 0

@@ -1,0 +1,151 @@
+"""pixelrun sample: images for prompts from a checkpoint.
+
+The sampling settings are the checkpoint's own sample.* keys, changed by overrides on the command
+line (`sample.steps=50 sample.guidance=3`), checked as `pixelrun train` checks its overrides. The
+flags are what is not a config key: the checkpoint, the prompts, the output folder, the image size
+(data.resolution is one square side; --size may be any multiple of the patch), the weights to load
+and the device. The guidance is one scale here, as the key sample.guidance: a sweep of scales is an
+evaluation's (`pixelrun eval ... 'eval.guidance=[1,2,4]'`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pixelrun.cli import common
+from pixelrun.config import ConfigError
+
+SECTIONS = ("sample",)  # the config keys this command changes; the checkpoint fixes the rest
+# The flags that used to set sample.* keys: refused, naming the override to write instead.
+MOVED = {"--steps": "sample.steps", "--guidance": "sample.guidance", "--guidance-mode": "sample.guidance_mode",
+         "--seed": "sample.seed"}
+
+EPILOG = f"""sampling settings are overrides of the checkpoint's config (KEY=VALUE, before or after the flags;
+default: the checkpoint's own value):
+  sample.steps=N                      Euler steps
+  sample.guidance=W                   guidance scale, >= 1: 1 = no guidance, larger follows the prompt more
+  sample.guidance_mode=cfg|self|none  cfg: against the empty prompt; self: a dense against a TREAD-routed
+                                      pass (models trained with routing); none: the conditional prediction
+  sample.seed=N                       noise seed (the same seed gives the same image, as in an exported
+                                      diffusers pipeline)
+  sample.shift=S  sample.spacing=diffusers|linear
+                                      the sampling time grid
+(every sample.* key: docs/configuration.md)
+
+{common.moved_help(MOVED)}
+
+examples:
+  pixelrun sample --checkpoint runs/demo --prompt "a red circle" --out out/
+  pixelrun sample --checkpoint runs/demo --prompts-file prompts.txt --out out/ sample.steps=50 sample.guidance=3
+  pixelrun sample --checkpoint runs/demo --prompt "a blue square" --out out/ --size 96x64 sample.seed=7"""
+
+
+def add_parser(subparsers) -> None:
+    s = subparsers.add_parser("sample", help="generate images for prompts",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description="Writes OUT/000.png, 001.png, ... (one per prompt, in order), OUT/grid.png with the\n"
+                                          "prompts as labels when there are several, and OUT/prompts.json (checkpoint,\n"
+                                          "seed, steps, guidance, size, prompt of each file).",
+                              epilog=EPILOG)
+    common.add_checkpoint_args(s)
+    s.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    s.add_argument("--prompts-file", help="a text file with one prompt per line (added after any --prompt)")
+    s.add_argument("--out", required=True, help="output folder: new, empty, or an earlier `pixelrun sample` output "
+                                                "(its files are replaced)")
+    s.add_argument("--size", help="WxH in pixels, width first, e.g. 96x64 (default: the resolution the checkpoint "
+                                  "was last trained at)")
+    common.add_overrides(s, SECTIONS, "sample.steps=50 sample.guidance=3")
+    common.add_moved_flags(s, MOVED)
+    s.set_defaults(func=run)
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError("--prompts-file", f"cannot read {args.prompts_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError("--prompts-file", f"{args.prompts_file} is not a UTF-8 text file (one prompt per "
+                                                f"line)") from None
+        if "\x00" in text:
+            raise ConfigError("--prompts-file", f"{args.prompts_file} holds NUL bytes: not a text file of prompts")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("--prompt", "give at least one prompt (--prompt TEXT, repeatable, or --prompts-file FILE)")
+    return prompts
+
+
+def _sample_dir(out: Path) -> list[Path]:
+    """`--out` holds this command's images only: a new or empty folder, or an earlier `pixelrun sample`
+    output, whose files (listed in its prompts.json) are returned: the whole folder is replaced once
+    the new images exist. Anything else in it, or the current folder, is refused, before any work."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} is a file")
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise ConfigError("--out", f"{out} is the current folder or one above it; write into a new folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    try:
+        earlier = json.loads((out / "prompts.json").read_text())
+        made = {*earlier["prompts"], "grid.png", "prompts.json"}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError("--out", f"{out} is not empty and holds no earlier `pixelrun sample` output; choose a new "
+                                   f"or empty folder") from None
+    others = [p.name for p in out.iterdir() if p.name not in made]
+    if others:
+        raise ConfigError("--out", f"{out} holds files this command did not write ({', '.join(sorted(others)[:3])}); "
+                                   f"choose a new or empty folder")
+    return [out / name for name in made]
+
+
+GRID_MAX = 64  # images on a sample grid.png; beyond this it grows too tall to open (each image has its own file)
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from pixelrun.infra.checkpoint import atomic_dir
+    from pixelrun.infra.grids import save_grid, save_png
+    from pixelrun.training.inference import generate, load_for_inference
+
+    common.refuse_moved_flags(args, "sample")
+    prompts = _read_prompts(args)
+    size = common.parse_size(args.size) if args.size is not None else None
+    out = Path(args.out)
+    _sample_dir(out)
+    _, overrides = common.checkpoint_config(args, "sample", SECTIONS)  # every override checked before any work
+    model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, args.device, overrides)
+    encoder.warn = lambda message: None  # said once below, for this command's prompts
+    h, w = size or (cfg.data.resolution, cfg.data.resolution)
+    p = model.cfg.patch_size
+    if h % p or w % p:
+        raise ConfigError("--size", f"{w}x{h} (WxH) is not a multiple of the patch size {p}")
+    seed = cfg.sample.seed
+    with tqdm(total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="sample", unit="step", file=sys.stderr) as bar:
+        images = generate(model, encoder, prompts, cfg, next(model.parameters()).device, seed=seed, height=h, width=w,
+                          progress=bar)
+    if encoder.truncated:
+        print(f"note: {encoder.truncated} prompt(s) are longer than text.max_tokens={cfg.text.max_tokens} tokens and "
+              f"were cut: the model saw only their start (first: {encoder.first_truncated[:80]!r})", file=sys.stderr)
+    # Written beside `out` and swapped in whole: an interruption leaves the earlier output as it was.
+    with atomic_dir(out) as tmp:
+        names = [f"{i:03d}.png" for i in range(len(images))]
+        for name, img in zip(names, images):
+            save_png(img, tmp / name)
+        (tmp / "prompts.json").write_text(json.dumps({"checkpoint": str(path), "seed": seed, "steps": cfg.sample.steps,
+                                                      "guidance": cfg.sample.guidance,
+                                                      "guidance_mode": cfg.sample.guidance_mode, "size": f"{w}x{h}",
+                                                      "prompts": dict(zip(names, prompts))}, indent=2))
+        if len(images) > 1:
+            save_grid(images[:GRID_MAX], prompts[:GRID_MAX], tmp / "grid.png")
+            names.append("grid.png")
+    for name in names:
+        print(out / name)
+    if len(images) > GRID_MAX:
+        print(f"note: grid.png shows the first {GRID_MAX} of {len(images)} images; every image has its own file",
+              file=sys.stderr)
+    return 0
