@@ -42,7 +42,7 @@ from pixelrun.config.rules import (
     parse_weights,
     span_for_depth,
 )
-from pixelrun.config.schema import Config, TextConfig, to_dict
+from pixelrun.config.schema import Config, EvalConfig, SampleConfig, TextConfig, to_dict
 
 __all__ = [
     "DATA_SOURCES",
@@ -53,6 +53,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "RunFailed",
+    "EvalConfig",
+    "SampleConfig",
     "TextConfig",
     "aspect_buckets",
     "batch_split",
