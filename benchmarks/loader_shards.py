@@ -13,6 +13,7 @@ machine: 2 worker processes >= 1.8x one (`shards_speedup_2_vs_1_workers`).
 
     python benchmarks/loader_shards.py [--n 192] [--seconds 20] [--rounds 3] [--out benchmarks/results/loader-cpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,10 +73,28 @@ def main() -> None:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         photos, shards = Path(tmp) / "photos", Path(tmp) / "shards"
-        subprocess.run([sys.executable, str(HERE / "make_photo_folder.py"), str(photos), "--n", str(args.n)], check=True)
+        subprocess.run(
+            [sys.executable, str(HERE / "make_photo_folder.py"), str(photos), "--n", str(args.n)], check=True
+        )
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pixelrun", "data", "convert", "--src", str(photos), "--out", str(shards),
-                        "--resolution", str(args.store_resolution), "--shard-size", "64"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pixelrun",
+                "data",
+                "convert",
+                "--src",
+                str(photos),
+                "--out",
+                str(shards),
+                "--resolution",
+                str(args.store_resolution),
+                "--shard-size",
+                "64",
+            ],
+            check=True,
+        )
         convert_s = time.perf_counter() - t0
         spec = str(shards)  # a folder of .tar files is a shard spec
         rounds = {w: [] for w in (0, 1, 2)}
@@ -83,16 +102,21 @@ def main() -> None:
             for w in rounds:
                 rounds[w].append(throughput(ShardBatchSource(spec, args.batch_size, buckets), w, args.seconds))
         shard_rates = {w: median(r) for w, r in rounds.items()}
-        folder_rates = {w: throughput(FolderBatchSource(ImageFolder(photos), args.batch_size, buckets), w,
-                                      args.seconds) for w in (0, 2)}
+        folder_rates = {
+            w: throughput(FolderBatchSource(ImageFolder(photos), args.batch_size, buckets), w, args.seconds)
+            for w in (0, 2)
+        }
         photo_kb = sum(p.stat().st_size for p in photos.glob("*.jpg")) / args.n / 1024
         shard_kb = sum(p.stat().st_size for p in shards.glob("*.tar")) / args.n / 1024
     report = {
         "command": "python benchmarks/loader_shards.py " + " ".join(sys.argv[1:]),
-        "cpu": f"{cpu_name()} x {cores} cores", "torch": torch.__version__,
+        "cpu": f"{cpu_name()} x {cores} cores",
+        "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "photo_kb_mean": photo_kb, "shard_kb_per_sample": shard_kb,
-        "convert_seconds": convert_s, "convert_images_per_s": args.n / convert_s,
+        "photo_kb_mean": photo_kb,
+        "shard_kb_per_sample": shard_kb,
+        "convert_seconds": convert_s,
+        "convert_images_per_s": args.n / convert_s,
         "shards_images_per_s_by_workers": shard_rates,  # medians over the rounds
         "shards_rounds": rounds,
         "shards_speedup_2_vs_1_workers_by_round": [b / a for a, b in zip(rounds[1], rounds[2])],

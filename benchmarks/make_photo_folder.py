@@ -8,6 +8,7 @@ roughly 150-400 KB per image like a typical web photo.
 
     python benchmarks/make_photo_folder.py OUT_DIR [--n 256] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse

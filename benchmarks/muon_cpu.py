@@ -12,6 +12,7 @@ On a CPU without native bf16 (this project's AVX2 VM) bf16 matmuls are emulated 
 than fp32: there, time bf16 on a block or two (--blocks, --dtypes bf16) and leave muon_bf16 out
 of --step-arms.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,14 +62,21 @@ def time_newton_schulz(mats, dtypes: list[str], rounds: int) -> dict:
                 times[d][a].append(time.perf_counter() - t0)
                 print(f"newton-schulz {d} {a}: {times[d][a][-1]:.2f} s", flush=True)
     flops = sum(newton_schulz_flops(m.shape) for m in mats)
-    return {d: {a: {"seconds_median": median(ts), "seconds": ts, "gflop_per_s": flops / median(ts) / 1e9}
-                for a, ts in arms_t.items()} | {"grouped_vs_one_by_one": median(arms_t["grouped"]) /
-                                                median(arms_t["one_by_one"])}
-            for d, arms_t in times.items()}
+    return {
+        d: {
+            a: {"seconds_median": median(ts), "seconds": ts, "gflop_per_s": flops / median(ts) / 1e9}
+            for a, ts in arms_t.items()
+        }
+        | {"grouped_vs_one_by_one": median(arms_t["grouped"]) / median(arms_t["one_by_one"])}
+        for d, arms_t in times.items()
+    }
 
 
-STEP_ARMS = {"adamw": ["train.optimizer=adamw"], "muon_fp32": ["train.optimizer=muon", "train.muon_precision=fp32"],
-             "muon_bf16": ["train.optimizer=muon", "train.muon_precision=bf16"]}
+STEP_ARMS = {
+    "adamw": ["train.optimizer=adamw"],
+    "muon_fp32": ["train.optimizer=muon", "train.muon_precision=fp32"],
+    "muon_bf16": ["train.optimizer=muon", "train.muon_precision=bf16"],
+}
 
 
 def time_steps(names: list[str], rounds: int, steps: int, warmup: int) -> dict:
@@ -76,18 +84,40 @@ def time_steps(names: list[str], rounds: int, steps: int, warmup: int) -> dict:
     arms = {a: STEP_ARMS[a] for a in names}
     results = {a: [] for a in arms}
     for r in range(rounds):
-        for a in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
-            res = run_bench(None, [*base, *arms[a]], variants=["dense"], steps=steps, warmup=warmup, text_dim=384,
-                            text_tokens=32, out=None)["results"]["dense"]
-            results[a].append({k: res[k] for k in ("step_seconds", "forward_backward_seconds_median",
-                                                    "optimizer_seconds_median", "step_seconds_median")})
-            print(f"step {a}: {res['step_seconds_median']:.2f} s (optimizer {res['optimizer_seconds_median']:.2f} s)",
-                  flush=True)
+        for a in list(arms) if r % 2 == 0 else list(arms)[::-1]:
+            res = run_bench(
+                None,
+                [*base, *arms[a]],
+                variants=["dense"],
+                steps=steps,
+                warmup=warmup,
+                text_dim=384,
+                text_tokens=32,
+                out=None,
+            )["results"]["dense"]
+            results[a].append(
+                {
+                    k: res[k]
+                    for k in (
+                        "step_seconds",
+                        "forward_backward_seconds_median",
+                        "optimizer_seconds_median",
+                        "step_seconds_median",
+                    )
+                }
+            )
+            print(
+                f"step {a}: {res['step_seconds_median']:.2f} s (optimizer {res['optimizer_seconds_median']:.2f} s)",
+                flush=True,
+            )
     out = {}
     for a, runs in results.items():
-        out[a] = {"runs": runs, "step_seconds_median": median([s for r in runs for s in r["step_seconds"]]),
-                  "optimizer_seconds_median": median([r["optimizer_seconds_median"] for r in runs]),
-                  "forward_backward_seconds_median": median([r["forward_backward_seconds_median"] for r in runs])}
+        out[a] = {
+            "runs": runs,
+            "step_seconds_median": median([s for r in runs for s in r["step_seconds"]]),
+            "optimizer_seconds_median": median([r["optimizer_seconds_median"] for r in runs]),
+            "forward_backward_seconds_median": median([r["forward_backward_seconds_median"] for r in runs]),
+        }
     for a in (a for a in out if a != "adamw" and "adamw" in out):
         out[a]["step_vs_adamw"] = out[a]["step_seconds_median"] / out["adamw"]["step_seconds_median"]
     return out
@@ -107,16 +137,21 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     mats = block_matrices(args.preset, args.blocks or 10**6)
-    report = {"command": " ".join(sys.argv),
-              "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-              "torch": torch.__version__, "preset": args.preset, "matrices": len(mats),
-              "shapes": sorted({tuple(m.shape) for m in mats}),
-              "newton_schulz_tflop": sum(newton_schulz_flops(m.shape) for m in mats) / 1e12,
-              "note": "shared 2-core VM: other jobs ran beside these timings",
-              "newton_schulz": time_newton_schulz(mats, args.dtypes.split(","), args.rounds)}
+    report = {
+        "command": " ".join(sys.argv),
+        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "matrices": len(mats),
+        "shapes": sorted({tuple(m.shape) for m in mats}),
+        "newton_schulz_tflop": sum(newton_schulz_flops(m.shape) for m in mats) / 1e12,
+        "note": "shared 2-core VM: other jobs ran beside these timings",
+        "newton_schulz": time_newton_schulz(mats, args.dtypes.split(","), args.rounds),
+    }
     if not args.no_steps:
-        report["step_base_512_batch2"] = time_steps(args.step_arms.split(","), args.step_rounds, args.steps,
-                                                    args.warmup)
+        report["step_base_512_batch2"] = time_steps(
+            args.step_arms.split(","), args.step_rounds, args.steps, args.warmup
+        )
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -3,6 +3,7 @@ optimizer) timed with CUDA syncs, then the top kernels from torch.profiler. The 
 blocks compiled, bf16, AdamW, random text embeddings (as `pixelrun bench`).
 
 Usage: python benchmarks/profile_step.py [RESOLUTION] [BATCH] [extra overrides...]"""
+
 import sys
 import time
 
@@ -36,6 +37,7 @@ def step(i, phases=None):
             now = time.perf_counter()
             phases[name] = phases.get(name, 0.0) + now - mark.t
             mark.t = now
+
     mark.t = time.perf_counter()
     noise = step_draws(cfg, i, list(range(b)), (3, res, res), 32, dev)
     mark("noise draws")

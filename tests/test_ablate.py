@@ -1,6 +1,7 @@
 """pixelrun ablate: the SPEC's checks, budgets turned into steps (checked by hand against
 pixelrun/model/flops.py), the warmup-stable-decay schedule, a resume that applies a changed learning rate,
 and a 2-variant x 2-seed ablation that is interrupted and resumed."""
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,29 @@ from pixelrun.model.denoiser import ModelConfig
 from pixelrun.model.flops import training_flops_per_image
 from pixelrun.training.build import lr_multiplier
 
-TOY = ["data.resolution=16", "train.batch_size=4", "train.log_every=1", "train.sample_every=0",
-       "train.checkpoint_every=2", "train.warmup_steps=1", "sample.grid_prompts=2"]
+TOY = [
+    "data.resolution=16",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.sample_every=0",
+    "train.checkpoint_every=2",
+    "train.warmup_steps=1",
+    "sample.grid_prompts=2",
+]
 TOY_EVAL = {"points": [0.5, 1.0], "prompts": 4, "sample_steps": 1, "guidance": [4.0, 1.0], "val_images": 2}
 
 
 def write_spec(tmp_path: Path, **changes) -> Path:
-    spec = {"name": "toy", "out": str(tmp_path / "out"), "base": {"overrides": TOY},
-            "variants": {"baseline": [], "deeper": ["model.depth=6"]}, "seeds": 2,
-            "budget": {"kind": "images", "value": 16}, "evaluation": TOY_EVAL, **changes}
+    spec = {
+        "name": "toy",
+        "out": str(tmp_path / "out"),
+        "base": {"overrides": TOY},
+        "variants": {"baseline": [], "deeper": ["model.depth=6"]},
+        "seeds": 2,
+        "budget": {"kind": "images", "value": 16},
+        "evaluation": TOY_EVAL,
+        **changes,
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -36,18 +51,22 @@ def write_spec(tmp_path: Path, **changes) -> Path:
 
 # ----------------------------------------------------------------------------- the SPEC
 
-@pytest.mark.parametrize("changes, key", [
-    ({"budgt": {"kind": "images"}}, "spec.budgt"),
-    ({"budget": {"kind": "epochs", "value": 1}}, "spec.budget.kind"),
-    ({"budget": {"kind": "images", "value": 0}}, "spec.budget.value"),
-    ({"budget": {"kind": "target", "value": 100}}, "spec.budget.metric"),
-    ({"variants": {"baseline": [], "tread": ["routing.ratoi=0.5"]}}, "spec.variants.tread: routing.ratoi"),
-    ({"variants": {"baseline": [], "mine": ["run.dir=elsewhere"]}}, "spec.variants.mine"),
-    ({"variants": {"Tread": [], "tread": []}}, "spec.variants.Tread"),
-    ({"variants": {"a/b": []}}, "spec.variants.a/b"),
-    ({"seeds": [0, 0]}, "spec.seeds"),
-    ({"baseline": "nope"}, "spec.baseline"),
-])
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"budgt": {"kind": "images"}}, "spec.budgt"),
+        ({"budget": {"kind": "epochs", "value": 1}}, "spec.budget.kind"),
+        ({"budget": {"kind": "images", "value": 0}}, "spec.budget.value"),
+        ({"budget": {"kind": "target", "value": 100}}, "spec.budget.metric"),
+        ({"variants": {"baseline": [], "tread": ["routing.ratoi=0.5"]}}, "spec.variants.tread: routing.ratoi"),
+        ({"variants": {"baseline": [], "mine": ["run.dir=elsewhere"]}}, "spec.variants.mine"),
+        ({"variants": {"Tread": [], "tread": []}}, "spec.variants.Tread"),
+        ({"variants": {"a/b": []}}, "spec.variants.a/b"),
+        ({"seeds": [0, 0]}, "spec.seeds"),
+        ({"baseline": "nope"}, "spec.baseline"),
+    ],
+)
 def test_a_bad_spec_is_one_line_naming_the_key(tmp_path, capsys, changes, key):
     spec = write_spec(tmp_path, **changes)
     assert main(["ablate", "plan", str(spec)]) == 2
@@ -57,13 +76,15 @@ def test_a_bad_spec_is_one_line_naming_the_key(tmp_path, capsys, changes, key):
 
 
 def test_overlay_variants_and_seed_count(tmp_path):
-    spec = load_spec(write_spec(tmp_path, variants={"baseline": None, "wide": {"model": {"hidden_size": 128}}},
-                                seeds=3))
+    spec = load_spec(
+        write_spec(tmp_path, variants={"baseline": None, "wide": {"model": {"hidden_size": 128}}}, seeds=3)
+    )
     assert spec.variants == {"baseline": [], "wide": ["model.hidden_size=128"]}
     assert spec.seeds == [0, 1, 2] and spec.baseline == "baseline"
 
 
 # ----------------------------------------------------------------------------- budgets
+
 
 def test_point_steps_and_image_budget():
     assert point_steps(10, [0.25, 0.5, 0.75, 1.0]) == [2, 5, 8, 10]  # round half to even: 2.5 -> 2, 7.5 -> 8
@@ -83,7 +104,9 @@ def test_flops_budget_gives_a_costlier_variant_fewer_steps(tmp_path):
         cfg = plan.configs[(name, 0)]
         fields = model_fields(cfg)
         assert fields["depth"] == depth
-        fpi = training_flops_per_image(ModelConfig(text_dim=384, **fields), 16, 16, cfg.text.max_tokens)["training_total"]
+        fpi = training_flops_per_image(ModelConfig(text_dim=384, **fields), 16, 16, cfg.text.max_tokens)[
+            "training_total"
+        ]
         assert by_variant[name].flops_per_image == fpi
         assert by_variant[name].steps == math.floor(budget / (fpi * 4))
     ratio = by_variant["deeper"].flops_per_image / by_variant["baseline"].flops_per_image
@@ -94,8 +117,9 @@ def test_flops_budget_gives_a_costlier_variant_fewer_steps(tmp_path):
 
 def test_teacher_flops_are_counted(tmp_path):
     """REPA adds its teacher's forward and the projector's forward and backward to an image's cost."""
-    spec = load_spec(write_spec(tmp_path, variants={"baseline": [], "repa": ["repa.weight=0.5", "repa.hidden=64"]},
-                                seeds=1))
+    spec = load_spec(
+        write_spec(tmp_path, variants={"baseline": [], "repa": ["repa.weight=0.5", "repa.hidden=64"]}, seeds=1)
+    )
     plan = plan_ablation(spec, say=lambda *a: None)
     base, repa = (r.flops_per_image for r in plan.runs)
     assert repa > base
@@ -104,8 +128,11 @@ def test_teacher_flops_are_counted(tmp_path):
 def test_repa_stopped_early_costs_its_share_of_the_run(tmp_path):
     """REPA for the first quarter of the steps: an image costs the baseline plus a quarter of
     REPA's extra FLOPs, on average over the run."""
-    variants = {"baseline": [], "repa": ["repa.weight=0.5", "repa.hidden=64"],
-                "quarter": ["repa.weight=0.5", "repa.hidden=64", "repa.until=0.25"]}
+    variants = {
+        "baseline": [],
+        "repa": ["repa.weight=0.5", "repa.hidden=64"],
+        "quarter": ["repa.weight=0.5", "repa.hidden=64", "repa.until=0.25"],
+    }
     plan = plan_ablation(load_spec(write_spec(tmp_path, variants=variants, seeds=1)), say=lambda *a: None)
     cost = {r.variant: r.flops_per_image for r in plan.runs}
     base, repa, quarter = cost["baseline"], cost["repa"], cost["quarter"]
@@ -113,6 +140,7 @@ def test_repa_stopped_early_costs_its_share_of_the_run(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the schedule
+
 
 def test_lr_multiplier_warmup_stable_decay():
     # warm-up of 2 steps, 10 steps, the last 3 decaying: 3/3, 2/3, 1/3
@@ -125,8 +153,13 @@ def test_resume_applies_a_changed_learning_rate(tmp_path, capsys):
     from pixelrun.config import load_config
     from pixelrun.run.train import train
 
-    over = TOY + [f"run.dir={tmp_path / 'run'}", "train.steps=4", "eval.prompts=0", "eval.val_images=0",
-                  "train.cooldown=0.5"]
+    over = TOY + [
+        f"run.dir={tmp_path / 'run'}",
+        "train.steps=4",
+        "eval.prompts=0",
+        "eval.val_images=0",
+        "train.cooldown=0.5",
+    ]
     train(load_config(None, over), stop_at_step=2)
     summary = train(load_config(None, over + ["train.lr=0.002"]))
     assert summary["step"] == 4
@@ -141,9 +174,11 @@ def test_resume_applies_a_changed_learning_rate(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- a whole ablation
 
+
 def _run(spec: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pixelrun", "ablate", str(spec)], capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "pixelrun", "ablate", str(spec)], capture_output=True, text=True, timeout=900
+    )
 
 
 def test_ablation_runs_resumes_and_skips_finished_runs(tmp_path):
@@ -153,7 +188,11 @@ def test_ablation_runs_resumes_and_skips_finished_runs(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     plan = json.loads((out / "ablation.json").read_text())
     assert [(r["variant"], r["seed"], r["steps"]) for r in plan["runs"]] == [
-        ("baseline", 0, 4), ("baseline", 1, 4), ("deeper", 0, 4), ("deeper", 1, 4)]
+        ("baseline", 0, 4),
+        ("baseline", 1, 4),
+        ("deeper", 0, 4),
+        ("deeper", 1, 4),
+    ]
     assert plan["budget"]["equal_steps"] is True
     for r in plan["runs"]:
         folder = out / r["dir"]
@@ -173,8 +212,11 @@ def test_ablation_runs_resumes_and_skips_finished_runs(tmp_path):
     shutil.rmtree(victim / "checkpoints" / "step_00000004")
     for f in ("run-summary.json", "points/step_00000004.json"):
         (victim / f).unlink()
-    finished = {r["dir"]: (out / r["dir"] / "run-summary.json").stat().st_mtime_ns for r in plan["runs"]
-                if r["dir"] != "runs/deeper/seed1"}
+    finished = {
+        r["dir"]: (out / r["dir"] / "run-summary.json").stat().st_mtime_ns
+        for r in plan["runs"]
+        if r["dir"] != "runs/deeper/seed1"
+    }
     second = _run(spec)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stderr.count("done, skipped") == 3
@@ -187,12 +229,19 @@ def test_ablation_runs_resumes_and_skips_finished_runs(tmp_path):
     # The report, rebuilt from the folders, holds the numbers the folders hold.
     summary = json.loads((out / "summary.json").read_text())
     for metric in ("val_ema/flow/high", "val/flow/mid"):
-        per = {v: [json.loads((out / f"runs/{v}/seed{s}/points/step_00000004.json").read_text())["val"][metric]
-                   for s in (0, 1)] for v in ("baseline", "deeper")}
+        per = {
+            v: [
+                json.loads((out / f"runs/{v}/seed{s}/points/step_00000004.json").read_text())["val"][metric]
+                for s in (0, 1)
+            ]
+            for v in ("baseline", "deeper")
+        }
         cell = summary["final"]["deeper"][metric]
         assert cell["per_seed"] == pytest.approx(per["deeper"])
         assert cell["mean"]["estimate"] == pytest.approx(sum(per["deeper"]) / 2)
-        assert cell["delta"]["estimate"] == pytest.approx(sum(d - b for d, b in zip(per["deeper"], per["baseline"])) / 2)
+        assert cell["delta"]["estimate"] == pytest.approx(
+            sum(d - b for d, b in zip(per["deeper"], per["baseline"])) / 2
+        )
     for name in ("report.md", "report.html", "summary.csv", "report/eval_vs_images.png"):
         assert (out / name).stat().st_size > 0
 

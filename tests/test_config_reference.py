@@ -1,5 +1,6 @@
 """docs/configuration.md is generated from pixelrun/config/schema.py (pixelrun/config/reference.py): every key
 has help text, and the committed page is exactly what the generator writes today."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,8 +45,12 @@ def test_help_text_is_the_comment_beside_then_the_comment_above():
         "    w: list[int] = field(\n"
         "        default_factory=list)  # on the last line of w\n"
     )
-    assert field_comments(source) == {("A", "x"): "beside x", ("A", "y"): "and beside. above y, two lines",
-                                      ("A", "z"): "", ("A", "w"): "on the last line of w"}
+    assert field_comments(source) == {
+        ("A", "x"): "beside x",
+        ("A", "y"): "and beside. above y, two lines",
+        ("A", "z"): "",
+        ("A", "w"): "on the last line of w",
+    }
 
 
 def test_a_new_key_with_a_comment_documents_itself():

@@ -1,4 +1,5 @@
 """Buckets, robust image loading, and the folder batch source (all files built on the fly, tiny)."""
+
 import json
 import struct
 import warnings
@@ -60,10 +61,16 @@ def test_nearest_bucket_and_resize():
 
 def png_header_only(path, w, h):
     """A valid PNG header declaring w x h with no real pixel data: a bomb that costs 60 bytes."""
+
     def chunk(t, d):
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b""))
+
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+        + chunk(b"IEND", b"")
+    )
 
 
 def px(img, xy=(1, 1)):
@@ -144,8 +151,7 @@ def make_folder(root, n_tall=5, n_wide=5, n_square=2, broken=True):
     (root / "sub").mkdir(parents=True)
     jsonl = []
     rng = np.random.default_rng(1)
-    for kind, size, n in (("tall", (24, 48), n_tall), ("wide", (48, 24), n_wide),
-                          ("square", (32, 32), n_square)):
+    for kind, size, n in (("tall", (24, 48), n_tall), ("wide", (48, 24), n_wide), ("square", (32, 32), n_square)):
         for i in range(n):
             a = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
             if i % 2:
@@ -192,8 +198,7 @@ def test_batches_respect_buckets_and_skip_broken(tmp_path):
         h, w = b.images.shape[-2:]
         expected = "tall" if h > w else "wide" if w > h else "square"
         assert kinds == {expected}
-    assert src.skipped == 2 and sorted(p.rsplit("/", 1)[1] for p in src.skipped_paths) == [
-        "bad.png", "bomb.png"]
+    assert src.skipped == 2 and sorted(p.rsplit("/", 1)[1] for p in src.skipped_paths) == ["bad.png", "bomb.png"]
 
 
 def test_failure_at_decode_is_replaced(tmp_path):
@@ -268,8 +273,9 @@ def test_malformed_caption_lines_are_reported_once_at_start(tmp_path, capsys):
     (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
     f = ImageFolder(root)
     assert f.bad_caption_lines == 4 and f.first_bad_caption_line == 2
-    assert f.caption_note.startswith(f"warning: {root / 'captions.jsonl'}: 4 malformed line(s) skipped, the "
-                                     f"first at line 2 (")
+    assert f.caption_note.startswith(
+        f"warning: {root / 'captions.jsonl'}: 4 malformed line(s) skipped, the first at line 2 ("
+    )
     assert ImageFolder(make_folder(tmp_path / "ok", broken=False)).caption_note is not None  # "{oops"
     (tmp_path / "ok" / "captions.jsonl").unlink()
     assert ImageFolder(tmp_path / "ok").caption_note is None

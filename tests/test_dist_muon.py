@@ -7,6 +7,7 @@ reduction of two equal gradients is exact.
 Every case in one spawn (starting processes and importing torch is most of the cost). Each rank
 saves its full parameters and optimizer state; the tests compare them with an unsharded run here.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,9 @@ def make_model(uneven: bool, probe: bool) -> nn.Module:
     width 97 (gate/up 97 rows: shards of 49 and 48 on two ranks); `probe`: a 1-row Linear in each
     block (Muon takes it; its only row sits on rank 0, so rank 1's shard is empty)."""
     torch.manual_seed(0)
-    model = build_model("tiny", 16, hidden_size=32, depth=2, num_heads=2, patch_size=8,
-                        mlp_ratio=97 / 32 if uneven else 3.5)
+    model = build_model(
+        "tiny", 16, hidden_size=32, depth=2, num_heads=2, patch_size=8, mlp_ratio=97 / 32 if uneven else 3.5
+    )
     if probe:
         for block in model.blocks:
             block.probe = nn.Linear(32, 1, bias=False)
@@ -79,8 +81,15 @@ def loss_of(model: nn.Module, step: int) -> torch.Tensor:
 
 
 def optimizer(model: nn.Module, case: dict):
-    return build_optimizer(model, kind="muon", lr=LR, muon_lr=LR, weight_decay=WD, muon_nesterov=case["nesterov"],
-                           muon_ns_dtype=case["precision"])
+    return build_optimizer(
+        model,
+        kind="muon",
+        lr=LR,
+        muon_lr=LR,
+        weight_decay=WD,
+        muon_nesterov=case["nesterov"],
+        muon_ns_dtype=case["precision"],
+    )
 
 
 def full(t):
@@ -97,8 +106,10 @@ def run_steps(model, opt, case: dict, set_grads) -> dict:
         opt.step()
         opt.zero_grad()
     state = opt.state_dict()["state"]  # momentum buffers and Adam moments are DTensors when sharded
-    return {"params": {n: full(p.detach()) for n, p in model.named_parameters()},
-            "state": {i: {k: full(v) for k, v in s.items()} for i, s in state.items()}}
+    return {
+        "params": {n: full(p.detach()) for n, p in model.named_parameters()},
+        "state": {i: {k: full(v) for k, v in s.items()} for i, s in state.items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the processes
@@ -214,9 +225,11 @@ def test_sharded_muon_equals_single_device(two_ranks, name):
             assert [r["local_rows"]["blocks.0.probe.weight"] for r in results] == [1, 0]  # an empty shard
 
 
-@pytest.mark.skipif(not os.environ.get("PIXELRUN_SLOW_TESTS"),
-                    reason="4 processes: ~25 s on 2 cores; set PIXELRUN_SLOW_TESTS=1 (hsdp_1x2 and hsdp_2x1 "
-                           "above cover the HSDP code path)")
+@pytest.mark.skipif(
+    not os.environ.get("PIXELRUN_SLOW_TESTS"),
+    reason="4 processes: ~25 s on 2 cores; set PIXELRUN_SLOW_TESTS=1 (hsdp_1x2 and hsdp_2x1 "
+    "above cover the HSDP code path)",
+)
 def test_hsdp_two_replicas_of_two_shards(tmp_path):
     """HSDP on a 2x2 mesh: the gather/scatter stays inside each shard pair, both replicas agree."""
     _spawn(HSDP_4, 4, tmp_path)

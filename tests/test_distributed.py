@@ -5,6 +5,7 @@ micro-batch 4, 1 rank x 8, and 1 rank x 4 x 2 accumulation steps see the same im
 noise and give the same losses and weights (up to fp32 summation order). Checkpoints written on 2
 ranks resume on 1 and the other way round. The runs are shared by the tests of this module.
 """
+
 import json
 import os
 import subprocess
@@ -20,8 +21,14 @@ from pixelrun.infra import checkpoint as ckpt
 from pixelrun.run.train import train
 from pixelrun.training.build import model_from_config
 
-BASE = {"train.global_batch_size": 8, "eval.prompts": 0, "train.warmup_steps": 1, "train.lr": 3e-3,
-        "routing.ratio": 0.5, "model.depth": 4}
+BASE = {
+    "train.global_batch_size": 8,
+    "eval.prompts": 0,
+    "train.warmup_steps": 1,
+    "train.lr": 3e-3,
+    "routing.ratio": 0.5,
+    "model.depth": 4,
+}
 
 
 def _over(run, enc, steps, micro, **extra):
@@ -33,8 +40,17 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 def torchrun(nproc: int, overrides: list[str]):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pixelrun", "train", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pixelrun",
+        "train",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr and "done:" in proc.stdout:
         # A rare abort in gloo's C++ destructors after the run has finished and written everything
@@ -74,8 +90,19 @@ def _same_run(a, b, rel=1e-5, atol=1e-6):
 def runs(tmp_path_factory, tiny_encoder_dir):
     root = tmp_path_factory.mktemp("dist")
     enc = tiny_encoder_dir
-    r = {k: root / k for k in ("one_x8", "one_x4x2", "two_x4", "two_then_one", "one_then_two",
-                               "muon_one_x8", "muon_two_x4", "hsdp_two_x4")}
+    r = {
+        k: root / k
+        for k in (
+            "one_x8",
+            "one_x4x2",
+            "two_x4",
+            "two_then_one",
+            "one_then_two",
+            "muon_one_x8",
+            "muon_two_x4",
+            "hsdp_two_x4",
+        )
+    }
     # The shapes score at the end (sampling a sharded model is collective), plus grids and an evaluation
     # between checkpoints: the EMA updates that follow them once crashed on 2 ranks (a forward-only
     # pass left the sharded EMA's root gathered; tests/test_ema_sharded.py).

@@ -5,6 +5,7 @@ shard with shard, so its parameters must be DTensor shards at every update, what
 Reproduced first without the fix (the root's parameters stay full tensors after a forward, which
 is what crashed `torchrun ... train.sample_every=2 train.checkpoint_every=1000` at the update after
 a grid), then with it: shards after a forward, and the update equals the unsharded lerp."""
+
 from __future__ import annotations
 
 import copy
@@ -74,8 +75,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         after_forward = [n for n, p in ema.model.named_parameters() if not isinstance(p, DTensor)]
         ema.maybe_update(model, 0)
         full = {n: p.full_tensor() for n, p in ema.model.named_parameters()}
-        torch.save({"left_full": left_full, "after_forward": after_forward, "ema": full},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"left_full": left_full, "after_forward": after_forward, "ema": full},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

@@ -1,4 +1,5 @@
 """The built-in Twemoji dataset (data.source=emoji): the real files, captions, sharding, resume, a tiny run."""
+
 import json
 
 import numpy as np
@@ -94,6 +95,9 @@ def test_tiny_training_run_on_emoji(tmp_path, tiny_encoder_dir):
     summary = train(cfg)
     assert summary["step"] == 2 and "score" not in summary  # the shapes score is for shapes only
     assert (run / "samples" / "final.png").exists()
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert len(losses) == 2 and all(np.isfinite(losses))

@@ -2,6 +2,7 @@
 DINOv2 loaded through the real from_pretrained path from tiny random checkpoints saved here, real
 images and captions per data source, `pixelrun eval` (its eval.* and sample.* overrides), cached real
 statistics, failures before any work, and evaluation rows written during training."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,15 @@ def tiny_clip_dir(tmp_path_factory) -> str:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8, projection_dim=16)
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
     path = tmp_path_factory.mktemp("tiny-clip")
     CLIPVisionModelWithProjection(cfg).save_pretrained(path)
     return str(path)
@@ -37,8 +45,9 @@ def tiny_dino_dir(tmp_path_factory) -> str:
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                       patch_size=14, image_size=224)
+    cfg = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=224
+    )
     path = tmp_path_factory.mktemp("tiny-dinov2")
     Dinov2Model(cfg).save_pretrained(path)
     return str(path)
@@ -51,8 +60,15 @@ def tiny_dino_reg_dir(tmp_path_factory) -> str:
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     torch.manual_seed(0)
-    cfg = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                    patch_size=14, image_size=518, num_register_tokens=4)
+    cfg = Dinov2WithRegistersConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=518,
+        num_register_tokens=4,
+    )
     path = tmp_path_factory.mktemp("tiny-dinov2-reg")
     Dinov2WithRegistersModel(cfg).save_pretrained(path)
     return str(path)
@@ -114,21 +130,26 @@ def test_clip_preprocessing_is_cmmd_reference_on_a_high_frequency_1024px_image(t
         assert diff < bound if antialias else diff > 0.2, (antialias, diff)
 
 
-@pytest.mark.parametrize("h, w, band", [(1024, 1536, (slice(None), np.r_[:256, 1280:1536])),   # wide
-                                        (1536, 1024, (np.r_[:256, 1280:1536], slice(None))),   # tall
-                                        (1024, 1027, (slice(None), np.r_[:1, 1025:1027]))])    # offset rounded down
+@pytest.mark.parametrize(
+    "h, w, band",
+    [
+        (1024, 1536, (slice(None), np.r_[:256, 1280:1536])),  # wide
+        (1536, 1024, (np.r_[:256, 1280:1536], slice(None))),  # tall
+        (1024, 1027, (slice(None), np.r_[:1, 1025:1027])),
+    ],
+)  # offset rounded down
 def test_clip_preprocessing_crops_a_non_square_image(tiny_clip_dir, h, w, band):
     clip = load_metric_network("clip", model=tiny_clip_dir)
     image = np.full((h, w, 3), 255, np.uint8)
     image[band] = 0  # black outside the centre square
-    image[h // 2 - 100:h // 2 + 100, w // 2 - 100:w // 2 + 100] = (200, 128, 128)  # something inside it
+    image[h // 2 - 100 : h // 2 + 100, w // 2 - 100 : w // 2 + 100] = (200, 128, 128)  # something inside it
     got = clip.preprocess(_as_tensor(image))[0]
     pixels = got * clip.std[0] + clip.mean[0]
     assert pixels.min() > 0.45  # no black: the bands were cut off, not squashed in
     np.testing.assert_allclose(got.numpy(), _cmmd_reference_input(image, 32), atol=1e-5)
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    centre = image[top:top + side, left:left + side]
+    centre = image[top : top + side, left : left + side]
     np.testing.assert_array_equal(got.numpy(), clip.preprocess(_as_tensor(centre))[0].numpy())
 
 
@@ -148,12 +169,29 @@ def test_clip_embedder_loads_by_path_and_embeds_the_reference_input(tiny_clip_di
     assert torch.allclose(emb, ref, atol=1e-5)
     # a full CLIPModel checkpoint (what the hub's openai/clip-* are) loads too: its projection_dim
     # lives at the top level of the config, the text tower is skipped
-    full = CLIPModel(CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                 num_attention_heads=2, vocab_size=99, bos_token_id=0,
-                                                 eos_token_id=1, pad_token_id=1),
-                                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                   num_attention_heads=2, image_size=32, patch_size=8),
-                                projection_dim=24))
+    full = CLIPModel(
+        CLIPConfig(
+            text_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vocab_size=99,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            projection_dim=24,
+        )
+    )
     full.save_pretrained(tmp_path / "full-clip")
     from_full = load_metric_network("clip", model=str(tmp_path / "full-clip"))
     with torch.no_grad():
@@ -245,8 +283,9 @@ def test_real_images_and_prompts_per_source(tmp_path):
     for i in range(1, 5):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(f"picture {i}")
-    folder_cfg = load_config(None, ["data.source=folder", f"data.path={data}", "data.resolution=32",
-                                    "train.batch_size=3"])
+    folder_cfg = load_config(
+        None, ["data.source=folder", f"data.path={data}", "data.resolution=32", "train.batch_size=3"]
+    )
     images, prompts = real_images_and_prompts(folder_cfg, 3)
     assert images.shape == (3, 32, 32, 3) and prompts == ["picture 1", "picture 2", "picture 3"]
     assert held_out_captions(folder_cfg, 3) == prompts
@@ -272,8 +311,14 @@ def test_eval_cli_shapes_and_fd_effnet_with_cached_real_stats(tiny_run, tmp_path
     from pixelrun.training.inference import checkpoint_config
 
     cache = tmp_path / "cache"
-    args = ["--checkpoint", str(tiny_run), "eval.metrics=[shapes,fd-effnet]", "eval.prompts=4", "sample.steps=2",
-            f"eval.cache_dir={cache}"]
+    args = [
+        "--checkpoint",
+        str(tiny_run),
+        "eval.metrics=[shapes,fd-effnet]",
+        "eval.prompts=4",
+        "sample.steps=2",
+        f"eval.cache_dir={cache}",
+    ]
     report = _eval(capsys, *args)
     assert set(report["metrics"]) == {"shapes", "fd-effnet"}
     assert 0 <= report["metrics"]["shapes"]["placed"] <= 1 and report["score"] == report["metrics"]["shapes"]
@@ -298,9 +343,17 @@ def test_eval_cli_shapes_and_fd_effnet_with_cached_real_stats(tiny_run, tmp_path
 
 
 def test_eval_cli_cmmd_and_dino_mmd(tiny_run, tiny_clip_dir, tiny_dino_reg_dir, tiny_dino_dir, tmp_path, capsys):
-    report = _eval(capsys, "--checkpoint", str(tiny_run), "eval.metrics=[cmmd,dino-mmd]", "eval.prompts=3",
-                   "sample.steps=1", f"eval.clip_model={tiny_clip_dir}", f"eval.dino_model={tiny_dino_reg_dir}",
-                   f"eval.cache_dir={tmp_path / 'cache'}")
+    report = _eval(
+        capsys,
+        "--checkpoint",
+        str(tiny_run),
+        "eval.metrics=[cmmd,dino-mmd]",
+        "eval.prompts=3",
+        "sample.steps=1",
+        f"eval.clip_model={tiny_clip_dir}",
+        f"eval.dino_model={tiny_dino_reg_dir}",
+        f"eval.cache_dir={tmp_path / 'cache'}",
+    )
     assert set(report["metrics"]) == {"cmmd", "dino-mmd"}
     assert all(np.isfinite(v) and v >= 0 for v in report["metrics"].values())
     nets = report["settings"]["networks"]
@@ -312,14 +365,31 @@ def test_eval_cli_cmmd_and_dino_mmd(tiny_run, tiny_clip_dir, tiny_dino_reg_dir, 
     assert nets["dino-mmd"]["network"].startswith("dino-cls-l2-518px") and "squash" in nets["dino-mmd"]["preprocessing"]
     assert len(os.listdir(tmp_path / "cache")) == 2  # one file of real embeddings per network
     # eval.dino_mmd_scale is read: the MMD is linear in its scale (same images, cached real side)
-    doubled = _eval(capsys, "--checkpoint", str(tiny_run), "eval.metrics=[dino-mmd]", "eval.prompts=3",
-                    "sample.steps=1", f"eval.dino_model={tiny_dino_reg_dir}", f"eval.cache_dir={tmp_path / 'cache'}",
-                    "eval.dino_mmd_scale=2000")
+    doubled = _eval(
+        capsys,
+        "--checkpoint",
+        str(tiny_run),
+        "eval.metrics=[dino-mmd]",
+        "eval.prompts=3",
+        "sample.steps=1",
+        f"eval.dino_model={tiny_dino_reg_dir}",
+        f"eval.cache_dir={tmp_path / 'cache'}",
+        "eval.dino_mmd_scale=2000",
+    )
     assert doubled["metrics"]["dino-mmd"] == pytest.approx(2 * report["metrics"]["dino-mmd"], rel=1e-9)
     assert doubled["settings"]["networks"]["dino-mmd"]["scale"] == 2000.0
     # the 224px base model stays a setting; its real side is a file of its own
-    base = _eval(capsys, "--checkpoint", str(tiny_run), "eval.metrics=[dino-mmd]", "eval.prompts=3", "sample.steps=1",
-                 f"eval.dino_model={tiny_dino_dir}", "eval.dino_resolution=224", f"eval.cache_dir={tmp_path / 'cache'}")
+    base = _eval(
+        capsys,
+        "--checkpoint",
+        str(tiny_run),
+        "eval.metrics=[dino-mmd]",
+        "eval.prompts=3",
+        "sample.steps=1",
+        f"eval.dino_model={tiny_dino_dir}",
+        "eval.dino_resolution=224",
+        f"eval.cache_dir={tmp_path / 'cache'}",
+    )
     assert base["settings"]["networks"]["dino-mmd"]["resolution"] == 224 and len(os.listdir(tmp_path / "cache")) == 3
 
 
@@ -332,14 +402,17 @@ def test_dino_resolution_must_fit_the_patch(tiny_dino_reg_dir):
         load_metric_networks(cfg, ["dino-mmd"], "cpu")
 
 
-@pytest.mark.parametrize("args, key", [
-    (["eval.metrics=[fid]"], "eval.fid_weights"),
-    (["eval.metrics=[fid]", "eval.fid_weights=/no/such/pt_inception.pth"], "eval.fid_weights"),
-    (["eval.metrics=[cmmd]", "eval.clip_model=/no/such/clip"], "eval.clip_model"),
-    (["eval.metrics=[dino-mmd]", "eval.dino_model=no-such-org/no-such-dino"], "eval.dino_model"),  # offline hub id
-    (["eval.metrics=[shapes,fd-effnet,nonsense]"], "eval.metrics[2]"),
-    (["eval.metrics=[]"], "eval.metrics"),
-])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["eval.metrics=[fid]"], "eval.fid_weights"),
+        (["eval.metrics=[fid]", "eval.fid_weights=/no/such/pt_inception.pth"], "eval.fid_weights"),
+        (["eval.metrics=[cmmd]", "eval.clip_model=/no/such/clip"], "eval.clip_model"),
+        (["eval.metrics=[dino-mmd]", "eval.dino_model=no-such-org/no-such-dino"], "eval.dino_model"),  # offline hub id
+        (["eval.metrics=[shapes,fd-effnet,nonsense]"], "eval.metrics[2]"),
+        (["eval.metrics=[]"], "eval.metrics"),
+    ],
+)
 def test_eval_missing_network_fails_before_any_work(tiny_run, tmp_path, capsys, monkeypatch, args, key):
     import pixelrun.evaluation.evaluate
 
@@ -357,13 +430,21 @@ def test_eval_missing_network_fails_before_any_work(tiny_run, tmp_path, capsys, 
 def emoji_run(tmp_path_factory, tiny_encoder_dir) -> Path:
     """A 1-step run on the emoji data, whose eval.metrics stay the default [shapes]."""
     run = tmp_path_factory.mktemp("emoji-run") / "run"
-    assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"data.source": "emoji", "train.steps": 1,
-                                                                     "eval.prompts": 0})]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *tiny_overrides(run, tiny_encoder_dir, **{"data.source": "emoji", "train.steps": 1, "eval.prompts": 0}),
+            ]
+        )
+        == 0
+    )
     return run
 
 
 def test_eval_on_emoji_defaults_to_fd_effnet_writes_out_and_reads_no_real_image_on_a_cache_hit(
-        emoji_run, tmp_path, capsys, monkeypatch):
+    emoji_run, tmp_path, capsys, monkeypatch
+):
     import pixelrun.evaluation.evaluate
 
     loads = []
@@ -375,8 +456,16 @@ def test_eval_on_emoji_defaults_to_fd_effnet_writes_out_and_reads_no_real_image_
 
     monkeypatch.setattr(pixelrun.evaluation.evaluate, "real_images_and_prompts", counting_loader)
     out = tmp_path / "new" / "dir" / "e.json"
-    args = ["eval", "--checkpoint", str(emoji_run), "eval.prompts=3", "sample.steps=1",
-            f"eval.cache_dir={tmp_path / 'cache'}", "--out", str(out)]
+    args = [
+        "eval",
+        "--checkpoint",
+        str(emoji_run),
+        "eval.prompts=3",
+        "sample.steps=1",
+        f"eval.cache_dir={tmp_path / 'cache'}",
+        "--out",
+        str(out),
+    ]
     capsys.readouterr()
     assert main(args) == 0
     captured = capsys.readouterr()
@@ -394,15 +483,19 @@ def test_eval_on_emoji_defaults_to_fd_effnet_writes_out_and_reads_no_real_image_
     assert loads == [3] and json.loads(capsys.readouterr().out)["metrics"] == printed["metrics"]
 
 
-@pytest.mark.parametrize("args, key", [
-    (["eval.prompts=0"], "eval.prompts"), (["--out", "."], "--out"),
-    (["eval.nosuchkey=1"], "eval.nosuchkey"),  # validated like `pixelrun train` overrides
-    (["eval.prompt=3"], "eval.prompt"),  # with a hint: did you mean eval.prompts?
-    (["sample.guidance=0.5"], "sample.guidance"),
-    (["sample.guidance_mode=self"], "sample.guidance_mode"),  # a checkpoint trained without routing
-    (["model.depth=3"], "model.depth"),  # the checkpoint fixes the model
-    (["--samples", "3", "--steps", "2"], "--samples"),  # a former flag names the override to write
-])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["eval.prompts=0"], "eval.prompts"),
+        (["--out", "."], "--out"),
+        (["eval.nosuchkey=1"], "eval.nosuchkey"),  # validated like `pixelrun train` overrides
+        (["eval.prompt=3"], "eval.prompt"),  # with a hint: did you mean eval.prompts?
+        (["sample.guidance=0.5"], "sample.guidance"),
+        (["sample.guidance_mode=self"], "sample.guidance_mode"),  # a checkpoint trained without routing
+        (["model.depth=3"], "model.depth"),  # the checkpoint fixes the model
+        (["--samples", "3", "--steps", "2"], "--samples"),  # a former flag names the override to write
+    ],
+)
 def test_eval_bad_override_or_out_is_one_line_before_any_work(tiny_run, capsys, monkeypatch, args, key):
     import pixelrun.evaluation.evaluate
 
@@ -415,7 +508,6 @@ def test_eval_bad_override_or_out_is_one_line_before_any_work(tiny_run, capsys, 
     assert main(["eval", "--checkpoint", str(tiny_run), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"pixelrun: config error: {key}:"), err
-
 
 
 def test_eval_override_errors_say_what_to_write(tiny_run, capsys, monkeypatch):
@@ -435,11 +527,29 @@ def test_eval_override_errors_say_what_to_write(tiny_run, capsys, monkeypatch):
     one_line_error(capsys, "model.depth: pixelrun eval changes only eval.* and sample.* keys")
     assert main([*line, "sample.guidance_mode=self"]) == 2
     one_line_error(capsys, "sample.guidance_mode:", "trained without routing", "use sample.guidance_mode=cfg")
-    assert main([*line, "--samples", "256", "--metrics", "shapes,fd-effnet", "--guidance", "1,2,4",
-                 "--clip-model", "/my models/clip"]) == 2
-    one_line_error(capsys, "config error: --samples: sets a config key", "write eval.prompts=256 "
-                   "'eval.metrics=[shapes,fd-effnet]' sample.guidance=1 'eval.guidance=[2,4]' "
-                   "'eval.clip_model=/my models/clip' instead of --samples 256")
+    assert (
+        main(
+            [
+                *line,
+                "--samples",
+                "256",
+                "--metrics",
+                "shapes,fd-effnet",
+                "--guidance",
+                "1,2,4",
+                "--clip-model",
+                "/my models/clip",
+            ]
+        )
+        == 2
+    )
+    one_line_error(
+        capsys,
+        "config error: --samples: sets a config key",
+        "write eval.prompts=256 "
+        "'eval.metrics=[shapes,fd-effnet]' sample.guidance=1 'eval.guidance=[2,4]' "
+        "'eval.clip_model=/my models/clip' instead of --samples 256",
+    )
 
 
 def test_eval_of_a_run_that_evaluated_nothing_takes_64_captions(tiny_run, capsys, monkeypatch):
@@ -488,8 +598,11 @@ def test_hub_model_neither_cached_nor_reachable_fails_at_once(tmp_path, tiny_cli
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     cfg = load_config(None, ["eval.clip_model=someorg/tiny-clip"])
     start = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"^eval\.clip_model: .* neither a local model folder nor in the Hugging "
-                                          r"Face cache .* does not answer"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^eval\.clip_model: .* neither a local model folder nor in the Hugging "
+        r"Face cache .* does not answer",
+    ):
         load_metric_networks(cfg, ["cmmd"], "cpu")
     assert time.perf_counter() - start < 2 and probes == [constants.ENDPOINT]
     # the same id in the Hugging Face cache loads from it, with no request
@@ -522,8 +635,19 @@ def test_fid_network_comes_from_eval_fid_weights(tmp_path):
 
 def test_training_fails_before_any_work_on_a_missing_network(tmp_path, tiny_encoder_dir, capsys):
     run = tmp_path / "run"
-    assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"eval.metrics": "[shapes,cmmd]",
-                                                                     "eval.clip_model": str(tmp_path / "none")})]) == 2
+    assert (
+        main(
+            [
+                "train",
+                *tiny_overrides(
+                    run,
+                    tiny_encoder_dir,
+                    **{"eval.metrics": "[shapes,cmmd]", "eval.clip_model": str(tmp_path / "none")},
+                ),
+            ]
+        )
+        == 2
+    )
     assert "eval.clip_model" in capsys.readouterr().err and not run.exists()
 
 
@@ -535,9 +659,21 @@ def test_training_writes_eval_rows(tmp_path, tiny_encoder_dir):
     from pixelrun.run.train import train
 
     run, cache = tmp_path / "run", tmp_path / "cache"
-    cfg = load_config(None, tiny_overrides(run, tiny_encoder_dir, **{
-        "train.steps": 4, "eval.every": 2, "eval.prompts": 3, "sample.steps": 1,
-        "eval.metrics": "[shapes,fd-effnet]", "eval.cache_dir": str(cache)}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            run,
+            tiny_encoder_dir,
+            **{
+                "train.steps": 4,
+                "eval.every": 2,
+                "eval.prompts": 3,
+                "sample.steps": 1,
+                "eval.metrics": "[shapes,fd-effnet]",
+                "eval.cache_dir": str(cache),
+            },
+        ),
+    )
     summary = train(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/fd-effnet" in r]

@@ -1,5 +1,6 @@
 """`pixelrun export --format diffusers`: diffusers' PRXPixelPipeline loads the directory and, with
 the same prompt, seed, steps and CFG scale, draws the image that `pixelrun sample` draws."""
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,16 @@ def run_dir(tmp_path_factory, tiny_encoder_dir):
     mp = pytest.MonkeyPatch()
     mp.setattr(PRXDenoiser, "reset_parameters", _random_init)
     try:
-        train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 2, "eval.prompts": 0,
-                                                                        "objective.noise_scale": 1.5,
-                                                                        "sample.shift": 2.0})))
+        train(
+            load_config(
+                None,
+                tiny_overrides(
+                    run,
+                    tiny_encoder_dir,
+                    **{"train.steps": 2, "eval.prompts": 0, "objective.noise_scale": 1.5, "sample.shift": 2.0},
+                ),
+            )
+        )
     finally:
         mp.undo()
     return run
@@ -53,8 +61,23 @@ def test_pipeline_reproduces_pixelrun_sample(run_dir, tmp_path):
     assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
 
     steps, guidance, seed = 4, 3.0, 7
-    assert main(["sample", "--checkpoint", str(run_dir), "--prompt", PROMPT, "--out", str(tmp_path / "ours"),
-                 f"sample.steps={steps}", f"sample.guidance={guidance}", f"sample.seed={seed}"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run_dir),
+                "--prompt",
+                PROMPT,
+                "--out",
+                str(tmp_path / "ours"),
+                f"sample.steps={steps}",
+                f"sample.guidance={guidance}",
+                f"sample.seed={seed}",
+            ]
+        )
+        == 0
+    )
     ours = np.asarray(Image.open(tmp_path / "ours" / "000.png").convert("RGB")).astype(int)
 
     pipe = diffusers.PRXPixelPipeline.from_pretrained(str(out))
@@ -63,8 +86,15 @@ def test_pipeline_reproduces_pixelrun_sample(run_dir, tmp_path):
     assert pipe.scheduler.config.shift == 2.0
     assert pipe.transformer.config.bottleneck_size is None and pipe.transformer.config.patch_size == 8
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
-                 generator=torch.Generator().manual_seed(seed), use_resolution_binning=False).images[0]
+    image = pipe(
+        PROMPT,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(seed),
+        use_resolution_binning=False,
+    ).images[0]
     theirs = np.asarray(image.convert("RGB")).astype(int)
 
     assert ours.shape == theirs.shape == (32, 32, 3)
@@ -73,8 +103,15 @@ def test_pipeline_reproduces_pixelrun_sample(run_dir, tmp_path):
     print(f"max pixel difference pipeline vs pixelrun sample: {diff}/255")
     assert diff <= 2
     # another seed draws another image in both: the seed reaches the noise the same way
-    other = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
-                 generator=torch.Generator().manual_seed(seed + 1), use_resolution_binning=False).images[0]
+    other = pipe(
+        PROMPT,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(seed + 1),
+        use_resolution_binning=False,
+    ).images[0]
     assert np.abs(np.asarray(other.convert("RGB")).astype(int) - theirs).max() > 20
 
 
@@ -102,14 +139,31 @@ def test_t5gemma_encoder_exports_too(tmp_path):
     from pixelrun.training.inference import generate
 
     enc_dir = tmp_path / "t5gemma"
-    layers = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16)
+    layers = dict(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     torch.manual_seed(0)
     T5GemmaModel(T5GemmaConfig(encoder=layers, decoder=layers)).save_pretrained(enc_dir)
     AutoTokenizer.from_pretrained(resolve_encoder("minilm")).save_pretrained(enc_dir)
     encoder = TextEncoder(str(enc_dir), 16)
-    cfg = load_config(None, [f"text.encoder={enc_dir}", "text.max_tokens=16", "model.hidden_size=32", "model.depth=2",
-                             "model.num_heads=2", "data.resolution=32", "sample.steps=3"])
+    cfg = load_config(
+        None,
+        [
+            f"text.encoder={enc_dir}",
+            "text.max_tokens=16",
+            "model.hidden_size=32",
+            "model.depth=2",
+            "model.num_heads=2",
+            "data.resolution=32",
+            "sample.steps=3",
+        ],
+    )
     model = build_model("tiny", encoder.dim, hidden_size=32, depth=2, num_heads=2)
     _random_init(model)
     out = export_diffusers(model.eval(), encoder, cfg, tmp_path / "pipe")
@@ -117,7 +171,14 @@ def test_t5gemma_encoder_exports_too(tmp_path):
     assert type(pipe.text_encoder).__name__ == "T5GemmaEncoderModel"
     pipe.set_progress_bar_config(disable=True)
     ours = generate(model, encoder, [PROMPT], cfg, "cpu", seed=3)[0].astype(int)
-    theirs = pipe(PROMPT, num_inference_steps=3, guidance_scale=4.0, height=32, width=32,
-                  generator=torch.Generator().manual_seed(3), use_resolution_binning=False).images[0]
+    theirs = pipe(
+        PROMPT,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(3),
+        use_resolution_binning=False,
+    ).images[0]
     assert ours.std() > 10
     assert np.abs(ours - np.asarray(theirs.convert("RGB")).astype(int)).max() <= 2

@@ -1,5 +1,6 @@
 """The analytic cost model (pixelrun/model/flops.py) against docs/recipe.md's figures and against torch's own
 FLOP counter on real forward and backward passes."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,9 @@ from pixelrun.model.flops import training_flops_per_image
 from pixelrun.model.routing import kept_count
 
 
-@pytest.mark.parametrize("size, ratio, expected", [
-    (512, 0.0, 1.36e12), (512, 0.5, 0.95e12), (1024, 0.0, 5.2e12), (1024, 0.5, 3.4e12)])
+@pytest.mark.parametrize(
+    "size, ratio, expected", [(512, 0.0, 1.36e12), (512, 0.5, 0.95e12), (1024, 0.0, 5.2e12), (1024, 0.5, 3.4e12)]
+)
 def test_small_preset_matches_recipe(size, ratio, expected):
     # docs/recipe.md "Cost model": the 1.2B model, 2304-d text (T5Gemma-2B), 256 text tokens, TREAD 0.5
     # over blocks 2..12 (derived independently of this code).

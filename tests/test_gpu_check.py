@@ -1,6 +1,7 @@
 """The GPU check's own machinery (benchmarks/gpu_check.py): a part that outruns its cap is ended
 with what it started, and every number is judged against its goal. The parts themselves run in
 CI's dry run (GPU_CHECK_DRY=1 benchmarks/gpu_check.sh)."""
+
 from __future__ import annotations
 
 import importlib.util

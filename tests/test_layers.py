@@ -1,6 +1,7 @@
 """The package's imports flow one way (pixelrun/__init__.py states the layers): every import of
 every module, function-level ones included, goes to a module of the same or a lower layer, and
 there is no cycle. Read from the source with `ast`, so an import hidden inside a function counts."""
+
 from __future__ import annotations
 
 import ast
@@ -68,14 +69,23 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_no_module_imports_from_a_higher_layer():
-    upward = sorted(f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})"
-                    for m, targets in graph().items() for t in targets if t != "pixelrun" and layer_of(t) > layer_of(m))
+    upward = sorted(
+        f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})"
+        for m, targets in graph().items()
+        for t in targets
+        if t != "pixelrun" and layer_of(t) > layer_of(m)
+    )
     assert not upward, "\n".join(upward)
 
 
 def test_config_imports_no_other_pixelrun_module():
-    outside = {t for m, targets in graph().items() if m.startswith("pixelrun.config") for t in targets
-               if not t.startswith("pixelrun.config")}
+    outside = {
+        t
+        for m, targets in graph().items()
+        if m.startswith("pixelrun.config")
+        for t in targets
+        if not t.startswith("pixelrun.config")
+    }
     assert outside == set()
 
 
@@ -95,7 +105,7 @@ def test_no_import_cycle():
         path.append(m)
         for t in sorted(g.get(m, ())):
             if state.get(t) == 1:
-                cycle = path[path.index(t):] + [t]
+                cycle = path[path.index(t) :] + [t]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if t not in state:
                 visit(t)
@@ -127,8 +137,11 @@ def test_every_name_imported_from_pixelrun_exists():
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("pixelrun"):
                 module = importlib.import_module(node.module)
-                missing += [f"{f.relative_to(root)}: {node.module}.{a.name}" for a in node.names
-                            if not hasattr(module, a.name) and not _is_submodule(f"{node.module}.{a.name}")]
+                missing += [
+                    f"{f.relative_to(root)}: {node.module}.{a.name}"
+                    for a in node.names
+                    if not hasattr(module, a.name) and not _is_submodule(f"{node.module}.{a.name}")
+                ]
     assert missing == []
 
 

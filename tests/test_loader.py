@@ -1,6 +1,7 @@
 """Worker processes (`data.workers`, pixelrun/data/loader.py): the batches, skipped items and saved
 positions of the inline source, for folders, shards and emoji; processes started once, ended by
 `close`; exact resume and a clean Ctrl-C in training."""
+
 import json
 import os
 import pickle
@@ -222,7 +223,10 @@ def test_an_error_in_a_worker_surfaces_in_order_with_its_message():
     next(loader), next(loader)
     with pytest.raises(ConfigError) as caught:
         next(loader)
-    assert caught.value.key == "data.path" and str(caught.value) == "data.path: x.tar#k: its stored text embedding has 3 NaN"
+    assert (
+        caught.value.key == "data.path"
+        and str(caught.value) == "data.path: x.tar#k: its stored text embedding has 3 NaN"
+    )
     loader.close()
 
 
@@ -240,9 +244,21 @@ def test_the_workers_copy_of_a_shard_source_pickles(tmp_path):
 
 
 def _folder_run(tmp_path, tiny_encoder_dir, name, workers, **extra):
-    return tiny_overrides(tmp_path / name, tiny_encoder_dir, **{
-        "data.source": "folder", "data.path": str(tmp_path / "d"), "data.buckets": "true", "data.workers": workers,
-        "train.batch_size": 2, "train.steps": 6, "eval.prompts": 0, "sample.grid_prompts": 1, **extra})
+    return tiny_overrides(
+        tmp_path / name,
+        tiny_encoder_dir,
+        **{
+            "data.source": "folder",
+            "data.path": str(tmp_path / "d"),
+            "data.buckets": "true",
+            "data.workers": workers,
+            "train.batch_size": 2,
+            "train.steps": 6,
+            "eval.prompts": 0,
+            "sample.grid_prompts": 1,
+            **extra,
+        },
+    )
 
 
 def _losses(run):
@@ -269,8 +285,13 @@ def test_ctrl_c_with_workers_saves_exits_cleanly_and_resumes(tmp_path, tiny_enco
     make_folder(tmp_path / "d")
     run = tmp_path / "run"
     args = _folder_run(tmp_path, tiny_encoder_dir, "run", 2, **{"train.steps": 100000})
-    proc = subprocess.Popen([sys.executable, "-m", "pixelrun", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pixelrun", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):

@@ -1,5 +1,6 @@
 """LPIPS teacher: torchvision key layout, the real loading code, the shipped ST-LPIPS weights, a hand
 computation of one tap, and that gradients reach x_hat but never the frozen network."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,12 +28,12 @@ HAS_STLPIPS = importlib.util.find_spec("stlpips_pytorch") is not None
 def rand_lpips() -> LPIPS:
     torch.manual_seed(0)
     m = LPIPS()
-    for lin in m.lins:   # non-negative like trained heads, but not all equal
+    for lin in m.lins:  # non-negative like trained heads, but not all equal
         lin.weight.uniform_(0.1, 1.0)
     return m
 
 
-def _images(b=2, h=16, w=16, seed=0):   # 16x16: the smallest VGG16 input, cheap on 2 cores
+def _images(b=2, h=16, w=16, seed=0):  # 16x16: the smallest VGG16 input, cheap on 2 cores
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 3, h, w, generator=g) * 2 - 1
 
@@ -41,7 +42,7 @@ def test_vgg16_features_key_layout_matches_torchvision():
     m = LPIPS()
     assert list(m.net.features.state_dict()) == TV_KEYS
     assert len(m.net.features) == 31
-    assert m.net.taps == (3, 8, 15, 22, 29)   # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+    assert m.net.taps == (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
     for i in (4, 9, 16, 23, 30):
         assert isinstance(m.net.features[i], nn.MaxPool2d)
     for i in TV_CONV:
@@ -60,10 +61,9 @@ def test_blurpool_trunk_layout():
 def test_random_weights_round_trip_through_files(rand_lpips, tmp_path):
     """Save torchvision-layout files, load them back through `load_lpips`, get identical outputs."""
     vgg = {f"features.{k}": v for k, v in rand_lpips.net.features.state_dict().items()}
-    vgg["classifier.0.weight"] = torch.zeros(4, 4)            # ignored, as in torchvision files
+    vgg["classifier.0.weight"] = torch.zeros(4, 4)  # ignored, as in torchvision files
     torch.save(vgg, tmp_path / "vgg16.pth")
-    torch.save({f"lin{i}.model.1.weight": lin.weight for i, lin in enumerate(rand_lpips.lins)},
-               tmp_path / "vgg.pth")
+    torch.save({f"lin{i}.model.1.weight": lin.weight for i, lin in enumerate(rand_lpips.lins)}, tmp_path / "vgg.pth")
     x, y = _images(seed=1), _images(seed=2)
     want = rand_lpips(x, y)
     loaded = load_lpips(f"path:{tmp_path / 'vgg16.pth'},{tmp_path / 'vgg.pth'}")
@@ -111,8 +111,9 @@ def test_stlpips_shipped_weights_load_and_match_reference_value():
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
 
     def pattern(k):
-        return torch.stack([torch.sin(0.3 * xx * (c + 1) + 0.2 * yy * k) * torch.cos(0.17 * yy * (c + 2) - 0.1 * k)
-                            for c in range(3)])[None]
+        return torch.stack(
+            [torch.sin(0.3 * xx * (c + 1) + 0.2 * yy * k) * torch.cos(0.17 * yy * (c + 2) - 0.1 * k) for c in range(3)]
+        )[None]
 
     with torch.no_grad():
         a, b = pattern(1), pattern(2)
@@ -131,7 +132,7 @@ def test_identity_is_zero_and_difference_positive(rand_lpips):
 def test_gradient_reaches_x_hat_only(rand_lpips):
     x_hat = _images(h=32, w=32, seed=5).requires_grad_(True)
     x = _images(h=32, w=32, seed=6)
-    rand_lpips.train()                       # a parent's .train() must not unfreeze the teacher
+    rand_lpips.train()  # a parent's .train() must not unfreeze the teacher
     assert not rand_lpips.training
     loss = lpips_loss(rand_lpips, x_hat, x, scale=0.5)
     assert loss.shape == (2,)
@@ -172,8 +173,8 @@ def test_single_tap_hand_computation():
         return torch.clamp(F.conv2d(h, w2, b2, padding=1), min=0).numpy()
 
     a, b = relu1_2(x_hat), relu1_2(x)
-    na = a / (np.sqrt((a ** 2).sum(axis=1, keepdims=True)) + 1e-10)
-    nb = b / (np.sqrt((b ** 2).sum(axis=1, keepdims=True)) + 1e-10)
+    na = a / (np.sqrt((a**2).sum(axis=1, keepdims=True)) + 1e-10)
+    nb = b / (np.sqrt((b**2).sum(axis=1, keepdims=True)) + 1e-10)
     want = ((na - nb) ** 2).sum(axis=1).mean(axis=(1, 2))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert not math.isclose(float(want[0]), 0.0)

@@ -1,5 +1,6 @@
 """The slow / distributed marker lists of tests/conftest.py name files and tests that exist, so a
 renamed test cannot silently drop out of them (and into the fast subset)."""
+
 from __future__ import annotations
 
 import ast
@@ -33,10 +34,12 @@ class _Item:
 
 
 def test_markers_follow_the_lists_and_are_registered(pytestconfig):
-    items = [_Item("tests/test_rehearsal.py", "test_anything"),
-             _Item("tests/test_validation.py", "test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers"),
-             _Item("tests/test_stages.py", "test_init_from_and_export"),
-             _Item("tests/test_config.py", "test_anything")]
+    items = [
+        _Item("tests/test_rehearsal.py", "test_anything"),
+        _Item("tests/test_validation.py", "test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers"),
+        _Item("tests/test_stages.py", "test_init_from_and_export"),
+        _Item("tests/test_config.py", "test_anything"),
+    ]
     conftest.pytest_collection_modifyitems(pytestconfig, items)
     assert [i.marks for i in items] == [["slow", "distributed"], ["slow", "distributed"], ["slow"], []]
     assert {m.split(":")[0] for m in pytestconfig.getini("markers")} >= {"slow", "distributed"}

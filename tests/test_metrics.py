@@ -3,6 +3,7 @@
 Every distance is checked against a number worked out independently here: closed forms for the
 Fréchet distance of Gaussians, kernel sums written out term by term for the MMD.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,7 @@ def test_frechet_non_commuting_matches_symmetric_formulation():
         return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
     r1 = psd_sqrt(s1)
-    expected = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
-                - 2 * np.trace(psd_sqrt(r1 @ s2 @ r1)))
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(psd_sqrt(r1 @ s2 @ r1))
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
 
 
@@ -107,16 +107,16 @@ def test_mmd_small_sets_by_hand_biased():
     # 1-d points x = {0, 1}, y = {0, 2}, sigma = 1: k(d) = exp(-d^2 / 2)
     x, y = np.array([[0.0], [1.0]]), np.array([[0.0], [2.0]])
     e = math.exp
-    k_xx = (1 + e(-0.5) + e(-0.5) + 1) / 4          # pairs (0,0) (0,1) (1,0) (1,1)
-    k_yy = (1 + e(-2.0) + e(-2.0) + 1) / 4          # distances 0, 2, 2, 0
-    k_xy = (1 + e(-2.0) + e(-0.5) + e(-0.5)) / 4    # (0,0) (0,2) (1,0) (1,2)
+    k_xx = (1 + e(-0.5) + e(-0.5) + 1) / 4  # pairs (0,0) (0,1) (1,0) (1,1)
+    k_yy = (1 + e(-2.0) + e(-2.0) + 1) / 4  # distances 0, 2, 2, 0
+    k_xy = (1 + e(-2.0) + e(-0.5) + e(-0.5)) / 4  # (0,0) (0,2) (1,0) (1,2)
     assert mmd(x, y, sigma=1.0, scale=1.0) == pytest.approx(k_xx + k_yy - 2 * k_xy, abs=1e-12)
     assert mmd(x, y, sigma=1.0, scale=7.0) == pytest.approx(7 * (k_xx + k_yy - 2 * k_xy), abs=1e-12)
 
 
 def test_mmd_small_sets_by_hand_cmmd_defaults():
     # 2-d points, CMMD's sigma = 10, scale = 1000: k(d2) = exp(-d2 / 200). Unequal set sizes.
-    x = np.array([[0.0, 0.0], [3.0, 4.0]])           # |x0 - x1|^2 = 25
+    x = np.array([[0.0, 0.0], [3.0, 4.0]])  # |x0 - x1|^2 = 25
     y = np.array([[0.0, 0.0], [6.0, 8.0], [0.0, 10.0]])
     e = math.exp
     # y pairwise squared distances: y0-y1 100, y0-y2 100, y1-y2 36 + 4 = 40
@@ -136,9 +136,9 @@ def test_mmd_small_sets_by_hand_cmmd_defaults():
 def test_mmd_unbiased_by_hand():
     x, y = np.array([[0.0], [1.0]]), np.array([[0.0], [2.0]])
     e = math.exp
-    k_xx = (e(-0.5) + e(-0.5)) / 2                 # off-diagonal pairs only
+    k_xx = (e(-0.5) + e(-0.5)) / 2  # off-diagonal pairs only
     k_yy = (e(-2.0) + e(-2.0)) / 2
-    k_xy = (1 + e(-2.0) + e(-0.5) + e(-0.5)) / 4   # all pairs
+    k_xy = (1 + e(-2.0) + e(-0.5) + e(-0.5)) / 4  # all pairs
     got = mmd(x, y, sigma=1.0, scale=1.0, unbiased=True)
     assert got == pytest.approx(k_xx + k_yy - 2 * k_xy, abs=1e-12)
 
@@ -153,7 +153,7 @@ def test_mmd_grows_with_shift():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(300, 16)) * 3
     y = rng.normal(size=(300, 16)) * 3
-    direction = np.ones(16) / 4.0                   # unit vector
+    direction = np.ones(16) / 4.0  # unit vector
     values = [mmd(x, y + s * direction) for s in (0.0, 2.0, 5.0, 10.0, 20.0)]
     assert all(v > 0 for v in values[1:])
     assert values == sorted(values), values
@@ -238,10 +238,12 @@ def test_real_stats_cache_round_trip(lite0, tmp_path):
     np.testing.assert_allclose(mu, ref_mu, atol=1e-6)
     np.testing.assert_allclose(sigma, ref_sigma, atol=1e-6)
     # every key component gives a different file
-    others = {stats_cache_path(cache, "data/other", 32, 4, lite0.name),
-              stats_cache_path(cache, "data/shapes", 64, 4, lite0.name),
-              stats_cache_path(cache, "data/shapes", 32, 8, lite0.name),
-              stats_cache_path(cache, "data/shapes", 32, 4, "another-net")}
+    others = {
+        stats_cache_path(cache, "data/other", 32, 4, lite0.name),
+        stats_cache_path(cache, "data/shapes", 64, 4, lite0.name),
+        stats_cache_path(cache, "data/shapes", 32, 8, lite0.name),
+        stats_cache_path(cache, "data/shapes", 32, 4, "another-net"),
+    }
     assert path not in others and len(others) == 4
     # a file whose stored key does not match is recomputed, not trusted
     np.savez(path, mu=mu * 0, sigma=sigma * 0, key=np.array("something else"))
@@ -311,8 +313,9 @@ def test_fid_inception_key_layout(random_inception):
     assert not any(k.startswith("AuxLogits") for k in state)
     # the FID graph's pool branches: max pool in Mixed_7c only (TF average pools elsewhere)
     assert net.Mixed_7c.max_pool and not net.Mixed_7b.max_pool
-    assert all(k.rsplit(".", 1)[-1] in {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
-               for k in state)
+    assert all(
+        k.rsplit(".", 1)[-1] in {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"} for k in state
+    )
 
 
 def test_fid_inception_load_round_trip(random_inception, tmp_path):

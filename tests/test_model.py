@@ -47,7 +47,12 @@ def test_patchify_order_and_inverse():
     seq = patchify(x, 2)
     assert seq.shape == (2, 6, 12)
     # token 1 = patch row 0, column 1; values in (channel, y, x) order
-    assert seq[0, 1, :4].tolist() == [x[0, 0, 0, 2].item(), x[0, 0, 0, 3].item(), x[0, 0, 1, 2].item(), x[0, 0, 1, 3].item()]
+    assert seq[0, 1, :4].tolist() == [
+        x[0, 0, 0, 2].item(),
+        x[0, 0, 0, 3].item(),
+        x[0, 0, 1, 2].item(),
+        x[0, 0, 1, 3].item(),
+    ]
     assert seq[0, 1, 4].item() == x[0, 1, 0, 2].item()
     assert torch.equal(unpatchify(seq, 2, 4, 6), x)
 
@@ -66,7 +71,9 @@ def test_rope_scores_depend_only_on_relative_position():
     assert score(0, 7) == pytest.approx(score(11, 18), abs=1e-5)
     assert score(0, 7) != pytest.approx(score(0, 8), abs=1e-3)
     # a rotation keeps the norm
-    assert apply_rope(q, cos[13][None, None, None], sin[13][None, None, None]).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
+    assert apply_rope(q, cos[13][None, None, None], sin[13][None, None, None]).norm().item() == pytest.approx(
+        q.norm().item(), rel=1e-5
+    )
 
 
 def test_padding_tokens_are_ignored():
@@ -114,8 +121,17 @@ def test_routing_skipped_tokens_bypass_the_span():
 def test_matches_diffusers_prx_transformer():
     diffusers = pytest.importorskip("diffusers")
     m = randomize(build_model("tiny", 24, hidden_size=64, num_heads=2, depth=2, bottleneck_size=16))
-    ref = diffusers.PRXTransformer2DModel(in_channels=3, patch_size=8, context_in_dim=24, hidden_size=64, mlp_ratio=3.5,
-                                          num_heads=2, depth=2, axes_dim=[16, 16], bottleneck_size=16)
+    ref = diffusers.PRXTransformer2DModel(
+        in_channels=3,
+        patch_size=8,
+        context_in_dim=24,
+        hidden_size=64,
+        mlp_ratio=3.5,
+        num_heads=2,
+        depth=2,
+        axes_dim=[16, 16],
+        bottleneck_size=16,
+    )
     ref.load_state_dict(m.state_dict(), strict=True)  # same names, same shapes
     x, t, txt, mask = inputs()
     ours = m(x, t, txt, mask).prediction
@@ -127,8 +143,16 @@ def test_small_preset_parameter_count_matches_diffusers():
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
         ours = count_parameters(build_model("small", 2304))
-        ref = diffusers.PRXTransformer2DModel(in_channels=3, patch_size=32, context_in_dim=2304, hidden_size=1792,
-                                              mlp_ratio=3.5, num_heads=28, depth=16, bottleneck_size=256)
+        ref = diffusers.PRXTransformer2DModel(
+            in_channels=3,
+            patch_size=32,
+            context_in_dim=2304,
+            hidden_size=1792,
+            mlp_ratio=3.5,
+            num_heads=28,
+            depth=16,
+            bottleneck_size=256,
+        )
         theirs = sum(p.numel() for p in ref.parameters())
     print(f"small preset: {ours:,} parameters (diffusers: {theirs:,})")
     assert ours == theirs

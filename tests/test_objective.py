@@ -1,4 +1,5 @@
 """The time convention and every conversion, against values computed by hand."""
+
 import math
 
 import pytest

@@ -1,6 +1,7 @@
 """The Muon/AdamW optimizer: which parameters each algorithm gets, that the updates are torch's
 (torch.optim.Muon with match_rms_adamw, torch.optim.AdamW), grouped Newton-Schulz equal to one matrix
 at a time, the owners' FLOP balance, exact state_dict resume, LR schedules."""
+
 from __future__ import annotations
 
 import copy
@@ -72,18 +73,33 @@ def test_split_is_a_partition_by_module_type():
     expected_muon = {id(m.weight) for blk in model.blocks for m in blk.modules() if isinstance(m, nn.Linear)}
     assert ids(muon) == expected_muon
     blk = model.blocks[0]
-    for p in (blk.attention.img_qkv_proj.weight, blk.attention.txt_kv_proj.weight, blk.attention.to_out[0].weight,
-              blk.gate_proj.weight, blk.up_proj.weight, blk.down_proj.weight, blk.modulation.lin.weight):
+    for p in (
+        blk.attention.img_qkv_proj.weight,
+        blk.attention.txt_kv_proj.weight,
+        blk.attention.to_out[0].weight,
+        blk.gate_proj.weight,
+        blk.up_proj.weight,
+        blk.down_proj.weight,
+        blk.modulation.lin.weight,
+    ):
         assert id(p) in ids(muon)
     for mod in (model.img_in, model.time_in, model.txt_in, model.final_layer):
         assert ids(mod.parameters()) <= ids(adam)
-    for p in (blk.modulation.lin.bias, blk.attention.norm_q.weight, blk.attention.norm_k.weight,
-              blk.attention.norm_added_k.weight):
+    for p in (
+        blk.modulation.lin.bias,
+        blk.attention.norm_q.weight,
+        blk.attention.norm_k.weight,
+        blk.attention.norm_added_k.weight,
+    ):
         assert id(p) in ids(adam)
     assert all(p.ndim == 2 for p in muon)
 
-    assert report == {"muon": sum(p.numel() for p in muon), "adam": sum(p.numel() for p in adam),
-                      "muon_tensors": len(muon), "adam_tensors": len(adam)}
+    assert report == {
+        "muon": sum(p.numel() for p in muon),
+        "adam": sum(p.numel() for p in adam),
+        "muon_tensors": len(muon),
+        "adam_tensors": len(adam),
+    }
     assert report["muon_tensors"] == 7 * 2
 
 
@@ -115,7 +131,8 @@ def test_extra_modules_always_go_to_adam():
     assert id(forced.weight) in ids(adam) and id(forced.weight) not in ids(muon)
     assert report["muon_tensors"] == 13
     assert report["muon"] + report["adam"] == sum(p.numel() for p in model.parameters()) + sum(
-        p.numel() for p in projector.parameters())
+        p.numel() for p in projector.parameters()
+    )
 
 
 def test_no_blocks_is_an_error():
@@ -151,6 +168,7 @@ def test_newton_schulz_singular_values(dtype, cosine, rel):
     # The singular vectors are kept: O is close to U V^T (the polar factor), not some other matrix.
     u, _, vh = torch.linalg.svd(a.double(), full_matrices=False)
     assert torch.nn.functional.cosine_similarity((u @ vh).flatten(), o.double().flatten(), dim=0) > cosine
+
     def distance(x, y):
         return ((x.double() - y.double()).norm() / y.double().norm()).item()
 
@@ -285,9 +303,18 @@ def _two_copies(n_steps_grads, make_mine, make_ref, seed=0, depth=2, only=None):
 def _muon_ref(lr, wd, nesterov):
     def make(model):
         muon, _, _ = split_parameters(model)
-        return torch.optim.Muon(muon, lr=lr, weight_decay=wd, momentum=0.95, nesterov=nesterov,
-                                ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5,
-                                adjust_lr_fn="match_rms_adamw")
+        return torch.optim.Muon(
+            muon,
+            lr=lr,
+            weight_decay=wd,
+            momentum=0.95,
+            nesterov=nesterov,
+            ns_coefficients=(3.4445, -4.7750, 2.0315),
+            eps=1e-7,
+            ns_steps=5,
+            adjust_lr_fn="match_rms_adamw",
+        )
+
     return make
 
 
@@ -298,8 +325,11 @@ def test_muon_bf16_is_torch_muon_bitwise(nesterov):
     down its own of 3), and the update is torch's exactly."""
     lr, wd = 0.02, 0.1  # a large lr so that the comparison is not swamped by the weights
     model, init, mine, ref = _two_copies(
-        3, lambda m: build_optimizer(m, kind="muon", lr=lr, muon_lr=lr, weight_decay=wd, muon_nesterov=nesterov),
-        _muon_ref(lr, wd, nesterov), depth=3)
+        3,
+        lambda m: build_optimizer(m, kind="muon", lr=lr, muon_lr=lr, weight_decay=wd, muon_nesterov=nesterov),
+        _muon_ref(lr, wd, nesterov),
+        depth=3,
+    )
     muon, _, _ = split_parameters(model)
     assert len(muon) == 21 and sum(p.shape in ((112, 32), (32, 112)) for p in muon) == 9
     is_muon = [id(p) in ids(muon) for p in model.parameters()]
@@ -367,8 +397,9 @@ def test_adam_group_is_torch_adamw():
         return torch.optim.AdamW(adam, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
 
     # Gradients on the Adam group only (the Muon matrices, without gradients, are skipped).
-    model, init, mine, theirs = _two_copies(3, lambda m: build_optimizer(m, kind="muon", lr=lr, weight_decay=wd), ref,
-                                            only=lambda m: split_parameters(m)[1])
+    model, init, mine, theirs = _two_copies(
+        3, lambda m: build_optimizer(m, kind="muon", lr=lr, weight_decay=wd), ref, only=lambda m: split_parameters(m)[1]
+    )
     _, adam, _ = split_parameters(model)
     for p, p0, a, b in zip(model.parameters(), init, mine, theirs):
         if id(p) in ids(adam):
@@ -388,8 +419,9 @@ def test_adam_group_takes_the_fused_kernel_as_plain_adamw(monkeypatch):
     assert build_optimizer(tiny(), kind="adamw", lr=lr).param_groups[0]["fused"] is True
 
     def ref(model):
-        return torch.optim.AdamW(split_parameters(model)[1], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd,
-                                 fused=True)
+        return torch.optim.AdamW(
+            split_parameters(model)[1], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd, fused=True
+        )
 
     def mine(model):
         opt = build_optimizer(model, kind="muon", lr=lr, weight_decay=wd)
@@ -528,7 +560,10 @@ def test_muon_bf16_on_an_emulating_cpu_is_warned(monkeypatch):
     monkeypatch.setattr(build, "native_cpu_bf16", lambda: False)
     assert "train.muon_precision=fp32" in build.muon_precision_warning(cfg, cpu)
     assert build.muon_precision_warning(cfg, cuda) is None  # GPUs run bf16 natively
-    assert build.muon_precision_warning(load_config(overrides=["train.optimizer=muon", "train.muon_precision=fp32"]), cpu) is None
+    assert (
+        build.muon_precision_warning(load_config(overrides=["train.optimizer=muon", "train.muon_precision=fp32"]), cpu)
+        is None
+    )
     assert build.muon_precision_warning(load_config(overrides=[]), cpu) is None  # AdamW: no Newton-Schulz
     monkeypatch.setattr(build, "native_cpu_bf16", lambda: True)
     assert build.muon_precision_warning(cfg, cpu) is None

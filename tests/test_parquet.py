@@ -1,5 +1,6 @@
 """`pixelrun data convert` from Parquet, Arrow and Hugging Face datasets (pixelrun/data/parquet.py),
 and stored caption embeddings in bfloat16. Every table is built here with pyarrow; nothing downloads."""
+
 import io
 import json
 import shlex
@@ -21,9 +22,20 @@ from pixelrun.model.text import encoder_fingerprint
 
 BUCKETS_32 = aspect_buckets(32, 8)  # (h, w): 24x40, 32x32, 40x24
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the datasets Image feature's storage
-HF_META = {b"huggingface": json.dumps({"info": {"features": {
-    "image": {"_type": "Image"}, "prompt": {"dtype": "string", "_type": "Value"},
-    "llava": {"dtype": "string", "_type": "Value"}, "score": {"dtype": "int64", "_type": "Value"}}}}).encode()}
+HF_META = {
+    b"huggingface": json.dumps(
+        {
+            "info": {
+                "features": {
+                    "image": {"_type": "Image"},
+                    "prompt": {"dtype": "string", "_type": "Value"},
+                    "llava": {"dtype": "string", "_type": "Value"},
+                    "score": {"dtype": "int64", "_type": "Value"},
+                }
+            }
+        }
+    ).encode()
+}
 
 
 def encoded(w, h, fmt="JPEG", mode="RGB", seed=0):
@@ -38,7 +50,7 @@ def alpha_png(w=32, h=64):
     """Left half fully transparent red, right half opaque blue."""
     a = np.zeros((h, w, 4), np.uint8)
     a[:, : w // 2] = (255, 0, 0, 0)
-    a[:, w // 2:] = (0, 0, 255, 255)
+    a[:, w // 2 :] = (0, 0, 255, 255)
     buf = io.BytesIO()
     Image.fromarray(a, "RGBA").save(buf, "PNG")
     return buf.getvalue()
@@ -58,12 +70,22 @@ def write_tables(root):
         ({"bytes": encoded(48, 48, seed=3), "path": None}, None, "  "),  # no caption at all
         ({"bytes": encoded(40, 40, seed=4), "path": None}, "p5", ""),
     ]
-    table = pa.table({"image": pa.array([r[0] for r in rows], IMAGE_STRUCT), "prompt": [r[1] for r in rows],
-                      "llava": [r[2] for r in rows], "score": list(range(6))}).replace_schema_metadata(HF_META)
+    table = pa.table(
+        {
+            "image": pa.array([r[0] for r in rows], IMAGE_STRUCT),
+            "prompt": [r[1] for r in rows],
+            "llava": [r[2] for r in rows],
+            "score": list(range(6)),
+        }
+    ).replace_schema_metadata(HF_META)
     pq.write_table(table, root / "a.parquet", row_group_size=2)
     (root / "sub").mkdir()
-    pq.write_table(pa.table({"image": pa.array([encoded(32, 64, seed=5), encoded(64, 32, seed=6)], pa.binary()),
-                             "prompt": ["c0", "c1"]}), root / "sub" / "c.parquet")
+    pq.write_table(
+        pa.table(
+            {"image": pa.array([encoded(32, 64, seed=5), encoded(64, 32, seed=6)], pa.binary()), "prompt": ["c0", "c1"]}
+        ),
+        root / "sub" / "c.parquet",
+    )
     return root
 
 
@@ -75,23 +97,56 @@ def test_parquet_rows_to_shards_with_every_kind_of_row(tmp_path, capsys):
     src = write_tables(tmp_path / "data")
     assert pq.ParquetFile(src / "a.parquet").num_row_groups == 3
     out = tmp_path / "out"
-    assert main(["data", "convert", "--src", str(src), "--out", str(out), "--resolution", "32", "--patch", "8",
-                 "--captions", "prompt:0.7,llava:0.3", "--format", "png", "--shard-size", "3"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "--src",
+                str(src),
+                "--out",
+                str(out),
+                "--resolution",
+                "32",
+                "--patch",
+                "8",
+                "--captions",
+                "prompt:0.7,llava:0.3",
+                "--format",
+                "png",
+                "--shard-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     a = src / "a.parquet"
     assert "wrote 5 samples in 2 shard(s)" in text and "skipped 3 of 8: " in text
-    for part in (f"1 without an image (first: {a} row 1)", f"1 image does not decode (first: {a} row 2)",
-                 f"1 without a caption (first: {a} row 4)"):
+    for part in (
+        f"1 without an image (first: {a} row 1)",
+        f"1 image does not decode (first: {a} row 2)",
+        f"1 without a caption (first: {a} row 4)",
+    ):
         assert part in text
     samples = samples_of(out)
     assert [s["__key__"] for s in samples] == [f"{i:08d}" for i in range(5)]
     metas = [json.loads(s["json"]) for s in samples]
-    assert [m["pixelrun"]["source"] for m in metas] == [f"{a} row 0", f"{a} row 3", f"{a} row 5",
-                                                        f"{src / 'sub' / 'c.parquet'} row 0",
-                                                        f"{src / 'sub' / 'c.parquet'} row 1"]
+    assert [m["pixelrun"]["source"] for m in metas] == [
+        f"{a} row 0",
+        f"{a} row 3",
+        f"{a} row 5",
+        f"{src / 'sub' / 'c.parquet'} row 0",
+        f"{src / 'sub' / 'c.parquet'} row 1",
+    ]
     # Every chosen column the row has is in the json (never the int column); txt is the first of them.
     assert [{k: v for k, v in m.items() if k != "pixelrun"} for m in metas] == [
-        {"prompt": "p0", "llava": "l0"}, {"llava": "l3"}, {"prompt": "p5"}, {"prompt": "c0"}, {"prompt": "c1"}]
+        {"prompt": "p0", "llava": "l0"},
+        {"llava": "l3"},
+        {"prompt": "p5"},
+        {"prompt": "c0"},
+        {"prompt": "c1"},
+    ]
     assert [s["txt"].decode() for s in samples] == ["p0", "l3", "p5", "c0", "c1"]
     # Buckets (h, w) from the original sizes: 64x32 wide, 32x64 tall, 40x40 square.
     assert [m["pixelrun"]["bucket"] for m in metas] == [[24, 40], [40, 24], [32, 32], [40, 24], [24, 40]]
@@ -128,23 +183,27 @@ def test_workers_write_the_same_bytes_and_limit_counts_rows(tmp_path):
     assert names == sorted(p.name for p in many.iterdir()) and len(names) == 4  # 3 shards + index.json
     for name in names:
         assert (one / name).read_bytes() == (many / name).read_bytes(), name
-    first = convert(str(src / "a.parquet"), tmp_path / "lim", 32, patch=8, captions="prompt", limit=3,
-                    progress=False)
+    first = convert(str(src / "a.parquet"), tmp_path / "lim", 32, patch=8, captions="prompt", limit=3, progress=False)
     assert first["read"] == 3 and first["count"] == 1  # rows 0-2: one good, a null and a truncated image
 
 
-@pytest.mark.parametrize("flags, key, words", [
-    (["--captions", "prompt,caption_long"], "--captions", "'caption_long' is in none of the 2 file(s)"),
-    (["--captions", "score"], "--captions", "column 'score' of"),
-    (["--captions", "prompt:-1"], "--captions", "must be a positive number"),
-    (["--image-column", "llava2"], "--image-column", "has no column 'llava2'"),
-    (["--limit", "0"], "--limit", "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "flags, key, words",
+    [
+        (["--captions", "prompt,caption_long"], "--captions", "'caption_long' is in none of the 2 file(s)"),
+        (["--captions", "score"], "--captions", "column 'score' of"),
+        (["--captions", "prompt:-1"], "--captions", "must be a positive number"),
+        (["--image-column", "llava2"], "--image-column", "has no column 'llava2'"),
+        (["--limit", "0"], "--limit", "must be >= 1"),
+    ],
+)
 def test_column_errors_stop_before_any_work(tmp_path, capsys, flags, key, words):
     src = write_tables(tmp_path / "data")
     out = tmp_path / "out"
-    assert main(["data", "convert", "--src", str(src), "--out", str(out), "--resolution", "32", "--patch", "8",
-                 *flags]) == 2
+    assert (
+        main(["data", "convert", "--src", str(src), "--out", str(out), "--resolution", "32", "--patch", "8", *flags])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"pixelrun: config error: {key}: ") and words in err
     assert not out.exists()
@@ -179,12 +238,18 @@ def test_default_columns_and_their_errors(tmp_path):
 def test_saved_datasets_layout_by_hand(tmp_path):
     """The layout `datasets` save_to_disk writes (state.json listing Arrow IPC stream files, the
     features in the schema metadata), built with pyarrow alone, and a DatasetDict by split."""
-    table = pa.table({"image": pa.array([{"bytes": encoded(64, 32), "path": None}, None], IMAGE_STRUCT),
-                      "prompt": ["first", "second"]}).replace_schema_metadata(HF_META)
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": encoded(64, 32), "path": None}, None], IMAGE_STRUCT),
+            "prompt": ["first", "second"],
+        }
+    ).replace_schema_metadata(HF_META)
     split = tmp_path / "saved" / "train"
     split.mkdir(parents=True)
-    with pa.OSFile(str(split / "data-00000-of-00001.arrow"), "wb") as sink, \
-            pa.ipc.new_stream(sink, table.schema) as writer:
+    with (
+        pa.OSFile(str(split / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as writer,
+    ):
         writer.write_table(table, max_chunksize=1)
     (split / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
     (tmp_path / "saved" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
@@ -204,8 +269,9 @@ def test_saved_and_hub_datasets_through_datasets(tmp_path, monkeypatch):
     from pixelrun.data.parquet import _hub_dataset
 
     features = datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string")})
-    ds = datasets.Dataset.from_dict({"image": [{"bytes": encoded(64, 32), "path": None}, None],
-                                     "prompt": ["first", "second"]}, features=features)
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": encoded(64, 32), "path": None}, None], "prompt": ["first", "second"]}, features=features
+    )
     ds.save_to_disk(str(tmp_path / "saved"))
     index = convert(str(tmp_path / "saved"), tmp_path / "out", 32, patch=8, progress=False)
     assert index["count"] == 1 and index["skipped"] == {"without an image": 1}
@@ -219,12 +285,29 @@ def test_saved_and_hub_datasets_through_datasets(tmp_path, monkeypatch):
 
 def test_hub_id_without_datasets_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
-    assert main(["data", "convert", "--src", "someone/some-set", "--out", str(tmp_path / "o"), "--resolution", "32",
-                 "--patch", "8"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "--src",
+                "someone/some-set",
+                "--out",
+                str(tmp_path / "o"),
+                "--resolution",
+                "32",
+                "--patch",
+                "8",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
-    assert err == ("pixelrun: config error: --src: someone/some-set is not a local path; reading it as a Hugging "
-                   "Face dataset id needs the datasets package: pip install 'pixelrun[hub]' (or download the "
-                   "Parquet files and pass their folder)")
+    assert err == (
+        "pixelrun: config error: --src: someone/some-set is not a local path; reading it as a Hugging "
+        "Face dataset id needs the datasets package: pip install 'pixelrun[hub]' (or download the "
+        "Parquet files and pass their folder)"
+    )
 
 
 # ---------------------------------------------------------------- stored embeddings
@@ -245,15 +328,36 @@ def loud_encoder_dir(tiny_encoder_dir, tmp_path_factory):
     return str(path)
 
 
-def test_bfloat16_embeddings_by_default_and_float16_overflow_refused(tmp_path, tiny_encoder_dir, loud_encoder_dir,
-                                                                     capsys):
+def test_bfloat16_embeddings_by_default_and_float16_overflow_refused(
+    tmp_path, tiny_encoder_dir, loud_encoder_dir, capsys
+):
     from pixelrun.model.text import TextEncoder
 
     src = write_tables(tmp_path / "data")
     out = tmp_path / "out"
-    assert main(["data", "convert", "--src", str(src / "a.parquet"), "--out", str(out), "--resolution", "32",
-                 "--patch", "8", "--captions", "prompt,llava", "--text-encoder", tiny_encoder_dir,
-                 "--max-tokens", "16"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "--src",
+                str(src / "a.parquet"),
+                "--out",
+                str(out),
+                "--resolution",
+                "32",
+                "--patch",
+                "8",
+                "--captions",
+                "prompt,llava",
+                "--text-encoder",
+                tiny_encoder_dir,
+                "--max-tokens",
+                "16",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "text embeddings: bfloat16, at most 16 tokens x 32 = 1.0 KB per caption text" in captured.err
     index = json.loads((out / "index.json").read_text())
@@ -267,19 +371,47 @@ def test_bfloat16_embeddings_by_default_and_float16_overflow_refused(tmp_path, t
     raw = np.load(io.BytesIO(sample["emb.json.llava.npy"]))
     assert raw.dtype == np.uint16
     emb, mask = encoder.encode(["l0"])
-    assert torch.equal(decode_embedding(sample["emb.json.llava.npy"], "bfloat16", "x"),
-                       emb[0][mask[0]].bfloat16().float())
+    assert torch.equal(
+        decode_embedding(sample["emb.json.llava.npy"], "bfloat16", "x"), emb[0][mask[0]].bfloat16().float()
+    )
     # float16 overflows on the loud encoder: one line naming the sample, nothing left behind
     bad = tmp_path / "bad"
-    assert main(["data", "convert", "--src", str(src / "a.parquet"), "--out", str(bad), "--resolution", "32",
-                 "--patch", "8", "--text-encoder", loud_encoder_dir, "--max-tokens", "16",
-                 "--embedding-dtype", "float16"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "--src",
+                str(src / "a.parquet"),
+                "--out",
+                str(bad),
+                "--resolution",
+                "32",
+                "--patch",
+                "8",
+                "--text-encoder",
+                loud_encoder_dir,
+                "--max-tokens",
+                "16",
+                "--embedding-dtype",
+                "float16",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("pixelrun: config error: --embedding-dtype: sample 00000000 (") and "a.parquet row 0)" in err
     assert "use --embedding-dtype bfloat16" in err and not any(bad.glob("**/*.tar"))
     # bfloat16 keeps float32's range: the same encoder converts
-    ok = convert(str(src / "a.parquet"), tmp_path / "loud", 32, patch=8, text_encoder=loud_encoder_dir,
-                 max_tokens=16, progress=False)  # the prompt column only: rows 0 and 5
+    ok = convert(
+        str(src / "a.parquet"),
+        tmp_path / "loud",
+        32,
+        patch=8,
+        text_encoder=loud_encoder_dir,
+        max_tokens=16,
+        progress=False,
+    )  # the prompt column only: rows 0 and 5
     assert ok["count"] == 2
     big = decode_embedding(samples_of(tmp_path / "loud")[0]["emb.txt.npy"], "bfloat16", "x")
     assert torch.isfinite(big).all() and big.abs().max() > 65504
@@ -297,8 +429,9 @@ def test_non_finite_stored_embedding_is_one_error_naming_the_sample(tmp_path, ti
             buf = io.BytesIO()
             np.save(buf, emb)
             w.write({"__key__": key, "jpg": encoded(32, 32), "txt": key, "emb.txt.npy": buf.getvalue()})
-    (d / "index.json").write_text(json.dumps({"text_embeddings": {"fingerprint": fp, "max_tokens": 16,
-                                                                  "dtype": "bfloat16"}}))
+    (d / "index.json").write_text(
+        json.dumps({"text_embeddings": {"fingerprint": fp, "max_tokens": 16, "dtype": "bfloat16"}})
+    )
     source = ShardBatchSource(str(d), 2, [(32, 32)], text_encoder=(fp, 16))
     with pytest.raises(ConfigError) as e:
         next(source)

@@ -1,5 +1,6 @@
 """The prefetching wrapper: the same batches as the source alone, a position that excludes the batch
 in flight, the work done in its own thread, and errors surfacing where the batch is asked for."""
+
 import json
 import threading
 
@@ -100,8 +101,16 @@ def test_training_prefetches_only_when_data_prefetch_is_on(tmp_path, tiny_encode
 
     monkeypatch.setattr(train_mod, "Prefetcher", Counted)
     for on in (True, False):
-        train_mod.train(load_config(None, tiny_overrides(tmp_path / str(on), tiny_encoder_dir, **{
-            "train.steps": 2, "eval.prompts": 0, "data.prefetch": str(on).lower()})))
+        train_mod.train(
+            load_config(
+                None,
+                tiny_overrides(
+                    tmp_path / str(on),
+                    tiny_encoder_dir,
+                    **{"train.steps": 2, "eval.prompts": 0, "data.prefetch": str(on).lower()},
+                ),
+            )
+        )
     assert len(made) == 1  # the run with data.prefetch=true only
     last = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1]) for run in ("True", "False")]
     assert last[0]["loss"] == last[1]["loss"]  # the same batches either way

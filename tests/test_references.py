@@ -2,6 +2,7 @@
 (`pixelrun/...`, `docs/...`, `configs/...`, `benchmarks/...`, `tests/...`, `.ci/...`), bare Markdown
 names (`CHANGELOG.md`), relative Markdown links and dotted `pixelrun.module.name` references in the
 .py, .md, .yaml and .sh files. A moved or renamed file, or a page that was never written, fails here."""
+
 from __future__ import annotations
 
 import ast
@@ -11,8 +12,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh"}
-SKIP_DIRS = {".git", ".venv", "venv", "site", "build", "dist", "runs", "out", "__pycache__", ".mypy_cache",
-             ".ruff_cache", ".pytest_cache", ".cache", "node_modules", "gpu-out", ".devcarry", "shared"}
+SKIP_DIRS = {
+    ".git",
+    ".venv",
+    "venv",
+    "site",
+    "build",
+    "dist",
+    "runs",
+    "out",
+    "__pycache__",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    ".cache",
+    "node_modules",
+    "gpu-out",
+    ".devcarry",
+    "shared",
+}
 
 TOP = r"(?:pixelrun|docs|configs|benchmarks|tests|\.ci)"
 # a path under a top-level folder, not the tail of a longer path (runs/demo/..., /abs/pixelrun/...)
@@ -110,16 +128,28 @@ NOT_SCANNED = {"mkdocs.yml", "tests/test_references.py"}
 
 
 def test_every_named_repository_path_exists():
-    problems = [f"{f.relative_to(ROOT)}: {ref}" for f in repo_files() if str(f.relative_to(ROOT)) not in NOT_SCANNED
-                for ref in broken_references(f)]
+    problems = [
+        f"{f.relative_to(ROOT)}: {ref}"
+        for f in repo_files()
+        if str(f.relative_to(ROOT)) not in NOT_SCANNED
+        for ref in broken_references(f)
+    ]
     assert not problems, "references to files or names that do not exist:\n" + "\n".join(problems)
 
 
 def test_the_scanner_finds_each_kind_of_reference(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("See RECIPE.md, pixelrun/nowhere.py and docs/missing.md; [a link](gone.md#x), "
-                    "[site](https://example.org/a.md) and pixelrun.model.routing.span_for_depth. Fine: "
-                    "pixelrun/config/__init__.py, docs/recipe.md, CHANGELOG.md, runs/demo/config.yaml, "
-                    "pixelrun.config.span_for_depth, tests/test_{name}.py, benchmarks/results/bench-*.json.\n")
-    assert broken_references(page) == ["pixelrun/nowhere.py", "docs/missing.md", "RECIPE.md", "gone.md",
-                                       "link gone.md", "pixelrun.model.routing.span_for_depth"]
+    page.write_text(
+        "See RECIPE.md, pixelrun/nowhere.py and docs/missing.md; [a link](gone.md#x), "
+        "[site](https://example.org/a.md) and pixelrun.model.routing.span_for_depth. Fine: "
+        "pixelrun/config/__init__.py, docs/recipe.md, CHANGELOG.md, runs/demo/config.yaml, "
+        "pixelrun.config.span_for_depth, tests/test_{name}.py, benchmarks/results/bench-*.json.\n"
+    )
+    assert broken_references(page) == [
+        "pixelrun/nowhere.py",
+        "docs/missing.md",
+        "RECIPE.md",
+        "gone.md",
+        "link gone.md",
+        "pixelrun.model.routing.span_for_depth",
+    ]

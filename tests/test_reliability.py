@@ -2,6 +2,7 @@
 before it saves anything non-finite; checkpoints are verified and a damaged one falls back to the
 previous; one writer per run directory and per conversion output; outputs are swapped in whole; a
 full disk is one line; a bad input is one line (exit 2) before any work."""
+
 from __future__ import annotations
 
 import errno
@@ -39,6 +40,7 @@ def _last_line(capsys, *words) -> str:
 
 def _strict_rows(run: Path) -> list[dict]:
     """metrics.jsonl read as strict JSON: a bare NaN or Infinity (Python's extension) fails."""
+
     def refuse(name):
         raise ValueError(f"not JSON: {name}")
 
@@ -51,13 +53,14 @@ def _all_finite(path: Path) -> bool:
 
 # ----------------------------------------------------------------------------- non-finite steps
 
+
 def test_a_diverging_run_stops_in_one_line_and_saves_nothing_non_finite(tmp_path, tiny_encoder_dir, capsys):
     run = tmp_path / "run"
-    over = {"train.lr": 1e6, "train.warmup_steps": 0, "train.steps": 8, "train.checkpoint_every": 4,
-            "eval.prompts": 0}
+    over = {"train.lr": 1e6, "train.warmup_steps": 0, "train.steps": 8, "train.checkpoint_every": 4, "eval.prompts": 0}
     assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **over)]) == 1
-    err = _last_line(capsys, "training stopped at step", "not finite for 3 steps in a row",
-                          "train.max_nonfinite_steps=3")
+    err = _last_line(
+        capsys, "training stopped at step", "not finite for 3 steps in a row", "train.max_nonfinite_steps=3"
+    )
     rows = _strict_rows(run)
     stopped = int(err.split("training stopped at step ")[1].split(":")[0])
     assert [r["step"] for r in rows] == list(range(1, stopped))  # the stopping step is not logged
@@ -119,8 +122,11 @@ def ckpt_tensors(st) -> dict[str, torch.Tensor]:
 
 
 def test_first_nonfinite_names_the_tensor():
-    tree = {"model": {"a": torch.ones(3)}, "optimizer": {"state": {"b": torch.tensor([1.0, float("inf")])}},
-            "ema": {"c": torch.zeros(2), "n": torch.tensor([3])}}
+    tree = {
+        "model": {"a": torch.ones(3)},
+        "optimizer": {"state": {"b": torch.tensor([1.0, float("inf")])}},
+        "ema": {"c": torch.zeros(2), "n": torch.tensor([3])},
+    }
     assert ckpt.first_nonfinite(tree) == "optimizer.state.b"
     tree["optimizer"]["state"]["b"][1] = 0
     assert ckpt.first_nonfinite(tree) is None
@@ -137,18 +143,21 @@ def test_sampling_refuses_non_finite_weights(tiny_run, tmp_path, capsys):
     ckpt.save_checkpoint(tmp_path / "nan", meta["step"], flat, meta, (src / "config.yaml").read_text())
     out = tmp_path / "o"
     assert main(["sample", "--checkpoint", str(tmp_path / "nan"), "--prompt", PROMPT, "--out", str(out)]) == 2
-    one_line_error(capsys, "--checkpoint", "ema weights", "non-finite values", name[len("ema."):])
+    one_line_error(capsys, "--checkpoint", "ema weights", "non-finite values", name[len("ema.") :])
     assert not out.exists()
 
 
 def test_metrics_rows_write_non_finite_numbers_as_null():
     from pixelrun.infra.tracking import json_row
 
-    assert json.dumps(json_row({"loss": float("nan"), "g": float("inf"), "lr": 1e-3, "n": 2})) == \
-        '{"loss": null, "g": null, "lr": 0.001, "n": 2}'
+    assert (
+        json.dumps(json_row({"loss": float("nan"), "g": float("inf"), "lr": 1e-3, "n": 2}))
+        == '{"loss": null, "g": null, "lr": 0.001, "n": 2}'
+    )
 
 
 # ----------------------------------------------------------------------------- verified checkpoints
+
 
 def _two_checkpoints(root: Path) -> Path:
     for step in (2, 4):
@@ -159,7 +168,7 @@ def _two_checkpoints(root: Path) -> Path:
 def _overwrite_middle(path: Path, n: int = 64) -> None:
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + n] = bytes((b + 1) % 256 for b in data[mid:mid + n])
+    data[mid : mid + n] = bytes((b + 1) % 256 for b in data[mid : mid + n])
     path.write_bytes(bytes(data))
 
 
@@ -232,7 +241,9 @@ def test_a_leftover_step_folder_and_stale_temporary_folders_are_replaced(tmp_pat
     (root / ".tmp-step_00000002-4242" / "__0_0.distcp").write_bytes(b"x" * 1000)
     assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 2, "eval.prompts": 0})]) == 0
     assert [p.name for p in root.iterdir()] == ["step_00000002"]
-    assert ckpt.checkpoint_problem(root / "step_00000002") is None and ckpt.load_meta(root / "step_00000002")["step"] == 2
+    assert (
+        ckpt.checkpoint_problem(root / "step_00000002") is None and ckpt.load_meta(root / "step_00000002")["step"] == 2
+    )
 
 
 def test_rotation_keeps_the_checkpoint_just_written_under_newer_damaged_ones(tmp_path):
@@ -244,8 +255,10 @@ def test_rotation_keeps_the_checkpoint_just_written_under_newer_damaged_ones(tmp
 
 # ----------------------------------------------------------------------------- a full disk
 
-def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary_folder(tmp_path, tiny_encoder_dir, capsys,
-                                                                           monkeypatch):
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary_folder(
+    tmp_path, tiny_encoder_dir, capsys, monkeypatch
+):
     run = tmp_path / "run"
     over = tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 4, "train.checkpoint_every": 2, "eval.prompts": 0})
     real_save = torch.save
@@ -257,8 +270,9 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary_folder(tm
 
     monkeypatch.setattr(torch, "save", full)
     assert main(["train", *over]) == 1
-    _last_line(capsys, "checkpoint step 4 could not be written", "no space left on device",
-                    "temporary folder was removed")
+    _last_line(
+        capsys, "checkpoint step 4 could not be written", "no space left on device", "temporary folder was removed"
+    )
     root = ckpt.checkpoint_root(run)
     assert [p.name for p in root.iterdir()] == ["step_00000002"]
     monkeypatch.setattr(torch, "save", real_save)
@@ -278,12 +292,19 @@ def test_a_save_checks_the_free_space_first(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- one writer per folder
 
+
 def _hold_lock(folder: Path, seconds: float = 60.0) -> subprocess.Popen:
     """Another process holding `folder`'s lock, as a running `pixelrun train` or convert would."""
-    code = ("import sys, time; from pixelrun.infra.locks import folder_lock\n"
-            "with folder_lock(sys.argv[1], 'k', 'test'):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), str(seconds)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    code = (
+        "import sys, time; from pixelrun.infra.locks import folder_lock\n"
+        "with folder_lock(sys.argv[1], 'k', 'test'):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -306,8 +327,19 @@ def test_a_second_train_on_one_run_dir_is_refused(tmp_path, tiny_encoder_dir, ca
     # a new run refused after taking the lock (a metric network that is missing) leaves no folder behind
     new = tmp_path / "new-run"
     capsys.readouterr()
-    assert main(["train", *tiny_overrides(new, tiny_encoder_dir, **{"train.steps": 2, "eval.metrics": "[fid]",
-                                                                    "eval.fid_weights": str(tmp_path / "no.pth")})]) == 2
+    assert (
+        main(
+            [
+                "train",
+                *tiny_overrides(
+                    new,
+                    tiny_encoder_dir,
+                    **{"train.steps": 2, "eval.metrics": "[fid]", "eval.fid_weights": str(tmp_path / "no.pth")},
+                ),
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, "eval.fid_weights")
     assert not new.exists()
 
@@ -317,7 +349,9 @@ def test_a_second_convert_to_one_out_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     holder = _hold_lock(out)
     try:
-        assert main(["data", "convert", "--src", str(src), "--out", str(out), "--resolution", "32", "--patch", "8"]) == 2
+        assert (
+            main(["data", "convert", "--src", str(src), "--out", str(out), "--resolution", "32", "--patch", "8"]) == 2
+        )
         one_line_error(capsys, "--out:", "in use by another pixelrun data convert")
     finally:
         holder.kill()
@@ -327,6 +361,7 @@ def test_a_second_convert_to_one_out_is_refused(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- outputs swapped in whole
+
 
 def _images(root: Path, n: int) -> Path:
     root.mkdir(parents=True)
@@ -372,8 +407,7 @@ def test_sample_interrupted_midway_keeps_the_earlier_output(tiny_run, tmp_path, 
     capsys.readouterr()
 
 
-def test_convert_stopped_during_its_final_moves_is_refused_then_redone(tmp_path, tiny_encoder_dir, monkeypatch,
-                                                                       capsys):
+def test_convert_stopped_during_its_final_moves_is_refused_then_redone(tmp_path, tiny_encoder_dir, monkeypatch, capsys):
     from pixelrun.data.convert import convert
 
     src = _images(tmp_path / "src", 7)
@@ -393,15 +427,22 @@ def test_convert_stopped_during_its_final_moves_is_refused_then_redone(tmp_path,
     monkeypatch.setattr(Path, "rename", real)
     assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"] and not (out / "index.json").exists()
     run = tmp_path / "run"
-    over = tiny_overrides(run, tiny_encoder_dir, **{"data.source": "shards", "data.path": str(out), "train.steps": 1,
-                                                      "eval.prompts": 0, "train.batch_size": 2})
+    over = tiny_overrides(
+        run,
+        tiny_encoder_dir,
+        **{"data.source": "shards", "data.path": str(out), "train.steps": 1, "eval.prompts": 0, "train.batch_size": 2},
+    )
     assert main(["train", *over]) == 2
     one_line_error(capsys, "data.path", "unfinished `pixelrun data convert`", "run the same conversion again")
     said = []
     index = convert(src, out, 32, patch=8, shard_size=3, progress=False, log=said.append)
     assert said == [f"removed 1 shard(s) left in {out} by a conversion that was stopped while moving them into place"]
-    assert index["count"] == 7 and sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar", "00002.tar",
-                                                                           "index.json"]
+    assert index["count"] == 7 and sorted(p.name for p in out.iterdir()) == [
+        "00000.tar",
+        "00001.tar",
+        "00002.tar",
+        "index.json",
+    ]
     (out / "00001.tar").unlink()
     assert main(["train", *over]) == 2
     one_line_error(capsys, "data.path", "lists 3 shards and 1 of them are missing (first: 00001.tar)")
@@ -409,10 +450,14 @@ def test_convert_stopped_during_its_final_moves_is_refused_then_redone(tmp_path,
 
 # ----------------------------------------------------------------------------- bad inputs: one line, exit 2
 
+
 def test_bad_config_files_are_one_line(tmp_path, capsys):
-    cases = {"list.yaml": ("- a\n- b\n", "holds a list"), "scalar.yaml": ("3\n", "holds a int"),
-             "twice.yaml": ("train:\n  steps: 3\n  lr: 0.1\n  steps: 4\n", "'steps' is given twice in one section (line 4)"),
-             "binary.yaml": (bytes(range(256)), "not a text file")}
+    cases = {
+        "list.yaml": ("- a\n- b\n", "holds a list"),
+        "scalar.yaml": ("3\n", "holds a int"),
+        "twice.yaml": ("train:\n  steps: 3\n  lr: 0.1\n  steps: 4\n", "'steps' is given twice in one section (line 4)"),
+        "binary.yaml": (bytes(range(256)), "not a text file"),
+    }
     for name, (content, words) in cases.items():
         path = tmp_path / name
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
@@ -421,12 +466,17 @@ def test_bad_config_files_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("override, words", [
-    ("train.lr=nan", "train.lr: must be a finite number"), ("train.lr=inf", "train.lr: must be a finite number"),
-    ("train.lr=.nan", "train.lr: must be a finite number"), ("run.dir=", "run.dir: must not be empty"),
-    ("run.dir=/dev/null", "run.dir: /dev/null is not a folder"),
-    ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.lr=nan", "train.lr: must be a finite number"),
+        ("train.lr=inf", "train.lr: must be a finite number"),
+        ("train.lr=.nan", "train.lr: must be a finite number"),
+        ("run.dir=", "run.dir: must not be empty"),
+        ("run.dir=/dev/null", "run.dir: /dev/null is not a folder"),
+        ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps: must be > 0"),
+    ],
+)
 def test_bad_train_values_are_one_line(tmp_path, capsys, monkeypatch, override, words):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "train.steps=1", "eval.prompts=0", override]) == 2
@@ -438,8 +488,11 @@ def test_a_shard_that_is_not_a_tar_is_one_line(tmp_path, tiny_encoder_dir, capsy
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "00000.tar").write_bytes(np.random.default_rng(0).bytes(5000))
-    over = tiny_overrides(tmp_path / "run", tiny_encoder_dir, **{"data.source": "shards", "data.path": str(shards),
-                                                                 "train.steps": 1, "eval.prompts": 0})
+    over = tiny_overrides(
+        tmp_path / "run",
+        tiny_encoder_dir,
+        **{"data.source": "shards", "data.path": str(shards), "train.steps": 1, "eval.prompts": 0},
+    )
     assert main(["train", *over]) == 2
     _last_line(capsys, "pixelrun: config error: data.path: no usable sample", "00000.tar (read error")
 
@@ -457,8 +510,12 @@ def test_sample_prompts_file_cut_prompts_and_a_capped_grid(tiny_run, tmp_path, c
     many = tmp_path / "many.txt"
     long_prompt = "a very long prompt " + " and another red circle" * 10  # past the grid: one-line labels there
     many.write_text("\n".join([f"circle {i}" for i in range(69)] + [long_prompt]) + "\n")
-    assert main(["sample", "--checkpoint", str(tiny_run), "--prompts-file", str(many), "--out", str(out),
-                 "sample.steps=1"]) == 0
+    assert (
+        main(
+            ["sample", "--checkpoint", str(tiny_run), "--prompts-file", str(many), "--out", str(out), "sample.steps=1"]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "1 prompt(s) are longer than text.max_tokens=16 tokens and were cut" in err
     assert "grid.png shows the first 64 of 70 images" in err

@@ -1,6 +1,7 @@
 """pixelrun/experiments/report.py on synthetic folders laid out as `pixelrun ablate` and `pixelrun train` write
 them: the report's numbers equal those recomputed here from the files, every output is written and
 self-contained, an incomplete ablation is reported rather than fatal, and `pixelrun report RUN`."""
+
 from __future__ import annotations
 
 import csv
@@ -21,15 +22,35 @@ PROMPTS = [f"a red circle in cell {i}" for i in range(8)]
 VAL = ("val/flow/low", "val/flow/mid", "val/flow/high", "val_ema/flow/low", "val_ema/flow/mid", "val_ema/flow/high")
 
 
-def write_run(d, rng, *, shift: float = 0.0, fd_shift: float = 0.0, fractions=(0.5, 1.0), steps: int = 10,
-              batch: int = 4, base=None):
+def write_run(
+    d,
+    rng,
+    *,
+    shift: float = 0.0,
+    fd_shift: float = 0.0,
+    fractions=(0.5, 1.0),
+    steps: int = 10,
+    batch: int = 4,
+    base=None,
+):
     """A run folder: metrics.jsonl (training and evaluation rows, a torn last line), one points/ file
     and image folder per fraction, run-summary.json, provenance.json and sample grids. `base` (the
     baseline's per-prompt 'placed' values and fd-effnet by fraction and guidance) plus `shift` and
     `fd_shift` makes a variant paired with it."""
     d.mkdir(parents=True)
-    rows = [{"step": s, "loss": 1 / s + rng.random() * 0.1, "flow": 1 / s, "repa": 0.5 / s, "grad_norm": 1 + rng.random(),
-             "lr": 1e-3 * s / steps, "images_per_s": 100 + rng.random(), "train_seconds": 0.5 * s} for s in range(1, steps + 1)]
+    rows = [
+        {
+            "step": s,
+            "loss": 1 / s + rng.random() * 0.1,
+            "flow": 1 / s,
+            "repa": 0.5 / s,
+            "grad_norm": 1 + rng.random(),
+            "lr": 1e-3 * s / steps,
+            "images_per_s": 100 + rng.random(),
+            "train_seconds": 0.5 * s,
+        }
+        for s in range(1, steps + 1)
+    ]
     rows += [{"step": s, **{k: rng.random() for k in VAL}, "eval/shapes/placed": rng.random()} for s in (5, 10)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 11, "loss"')
     placed_by_fraction = {}
@@ -43,24 +64,62 @@ def write_run(d, rng, *, shift: float = 0.0, fd_shift: float = 0.0, fractions=(0
                 placed, fd = rng.choice([0.0, 0.5], size=len(PROMPTS)), 10.0 - g + rng.random()
             exact = rng.choice([0.0, 1.0], size=len(PROMPTS))
             placed_by_fraction.setdefault(f, {})[g] = placed, fd
-            results.append({"guidance": g, "guidance_mode": "cfg",
-                            "metrics": {"shapes": {"placed": float(placed.mean()), "exact_set": float(exact.mean()),
-                                                   "n": len(PROMPTS)}, "fd-effnet": fd},
-                            "per_prompt": {"shapes": {"placed": placed.tolist(), "exact_set": exact.tolist()}}})
-        point = {"step": step, "fraction": f, "images": step * batch, "flops": step * batch * 1e9,
-                 "train_seconds": 0.5 * step + rng.random(), "weights": "ema", "sample_seed": 0, "prompts": PROMPTS,
-                 "val": {k: rng.random() for k in VAL}, "results": results}
+            results.append(
+                {
+                    "guidance": g,
+                    "guidance_mode": "cfg",
+                    "metrics": {
+                        "shapes": {"placed": float(placed.mean()), "exact_set": float(exact.mean()), "n": len(PROMPTS)},
+                        "fd-effnet": fd,
+                    },
+                    "per_prompt": {"shapes": {"placed": placed.tolist(), "exact_set": exact.tolist()}},
+                }
+            )
+        point = {
+            "step": step,
+            "fraction": f,
+            "images": step * batch,
+            "flops": step * batch * 1e9,
+            "train_seconds": 0.5 * step + rng.random(),
+            "weights": "ema",
+            "sample_seed": 0,
+            "prompts": PROMPTS,
+            "val": {k: rng.random() for k in VAL},
+            "results": results,
+        }
         (d / "points").mkdir(exist_ok=True)
         (d / "points" / f"step_{step:08d}.json").write_text(json.dumps(point))
         for i in range(3):
             img = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
             (d / "points" / f"step_{step:08d}").mkdir(exist_ok=True)
             Image.fromarray(img).save(d / "points" / f"step_{step:08d}" / f"{i:03d}.png")
-    (d / "run-summary.json").write_text(json.dumps({
-        "status": "done", "steps": steps, "train_seconds": 5.0 + rng.random(), "images_per_s": 100 + rng.random(),
-        "step_seconds": 0.04, "peak_memory_bytes": 2**30, "flops_per_image": 1e9, "device": "cpu"}))
-    (d / "provenance.json").write_text(json.dumps({"git_commit": "abc", "git_dirty": False, "packages": {},
-                                                   "device": "cpu", "host": "h", "python": "3.11", "command": "x"}))
+    (d / "run-summary.json").write_text(
+        json.dumps(
+            {
+                "status": "done",
+                "steps": steps,
+                "train_seconds": 5.0 + rng.random(),
+                "images_per_s": 100 + rng.random(),
+                "step_seconds": 0.04,
+                "peak_memory_bytes": 2**30,
+                "flops_per_image": 1e9,
+                "device": "cpu",
+            }
+        )
+    )
+    (d / "provenance.json").write_text(
+        json.dumps(
+            {
+                "git_commit": "abc",
+                "git_dirty": False,
+                "packages": {},
+                "device": "cpu",
+                "host": "h",
+                "python": "3.11",
+                "command": "x",
+            }
+        )
+    )
     (d / "samples").mkdir()
     for name in ("step_00000005.png", "final.png"):
         Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(d / "samples" / name)
@@ -77,16 +136,43 @@ def ablation(tmp_path):
     for seed in (0, 1):
         base = write_run(out / "runs" / "baseline" / f"seed{seed}", rng)
         write_run(out / "runs" / "tread" / f"seed{seed}", rng, shift=0.25, fd_shift=1.0, base=base)
-        runs += [{"variant": v, "seed": seed, "dir": f"runs/{v}/seed{seed}", "steps": 10, "global_batch": 4,
-                  "images": 40, "flops_per_image": 1e9, "point_steps": [5, 10], "overrides": [], "command": "c"}
-                 for v in ("baseline", "tread")]
-    spec = {"name": "tread-vs-dense", "baseline": "baseline", "variants": ["baseline", "tread"], "seeds": [0, 1],
-            "budget": {"kind": "images", "value": 40.0, "metric": None, "target": None, "equal_steps": True},
-            "points": [0.5, 1.0],
-            "protocol": {"metrics": ["shapes", "fd-effnet"], "prompts": 8, "sample_steps": 5, "guidance": [1.0, 4.0],
-                         "primary_guidance": 4.0, "guidance_mode": "cfg", "weights": "ema", "val_images": 4,
-                         "spacing": "diffusers", "sample_seed": 0},
-            "machine": {"device": "cpu", "cpu": "test cpu", "host": "h"}, "runs": runs}
+        runs += [
+            {
+                "variant": v,
+                "seed": seed,
+                "dir": f"runs/{v}/seed{seed}",
+                "steps": 10,
+                "global_batch": 4,
+                "images": 40,
+                "flops_per_image": 1e9,
+                "point_steps": [5, 10],
+                "overrides": [],
+                "command": "c",
+            }
+            for v in ("baseline", "tread")
+        ]
+    spec = {
+        "name": "tread-vs-dense",
+        "baseline": "baseline",
+        "variants": ["baseline", "tread"],
+        "seeds": [0, 1],
+        "budget": {"kind": "images", "value": 40.0, "metric": None, "target": None, "equal_steps": True},
+        "points": [0.5, 1.0],
+        "protocol": {
+            "metrics": ["shapes", "fd-effnet"],
+            "prompts": 8,
+            "sample_steps": 5,
+            "guidance": [1.0, 4.0],
+            "primary_guidance": 4.0,
+            "guidance_mode": "cfg",
+            "weights": "ema",
+            "val_images": 4,
+            "spacing": "diffusers",
+            "sample_seed": 0,
+        },
+        "machine": {"device": "cpu", "cpu": "test cpu", "host": "h"},
+        "runs": runs,
+    }
     (out / "ablation.json").write_text(json.dumps(spec))
     return out
 
@@ -101,10 +187,14 @@ def at_guidance(point, g=4.0):
 
 def test_summary_numbers_equal_those_recomputed_from_the_files(ablation):
     s = summarize_ablation(ablation)
-    placed = {v: [at_guidance(point_of(ablation, v, seed))["metrics"]["shapes"]["placed"] for seed in (0, 1)]
-              for v in ("baseline", "tread")}
-    fd = {v: [at_guidance(point_of(ablation, v, seed))["metrics"]["fd-effnet"] for seed in (0, 1)]
-          for v in ("baseline", "tread")}
+    placed = {
+        v: [at_guidance(point_of(ablation, v, seed))["metrics"]["shapes"]["placed"] for seed in (0, 1)]
+        for v in ("baseline", "tread")
+    }
+    fd = {
+        v: [at_guidance(point_of(ablation, v, seed))["metrics"]["fd-effnet"] for seed in (0, 1)]
+        for v in ("baseline", "tread")
+    }
     base, tread = s["final"]["baseline"], s["final"]["tread"]
     assert base["shapes/placed"]["mean"]["estimate"] == pytest.approx(np.mean(placed["baseline"]))
     assert tread["shapes/placed"]["mean"]["estimate"] == pytest.approx(np.mean(placed["tread"]))
@@ -119,7 +209,9 @@ def test_summary_numbers_equal_those_recomputed_from_the_files(ablation):
     assert tread["fd-effnet"]["verdict"] == "worse"
     assert base["shapes/placed"]["delta"] is None
     # the noise floor is the baseline's seed-to-seed spread
-    assert s["noise_floor"]["shapes/placed"]["range"] == pytest.approx(abs(placed["baseline"][0] - placed["baseline"][1]))
+    assert s["noise_floor"]["shapes/placed"]["range"] == pytest.approx(
+        abs(placed["baseline"][0] - placed["baseline"][1])
+    )
     val = [point_of(ablation, "baseline", seed)["val"]["val_ema/flow/mid"] for seed in (0, 1)]
     assert base["val_ema/flow/mid"]["mean"]["estimate"] == pytest.approx(np.mean(val))
     # every point, not just the budget
@@ -134,8 +226,9 @@ def test_guidance_curve_best_guidance_and_throughput(ablation):
     g1 = [at_guidance(point_of(ablation, "baseline", seed), 1.0)["metrics"]["fd-effnet"] for seed in (0, 1)]
     assert curve[0]["mean"]["estimate"] == pytest.approx(np.mean(g1))
     assert s["best_guidance"]["baseline"]["fd-effnet"] == 4.0  # the synthetic distance falls with guidance
-    summaries = [json.loads((ablation / "runs" / "tread" / f"seed{seed}" / "run-summary.json").read_text())
-                 for seed in (0, 1)]
+    summaries = [
+        json.loads((ablation / "runs" / "tread" / f"seed{seed}" / "run-summary.json").read_text()) for seed in (0, 1)
+    ]
     tp = s["throughput"]["tread"]
     assert tp["images_per_s"] == pytest.approx(np.mean([x["images_per_s"] for x in summaries]))
     assert (tp["step_reached"], tp["images_reached"], tp["flops_reached"]) == (10, 40, 40e9)
@@ -146,9 +239,19 @@ def test_guidance_curve_best_guidance_and_throughput(ablation):
 def test_report_files_are_written_and_the_html_is_self_contained(ablation):
     written = write_ablation_report(ablation)
     names = {p.relative_to(ablation).as_posix() for p in written}
-    assert {"report.md", "summary.csv", "summary.json", "report.html", "report/eval_vs_images.png",
-            "report/eval_vs_flops.png", "report/eval_vs_seconds.png", "report/training_losses.png",
-            "report/validation.png", "report/guidance.png", "report/samples.png"} == names
+    assert {
+        "report.md",
+        "summary.csv",
+        "summary.json",
+        "report.html",
+        "report/eval_vs_images.png",
+        "report/eval_vs_flops.png",
+        "report/eval_vs_seconds.png",
+        "report/training_losses.png",
+        "report/validation.png",
+        "report/guidance.png",
+        "report/samples.png",
+    } == names
     for p in written:
         assert p.stat().st_size > 0
         if p.suffix == ".png":
@@ -163,11 +266,15 @@ def test_report_files_are_written_and_the_html_is_self_contained(ablation):
     tread_row = next(line for line in md.splitlines() if line.startswith("| tread |"))
     assert "Δ +0.25 [+0.25, +0.25] better" in tread_row
     summary = summarize_ablation(ablation)
-    assert json.loads((ablation / "summary.json").read_text())["final"]["tread"]["shapes/placed"]["delta"] \
+    assert (
+        json.loads((ablation / "summary.json").read_text())["final"]["tread"]["shapes/placed"]["delta"]
         == summary["final"]["tread"]["shapes/placed"]["delta"]
+    )
     with open(ablation / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    row = next(r for r in rows if (r["point"], r["variant"], r["metric"], r["guidance"]) == ("1", "tread", "fd-effnet", "4.0"))
+    row = next(
+        r for r in rows if (r["point"], r["variant"], r["metric"], r["guidance"]) == ("1", "tread", "fd-effnet", "4.0")
+    )
     cell = summary["final"]["tread"]["fd-effnet"]
     assert float(row["mean"]) == pytest.approx(cell["mean"]["estimate"])
     assert float(row["delta"]) == pytest.approx(cell["delta"]["estimate"])
@@ -183,8 +290,10 @@ def test_a_missing_and_an_unfinished_run_are_listed_not_fatal(ablation):
     (unfinished / "run-summary.json").unlink()
     write_ablation_report(ablation)
     s = summarize_ablation(ablation)
-    assert [(r["variant"], r["seed"], r["status"]) for r in s["incomplete"]] == [("baseline", 1, "unfinished"),
-                                                                                 ("tread", 1, "missing")]
+    assert [(r["variant"], r["seed"], r["status"]) for r in s["incomplete"]] == [
+        ("baseline", 1, "unfinished"),
+        ("tread", 1, "missing"),
+    ]
     assert s["incomplete"][0]["reason"] == "no evaluation at the budget (fraction 1); points reached: 0.5"
     # one seed left on each side: the per-prompt interval covers prompts only, the t interval is absent
     cell = s["final"]["tread"]
@@ -205,7 +314,9 @@ def test_pixelrun_report_writes_a_run_report(ablation, capsys):
     run = ablation / "runs" / "baseline" / "seed0"
     assert main(["report", str(run)]) == 0
     printed = capsys.readouterr().out.split()
-    expected = [run / "report" / n for n in ("losses.png", "validation.png", "eval.png", "optimizer.png", "report.html")]
+    expected = [
+        run / "report" / n for n in ("losses.png", "validation.png", "eval.png", "optimizer.png", "report.html")
+    ]
     assert printed == [str(p) for p in expected]
     html = expected[-1].read_text()
     sources = re.findall(r'src="([^"]*)"', html)
@@ -230,10 +341,11 @@ def test_run_report_curves_read_every_loss_term(tmp_path):
     write_run(run, np.random.default_rng(3))
     rows = report.read_metrics(run / "metrics.jsonl")
     assert len(rows) == 12  # the torn last line is skipped
-    panels = report._row_panels([{"variant": "r", "seed": 0, "rows": rows}], ["r"], report._is_loss_term,
-                                lambda r, step: step)
+    panels = report._row_panels(
+        [{"variant": "r", "seed": 0, "rows": rows}], ["r"], report._is_loss_term, lambda r, step: step
+    )
     assert [title for title, _ in panels] == ["loss", "flow", "repa"]
-    (_, x, mean, low, high), = panels[1][1]
+    ((_, x, mean, low, high),) = panels[1][1]
     assert low is None and high is None  # one run: no seed band
     assert x == list(range(1, 11)) and mean == pytest.approx([1 / s for s in range(1, 11)])
     assert write_run_report(run)[-1] == run / "report" / "report.html"
@@ -255,11 +367,14 @@ def test_a_long_noisy_curve_is_drawn_as_a_moving_average():
     from pixelrun.experiments import report
 
     rows = [{"step": s, "loss": float(s % 2), "lr": s * 1e-4} for s in range(1, 401)]
-    panels = dict(report._row_panels([{"variant": "r", "seed": 0, "rows": rows}], ["r"],
-                                     lambda k: k in ("loss", "lr"), lambda r, step: step))
-    (_, x, mean, _, _), = panels["loss (moving average of 4)"]
+    panels = dict(
+        report._row_panels(
+            [{"variant": "r", "seed": 0, "rows": rows}], ["r"], lambda k: k in ("loss", "lr"), lambda r, step: step
+        )
+    )
+    ((_, x, mean, _, _),) = panels["loss (moving average of 4)"]
     assert x == list(range(4, 401)) and mean == pytest.approx([0.5] * 397)
-    (_, x, mean, _, _), = panels["lr"]
+    ((_, x, mean, _, _),) = panels["lr"]
     assert len(x) == 400 and mean == pytest.approx([s * 1e-4 for s in range(1, 401)])
 
 

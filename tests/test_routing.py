@@ -4,6 +4,7 @@ A tiny randomly initialised model (normal std 0.05 everywhere, so the zero-initi
 and output layers do not make every output trivially 0) checks the model side of routing; small
 stubs check the sampler's combination rule and its fixed mask.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,6 +44,7 @@ def _inputs(b=2, seed=0):
 
 
 # --- masks -------------------------------------------------------------------------------------
+
 
 def test_kept_and_routed_partition_the_tokens():
     r = random_routing(4, N_TOKENS, 0.5, SPAN, torch.Generator().manual_seed(0))
@@ -84,6 +86,7 @@ def test_gather_then_scatter_is_identity():
 
 # --- span --------------------------------------------------------------------------------------
 
+
 def test_span_for_depth_rule():
     assert span_for_depth(16) == (2, 12)  # Photoroom's PRX config
     assert span_for_depth(4) == (1, 2)
@@ -97,14 +100,16 @@ def test_span_for_depth_rule():
     assert span_for_depth(16, 3, 10) == (3, 10) and span_for_depth(16, start=0) == (0, 12)
 
 
-@pytest.mark.parametrize("start,end,word", [(-1, 3, "start"), (2, 16, "end"), (5, 4, "start"), (13, None, "start"),
-                                            (None, 1, "end")])
+@pytest.mark.parametrize(
+    "start,end,word", [(-1, 3, "start"), (2, 16, "end"), (5, 4, "start"), (13, None, "start"), (None, 1, "end")]
+)
 def test_bad_spans_raise_naming_the_culprit(start, end, word):
     with pytest.raises(ValueError, match=word):
         span_for_depth(16, start, end)
 
 
 # --- the model under routing -------------------------------------------------------------------
+
 
 def test_blocks_inside_the_span_see_fewer_tokens(tiny):
     x, t, text, mask = _inputs()
@@ -144,6 +149,7 @@ def test_ratio_zero_and_keep_all_equal_dense(tiny):
 
 
 # --- self-guidance -----------------------------------------------------------------------------
+
 
 class Recorder(torch.nn.Module):
     """Wraps a model; records the routing it gets at each call and the first input image."""

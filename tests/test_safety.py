@@ -1,6 +1,7 @@
 """A new user's first hour, as it was tried: no command destroys work it did not make, no result
 is lost, a run is never silently continued by another one, and a mistake is one line naming what to
 fix (exit 2), before any work."""
+
 from __future__ import annotations
 
 import json
@@ -34,6 +35,7 @@ def _tree(path: Path) -> dict[str, bytes]:
 
 
 # ----------------------------------------------------------------------------- export never deletes
+
 
 def test_export_into_its_own_run_is_refused_and_the_run_is_intact(tiny_run, capsys):
     before = _tree(tiny_run)
@@ -97,14 +99,18 @@ def test_atomic_dir_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path)
 
 # ----------------------------------------------------------------------------- a resume continues the same run
 
+
 def test_resume_with_another_model_or_data_is_refused_before_any_work(tmp_path, tiny_encoder_dir, capsys):
     run = tmp_path / "run"
     base = {"train.steps": 2, "eval.prompts": 0}
     assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **base)]) == 0
     saved_yaml = (run / "config.yaml").read_text()
     capsys.readouterr()
-    for change, key in (({"model.depth": 6}, "model.depth"), ({"data.source": "emoji"}, "data.source"),
-                        ({"model.hidden_size": 64, "train.optimizer": "muon"}, "model.hidden_size, train.optimizer")):
+    for change, key in (
+        ({"model.depth": 6}, "model.depth"),
+        ({"data.source": "emoji"}, "data.source"),
+        ({"model.hidden_size": 64, "train.optimizer": "muon"}, "model.hidden_size, train.optimizer"),
+    ):
         assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{**base, "train.steps": 4, **change})]) == 2
         err = one_line_error(capsys, key, "run.init_from")
         assert "step_00000002" in err
@@ -143,12 +149,19 @@ def test_an_image_folder_with_nothing_usable_is_one_line(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- sample
 
+
 def test_sample_flags_and_overrides_fail_as_one_line_naming_them(tiny_run, tmp_path, capsys):
     out = str(tmp_path / "o")
-    for args, flag in ((["--device", "gpu"], "--device"), (["sample.guidance=0"], "sample.guidance"),
-                       (["sample.guidance=0.5"], "sample.guidance"), (["sample.guidance_mode=self"], "sample.guidance_mode"),
-                       (["sample.nosuchkey=1"], "sample.nosuchkey"), (["eval.prompts=3"], "eval.prompts"),
-                       (["a", "red", "circle"], "a"), (["--steps", "2"], "--steps")):
+    for args, flag in (
+        (["--device", "gpu"], "--device"),
+        (["sample.guidance=0"], "sample.guidance"),
+        (["sample.guidance=0.5"], "sample.guidance"),
+        (["sample.guidance_mode=self"], "sample.guidance_mode"),
+        (["sample.nosuchkey=1"], "sample.nosuchkey"),
+        (["eval.prompts=3"], "eval.prompts"),
+        (["a", "red", "circle"], "a"),
+        (["--steps", "2"], "--steps"),
+    ):
         assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, *args]) == 2, args
         err = one_line_error(capsys, f"config error: {flag}:")
         if flag == "sample.guidance_mode":
@@ -158,7 +171,9 @@ def test_sample_flags_and_overrides_fail_as_one_line_naming_them(tiny_run, tmp_p
         if flag == "--steps":  # a former flag: the override to write instead
             assert "write sample.steps=2 instead of --steps 2" in err
     if not torch.cuda.is_available():
-        assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--device", "cuda"]) == 2
+        assert (
+            main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--device", "cuda"]) == 2
+        )
         one_line_error(capsys, "--device", "CUDA is not available")
     for size in ("big", "0x0", "32x-8"):
         assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", PROMPT, "--out", out, "--size", size]) == 2
@@ -194,6 +209,7 @@ def test_a_diffusers_export_is_named_as_such(tiny_run, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- small things
 
+
 def test_version_and_presets_with_both_text_widths(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
@@ -219,7 +235,7 @@ def test_grid_labels_show_missing_glyphs_visibly():
 
     font = label_font(11)
     assert drawable("a red circle", font) == "a red circle"
-    assert drawable("猫 and \U0010FFFD", font) == "? and ?"  # never an empty box
+    assert drawable("猫 and \U0010fffd", font) == "? and ?"  # never an empty box
 
 
 def test_stage_two_resolution_is_what_inference_uses(tmp_path, tiny_encoder_dir, capsys):

@@ -48,19 +48,49 @@ def test_euler_with_exact_prediction_lands_on_it():
     # exact x-prediction stays on it: the last step (t = 0.3 -> 0) lands on the target exactly.
     target = torch.full((1, 3, 8, 8), 0.25)
     text, mask, nt, nm = _prompt()
-    out = sample(Oracle(target, -target), text, mask, null_text=nt, null_mask=nm, height=8, width=8, steps=8,
-                 guidance_mode="none", spacing="linear")
+    out = sample(
+        Oracle(target, -target),
+        text,
+        mask,
+        null_text=nt,
+        null_mask=nm,
+        height=8,
+        width=8,
+        steps=8,
+        guidance_mode="none",
+        spacing="linear",
+    )
     assert torch.allclose(out, target.expand(2, -1, -1, -1), atol=1e-5)
 
 
 def test_cfg_combines_on_the_prediction():
     cond, uncond = torch.full((1, 3, 8, 8), 0.2), torch.full((1, 3, 8, 8), -0.1)
     text, mask, nt, nm = _prompt()
-    out = sample(Oracle(cond, uncond), text, mask, null_text=nt, null_mask=nm, height=8, width=8, steps=8,
-                 guidance=2.0, spacing="linear")
+    out = sample(
+        Oracle(cond, uncond),
+        text,
+        mask,
+        null_text=nt,
+        null_mask=nm,
+        height=8,
+        width=8,
+        steps=8,
+        guidance=2.0,
+        spacing="linear",
+    )
     assert torch.allclose(out, torch.full_like(out, -0.1 + 2.0 * (0.2 + 0.1)), atol=1e-5)
-    one = sample(Oracle(cond, uncond), text, mask, null_text=nt, null_mask=nm, height=8, width=8, steps=8,
-                 guidance=1.0, spacing="linear")
+    one = sample(
+        Oracle(cond, uncond),
+        text,
+        mask,
+        null_text=nt,
+        null_mask=nm,
+        height=8,
+        width=8,
+        steps=8,
+        guidance=1.0,
+        spacing="linear",
+    )
     assert torch.allclose(one, torch.full_like(one, 0.2), atol=1e-5)
 
 
@@ -70,5 +100,9 @@ def test_noise_is_drawn_like_diffusers_and_seeded():
     text, mask, nt, nm = _prompt()
     m = Oracle(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
     kw = dict(null_text=nt, null_mask=nm, height=8, width=8, steps=4, spacing="diffusers")
-    a, b, c = sample(m, text, mask, seed=1, **kw), sample(m, text, mask, seed=1, **kw), sample(m, text, mask, seed=2, **kw)
+    a, b, c = (
+        sample(m, text, mask, seed=1, **kw),
+        sample(m, text, mask, seed=1, **kw),
+        sample(m, text, mask, seed=2, **kw),
+    )
     assert torch.equal(a, b) and not torch.equal(a, c)

@@ -1,5 +1,6 @@
 """The shapes dataset (docs/recipe.md) and its score: determinism, exact geometry, resumable
 distributed batches, and a scorer that agrees with the renderer."""
+
 import math
 
 import numpy as np
@@ -64,10 +65,13 @@ def test_caption_round_trip_and_rejects_other_text():
         s = sample_scene(0, "train", i, max_shapes=3)
         p = parse_caption(caption(s))
         assert p.shapes == s.shapes and p.background == s.background and caption(p) == caption(s)
-    for bad in ["a cat on a mat", "a large red circle in the center",
-                "a huge red circle in the center on a white background",
-                "a large red circle in the center on a pink background",
-                "a large red circle in the center and a small red square at the top on a white background"]:
+    for bad in [
+        "a cat on a mat",
+        "a large red circle in the center",
+        "a huge red circle in the center on a white background",
+        "a large red circle in the center on a pink background",
+        "a large red circle in the center and a small red square at the top on a white background",
+    ]:
         with pytest.raises(ValueError, match="not a shapes caption"):
             parse_caption(bad)
 
@@ -93,6 +97,7 @@ def test_edges_never_read_as_a_third_colour():
     # Orange on white blends through "yellow", yellow on black through "orange": the renderer
     # snaps such edge pixels, so no pixel reads as a colour the caption does not name.
     from pixelrun.data.shapes import classify_pixels
+
     for kind in KINDS:
         for colour, bg in (("orange", "white"), ("yellow", "black")):
             for j in np.linspace(-0.03, 0.03, 4):
@@ -111,11 +116,11 @@ def test_hand_checked_geometry():
     # Circle: diameter 28, area pi/4 d^2 in sub-pixel coverage.
     im = render(_one("circle", "blue", background="black"), 100, 100).astype(float)
     coverage = im[..., 2] / COLOURS["blue"][2]
-    assert abs(coverage.sum() - math.pi / 4 * 28 ** 2) < 3
+    assert abs(coverage.sum() - math.pi / 4 * 28**2) < 3
     # Triangle: upright, base 28 on row 63, apex at the top of the box, area d^2 / 2.
     im = render(_one("triangle", "green", background="black"), 100, 100).astype(float)
     coverage = im[..., 1] / COLOURS["green"][1]
-    assert abs(coverage.sum() - 28 ** 2 / 2) < 2
+    assert abs(coverage.sum() - 28**2 / 2) < 2
     assert coverage[63].sum() == pytest.approx(27.5, abs=0.5) and coverage[36].sum() < 1.0
     # Non-square: grid by each axis, d by the shorter side; "on the right" of 64x128 -> (106.7, 32).
     im = render(_one("square", cell=5), 64, 128)
@@ -189,8 +194,11 @@ def test_blank_image_scores_zero():
 
 
 def test_moved_shape_is_not_placed_but_still_in_the_set():
-    scene = SceneSpec((ShapeSpec("circle", "blue", "large", 0), ShapeSpec("square", "red", "small", 8)),
-                      "gray", ((0.0, 0.0), (0.0, 0.0)))
+    scene = SceneSpec(
+        (ShapeSpec("circle", "blue", "large", 0), ShapeSpec("square", "red", "small", 8)),
+        "gray",
+        ((0.0, 0.0), (0.0, 0.0)),
+    )
     moved = SceneSpec((ShapeSpec("circle", "blue", "large", 2), scene.shapes[1]), "gray", scene.jitter)
     r = score_image(render(moved, 64, 64), caption(scene))
     assert r == {"placed": 0.5, "exact_set": 1.0, "kind": 1.0, "size": 1.0}

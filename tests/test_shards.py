@@ -1,5 +1,6 @@
 """WebDataset shards: `pixelrun data convert` / `inspect`, and the shard batch source (tiny images,
 shards written on the fly)."""
+
 import functools
 import http.server
 import io
@@ -52,8 +53,16 @@ def make_folder(root, n=9, broken=True):
 
 def converted(tmp_path, n=9, fmt="png", shard_size=3, resolution=32, **kw):
     out = tmp_path / f"shards-{fmt}-{resolution}"
-    convert(make_folder(tmp_path / f"src-{fmt}-{resolution}", n), out, resolution, patch=8, shard_size=shard_size,
-            image_format=fmt, progress=False, **kw)
+    convert(
+        make_folder(tmp_path / f"src-{fmt}-{resolution}", n),
+        out,
+        resolution,
+        patch=8,
+        shard_size=shard_size,
+        image_format=fmt,
+        progress=False,
+        **kw,
+    )
     return out
 
 
@@ -69,8 +78,27 @@ def jpeg_bytes(rng, h=32, w=32):
 def test_convert_reads_back_the_same_images_and_captions(tmp_path, capsys):
     src = make_folder(tmp_path / "src")
     out = tmp_path / "png"
-    assert main(["data", "convert", "--src", str(src), "--out", str(out), "--resolution", "32", "--patch", "8",
-                 "--shard-size", "4", "--format", "png"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "--src",
+                str(src),
+                "--out",
+                str(out),
+                "--resolution",
+                "32",
+                "--patch",
+                "8",
+                "--shard-size",
+                "4",
+                "--format",
+                "png",
+            ]
+        )
+        == 0
+    )
     line = capsys.readouterr().out
     assert "wrote 9 samples in 3 shard(s)" in line and "skipped 1 of 10: 1 unreadable image (first: zz.png)" in line
     # The training command it prints is safe to paste into bash (issue 14): the folder, not a brace
@@ -123,8 +151,9 @@ def test_convert_in_processes_is_the_same_and_an_interrupted_one_starts_over(tmp
     assert sorted(p.name for p in many.iterdir()) == ["00000.tar", "00001.tar", "00002.tar", "index.json"]
     for a, b in zip(*(sorted(p.glob("*.tar")) for p in (one, many))):
         sa, sb = list(read_samples(str(a))), list(read_samples(str(b)))
-        assert [{k: v for k, v in x.items() if k != "__url__"} for x in sa] == \
-               [{k: v for k, v in x.items() if k != "__url__"} for x in sb]
+        assert [{k: v for k, v in x.items() if k != "__url__"} for x in sa] == [
+            {k: v for k, v in x.items() if k != "__url__"} for x in sb
+        ]
     metas = [json.loads(s["json"])["pixelrun"] for u in expand_shards(str(many)) for s in read_samples(u)]
     assert [m["original_size"] for m in metas if m["source"] == "big.jpg"] == [[300, 200]]
 
@@ -134,9 +163,12 @@ def test_manifest_keeps_every_caption_field(tmp_path):
     (root / "img").mkdir(parents=True)
     Image.new("RGB", (40, 20), (200, 10, 10)).save(root / "img" / "a.png")
     Image.new("RGB", (20, 40), (10, 10, 200)).save(root / "img" / "b.png")
-    lines = [{"image": "img/a.png", "caption": "red", "caption_long": "a wide red picture", "score": 3},
-             {"file": "img/b.png", "caption_long": "a tall blue picture"}, {"image": "img/none.png", "caption": "x"},
-             {"caption": "no image path"}]
+    lines = [
+        {"image": "img/a.png", "caption": "red", "caption_long": "a wide red picture", "score": 3},
+        {"file": "img/b.png", "caption_long": "a tall blue picture"},
+        {"image": "img/none.png", "caption": "x"},
+        {"caption": "no image path"},
+    ]
     (root / "data.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\nnot json\n")
     index = convert(root / "data.jsonl", tmp_path / "out", 32, patch=8, progress=False)
     assert index["count"] == 2 and index["skipped_unreadable"] == 1 and index["skipped_without_caption"] == 2
@@ -208,9 +240,16 @@ def test_broken_members_are_skipped_counted_and_batches_stay_full(tmp_path):
         assert b.images.shape == (4, 3, 32, 32) and all(c.startswith("good") for c in b.captions)
     assert src.skipped == 6  # the cut shard: its read error, and its last sample that lost its caption
     names = " ".join(src.skipped_paths)
-    assert all(k in names for k in ("#truncated (image does not decode)", "#garbage (unreadable image)",
-                                    "#noimage (no image member)", "#nocaption (none of the caption fields txt)",
-                                    "00001.tar (read error"))
+    assert all(
+        k in names
+        for k in (
+            "#truncated (image does not decode)",
+            "#garbage (unreadable image)",
+            "#noimage (no image member)",
+            "#nocaption (none of the caption fields txt)",
+            "00001.tar (read error",
+        )
+    )
 
 
 def test_all_broken_raises_and_too_few_shards(tmp_path):
@@ -239,16 +278,19 @@ def test_caption_weights_and_fallback(tmp_path):
     assert choose_caption({"json.long": "x"}, fields, 0, 0, "k") == "json.long"  # falls back to what is there
     assert choose_caption({"json.other": "x"}, fields, 0, 0, "k") is None
     img2dataset_json = json.dumps({"caption": "a dog", "url": "http://x/1.jpg", "status": "success", "width": 64})
-    assert caption_fields({"json": img2dataset_json.encode(), "txt": b" a dog "}) == {"txt": "a dog",
-                                                                                     "json.caption": "a dog"}
+    assert caption_fields({"json": img2dataset_json.encode(), "txt": b" a dog "}) == {
+        "txt": "a dog",
+        "json.caption": "a dog",
+    }
     assert parse_captions("txt") == [("txt", 1.0)]
     # Through the source: json captions and the same weights.
     (tmp_path / "d").mkdir()
     rng = np.random.default_rng(0)
     with TarWriter(str(tmp_path / "d" / "a.tar")) as w:
         for i in range(40):
-            w.write({"__key__": f"s{i}", "jpg": jpeg_bytes(rng, 8, 8), "txt": f"short {i}",
-                     "json": {"long": f"long {i}"}})
+            w.write(
+                {"__key__": f"s{i}", "jpg": jpeg_bytes(rng, 8, 8), "txt": f"short {i}", "json": {"long": f"long {i}"}}
+            )
     src = ShardBatchSource(str(tmp_path / "d"), 8, [(8, 8)], captions="txt:0.3,json.long:0.7")
     caps = [c for _ in range(25) for c in next(src).captions]  # 5 epochs of 40
     share = sum(c.startswith("short") for c in caps) / len(caps)
@@ -333,7 +375,10 @@ def test_stored_embeddings_used_when_they_match(tmp_path, tiny_encoder_dir, caps
     assert "not text.max_tokens 24" in embedding_match(index, fp, 24)[1]
     assert main(["data", "inspect", str(out), "--contact-sheet", str(tmp_path / "sheet.png"), "--n", "4"]) == 0
     report = capsys.readouterr().out
-    assert "3 shard(s), 9 samples, 0 broken" in report and "stored sizes), HxW: samples: 24x40: 3, 32x32: 3, 40x24: 3" in report
+    assert (
+        "3 shard(s), 9 samples, 0 broken" in report
+        and "stored sizes), HxW: samples: 24x40: 3, 32x32: 3, 40x24: 3" in report
+    )
     # json.caption repeats txt's text: its embedding is stored once, as txt's
     assert f"text embeddings: {fp}, bfloat16; samples per stored field: txt: 9 (a json field equal" in report
     assert "txt" in report and "9 / 9.0 / 9 / 9" in report and "2 / 2.0 / 2 / 2" in report  # "picture i"
@@ -363,28 +408,44 @@ def test_training_on_stored_embeddings_gives_the_same_losses(tmp_path, tiny_enco
 
     calls = []  # the batch sizes the text encoder is asked to encode during training
     encode = TextEncoder.encode
-    monkeypatch.setattr(TextEncoder, "encode", lambda self, captions: calls.append(len(captions)) or encode(self, captions))
+    monkeypatch.setattr(
+        TextEncoder, "encode", lambda self, captions: calls.append(len(captions)) or encode(self, captions)
+    )
 
     def run(name, **kw):
         shards = converted(tmp_path / name, n=8, shard_size=4, **kw)
         with TarWriter(str(shards / "00002.tar")) as w:  # a broken sample, reported at the end
             w.write({"__key__": "broken", "png": b"junk", "txt": "broken"})
-        over = tiny_overrides(tmp_path / name / "run", tiny_encoder_dir, **{
-            "data.source": "shards", "data.path": str(shards), "data.buckets": "true", "train.batch_size": 2,
-            "train.steps": 4, "objective.caption_dropout": 0.3, "eval.prompts": 0, "sample.grid_prompts": 1})
+        over = tiny_overrides(
+            tmp_path / name / "run",
+            tiny_encoder_dir,
+            **{
+                "data.source": "shards",
+                "data.path": str(shards),
+                "data.buckets": "true",
+                "train.batch_size": 2,
+                "train.steps": 4,
+                "objective.caption_dropout": 0.3,
+                "eval.prompts": 0,
+                "sample.grid_prompts": 1,
+            },
+        )
         calls.clear()
         summary = train(load_config(None, over))
         losses = [json.loads(ln)["loss"] for ln in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
         return summary, losses, capsys.readouterr().out, calls.count(2)  # batches of 2 (grids encode 1 or "")
 
     plain, plain_losses, plain_out, plain_encoded = run("plain")
-    stored, stored_losses, stored_out, stored_encoded = run("stored", text_encoder=tiny_encoder_dir, max_tokens=16,
-                                                            embedding_dtype="float32")
+    stored, stored_losses, stored_out, stored_encoded = run(
+        "stored", text_encoder=tiny_encoder_dir, max_tokens=16, embedding_dtype="float32"
+    )
     assert (plain_encoded, stored_encoded) == (4, 0)
     assert "stored text embeddings" not in plain_out
     assert "shards: training on the stored text embeddings" in stored_out
-    assert len(plain_losses) == 4 and np.allclose(plain_losses, stored_losses, rtol=1e-3, atol=0), (plain_losses,
-                                                                                                  stored_losses)
+    assert len(plain_losses) == 4 and np.allclose(plain_losses, stored_losses, rtol=1e-3, atol=0), (
+        plain_losses,
+        stored_losses,
+    )
     assert plain["skipped_images"] == stored["skipped_images"] == 1 and "#broken (unreadable image)" in stored_out
 
 
@@ -393,8 +454,15 @@ def test_interrupted_shard_run_resumes_exactly(tmp_path, tiny_encoder_dir):
     from pixelrun.run.train import train
 
     shards = converted(tmp_path, n=10, shard_size=3)
-    extra = {"data.source": "shards", "data.path": str(shards), "data.buckets": "true", "train.batch_size": 2,
-             "train.steps": 6, "eval.prompts": 0, "sample.grid_prompts": 1}
+    extra = {
+        "data.source": "shards",
+        "data.path": str(shards),
+        "data.buckets": "true",
+        "train.batch_size": 2,
+        "train.steps": 6,
+        "eval.prompts": 0,
+        "sample.grid_prompts": 1,
+    }
     full, part = tmp_path / "full", tmp_path / "part"
     train(load_config(None, tiny_overrides(full, tiny_encoder_dir, **extra)))
     cfg = load_config(None, tiny_overrides(part, tiny_encoder_dir, **extra))
@@ -414,15 +482,19 @@ def test_resolution_patch_and_caption_fields_are_said_before_any_work(tmp_path, 
     # 48px is the default training resolution; the default tiny model has patch 8, --patch defaults to 32
     assert main(["data", "convert", "--src", str(src), "--out", str(tmp_path / "o"), "--resolution", "48"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("pixelrun: config error: --resolution: 48 is not a multiple of --patch 32; the default tiny model "
-                   "has patch 8: pass --patch 8 (32 is the patch of the base and small presets)")
+    assert err == (
+        "pixelrun: config error: --resolution: 48 is not a multiple of --patch 32; the default tiny model "
+        "has patch 8: pass --patch 8 (32 is the patch of the base and small presets)"
+    )
     assert not (tmp_path / "o").exists()
     out = converted(tmp_path, n=3, resolution=32)
     same = ShardBatchSource(str(out), 1, BUCKETS_32)
     assert same.text_note is None
     up = ShardBatchSource(str(out), 1, aspect_buckets(64, 8))
-    assert up.text_note == ("shards: converted at 32px, below data.resolution 64: every image is enlarged when read "
-                            "(blurry); convert again with --resolution 64")
+    assert up.text_note == (
+        "shards: converted at 32px, below data.resolution 64: every image is enlarged when read "
+        "(blurry); convert again with --resolution 64"
+    )
     down = ShardBatchSource(str(out), 1, [(16, 16)])  # data.buckets=false at 16px
     assert down.text_note.startswith("shards: converted at 32px, data.resolution is 16: every image is resized again")
     # a caption field that no sample has is refused by name, not reported as unreadable images

@@ -1,6 +1,7 @@
 """The registry of data sources (pixelrun/data/sources.py): every name the config accepts has one
 entry, what it builds is a BatchSource, and what it holds out for evaluation never overlaps what
 it trains on."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,10 @@ def test_each_builtin_source_builds_a_batch_source_that_resumes(name):
 
 
 def test_held_out_keys_differ_by_source_and_by_what_fixes_the_images(tmp_path):
-    keys = {name: SOURCES[name].held_out_key(load_config(None, [f"data.source={name}", f"data.path={tmp_path}"]))
-            for name in SOURCES}
+    keys = {
+        name: SOURCES[name].held_out_key(load_config(None, [f"data.source={name}", f"data.path={tmp_path}"]))
+        for name in SOURCES
+    }
     assert len(set(keys.values())) == len(SOURCES)
     other_seed = load_config(None, ["eval.seed=7"])
     assert source_kind(other_seed).held_out_key(other_seed) != keys["shapes"]

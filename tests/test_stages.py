@@ -1,6 +1,7 @@
 """A multi-stage run as one definition: the switch changes the resolution and drops REPA, resumes
 across the boundary exactly; `run.init_from` starts a new run from a checkpoint; `pixelrun export`
 writes one safetensors file that `pixelrun sample` accepts."""
+
 import json
 from pathlib import Path
 
@@ -19,10 +20,12 @@ from pixelrun.training.build import model_from_config
 
 
 def _stages_file(tmp_path, enc) -> Path:
-    cfg = {"stages": [
-        {"name": "low", "steps": 2, "resolution": 32, "repa_weight": 0.5},
-        {"name": "high", "steps": 2, "resolution": 48, "repa_weight": 0.0, "global_batch_size": 2, "batch_size": 2},
-    ]}
+    cfg = {
+        "stages": [
+            {"name": "low", "steps": 2, "resolution": 32, "repa_weight": 0.5},
+            {"name": "high", "steps": 2, "resolution": 48, "repa_weight": 0.0, "global_batch_size": 2, "batch_size": 2},
+        ]
+    }
     path = tmp_path / "stages.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -33,8 +36,9 @@ def _rows(run):
 
 
 def test_stage_plan_applies_each_stage(tmp_path, tiny_encoder_dir):
-    cfg = load_config(_stages_file(tmp_path, tiny_encoder_dir), tiny_overrides(tmp_path / "r", tiny_encoder_dir,
-                                                                             **{"train.steps": 4}))
+    cfg = load_config(
+        _stages_file(tmp_path, tiny_encoder_dir), tiny_overrides(tmp_path / "r", tiny_encoder_dir, **{"train.steps": 4})
+    )
     plan = stage_plan(cfg)
     assert cfg.train.steps == 4 and [(a, b) for a, b, _ in plan] == [(0, 2), (2, 4)]
     assert [c.data.resolution for *_, c in plan] == [32, 48]
@@ -76,8 +80,16 @@ def test_init_from_and_export(tmp_path, tiny_encoder_dir, capsys):
     first = tmp_path / "first"
     train(load_config(None, tiny_overrides(first, tiny_encoder_dir, **{"train.steps": 2, "eval.prompts": 0})))
     second = tmp_path / "second"
-    train(load_config(None, tiny_overrides(second, tiny_encoder_dir, **{"train.steps": 1, "eval.prompts": 0,
-                                                                        "run.init_from": str(first), "train.lr": 1e-12})))
+    train(
+        load_config(
+            None,
+            tiny_overrides(
+                second,
+                tiny_encoder_dir,
+                **{"train.steps": 1, "eval.prompts": 0, "run.init_from": str(first), "train.lr": 1e-12},
+            ),
+        )
+    )
     assert f"initialised weights and EMA from {ckpt.latest_checkpoint(first)}" in capsys.readouterr().out
     cfg = load_config(first / "config.yaml")
     a, b = model_from_config(cfg, 32), model_from_config(cfg, 32)
@@ -91,10 +103,21 @@ def test_init_from_and_export(tmp_path, tiny_encoder_dir, capsys):
     assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
     prompt = "a large red circle in the top left on a white background"
     for src, dst in ((first, "from_run"), (out, "from_export")):
-        assert main(["sample", "--checkpoint", str(src), "--prompt", prompt, "--out", str(tmp_path / dst), "sample.seed=3"]) == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "from_run" / "000.png")),
-                          np.asarray(Image.open(tmp_path / "from_export" / "000.png")))
+        assert (
+            main(
+                ["sample", "--checkpoint", str(src), "--prompt", prompt, "--out", str(tmp_path / dst), "sample.seed=3"]
+            )
+            == 0
+        )
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "from_run" / "000.png")),
+        np.asarray(Image.open(tmp_path / "from_export" / "000.png")),
+    )
     # an exported model starts a new run too
     third = tmp_path / "third"
-    train(load_config(None, tiny_overrides(third, tiny_encoder_dir, **{"train.steps": 1, "eval.prompts": 0,
-                                                                       "run.init_from": str(out)})))
+    train(
+        load_config(
+            None,
+            tiny_overrides(third, tiny_encoder_dir, **{"train.steps": 1, "eval.prompts": 0, "run.init_from": str(out)}),
+        )
+    )

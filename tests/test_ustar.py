@@ -1,6 +1,7 @@
 """The training process's fast shard reader (pixelrun/data/ustar.py): the same samples as
 webdataset, which stays the reference, on every dialect; the fast path taken on plain files,
 webdataset's on anything else."""
+
 import gzip
 import io
 import tarfile
@@ -14,10 +15,15 @@ from pixelrun.data.shards import read_samples
 
 def webdataset_samples(url):
     """What read_samples returned before it had a fast path: webdataset's own grouping."""
+
     def keep_going(exn):
         return True
-    return list(group_by_keys(tar_file_expander(url_opener([{"url": url}], handler=keep_going),
-                                                handler=keep_going), handler=keep_going))
+
+    return list(
+        group_by_keys(
+            tar_file_expander(url_opener([{"url": url}], handler=keep_going), handler=keep_going), handler=keep_going
+        )
+    )
 
 
 def write_tar(path, members, fmt=tarfile.PAX_FORMAT, directories=()):
@@ -36,8 +42,11 @@ def write_tar(path, members, fmt=tarfile.PAX_FORMAT, directories=()):
 def sample_members(n=5, prefix=""):
     out = []
     for i in range(n):
-        out += [(f"{prefix}{i:04d}.jpg", bytes([i]) * (300 + 97 * i)), (f"{prefix}{i:04d}.TXT", f"caption {i}".encode()),
-                (f"{prefix}{i:04d}.emb.txt.npy", b"\x93NUMPY" + bytes(i))]
+        out += [
+            (f"{prefix}{i:04d}.jpg", bytes([i]) * (300 + 97 * i)),
+            (f"{prefix}{i:04d}.TXT", f"caption {i}".encode()),
+            (f"{prefix}{i:04d}.emb.txt.npy", b"\x93NUMPY" + bytes(i)),
+        ]
     return out
 
 
@@ -59,22 +68,36 @@ def test_plain_tars_are_read_fast_and_equal_webdataset(tmp_path, fmt):
     assert fast is not None
     assert fast == webdataset_samples(path) == list(read_samples(path))
     assert fast[0]["txt"] == b"caption 0" and "TXT" not in fast[0]  # suffixes lowercased, as webdataset does
-    assert [s["__key__"] for s in fast][-2:] == ([f"{nested}0000", f"{nested}0001"] if fmt == tarfile.USTAR_FORMAT
-                                                 else ["sub/dir/0000", "sub/dir/0001"])
+    assert [s["__key__"] for s in fast][-2:] == (
+        [f"{nested}0000", f"{nested}0001"] if fmt == tarfile.USTAR_FORMAT else ["sub/dir/0000", "sub/dir/0001"]
+    )
 
 
 def with_header_bytes(data, at, offset, new):
     """The tar bytes with the header at `at` changed at `offset` and its checksum made right again."""
-    h = bytearray(data[at:at + 512])
-    h[offset:offset + len(new)] = new
+    h = bytearray(data[at : at + 512])
+    h[offset : offset + len(new)] = new
     h[148:156] = b" " * 8
     h[148:156] = b"%06o\0 " % sum(h)
-    return data[:at] + bytes(h) + data[at + 512:]
+    return data[:at] + bytes(h) + data[at + 512 :]
 
 
-@pytest.mark.parametrize("case", ["pax long name", "gnu long name", "non-ascii name", "truncated", "bad checksum",
-                                  "gzip", "duplicate member", "no end blocks", "gnu times in the prefix field",
-                                  "directory name with data", "mtime not octal"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "pax long name",
+        "gnu long name",
+        "non-ascii name",
+        "truncated",
+        "bad checksum",
+        "gzip",
+        "duplicate member",
+        "no end blocks",
+        "gnu times in the prefix field",
+        "directory name with data",
+        "mtime not octal",
+    ],
+)
 def test_other_tars_go_to_webdataset_with_the_same_samples(tmp_path, case):
     members = sample_members(6)
     long = "x" * 120 + "/0099"
@@ -94,7 +117,7 @@ def test_other_tars_go_to_webdataset_with_the_same_samples(tmp_path, case):
         data = data[: data.index(b"caption 4") + 3]  # inside a member (the end is zeros of padding)
     if case == "bad checksum":
         data = data[:2048] + b"\x01" + data[2049:]  # a byte of the first sample's third header
-        assert data[2048 + 257:2048 + 262] == b"ustar"  # (so it is a header: the test's own check)
+        assert data[2048 + 257 : 2048 + 262] == b"ustar"  # (so it is a header: the test's own check)
     if case == "gnu times in the prefix field":  # tarfile would prepend them to the name
         data = with_header_bytes(with_header_bytes(data, 2048, 257, b"ustar  \0"), 2048, 345, b"14000000000")
     if case == "directory name with data":  # type NUL and a trailing slash: tarfile reads it as a directory, no data
@@ -111,4 +134,3 @@ def test_other_tars_go_to_webdataset_with_the_same_samples(tmp_path, case):
     expected = webdataset_samples(path)
     assert list(read_samples(path, lambda exn: True)) == expected
     assert len(expected) >= 1
-

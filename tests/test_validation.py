@@ -1,6 +1,7 @@
 """Validation loss by noise level (pixelrun/evaluation/validation.py): fixed numbers, one bin recomputed by hand
 from the held-out images, an exact prediction scoring 0, and the same numbers from an FSDP2-sharded
 model on 2 gloo ranks."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ KEYS = ["val/flow/low", "val/flow/mid", "val/flow/high"]
 
 
 def _config(tmp_path, encoder_dir, **extra):
-    return load_config(None, tiny_overrides(tmp_path / "run", encoder_dir, **{"eval.val_images": 6,
-                                                                              "train.batch_size": 4, **extra}))
+    return load_config(
+        None, tiny_overrides(tmp_path / "run", encoder_dir, **{"eval.val_images": 6, "train.batch_size": 4, **extra})
+    )
 
 
 def _model(cfg, text_dim):
@@ -90,7 +92,7 @@ class _Oracle(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x_t, t, text, text_mask=None, **kwargs):
-        out = self.x[self.cursor:self.cursor + x_t.shape[0]]
+        out = self.x[self.cursor : self.cursor + x_t.shape[0]]
         self.cursor = (self.cursor + x_t.shape[0]) % self.x.shape[0]
         assert out.shape == x_t.shape
         return ModelOutput(out, {})
@@ -108,8 +110,9 @@ def test_exact_prediction_scores_zero(tmp_path, tiny_encoder_dir, encoder):
 def test_a_held_out_set_smaller_than_val_images_lends_all_it_has(tmp_path, tiny_encoder_dir, encoder):
     """The 64 held-out emoji for eval.val_images=65 (a small image folder likewise: the default 32
     must not stop a run on a folder of 10 images)."""
-    val = ValidationLoss(_config(tmp_path, tiny_encoder_dir, **{"data.source": "emoji", "eval.val_images": 65}),
-                         encoder, "cpu")
+    val = ValidationLoss(
+        _config(tmp_path, tiny_encoder_dir, **{"data.source": "emoji", "eval.val_images": 65}), encoder, "cpu"
+    )
     assert val.n == 64 and len(val.batch(val.cfg)[3]) == 64
 
 
@@ -161,8 +164,9 @@ def test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers(tmp_path, tiny_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_rank, args=(2, port, overrides, encoded, str(tmp_path / "weights.pt"),
-                                             str(tmp_path / "values")), nprocs=2)
+    torch.multiprocessing.spawn(
+        _rank, args=(2, port, overrides, encoded, str(tmp_path / "weights.pt"), str(tmp_path / "values")), nprocs=2
+    )
     ranks = [json.loads((tmp_path / f"values.{r}").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank ran the same rows through the same gathered weights
     assert ranks[0]["left_sharded"]

@@ -7,6 +7,7 @@ override (of the config to train, or of the checkpoint's own config for sample a
 only for what is not a config key (paths, prompts, the device, bench's measurement settings, the
 shard layout of data convert). Here: the parser of them all, the overrides anywhere on the line, and
 ``main``, which turns the errors a user can fix into one line and an exit code."""
+
 from __future__ import annotations
 
 import argparse
@@ -76,4 +77,3 @@ def _quiet_libraries() -> None:
     except ImportError:
         return
     hf_logging.disable_progress_bar()
-

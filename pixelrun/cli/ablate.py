@@ -1,5 +1,6 @@
 """pixelrun ablate [run|plan|status|report|commands] SPEC.yaml: named variants of a config at an
 equal budget with paired seeds, and their report (pixelrun/experiments/ablate.py, docs/ablations.md)."""
+
 from __future__ import annotations
 
 import sys
@@ -12,16 +13,22 @@ ABLATE_ACTIONS = ("run", "plan", "status", "report", "commands")
 
 def add_parser(subparsers) -> None:
     ab = subparsers.add_parser(
-        "ablate", help="train named variants of a config at an equal budget with paired seeds, and report each "
-                       "against the baseline with intervals",
+        "ablate",
+        help="train named variants of a config at an equal budget with paired seeds, and report each "
+        "against the baseline with intervals",
         description="pixelrun ablate [run|plan|status|report|commands] SPEC.yaml. run (default): train every "
-                    "(variant, seed) not done yet, then write the report; rerun it after a crash or Ctrl-C to "
-                    "resume. plan: check the SPEC and print each variant's steps. status: where each run stands. "
-                    "report: rebuild the report from the run folders (SPEC or the ablation's folder). commands: one "
-                    "torchrun command per run, for a scheduler (written to OUT/commands.sh). SPEC keys: "
-                    "docs/ablations.md.")
-    ab.add_argument("args", nargs="+", metavar="[ACTION] SPEC", help=f"an action ({', '.join(ABLATE_ACTIONS)}; "
-                                                                     f"default run) and the SPEC file")
+        "(variant, seed) not done yet, then write the report; rerun it after a crash or Ctrl-C to "
+        "resume. plan: check the SPEC and print each variant's steps. status: where each run stands. "
+        "report: rebuild the report from the run folders (SPEC or the ablation's folder). commands: one "
+        "torchrun command per run, for a scheduler (written to OUT/commands.sh). SPEC keys: "
+        "docs/ablations.md.",
+    )
+    ab.add_argument(
+        "args",
+        nargs="+",
+        metavar="[ACTION] SPEC",
+        help=f"an action ({', '.join(ABLATE_ACTIONS)}; default run) and the SPEC file",
+    )
     ab.add_argument("--parallel", type=int, help="runs at a time on this machine (default: the SPEC's launch.parallel)")
     ab.set_defaults(func=run)
 
@@ -35,8 +42,11 @@ def run(args) -> int:
 
     action, target = (args.args[0], args.args[1:]) if args.args[0] in ABLATE_ACTIONS else ("run", args.args)
     if len(target) != 1:
-        raise ConfigError("SPEC", f"pixelrun ablate [{'|'.join(ABLATE_ACTIONS)}] SPEC.yaml: give one SPEC file"
-                                  + (" (or, for report, the ablation's folder)" if action == "report" else ""))
+        raise ConfigError(
+            "SPEC",
+            f"pixelrun ablate [{'|'.join(ABLATE_ACTIONS)}] SPEC.yaml: give one SPEC file"
+            + (" (or, for report, the ablation's folder)" if action == "report" else ""),
+        )
     if action == "report":
         folder = Path(target[0])
         out = folder if (folder / "ablation.json").is_file() else Path(ablate.load_spec(folder).out)
@@ -57,8 +67,10 @@ def run(args) -> int:
     ablate.write_plan(plan)
     if action == "commands":
         print((plan.out / "commands.sh").read_text(), end="")
-        print(f"wrote {plan.out / 'commands.sh'}; build the report afterwards with: pixelrun ablate report "
-              f"{plan.out}", file=sys.stderr)
+        print(
+            f"wrote {plan.out / 'commands.sh'}; build the report afterwards with: pixelrun ablate report {plan.out}",
+            file=sys.stderr,
+        )
         return 0
     result = ablate.execute(plan)
     if result["interrupted"]:
@@ -66,9 +78,12 @@ def run(args) -> int:
         return 130
     code = _ablation_report(plan.out)
     if result["failed"]:
-        print(f"pixelrun ablate: {len(result['failed'])} run(s) failed: "
-              f"{', '.join(f'{v} seed {s}' for v, s in result['failed'])} (logs in {plan.out / 'logs'}); "
-              f"the report covers the others", file=sys.stderr)
+        print(
+            f"pixelrun ablate: {len(result['failed'])} run(s) failed: "
+            f"{', '.join(f'{v} seed {s}' for v, s in result['failed'])} (logs in {plan.out / 'logs'}); "
+            f"the report covers the others",
+            file=sys.stderr,
+        )
         return 1
     return code
 

@@ -1,6 +1,7 @@
 """pixelrun bench: time training steps per variant (dense / routed, with / without teachers) with
 FLOPs and MFU, or with --gpus N project a whole run's hours onto N GPUs. The config is set by
 --config and dotted overrides; the flags are the measurement's own settings, none a config key."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ BENCH_SUMMARY: dict[str, str] = {
     "image_tokens_per_s": "",
     "warmup_seconds": "the untimed steps, compilation included",
     "model_flops_per_image": "analytic forward + backward of the denoiser (pixelrun/model/flops.py; routed when "
-                             "routing, no teachers)",
+    "routing, no teachers)",
     "achieved_model_flops_per_s": "",
     "mfu": "against the dense bf16 peak of H100 / H200 / A100; null elsewhere",
     "measured_step_flops_per_image": "torch's FlopCounterMode on a one-image step",
@@ -39,12 +40,13 @@ def _bench_help() -> str:
 
 def add_parser(subparsers) -> None:
     b = subparsers.add_parser(
-        "bench", help="time training steps: dense / routed, with / without teachers; FLOPs and MFU (JSON); "
-                      "--gpus N: project a whole run's hours onto N GPUs",
+        "bench",
+        help="time training steps: dense / routed, with / without teachers; FLOPs and MFU (JSON); "
+        "--gpus N: project a whole run's hours onto N GPUs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Time training steps of the configured model on random data, per variant, after a warm-up. "
-                    "With --gpus N, time every stage of the config instead (teachers and text encoder included) "
-                    "and project the run's hours onto N GPUs.",
+        "With --gpus N, time every stage of the config instead (teachers and text encoder included) "
+        "and project the run's hours onto N GPUs.",
         epilog=f"""speed options are config overrides:
   parallel.compile=true                  torch.compile each block (the warm-up steps pay the compile;
                                          use --warmup 2 or more)
@@ -64,23 +66,37 @@ not measured).
 
 examples:
   pixelrun bench model.preset=base data.resolution=512 train.batch_size=2 --steps 3 --warmup 1
-  pixelrun bench --config configs/speedrun/speedrun.yaml --gpus 32""")
+  pixelrun bench --config configs/speedrun/speedrun.yaml --gpus 32""",
+    )
     b.add_argument("--config", help="YAML config (default: the built-in demo)")
-    b.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.preset=base data.resolution=512")
-    b.add_argument("--variants",
-                   help="comma list of: dense, routed (routing.ratio=0.5), teachers (REPA + LPIPS + P-DINO), "
-                        "routed+teachers (default: dense,routed)")
-    b.add_argument("--steps", type=int, default=5, help="timed steps per variant or stage (the median is reported; "
-                                                        "default 5)")
+    b.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. model.preset=base data.resolution=512"
+    )
+    b.add_argument(
+        "--variants",
+        help="comma list of: dense, routed (routing.ratio=0.5), teachers (REPA + LPIPS + P-DINO), "
+        "routed+teachers (default: dense,routed)",
+    )
+    b.add_argument(
+        "--steps", type=int, default=5, help="timed steps per variant or stage (the median is reported; default 5)"
+    )
     b.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     b.add_argument("--text-dim", type=int, help="width of the random text embeddings (default 384, MiniLM)")
     b.add_argument("--text-tokens", type=int, help="text tokens per image (default 32)")
     b.add_argument("--gpus", type=int, help="project the configured run (every stage) onto this many GPUs")
-    b.add_argument("--micro-batch", type=int, help="with --gpus: measure at this micro-batch instead of each stage's "
-                                                   "(accumulation steps make up the global batch)")
-    b.add_argument("--loader-cores", type=int, default=8,
-                   help="with --gpus: CPU cores decoding images per GPU, for the per-core loader rate (default 8, "
-                        "the reference's 8 loader processes per rank)")
+    b.add_argument(
+        "--micro-batch",
+        type=int,
+        help="with --gpus: measure at this micro-batch instead of each stage's "
+        "(accumulation steps make up the global batch)",
+    )
+    b.add_argument(
+        "--loader-cores",
+        type=int,
+        default=8,
+        help="with --gpus: CPU cores decoding images per GPU, for the per-core loader rate (default 8, "
+        "the reference's 8 loader processes per rank)",
+    )
     b.add_argument("--out", help="write the full report (with the resolved config) here")
     b.set_defaults(func=run)
 
@@ -89,23 +105,46 @@ def run(args) -> int:
     if args.gpus is not None:
         from pixelrun.tools.forecast import format_projection, project
 
-        for flag, value in (("--variants", args.variants), ("--text-dim", args.text_dim),
-                            ("--text-tokens", args.text_tokens)):
+        for flag, value in (
+            ("--variants", args.variants),
+            ("--text-dim", args.text_dim),
+            ("--text-tokens", args.text_tokens),
+        ):
             if value is not None:
-                raise ConfigError(flag, "does not apply with --gpus: the projection times every stage with the "
-                                        "configured text encoder, teachers and losses")
-        report = project(args.config, args.overrides, gpus=args.gpus, micro_batch=args.micro_batch,
-                         loader_cores=args.loader_cores, steps=args.steps, warmup=args.warmup, out=args.out)
+                raise ConfigError(
+                    flag,
+                    "does not apply with --gpus: the projection times every stage with the "
+                    "configured text encoder, teachers and losses",
+                )
+        report = project(
+            args.config,
+            args.overrides,
+            gpus=args.gpus,
+            micro_batch=args.micro_batch,
+            loader_cores=args.loader_cores,
+            steps=args.steps,
+            warmup=args.warmup,
+            out=args.out,
+        )
         print(format_projection(report))
         return 0
     if args.micro_batch is not None:
         raise ConfigError("--micro-batch", "applies with --gpus only (otherwise set train.batch_size)")
     from pixelrun.tools.bench import run_bench
 
-    report = run_bench(args.config, args.overrides, variants=(args.variants or "dense,routed").split(","),
-                       steps=args.steps, warmup=args.warmup, text_dim=args.text_dim or 384,
-                       text_tokens=args.text_tokens or 32, out=args.out)
-    summary = {name: {k: r.get(k) for k in BENCH_SUMMARY if k in r or k != "step_time_vs_dense"}
-               for name, r in report["results"].items()}
+    report = run_bench(
+        args.config,
+        args.overrides,
+        variants=(args.variants or "dense,routed").split(","),
+        steps=args.steps,
+        warmup=args.warmup,
+        text_dim=args.text_dim or 384,
+        text_tokens=args.text_tokens or 32,
+        out=args.out,
+    )
+    summary = {
+        name: {k: r.get(k) for k in BENCH_SUMMARY if k in r or k != "step_time_vs_dense"}
+        for name, r in report["results"].items()
+    }
     print(json.dumps({"device": report["device"], "results": summary}, indent=2))
     return 0

@@ -4,6 +4,7 @@ config keys (refused, naming the override to write instead), `--size` and the pa
 
 The rule of the command line: a config key is set only as a dotted `KEY=VALUE` override; a flag is
 only for what is not a config key (a path, the prompts, the device, the weights to load)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ConfigError("--size", f"must be WxH in pixels (for example 96x64: 96 wide, 64 high), "
-                                    f"got {text!r}") from None
+        raise ConfigError(
+            "--size", f"must be WxH in pixels (for example 96x64: 96 wide, 64 high), got {text!r}"
+        ) from None
     if w < 1 or h < 1:
         raise ConfigError("--size", f"both sides must be at least 1 pixel (WxH, e.g. 96x64), got {text!r}")
     return h, w
@@ -36,23 +38,35 @@ def package_version() -> str:
 
 # ----------------------------------------------------------------------------- a checkpoint and its config
 
+
 def add_checkpoint_args(p: argparse.ArgumentParser, *, weights: bool = True) -> None:
     """--checkpoint, --weights (unless the command reads a config key for it) and --device."""
-    p.add_argument("--checkpoint", required=True,
-                   help="a run directory (its newest checkpoint), a checkpoints/step_* directory or a "
-                        "`pixelrun export` (safetensors) directory")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run directory (its newest checkpoint), a checkpoints/step_* directory or a "
+        "`pixelrun export` (safetensors) directory",
+    )
     if weights:
-        p.add_argument("--weights", choices=["ema", "raw"], default="ema",
-                       help="ema: the averaged weights (default; what grids and evaluations use); raw: the trained ones")
+        p.add_argument(
+            "--weights",
+            choices=["ema", "raw"],
+            default="ema",
+            help="ema: the averaged weights (default; what grids and evaluations use); raw: the trained ones",
+        )
     # A flag, not train.device: that key is where the run trained, saved with the checkpoint; inference
     # runs wherever this command runs (a GPU run's checkpoint sampled on a laptop).
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
 
 
 def add_overrides(p: argparse.ArgumentParser, sections: tuple[str, ...], example: str) -> None:
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help=f"overrides of the checkpoint's config, {' and '.join(s + '.*' for s in sections)} keys, "
-                        f"anywhere on the line (e.g. {example}); every other setting is the checkpoint's")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help=f"overrides of the checkpoint's config, {' and '.join(s + '.*' for s in sections)} keys, "
+        f"anywhere on the line (e.g. {example}); every other setting is the checkpoint's",
+    )
 
 
 def override_keys(overrides: list[str]) -> set[str]:
@@ -71,27 +85,37 @@ def checkpoint_config(args, command: str, sections: tuple[str, ...]) -> tuple[Co
     top = {f.name for f in dataclasses.fields(Config)}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(item, f"is not a KEY=VALUE override (pixelrun {command} takes "
-                                    f"{' and '.join(s + '.*' for s in sections)} keys, e.g. {sections[0]}.KEY=VALUE; "
-                                    f"quote an argument that holds spaces)")
+            raise ConfigError(
+                item,
+                f"is not a KEY=VALUE override (pixelrun {command} takes "
+                f"{' and '.join(s + '.*' for s in sections)} keys, e.g. {sections[0]}.KEY=VALUE; "
+                f"quote an argument that holds spaces)",
+            )
         key = item.split("=", 1)[0].strip()
         if key.split(".")[0] in top and key.split(".")[0] not in sections:  # unknown names: the config says so
-            raise ConfigError(key, f"pixelrun {command} changes only {' and '.join(s + '.*' for s in sections)} "
-                                   f"keys; the checkpoint fixes the rest (the config its model was trained with)")
+            raise ConfigError(
+                key,
+                f"pixelrun {command} changes only {' and '.join(s + '.*' for s in sections)} "
+                f"keys; the checkpoint fixes the rest (the config its model was trained with)",
+            )
     path = ckpt.resolve_checkpoint(args.checkpoint)
     saved, _ = ckpt.saved_config(path)
     try:
         cfg = with_overrides(saved, overrides)
     except ConfigError as e:
         if e.key == "sample.guidance_mode" and not (saved.get("routing") or {}).get("ratio"):
-            raise ConfigError("sample.guidance_mode", "self-guidance contrasts a dense and a TREAD-routed pass, and "
-                                                      "this checkpoint was trained without routing (routing.ratio=0): "
-                                                      "use sample.guidance_mode=cfg") from None
+            raise ConfigError(
+                "sample.guidance_mode",
+                "self-guidance contrasts a dense and a TREAD-routed pass, and "
+                "this checkpoint was trained without routing (routing.ratio=0): "
+                "use sample.guidance_mode=cfg",
+            ) from None
         raise
     return cfg, overrides
 
 
 # ----------------------------------------------------------------------------- flags that became overrides
+
 
 class _MovedFlag(argparse.Action):
     """A flag that used to set a config key: recorded here, and refused before any work by
@@ -120,8 +144,9 @@ def moved_help(moved: dict[str, str]) -> str:
     for flag, key in moved.items():
         by_key.setdefault(key, []).append(flag)
     pairs = ", ".join(f"{'/'.join(flags)} V -> {key}=V".replace(" ", "\xa0") for key, flags in by_key.items())
-    text = textwrap.fill(f"former flags, now overrides: {pairs}", width=100, subsequent_indent="  ",
-                         break_on_hyphens=False)
+    text = textwrap.fill(
+        f"former flags, now overrides: {pairs}", width=100, subsequent_indent="  ", break_on_hyphens=False
+    )
     return text.replace("\xa0", " ")  # one flag and its key on one line
 
 
@@ -142,5 +167,8 @@ def refuse_moved_flags(args, command: str) -> None:
     if moved:
         flags = " ".join(f"{flag} {shlex.quote(value)}" for flag, _, value in moved)
         forms = " ".join(override_form(key, value) for _, key, value in moved)
-        raise ConfigError(moved[0][0], f"sets a config key, and pixelrun {command} takes config keys as KEY=VALUE "
-                                       f"overrides: write {forms} instead of {flags}")
+        raise ConfigError(
+            moved[0][0],
+            f"sets a config key, and pixelrun {command} takes config keys as KEY=VALUE "
+            f"overrides: write {forms} instead of {flags}",
+        )

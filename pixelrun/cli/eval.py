@@ -5,6 +5,7 @@ the command line (`eval.prompts=256 'eval.metrics=[shapes,fd-effnet]' sample.ste
 `pixelrun train` checks its overrides: the same settings as the evaluations during training
 (pixelrun/run/train.py). The flags are what is not a config key: the checkpoint, the device and the
 file the JSON is also written to."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,21 @@ SECTIONS = ("eval", "sample")  # the config keys this command changes; the check
 # The flags that used to set these keys: refused, naming the override to write instead. `--guidance
 # 1,2,4` (a sweep) becomes sample.guidance=1 'eval.guidance=[2,4]', the sweep key training uses too.
 MOVED = {
-    "--samples": "eval.prompts", "--prompts": "eval.prompts", "--metrics": "eval.metrics", "--prompt-seed": "eval.seed",
-    "--fid-weights": "eval.fid_weights", "--clip-model": "eval.clip_model", "--dino-model": "eval.dino_model",
-    "--dino-resolution": "eval.dino_resolution", "--dino-mmd-sigma": "eval.dino_mmd_sigma",
-    "--dino-mmd-scale": "eval.dino_mmd_scale", "--cache-dir": "eval.cache_dir", "--weights": "eval.weights",
-    "--steps": "sample.steps", "--guidance": "sample.guidance", "--guidance-mode": "sample.guidance_mode",
+    "--samples": "eval.prompts",
+    "--prompts": "eval.prompts",
+    "--metrics": "eval.metrics",
+    "--prompt-seed": "eval.seed",
+    "--fid-weights": "eval.fid_weights",
+    "--clip-model": "eval.clip_model",
+    "--dino-model": "eval.dino_model",
+    "--dino-resolution": "eval.dino_resolution",
+    "--dino-mmd-sigma": "eval.dino_mmd_sigma",
+    "--dino-mmd-scale": "eval.dino_mmd_scale",
+    "--cache-dir": "eval.cache_dir",
+    "--weights": "eval.weights",
+    "--steps": "sample.steps",
+    "--guidance": "sample.guidance",
+    "--guidance-mode": "sample.guidance_mode",
     "--seed": "sample.seed",
 }
 
@@ -31,7 +42,7 @@ EPILOG = f"""settings are overrides of the checkpoint's config (KEY=VALUE, befor
 list for the shell; default: the checkpoint's own value):
   eval.prompts=N                    held-out captions, generated and real images (default: the
                                     checkpoint's; 64 when it is 0, a run that evaluated nothing)
-  'eval.metrics=[shapes,fd-effnet]' any of {', '.join(METRICS)}
+  'eval.metrics=[shapes,fd-effnet]' any of {", ".join(METRICS)}
                                     (default: the checkpoint's that apply to its data, else fd-effnet)
   eval.seed=N                       shapes data: the seed of the held-out captions
   eval.fid_weights=PATH             fid: pytorch-fid's pt_inception-2015-12-05-6726825d.pth
@@ -58,11 +69,14 @@ examples:
 
 
 def add_parser(subparsers) -> None:
-    e = subparsers.add_parser("eval", help="metrics of a checkpoint's images for held-out captions (JSON)",
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              description="Generate one image per held-out caption of the checkpoint's dataset and compare\n"
-                                          "them with the real images of the same captions.",
-                              epilog=EPILOG)
+    e = subparsers.add_parser(
+        "eval",
+        help="metrics of a checkpoint's images for held-out captions (JSON)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate one image per held-out caption of the checkpoint's dataset and compare\n"
+        "them with the real images of the same captions.",
+        epilog=EPILOG,
+    )
     common.add_checkpoint_args(e, weights=False)  # the weights are eval.weights
     e.add_argument("--out", help="also write the JSON to this file (its folder is created)")
     common.add_overrides(e, SECTIONS, "eval.prompts=256 sample.steps=10")
@@ -84,13 +98,19 @@ def run(args) -> int:
     given = common.override_keys(overrides)
     if cfg.eval.prompts < 1:
         if "eval.prompts" in given:
-            raise ConfigError("eval.prompts", f"must be at least 1 for pixelrun eval (one generated and one real "
-                                              f"image per caption); got {cfg.eval.prompts}")
+            raise ConfigError(
+                "eval.prompts",
+                f"must be at least 1 for pixelrun eval (one generated and one real "
+                f"image per caption); got {cfg.eval.prompts}",
+            )
         # The run evaluated nothing (eval.prompts=0 turns training's evaluations off): the key's default.
         overrides.append(f"eval.prompts={EvalConfig.prompts}")
         cfg = with_overrides(to_dict(cfg), overrides[-1:])
-        print(f"pixelrun eval: the checkpoint's eval.prompts is 0; evaluating {cfg.eval.prompts} captions "
-              f"(set eval.prompts=N)", file=sys.stderr)
+        print(
+            f"pixelrun eval: the checkpoint's eval.prompts is 0; evaluating {cfg.eval.prompts} captions "
+            f"(set eval.prompts=N)",
+            file=sys.stderr,
+        )
     if "eval.metrics" in given:
         metrics = list(cfg.eval.metrics)
         if not metrics:
@@ -98,9 +118,11 @@ def run(args) -> int:
     else:
         metrics = cli_default_metrics(cfg)
         if not applicable_metrics(cfg):
-            print(f"pixelrun eval: the checkpoint's eval.metrics {cfg.eval.metrics} do not apply to data.source="
-                  f"{cfg.data.source}; computing {','.join(metrics)} (choose with 'eval.metrics=[...]')",
-                  file=sys.stderr)
+            print(
+                f"pixelrun eval: the checkpoint's eval.metrics {cfg.eval.metrics} do not apply to data.source="
+                f"{cfg.data.source}; computing {','.join(metrics)} (choose with 'eval.metrics=[...]')",
+                file=sys.stderr,
+            )
     # the metric networks first: a missing or broken one fails before the model is even loaded
     evaluator = Evaluator(cfg, metrics, resolve_device(args.device, "--device"), progress=True)
     model, encoder, cfg, path = load_for_inference(args.checkpoint, cfg.eval.weights, args.device, overrides)

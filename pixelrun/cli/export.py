@@ -1,5 +1,6 @@
 """pixelrun export: a checkpoint's weights as one safetensors file with its config, or as a
 diffusers PRXPixelPipeline directory."""
+
 from __future__ import annotations
 
 import sys
@@ -8,17 +9,31 @@ from pixelrun.config import ConfigError
 
 
 def add_parser(subparsers) -> None:
-    x = subparsers.add_parser("export", help="write a checkpoint's weights as one safetensors file with its config, "
-                                             "or as a diffusers PRXPixelPipeline directory")
-    x.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory "
-                                                       "(--format diffusers also takes an exported model)")
+    x = subparsers.add_parser(
+        "export",
+        help="write a checkpoint's weights as one safetensors file with its config, "
+        "or as a diffusers PRXPixelPipeline directory",
+    )
+    x.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory (newest checkpoint) or checkpoint directory "
+        "(--format diffusers also takes an exported model)",
+    )
     x.add_argument("--out", required=True, help="output directory")
     x.add_argument("--weights", choices=["ema", "raw"], default="ema")
-    x.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
-                   help="safetensors: pixelrun's own layout (model.safetensors, config.yaml); diffusers: a "
-                        "PRXPixelPipeline directory (transformer, text encoder, tokenizer, scheduler)")
-    x.add_argument("overrides", nargs="*", help="--format diffusers only: sampling overrides, e.g. "
-                                                "sample.spacing=diffusers sample.shift=3")
+    x.add_argument(
+        "--format",
+        choices=["safetensors", "diffusers"],
+        default="safetensors",
+        help="safetensors: pixelrun's own layout (model.safetensors, config.yaml); diffusers: a "
+        "PRXPixelPipeline directory (transformer, text encoder, tokenizer, scheduler)",
+    )
+    x.add_argument(
+        "overrides",
+        nargs="*",
+        help="--format diffusers only: sampling overrides, e.g. sample.spacing=diffusers sample.shift=3",
+    )
     x.set_defaults(func=run)
 
 
@@ -50,10 +65,12 @@ def run(args) -> int:
 
         if importlib.util.find_spec("ftfy") is None:
             print("note: PRXPixelPipeline needs the package ftfy to encode prompts (pip install ftfy)", file=sys.stderr)
-        print(f"exported {args.weights} weights of {path} as a diffusers PRXPixelPipeline to {out} "
-              f"(sample with use_resolution_binning=False, height=width={cfg.data.resolution}, "
-              f"num_inference_steps={cfg.sample.steps}, guidance_scale={cfg.sample.guidance}, "
-              f"generator=torch.Generator().manual_seed(seed))")
+        print(
+            f"exported {args.weights} weights of {path} as a diffusers PRXPixelPipeline to {out} "
+            f"(sample with use_resolution_binning=False, height=width={cfg.data.resolution}, "
+            f"num_inference_steps={cfg.sample.steps}, guidance_scale={cfg.sample.guidance}, "
+            f"generator=torch.Generator().manual_seed(seed))"
+        )
         return 0
     if not ckpt.is_complete(path):
         raise ConfigError("--checkpoint", f"{path} is already an exported model")

@@ -6,6 +6,7 @@ flags are what is not a config key: the checkpoint, the prompts, the output fold
 (data.resolution is one square side; --size may be any multiple of the patch), the weights to load
 and the device. The guidance is one scale here, as the key sample.guidance: a sweep of scales is an
 evaluation's (`pixelrun eval ... 'eval.guidance=[1,2,4]'`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,12 @@ from pixelrun.config import ConfigError
 
 SECTIONS = ("sample",)  # the config keys this command changes; the checkpoint fixes the rest
 # The flags that used to set sample.* keys: refused, naming the override to write instead.
-MOVED = {"--steps": "sample.steps", "--guidance": "sample.guidance", "--guidance-mode": "sample.guidance_mode",
-         "--seed": "sample.seed"}
+MOVED = {
+    "--steps": "sample.steps",
+    "--guidance": "sample.guidance",
+    "--guidance-mode": "sample.guidance_mode",
+    "--seed": "sample.seed",
+}
 
 EPILOG = f"""sampling settings are overrides of the checkpoint's config (KEY=VALUE, before or after the flags;
 default: the checkpoint's own value):
@@ -42,19 +47,27 @@ examples:
 
 
 def add_parser(subparsers) -> None:
-    s = subparsers.add_parser("sample", help="generate images for prompts",
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              description="Writes OUT/000.png, 001.png, ... (one per prompt, in order), OUT/grid.png with the\n"
-                                          "prompts as labels when there are several, and OUT/prompts.json (checkpoint,\n"
-                                          "seed, steps, guidance, size, prompt of each file).",
-                              epilog=EPILOG)
+    s = subparsers.add_parser(
+        "sample",
+        help="generate images for prompts",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Writes OUT/000.png, 001.png, ... (one per prompt, in order), OUT/grid.png with the\n"
+        "prompts as labels when there are several, and OUT/prompts.json (checkpoint,\n"
+        "seed, steps, guidance, size, prompt of each file).",
+        epilog=EPILOG,
+    )
     common.add_checkpoint_args(s)
     s.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     s.add_argument("--prompts-file", help="a text file with one prompt per line (added after any --prompt)")
-    s.add_argument("--out", required=True, help="output folder: new, empty, or an earlier `pixelrun sample` output "
-                                                "(its files are replaced)")
-    s.add_argument("--size", help="WxH in pixels, width first, e.g. 96x64 (default: the resolution the checkpoint "
-                                  "was last trained at)")
+    s.add_argument(
+        "--out",
+        required=True,
+        help="output folder: new, empty, or an earlier `pixelrun sample` output (its files are replaced)",
+    )
+    s.add_argument(
+        "--size",
+        help="WxH in pixels, width first, e.g. 96x64 (default: the resolution the checkpoint was last trained at)",
+    )
     common.add_overrides(s, SECTIONS, "sample.steps=50 sample.guidance=3")
     common.add_moved_flags(s, MOVED)
     s.set_defaults(func=run)
@@ -68,8 +81,9 @@ def _read_prompts(args) -> list[str]:
         except OSError as e:
             raise ConfigError("--prompts-file", f"cannot read {args.prompts_file}: {e.strerror}") from None
         except UnicodeDecodeError:
-            raise ConfigError("--prompts-file", f"{args.prompts_file} is not a UTF-8 text file (one prompt per "
-                                                f"line)") from None
+            raise ConfigError(
+                "--prompts-file", f"{args.prompts_file} is not a UTF-8 text file (one prompt per line)"
+            ) from None
         if "\x00" in text:
             raise ConfigError("--prompts-file", f"{args.prompts_file} holds NUL bytes: not a text file of prompts")
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
@@ -93,12 +107,16 @@ def _sample_dir(out: Path) -> list[Path]:
         earlier = json.loads((out / "prompts.json").read_text())
         made = {*earlier["prompts"], "grid.png", "prompts.json"}
     except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError("--out", f"{out} is not empty and holds no earlier `pixelrun sample` output; choose a new "
-                                   f"or empty folder") from None
+        raise ConfigError(
+            "--out", f"{out} is not empty and holds no earlier `pixelrun sample` output; choose a new or empty folder"
+        ) from None
     others = [p.name for p in out.iterdir() if p.name not in made]
     if others:
-        raise ConfigError("--out", f"{out} holds files this command did not write ({', '.join(sorted(others)[:3])}); "
-                                   f"choose a new or empty folder")
+        raise ConfigError(
+            "--out",
+            f"{out} holds files this command did not write ({', '.join(sorted(others)[:3])}); "
+            f"choose a new or empty folder",
+        )
     return [out / name for name in made]
 
 
@@ -126,26 +144,42 @@ def run(args) -> int:
         raise ConfigError("--size", f"{w}x{h} (WxH) is not a multiple of the patch size {p}")
     seed = cfg.sample.seed
     with tqdm(total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="sample", unit="step", file=sys.stderr) as bar:
-        images = generate(model, encoder, prompts, cfg, next(model.parameters()).device, seed=seed, height=h, width=w,
-                          progress=bar)
+        images = generate(
+            model, encoder, prompts, cfg, next(model.parameters()).device, seed=seed, height=h, width=w, progress=bar
+        )
     if encoder.truncated:
-        print(f"note: {encoder.truncated} prompt(s) are longer than text.max_tokens={cfg.text.max_tokens} tokens and "
-              f"were cut: the model saw only their start (first: {encoder.first_truncated[:80]!r})", file=sys.stderr)
+        print(
+            f"note: {encoder.truncated} prompt(s) are longer than text.max_tokens={cfg.text.max_tokens} tokens and "
+            f"were cut: the model saw only their start (first: {encoder.first_truncated[:80]!r})",
+            file=sys.stderr,
+        )
     # Written beside `out` and swapped in whole: an interruption leaves the earlier output as it was.
     with atomic_dir(out) as tmp:
         names = [f"{i:03d}.png" for i in range(len(images))]
         for name, img in zip(names, images):
             save_png(img, tmp / name)
-        (tmp / "prompts.json").write_text(json.dumps({"checkpoint": str(path), "seed": seed, "steps": cfg.sample.steps,
-                                                      "guidance": cfg.sample.guidance,
-                                                      "guidance_mode": cfg.sample.guidance_mode, "size": f"{w}x{h}",
-                                                      "prompts": dict(zip(names, prompts))}, indent=2))
+        (tmp / "prompts.json").write_text(
+            json.dumps(
+                {
+                    "checkpoint": str(path),
+                    "seed": seed,
+                    "steps": cfg.sample.steps,
+                    "guidance": cfg.sample.guidance,
+                    "guidance_mode": cfg.sample.guidance_mode,
+                    "size": f"{w}x{h}",
+                    "prompts": dict(zip(names, prompts)),
+                },
+                indent=2,
+            )
+        )
         if len(images) > 1:
             save_grid(images[:GRID_MAX], prompts[:GRID_MAX], tmp / "grid.png")
             names.append("grid.png")
     for name in names:
         print(out / name)
     if len(images) > GRID_MAX:
-        print(f"note: grid.png shows the first {GRID_MAX} of {len(images)} images; every image has its own file",
-              file=sys.stderr)
+        print(
+            f"note: grid.png shows the first {GRID_MAX} of {len(images)} images; every image has its own file",
+            file=sys.stderr,
+        )
     return 0

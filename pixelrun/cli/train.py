@@ -1,4 +1,5 @@
 """pixelrun train: train (or resume) a run from a config and dotted overrides, or rehearse it."""
+
 from __future__ import annotations
 
 
@@ -6,10 +7,13 @@ def add_parser(subparsers) -> None:
     t = subparsers.add_parser("train", help="train (or resume) a model; no arguments = the built-in CPU demo")
     t.add_argument("--config", help="YAML config file (default: the built-in demo, configs/demo.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
-    t.add_argument("--rehearse", action="store_true",
-                   help="run this config with every switch as written but at rehearsal size (small width, a few "
-                        "tokens per side, a few steps per stage, grids, evaluations and checkpoints between), "
-                        "resume it once and compare, then print a report; in RUN_DIR-rehearsal")
+    t.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="run this config with every switch as written but at rehearsal size (small width, a few "
+        "tokens per side, a few steps per stage, grids, evaluations and checkpoints between), "
+        "resume it once and compare, then print a report; in RUN_DIR-rehearsal",
+    )
     t.set_defaults(func=run)
 
 

@@ -16,6 +16,7 @@ The modules, each importing only those listed before it:
 
 The rest of pixelrun imports these names from ``pixelrun.config``.
 """
+
 from __future__ import annotations
 
 from pixelrun.config.derived import (

@@ -3,6 +3,7 @@ routed span, the batch sizes and their split over ranks, the stage plan, the REP
 width, block and stop step, and what a resume may change. Each raises ConfigError naming the key
 when the config cannot give it, so validation calls the same functions the run uses.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,10 +49,15 @@ def batch_split(cfg: Config, world_size: int) -> tuple[int, int, int]:
     per_step = world_size * t.batch_size
     global_batch = t.global_batch_size or per_step
     if global_batch % per_step:
-        raise ConfigError("train.global_batch_size", f"{global_batch} images cannot be split into {world_size} "
-                                                     f"rank(s) x micro-batch {t.batch_size} x whole accumulation steps")
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{global_batch} images cannot be split into {world_size} "
+            f"rank(s) x micro-batch {t.batch_size} x whole accumulation steps",
+        )
     if world_size % cfg.parallel.replicate:
-        raise ConfigError("parallel.replicate", f"{cfg.parallel.replicate} replica groups do not divide {world_size} ranks")
+        raise ConfigError(
+            "parallel.replicate", f"{cfg.parallel.replicate} replica groups do not divide {world_size} ranks"
+        )
     return global_batch, t.batch_size, global_batch // per_step
 
 
@@ -102,14 +108,19 @@ def resume_changes(saved: Config, new: Config) -> tuple[dict, dict]:
     for k in old_m:
         if old_m[k] != new_m[k]:
             refused[f"model.{k}"] = (old_m[k], new_m[k])
-    pairs: list[tuple[str, object, object]] = [("text.encoder", saved.text.encoder, new.text.encoder),
-             ("train.optimizer", saved.train.optimizer, new.train.optimizer),
-             ("data.source", saved.data.source, new.data.source)]
+    pairs: list[tuple[str, object, object]] = [
+        ("text.encoder", saved.text.encoder, new.text.encoder),
+        ("train.optimizer", saved.train.optimizer, new.train.optimizer),
+        ("data.source", saved.data.source, new.data.source),
+    ]
     old_p, new_p = has_repa_projector(saved), has_repa_projector(new)
     if old_p != new_p:
         pairs.append(("repa.weight", "on" if old_p else "off", "on" if new_p else "off"))
     elif new_p:
-        pairs += [("repa.hidden", repa_hidden(saved), repa_hidden(new)), ("repa.teacher", saved.repa.teacher, new.repa.teacher)]
+        pairs += [
+            ("repa.hidden", repa_hidden(saved), repa_hidden(new)),
+            ("repa.teacher", saved.repa.teacher, new.repa.teacher),
+        ]
     refused.update({k: (a, b) for k, a, b in pairs if a != b})
     old_flat, new_flat = _flat(to_dict(saved)), _flat(to_dict(new))
     allowed = {}

@@ -1,5 +1,6 @@
 """The errors that stop pixelrun with one line (pixelrun/cli): ConfigError for a bad config value or flag
 (exit code 2), RunFailed for work that cannot go on (exit code 1)."""
+
 from __future__ import annotations
 
 

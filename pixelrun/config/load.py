@@ -2,6 +2,7 @@
 each built into the typed tree (unknown keys and wrong types are errors naming the key) and
 validated; and back out to YAML.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,11 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(item, "overrides are written key=value (for example train.steps=100)")
         key, raw = item.split("=", 1)
         if key.strip() in seen:  # e.g. an unquoted data.path={0..9}.tar that the shell expanded into several
-            raise ConfigError(key.strip(), "given twice on the command line (quote a value that the shell could "
-                                           "expand: data.path='shards/{00000..00009}.tar')")
+            raise ConfigError(
+                key.strip(),
+                "given twice on the command line (quote a value that the shell could "
+                "expand: data.path='shards/{00000..00009}.tar')",
+            )
         seen.add(key.strip())
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
@@ -62,7 +66,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key != "<<" and key in seen:
-                raise _DuplicateKey(f"the key {key!r} is given twice in one section (line {key_node.start_mark.line + 1})")
+                raise _DuplicateKey(
+                    f"the key {key!r} is given twice in one section (line {key_node.start_mark.line + 1})"
+                )
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -83,8 +89,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError("--config", f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
         data = {} if data is None else data
         if not isinstance(data, dict):
-            raise ConfigError("--config", f"{p} must hold a mapping of sections (run:, model:, train:, ...); "
-                                          f"it holds a {type(data).__name__}")
+            raise ConfigError(
+                "--config",
+                f"{p} must hold a mapping of sections (run:, model:, train:, ...); it holds a {type(data).__name__}",
+            )
     data = _merge(data, parse_overrides(list(overrides)))
     return config_from_dict(data)
 
@@ -100,8 +108,9 @@ def config_from_dict(data: dict) -> Config:
         total = sum(st.steps for st in cfg.stages)
         given = (data.get("train") or {}).get("steps")
         if given is not None and given != total:
-            raise ConfigError("train.steps", f"is {given} but the stages add up to {total} steps: leave it out "
-                                             f"or set it to their sum")
+            raise ConfigError(
+                "train.steps", f"is {given} but the stages add up to {total} steps: leave it out or set it to their sum"
+            )
         cfg.train.steps = total
     validate(cfg)
     return cfg

@@ -7,6 +7,7 @@ above it (if any); a section's introduction is its class docstring. So a new key
 the comment written beside it, and tests/test_config_reference.py fails when a key has none or when
 the committed page differs from this output.
 """
+
 from __future__ import annotations
 
 import ast

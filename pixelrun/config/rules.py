@@ -4,6 +4,7 @@ caption-field grammar. Validation needs them before any model or dataset exists,
 here lets the config package import no other pixelrun module (the layers: pixelrun/__init__.py);
 the modules that act on these values import them from here.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,9 @@ def span_for_depth(depth: int, start: int | None = None, end: int | None = None)
         raise ValueError(f"routing span end {end} is outside the model's blocks 0..{depth - 1}")
     if s > e:
         which = "start" if start is not None else "end"
-        raise ValueError(f"routing span start {s} is after its end {e} (inclusive span; "
-                         f"the {which} was given explicitly)")
+        raise ValueError(
+            f"routing span start {s} is after its end {e} (inclusive span; the {which} was given explicitly)"
+        )
     return s, e
 
 
@@ -141,6 +143,7 @@ def parse_captions(spec: str) -> list[tuple[str, float]]:
 
 
 # Checks shared by the derived values and validation: each names the key it rejects.
+
 
 def _choice(key, value, choices):
     if value not in choices:

@@ -6,6 +6,7 @@ values out, and a test keeps the two equal): one source for every default. The c
 above) each field is its help text in docs/configuration.md (pixelrun/config/reference.py reads
 this file).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -246,10 +247,15 @@ class StageConfig:
 
 
 # stage field -> (section, key) it overrides
-_STAGE_KEYS = {"resolution": ("data", "resolution"), "global_batch_size": ("train", "global_batch_size"),
-               "batch_size": ("train", "batch_size"), "repa_weight": ("repa", "weight"),
-               "lpips_weight": ("perceptual", "lpips_weight"), "dino_weight": ("perceptual", "dino_weight"),
-               "routing_ratio": ("routing", "ratio")}
+_STAGE_KEYS = {
+    "resolution": ("data", "resolution"),
+    "global_batch_size": ("train", "global_batch_size"),
+    "batch_size": ("train", "batch_size"),
+    "repa_weight": ("repa", "weight"),
+    "lpips_weight": ("perceptual", "lpips_weight"),
+    "dino_weight": ("perceptual", "dino_weight"),
+    "routing_ratio": ("routing", "ratio"),
+}
 
 
 @dataclass
@@ -277,6 +283,7 @@ class Config:
 # With the schema rather than in load.py: stage_plan (derived.py) builds each stage's config with
 # `_build`, validation calls stage_plan, and load.py must sit above validation to return only
 # validated configs.
+
 
 def _coerce(key: str, tp, value):
     origin = typing.get_origin(tp)
@@ -345,7 +352,9 @@ def _unknown_key(cls, prefix: str, key: str, value) -> ConfigError:
 
     typed = _as_typed(prefix, str(key), value)
     near = difflib.get_close_matches(typed, [prefix + k for k in _leaf_keys(cls)], n=1, cutoff=0.75)
-    hint = f"; did you mean {near[0]}?" if near else f" (known here: {', '.join(f.name for f in dataclasses.fields(cls))})"
+    hint = (
+        f"; did you mean {near[0]}?" if near else f" (known here: {', '.join(f.name for f in dataclasses.fields(cls))})"
+    )
     return ConfigError(typed, f"unknown key{hint}")
 
 

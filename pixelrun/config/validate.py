@@ -6,6 +6,7 @@ config with several errors always reports the same, first one. A check that comp
 against routing, evaluation steps against train.steps) sits in the section it reports, at its place
 in that order, rather than in a pass of its own that would change which error fires first.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,7 +77,10 @@ def _validate_objective(cfg: Config) -> None:
     _positive("objective.noise_scale", o.noise_scale)
     _positive("objective.time_shift", o.time_shift)
     _positive("objective.logit_std", o.logit_std)
-    for key, v in (("objective.uniform_fraction", o.uniform_fraction), ("objective.caption_dropout", o.caption_dropout)):
+    for key, v in (
+        ("objective.uniform_fraction", o.uniform_fraction),
+        ("objective.caption_dropout", o.caption_dropout),
+    ):
         if not 0 <= v <= 1:
             raise ConfigError(key, f"must be in [0, 1]; got {v}")
     if not 0 <= o.t_min < 1:
@@ -109,8 +113,11 @@ def _validate_perceptual(cfg: Config) -> None:
     if pc.lpips_weight > 0:
         side = min(min(hw) for hw in image_sizes(cfg)) * pc.lpips_scale
         if side < 18:  # VGG16's pooling (ST-LPIPS's blur-pool variant) needs at least 18 px
-            raise ConfigError("perceptual.lpips_scale", f"LPIPS would see {side:g} px images (smallest bucket side x "
-                                                       f"scale); VGG16 needs at least 18: raise the scale or the resolution")
+            raise ConfigError(
+                "perceptual.lpips_scale",
+                f"LPIPS would see {side:g} px images (smallest bucket side x "
+                f"scale); VGG16 needs at least 18: raise the scale or the resolution",
+            )
     if pc.max_t is not None and not 0 < pc.max_t <= 1:
         raise ConfigError("perceptual.max_t", f"must be in (0, 1] or null; got {pc.max_t}")
 
@@ -151,8 +158,10 @@ def _validate_train(cfg: Config) -> None:
     if t.global_batch_size is not None:
         _positive("train.global_batch_size", t.global_batch_size)
         if t.global_batch_size % t.batch_size:
-            raise ConfigError("train.global_batch_size", f"{t.global_batch_size} is not a multiple of the "
-                                                         f"micro-batch train.batch_size={t.batch_size}")
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{t.global_batch_size} is not a multiple of the micro-batch train.batch_size={t.batch_size}",
+            )
 
 
 def _validate_parallel(cfg: Config) -> None:
@@ -180,11 +189,14 @@ def _validate_sample(cfg: Config) -> None:
     s = cfg.sample
     _positive("sample.steps", s.steps)
     if s.guidance < 1 and s.guidance_mode != "none":  # below 1 the guide points away from the prompt
-        raise ConfigError("sample.guidance", f"must be >= 1 (1 = no guidance; larger follows the prompt more); "
-                                             f"got {s.guidance:g}")
+        raise ConfigError(
+            "sample.guidance", f"must be >= 1 (1 = no guidance; larger follows the prompt more); got {s.guidance:g}"
+        )
     _choice("sample.guidance_mode", s.guidance_mode, GUIDANCE_MODES)
     if s.guidance_mode == "self" and cfg.routing.ratio == 0:
-        raise ConfigError("sample.guidance_mode", "self-guidance contrasts a dense and a routed pass: set routing.ratio > 0")
+        raise ConfigError(
+            "sample.guidance_mode", "self-guidance contrasts a dense and a routed pass: set routing.ratio > 0"
+        )
     _choice("sample.spacing", s.spacing, SPACINGS)
     _positive("sample.shift", s.shift)
     _positive("sample.grid_prompts", s.grid_prompts, allow_zero=True)

@@ -1,6 +1,7 @@
 """Data sources. Every source yields `Batch` objects and can save / restore its position
 (`sources.BatchSource`); `sources.SOURCES` says what each value of `data.source` builds, checks,
 holds out for evaluation and shows on the sample grids."""
+
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor

@@ -8,6 +8,7 @@ counted, and its bucket keeps drawing until it is full again: a batch never shri
 Choosing a batch's items (`plan`) and decoding them (`build`) are separate steps, so worker
 processes can decode while this process keeps choosing (pixelrun/data/loader.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ class BucketedBatchSource:
     settings): worker processes run them on a copy of the source made when they started.
     """
 
-    def _init_batching(self, batch_size: int, buckets: list[tuple[int, int]], seed: int, rank: int,
-                       world_size: int) -> None:
+    def _init_batching(
+        self, batch_size: int, buckets: list[tuple[int, int]], seed: int, rank: int, world_size: int
+    ) -> None:
         if batch_size < 1 or not buckets:
             raise ValueError("need batch_size >= 1 and at least one bucket")
         if not 0 <= rank < world_size:
@@ -67,7 +69,7 @@ class BucketedBatchSource:
         of n seeded by (seed, epoch), so ranks never share an item within an epoch."""
         if self._share_epoch != epoch:
             perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-            self._share_epoch, self._share = epoch, perm[self.rank::self.world_size]
+            self._share_epoch, self._share = epoch, perm[self.rank :: self.world_size]
         return self._share
 
     def _enqueue(self, item, size: tuple[int, int]) -> None:
@@ -88,11 +90,11 @@ class BucketedBatchSource:
         while not (self._ready and len(self._fill[self._ready[0]]) >= self.batch_size):
             self._draw()
         k = self._ready[0]
-        return BucketPlan(k, self.buckets[k], self._fill[k][:self.batch_size])
+        return BucketPlan(k, self.buckets[k], self._fill[k][: self.batch_size])
 
     def _take(self, plan: BucketPlan) -> None:
         k = plan.bucket
-        del self._fill[k][:self.batch_size]
+        del self._fill[k][: self.batch_size]
         self._ready.pop(0)
         if len(self._fill[k]) >= self.batch_size:  # it overfilled while waiting in the queue
             self._ready.append(k)

@@ -4,6 +4,7 @@ A transformer on patches accepts any grid, but a batch must share one size. Buck
 token count (hence compute per step and memory) nearly constant while letting wide and tall images
 keep their framing instead of being centre-cropped to a square.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,7 @@ def resize_to_bucket(img: Image.Image, h: int, w: int) -> Image.Image:
     scale = max(h / H, w / W)
     cw, ch = w / scale, h / scale  # source region that maps onto the bucket
     left, top = (W - cw) / 2, (H - ch) / 2
-    return img.resize((w, h), Image.Resampling.LANCZOS, box=(left, top, left + cw, top + ch),
-                      reducing_gap=3.0)
+    return img.resize((w, h), Image.Resampling.LANCZOS, box=(left, top, left + cw, top + ch), reducing_gap=3.0)
 
 
 def to_array(img: Image.Image) -> np.ndarray:

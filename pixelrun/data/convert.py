@@ -33,6 +33,7 @@ activations overflow float16's range (65504), and bfloat16 keeps float32's. What
 embedding with a non-finite value stops the conversion with one line naming the sample (the
 reference's `SampleProcessor._remove_invalid_values` drops NaN latents silently instead).
 """
+
 from __future__ import annotations
 
 import io
@@ -102,8 +103,10 @@ class _Skips:
 def folder_images(root: Path) -> tuple[list[SourceImage], int]:
     """An image folder, with the captions ImageFolder finds; and how many images lacked one."""
     folder = ImageFolder(root)
-    items = [SourceImage(p, p.relative_to(folder.root).as_posix(), {"caption": c})
-             for p, c in zip(folder.paths, folder.captions)]
+    items = [
+        SourceImage(p, p.relative_to(folder.root).as_posix(), {"caption": c})
+        for p, c in zip(folder.paths, folder.captions)
+    ]
     return items, folder.missing_captions
 
 
@@ -143,8 +146,9 @@ class _Source:
     primary: tuple[str, ...] = _PRIMARY_CAPTION_KEYS  # caption fields `txt` is taken from, first present
 
 
-def _open_source(src: str, captions: str | None, image_column: str | None, split: str, limit: int | None,
-                 log: Callable[[str], None]) -> _Source:
+def _open_source(
+    src: str, captions: str | None, image_column: str | None, split: str, limit: int | None, log: Callable[[str], None]
+) -> _Source:
     from pixelrun.data.parquet import (
         choose_caption_columns,
         choose_image_column,
@@ -162,20 +166,30 @@ def _open_source(src: str, captions: str | None, image_column: str | None, split
         for note in memory_notes(files):
             log(note)
         rows = sum(f.rows for f in files)
-        items = table_rows(files, image, columns, limit,
-                           on_error=lambda what, n: skips.add("unreadable row group", what, n))
+        items = table_rows(
+            files, image, columns, limit, on_error=lambda what, n: skips.add("unreadable row group", what, n)
+        )
         fields = [f"json.{c}" for c, _ in columns]
         spec = ",".join(f if w == 1 else f"{f}:{w:g}" for f, (_, w) in zip(fields, columns))
-        info = {"source_kind": "table", "files": [str(f.path) for f in files][:1000], "file_count": len(files),
-                "rows": rows, "image_column": image, "caption_columns": dict(columns),
-                # data.captions for these shards: the columns with their weights (`txt` is the first present)
-                "captions": spec if len(columns) > 1 or columns[0][1] != 1 else None}
+        info = {
+            "source_kind": "table",
+            "files": [str(f.path) for f in files][:1000],
+            "file_count": len(files),
+            "rows": rows,
+            "image_column": image,
+            "caption_columns": dict(columns),
+            # data.captions for these shards: the columns with their weights (`txt` is the first present)
+            "captions": spec if len(columns) > 1 or columns[0][1] != 1 else None,
+        }
         total = min(rows, limit) if limit is not None else rows
         return _Source(items, total, skips, info, tuple(c for c, _ in columns))
     if captions is not None or image_column is not None:
         key = "--captions" if captions is not None else "--image-column"
-        raise ConfigError(key, "only for Parquet / Arrow tables and Hugging Face datasets (an image folder's captions "
-                               "are its .txt files or captions.jsonl; a manifest's are its string fields)")
+        raise ConfigError(
+            key,
+            "only for Parquet / Arrow tables and Hugging Face datasets (an image folder's captions "
+            "are its .txt files or captions.jsonl; a manifest's are its string fields)",
+        )
     path = Path(src)
     if path.is_dir():
         items, without_caption = folder_images(path)
@@ -219,8 +233,12 @@ def _caption_embeddings(encoder, samples: list[dict], dtype: str) -> None:
     """Add the caption embeddings to each sample: only the real tokens (the mask's True rows), which
     is what training pads back to max_tokens; txt always, a json field only when its text differs
     from txt's (training falls back to txt's). Refuses a non-finite value, naming the sample."""
-    jobs = [(s, name, text) for s in samples for name, text in _fields_of(s).items()
-            if name == "txt" or text != s.get("txt")]
+    jobs = [
+        (s, name, text)
+        for s in samples
+        for name, text in _fields_of(s).items()
+        if name == "txt" or text != s.get("txt")
+    ]
     if not jobs:
         return
     emb, mask = encoder.encode([text for _, _, text in jobs])
@@ -229,8 +247,11 @@ def _caption_embeddings(encoder, samples: list[dict], dtype: str) -> None:
         if not torch.isfinite(cast).all():
             where = f"sample {s['__key__']} ({s['json']['pixelrun']['source']}), caption field {name}"
             if dtype == "float16" and torch.isfinite(e[m]).all():
-                raise ConfigError("--embedding-dtype", f"{where}: its embedding exceeds float16's range (T5-family "
-                                                       f"encoders do); use --embedding-dtype bfloat16")
+                raise ConfigError(
+                    "--embedding-dtype",
+                    f"{where}: its embedding exceeds float16's range (T5-family "
+                    f"encoders do); use --embedding-dtype bfloat16",
+                )
             raise ConfigError("--text-encoder", f"{where}: the encoder's output has non-finite values")
         s[embedding_member(name)] = _npy(_stored_array(cast))
 
@@ -250,11 +271,25 @@ def format_bytes(n: float) -> str:
     return ""
 
 
-def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, shard_size: int = 1000,
-            image_format: str = "jpg", text_encoder: str | None = None, max_tokens: int = TextConfig.max_tokens,
-            progress: bool = True, workers: int = 0, captions: str | None = None, image_column: str | None = None,
-            limit: int | None = None, split: str = "train", embedding_dtype: str = "bfloat16",
-            max_pixels: int = DEFAULT_MAX_PIXELS, log: Callable[[str], None] | None = None) -> dict:
+def convert(
+    src: str | Path,
+    out: str | Path,
+    resolution: int,
+    patch: int = 32,
+    shard_size: int = 1000,
+    image_format: str = "jpg",
+    text_encoder: str | None = None,
+    max_tokens: int = TextConfig.max_tokens,
+    progress: bool = True,
+    workers: int = 0,
+    captions: str | None = None,
+    image_column: str | None = None,
+    limit: int | None = None,
+    split: str = "train",
+    embedding_dtype: str = "bfloat16",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Write the images of `src` as shards under `out`, each resized once to its aspect bucket at
     `resolution`. Returns the index it writes.
 
@@ -280,12 +315,31 @@ def convert(src: str | Path, out: str | Path, resolution: int, patch: int = 32, 
     with folder_lock(out, "--out", "pixelrun data convert"):
         removed = _remove_interrupted(out)
         if removed:
-            log(f"removed {removed} shard(s) left in {out} by a conversion that was stopped while moving them into place")
+            log(
+                f"removed {removed} shard(s) left in {out} by a conversion that was stopped while moving them into place"
+            )
         if any(out.glob("*.tar")):
             raise FileExistsError(f"{out} already holds .tar shards; convert into an empty folder")
-        return _convert_locked(src, out, resolution, patch, shard_size, image_format, text_encoder, max_tokens,
-                               progress, workers, captions, image_column, limit, split, embedding_dtype, max_pixels,
-                               buckets, log)
+        return _convert_locked(
+            src,
+            out,
+            resolution,
+            patch,
+            shard_size,
+            image_format,
+            text_encoder,
+            max_tokens,
+            progress,
+            workers,
+            captions,
+            image_column,
+            limit,
+            split,
+            embedding_dtype,
+            max_pixels,
+            buckets,
+            log,
+        )
 
 
 def _remove_interrupted(out: Path) -> int:
@@ -309,10 +363,26 @@ def _remove_interrupted(out: Path) -> int:
     return moved
 
 
-def _convert_locked(src: str, out: Path, resolution: int, patch: int, shard_size: int, image_format: str,
-                    text_encoder: str | None, max_tokens: int, progress: bool, workers: int, captions: str | None,
-                    image_column: str | None, limit: int | None, split: str, embedding_dtype: str, max_pixels: int,
-                    buckets, log) -> dict:
+def _convert_locked(
+    src: str,
+    out: Path,
+    resolution: int,
+    patch: int,
+    shard_size: int,
+    image_format: str,
+    text_encoder: str | None,
+    max_tokens: int,
+    progress: bool,
+    workers: int,
+    captions: str | None,
+    image_column: str | None,
+    limit: int | None,
+    split: str,
+    embedding_dtype: str,
+    max_pixels: int,
+    buckets,
+    log,
+) -> dict:
     from webdataset import ShardWriter
 
     source = _open_source(src, captions, image_column, split, limit, log)
@@ -323,14 +393,27 @@ def _convert_locked(src: str, out: Path, resolution: int, patch: int, shard_size
 
         encoder = TextEncoder(text_encoder, max_tokens)
         per_text = max_tokens * encoder.dim * np.dtype(EMBEDDING_STORAGE[embedding_dtype]).itemsize
-        log(f"text embeddings: {embedding_dtype}, at most {max_tokens} tokens x {encoder.dim} = "
+        log(
+            f"text embeddings: {embedding_dtype}, at most {max_tokens} tokens x {encoder.dim} = "
             f"{format_bytes(per_text)} per caption text (stored trimmed to its tokens; the average per sample is "
-            f"printed at the end)")
+            f"printed at the end)"
+        )
     partial = out / _PARTIAL
     partial.mkdir(parents=True)
     try:
-        written, stats = _write(source, partial, buckets, image_format, shard_size, encoder, embedding_dtype,
-                                max_pixels, workers, progress, ShardWriter)
+        written, stats = _write(
+            source,
+            partial,
+            buckets,
+            image_format,
+            shard_size,
+            encoder,
+            embedding_dtype,
+            max_pixels,
+            workers,
+            progress,
+            ShardWriter,
+        )
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
         raise
@@ -343,19 +426,40 @@ def _convert_locked(src: str, out: Path, resolution: int, patch: int, shard_size
     skips = source.skips
     image_skips = [n for reason, names in skips.names.items() if reason != NO_CAPTION for n in names]
     index = {
-        "format": "pixelrun-shards/1", "source": src, **source.info, "count": written,
-        "read": stats["read"], "skipped": dict(skips.counts), "skipped_names": skips.names,
-        "skipped_unreadable": skips.of_images(), "unreadable": image_skips[:_NAMES_KEPT],
-        "skipped_without_caption": skips.counts[NO_CAPTION], "resolution": resolution, "patch": patch,
-        "image_format": image_format, "shard_size": shard_size, "shards": shards,
+        "format": "pixelrun-shards/1",
+        "source": src,
+        **source.info,
+        "count": written,
+        "read": stats["read"],
+        "skipped": dict(skips.counts),
+        "skipped_names": skips.names,
+        "skipped_unreadable": skips.of_images(),
+        "unreadable": image_skips[:_NAMES_KEPT],
+        "skipped_without_caption": skips.counts[NO_CAPTION],
+        "resolution": resolution,
+        "patch": patch,
+        "image_format": image_format,
+        "shard_size": shard_size,
+        "shards": shards,
         "spec": f"{{{shards[0][:-4]}..{shards[-1][:-4]}}}.tar",
-        "buckets": dict(sorted(stats["buckets"].items())), "caption_fields": dict(sorted(stats["fields"].items())),
-        "bytes_per_sample": {"on_disk": round(disk / written), "image": round(stats["image_bytes"] / written),
-                             "text_embeddings": round(stats["embedding_bytes"] / written)},
-        "text_embeddings": None if encoder is None else {
-            "encoder": text_encoder, "fingerprint": _fingerprint(text_encoder), "max_tokens": max_tokens,
-            "dim": encoder.dim, "dtype": embedding_dtype, "member": "KEY.emb.FIELD.npy",
-            "stored_as": str(np.dtype(EMBEDDING_STORAGE[embedding_dtype]))},
+        "buckets": dict(sorted(stats["buckets"].items())),
+        "caption_fields": dict(sorted(stats["fields"].items())),
+        "bytes_per_sample": {
+            "on_disk": round(disk / written),
+            "image": round(stats["image_bytes"] / written),
+            "text_embeddings": round(stats["embedding_bytes"] / written),
+        },
+        "text_embeddings": None
+        if encoder is None
+        else {
+            "encoder": text_encoder,
+            "fingerprint": _fingerprint(text_encoder),
+            "max_tokens": max_tokens,
+            "dim": encoder.dim,
+            "dtype": embedding_dtype,
+            "member": "KEY.emb.FIELD.npy",
+            "stored_as": str(np.dtype(EMBEDDING_STORAGE[embedding_dtype])),
+        },
     }
     _move_into_place(partial, out, shards, index)
     return index
@@ -376,8 +480,19 @@ def _move_into_place(partial: Path, out: Path, shards: list[str], index: dict) -
     partial.rmdir()
 
 
-def _write(source: _Source, partial: Path, buckets, image_format: str, shard_size: int, encoder, embedding_dtype: str,
-           max_pixels: int, workers: int, progress: bool, writer_cls) -> tuple[int, dict]:
+def _write(
+    source: _Source,
+    partial: Path,
+    buckets,
+    image_format: str,
+    shard_size: int,
+    encoder,
+    embedding_dtype: str,
+    max_pixels: int,
+    workers: int,
+    progress: bool,
+    writer_cls,
+) -> tuple[int, dict]:
     """The writing loop: chunks of items decoded (in `workers` processes, in order), captions
     encoded, samples written. Returns (samples written, statistics)."""
     stats = {"read": 0, "buckets": Counter(), "fields": Counter(), "image_bytes": 0, "embedding_bytes": 0}
@@ -387,8 +502,10 @@ def _write(source: _Source, partial: Path, buckets, image_format: str, shard_siz
     items = iter(source.items)
     try:
         # mtime 0: the same source gives the same bytes (whatever the date or the number of workers)
-        with writer_cls(str(partial / "%05d.tar"), maxcount=shard_size, verbose=0, mtime=0) as writer, \
-                tqdm(total=source.total, desc="convert", unit="img", disable=not progress) as bar:
+        with (
+            writer_cls(str(partial / "%05d.tar"), maxcount=shard_size, verbose=0, mtime=0) as writer,
+            tqdm(total=source.total, desc="convert", unit="img", disable=not progress) as bar,
+        ):
             while chunk := list(itertools.islice(items, _CHUNK)):
                 stats["read"] += len(chunk)
                 usable = []
@@ -410,8 +527,14 @@ def _write(source: _Source, partial: Path, buckets, image_format: str, shard_siz
                     _caption_embeddings(encoder, samples, embedding_dtype)
                 for sample in samples:
                     stats["buckets"]["x".join(map(str, sample["json"]["pixelrun"]["bucket"]))] += 1
-                    stats["fields"].update(caption_fields({"txt": sample["txt"].encode(),  # as training sees them
-                                                           "json": json.dumps(sample["json"]).encode()}).keys())
+                    stats["fields"].update(
+                        caption_fields(
+                            {
+                                "txt": sample["txt"].encode(),  # as training sees them
+                                "json": json.dumps(sample["json"]).encode(),
+                            }
+                        ).keys()
+                    )
                     stats["image_bytes"] += len(sample[image_format])
                     stats["embedding_bytes"] += sum(len(v) for k, v in sample.items() if k.startswith("emb."))
                     writer.write(sample)
@@ -427,8 +550,10 @@ def skip_text(counts: dict[str, int], names: dict[str, list[str]], read: int) ->
     """What was skipped, by reason, each with its first name (file and row for tables): one line."""
     if not counts:
         return "skipped nothing"
-    parts = [f"{n} {reason}" + (f" (first: {names[reason][0]})" if names.get(reason) else "")
-             for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    parts = [
+        f"{n} {reason}" + (f" (first: {names[reason][0]})" if names.get(reason) else "")
+        for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])
+    ]
     return f"skipped {sum(counts.values())} of {read}: " + ", ".join(parts)
 
 
@@ -438,8 +563,9 @@ def _fingerprint(text_encoder: str) -> str:
     return encoder_fingerprint(text_encoder)
 
 
-def _resized_sample(item: SourceImage, buckets: list[tuple[int, int]], image_format: str,
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> dict | str:
+def _resized_sample(
+    item: SourceImage, buckets: list[tuple[int, int]], image_format: str, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> dict | str:
     """One sample to write (without its key and txt), or why the image cannot be used."""
     if item.data is None and item.path is None:
         return "without an image"
@@ -457,30 +583,46 @@ def _resized_sample(item: SourceImage, buckets: list[tuple[int, int]], image_for
     if im is None:
         return "image does not decode"
     meta = {"original_size": list(size), "bucket": list(bucket), "source": item.name}
-    return {image_format: _encode_image(resize_to_bucket(im, *bucket), image_format),
-            "json": {**item.captions, "pixelrun": meta}}
+    return {
+        image_format: _encode_image(resize_to_bucket(im, *bucket), image_format),
+        "json": {**item.captions, "pixelrun": meta},
+    }
 
 
 # ----------------------------------------------------------------------------- inspect
 
+
 def _length_stats(values: list[int]) -> dict:
-    return {"min": min(values), "mean": round(statistics.fmean(values), 2), "median": statistics.median(values),
-            "max": max(values)}
+    return {
+        "min": min(values),
+        "mean": round(statistics.fmean(values), 2),
+        "median": statistics.median(values),
+        "max": max(values),
+    }
 
 
 def _thumbnail(im: Image.Image, tile: int) -> np.ndarray:
     """The image scaled to fit a white tile x tile square (the contact sheet needs one size);
     enlarged with nearest neighbours, so small training images show their real pixels."""
     scale = tile / max(im.size)
-    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                   Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+    im = im.resize(
+        (max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+        Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS,
+    )
     canvas = Image.new("RGB", (tile, tile), (255, 255, 255))
     canvas.paste(im, ((tile - im.width) // 2, (tile - im.height) // 2))
     return np.asarray(canvas)
 
 
-def inspect_shards(spec: str, contact_sheet: str | Path | None = None, n: int = 64, resolution: int | None = None,
-                   patch: int = 32, tile: int = 128, progress: bool = True) -> dict:
+def inspect_shards(
+    spec: str,
+    contact_sheet: str | Path | None = None,
+    n: int = 64,
+    resolution: int | None = None,
+    patch: int = 32,
+    tile: int = 128,
+    progress: bool = True,
+) -> dict:
     """Read every sample of the shards: counts per bucket, caption length statistics per caption
     field, broken samples (no image, unreadable image header, no caption, read errors), stored
     embeddings; and optionally a contact sheet PNG of the first n usable samples.
@@ -518,59 +660,91 @@ def inspect_shards(spec: str, contact_sheet: str | Path | None = None, n: int = 
             for name, text in captions.items():
                 chars.setdefault(name, []).append(len(text))
                 words.setdefault(name, []).append(len(text.split()))
-            embedded.update(k[len("emb."):-len(".npy")] for k in sample if k.startswith("emb.") and k.endswith(".npy"))
+            embedded.update(
+                k[len("emb.") : -len(".npy")] for k in sample if k.startswith("emb.") and k.endswith(".npy")
+            )
             if contact_sheet is not None and len(sheet) < n:
                 im = load_rgb(io.BytesIO(sample[ext]))
                 if im is not None:
                     sheet.append((_thumbnail(im, tile), next(iter(captions.values()))))
     bar.close()
     report = {
-        "spec": spec, "shards": len(urls), "samples": count, "broken": len(broken), "broken_examples": broken[:5],
-        "buckets": dict(sorted(sizes.items())), "buckets_of": f"{resolution}px, patch {patch}" if buckets else "stored sizes",
-        "captions": {f: {"count": len(chars[f]), "chars": _length_stats(chars[f]), "words": _length_stats(words[f])}
-                     for f in sorted(chars)},
-        "embeddings": {"fields": dict(sorted(embedded.items())),
-                       "encoder": ((index or {}).get("text_embeddings") or {}).get("fingerprint"),
-                       "dtype": ((index or {}).get("text_embeddings") or {}).get("dtype")},
+        "spec": spec,
+        "shards": len(urls),
+        "samples": count,
+        "broken": len(broken),
+        "broken_examples": broken[:5],
+        "buckets": dict(sorted(sizes.items())),
+        "buckets_of": f"{resolution}px, patch {patch}" if buckets else "stored sizes",
+        "captions": {
+            f: {"count": len(chars[f]), "chars": _length_stats(chars[f]), "words": _length_stats(words[f])}
+            for f in sorted(chars)
+        },
+        "embeddings": {
+            "fields": dict(sorted(embedded.items())),
+            "encoder": ((index or {}).get("text_embeddings") or {}).get("fingerprint"),
+            "dtype": ((index or {}).get("text_embeddings") or {}).get("dtype"),
+        },
         # how the shards were written (index.json of `pixelrun data convert`), when known
-        "converted": {k: index[k] for k in ("source", "caption_columns", "captions", "resolution", "patch",
-                                            "bytes_per_sample", "skipped") if k in index} if index else None,
+        "converted": {
+            k: index[k]
+            for k in ("source", "caption_columns", "captions", "resolution", "patch", "bytes_per_sample", "skipped")
+            if k in index
+        }
+        if index
+        else None,
     }
     if contact_sheet is not None and sheet:
         from pixelrun.infra.grids import save_grid
 
-        report["contact_sheet"] = str(save_grid(np.stack([a for a, _ in sheet]), [c for _, c in sheet],
-                                                contact_sheet, tile=tile, columns=8))
+        report["contact_sheet"] = str(
+            save_grid(np.stack([a for a, _ in sheet]), [c for _, c in sheet], contact_sheet, tile=tile, columns=8)
+        )
     return report
 
 
 def format_report(r: dict) -> str:
     """The inspect_shards report as lines for a terminal."""
-    lines = [f"{r['spec']}: {r['shards']} shard(s), {r['samples']} samples, {r['broken']} broken"
-             + (f" (first: {r['broken_examples'][0]})" if r["broken"] else "")]
-    lines.append(f"buckets ({r['buckets_of']}), HxW: samples: " + ", ".join(f"{k}: {v}" for k, v in r["buckets"].items()))
-    lines.append(f"{'caption field':<24}{'samples':>8}  {'chars min/mean/median/max':>28}  {'words min/mean/median/max':>28}")
+    lines = [
+        f"{r['spec']}: {r['shards']} shard(s), {r['samples']} samples, {r['broken']} broken"
+        + (f" (first: {r['broken_examples'][0]})" if r["broken"] else "")
+    ]
+    lines.append(
+        f"buckets ({r['buckets_of']}), HxW: samples: " + ", ".join(f"{k}: {v}" for k, v in r["buckets"].items())
+    )
+    lines.append(
+        f"{'caption field':<24}{'samples':>8}  {'chars min/mean/median/max':>28}  {'words min/mean/median/max':>28}"
+    )
     for name, s in r["captions"].items():
         c, w = s["chars"], s["words"]
-        lines.append(f"{name:<24}{s['count']:>8}  {'%d / %.1f / %g / %d' % (c['min'], c['mean'], c['median'], c['max']):>28}"
-                     f"  {'%d / %.1f / %g / %d' % (w['min'], w['mean'], w['median'], w['max']):>28}")
+        lines.append(
+            f"{name:<24}{s['count']:>8}  {'%d / %.1f / %g / %d' % (c['min'], c['mean'], c['median'], c['max']):>28}"
+            f"  {'%d / %.1f / %g / %d' % (w['min'], w['mean'], w['median'], w['max']):>28}"
+        )
     conv = r.get("converted") or {}
     if conv.get("caption_columns"):
-        lines.append("caption columns at conversion (weight): " + ", ".join(
-            f"{c} ({w:g})" for c, w in conv["caption_columns"].items())
-            + (f"; train with data.captions={conv['captions']}" if conv.get("captions") else ""))
+        lines.append(
+            "caption columns at conversion (weight): "
+            + ", ".join(f"{c} ({w:g})" for c, w in conv["caption_columns"].items())
+            + (f"; train with data.captions={conv['captions']}" if conv.get("captions") else "")
+        )
     emb = r["embeddings"]
     if emb["fields"]:
-        lines.append(f"text embeddings: {emb['encoder'] or 'encoder unknown (no index.json)'}"
-                     + (f", {emb['dtype']}" if emb.get("dtype") else "") + "; samples per stored field: "
-                     + ", ".join(f"{k}: {v}" for k, v in emb["fields"].items())
-                     + " (a json field equal to txt uses txt's)")
+        lines.append(
+            f"text embeddings: {emb['encoder'] or 'encoder unknown (no index.json)'}"
+            + (f", {emb['dtype']}" if emb.get("dtype") else "")
+            + "; samples per stored field: "
+            + ", ".join(f"{k}: {v}" for k, v in emb["fields"].items())
+            + " (a json field equal to txt uses txt's)"
+        )
     else:
         lines.append("text embeddings: none")
     if conv.get("bytes_per_sample"):
         b = conv["bytes_per_sample"]
-        lines.append(f"bytes per sample: {format_bytes(b['on_disk'])} on disk (image {format_bytes(b['image'])}, "
-                     f"text embeddings {format_bytes(b['text_embeddings'])})")
+        lines.append(
+            f"bytes per sample: {format_bytes(b['on_disk'])} on disk (image {format_bytes(b['image'])}, "
+            f"text embeddings {format_bytes(b['text_embeddings'])})"
+        )
     if "contact_sheet" in r:
         lines.append(f"contact sheet: {r['contact_sheet']}")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ centred on white (no cropping).
 A fixed set of `EVAL_COUNT` emoji (a permutation with a constant seed) is held out of training and
 gives the sample-grid prompts.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,13 @@ from pixelrun.data.folder import _to_rgb
 
 EVAL_COUNT = 64  # emoji held out of "train"; their captions are the fixed grid prompts
 _HELD_OUT_SEED = 1234  # the held-out choice never depends on the run's seed
-_TONES = {"1f3fb": "light skin tone", "1f3fc": "medium-light skin tone", "1f3fd": "medium skin tone",
-          "1f3fe": "medium-dark skin tone", "1f3ff": "dark skin tone"}
+_TONES = {
+    "1f3fb": "light skin tone",
+    "1f3fc": "medium-light skin tone",
+    "1f3fd": "medium skin tone",
+    "1f3fe": "medium-dark skin tone",
+    "1f3ff": "dark skin tone",
+}
 _ZWJ, _VS16 = "200d", "fe0f"
 
 
@@ -158,8 +164,15 @@ class EmojiBatchSource(CountedBatchSource):
     drawn from (seed, k), so all ranks use the same size in step k.
     """
 
-    def __init__(self, seed: int, batch_size: int, sizes: list[tuple[int, int]], rank: int = 0,
-                 world_size: int = 1, split: str = "train"):
+    def __init__(
+        self,
+        seed: int,
+        batch_size: int,
+        sizes: list[tuple[int, int]],
+        rank: int = 0,
+        world_size: int = 1,
+        split: str = "train",
+    ):
         if batch_size < 1 or not sizes:
             raise ValueError("need batch_size >= 1 and at least one (height, width) bucket")
         if not 0 <= rank < world_size:
@@ -188,7 +201,6 @@ class EmojiBatchSource(CountedBatchSource):
             return self.sizes[0]
         rng = np.random.default_rng([self.seed, 0xB0C4E7, k])
         return self.sizes[int(rng.integers(len(self.sizes)))]
-
 
 
 def fixed_prompts(n: int) -> list[str]:

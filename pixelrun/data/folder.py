@@ -4,6 +4,7 @@ Real folders contain surprises (CMYK JPEGs, 16-bit PNGs, transparency, truncated
 non-images with image names, decompression bombs). One bad file must never stop a multi-day
 run, so loading returns None instead of raising, and the batch source skips, counts and replaces.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # RGB (copy), L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_rgb(path: str | os.PathLike | IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS,
-             target: tuple[int, int] | None = None) -> Image.Image | None:
+def load_rgb(
+    path: str | os.PathLike | IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS, target: tuple[int, int] | None = None
+) -> Image.Image | None:
     """Decode `path` (a file, or a binary file object) into an upright 8-bit RGB image, or None if
     it cannot be used.
 
@@ -106,8 +108,13 @@ class ImageFolder:
     cached, so building the index of a big folder costs one directory walk, not one open per file.
     """
 
-    def __init__(self, root: str | os.PathLike, exts: tuple[str, ...] = IMAGE_EXTS,
-                 captions_file: str = "captions.jsonl", max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        exts: tuple[str, ...] = IMAGE_EXTS,
+        captions_file: str = "captions.jsonl",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.root = Path(root)
         self.max_pixels = max_pixels
         if not self.root.is_dir():
@@ -135,7 +142,8 @@ class ImageFolder:
             raise NoUsableData(
                 f"image folder {str(self.root)!r} has no usable items: no {'/'.join(exts)} file "
                 f"with a caption ({self.missing_captions} image(s) lacked a .txt caption or an "
-                f"entry in {captions_file})")
+                f"entry in {captions_file})"
+            )
         self._sizes: dict[int, tuple[int, int] | None] = {}
 
     def _read_jsonl(self, path: Path) -> dict[str, str]:
@@ -167,9 +175,11 @@ class ImageFolder:
         """One line about malformed caption lines (None when there are none), for the start of a run."""
         if not self.bad_caption_lines:
             return None
-        return (f"warning: {self.captions_file}: {self.bad_caption_lines} malformed line(s) skipped, the first "
-                f"at line {self.first_bad_caption_line} (each line must be a JSON object with a \"file\", "
-                f"\"image\" or \"file_name\" string and a \"caption\" or \"text\" string)")
+        return (
+            f"warning: {self.captions_file}: {self.bad_caption_lines} malformed line(s) skipped, the first "
+            f'at line {self.first_bad_caption_line} (each line must be a JSON object with a "file", '
+            f'"image" or "file_name" string and a "caption" or "text" string)'
+        )
 
     @staticmethod
     def _read_txt(path: Path) -> str | None:
@@ -208,12 +218,18 @@ class FolderBatchSource(BucketedBatchSource):
     object chose, so the batches and the saved position are the same for any number of them.
     """
 
-    def __init__(self, folder: ImageFolder, batch_size: int, buckets: list[tuple[int, int]],
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        folder: ImageFolder,
+        batch_size: int,
+        buckets: list[tuple[int, int]],
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self._init_batching(batch_size, buckets, seed, rank, world_size)
         if len(folder) < world_size:
-            raise ValueError(f"{folder.root}: {len(folder)} item(s) cannot be split over "
-                             f"{world_size} ranks")
+            raise ValueError(f"{folder.root}: {len(folder)} item(s) cannot be split over {world_size} ranks")
         self.folder = folder
         self.epoch, self.cursor = 0, 0
         self._bad: set[int] = set()  # item indices
@@ -222,8 +238,9 @@ class FolderBatchSource(BucketedBatchSource):
         self._bad.add(i)
         self._count_skip(str(self.folder.paths[i]))
         if len(self._bad) == len(self.folder):
-            raise NoUsableData(f"no image under {self.folder.root} could be loaded "
-                               f"(first failures: {self.skipped_paths[:5]})")
+            raise NoUsableData(
+                f"no image under {self.folder.root} could be loaded (first failures: {self.skipped_paths[:5]})"
+            )
 
     def _draw(self) -> None:
         """Move the next item of this rank's stream into its bucket."""
@@ -256,17 +273,19 @@ class FolderBatchSource(BucketedBatchSource):
         queue of full buckets and the known-bad items. Loading it into a source built on the same
         folder and settings continues with exactly the batches the original would have produced."""
         return {
-            "epoch": self.epoch, "cursor": self.cursor,
-            "fill": [list(f) for f in self._fill], "ready": list(self._ready),
-            "bad": sorted(self._bad), "skipped": self.skipped,
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "fill": [list(f) for f in self._fill],
+            "ready": list(self._ready),
+            "bad": sorted(self._bad),
+            "skipped": self.skipped,
             "skipped_paths": list(self.skipped_paths),
             "check": self._check(),
         }
 
     def _load_position(self, state: dict) -> None:
         if state["check"] != self._check():
-            raise ValueError(f"state was saved with different settings: {state['check']} "
-                             f"vs {self._check()}")
+            raise ValueError(f"state was saved with different settings: {state['check']} vs {self._check()}")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._ready = list(map(int, state["ready"]))
         self._bad = set(map(int, state["bad"]))
@@ -280,6 +299,11 @@ class FolderBatchSource(BucketedBatchSource):
     def _check(self) -> dict:
         """Settings a saved position is only valid for (a different folder or seed would silently
         reinterpret the indices)."""
-        return {"n": len(self.folder), "batch_size": self.batch_size,
-                "buckets": [list(b) for b in self.buckets], "seed": self.seed,
-                "rank": self.rank, "world_size": self.world_size}
+        return {
+            "n": len(self.folder),
+            "batch_size": self.batch_size,
+            "buckets": [list(b) for b in self.buckets],
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }

@@ -22,6 +22,7 @@ whose pixels do not), the source goes back to `before`, rejects the items as N =
 again from there; the results of the plans made after it are dropped when they arrive. Broken files
 are rare, so the wasted work is too.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -129,10 +130,15 @@ class WorkerLoader:
 
     def _start(self):
         loader = torch.utils.data.DataLoader(
-            _Plans(self.source), batch_size=None, sampler=_PlanStream(self.source, self._inflight),
+            _Plans(self.source),
+            batch_size=None,
+            sampler=_PlanStream(self.source, self._inflight),
             num_workers=self.workers,
-            collate_fn=_as_is, pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-            worker_init_fn=_worker_init)
+            collate_fn=_as_is,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+            worker_init_fn=_worker_init,
+        )
         # Started with Ctrl-C and SIGTERM blocked, so a signal can never reach a worker before it
         # ignores them; here they stay pending (or go to another thread) and are handled as usual.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _QUIET)

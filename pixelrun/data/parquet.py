@@ -20,6 +20,7 @@ the largest row group's bytes, whatever the file size: `datasets` writes row gro
 100 MB (`datasets.config.MAX_ROW_GROUP_SIZE`; older versions 100 rows for images, as in
 FLUX-Reason-6M's files); a file written with huge row groups is reported before the work starts.
 """
+
 from __future__ import annotations
 
 import glob as globlib
@@ -54,6 +55,7 @@ class TableFile:
 
 # ----------------------------------------------------------------------------- what --src names
 
+
 def _is_table_part(part: str) -> bool:
     p = Path(part)
     if p.is_file():
@@ -62,7 +64,8 @@ def _is_table_part(part: str) -> bool:
         # Two levels down is where the Hub puts them (data/train-*.parquet, Subset/part-*.parquet);
         # an image folder is not walked in full just to find out.
         return any((p / marker).is_file() for marker in ("state.json", "dataset_dict.json")) or any(
-            next(p.glob(pattern), None) is not None for pattern in ("*.parquet", "*/*.parquet", "*/*/*.parquet"))
+            next(p.glob(pattern), None) is not None for pattern in ("*.parquet", "*/*.parquet", "*/*/*.parquet")
+        )
     return bool(_GLOB_CHARS & set(part)) or bool(_HUB_ID.match(part))
 
 
@@ -134,18 +137,26 @@ def _hub_dataset(name: str, split: str) -> list[TableFile]:
     try:
         import datasets
     except ImportError:
-        raise ConfigError("--src", f"{name} is not a local path; reading it as a Hugging Face dataset id needs the "
-                                   f"datasets package: pip install 'pixelrun[hub]' (or download the Parquet files and "
-                                   f"pass their folder)") from None
+        raise ConfigError(
+            "--src",
+            f"{name} is not a local path; reading it as a Hugging Face dataset id needs the "
+            f"datasets package: pip install 'pixelrun[hub]' (or download the Parquet files and "
+            f"pass their folder)",
+        ) from None
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, no such dataset, no such split: datasets' own words
-        raise ConfigError("--src", f"{name} is no local path, and datasets could not load it as a Hub dataset "
-                                   f"(split {split!r}): {_first_line(e)}") from None
+        raise ConfigError(
+            "--src",
+            f"{name} is no local path, and datasets could not load it as a Hub dataset "
+            f"(split {split!r}): {_first_line(e)}",
+        ) from None
     files = [Path(f["filename"]) for f in ds.cache_files]
     if not files:
-        raise ConfigError("--src", f"datasets loaded {name} into memory, not into cache files; save it with "
-                                   f"save_to_disk and pass that folder")
+        raise ConfigError(
+            "--src",
+            f"datasets loaded {name} into memory, not into cache files; save it with save_to_disk and pass that folder",
+        )
     return [_arrow(f) for f in files]
 
 
@@ -156,14 +167,16 @@ def _resolve_part(part: str, split: str) -> list[TableFile]:
     if p.is_dir():
         if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
             return _saved_dataset(p, split)
-        found = sorted(f for f in p.rglob("*.parquet")
-                       if not any(s.startswith(".") for s in f.relative_to(p).parts))
+        found = sorted(f for f in p.rglob("*.parquet") if not any(s.startswith(".") for s in f.relative_to(p).parts))
         if not found:
             raise ConfigError("--src", f"no .parquet files under {part}")
         return [_parquet(f) for f in found]
     if _GLOB_CHARS & set(part):
-        matches = [Path(m) for m in sorted(globlib.glob(part, recursive=True))
-                   if m.endswith((".parquet", ".arrow")) and os.path.isfile(m)]
+        matches = [
+            Path(m)
+            for m in sorted(globlib.glob(part, recursive=True))
+            if m.endswith((".parquet", ".arrow")) and os.path.isfile(m)
+        ]
         if not matches:
             raise ConfigError("--src", f"{part!r} matches no .parquet or .arrow file")
         return [_parquet(m) if m.suffix == ".parquet" else _arrow(m) for m in matches]
@@ -177,12 +190,14 @@ def resolve_tables(src: str, split: str = "train") -> list[TableFile]:
 
 # ----------------------------------------------------------------------------- columns
 
+
 def _is_text(t) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _is_image_like(t) -> bool:
     """Binary, or a struct with a binary `bytes` field (the `datasets` Image feature's storage)."""
+
     def binary(u) -> bool:
         return pa.types.is_binary(u) or pa.types.is_large_binary(u)
 
@@ -198,8 +213,11 @@ def _hf_image_features(schema) -> list[str]:
         features = json.loads(raw)["info"]["features"] if raw else {}
     except (ValueError, KeyError, TypeError):
         return []
-    return [name for name, feat in features.items()
-            if isinstance(feat, dict) and feat.get("_type") == "Image" and name in schema.names]
+    return [
+        name
+        for name, feat in features.items()
+        if isinstance(feat, dict) and feat.get("_type") == "Image" and name in schema.names
+    ]
 
 
 def _columns_text(schema) -> str:
@@ -213,17 +231,23 @@ def choose_image_column(files: list[TableFile], name: str | None) -> str:
         schema = files[0].schema
         candidates = _hf_image_features(schema) or [f.name for f in schema if _is_image_like(f.type)]
         if not candidates:
-            raise ConfigError("--image-column", f"{files[0].path} has no image column (an Image feature, binary or "
-                                                f"{{bytes, path}}); its columns: {_columns_text(schema)}")
+            raise ConfigError(
+                "--image-column",
+                f"{files[0].path} has no image column (an Image feature, binary or "
+                f"{{bytes, path}}); its columns: {_columns_text(schema)}",
+            )
         name = candidates[0]
     for f in files:
         if name not in f.schema.names:
-            raise ConfigError("--image-column", f"{f.path} has no column {name!r}; its columns: "
-                                                f"{_columns_text(f.schema)}")
+            raise ConfigError(
+                "--image-column", f"{f.path} has no column {name!r}; its columns: {_columns_text(f.schema)}"
+            )
         t = f.schema.field(name).type
         if not (_is_image_like(t) or _is_text(t)):
-            raise ConfigError("--image-column", f"column {name!r} of {f.path} is {str(t)}: neither image bytes, "
-                                                f"a {{bytes, path}} struct nor a path")
+            raise ConfigError(
+                "--image-column",
+                f"column {name!r} of {f.path} is {str(t)}: neither image bytes, a {{bytes, path}} struct nor a path",
+            )
     return name
 
 
@@ -236,9 +260,12 @@ def choose_caption_columns(files: list[TableFile], spec: str | None) -> list[tup
     if spec is None:
         column = next((c for c in PRIMARY_CAPTION_COLUMNS if c in text_columns), None)
         if column is None:
-            raise ConfigError("--captions", f"no column named {', '.join(PRIMARY_CAPTION_COLUMNS)}: name the caption "
-                                            f"columns, e.g. --captions {text_columns[0] if text_columns else 'NAME'} "
-                                            f"(text columns: {listing})")
+            raise ConfigError(
+                "--captions",
+                f"no column named {', '.join(PRIMARY_CAPTION_COLUMNS)}: name the caption "
+                f"columns, e.g. --captions {text_columns[0] if text_columns else 'NAME'} "
+                f"(text columns: {listing})",
+            )
         return [(column, 1.0)]
     try:
         columns = parse_weights(spec)
@@ -247,16 +274,19 @@ def choose_caption_columns(files: list[TableFile], spec: str | None) -> list[tup
     for column, _ in columns:
         holders = [f for f in files if column in f.schema.names]
         if not holders:
-            raise ConfigError("--captions", f"column {column!r} is in none of the {len(files)} file(s) "
-                                            f"(text columns: {listing})")
+            raise ConfigError(
+                "--captions", f"column {column!r} is in none of the {len(files)} file(s) (text columns: {listing})"
+            )
         for f in holders:
             if not _is_text(f.schema.field(column).type):
-                raise ConfigError("--captions", f"column {column!r} of {f.path} is "
-                                                f"{str(f.schema.field(column).type)}, not text")
+                raise ConfigError(
+                    "--captions", f"column {column!r} of {f.path} is {str(f.schema.field(column).type)}, not text"
+                )
     return columns
 
 
 # ----------------------------------------------------------------------------- rows
+
 
 def _record_batches(f: TableFile, columns: list[str], on_error: Callable[[str, int], None]) -> Iterator:
     """(index of its first row in the file, record batch of at most READ_ROWS rows), one row group
@@ -313,8 +343,13 @@ def _local_image(path: str | None, table: Path) -> Path | None:
     return None
 
 
-def table_rows(files: list[TableFile], image_column: str, captions: list[tuple[str, float]],
-               limit: int | None, on_error: Callable[[str, int], None]) -> Iterator[SourceImage]:
+def table_rows(
+    files: list[TableFile],
+    image_column: str,
+    captions: list[tuple[str, float]],
+    limit: int | None,
+    on_error: Callable[[str, int], None],
+) -> Iterator[SourceImage]:
     """One SourceImage per row, in file and row order (at most `limit` rows): the image bytes (or a
     local path), every non-empty caption column under its name, and `FILE row N` as its name."""
     seen = 0
@@ -338,5 +373,7 @@ def memory_notes(files: list[TableFile]) -> list[str]:
     big = max(files, key=lambda f: f.largest_group)
     if big.largest_group <= BIG_ROW_GROUP:
         return []
-    return [f"note: {big.path} has row groups of up to {big.largest_group / 2**30:.1f} GiB; pyarrow reads a row "
-            f"group whole, so memory peaks at about twice that"]
+    return [
+        f"note: {big.path} has row groups of up to {big.largest_group / 2**30:.1f} GiB; pyarrow reads a row "
+        f"group whole, so memory peaks at about twice that"
+    ]

@@ -5,6 +5,7 @@ count) and renders with exact, documented geometry so that `pixelrun.evaluation.
 generated image against the caption it was prompted with. Every sample is a pure function of
 (seed, split, index), so runs, ranks and resumptions all see the same data.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,9 +34,15 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 KINDS: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: dict[str, float] = {"small": 0.16, "large": 0.28}  # d as a fraction of the shorter side
 CELLS: list[str] = [  # row-major: index = row * 3 + col
-    "in the top left", "at the top", "in the top right",
-    "on the left", "in the center", "on the right",
-    "in the bottom left", "at the bottom", "in the bottom right",
+    "in the top left",
+    "at the top",
+    "in the top right",
+    "on the left",
+    "in the center",
+    "on the right",
+    "in the bottom left",
+    "at the bottom",
+    "in the bottom right",
 ]
 JITTER = 0.03  # max centre offset per axis, as a fraction of the shorter side
 OTHER_DISTANCE = 80.0  # pixels farther than this from every palette colour are "other"
@@ -93,9 +100,7 @@ def _alt(words) -> str:
     return "|".join(re.escape(w) for w in words)
 
 
-_SHAPE_RE = re.compile(
-    rf"a ({_alt(SIZES)}) ({_alt(COLOURS)}) ({_alt(KINDS)}) ({_alt(CELLS)})"
-)
+_SHAPE_RE = re.compile(rf"a ({_alt(SIZES)}) ({_alt(COLOURS)}) ({_alt(KINDS)}) ({_alt(CELLS)})")
 _CAPTION_RE = re.compile(rf"(.+) on a ({_alt(BACKGROUNDS)}) background")
 
 
@@ -109,9 +114,7 @@ def parse_caption(text: str) -> SceneSpec:
     for part in m.group(1).split(" and "):
         sm = _SHAPE_RE.fullmatch(part)
         if not sm:
-            raise ValueError(
-                f"not a shapes caption: {part!r} is not 'a <size> <colour> <kind> <position>' in {text!r}"
-            )
+            raise ValueError(f"not a shapes caption: {part!r} is not 'a <size> <colour> <kind> <position>' in {text!r}")
         size, colour, kind, position = sm.groups()
         shapes.append(ShapeSpec(kind, colour, size, CELLS.index(position)))
     if len({s.colour for s in shapes}) < len(shapes) or len({s.cell for s in shapes}) < len(shapes):
@@ -170,7 +173,7 @@ def render(scene: SceneSpec, height: int, width: int) -> np.ndarray:
         blend = cov * colour + (1 - cov) * under
         label = classify_pixels(np.round(blend), scene.background)
         ok = np.isin(label, [colour_ids.index(shape.colour), 6, 7])
-        ok |= (classify_pixels(np.round(under), scene.background) == label)
+        ok |= classify_pixels(np.round(under), scene.background) == label
         cov = np.where(ok[..., None], cov, np.round(cov))
         img[y0:y1, x0:x1] = cov * colour + (1 - cov) * under
     return np.round(img).astype(np.uint8)
@@ -199,8 +202,16 @@ class ShapesBatchSource(CountedBatchSource):
     buckets, batch k's bucket is drawn from (seed, k), so all ranks use the same size in step k.
     """
 
-    def __init__(self, seed: int, split: str, batch_size: int, sizes: list[tuple[int, int]],
-                 max_shapes: int = 2, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        seed: int,
+        split: str,
+        batch_size: int,
+        sizes: list[tuple[int, int]],
+        max_shapes: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not sizes:
             raise ValueError("sizes needs at least one (height, width) bucket")
         if not 0 <= rank < world_size:

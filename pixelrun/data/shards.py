@@ -18,6 +18,7 @@ still have samples waiting in a bucket) but decodes nothing twice.
 another epoch. A field the sample lacks (or holds empty) is left out of its draw and the weights
 of the present ones are renormalised; a sample with none of the fields is skipped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,6 +51,7 @@ _NOT_CAPTIONS = frozenset({"url", "key", "status", "error_message", "exif", "sha
 
 
 # ----------------------------------------------------------------------------- shards and samples
+
 
 def _local_path(url: str) -> str | None:
     """The filesystem path of a plain path or file: URL; None for anything remote or a pipe."""
@@ -87,17 +89,21 @@ def check_finished(folder: Path) -> None:
     shards that are missing. A folder of shards written by other tools (no index.json) is used as
     it is."""
     if (folder / PARTIAL_DIR).is_dir():
-        raise FileNotFoundError(f"{folder} holds an unfinished `pixelrun data convert` ({PARTIAL_DIR}/ is still there"
-                                f"{'' if (folder / INDEX_FILE).is_file() else ' and there is no index.json'}): run "
-                                f"the same conversion again")
+        raise FileNotFoundError(
+            f"{folder} holds an unfinished `pixelrun data convert` ({PARTIAL_DIR}/ is still there"
+            f"{'' if (folder / INDEX_FILE).is_file() else ' and there is no index.json'}): run "
+            f"the same conversion again"
+        )
     try:
         listed = json.loads((folder / INDEX_FILE).read_text()).get("shards") or []
     except (OSError, ValueError, AttributeError):
         return
     missing = [name for name in listed if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder}/{INDEX_FILE} lists {len(listed)} shards and {len(missing)} of them are "
-                                f"missing (first: {missing[0]}): convert again, or restore them")
+        raise FileNotFoundError(
+            f"{folder}/{INDEX_FILE} lists {len(listed)} shards and {len(missing)} of them are "
+            f"missing (first: {missing[0]}): convert again, or restore them"
+        )
 
 
 def _reraise(exn: Exception) -> bool:
@@ -122,8 +128,9 @@ def read_samples(url: str, handler: Callable[[Exception], bool] = _reraise) -> I
             return
         except (ustar.NotPlain, OSError):
             pass
-    rest = group_by_keys(tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler),
-                         handler=handler)
+    rest = group_by_keys(
+        tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler), handler=handler
+    )
     for _ in range(given):
         next(rest, None)
     yield from rest
@@ -164,12 +171,18 @@ def caption_fields(sample: dict) -> dict[str, str]:
         except ValueError:
             meta = None
         if isinstance(meta, dict):
-            out.update({f"json.{k}": v.strip() for k, v in meta.items()
-                        if isinstance(v, str) and v.strip() and k not in _NOT_CAPTIONS})
+            out.update(
+                {
+                    f"json.{k}": v.strip()
+                    for k, v in meta.items()
+                    if isinstance(v, str) and v.strip() and k not in _NOT_CAPTIONS
+                }
+            )
     return out
 
 
 # ----------------------------------------------------------------------------- captions
+
 
 def _unit_hash(*parts) -> float:
     """A uniform number in [0, 1) from the parts: the same on every machine and Python run (unlike
@@ -178,8 +191,9 @@ def _unit_hash(*parts) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def choose_caption(available: dict[str, str], fields: list[tuple[str, float]], seed: int, epoch: int,
-                   key: str) -> str | None:
+def choose_caption(
+    available: dict[str, str], fields: list[tuple[str, float]], seed: int, epoch: int, key: str
+) -> str | None:
     """The caption field a sample trains with this epoch: a weighted draw among the configured
     fields it has; None if it has none."""
     present = [(f, w) for f, w in fields if f in available]
@@ -195,6 +209,7 @@ def choose_caption(available: dict[str, str], fields: list[tuple[str, float]], s
 
 # ----------------------------------------------------------------------------- stored embeddings
 
+
 def embedding_member(field: str) -> str:
     """Member suffix of a caption field's stored embedding (`KEY.emb.txt.npy`)."""
     return f"emb.{field}.npy"
@@ -209,13 +224,19 @@ def embedding_match(index: dict | None, fingerprint: str, max_tokens: int) -> tu
     if not stored:
         return False, None
     if stored["fingerprint"] != fingerprint:
-        return False, (f"shards: stored text embeddings are for {stored['fingerprint']}, not text.encoder "
-                       f"{fingerprint}; captions are encoded during training")
+        return False, (
+            f"shards: stored text embeddings are for {stored['fingerprint']}, not text.encoder "
+            f"{fingerprint}; captions are encoded during training"
+        )
     if stored["max_tokens"] != max_tokens:
-        return False, (f"shards: stored text embeddings use max_tokens {stored['max_tokens']}, not text.max_tokens "
-                       f"{max_tokens}; captions are encoded during training")
-    return True, (f"shards: training on the stored text embeddings ({fingerprint}, max_tokens {max_tokens}); "
-                  f"the text encoder only encodes the empty prompt and the grid prompts")
+        return False, (
+            f"shards: stored text embeddings use max_tokens {stored['max_tokens']}, not text.max_tokens "
+            f"{max_tokens}; captions are encoded during training"
+        )
+    return True, (
+        f"shards: training on the stored text embeddings ({fingerprint}, max_tokens {max_tokens}); "
+        f"the text encoder only encodes the empty prompt and the grid prompts"
+    )
 
 
 # How each `--embedding-dtype` is stored in the .npy members: numpy has no bfloat16, so bfloat16
@@ -245,14 +266,20 @@ def decode_embedding(raw: bytes, dtype: str, name: str) -> torch.Tensor:
     line naming the sample: a NaN would otherwise spread through every step silently."""
     a = np.load(io.BytesIO(raw), allow_pickle=False)
     if a.ndim != 2 or a.dtype != EMBEDDING_STORAGE[dtype]:
-        raise StoredEmbeddingError(name, f"its stored text embedding is {a.dtype} of shape {list(a.shape)}, not the "
-                                         f"[tokens, dim] {dtype} that index.json describes")
+        raise StoredEmbeddingError(
+            name,
+            f"its stored text embedding is {a.dtype} of shape {list(a.shape)}, not the "
+            f"[tokens, dim] {dtype} that index.json describes",
+        )
     t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(a)
     t = t.float()
     bad = int((~torch.isfinite(t)).sum())
     if bad:
-        raise StoredEmbeddingError(name, f"its stored text embedding has {bad} non-finite value(s) of {t.numel()}; "
-                                         f"convert these shards again (pixelrun data convert refuses such values)")
+        raise StoredEmbeddingError(
+            name,
+            f"its stored text embedding has {bad} non-finite value(s) of {t.numel()}; "
+            f"convert these shards again (pixelrun data convert refuses such values)",
+        )
     return t
 
 
@@ -286,10 +313,14 @@ def resolution_note(index: dict | None, buckets: list[tuple[int, int]]) -> str |
     if not stored or stored == train:
         return None
     if stored < train:
-        return (f"shards: converted at {stored}px, below data.resolution {train}: every image is enlarged when read "
-                f"(blurry); convert again with --resolution {train}")
-    return (f"shards: converted at {stored}px, data.resolution is {train}: every image is resized again when read "
-            f"(converting with --resolution {train} would read faster)")
+        return (
+            f"shards: converted at {stored}px, below data.resolution {train}: every image is enlarged when read "
+            f"(blurry); convert again with --resolution {train}"
+        )
+    return (
+        f"shards: converted at {stored}px, data.resolution is {train}: every image is resized again when read "
+        f"(converting with --resolution {train} would read faster)"
+    )
 
 
 def check_caption_fields(index: dict | None, fields: list[tuple[str, float]], captions: str, spec: str) -> None:
@@ -297,11 +328,15 @@ def check_caption_fields(index: dict | None, fields: list[tuple[str, float]], ca
     caption fields of the samples; shards from elsewhere are checked sample by sample)."""
     counts = (index or {}).get("caption_fields")
     if counts and not any(counts.get(f) for f, _ in fields):
-        raise ConfigError("data.captions", f"{captions!r}: no sample of {spec} has any of these caption fields; "
-                                           f"they have " + ", ".join(f"{k} ({v})" for k, v in counts.items()))
+        raise ConfigError(
+            "data.captions",
+            f"{captions!r}: no sample of {spec} has any of these caption fields; "
+            f"they have " + ", ".join(f"{k} ({v})" for k, v in counts.items()),
+        )
 
 
 # ----------------------------------------------------------------------------- the batch source
+
 
 @dataclass
 class _Item:
@@ -339,17 +374,29 @@ class ShardBatchSource(BucketedBatchSource):
     `text_note` says so (or why not).
     """
 
-    def __init__(self, spec: str, batch_size: int, buckets: list[tuple[int, int]], seed: int = 0, rank: int = 0,
-                 world_size: int = 1, captions: str = "txt",
-                 text_encoder: tuple[str, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        spec: str,
+        batch_size: int,
+        buckets: list[tuple[int, int]],
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        captions: str = "txt",
+        text_encoder: tuple[str, int] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self._init_batching(batch_size, buckets, seed, rank, world_size)
         self.spec, self.urls = spec, expand_shards(spec)
         if len(self.urls) < world_size:
             from pixelrun.config import ConfigError
 
-            raise ConfigError("data.path", f"{len(self.urls)} shard(s) cannot be split over {world_size} ranks (each "
-                                           f"rank reads whole shards); write more, smaller shards (pixelrun data "
-                                           f"convert --shard-size)")
+            raise ConfigError(
+                "data.path",
+                f"{len(self.urls)} shard(s) cannot be split over {world_size} ranks (each "
+                f"rank reads whole shards); write more, smaller shards (pixelrun data "
+                f"convert --shard-size)",
+            )
         self.captions, self.fields = captions, parse_captions(captions)
         self.max_pixels = max_pixels
         index = read_index(self.urls)
@@ -382,8 +429,10 @@ class ShardBatchSource(BucketedBatchSource):
             share = self._epoch_share(self.epoch, len(self.urls))
             if self.shard_cursor >= len(share):
                 if self._good == 0:
-                    raise NoUsableData(f"no usable sample in this rank's shards of {self.spec} "
-                                       f"(first failures: {self.skipped_paths[:5]})")
+                    raise NoUsableData(
+                        f"no usable sample in this rank's shards of {self.spec} "
+                        f"(first failures: {self.skipped_paths[:5]})"
+                    )
                 self.epoch, self.shard_cursor, self.ordinal, self._good = self.epoch + 1, 0, 0, 0
                 continue
             shard = int(share[self.shard_cursor])
@@ -440,8 +489,9 @@ class ShardBatchSource(BucketedBatchSource):
     def _batch(self, items: list[_Item], images: list[np.ndarray]) -> Batch:
         text = mask = None
         if self.use_embeddings and all(it.embedding is not None for it in items):
-            text, mask = _pad_embeddings([decode_embedding(it.embedding, self.embedding_dtype, it.name)
-                                          for it in items], self.max_tokens)
+            text, mask = _pad_embeddings(
+                [decode_embedding(it.embedding, self.embedding_dtype, it.name) for it in items], self.max_tokens
+            )
         return Batch(stack_images(images), [it.caption for it in items], text, mask)
 
     def _reject(self, item: _Item) -> None:
@@ -468,10 +518,16 @@ class ShardBatchSource(BucketedBatchSource):
         """Position only (plain ints and lists): the stream position, each waiting sample as
         [shard, ordinal, epoch], the queue of full buckets and the known-bad samples."""
         return {
-            "epoch": self.epoch, "shard_cursor": self.shard_cursor, "ordinal": self.ordinal, "good": self._good,
-            "fill": [[[*it.loc, it.epoch] for it in f] for f in self._fill], "ready": list(self._ready),
-            "bad": sorted(list(b) for b in self._bad), "skipped": self.skipped,
-            "skipped_paths": list(self.skipped_paths), "check": self._check(),
+            "epoch": self.epoch,
+            "shard_cursor": self.shard_cursor,
+            "ordinal": self.ordinal,
+            "good": self._good,
+            "fill": [[[*it.loc, it.epoch] for it in f] for f in self._fill],
+            "ready": list(self._ready),
+            "bad": sorted(list(b) for b in self._bad),
+            "skipped": self.skipped,
+            "skipped_paths": list(self.skipped_paths),
+            "check": self._check(),
         }
 
     def _load_position(self, state: dict) -> None:
@@ -513,7 +569,12 @@ class ShardBatchSource(BucketedBatchSource):
 
     def _check(self) -> dict:
         """Settings a saved position is only valid for (not the shards' location: a dataset may move)."""
-        return {"shards": len(self.urls), "batch_size": self.batch_size,
-                "buckets": [list(b) for b in self.buckets], "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "captions": self.captions}
-
+        return {
+            "shards": len(self.urls),
+            "batch_size": self.batch_size,
+            "buckets": [list(b) for b in self.buckets],
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "captions": self.captions,
+        }

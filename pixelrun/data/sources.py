@@ -5,6 +5,7 @@ name in the config's `DATA_SOURCES` (a test keeps the two equal).
 
 Each source module is imported only when its source is used: the shards and folder readers pull
 in image decoders and tar readers that the shapes default never needs."""
+
 from __future__ import annotations
 
 import os
@@ -56,11 +57,13 @@ class SourceKind:
 
 # ----------------------------------------------------------------------------- shapes
 
+
 def _shapes_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSource:
     from pixelrun.data.shapes import ShapesBatchSource
 
-    return ShapesBatchSource(cfg.seed, "train", cfg.train.batch_size, image_sizes(cfg), cfg.data.max_shapes,
-                             rank, world_size)
+    return ShapesBatchSource(
+        cfg.seed, "train", cfg.train.batch_size, image_sizes(cfg), cfg.data.max_shapes, rank, world_size
+    )
 
 
 def _shapes_held_out(cfg: Config, n: int, at_most: bool) -> tuple[np.ndarray, list[str]]:
@@ -86,6 +89,7 @@ def _shapes_grid(cfg: Config, source: BatchSource) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- emoji
+
 
 def _emoji_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSource:
     from pixelrun.data.emoji import EmojiBatchSource
@@ -125,6 +129,7 @@ def _emoji_grid(cfg: Config, source: BatchSource) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- an image folder
+
 
 def _folder_check(cfg: Config) -> None:
     if not os.path.isdir(cfg.data.path):
@@ -168,6 +173,7 @@ def _folder_grid(cfg: Config, source) -> list[str]:
 
 # ----------------------------------------------------------------------------- WebDataset shards
 
+
 def _shards_check(cfg: Config) -> None:
     from pixelrun.data.shards import expand_shards
 
@@ -181,9 +187,16 @@ def _shards_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSou
     from pixelrun.data.shards import ShardBatchSource
     from pixelrun.model.text import encoder_fingerprint
 
-    return ShardBatchSource(cfg.data.path, cfg.train.batch_size, image_sizes(cfg), cfg.seed, rank, world_size,
-                            captions=cfg.data.captions,
-                            text_encoder=(encoder_fingerprint(cfg.text.encoder), cfg.text.max_tokens))
+    return ShardBatchSource(
+        cfg.data.path,
+        cfg.train.batch_size,
+        image_sizes(cfg),
+        cfg.seed,
+        rank,
+        world_size,
+        captions=cfg.data.captions,
+        text_encoder=(encoder_fingerprint(cfg.text.encoder), cfg.text.max_tokens),
+    )
 
 
 def _shards_grid(cfg: Config, source) -> list[str]:
@@ -191,17 +204,35 @@ def _shards_grid(cfg: Config, source) -> list[str]:
 
 
 SOURCES: dict[str, SourceKind] = {
-    "shapes": SourceKind("shapes", _shapes_build, _shapes_grid,
-                         lambda cfg: f"shapes-eval-seed{cfg.eval.seed}-max{cfg.data.max_shapes}",
-                         held_out=_shapes_held_out, held_out_captions=_shapes_captions, shapes_captions=True),
-    "emoji": SourceKind("emoji", _emoji_build, _emoji_grid, lambda cfg: "emoji-heldout",
-                        held_out=_emoji_held_out, held_out_captions=_emoji_captions),
-    "folder": SourceKind("folder", _folder_build, _folder_grid,
-                         lambda cfg: f"folder:{os.path.realpath(cfg.data.path)}",
-                         held_out=_folder_held_out, check=_folder_check),
+    "shapes": SourceKind(
+        "shapes",
+        _shapes_build,
+        _shapes_grid,
+        lambda cfg: f"shapes-eval-seed{cfg.eval.seed}-max{cfg.data.max_shapes}",
+        held_out=_shapes_held_out,
+        held_out_captions=_shapes_captions,
+        shapes_captions=True,
+    ),
+    "emoji": SourceKind(
+        "emoji",
+        _emoji_build,
+        _emoji_grid,
+        lambda cfg: "emoji-heldout",
+        held_out=_emoji_held_out,
+        held_out_captions=_emoji_captions,
+    ),
+    "folder": SourceKind(
+        "folder",
+        _folder_build,
+        _folder_grid,
+        lambda cfg: f"folder:{os.path.realpath(cfg.data.path)}",
+        held_out=_folder_held_out,
+        check=_folder_check,
+    ),
     # held out: the start of the training stream (shards carry no split of their own)
-    "shards": SourceKind("shards", _shards_build, _shards_grid,
-                         lambda cfg: f"shards:{cfg.data.path}:seed{cfg.seed}", check=_shards_check),
+    "shards": SourceKind(
+        "shards", _shards_build, _shards_grid, lambda cfg: f"shards:{cfg.data.path}:seed{cfg.seed}", check=_shards_check
+    ),
 }
 
 

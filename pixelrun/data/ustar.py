@@ -14,6 +14,7 @@ compressed one) raises `NotPlain` before the sample it is in is yielded, and the
 the shard to webdataset, which knows every dialect and how to report damage
 (`shards.read_samples`).
 """
+
 from __future__ import annotations
 
 import re

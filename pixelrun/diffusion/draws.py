@@ -2,6 +2,7 @@
 the TREAD routing mask. They are keyed by (seed, step, the sample's place in the global batch),
 never by rank, micro-batch or generator state, so a step is the same however the batch is split
 across ranks and accumulation steps, and a resumed run draws what the uninterrupted run would."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,12 +35,15 @@ def sample_generator(seed: int, step: int, sample: int, device) -> torch.Generat
     step the same on 1 rank x 8 as on 2 ranks x 4 or 1 rank x 4 x 2 accumulation steps, and what
     makes resume exact with no generator state to save. Masks still differ per sample, per step and
     per rank (ranks hold different samples)."""
-    state = np.random.SeedSequence([seed & (2**63 - 1), step, sample, _NOISE_STREAM]).generate_state(1, dtype=np.uint64)[0]
+    state = np.random.SeedSequence([seed & (2**63 - 1), step, sample, _NOISE_STREAM]).generate_state(
+        1, dtype=np.uint64
+    )[0]
     return torch.Generator(device).manual_seed(int(state) & (2**63 - 1))
 
 
-def step_draws(cfg: Config, step: int, samples: list[int], image_shape: tuple[int, int, int], patch: int,
-               device) -> Draws:
+def step_draws(
+    cfg: Config, step: int, samples: list[int], image_shape: tuple[int, int, int], patch: int, device
+) -> Draws:
     """The draws for the samples `samples` (indices within the step's global batch) of `step`.
 
     The small draws (dropout, time, routing) come from a CPU generator per sample, so they are the
@@ -54,13 +58,26 @@ def step_draws(cfg: Config, step: int, samples: list[int], image_shape: tuple[in
     for j in samples:
         g = sample_generator(cfg.seed, step, j, "cpu")
         drop.append(torch.rand(1, generator=g) < o.caption_dropout)
-        t.append(sample_times(1, g, shift=o.time_shift, logit_mean=o.logit_mean, logit_std=o.logit_std,
-                              uniform_fraction=o.uniform_fraction, t_min=o.t_min))
+        t.append(
+            sample_times(
+                1,
+                g,
+                shift=o.time_shift,
+                logit_mean=o.logit_mean,
+                logit_std=o.logit_std,
+                uniform_fraction=o.uniform_fraction,
+                t_min=o.t_min,
+            )
+        )
         r = random_routing(1, n_tokens, cfg.routing.ratio, span, g)  # None = dense
         if r is not None:
             keep.append(r.keep)
         g_dev = g if device.type == "cpu" else sample_generator(cfg.seed, step, j, device)
         eps.append(torch.randn((1, *image_shape), generator=g_dev, device=device))
     routing = Routing(torch.cat(keep).to(device, non_blocking=True), *span) if keep else None
-    return Draws(torch.cat(drop).to(device, non_blocking=True), torch.cat(t).to(device, non_blocking=True),
-                       torch.cat(eps), routing)
+    return Draws(
+        torch.cat(drop).to(device, non_blocking=True),
+        torch.cat(t).to(device, non_blocking=True),
+        torch.cat(eps),
+        routing,
+    )

@@ -11,6 +11,7 @@ with the same clamped denominator, v_hat = (x_t - x_hat) / max(t, t_clamp), and 
 squared difference. Sampling integrates from t = 1 down to t = 0 (see sampling.py).
 JiT and PixelGen write time the other way round (t = 1 clean): translate, never mix.
 """
+
 from __future__ import annotations
 
 import torch

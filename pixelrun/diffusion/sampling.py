@@ -9,6 +9,7 @@ Guidance modes: "cfg" (classic, against the empty prompt), "none", and "self" (s
 TREAD-routed models, Guided Token-Sparse Diffusion): the model's own routed pass plays the weak
 model that guidance pushes away from, so no empty prompt is needed.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -22,7 +23,9 @@ from pixelrun.model.denoiser import Routing
 from pixelrun.model.routing import random_routing, routing_generator
 
 
-def time_grid(steps: int, shift: float = 3.0, spacing: str = "diffusers", num_train_timesteps: int = 1000) -> torch.Tensor:
+def time_grid(
+    steps: int, shift: float = 3.0, spacing: str = "diffusers", num_train_timesteps: int = 1000
+) -> torch.Tensor:
     """The steps+1 times visited by the sampler, from 1 down to exactly 0.
 
     - "diffusers": what `FlowMatchEulerDiscreteScheduler(shift=s)` does, so an exported pipeline
@@ -115,8 +118,10 @@ def sample(
     use_self = guidance_mode == "self" and guidance != 1.0
     if guidance_mode == "self":
         if routing_span is None:
-            raise ValueError("guidance mode 'self' needs routing_span=(start, end), the model's routed blocks "
-                             "(see pixelrun.config.span_for_depth)")
+            raise ValueError(
+                "guidance mode 'self' needs routing_span=(start, end), the model's routed blocks "
+                "(see pixelrun.config.span_for_depth)"
+            )
         mcfg = _model_cfg(model)
         if getattr(mcfg, "depth", None) is not None:  # a span past the last block would never scatter back
             routing_span = span_for_depth(mcfg.depth, *routing_span)
@@ -124,7 +129,9 @@ def sample(
         if height % p or width % p:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
         # Drawn (and validated) even when w == 1 skips the routed pass, so errors do not depend on w.
-        routing = self_guidance_routing(b, (height // p) * (width // p), (routing_span[0], routing_span[1]), routing_ratio, seed, device)
+        routing = self_guidance_routing(
+            b, (height // p) * (width // p), (routing_span[0], routing_span[1]), routing_ratio, seed, device
+        )
     if use_cfg:
         if null_text is None or null_mask is None:
             raise ValueError("classic CFG needs the empty prompt's embedding (null_text)")

@@ -18,6 +18,7 @@ that can fail (an unknown metric, a missing weights file, a network that does no
 that is neither cached nor reachable) fails before the first image is generated, as a
 ``ConfigError`` naming the key to fix.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,16 +58,22 @@ def check_metrics(cfg: Config, metrics: list[str], key: str = "eval.metrics") ->
     if "shapes" in metrics and not source_kind(cfg).shapes_captions:
         raise ConfigError(key, f"the shapes score needs data.source=shapes, this run's is {cfg.data.source}")
     if any(m in _FRECHET for m in metrics) and cfg.eval.prompts < 2:
-        raise ConfigError("eval.prompts", f"a Fréchet distance needs at least 2 samples, got {cfg.eval.prompts} "
-                                          f"(set eval.prompts=2 or more)")
+        raise ConfigError(
+            "eval.prompts",
+            f"a Fréchet distance needs at least 2 samples, got {cfg.eval.prompts} (set eval.prompts=2 or more)",
+        )
     if "fid" in metrics:
         if not cfg.eval.fid_weights:
-            raise ConfigError("eval.fid_weights", "the fid metric needs pytorch-fid's pt_inception-2015-12-05-"
-                                                  "6726825d.pth: set eval.fid_weights=PATH")
+            raise ConfigError(
+                "eval.fid_weights",
+                "the fid metric needs pytorch-fid's pt_inception-2015-12-05-6726825d.pth: set eval.fid_weights=PATH",
+            )
         if not os.path.isfile(os.path.expanduser(cfg.eval.fid_weights)):
             raise ConfigError("eval.fid_weights", f"no such file: {cfg.eval.fid_weights}")
-    for metric, model_key, spec in (("cmmd", "eval.clip_model", cfg.eval.clip_model),
-                                    ("dino-mmd", "eval.dino_model", cfg.eval.dino_model)):
+    for metric, model_key, spec in (
+        ("cmmd", "eval.clip_model", cfg.eval.clip_model),
+        ("dino-mmd", "eval.dino_model", cfg.eval.dino_model),
+    ):
         if metric in metrics:
             _check_model_source(model_key, spec, metric)
             _hub_kwargs(model_key, spec, metric)
@@ -108,9 +115,12 @@ def _hub_kwargs(key: str, spec: str, metric: str) -> dict:
     if cached:
         return {"local_files_only": True}
     why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} does not answer"
-    raise ConfigError(key, f"the {metric} metric's model {spec!r} is neither a local model folder nor in the Hugging "
-                           f"Face cache ({constants.HF_HUB_CACHE}), and {why}: download it where there is a network "
-                           f"(hf download {spec}) or give a local path")
+    raise ConfigError(
+        key,
+        f"the {metric} metric's model {spec!r} is neither a local model folder nor in the Hugging "
+        f"Face cache ({constants.HF_HUB_CACHE}), and {why}: download it where there is a network "
+        f"(hf download {spec}) or give a local path",
+    )
 
 
 @functools.cache
@@ -135,8 +145,11 @@ def _network_spec(cfg: Config, metric: str) -> tuple[str, dict, str]:
         "fd-effnet": lambda: ("efficientnet-lite0", {}, "eval.metrics"),
         "fid": lambda: ("fid-inception", {"weights_path": os.path.expanduser(e.fid_weights)}, "eval.fid_weights"),
         "cmmd": lambda: ("clip", {"model": os.path.expanduser(e.clip_model)}, "eval.clip_model"),
-        "dino-mmd": lambda: ("dino", {"model": os.path.expanduser(e.dino_model), "size": e.dino_resolution},
-                             "eval.dino_model"),
+        "dino-mmd": lambda: (
+            "dino",
+            {"model": os.path.expanduser(e.dino_model), "size": e.dino_resolution},
+            "eval.dino_model",
+        ),
     }[metric]()
 
 
@@ -159,8 +172,10 @@ def load_metric_networks(cfg: Config, metrics: list[str], device) -> dict[str, t
             raise ConfigError(key, f"the {metric} metric's network did not load: {reason}") from e
     dino = networks.get("dino-mmd")
     if dino is not None and cfg.eval.dino_resolution % dino.patch:
-        raise ConfigError("eval.dino_resolution", f"{cfg.eval.dino_resolution} is not a multiple of the DINO model's "
-                                                  f"patch {dino.patch} (PRX: 518 = 37 x 14)")
+        raise ConfigError(
+            "eval.dino_resolution",
+            f"{cfg.eval.dino_resolution} is not a multiple of the DINO model's patch {dino.patch} (PRX: 518 = 37 x 14)",
+        )
     return networks
 
 
@@ -171,10 +186,12 @@ def sample_size_warnings(metrics: list[str], networks: dict, n: int) -> list[str
     for m in metrics:
         dim = getattr(networks.get(m), "dim", None)
         if m in _FRECHET and dim and n < dim:
-            out.append(f"{m} on {n} samples, fewer than its {dim} feature dimensions: the covariance is singular "
-                       f"and the number mostly estimation bias; compare it only with numbers at the same sample "
-                       f"count, or raise eval.prompts to {dim} or more (FID is usually "
-                       f"reported at 10k-50k)")
+            out.append(
+                f"{m} on {n} samples, fewer than its {dim} feature dimensions: the covariance is singular "
+                f"and the number mostly estimation bias; compare it only with numbers at the same sample "
+                f"count, or raise eval.prompts to {dim} or more (FID is usually "
+                f"reported at 10k-50k)"
+            )
     return out
 
 
@@ -196,8 +213,16 @@ class Evaluator:
     read only the captions (:func:`pixelrun.evaluation.heldout.held_out_captions`).
     """
 
-    def __init__(self, cfg: Config, metrics: list[str], device, *, compute: bool = True, progress: bool = False,
-                 key: str = "eval.metrics"):
+    def __init__(
+        self,
+        cfg: Config,
+        metrics: list[str],
+        device,
+        *,
+        compute: bool = True,
+        progress: bool = False,
+        key: str = "eval.metrics",
+    ):
         check_metrics(cfg, metrics, key)
         self.metrics, self.device, self.compute, self.progress = list(metrics), torch.device(device), compute, progress
         self.networks = load_metric_networks(cfg, metrics, self.device) if compute else {}
@@ -227,8 +252,17 @@ class Evaluator:
         """The captions stored with every metric's cached real side, or None if any is missing."""
         from pixelrun.evaluation.metrics import cached_captions
 
-        found = [cached_captions(os.path.expanduser(cfg.eval.cache_dir), dataset_key(cfg), cfg.data.resolution,
-                                 cfg.eval.prompts, self.networks[m], embeddings=m not in _FRECHET) for m in metrics]
+        found = [
+            cached_captions(
+                os.path.expanduser(cfg.eval.cache_dir),
+                dataset_key(cfg),
+                cfg.data.resolution,
+                cfg.eval.prompts,
+                self.networks[m],
+                embeddings=m not in _FRECHET,
+            )
+            for m in metrics
+        ]
         if any(c is None for c in found) or any(c != found[0] for c in found):
             return None
         return found[0]
@@ -244,8 +278,16 @@ class Evaluator:
             fn = real_feature_stats if metric in _FRECHET else real_embeddings
             images = (lambda: real) if real is not None else (lambda: real_images_and_prompts(cfg, cfg.eval.prompts)[0])
             with _bar(self.progress, total=cfg.eval.prompts, desc=f"eval: real images, {metric}", unit="img") as bar:
-                self._real[key] = fn(os.path.expanduser(cfg.eval.cache_dir), dataset_key(cfg), cfg.data.resolution,
-                                     cfg.eval.prompts, self.networks[metric], images, progress=bar, captions=prompts)
+                self._real[key] = fn(
+                    os.path.expanduser(cfg.eval.cache_dir),
+                    dataset_key(cfg),
+                    cfg.data.resolution,
+                    cfg.eval.prompts,
+                    self.networks[metric],
+                    images,
+                    progress=bar,
+                    captions=prompts,
+                )
         return self._real[key]
 
     def _metric(self, metric: str, cfg: Config, images: np.ndarray, prompts: list[str], real: np.ndarray | None):
@@ -275,8 +317,9 @@ class Evaluator:
         real, prompts = self._real_data(cfg)
         was_training = model.training
         model.eval()
-        with _bar(self.progress, total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="eval: generate",
-                  unit="step") as bar:
+        with _bar(
+            self.progress, total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="eval: generate", unit="step"
+        ) as bar:
             images = generate(model, encoder, prompts, cfg, self.device, seed=sample_seed, progress=bar)
         model.train(was_training)
         if not self.compute:
@@ -291,8 +334,12 @@ class Evaluator:
         # Every metric's real side is now held in memory: the real images (n x R x R x 3 bytes, GBs
         # for an FID-sized n at 512px) are not needed again.
         self._data[self._data_key(cfg)] = (None, prompts)
-        result = {"metrics": values, "settings": self.settings(cfg, sample_seed), "per_prompt": per_prompt,
-                  "prompts": list(prompts)}
+        result = {
+            "metrics": values,
+            "settings": self.settings(cfg, sample_seed),
+            "per_prompt": per_prompt,
+            "prompts": list(prompts),
+        }
         if keep_images:
             result["images"] = images[:keep_images]
         if "shapes" in values:  # the keys `pixelrun eval` printed before there were other metrics
@@ -304,9 +351,16 @@ class Evaluator:
         """Everything that produced the numbers: data, sampling and each metric's network."""
         s = cfg.sample
         return {
-            "metrics": self.metrics, "prompts": cfg.eval.prompts, "data": dataset_key(cfg),
-            "prompt_seed": cfg.eval.seed if source_kind(cfg).shapes_captions else None, "sample_seed": sample_seed, "steps": s.steps, "guidance": s.guidance,
-            "guidance_mode": s.guidance_mode, "spacing": s.spacing, "shift": s.shift,
+            "metrics": self.metrics,
+            "prompts": cfg.eval.prompts,
+            "data": dataset_key(cfg),
+            "prompt_seed": cfg.eval.seed if source_kind(cfg).shapes_captions else None,
+            "sample_seed": sample_seed,
+            "steps": s.steps,
+            "guidance": s.guidance,
+            "guidance_mode": s.guidance_mode,
+            "spacing": s.spacing,
+            "shift": s.shift,
             "resolution": cfg.data.resolution,
             "networks": {m: self._describe_network(cfg, m) for m in self.networks},
             "cache_dir": os.path.expanduser(cfg.eval.cache_dir) if self.networks else None,
@@ -315,8 +369,10 @@ class Evaluator:
     def _describe_network(self, cfg: Config, metric: str) -> dict:
         net = self.networks[metric]
         kind, kwargs, _ = _network_spec(cfg, metric)
-        out = {"network": getattr(net, "name", kind),
-               "weights": kwargs.get("weights_path") or kwargs.get("model") or getattr(net, "weights_path", None)}
+        out = {
+            "network": getattr(net, "name", kind),
+            "weights": kwargs.get("weights_path") or kwargs.get("model") or getattr(net, "weights_path", None),
+        }
         if hasattr(net, "preprocessing"):  # the transformer embedders: resolution and their reference's steps
             out["resolution"] = net.size
             out["preprocessing"] = net.preprocessing.format(size=net.size)

@@ -1,6 +1,7 @@
 """The held-out data of a run: the captions and real images that evaluations and the validation
 loss compare against, for every data source (the shapes "eval" split, the held-out emoji, the first
 items of an image folder or of the shards), and the key that names them in caches."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -21,6 +21,7 @@ Input: images as **floats in [0, 1]**, ``[B, 3, H, W]``. They are resized to 299
 pass uint8: reference FID code multiplies by 255 and uint8 arithmetic wraps (docs/recipe.md's PRX
 pitfall). Output: ``[B, 2048]`` pool3 features (global average of ``Mixed_7c``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,12 +65,15 @@ class _BlockA(nn.Module):
         self.branch_pool = _Conv(cin, pool_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_avg3_tf(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_avg3_tf(x)),
+            ],
+            1,
+        )
 
 
 class _BlockB(nn.Module):
@@ -83,11 +87,14 @@ class _BlockB(nn.Module):
         self.branch3x3dbl_3 = _Conv(96, 96, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, kernel_size=3, stride=2),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, kernel_size=3, stride=2),
+            ],
+            1,
+        )
 
 
 class _BlockC(nn.Module):
@@ -130,8 +137,7 @@ class _BlockD(nn.Module):
         b7 = self.branch7x7x3_1(x)
         for layer in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
             b7 = layer(b7)
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
-                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
 class _BlockE(nn.Module):
@@ -155,12 +161,17 @@ class _BlockE(nn.Module):
         b3 = self.branch3x3_1(x)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg3_tf(x)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-            self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd),
-            self.branch_pool(pooled),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(b3),
+                self.branch3x3_2b(b3),
+                self.branch3x3dbl_3a(bd),
+                self.branch3x3dbl_3b(bd),
+                self.branch_pool(pooled),
+            ],
+            1,
+        )
 
 
 class FIDInceptionV3(nn.Module):
@@ -211,9 +222,19 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
-                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b,
-                      self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         return x.mean((2, 3))
 
@@ -222,8 +243,9 @@ class FIDInceptionV3(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         if not images.is_floating_point():
-            raise ValueError(f"FID Inception takes floats in [0, 1], got dtype {images.dtype} "
-                             f"(uint8 must be divided by 255 first)")
+            raise ValueError(
+                f"FID Inception takes floats in [0, 1], got dtype {images.dtype} (uint8 must be divided by 255 first)"
+            )
         x = images.float()
         if tuple(x.shape[-2:]) != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
@@ -246,14 +268,17 @@ def load_fid_inception(path: str) -> FIDInceptionV3:
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"{path}: not an FID Inception state dict: missing {missing[:6]}"
-                         f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                         f"{'...' if len(unexpected) > 6 else ''}")
+        raise ValueError(
+            f"{path}: not an FID Inception state dict: missing {missing[:6]}"
+            f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+            f"{'...' if len(unexpected) > 6 else ''}"
+        )
     state = dict(state)
     for k in expected:
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = torch.zeros((), dtype=torch.long)
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-                        strict=True, assign=True)
+    net.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True, assign=True
+    )
     net.weights_path = path
     return net.freeze()

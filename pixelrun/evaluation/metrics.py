@@ -32,6 +32,7 @@ therefore accepts uint8 (converted here, ``/ 255``, exactly once) or floats that
 [0, 1]; floats outside that range (a [-1, 1] model output, a 0..255 float array) are rejected
 rather than guessed at.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -112,8 +113,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 {sigma1.shape}, "
-                         f"sigma2 {sigma2.shape}")
+        raise ValueError(
+            f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 {sigma1.shape}, sigma2 {sigma2.shape}"
+        )
     diff = mu1 - mu2
     with warnings.catch_warnings():  # "matrix is singular": handled by the finiteness check below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
@@ -124,14 +126,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
     if np.iscomplexobj(covmean):
         imag = np.max(np.abs(np.diagonal(covmean).imag))
         if imag > 1e-3:
-            raise ValueError(f"sqrtm(sigma1 @ sigma2) has imaginary component {imag}: are both inputs "
-                             f"symmetric positive semi-definite covariance matrices?")
+            raise ValueError(
+                f"sqrtm(sigma1 @ sigma2) has imaginary component {imag}: are both inputs "
+                f"symmetric positive semi-definite covariance matrices?"
+            )
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
-def mmd(x, y, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE, *, unbiased: bool = False,
-        block: int = 1024) -> float:
+def mmd(
+    x, y, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE, *, unbiased: bool = False, block: int = 1024
+) -> float:
     """Kernel maximum mean discrepancy MMD^2 between embedding sets ``x [n, D]`` and ``y [m, D]``,
     times ``scale``, with the Gaussian RBF kernel ``k(a, b) = exp(-||a - b||^2 / (2 sigma^2))``.
 
@@ -162,7 +167,7 @@ def mmd(x, y, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE, *, unbiased:
         a_sq, b_sq = (a * a).sum(1), (b * b).sum(1)
         total = 0.0
         for i in range(0, a.shape[0], block):
-            d2 = a_sq[i:i + block, None] + b_sq[None, :] - 2.0 * a[i:i + block] @ b.T
+            d2 = a_sq[i : i + block, None] + b_sq[None, :] - 2.0 * a[i : i + block] @ b.T
             total += np.exp(-gamma * np.maximum(d2, 0.0)).sum()
         return total
 
@@ -227,8 +232,7 @@ class EfficientNetLite0Embedder(_FrozenEmbedder):
         """``images``: floats in [0, 1], ``[B, 3, H, W]``. Returns ``[B, 1280]`` fp32."""
         x = images.float()
         if tuple(x.shape[-2:]) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                              antialias=True)
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         x = (x - TF_LITE_MEAN) / TF_LITE_STD
         return self.net.features(x, stride=32).mean((2, 3))
 
@@ -289,8 +293,10 @@ class CLIPImageEmbedder(_NormalisedEmbedder):
     ``CLIPModel`` checkpoint (the hub's ``openai/clip-*``) works too, its text tower is skipped.
     """
 
-    preprocessing = ("centre crop to a square, PIL bicubic resize (antialiased) to {size}px, uint8 / 255, CLIP "
-                     "mean / std (google-research cmmd/io_util.py _center_crop_and_resize)")
+    preprocessing = (
+        "centre crop to a square, PIL bicubic resize (antialiased) to {size}px, uint8 / 255, CLIP "
+        "mean / std (google-research cmmd/io_util.py _center_crop_and_resize)"
+    )
 
     def __init__(self, model: nn.Module, name: str):
         config = model.config
@@ -315,8 +321,7 @@ class CLIPImageEmbedder(_NormalisedEmbedder):
             config = vision
         elif config.model_type != "clip_vision_model":
             raise ValueError(f"{spec!r} has model_type {config.model_type!r}, not a CLIP model")
-        model = _from_pretrained(CLIPVisionModelWithProjection, spec, config=config, dtype=torch.float32,
-                                 **hf_kwargs)
+        model = _from_pretrained(CLIPVisionModelWithProjection, spec, config=config, dtype=torch.float32, **hf_kwargs)
         size = model.config.image_size
         # "-crop-pil" in the name keeps real embeddings cached under the old squash apart
         return cls(model.float(), name=f"clip-image-embeds-l2-{size}px-crop-pil ({spec})")
@@ -354,8 +359,10 @@ class DinoImageEmbedder(_NormalisedEmbedder):
     pairs in the kernel's flat tail. ``eval.dino_mmd_sigma`` / ``eval.dino_mmd_scale`` change them.
     """
 
-    preprocessing = ("ImageNet mean / std, torch bicubic squash to {size}x{size} (align_corners=False, no "
-                     "antialiasing), CLS token L2-normalised (PRX callbacks/log_generation_metrics.py)")
+    preprocessing = (
+        "ImageNet mean / std, torch bicubic squash to {size}x{size} (align_corners=False, no "
+        "antialiasing), CLS token L2-normalised (PRX callbacks/log_generation_metrics.py)"
+    )
 
     def __init__(self, teacher: nn.Module, *, size: int = 518, name: str | None = None):
         super().__init__(size, IMAGENET_MEAN, IMAGENET_STD)
@@ -409,8 +416,9 @@ def load_metric_network(spec: str, **kwargs) -> nn.Module:
         if not kwargs.get("weights_path"):
             raise ValueError("'fid-inception' needs weights_path= (pt_inception-2015-12-05-6726825d.pth)")
         return load_fid_inception(kwargs["weights_path"])
-    raise ValueError(f"unknown metric network {spec!r}; available: 'efficientnet-lite0', 'fid-inception', "
-                     f"'clip', 'dino'")
+    raise ValueError(
+        f"unknown metric network {spec!r}; available: 'efficientnet-lite0', 'fid-inception', 'clip', 'dino'"
+    )
 
 
 def _to_float01_nchw(images) -> torch.Tensor:
@@ -432,8 +440,10 @@ def _to_float01_nchw(images) -> torch.Tensor:
     x = x.float()
     lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
     if lo < -1e-4 or hi > 1 + 1e-4:
-        raise ValueError(f"float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
-                         f"(a [-1, 1] model output? map it with (x + 1) / 2; 0..255? pass uint8)")
+        raise ValueError(
+            f"float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
+            f"(a [-1, 1] model output? map it with (x + 1) / 2; 0..255? pass uint8)"
+        )
     return x.clamp(0.0, 1.0)
 
 
@@ -454,7 +464,7 @@ def image_features(network: nn.Module, images, batch: int = 64, progress=None) -
         device = torch.device("cpu")
     out = []
     for i in range(0, x.shape[0], batch):
-        out.append(network(x[i:i + batch].to(device)).float().cpu())
+        out.append(network(x[i : i + batch].to(device)).float().cpu())
         if progress is not None:
             progress.update(out[-1].shape[0])
     return torch.cat(out).double().numpy()
@@ -469,8 +479,11 @@ def stats_cache_path(cache_dir: str, dataset: str, resolution: int, n: int, netw
     a readable slug plus a hash of the exact key (so distinct dataset paths never collide)."""
     key = json.dumps([str(dataset), int(resolution), int(n), str(network)])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(str(dataset).rstrip('/')) or 'data'}"
-                  f"-{int(resolution)}px-n{int(n)}-{network}")[:120]
+    slug = re.sub(
+        r"[^A-Za-z0-9._-]+",
+        "_",
+        f"{os.path.basename(str(dataset).rstrip('/')) or 'data'}-{int(resolution)}px-n{int(n)}-{network}",
+    )[:120]
     return os.path.join(cache_dir, f"{slug}-{digest}.npz")
 
 
@@ -509,8 +522,9 @@ def _network_name(network: nn.Module) -> str:
     return str(getattr(network, "name", type(network).__name__))
 
 
-def _real_entry(cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module,
-                embeddings: bool) -> tuple[str, str]:
+def _real_entry(
+    cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module, embeddings: bool
+) -> tuple[str, str]:
     """(file, key) of one real side: statistics (Fréchet) or ``"-embeddings"`` (MMD), so the two
     never share a file for the same network."""
     name = f"{_network_name(network)}-embeddings" if embeddings else _network_name(network)
@@ -522,9 +536,18 @@ def _with_captions(arrays: dict, captions) -> dict:
     return {**arrays, "captions": np.array(list(captions), dtype=str)} if captions is not None else arrays
 
 
-def real_feature_stats(cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module,
-                       images: Callable[[], object], *, batch: int = 64, progress=None,
-                       captions: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def real_feature_stats(
+    cache_dir: str,
+    dataset: str,
+    resolution: int,
+    n: int,
+    network: nn.Module,
+    images: Callable[[], object],
+    *,
+    batch: int = 64,
+    progress=None,
+    captions: list[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, sigma)`` of ``network``'s features of ``n`` real images, from the cache if present.
 
     The cache key is (dataset, resolution, n, ``network.name``), stored inside the file and checked
@@ -544,19 +567,30 @@ def real_feature_stats(cache_dir: str, dataset: str, resolution: int, n: int, ne
     return arrays["mu"], arrays["sigma"]
 
 
-def real_embeddings(cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module,
-                    images: Callable[[], object], *, batch: int = 64, progress=None,
-                    captions: list[str] | None = None) -> np.ndarray:
+def real_embeddings(
+    cache_dir: str,
+    dataset: str,
+    resolution: int,
+    n: int,
+    network: nn.Module,
+    images: Callable[[], object],
+    *,
+    batch: int = 64,
+    progress=None,
+    captions: list[str] | None = None,
+) -> np.ndarray:
     """``network``'s ``[n, D]`` embeddings of ``n`` real images (what an MMD needs: it has no
     sufficient statistics), cached like :func:`real_feature_stats`, captions included."""
     path, key = _real_entry(cache_dir, dataset, resolution, n, network, embeddings=True)
-    arrays = _cached(path, key, lambda: _with_captions(
-        {"embeddings": _real_features(network, images, n, batch, progress)}, captions))
+    arrays = _cached(
+        path, key, lambda: _with_captions({"embeddings": _real_features(network, images, n, batch, progress)}, captions)
+    )
     return arrays["embeddings"]
 
 
-def cached_captions(cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module, *,
-                    embeddings: bool) -> list[str] | None:
+def cached_captions(
+    cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module, *, embeddings: bool
+) -> list[str] | None:
     """The captions stored with a cached real side (:func:`real_feature_stats` when ``embeddings``
     is False, :func:`real_embeddings` when True), or None: no such file, a file of another key, or
     one written without captions. What lets an evaluation skip the real images on a cache hit."""

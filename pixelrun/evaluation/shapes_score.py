@@ -4,6 +4,7 @@ It reads an image the way the renderer draws it (flat named colours on a flat ba
 real dataset image scores 1.0 on every measure and a model's score measures how well it follows
 the caption's colours, positions, kinds and sizes.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,14 +46,19 @@ def _component(image: np.ndarray, labels: np.ndarray, ci: int, background: str) 
         return None
     mask = comps == np.bincount(comps.ravel())[1:].argmax() + 1
     ys, xs = np.nonzero(mask)
-    win = np.s_[max(ys.min() - 1, 0):ys.max() + 2, max(xs.min() - 1, 0):xs.max() + 2]
+    win = np.s_[max(ys.min() - 1, 0) : ys.max() + 2, max(xs.min() - 1, 0) : xs.max() + 2]
     c = np.array(list(COLOURS.values())[ci], np.float32)
     b = np.array(BACKGROUNDS[background], np.float32)
     ring = ndimage.binary_dilation(mask[win], np.ones((3, 3), bool)) & np.isin(labels[win], [ci, 6, 7])
     cov = np.clip((image[win].astype(np.float32) - b) @ (c - b) / ((c - b) @ (c - b)), 0, 1) * ring
     soft_area = float(cov.sum())
-    return {"area": len(ys), "cx": xs.mean() + 0.5, "cy": ys.mean() + 0.5, "soft_area": soft_area,
-            "fill": soft_area / float(cov.max(0).sum() * cov.max(1).sum())}
+    return {
+        "area": len(ys),
+        "cx": xs.mean() + 0.5,
+        "cy": ys.mean() + 0.5,
+        "soft_area": soft_area,
+        "fill": soft_area / float(cov.max(0).sum() * cov.max(1).sum()),
+    }
 
 
 def score_image(image: np.ndarray, text: str) -> dict:
@@ -94,8 +100,12 @@ def score_image(image: np.ndarray, text: str) -> dict:
         got_size = min(SIZES, key=lambda z: abs(comp["soft_area"] - _shape_area(got_kind, z, side)))
         size_ok += got_size == s.size
     n = len(scene.shapes)
-    return {"placed": placed / n, "exact_set": float(set(present) == set(prompted)),
-            "kind": kind_ok / n, "size": size_ok / n}
+    return {
+        "placed": placed / n,
+        "exact_set": float(set(present) == set(prompted)),
+        "kind": kind_ok / n,
+        "size": size_ok / n,
+    }
 
 
 MEASURES = ("placed", "exact_set", "kind", "size")

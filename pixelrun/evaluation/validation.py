@@ -40,6 +40,7 @@ a backward that validation never runs), so the optimizer and the EMA update find
 the same chunks of ``train.batch_size`` (the micro-batch, which is known to fit), bin by bin, images
 in held-out order, so FSDP2's collectives line up and no shape depends on the rank.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -102,8 +103,12 @@ class ValidationLoss:
             images, captions = real_images_and_prompts(cfg, self.n, at_most=True)
             self.n = len(captions)
             text, mask = (a.to(self.device) for a in self.encoder.encode(captions))
-            self._batches[key] = (torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), text, mask,
-                                  captions)
+            self._batches[key] = (
+                torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2),
+                text,
+                mask,
+                captions,
+            )
         return self._batches[key]
 
     @torch.no_grad()
@@ -126,12 +131,12 @@ class ValidationLoss:
                 total = 0.0
                 for k in range(0, self.n, chunk):
                     rows = range(k, min(k + chunk, self.n))
-                    x = to_model_range(images[k:rows.stop].to(self.device))
-                    t = times[name][k:rows.stop].to(self.device)
+                    x = to_model_range(images[k : rows.stop].to(self.device))
+                    t = times[name][k : rows.stop].to(self.device)
                     eps = bin_noise(cfg.seed, b, rows, tuple(x.shape[1:]), self.device)
                     x_t = add_noise(x, eps, t, o.noise_scale)
                     with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                        x_hat = model(x_t, t, text[k:rows.stop], mask[k:rows.stop]).prediction
+                        x_hat = model(x_t, t, text[k : rows.stop], mask[k : rows.stop]).prediction
                     total += velocity_loss(x_hat.float(), x, x_t, t, o.t_clamp).item() * len(rows)
                 out[f"{prefix}/flow/{name}"] = total / self.n
         finally:

@@ -22,6 +22,7 @@ Budgets (`budget.kind`), each turned into a number of optimizer steps per varian
 The learning rate ends in a linear cooldown over the last `budget.cooldown` of each run's steps
 (warmup-stable-decay; default 0.2), so each run is compared at the end of its own decay.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,10 +96,28 @@ class Spec:
 
 BUDGETS = ("images", "flops", "minutes", "target")
 # What the ablation decides for every run: a variant or the base may not set these.
-MANAGED = ("run.dir", "run.resume", "run.init_from", "seed", "sample.seed", "train.steps", "train.cooldown",
-           "train.max_minutes", "eval.every", "eval.at_steps", "eval.metrics", "eval.prompts", "eval.guidance",
-           "eval.weights", "eval.val_images", "sample.steps", "sample.guidance", "sample.guidance_mode",
-           "log.flops_per_image", "stages")
+MANAGED = (
+    "run.dir",
+    "run.resume",
+    "run.init_from",
+    "seed",
+    "sample.seed",
+    "train.steps",
+    "train.cooldown",
+    "train.max_minutes",
+    "eval.every",
+    "eval.at_steps",
+    "eval.metrics",
+    "eval.prompts",
+    "eval.guidance",
+    "eval.weights",
+    "eval.val_images",
+    "sample.steps",
+    "sample.guidance",
+    "sample.guidance_mode",
+    "log.flops_per_image",
+    "stages",
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -132,14 +151,19 @@ def load_spec(path: str | Path) -> Spec:
 def _variants(raw) -> dict[str, list[str]]:
     """name -> dotted overrides, from a list of key=value or a YAML overlay."""
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError("spec.variants", "needs at least one named variant: {name: [key=value, ...]} "
-                                           "(the baseline usually has none: `baseline: []`)")
+        raise ConfigError(
+            "spec.variants",
+            "needs at least one named variant: {name: [key=value, ...]} "
+            "(the baseline usually has none: `baseline: []`)",
+        )
     out = {}
     for name, value in raw.items():
         name = str(name)
         if not _NAME.match(name):
-            raise ConfigError(f"spec.variants.{name}", "a variant's name is its folder: letters, digits and _ . + - "
-                                                      "only, not starting with a symbol")
+            raise ConfigError(
+                f"spec.variants.{name}",
+                "a variant's name is its folder: letters, digits and _ . + - only, not starting with a symbol",
+            )
         if value is None:
             value = []
         if isinstance(value, dict):
@@ -147,13 +171,16 @@ def _variants(raw) -> dict[str, list[str]]:
         elif isinstance(value, list) and all(isinstance(v, str) for v in value):
             out[name] = list(value)
         else:
-            raise ConfigError(f"spec.variants.{name}", "must be a list of key=value overrides or a YAML overlay "
-                                                      "({section: {key: value}})")
+            raise ConfigError(
+                f"spec.variants.{name}",
+                "must be a list of key=value overrides or a YAML overlay ({section: {key: value}})",
+            )
     lowered = [n.lower() for n in out]
     for n in out:  # folders that differ only in case are one folder on macOS and Windows file systems
         if lowered.count(n.lower()) > 1:
-            raise ConfigError(f"spec.variants.{n}", "two variants would share one run folder (names differ only "
-                                                    "in case)")
+            raise ConfigError(
+                f"spec.variants.{n}", "two variants would share one run folder (names differ only in case)"
+            )
     return out
 
 
@@ -166,8 +193,10 @@ def _check_spec(spec: Spec) -> None:
     if not 0 <= b.cooldown <= 1:
         raise ConfigError("spec.budget.cooldown", f"must be in [0, 1]; got {b.cooldown}")
     if b.kind == "target" and (b.metric is None or b.target is None):
-        raise ConfigError("spec.budget.metric" if b.metric is None else "spec.budget.target",
-                          "a target budget names a metric and the value to reach (metric: shapes/placed, target: 0.5)")
+        raise ConfigError(
+            "spec.budget.metric" if b.metric is None else "spec.budget.target",
+            "a target budget names a metric and the value to reach (metric: shapes/placed, target: 0.5)",
+        )
     if b.calibration_steps < 1:
         raise ConfigError("spec.budget.calibration_steps", f"must be >= 1; got {b.calibration_steps}")
     if not e.points or any(not 0 < f <= 1 for f in e.points):
@@ -179,19 +208,29 @@ def _check_spec(spec: Spec) -> None:
     if spec.baseline not in spec.variants:
         raise ConfigError("spec.baseline", f"{spec.baseline!r} is not one of the variants ({', '.join(spec.variants)})")
     if spec.launch.parallel < 1 or spec.launch.nproc_per_node < 1:
-        raise ConfigError("spec.launch.parallel" if spec.launch.parallel < 1 else "spec.launch.nproc_per_node",
-                          "must be >= 1")
-    for where, overrides in [("spec.base.overrides", spec.base.overrides),
-                             *((f"spec.variants.{n}", o) for n, o in spec.variants.items())]:
+        raise ConfigError(
+            "spec.launch.parallel" if spec.launch.parallel < 1 else "spec.launch.nproc_per_node", "must be >= 1"
+        )
+    for where, overrides in [
+        ("spec.base.overrides", spec.base.overrides),
+        *((f"spec.variants.{n}", o) for n, o in spec.variants.items()),
+    ]:
         for item in overrides:
             key = item.split("=", 1)[0].strip()
             if key in MANAGED or key.startswith("stages"):
-                raise ConfigError(f"{where}", f"sets {key}, which the ablation decides for every run (from the "
-                                              f"budget, the seeds, the evaluation protocol or the run folder)")
+                raise ConfigError(
+                    f"{where}",
+                    f"sets {key}, which the ablation decides for every run (from the "
+                    f"budget, the seeds, the evaluation protocol or the run folder)",
+                )
 
 
-_UNITS = {"images": "training images per run", "flops": "training FLOPs per run", "minutes": "minutes of training "
-          "per run", "target": "the most training images a run may use"}
+_UNITS = {
+    "images": "training images per run",
+    "flops": "training FLOPs per run",
+    "minutes": "minutes of training per run",
+    "target": "the most training images a run may use",
+}
 
 # ----------------------------------------------------------------------------- the plan
 
@@ -246,10 +285,17 @@ def variant_config(spec: Spec, name: str, extra: list[str] = ()) -> Config:
 
 def _protocol_overrides(spec: Spec) -> list[str]:
     e = spec.evaluation
-    return [f"eval.metrics={json.dumps(e.metrics)}", f"eval.prompts={e.prompts}", f"sample.steps={e.sample_steps}",
-            f"sample.guidance={e.guidance[0]}", f"eval.guidance={json.dumps(e.guidance[1:])}",
-            f"sample.guidance_mode={e.guidance_mode}", f"eval.weights={e.weights}", f"eval.val_images={e.val_images}",
-            "eval.every=0"]
+    return [
+        f"eval.metrics={json.dumps(e.metrics)}",
+        f"eval.prompts={e.prompts}",
+        f"sample.steps={e.sample_steps}",
+        f"sample.guidance={e.guidance[0]}",
+        f"eval.guidance={json.dumps(e.guidance[1:])}",
+        f"sample.guidance_mode={e.guidance_mode}",
+        f"eval.weights={e.weights}",
+        f"eval.val_images={e.val_images}",
+        "eval.every=0",
+    ]
 
 
 def point_steps(steps: int, fractions: list[float]) -> list[int]:
@@ -275,10 +321,12 @@ def flops_per_image(cfg: Config, text_dim: int) -> float:
     bare = with_overrides(to_dict(cfg), ["repa.weight=0", "perceptual.lpips_weight=0", "perceptual.dino_weight=0"])
     device = torch.device("cpu")
     torch.manual_seed(0)
+
     def extra(c: Config) -> float:  # FLOPs the teachers and projector of `c` add to one image
-        return float(measured_step_flops(c, LossNetworks(c, _width(c), device), device, text_dim, c.text.max_tokens)
-                     - measured_step_flops(bare, LossNetworks(bare, _width(c), device), device, text_dim,
-                                           c.text.max_tokens))
+        return float(
+            measured_step_flops(c, LossNetworks(c, _width(c), device), device, text_dim, c.text.max_tokens)
+            - measured_step_flops(bare, LossNetworks(bare, _width(c), device), device, text_dim, c.text.max_tokens)
+        )
 
     if cfg.repa.weight == 0 or cfg.repa.until == 1:
         return analytic + extra(cfg)
@@ -296,8 +344,11 @@ def calibrate_step_seconds(cfg: Config, text_dim: int, steps: int) -> float:
     """The median time of a training step of this config on this machine (`pixelrun bench`)."""
     from pixelrun.tools.bench import time_steps
 
-    return float(time_steps(cfg, text_dim=text_dim, steps=steps, warmup=1, text_tokens=cfg.text.max_tokens,
-                            count_flops=False)["step_seconds_median"])
+    return float(
+        time_steps(cfg, text_dim=text_dim, steps=steps, warmup=1, text_tokens=cfg.text.max_tokens, count_flops=False)[
+            "step_seconds_median"
+        ]
+    )
 
 
 def steps_for_budget(budget: BudgetSpec, global_batch: int, flops_per_img: float, step_seconds: float | None) -> int:
@@ -345,18 +396,43 @@ def plan_ablation(spec: Spec, *, say=print) -> Plan:
         points = point_steps(steps, fractions)
         for seed in spec.seeds:
             rel = f"runs/{name}/seed{seed}"
-            managed = [f"run.dir={json.dumps(str(out / rel))}", "run.resume=true", f"seed={seed}",
-                       f"sample.seed={seed}", f"train.steps={steps}", f"train.cooldown={spec.budget.cooldown}",
-                       f"eval.at_steps={json.dumps(points[:-1])}", f"log.flops_per_image={fpi}"]
+            managed = [
+                f"run.dir={json.dumps(str(out / rel))}",
+                "run.resume=true",
+                f"seed={seed}",
+                f"sample.seed={seed}",
+                f"train.steps={steps}",
+                f"train.cooldown={spec.budget.cooldown}",
+                f"eval.at_steps={json.dumps(points[:-1])}",
+                f"log.flops_per_image={fpi}",
+            ]
             configs[(name, seed)] = variant_config(spec, name, [*protocol, *managed])
-            runs.append(PlannedRun(name, seed, rel, steps, global_batch, fpi, points, spec.variants[name],
-                                   f"configs/{name}-seed{seed}.yaml", step_s))
+            runs.append(
+                PlannedRun(
+                    name,
+                    seed,
+                    rel,
+                    steps,
+                    global_batch,
+                    fpi,
+                    points,
+                    spec.variants[name],
+                    f"configs/{name}-seed{seed}.yaml",
+                    step_s,
+                )
+            )
     dirs = [r.dir for r in runs]
     if len(set(dirs)) != len(dirs):  # unreachable with the name rules above; kept as the invariant it is
         raise ConfigError("spec.variants", "two runs would share one run folder")
     batches = {r.global_batch for r in runs}
-    return Plan(spec, out, runs, configs, equal_steps=len(batches) == 1 and spec.budget.kind in ("images", "target"),
-                machine=_machine())
+    return Plan(
+        spec,
+        out,
+        runs,
+        configs,
+        equal_steps=len(batches) == 1 and spec.budget.kind in ("images", "target"),
+        machine=_machine(),
+    )
 
 
 def _machine() -> dict:
@@ -366,8 +442,12 @@ def _machine() -> dict:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"device": device, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "host": socket.gethostname()}
+    return {
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "host": socket.gethostname(),
+    }
 
 
 def run_command(plan: Plan, r: PlannedRun, python: str = "python") -> list[str]:
@@ -375,8 +455,18 @@ def run_command(plan: Plan, r: PlannedRun, python: str = "python") -> list[str]:
     config = str(plan.out / r.config_path)
     n = plan.spec.launch.nproc_per_node
     if n > 1:
-        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "pixelrun",
-                "train", "--config", config]
+        return [
+            python,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            "-m",
+            "pixelrun",
+            "train",
+            "--config",
+            config,
+        ]
     return [python, "-m", "pixelrun", "train", "--config", config]
 
 
@@ -393,37 +483,77 @@ def write_plan(plan: Plan) -> Path:
         text = to_yaml(plan.configs[(r.variant, r.seed)])
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
-    lines = ["#!/usr/bin/env bash", f"# {spec.name}: one line per run; each resumes when run again.",
-             "# On a cluster replace --standalone by the scheduler's rendezvous (--nnodes, --rdzv-endpoint).",
-             "set -e"]
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# {spec.name}: one line per run; each resumes when run again.",
+        "# On a cluster replace --standalone by the scheduler's rendezvous (--nnodes, --rdzv-endpoint).",
+        "set -e",
+    ]
     lines += [" ".join(shlex.quote(a) for a in _torchrun(plan, r)) for r in plan.runs]
     (out / "commands.sh").write_text("\n".join(lines) + "\n")
     e = spec.evaluation
     data = {
-        "name": spec.name, "spec_file": str(spec.path) if spec.path else None, "baseline": spec.baseline,
-        "variants": list(spec.variants), "seeds": spec.seeds,
-        "budget": {"kind": spec.budget.kind, "value": spec.budget.value, "metric": spec.budget.metric,
-                   "target": spec.budget.target, "equal_steps": plan.equal_steps, "cooldown": spec.budget.cooldown},
+        "name": spec.name,
+        "spec_file": str(spec.path) if spec.path else None,
+        "baseline": spec.baseline,
+        "variants": list(spec.variants),
+        "seeds": spec.seeds,
+        "budget": {
+            "kind": spec.budget.kind,
+            "value": spec.budget.value,
+            "metric": spec.budget.metric,
+            "target": spec.budget.target,
+            "equal_steps": plan.equal_steps,
+            "cooldown": spec.budget.cooldown,
+        },
         "points": e.points,
-        "protocol": {"metrics": e.metrics, "prompts": e.prompts, "sample_steps": e.sample_steps,
-                     "guidance": e.guidance, "primary_guidance": e.guidance[0], "guidance_mode": e.guidance_mode,
-                     "weights": e.weights, "val_images": e.val_images,
-                     "spacing": plan.configs[(plan.runs[0].variant, plan.runs[0].seed)].sample.spacing,
-                     "sample_seed": "the run's seed"},
+        "protocol": {
+            "metrics": e.metrics,
+            "prompts": e.prompts,
+            "sample_steps": e.sample_steps,
+            "guidance": e.guidance,
+            "primary_guidance": e.guidance[0],
+            "guidance_mode": e.guidance_mode,
+            "weights": e.weights,
+            "val_images": e.val_images,
+            "spacing": plan.configs[(plan.runs[0].variant, plan.runs[0].seed)].sample.spacing,
+            "sample_seed": "the run's seed",
+        },
         "base": {"config": spec.base.config, "overrides": spec.base.overrides},
         "machine": plan.machine,
-        "runs": [{"variant": r.variant, "seed": r.seed, "dir": r.dir, "steps": r.steps, "global_batch": r.global_batch,
-                  "images": r.images, "flops_per_image": r.flops_per_image, "point_steps": r.point_steps,
-                  "overrides": r.overrides, "config": r.config_path, "step_seconds_calibrated": r.step_seconds,
-                  "command": " ".join(shlex.quote(a) for a in _torchrun(plan, r))} for r in plan.runs],
+        "runs": [
+            {
+                "variant": r.variant,
+                "seed": r.seed,
+                "dir": r.dir,
+                "steps": r.steps,
+                "global_batch": r.global_batch,
+                "images": r.images,
+                "flops_per_image": r.flops_per_image,
+                "point_steps": r.point_steps,
+                "overrides": r.overrides,
+                "config": r.config_path,
+                "step_seconds_calibrated": r.step_seconds,
+                "command": " ".join(shlex.quote(a) for a in _torchrun(plan, r)),
+            }
+            for r in plan.runs
+        ],
     }
     return write_json(out / "ablation.json", data)
 
 
 def _torchrun(plan: Plan, r: PlannedRun) -> list[str]:
     n = plan.spec.launch.nproc_per_node
-    return ["torchrun", "--standalone", f"--nproc_per_node={n}", "-m", "pixelrun", "train", "--config",
-            str(plan.out / r.config_path)]
+    return [
+        "torchrun",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        "-m",
+        "pixelrun",
+        "train",
+        "--config",
+        str(plan.out / r.config_path),
+    ]
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -490,8 +620,9 @@ def execute(plan: Plan, *, parallel: int | None = None) -> dict:
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with tqdm(total=total, desc=f"ablate {plan.spec.name}", unit="step", file=sys.stderr,
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=total, desc=f"ablate {plan.spec.name}", unit="step", file=sys.stderr, dynamic_ncols=True
+        ) as bar:
             while queue or running:
                 while queue and len(running) < parallel:
                     r = queue.pop(0)
@@ -499,10 +630,13 @@ def execute(plan: Plan, *, parallel: int | None = None) -> dict:
                     if parallel > 1:
                         cmd += [f"train.threads={threads}"]
                     log = open(logs / f"{r.variant}-seed{r.seed}.log", "ab")
-                    tqdm.write(f"{r.variant} seed {r.seed}: training {r.steps} steps -> {plan.out / r.dir} "
-                               f"(log {log.name})", file=sys.stderr)
-                    running[subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                             start_new_session=True)] = r
+                    tqdm.write(
+                        f"{r.variant} seed {r.seed}: training {r.steps} steps -> {plan.out / r.dir} (log {log.name})",
+                        file=sys.stderr,
+                    )
+                    running[
+                        subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                    ] = r
                     log.close()
                 time.sleep(0.5)
                 bar.n = sum(min(run_state(plan, r)["step"], r.steps) for r in plan.runs)
@@ -514,8 +648,11 @@ def execute(plan: Plan, *, parallel: int | None = None) -> dict:
                         tqdm.write(f"{r.variant} seed {r.seed}: done", file=sys.stderr)
                     elif not interrupted:
                         result["failed"].append((r.variant, r.seed))
-                        tqdm.write(f"{r.variant} seed {r.seed}: FAILED (exit {proc.returncode}); see "
-                                   f"{logs / f'{r.variant}-seed{r.seed}.log'}", file=sys.stderr)
+                        tqdm.write(
+                            f"{r.variant} seed {r.seed}: FAILED (exit {proc.returncode}); see "
+                            f"{logs / f'{r.variant}-seed{r.seed}.log'}",
+                            file=sys.stderr,
+                        )
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -534,11 +671,16 @@ def status_lines(plan: Plan) -> list[str]:
 
 def describe_plan(plan: Plan) -> list[str]:
     b = plan.spec.budget
-    lines = [f"ablation {plan.spec.name}: {len(plan.spec.variants)} variants x {len(plan.spec.seeds)} seeds, "
-             f"budget {b.value:g} {_UNITS[b.kind]}" + (" (equal steps: the variants' batches are equal)"
-                                                        if plan.equal_steps else "") + f", into {plan.out}"]
+    lines = [
+        f"ablation {plan.spec.name}: {len(plan.spec.variants)} variants x {len(plan.spec.seeds)} seeds, "
+        f"budget {b.value:g} {_UNITS[b.kind]}"
+        + (" (equal steps: the variants' batches are equal)" if plan.equal_steps else "")
+        + f", into {plan.out}"
+    ]
     for name in plan.spec.variants:
         r = next(r for r in plan.runs if r.variant == name)
-        lines.append(f"  {name}: {r.steps} steps x {r.global_batch} images, {r.flops_per_image / 1e9:.3g} GFLOP per "
-                     f"image, evaluated at steps {r.point_steps}" + (" (baseline)" if name == plan.spec.baseline else ""))
+        lines.append(
+            f"  {name}: {r.steps} steps x {r.global_batch} images, {r.flops_per_image / 1e9:.3g} GFLOP per "
+            f"image, evaluated at steps {r.point_steps}" + (" (baseline)" if name == plan.spec.baseline else "")
+        )
     return lines

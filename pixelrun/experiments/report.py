@@ -10,6 +10,7 @@
 Intervals, verdicts and the noise floor are pixelrun/experiments/stats.py's; docs/reports.md says how to read
 them. Every file is written beside its destination and swapped in whole.
 """
+
 from __future__ import annotations
 
 import base64
@@ -32,6 +33,7 @@ TRAINING_ONLY = ("step", "lr", "grad_norm", "images_per_s", "train_seconds")
 
 
 # ----------------------------------------------------------------------------- reading run folders
+
 
 def read_json(path: Path) -> dict | None:
     """The JSON object in ``path``; None when it is missing or unreadable (a run still being written)."""
@@ -122,6 +124,7 @@ def point_metrics(point: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- the ablation's numbers
 
+
 def _load_runs(out_dir: Path, spec: dict) -> list[dict]:
     """Every run the spec lists, with what its folder holds and its status: done, unfinished (no
     run-summary.json yet) or missing (no folder)."""
@@ -141,10 +144,12 @@ def _load_runs(out_dir: Path, spec: dict) -> list[dict]:
     return runs
 
 
-def _cell(runs: list[dict], base_runs: list[dict], metric: str, fraction: float, guidance: float | None,
-          is_baseline: bool) -> dict | None:
+def _cell(
+    runs: list[dict], base_runs: list[dict], metric: str, fraction: float, guidance: float | None, is_baseline: bool
+) -> dict | None:
     """One variant x metric x point x guidance: the mean over seeds with its interval, the paired
     difference from the baseline with its interval, and the verdict."""
+
     def values(rs):
         out = {}
         for r in rs:
@@ -163,8 +168,16 @@ def _cell(runs: list[dict], base_runs: list[dict], metric: str, fraction: float,
         mean = stats.two_level_bootstrap(np.array(prompts))
     else:
         mean = stats.t_interval([mine[s][0] for s in seeds])
-    cell = {"metric": metric, "guidance": guidance, "higher_is_better": higher_is_better(metric), "seeds": seeds,
-            "per_seed": [mine[s][0] for s in seeds], "mean": mean.as_dict(), "delta": None, "verdict": None}
+    cell = {
+        "metric": metric,
+        "guidance": guidance,
+        "higher_is_better": higher_is_better(metric),
+        "seeds": seeds,
+        "per_seed": [mine[s][0] for s in seeds],
+        "mean": mean.as_dict(),
+        "delta": None,
+        "verdict": None,
+    }
     if is_baseline:
         return cell
     theirs = values(base_runs)
@@ -184,23 +197,31 @@ def _cell(runs: list[dict], base_runs: list[dict], metric: str, fraction: float,
 
 
 def _guidances(runs: list[dict], fraction: float) -> list[float]:
-    found = {float(res["guidance"]) for r in runs for res in r["points"].get(fraction, {}).get("results", [])
-             if "guidance" in res}
+    found = {
+        float(res["guidance"])
+        for r in runs
+        for res in r["points"].get(fraction, {}).get("results", [])
+        if "guidance" in res
+    }
     return sorted(found)
 
 
 def _throughput(runs: list[dict]) -> dict:
     """Speed and what was reached, averaged over the variant's runs that have it."""
+
     def mean_of(values):
         values = [float(v) for v in values if isinstance(v, (int, float))]
         return float(np.mean(values)) if values else None
 
     summaries = [r["summary"] for r in runs if r["summary"]]
     last = [r["points"][max(r["points"])] for r in runs if r["points"]]
-    out = {k: mean_of(s.get(k) for s in summaries)
-           for k in ("images_per_s", "step_seconds", "peak_memory_bytes", "train_seconds")}
-    out["flops_per_image"] = mean_of([s.get("flops_per_image") for s in summaries]
-                                     or [r.get("flops_per_image") for r in runs])
+    out = {
+        k: mean_of(s.get(k) for s in summaries)
+        for k in ("images_per_s", "step_seconds", "peak_memory_bytes", "train_seconds")
+    }
+    out["flops_per_image"] = mean_of(
+        [s.get("flops_per_image") for s in summaries] or [r.get("flops_per_image") for r in runs]
+    )
     for k in ("step", "images", "flops"):
         out[f"{k}_reached"] = mean_of(p.get(k) for p in last)
     return out
@@ -210,11 +231,12 @@ def _budget_line(spec: dict, runs: list[dict]) -> tuple[str, bool]:
     """The sentence stating the budget, and whether every run trained the same steps at the same batch."""
     b = spec.get("budget", {})
     kind, value = b.get("kind"), b.get("value")
-    text = {"images": lambda: f"{value:,.0f} training images per run",
-            "flops": lambda: f"{value:.3g} training FLOPs per run",
-            "minutes": lambda: f"{value:g} minutes of training per run",
-            "target": lambda: f"training until {b.get('metric')} reaches {b.get('target')} "
-                              f"(at most {value:g})"}.get(kind, lambda: f"{kind} {value}")()
+    text = {
+        "images": lambda: f"{value:,.0f} training images per run",
+        "flops": lambda: f"{value:.3g} training FLOPs per run",
+        "minutes": lambda: f"{value:g} minutes of training per run",
+        "target": lambda: f"training until {b.get('metric')} reaches {b.get('target')} (at most {value:g})",
+    }.get(kind, lambda: f"{kind} {value}")()
     batches = {r.get("global_batch") for r in spec.get("runs", [])}
     steps = {r.get("steps") for r in spec.get("runs", [])}
     equal = len(batches) == 1 and len(steps) == 1 and bool(spec.get("runs"))
@@ -246,9 +268,14 @@ def _summarize(out_dir: Path) -> tuple[dict, list[dict]]:
     metrics = list(dict.fromkeys(m for r in runs for p in r["points"].values() for m in point_metrics(p)))
 
     def cells(fraction, guidance, names):
-        return {v: {m: c for m in names
-                    if (c := _cell(by_variant[v], by_variant.get(baseline, []), m, fraction, guidance, v == baseline))}
-                for v in variants}
+        return {
+            v: {
+                m: c
+                for m in names
+                if (c := _cell(by_variant[v], by_variant.get(baseline, []), m, fraction, guidance, v == baseline))
+            }
+            for v in variants
+        }
 
     by_point = {f"{f:g}": cells(f, primary, metrics) for f in fractions}
     guidance_curves, best = {}, {}
@@ -258,24 +285,49 @@ def _summarize(out_dir: Path) -> tuple[dict, list[dict]]:
         curves = {g: cells(final, g, eval_metrics) for g in all_guidance}
         for v in variants:
             guidance_curves[v] = {m: [curves[g][v][m] for g in all_guidance if m in curves[g][v]] for m in eval_metrics}
-            best[v] = {m: _best_guidance(points, higher_is_better(m)) for m, points in guidance_curves[v].items()
-                       if points}
+            best[v] = {
+                m: _best_guidance(points, higher_is_better(m)) for m, points in guidance_curves[v].items() if points
+            }
     floor = {}
     for m, cell in by_point[f"{final:g}"].get(baseline, {}).items():
         floor[m] = stats.noise_floor(cell["per_seed"])
-    incomplete = [{"variant": r["variant"], "seed": r["seed"], "dir": r["dir"], "status": r["status"],
-                   "reason": _incomplete_reason(r, final)} for r in runs if final not in r["points"]]
+    incomplete = [
+        {
+            "variant": r["variant"],
+            "seed": r["seed"],
+            "dir": r["dir"],
+            "status": r["status"],
+            "reason": _incomplete_reason(r, final),
+        }
+        for r in runs
+        if final not in r["points"]
+    ]
     budget_line, equal = _budget_line(spec, runs)
     target = _time_to_target(runs, spec.get("budget", {}), primary)
     return {
-        "name": spec.get("name", out_dir.name), "baseline": baseline, "variants": variants,
-        "seeds": spec.get("seeds", []), "budget": spec.get("budget", {}), "budget_line": budget_line,
-        "equal_steps": equal, "points": fractions, "final_point": final, "primary_guidance": primary,
-        "protocol": protocol, "machine": spec.get("machine", {}), "metrics": metrics,
-        "final": by_point[f"{final:g}"], "by_point": by_point, "guidance": guidance_curves, "best_guidance": best,
-        "noise_floor": floor, "throughput": {v: _throughput(by_variant[v]) for v in variants},
-        "runs": [_run_row(r, final) for r in runs], "incomplete": incomplete,
-        "confidence": stats.CONFIDENCE, "time_to_target": target,
+        "name": spec.get("name", out_dir.name),
+        "baseline": baseline,
+        "variants": variants,
+        "seeds": spec.get("seeds", []),
+        "budget": spec.get("budget", {}),
+        "budget_line": budget_line,
+        "equal_steps": equal,
+        "points": fractions,
+        "final_point": final,
+        "primary_guidance": primary,
+        "protocol": protocol,
+        "machine": spec.get("machine", {}),
+        "metrics": metrics,
+        "final": by_point[f"{final:g}"],
+        "by_point": by_point,
+        "guidance": guidance_curves,
+        "best_guidance": best,
+        "noise_floor": floor,
+        "throughput": {v: _throughput(by_variant[v]) for v in variants},
+        "runs": [_run_row(r, final) for r in runs],
+        "incomplete": incomplete,
+        "confidence": stats.CONFIDENCE,
+        "time_to_target": target,
     }, runs
 
 
@@ -294,8 +346,12 @@ def _time_to_target(runs: list[dict], budget: dict, guidance: float | None) -> l
             value = point_value(r["points"][fraction], metric, guidance)
             if value is not None and (value[0] >= goal if higher else value[0] <= goal):
                 point = r["points"][fraction]
-                reached = {"step": point.get("step"), "images": point.get("images"),
-                           "train_seconds": point.get("train_seconds"), "value": value[0]}
+                reached = {
+                    "step": point.get("step"),
+                    "images": point.get("images"),
+                    "train_seconds": point.get("train_seconds"),
+                    "value": value[0],
+                }
                 break
         out.append({"variant": r["variant"], "seed": r["seed"], "reached": reached})
     return out
@@ -315,14 +371,22 @@ def _incomplete_reason(run: dict, final: float) -> str:
 
 def _run_row(run: dict, final: float) -> dict:
     last = run["points"][max(run["points"])] if run["points"] else {}
-    return {"variant": run["variant"], "seed": run["seed"], "dir": run["dir"], "status": run["status"],
-            "points": sorted(run["points"]), "step": last.get("step"), "images": last.get("images"),
-            "flops": last.get("flops"), "train_seconds": last.get("train_seconds"),
-            "global_batch": run.get("global_batch"), "command": run.get("command")}
+    return {
+        "variant": run["variant"],
+        "seed": run["seed"],
+        "dir": run["dir"],
+        "status": run["status"],
+        "points": sorted(run["points"]),
+        "step": last.get("step"),
+        "images": last.get("images"),
+        "flops": last.get("flops"),
+        "train_seconds": last.get("train_seconds"),
+        "global_batch": run.get("global_batch"),
+        "command": run.get("command"),
+    }
 
 
 # ----------------------------------------------------------------------------- writing
-
 
 
 def _jsonable(value):
@@ -375,11 +439,13 @@ def _gib(x) -> str:
 def _protocol_line(summary: dict) -> str:
     p = summary["protocol"]
     g = summary["primary_guidance"]
-    return (f"At the budget (fraction {summary['final_point']:g}), {p.get('weights', 'ema')} weights, "
-            f"guidance {_num(g)} ({p.get('guidance_mode', '?')}), {p.get('prompts', '?')} prompts, "
-            f"{p.get('sample_steps', '?')} sampling steps; mean over seeds "
-            f"{', '.join(map(str, summary['seeds']))}, {summary['confidence']:.0%} intervals. Δ is the paired "
-            f"difference from {summary['baseline']}: a verdict is 'better' or 'worse' when its interval excludes 0.")
+    return (
+        f"At the budget (fraction {summary['final_point']:g}), {p.get('weights', 'ema')} weights, "
+        f"guidance {_num(g)} ({p.get('guidance_mode', '?')}), {p.get('prompts', '?')} prompts, "
+        f"{p.get('sample_steps', '?')} sampling steps; mean over seeds "
+        f"{', '.join(map(str, summary['seeds']))}, {summary['confidence']:.0%} intervals. Δ is the paired "
+        f"difference from {summary['baseline']}: a verdict is 'better' or 'worse' when its interval excludes 0."
+    )
 
 
 def ablation_blocks(summary: dict, figures: dict[str, Path]) -> list[tuple]:
@@ -388,41 +454,95 @@ def ablation_blocks(summary: dict, figures: dict[str, Path]) -> list[tuple]:
     val_m = [m for m in summary["metrics"] if m.startswith("val")]
     final, tp = summary["final"], summary["throughput"]
     header = ["variant"] + eval_m + ["images/s", "step s", "FLOPs/image", "peak memory", "steps", "images"]
-    rows = [[v] + [_cell_text(final[v].get(m)) for m in eval_m]
-            + [_num(tp[v]["images_per_s"]), _num(tp[v]["step_seconds"], 3), _num(tp[v]["flops_per_image"], 3),
-               _gib(tp[v]["peak_memory_bytes"]), _num(tp[v]["step_reached"]), _num(tp[v]["images_reached"])]
-            for v in summary["variants"]]
-    blocks: list[tuple] = [("h1", f"Ablation: {summary['name']}"), ("p", summary["budget_line"]), ("p", _protocol_line(summary)),
-              ("table", header, rows)]
+    rows = [
+        [v]
+        + [_cell_text(final[v].get(m)) for m in eval_m]
+        + [
+            _num(tp[v]["images_per_s"]),
+            _num(tp[v]["step_seconds"], 3),
+            _num(tp[v]["flops_per_image"], 3),
+            _gib(tp[v]["peak_memory_bytes"]),
+            _num(tp[v]["step_reached"]),
+            _num(tp[v]["images_reached"]),
+        ]
+        for v in summary["variants"]
+    ]
+    blocks: list[tuple] = [
+        ("h1", f"Ablation: {summary['name']}"),
+        ("p", summary["budget_line"]),
+        ("p", _protocol_line(summary)),
+        ("table", header, rows),
+    ]
     if val_m:
-        blocks += [("h2", "Validation loss at the budget (lower is better)"),
-                   ("table", ["variant"] + val_m,
-                    [[v] + [_cell_text(final[v].get(m)) for m in val_m] for v in summary["variants"]])]
+        blocks += [
+            ("h2", "Validation loss at the budget (lower is better)"),
+            (
+                "table",
+                ["variant"] + val_m,
+                [[v] + [_cell_text(final[v].get(m)) for m in val_m] for v in summary["variants"]],
+            ),
+        ]
     floor = summary["noise_floor"]
     if floor:
-        blocks += [("h2", f"Noise floor: {summary['baseline']} from seed to seed"),
-                   ("p", ("The spread of the baseline's per-seed means at the budget: differences of this size "
-                          "are what changing the seed alone does.")),
-                   ("table", ["metric", "mean", "std", "range", "seeds"],
-                    [[m, _num(f["mean"]), _num(f["std"], 3), _num(f["range"], 3), str(f["n"])] for m, f in floor.items()])]
+        blocks += [
+            ("h2", f"Noise floor: {summary['baseline']} from seed to seed"),
+            (
+                "p",
+                (
+                    "The spread of the baseline's per-seed means at the budget: differences of this size "
+                    "are what changing the seed alone does."
+                ),
+            ),
+            (
+                "table",
+                ["metric", "mean", "std", "range", "seeds"],
+                [[m, _num(f["mean"]), _num(f["std"], 3), _num(f["range"], 3), str(f["n"])] for m, f in floor.items()],
+            ),
+        ]
     if summary["best_guidance"]:
-        blocks += [("h2", "Best guidance per variant"),
-                   ("table", ["variant"] + eval_m,
-                    [[v] + [_num(summary["best_guidance"][v].get(m)) for m in eval_m] for v in summary["variants"]])]
+        blocks += [
+            ("h2", "Best guidance per variant"),
+            (
+                "table",
+                ["variant"] + eval_m,
+                [[v] + [_num(summary["best_guidance"][v].get(m)) for m in eval_m] for v in summary["variants"]],
+            ),
+        ]
     if summary["time_to_target"]:
         b = summary["budget"]
-        blocks += [("h2", f"Time to reach {b['metric']} {b['target']}"),
-                   ("table", ["variant", "seed", "step", "images", "training seconds"],
-                    [[t["variant"], str(t["seed"])] + ([str(t["reached"]["step"]), str(t["reached"]["images"]),
-                                                         _num(t["reached"]["train_seconds"])]
-                                                        if t["reached"] else ["not reached", "", ""])
-                     for t in summary["time_to_target"]])]
+        blocks += [
+            ("h2", f"Time to reach {b['metric']} {b['target']}"),
+            (
+                "table",
+                ["variant", "seed", "step", "images", "training seconds"],
+                [
+                    [t["variant"], str(t["seed"])]
+                    + (
+                        [str(t["reached"]["step"]), str(t["reached"]["images"]), _num(t["reached"]["train_seconds"])]
+                        if t["reached"]
+                        else ["not reached", "", ""]
+                    )
+                    for t in summary["time_to_target"]
+                ],
+            ),
+        ]
     if summary["incomplete"]:
-        blocks += [("h2", "Runs missing from the comparison"),
-                   ("ul", [f"{r['variant']} seed {r['seed']} ({r['dir']}, {r['status']}): {r['reason']}"
-                           for r in summary["incomplete"]])]
-    blocks += [("h2", "Protocol"), ("ul", [f"{k}: {_plain(v)}" for k, v in summary["protocol"].items()]),
-               ("h2", "Machine"), ("ul", [f"{k}: {_plain(v)}" for k, v in summary["machine"].items()])]
+        blocks += [
+            ("h2", "Runs missing from the comparison"),
+            (
+                "ul",
+                [
+                    f"{r['variant']} seed {r['seed']} ({r['dir']}, {r['status']}): {r['reason']}"
+                    for r in summary["incomplete"]
+                ],
+            ),
+        ]
+    blocks += [
+        ("h2", "Protocol"),
+        ("ul", [f"{k}: {_plain(v)}" for k, v in summary["protocol"].items()]),
+        ("h2", "Machine"),
+        ("ul", [f"{k}: {_plain(v)}" for k, v in summary["machine"].items()]),
+    ]
     if figures:
         blocks.append(("h2", "Figures"))
         blocks += [("img", title, path) for title, path in figures.items()]
@@ -496,14 +616,49 @@ def render_html(title: str, blocks: list[tuple]) -> str:
 
 
 def _csv_rows(summary: dict) -> list[list]:
-    rows = [["point", "variant", "metric", "guidance", "higher_is_better", "seeds", "mean", "low", "high", "method",
-             "delta", "delta_low", "delta_high", "delta_seeds", "delta_method", "verdict"]]
+    rows = [
+        [
+            "point",
+            "variant",
+            "metric",
+            "guidance",
+            "higher_is_better",
+            "seeds",
+            "mean",
+            "low",
+            "high",
+            "method",
+            "delta",
+            "delta_low",
+            "delta_high",
+            "delta_seeds",
+            "delta_method",
+            "verdict",
+        ]
+    ]
 
     def add(point, cell, variant):
         m, d = cell["mean"], cell["delta"] or {}
-        rows.append([point, variant, cell["metric"], cell["guidance"], cell["higher_is_better"], len(cell["seeds"]),
-                     m["estimate"], m["low"], m["high"], m["method"], d.get("estimate"), d.get("low"), d.get("high"),
-                     d.get("n"), d.get("method"), cell["verdict"]])
+        rows.append(
+            [
+                point,
+                variant,
+                cell["metric"],
+                cell["guidance"],
+                cell["higher_is_better"],
+                len(cell["seeds"]),
+                m["estimate"],
+                m["low"],
+                m["high"],
+                m["method"],
+                d.get("estimate"),
+                d.get("low"),
+                d.get("high"),
+                d.get("n"),
+                d.get("method"),
+                cell["verdict"],
+            ]
+        )
 
     for point, by_variant in summary["by_point"].items():
         for v, cells in by_variant.items():
@@ -529,14 +684,17 @@ def write_ablation_report(out_dir: str | Path) -> list[Path]:
     blocks = ablation_blocks(summary, figures)
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(_csv_rows(summary))
-    written = [write_atomic(out_dir / "report.md", render_markdown(blocks, out_dir)),
-               write_atomic(out_dir / "summary.csv", buf.getvalue()),
-               write_atomic(out_dir / "summary.json", json.dumps(_jsonable(summary), indent=2) + "\n"),
-               write_atomic(out_dir / "report.html", render_html(f"Ablation: {summary['name']}", blocks))]
+    written = [
+        write_atomic(out_dir / "report.md", render_markdown(blocks, out_dir)),
+        write_atomic(out_dir / "summary.csv", buf.getvalue()),
+        write_atomic(out_dir / "summary.json", json.dumps(_jsonable(summary), indent=2) + "\n"),
+        write_atomic(out_dir / "report.html", render_html(f"Ablation: {summary['name']}", blocks)),
+    ]
     return written + list(figures.values())
 
 
 # ----------------------------------------------------------------------------- figures
+
 
 def _figure(panels: list[tuple[str, list[tuple]]], xlabel: str, path: Path) -> Path:
     """One PNG of small plots: panels are (title, series); a series is (label, x, mean, low, high),
@@ -549,12 +707,13 @@ def _figure(panels: list[tuple[str, list[tuple]]], xlabel: str, path: Path) -> P
     width, height = 4.4 * cols, 3.2 * rows
     fig = Figure(figsize=(width, height), dpi=100)
     # fixed margins in inches: a layout engine would cost more than the drawing itself
-    fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - 0.35 / height,
-                        wspace=0.3, hspace=0.5)
+    fig.subplots_adjust(
+        left=0.7 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - 0.35 / height, wspace=0.3, hspace=0.5
+    )
     for i, (title, series) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         for label, x, y, low, high in series:
-            line, = ax.plot(x, y, marker="o" if len(x) <= 12 else None, markersize=3, label=label)
+            (line,) = ax.plot(x, y, marker="o" if len(x) <= 12 else None, markersize=3, label=label)
             if low is not None:
                 ax.fill_between(x, low, high, alpha=0.2, color=line.get_color(), linewidth=0)
         ax.set_title(title, fontsize=10)
@@ -590,29 +749,36 @@ def ablation_figures(summary: dict, runs: list[dict], folder: Path) -> dict[str,
     variants = summary["variants"]
     eval_m = [m for m in summary["metrics"] if not m.startswith("val")]
     figures = {}
-    for axis, label, name in (("images", "training images", "images"), ("flops", "training FLOPs", "flops"),
-                              ("train_seconds", "training seconds", "seconds")):
+    for axis, label, name in (
+        ("images", "training images", "images"),
+        ("flops", "training FLOPs", "flops"),
+        ("train_seconds", "training seconds", "seconds"),
+    ):
         panels = _point_panels(runs, variants, eval_m, summary["primary_guidance"], axis)
         if panels:
             figures[f"eval metrics against {label}"] = _figure(panels, label, folder / f"eval_vs_{name}.png")
     batch = {(r["variant"], r["seed"]): r.get("global_batch") or 1 for r in runs}
-    for title, pick, fname in (("training loss terms", _is_loss_term, "training_losses.png"),
-                               ("validation loss by noise level", lambda k: k.startswith("val"), "validation.png")):
+    for title, pick, fname in (
+        ("training loss terms", _is_loss_term, "training_losses.png"),
+        ("validation loss by noise level", lambda k: k.startswith("val"), "validation.png"),
+    ):
         panels = _row_panels(runs, variants, pick, lambda r, step: step * batch[(r["variant"], r["seed"])])
         if panels:
             figures[f"{title} against training images"] = _figure(panels, "training images", folder / fname)
     panels = _guidance_panels(summary["guidance"], variants, eval_m)
     if panels:
-        figures[f"guidance at the budget (mean over seeds, {summary['confidence']:.0%} interval)"] = \
-            _figure(panels, "guidance", folder / "guidance.png")
+        figures[f"guidance at the budget (mean over seeds, {summary['confidence']:.0%} interval)"] = _figure(
+            panels, "guidance", folder / "guidance.png"
+        )
     grid = sample_grid(summary, runs, folder / "samples.png")
     if grid is not None:
         figures["the same prompts and noise across variants (first seed, at the budget)"] = grid
     return figures
 
 
-def _point_panels(runs: list[dict], variants: list[str], metrics: list[str], guidance: float | None,
-                  axis: str) -> list[tuple]:
+def _point_panels(
+    runs: list[dict], variants: list[str], metrics: list[str], guidance: float | None, axis: str
+) -> list[tuple]:
     """Each metric at the budget points against the points' `axis` (images, flops, train_seconds)."""
     panels = []
     for m in metrics:
@@ -642,8 +808,9 @@ def _guidance_panels(curves: dict, variants: list[str], metrics: list[str]) -> l
         for v in variants:
             cells = curves.get(v, {}).get(m, [])
             if cells:
-                series.append((v, [c["guidance"] for c in cells], [c["mean"]["estimate"] for c in cells],
-                               *_bounds(cells)))
+                series.append(
+                    (v, [c["guidance"] for c in cells], [c["mean"]["estimate"] for c in cells], *_bounds(cells))
+                )
         if series:
             panels.append((m, series))
     return panels
@@ -667,19 +834,31 @@ def _row_panels(runs: list[dict], variants: list[str], pick, x_of) -> list[tuple
     A long curve (more than SMOOTH_ABOVE values) other than the learning rate is drawn as a trailing
     moving average over 1 % of its length, said in the panel's title: minibatch losses scatter more
     than the trend a reader is after."""
-    keys = list(dict.fromkeys(k for r in runs for row in r["rows"] for k in row
-                              if pick(k) and isinstance(row[k], (int, float))))
+    keys = list(
+        dict.fromkeys(k for r in runs for row in r["rows"] for k in row if pick(k) and isinstance(row[k], (int, float)))
+    )
     panels = []
     for k in keys:
-        bands = {v: _seed_band([{row["step"]: (x_of(r, row["step"]), row[k]) for row in r["rows"]
-                                 if isinstance(row.get(k), (int, float))} for r in runs if r["variant"] == v])
-                 for v in variants}
+        bands = {
+            v: _seed_band(
+                [
+                    {
+                        row["step"]: (x_of(r, row["step"]), row[k])
+                        for row in r["rows"]
+                        if isinstance(row.get(k), (int, float))
+                    }
+                    for r in runs
+                    if r["variant"] == v
+                ]
+            )
+            for v in variants
+        }
         longest = max((len(b[0]) for b in bands.values() if b), default=0)
         window = longest // 100 if longest > SMOOTH_ABOVE and k != "lr" else 1
         series = []
         for v, band in bands.items():
             if band and len(band[0]) >= window > 1:
-                band = (band[0][window - 1:], *(None if y is None else _moving_average(y, window) for y in band[1:]))
+                band = (band[0][window - 1 :], *(None if y is None else _moving_average(y, window) for y in band[1:]))
             if band:
                 series.append((v, *band))
         panels.append((k if window == 1 else f"{k} (moving average of {window})", series))
@@ -738,6 +917,7 @@ def sample_grid(summary: dict, runs: list[dict], path: Path, tile: int = 128) ->
 
 # ----------------------------------------------------------------------------- one run
 
+
 def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """One run's curves (loss terms, validation bins, eval metrics, lr, gradient norm, images/s) as
     PNGs and a self-contained report.html with its sample grids over training, in ``out`` (default
@@ -751,11 +931,12 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> list
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", f"{out} is a file")
     rows = read_metrics(run_dir / "metrics.jsonl")
-    groups = (("loss terms", _is_loss_term, "losses.png"),
-              ("validation loss by noise level", lambda k: k.startswith("val"), "validation.png"),
-              ("evaluation metrics", lambda k: k.startswith("eval/"), "eval.png"),
-              ("learning rate, gradient norm, images/s", lambda k: k in ("lr", "grad_norm", "images_per_s"),
-               "optimizer.png"))
+    groups = (
+        ("loss terms", _is_loss_term, "losses.png"),
+        ("validation loss by noise level", lambda k: k.startswith("val"), "validation.png"),
+        ("evaluation metrics", lambda k: k.startswith("eval/"), "eval.png"),
+        ("learning rate, gradient norm, images/s", lambda k: k in ("lr", "grad_norm", "images_per_s"), "optimizer.png"),
+    )
     run = {"variant": run_dir.name, "seed": 0, "rows": rows}
     figures = {}
     for title, pick, fname in groups:
@@ -764,14 +945,20 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> list
             figures[title] = _figure(panels, "step", out / fname)
     blocks: list[tuple] = [("h1", f"Run: {run_dir.resolve().name}")]
     last = max((row["step"] for row in rows), default=None)
-    blocks.append(("p", f"{len(rows)} rows in metrics.jsonl, up to step {last}." if rows
-                   else "metrics.jsonl holds no rows yet."))
+    blocks.append(
+        ("p", f"{len(rows)} rows in metrics.jsonl, up to step {last}." if rows else "metrics.jsonl holds no rows yet.")
+    )
     for name, heading in (("run-summary.json", "Summary"), ("provenance.json", "Provenance")):
         info = read_json(run_dir / name)
         if info:
-            blocks += [("h2", heading), ("table", ["key", "value"],
-                                         [[k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)]
-                                          for k, v in info.items()])]
+            blocks += [
+                ("h2", heading),
+                (
+                    "table",
+                    ["key", "value"],
+                    [[k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)] for k, v in info.items()],
+                ),
+            ]
     if figures:
         blocks.append(("h2", "Curves"))
         blocks += [("img", title, path) for title, path in figures.items()]

@@ -14,6 +14,7 @@ Two kinds of numbers come out of an evaluation:
 
 Every interval is seeded: the same data and seed give the same interval.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,6 +31,7 @@ RESAMPLES = 10_000
 class Estimate:
     """A mean (or a mean difference) with its interval. ``low``/``high`` are None where there is no
     interval (one seed for a t interval, one value for a bootstrap); ``note`` then says why."""
+
     estimate: float
     low: float | None
     high: float | None
@@ -49,8 +51,16 @@ def bootstrap_mean(values, confidence: float = CONFIDENCE, resamples: int = RESA
         raise ValueError("no values")
     if x.size == 1:
         return Estimate(float(x[0]), None, None, 1, "none", note="one value: no interval")
-    res = stats.bootstrap((x,), np.mean, n_resamples=resamples, confidence_level=confidence, method="percentile",
-                          vectorized=True, axis=-1, rng=np.random.default_rng(seed))
+    res = stats.bootstrap(
+        (x,),
+        np.mean,
+        n_resamples=resamples,
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=True,
+        axis=-1,
+        rng=np.random.default_rng(seed),
+    )
     low, high = res.confidence_interval
     return Estimate(float(x.mean()), float(low), float(high), x.size, "bootstrap")
 
@@ -65,9 +75,17 @@ def two_level_bootstrap(data, confidence: float = CONFIDENCE, resamples: int = R
     s, p = d.shape
     if s == 1:
         one = bootstrap_mean(d[0], confidence, resamples, seed)
-        return Estimate(one.estimate, one.low, one.high, 1, one.method, prompts=p,
-                        note="one seed: the interval covers prompt sampling only, not seed-to-seed noise"
-                        if one.low is not None else "one seed and one prompt: no interval")
+        return Estimate(
+            one.estimate,
+            one.low,
+            one.high,
+            1,
+            one.method,
+            prompts=p,
+            note="one seed: the interval covers prompt sampling only, not seed-to-seed noise"
+            if one.low is not None
+            else "one seed and one prompt: no interval",
+        )
     seed_counts, prompt_counts = _draw_counts(s, p, resamples, seed)
     means = np.einsum("bp,bp->b", seed_counts @ d, prompt_counts) / (s * p)
     alpha = (1.0 - confidence) / 2
@@ -88,8 +106,9 @@ def _draw_counts(s: int, p: int, resamples: int, seed: int) -> tuple[np.ndarray,
     return seed_counts, prompt_counts
 
 
-def paired_bootstrap(variant, baseline, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
-                     seed: int = 0) -> Estimate:
+def paired_bootstrap(
+    variant, baseline, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0
+) -> Estimate:
     """Mean of ``variant - baseline`` (both ``[seeds, prompts]``, same seeds and prompts in the same
     order) with its two-level bootstrap interval."""
     v, b = np.asarray(variant, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
@@ -122,7 +141,7 @@ BETTER, WORSE, WITHIN_NOISE, NO_INTERVAL = "better", "worse", "within noise", "n
 
 
 def verdict(delta: Estimate, higher_is_better: bool) -> str:
-    """"better" / "worse" when the difference's interval excludes 0 (which one by the metric's
+    """ "better" / "worse" when the difference's interval excludes 0 (which one by the metric's
     direction), "within noise" when it contains 0, "no interval" when there is none."""
     if delta.low is None or delta.high is None:
         return NO_INTERVAL
@@ -140,5 +159,11 @@ def noise_floor(per_seed_means) -> dict:
     x = np.asarray(per_seed_means, dtype=np.float64).ravel()
     if x.size == 0:
         raise ValueError("no values")
-    return {"n": int(x.size), "mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else None,
-            "min": float(x.min()), "max": float(x.max()), "range": float(x.max() - x.min())}
+    return {
+        "n": int(x.size),
+        "mean": float(x.mean()),
+        "std": float(x.std(ddof=1)) if x.size > 1 else None,
+        "min": float(x.min()),
+        "max": float(x.max()),
+        "range": float(x.max() - x.min()),
+    }

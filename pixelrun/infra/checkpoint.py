@@ -18,6 +18,7 @@ deleted); rotation never deletes the checkpoint just written, nor any newer one.
 An exported model (`pixelrun export`) is a directory with `model.safetensors` and `config.yaml`;
 `resolve_checkpoint` and `load_weights` accept it wherever a checkpoint is accepted.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,7 +98,7 @@ def file_crc32(path: Path) -> str:
 
 def _share(files: list[Path], ctx) -> list[Path]:
     """This rank's part of a list of files: the ranks checksum a checkpoint together."""
-    return files if ctx is None else files[ctx.rank::ctx.world_size]
+    return files if ctx is None else files[ctx.rank :: ctx.world_size]
 
 
 def _gather(value, ctx) -> list:
@@ -183,9 +184,11 @@ def verified_latest(run_dir: str | Path, ctx=None, say=print) -> tuple[Path | No
         damaged.append((path, problem))
     if found:
         bad, why = damaged[0]
-        raise CheckpointError(f"no usable checkpoint in {checkpoint_root(run_dir)}: every one is damaged (the newest, "
-                              f"{bad.name}: {why}); move the run directory aside, or set run.resume=false to start "
-                              f"afresh")
+        raise CheckpointError(
+            f"no usable checkpoint in {checkpoint_root(run_dir)}: every one is damaged (the newest, "
+            f"{bad.name}: {why}); move the run directory aside, or set run.resume=false to start "
+            f"afresh"
+        )
     return None, None
 
 
@@ -215,6 +218,7 @@ def first_nonfinite(tree, ctx=None, prefix: str = "") -> str | None:
     """The dotted name of the first floating-point tensor of a state dict tree holding a NaN or an
     infinity (this rank's shards; the ranks agree), or None. One pass over the state: checkpoint
     time only."""
+
     def walk(node, name):
         if isinstance(node, dict):
             for k, v in node.items():
@@ -242,9 +246,11 @@ def _format_gb(n: float) -> str:
 def _check_space(root: Path, step: int, needed: int) -> None:
     free = shutil.disk_usage(root).free
     if free < needed:
-        raise CheckpointError(f"not enough disk space for checkpoint step {step} in {root}: needs "
-                              f"{_format_gb(needed)}, {_format_gb(free)} free; free some space and run the same "
-                              f"command again (it resumes from the last checkpoint)")
+        raise CheckpointError(
+            f"not enough disk space for checkpoint step {step} in {root}: needs "
+            f"{_format_gb(needed)}, {_format_gb(free)} free; free some space and run the same "
+            f"command again (it resumes from the last checkpoint)"
+        )
 
 
 def _no_space(e: BaseException) -> bool:
@@ -273,8 +279,9 @@ def _write_files(tmp: Path, tensors: dict, meta: dict, config_yaml: str, main: b
         (tmp / "config.yaml").write_text(config_yaml)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, tensors: dict, meta: dict, config_yaml: str, keep: int = 2,
-                    ctx=None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, step: int, tensors: dict, meta: dict, config_yaml: str, keep: int = 2, ctx=None
+) -> Path:
     """Write atomically (every rank calls this: the tensor save is collective), then keep only
     the newest `keep` checkpoints up to this step. `tensors` is a (possibly sharded) state dict
     tree; `meta` holds plain Python values and small tensors, written by rank 0.
@@ -302,9 +309,11 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict, meta: dict, c
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         if _no_space(e):
-            raise CheckpointError(f"checkpoint step {step} could not be written to {root}: no space left on device "
-                                  f"(needs about {_format_gb(needed)}); its temporary folder was removed and the "
-                                  f"earlier checkpoints are intact") from None
+            raise CheckpointError(
+                f"checkpoint step {step} could not be written to {root}: no space left on device "
+                f"(needs about {_format_gb(needed)}); its temporary folder was removed and the "
+                f"earlier checkpoints are intact"
+            ) from None
         raise
     barrier()
     if main:
@@ -363,8 +372,11 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-            if isinstance(m, TensorStorageMetadata)}
+    flat = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if isinstance(m, TensorStorageMetadata)
+    }
     with _single_process_quiet():
         dcp.load(flat, checkpoint_id=str(path), no_dist=True)
     return flat
@@ -391,11 +403,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest is not None:
         return latest
     if (p / "model_index.json").is_file():
-        raise FileNotFoundError(f"{p} is a diffusers pipeline (`pixelrun export --format diffusers`): load it with "
-                                f"diffusers' PRXPixelPipeline.from_pretrained. pixelrun itself reads a run directory, "
-                                f"a checkpoints/step_* directory or a `pixelrun export` (--format safetensors) directory")
-    raise FileNotFoundError(f"no checkpoint found at {p} (expected a run directory, a checkpoints/step_* "
-                            f"directory or a `pixelrun export` directory)")
+        raise FileNotFoundError(
+            f"{p} is a diffusers pipeline (`pixelrun export --format diffusers`): load it with "
+            f"diffusers' PRXPixelPipeline.from_pretrained. pixelrun itself reads a run directory, "
+            f"a checkpoints/step_* directory or a `pixelrun export` (--format safetensors) directory"
+        )
+    raise FileNotFoundError(
+        f"no checkpoint found at {p} (expected a run directory, a checkpoints/step_* "
+        f"directory or a `pixelrun export` directory)"
+    )
 
 
 def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema") -> None:
@@ -414,7 +430,7 @@ def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema")
     else:
         tree = {"model": {f"denoiser.{k}": v for k, v in sd.items()}}
     load_tensors(path, tree)
-    flat = tree["ema"] if weights == "ema" else {k[len("denoiser."):]: v for k, v in tree["model"].items()}
+    flat = tree["ema"] if weights == "ema" else {k[len("denoiser.") :]: v for k, v in tree["model"].items()}
     model.load_state_dict(flat)
 
 
@@ -437,8 +453,10 @@ def check_export_target(out: str | Path, source: str | Path) -> None:
     if out.exists() and not out.is_dir():
         raise UnsafeOutput(f"{out} is a file")
     if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
-        raise UnsafeOutput(f"{out} is not empty and is not an earlier pixelrun export (no {EXPORT_MARKER}); "
-                           f"export into a new or empty folder")
+        raise UnsafeOutput(
+            f"{out} is not empty and is not an earlier pixelrun export (no {EXPORT_MARKER}); "
+            f"export into a new or empty folder"
+        )
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -523,8 +541,14 @@ def export_marker(fmt: str, checkpoint: str | Path, weights: str) -> dict:
     return {"format": fmt, "checkpoint": str(Path(checkpoint).resolve()), "weights": weights}
 
 
-def export_weights(checkpoint: str | Path, out: str | Path, model: torch.nn.Module, config_yaml: str,
-                   text_dim: int, weights: str = "ema") -> Path:
+def export_weights(
+    checkpoint: str | Path,
+    out: str | Path,
+    model: torch.nn.Module,
+    config_yaml: str,
+    text_dim: int,
+    weights: str = "ema",
+) -> Path:
     """A consolidated safetensors file (whatever the number of ranks that trained it) plus the
     config, written atomically; `pixelrun sample --checkpoint OUT` accepts the directory."""
     from safetensors.torch import save_file

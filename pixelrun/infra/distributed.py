@@ -7,6 +7,7 @@ micro-step m on rank r holds step-local samples j = (m * world + r) * B + i, i <
 sources and the per-sample noise (`diffusion.draws.step_draws`) are both keyed by j, so one step sees the
 same images with the same noise whether it runs as 1 rank x 8, 2 ranks x 4 or 1 rank x 4 x 2.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -115,8 +116,9 @@ def init_distributed(device_name: str, replicate: int = 1) -> DistContext:
     return DistContext(rank, world, local, device, mesh)
 
 
-def shard(module: torch.nn.Module, ctx: DistContext, param_dtype: torch.dtype | None, blocks=(),
-          forward_only: bool = False) -> torch.nn.Module:
+def shard(
+    module: torch.nn.Module, ctx: DistContext, param_dtype: torch.dtype | None, blocks=(), forward_only: bool = False
+) -> torch.nn.Module:
     """FSDP2: each of `blocks` is its own unit (its parameters are gathered just before it runs
     and freed after), then the root takes the rest. With bf16, parameters are gathered in bf16 and
     gradients reduced in fp32; the master weights and the optimizer stay fp32.
@@ -130,7 +132,11 @@ def shard(module: torch.nn.Module, ctx: DistContext, param_dtype: torch.dtype | 
         return module
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        if param_dtype
+        else MixedPrecisionPolicy()
+    )
     for block in blocks:
         fully_shard(block, mesh=ctx.mesh, mp_policy=mp)
     fully_shard(module, mesh=ctx.mesh, mp_policy=mp, reshard_after_forward=True if forward_only else None)

@@ -1,4 +1,5 @@
 """Pictures for people: labelled sample grids."""
+
 from __future__ import annotations
 
 import functools
@@ -18,9 +19,14 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
 
 # Fonts with wide Unicode coverage, tried in order (DejaVu ships with most Linux systems and with
 # matplotlib); Pillow's built-in font, the last resort, covers ASCII only.
-_FONTS = ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-          "/usr/share/fonts/dejavu/DejaVuSans.ttf", "/Library/Fonts/Arial Unicode.ttf", "C:/Windows/Fonts/arial.ttf")
-_NOT_A_CHARACTER = "\U0010FFFD"  # a private-use code point no font draws: its mask is the missing-glyph box
+_FONTS = (
+    "DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/Library/Fonts/Arial Unicode.ttf",
+    "C:/Windows/Fonts/arial.ttf",
+)
+_NOT_A_CHARACTER = "\U0010fffd"  # a private-use code point no font draws: its mask is the missing-glyph box
 
 
 @functools.lru_cache(maxsize=4)

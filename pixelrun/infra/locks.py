@@ -7,6 +7,7 @@ refusal message. The kernel drops a flock when its process dies, however it dies
 included), so a lock file left by a dead process is simply taken over. flock is per machine: on a
 network filesystem shared by several hosts it may not exclude a process on another host.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,8 +66,10 @@ def folder_lock(folder: str | Path, key: str, what: str, enabled: bool = True):
     try:
         fd = _acquire(path)
     except BlockingIOError:
-        raise ConfigError(key, f"{folder} is in use by another {what} ({_holder(path)}); wait for it to finish "
-                               f"or choose another folder") from None
+        raise ConfigError(
+            key,
+            f"{folder} is in use by another {what} ({_holder(path)}); wait for it to finish or choose another folder",
+        ) from None
     except OSError as e:
         raise ConfigError(key, f"cannot lock {folder}: {e.strerror}") from None
     try:

@@ -23,6 +23,7 @@ only the main rank writes, the others get a sink that does nothing)::
   run's config. The W&B run id is kept in ``run_dir/wandb_run_id``, so a resume continues the same
   W&B run. ``WANDB_MODE=offline`` writes it under ``run_dir/wandb`` for ``wandb sync`` later.
 """
+
 from __future__ import annotations
 
 import json
@@ -144,20 +145,32 @@ def _start_wandb(cfg: Config, run_dir: Path, resume: bool):
     try:
         import wandb
     except ImportError:
-        raise ConfigError("log.wandb", "is true but the wandb package is not installed: pip install wandb "
-                                       "(or pip install 'pixelrun[wandb]'), or set log.wandb=false") from None
+        raise ConfigError(
+            "log.wandb",
+            "is true but the wandb package is not installed: pip install wandb "
+            "(or pip install 'pixelrun[wandb]'), or set log.wandb=false",
+        ) from None
     id_file = run_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if resume and id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id + "\n")
     log = cfg.log
     try:
-        run = wandb.init(project=log.wandb_project, entity=log.wandb_entity,
-                         name=log.wandb_name or run_dir.resolve().name, config=to_dict(cfg), dir=str(run_dir),
-                         id=run_id, resume="allow")
+        run = wandb.init(
+            project=log.wandb_project,
+            entity=log.wandb_entity,
+            name=log.wandb_name or run_dir.resolve().name,
+            config=to_dict(cfg),
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+        )
     except Exception as e:  # wandb raises its own error types, several of them
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError("log.wandb", f"Weights & Biases did not start ({reason}): run `wandb login`, set "
-                                       f"WANDB_MODE=offline, or set log.wandb=false") from e
+        raise ConfigError(
+            "log.wandb",
+            f"Weights & Biases did not start ({reason}): run `wandb login`, set "
+            f"WANDB_MODE=offline, or set log.wandb=false",
+        ) from e
     run.define_metric("step")
     run.define_metric("*", step_metric="step")
     return run

@@ -16,6 +16,7 @@ Layout (docs/recipe.md, "Model"), kept parameter-for-parameter compatible with d
 Token routing (TREAD) is an explicit argument of `forward`: a `Routing` names which image tokens
 go through a span of blocks; the others skip it and are put back unchanged after it.
 """
+
 from __future__ import annotations
 
 import math
@@ -188,7 +189,9 @@ class PRXDenoiser(nn.Module):
         self.cfg = cfg
         d = cfg.hidden_size
         if cfg.bottleneck_size:
-            self.img_in: nn.Module = nn.Sequential(nn.Linear(cfg.patch_dim, cfg.bottleneck_size), nn.Linear(cfg.bottleneck_size, d))
+            self.img_in: nn.Module = nn.Sequential(
+                nn.Linear(cfg.patch_dim, cfg.bottleneck_size), nn.Linear(cfg.bottleneck_size, d)
+            )
         else:
             self.img_in = nn.Linear(cfg.patch_dim, d)
         self.time_in = MLPEmbedder(256, d)
@@ -257,8 +260,9 @@ class PRXDenoiser(nn.Module):
             elif routing is None or not (routing.start <= i <= routing.end):
                 block_cos, block_sin = cos, sin
             if self.activation_checkpointing and torch.is_grad_enabled():
-                img = torch.utils.checkpoint.checkpoint(block, img, txt, vec, mask, block_cos, block_sin,
-                                                        use_reentrant=False)
+                img = torch.utils.checkpoint.checkpoint(
+                    block, img, txt, vec, mask, block_cos, block_sin, use_reentrant=False
+                )
             else:
                 img = block(img, txt, vec, mask, block_cos, block_sin)
             if i in return_features:  # before the scatter: a block of the span only saw its kept tokens

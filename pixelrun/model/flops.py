@@ -23,6 +23,7 @@ How it counts (docs/recipe.md, "Cost model"):
 
 tests/test_flops.py checks the forward and the training counts against torch's FlopCounterMode.
 """
+
 from __future__ import annotations
 
 from pixelrun.config import span_for_depth
@@ -37,8 +38,14 @@ def _mm(m: int, k: int, n: int) -> int:
     return 2 * m * k * n
 
 
-def training_flops_per_image(model_cfg: ModelConfig, height: int, width: int, text_tokens: int,
-                             routing_ratio: float = 0.0, span: tuple[int, int] | None = None) -> dict:
+def training_flops_per_image(
+    model_cfg: ModelConfig,
+    height: int,
+    width: int,
+    text_tokens: int,
+    routing_ratio: float = 0.0,
+    span: tuple[int, int] | None = None,
+) -> dict:
     """FLOPs of one image through the denoiser, by part, forward and training (forward + backward).
 
     `routing_ratio` is TREAD's fraction of image tokens routed away (0 = dense); `span` the routed
@@ -86,8 +93,12 @@ def training_flops_per_image(model_cfg: ModelConfig, height: int, width: int, te
     add("final_layer", _mm(1, d, 2 * d))
     add("final_layer", _mm(n, d, c.patch_dim))
     return {
-        "forward": forward, "training": training,
-        "forward_total": sum(forward.values()), "training_total": sum(training.values()),
-        "image_tokens": n, "kept_tokens": k, "text_tokens": t,
+        "forward": forward,
+        "training": training,
+        "forward_total": sum(forward.values()),
+        "training_total": sum(training.values()),
+        "image_tokens": n,
+        "kept_tokens": k,
+        "text_tokens": t,
         "routed_blocks": list(routed) if routed is not None else None,
     }

@@ -26,6 +26,7 @@ Semantics (docs/recipe.md, "TREAD token routing"):
 The default span: Photoroom's PRX config routes blocks 2..12 of 16 (the blog says "2nd to
 penultimate"). `span_for_depth` scales that to other depths; see its docstring for the exact rule.
 """
+
 from __future__ import annotations
 
 import numpy as np

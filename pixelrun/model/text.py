@@ -155,9 +155,16 @@ class TextEncoder:
     captions run through the encoder, ``hits`` every other caption served.
     """
 
-    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_tokens: int = 32, device="cpu",
-                 dtype: torch.dtype = torch.float32, cache_size: int = 100_000, chunk_size: int = 16,
-                 cache_gib: float | None = None):
+    def __init__(
+        self,
+        name_or_path: str = DEFAULT_TEXT_ENCODER,
+        max_tokens: int = 32,
+        device="cpu",
+        dtype: torch.dtype = torch.float32,
+        cache_size: int = 100_000,
+        chunk_size: int = 16,
+        cache_gib: float | None = None,
+    ):
         self.name = name_or_path
         self.path = resolve_encoder(name_or_path)
         self.model, self.tokenizer = load_text_encoder(name_or_path, dtype=dtype, device=device)
@@ -176,12 +183,18 @@ class TextEncoder:
         # Always exactly `chunk_size` rows (filled with ""): BLAS/attention kernels are picked
         # by shape, so a fixed shape makes a row's bits independent of its batch-mates.
         n = len(captions)
-        tok = self.tokenizer(captions + [""] * (self.chunk_size - n), padding="max_length",
-                             truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        tok = self.tokenizer(
+            captions + [""] * (self.chunk_size - n),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        )
         self.forward_calls += 1
         self._count_truncated(captions)
-        out = self.model(input_ids=tok["input_ids"].to(self.device),
-                         attention_mask=tok["attention_mask"].to(self.device)).last_hidden_state
+        out = self.model(
+            input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
+        ).last_hidden_state
         return out[:n].cpu(), tok["attention_mask"][:n].bool()
 
     def _count_truncated(self, captions: list[str]) -> None:
@@ -191,8 +204,10 @@ class TextEncoder:
         cut = [c for c, n in zip(captions, lengths) if n > self.max_tokens]
         if cut and self.first_truncated is None:
             self.first_truncated = cut[0]
-            self.warn(f"warning: captions longer than text.max_tokens={self.max_tokens} tokens are cut (first: "
-                      f"{cut[0][:80]!r}, {max(lengths)} tokens); the run's final line gives the count")
+            self.warn(
+                f"warning: captions longer than text.max_tokens={self.max_tokens} tokens are cut (first: "
+                f"{cut[0][:80]!r}, {max(lengths)} tokens); the run's final line gives the count"
+            )
         self.truncated += len(cut)
 
     @torch.no_grad()  # not inference_mode: cached inference tensors could not be saved for backward
@@ -206,7 +221,7 @@ class TextEncoder:
                 found[c] = self._cache[c]
         todo = [c for c in dict.fromkeys(captions) if c not in found]
         for i in range(0, len(todo), self.chunk_size):
-            part = todo[i:i + self.chunk_size]
+            part = todo[i : i + self.chunk_size]
             emb, mask = self._forward(part)
             for j, c in enumerate(part):
                 found[c] = (emb[j].clone(), mask[j].clone())  # clone: don't pin the chunk's storage
@@ -221,5 +236,7 @@ class TextEncoder:
         return emb, mask
 
     def __repr__(self) -> str:
-        return (f"TextEncoder({self.name!r}, dim={self.dim}, max_tokens={self.max_tokens}, "
-                f"cached={len(self._cache)}, hits={self.hits}, misses={self.misses})")
+        return (
+            f"TextEncoder({self.name!r}, dim={self.dim}, max_tokens={self.max_tokens}, "
+            f"cached={len(self._cache)}, hits={self.hits}, misses={self.misses})"
+        )

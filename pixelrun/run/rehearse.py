@@ -17,6 +17,7 @@ would show there. Under torchrun every rank runs it; rank 0 reports.
 Run the same command again after a crash and it resumes where it stopped (its run directory is
 `<run.dir>-rehearsal`, kept while the config is the same, started afresh when it changes).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -141,6 +142,7 @@ def _smallest_bucket_side(cfg: Config, res: int) -> float:
 
 # ----------------------------------------------------------------------------- running
 
+
 def rehearse(cfg: Config) -> dict:
     """Run the rehearsal of `cfg` (one process or under torchrun) and print its report. Returns the
     report on rank 0 ({} elsewhere), or the summary of a run stopped by a signal."""
@@ -161,8 +163,10 @@ def rehearse(cfg: Config) -> dict:
         first = run_training(rcfg, ctx)
         if "stopped" in first:  # Ctrl-C / SIGTERM: the same command continues the rehearsal
             return first
-        say(f"rehearsal: resuming once from step {CHECKPOINT_EVERY}'s checkpoint in {run / 'resume-check'}, to "
-            f"the end, to compare with the run above")
+        say(
+            f"rehearsal: resuming once from step {CHECKPOINT_EVERY}'s checkpoint in {run / 'resume-check'}, to "
+            f"the end, to compare with the run above"
+        )
         resumed_dir = _prepare_resume(run, CHECKPOINT_EVERY, ctx)
         second = run_training(dataclasses.replace(rcfg, run=dataclasses.replace(rcfg.run, dir=str(resumed_dir))), ctx)
         if "stopped" in second:
@@ -179,8 +183,11 @@ def rehearse(cfg: Config) -> dict:
 def _with_replicas(ctx, cfg: Config):
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(ctx.device.type, (cfg.parallel.replicate, ctx.world_size // cfg.parallel.replicate),
-                            mesh_dim_names=("replicate", "shard"))
+    mesh = init_device_mesh(
+        ctx.device.type,
+        (cfg.parallel.replicate, ctx.world_size // cfg.parallel.replicate),
+        mesh_dim_names=("replicate", "shard"),
+    )
     return dataclasses.replace(ctx, mesh=mesh)
 
 
@@ -189,8 +196,10 @@ def _claim(run: Path, cfg: Config, ctx) -> None:
     when it changed; a folder the rehearsal did not make is refused."""
     if ctx.is_main:
         if run.exists() and any(run.iterdir()) and not (run / MARKER).is_file():
-            raise ConfigError("run.dir", f"the rehearsal writes to {run}, which holds files it did not write; move "
-                                         f"them or set another run.dir")
+            raise ConfigError(
+                "run.dir",
+                f"the rehearsal writes to {run}, which holds files it did not write; move them or set another run.dir",
+            )
         saved = run / "config.yaml"
         if saved.is_file() and to_yaml(load_config(saved)) != to_yaml(cfg):
             shutil.rmtree(run)  # a rehearsal of another config: start afresh
@@ -214,6 +223,7 @@ def _prepare_resume(run: Path, step: int, ctx) -> Path:
 
 # ----------------------------------------------------------------------------- the report
 
+
 def _rows(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -232,15 +242,25 @@ def build_report(cfg: Config, run: Path, resumed: Path, from_step: int, first: d
         terms = [k for k in part[0] if k not in _NOT_LOSSES] if part else []
         global_batch = batch_split(scfg, 1)[0] if scfg.train.global_batch_size else None
         step_s = [(global_batch or scfg.train.batch_size) / r["images_per_s"] for r in part if r.get("images_per_s")]
-        stages.append({
-            "name": cfg.stages[i].name if cfg.stages else "train", "steps": [s0, s1],
-            "resolution": scfg.data.resolution, "global_batch": global_batch,
-            "losses": {k: [part[0][k], part[-1][k]] for k in terms},
-            "seconds_per_step_median": statistics.median(step_s) if step_s else None,
-        })
-    report = {"run_dir": str(run), "stages": stages, "resume": compare_runs(run, resumed, from_step),
-              "samples": first.get("samples"), "checkpoint": first.get("checkpoint"),
-              "eval": first.get("eval"), "skipped_images": first.get("skipped_images", 0)}
+        stages.append(
+            {
+                "name": cfg.stages[i].name if cfg.stages else "train",
+                "steps": [s0, s1],
+                "resolution": scfg.data.resolution,
+                "global_batch": global_batch,
+                "losses": {k: [part[0][k], part[-1][k]] for k in terms},
+                "seconds_per_step_median": statistics.median(step_s) if step_s else None,
+            }
+        )
+    report = {
+        "run_dir": str(run),
+        "stages": stages,
+        "resume": compare_runs(run, resumed, from_step),
+        "samples": first.get("samples"),
+        "checkpoint": first.get("checkpoint"),
+        "eval": first.get("eval"),
+        "skipped_images": first.get("skipped_images", 0),
+    }
     report["resume"]["checkpoint"] = str(ckpt.checkpoint_root(run) / f"step_{from_step:08d}")
     return report
 
@@ -277,35 +297,51 @@ def compare_runs(full: Path, resumed: Path, from_step: int) -> dict:
         "schedule": 0.0 if ma["scheduler"] == mb["scheduler"] else None,
         "data_position": 0.0 if ma["data"] == mb["data"] else None,
     }
-    return {"from_step": from_step, "steps_compared": sorted(a_rows), "max_log_difference": loss_diff,
-            "first_difference": first_diff, "final_max_abs_difference": parts,
-            "same": first_diff is None and all(v == 0.0 for v in parts.values())}
+    return {
+        "from_step": from_step,
+        "steps_compared": sorted(a_rows),
+        "max_log_difference": loss_diff,
+        "first_difference": first_diff,
+        "final_max_abs_difference": parts,
+        "same": first_diff is None and all(v == 0.0 for v in parts.values()),
+    }
 
 
 def format_report(r: dict) -> str:
     lines = ["", "rehearsal report", "-" * 72]
     for st in r["stages"]:
         t = st["seconds_per_step_median"]
-        lines.append(f"{st['name']}: steps {st['steps'][0]}..{st['steps'][1]}, {st['resolution']}px, "
-                     f"global batch {st['global_batch']}, {t:.2f} s/step (median)" if t else
-                     f"{st['name']}: steps {st['steps'][0]}..{st['steps'][1]}, {st['resolution']}px")
+        lines.append(
+            f"{st['name']}: steps {st['steps'][0]}..{st['steps'][1]}, {st['resolution']}px, "
+            f"global batch {st['global_batch']}, {t:.2f} s/step (median)"
+            if t
+            else f"{st['name']}: steps {st['steps'][0]}..{st['steps'][1]}, {st['resolution']}px"
+        )
         for k, (a, b) in st["losses"].items():
             lines.append(f"  {k:<8} {a:>10.4f} -> {b:.4f}")
     res = r["resume"]
     parts = res["final_max_abs_difference"]
-    lines.append(f"resume from step {res['from_step']} (a second run in the same command), compared with the "
-                 f"uninterrupted run over steps {res['steps_compared'][0]}..{res['steps_compared'][-1]}:"
-                 if res["steps_compared"] else f"resume from step {res['from_step']}: no steps to compare")
+    lines.append(
+        f"resume from step {res['from_step']} (a second run in the same command), compared with the "
+        f"uninterrupted run over steps {res['steps_compared'][0]}..{res['steps_compared'][-1]}:"
+        if res["steps_compared"]
+        else f"resume from step {res['from_step']}: no steps to compare"
+    )
     for name in ("model", "ema", "optimizer", "schedule", "data_position"):
         v = parts[name]
         verdict = "identical" if v == 0.0 else "DIFFERS (not comparable)" if v is None else f"max |diff| {v:.3g}"
         lines.append(f"  {name.replace('_', ' '):<14} {verdict}")
     fd = res["first_difference"]
-    lines.append("  losses         identical at every step" if fd is None else
-                 f"  losses         first differ at step {fd['step']} ({fd['key']}: {fd['uninterrupted']} vs "
-                 f"{fd['resumed']})")
-    lines.append("restored model, EMA, optimizer, schedule and data position: "
-                 + ("yes, the resumed run is the uninterrupted one" if res["same"] else "NO: see above"))
+    lines.append(
+        "  losses         identical at every step"
+        if fd is None
+        else f"  losses         first differ at step {fd['step']} ({fd['key']}: {fd['uninterrupted']} vs "
+        f"{fd['resumed']})"
+    )
+    lines.append(
+        "restored model, EMA, optimizer, schedule and data position: "
+        + ("yes, the resumed run is the uninterrupted one" if res["same"] else "NO: see above")
+    )
     if r.get("eval"):
         lines.append(f"evaluation: {r['eval']}")
     if r.get("skipped_images"):

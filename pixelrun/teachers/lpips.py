@@ -34,6 +34,7 @@ Two weight sources:
     `models_lpf.vgg.vgg16(filter_size=3, pad_more=True)`. Everything after the backbone (scaling
     layer, normalisation, heads, spatial mean, sum) is the same as LPIPS v0.1.
 """
+
 from __future__ import annotations
 
 import glob
@@ -57,7 +58,7 @@ __all__ = [
 
 # torchvision's vgg16 "D" configuration; "M" is a 2x2 max-pool.
 _VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-_CHANNELS = (64, 128, 256, 512, 512)   # channels of the five taps
+_CHANNELS = (64, 128, 256, 512, 512)  # channels of the five taps
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 
@@ -96,7 +97,7 @@ class VGG16Features(nn.Module):
         c_in = 3
         for j, v in enumerate(_VGG16_CFG):
             if v == "M":
-                taps.append(len(layers) - 1)   # the ReLU just before each pool
+                taps.append(len(layers) - 1)  # the ReLU just before each pool
                 if blurpool and j == len(_VGG16_CFG) - 1:
                     # ST-LPIPS's slices end at relu5_3 and its file has no `35.filt`: the final
                     # pool + blur are never run, so they are left out of this trunk.
@@ -123,7 +124,8 @@ class VGG16Features(nn.Module):
         if min(h, w) < self.min_size:
             raise ValueError(
                 f"LPIPS VGG16{'-blurpool' if self.blurpool else ''} needs images of at least "
-                f"{self.min_size}x{self.min_size} pixels after any downsampling, got {h}x{w}")
+                f"{self.min_size}x{self.min_size} pixels after any downsampling, got {h}x{w}"
+            )
         outs = []
         for i, layer in enumerate(self.features[: self.taps[-1] + 1]):
             x = layer(x)
@@ -208,9 +210,11 @@ class LPIPS(nn.Module):
             if k.startswith("classifier."):
                 continue
             if not k.startswith("features."):
-                raise ValueError(f"{vgg_path}: unexpected key {k!r}; expected a torchvision VGG16 "
-                                 "state dict with features.N.weight/bias (and classifier.* keys)")
-            feats[k[len("features."):]] = v
+                raise ValueError(
+                    f"{vgg_path}: unexpected key {k!r}; expected a torchvision VGG16 "
+                    "state dict with features.N.weight/bias (and classifier.* keys)"
+                )
+            feats[k[len("features.") :]] = v
         _load_into(model.net.features, feats, vgg_path, lambda k: f"features.{k}")
         _load_heads(model, _load_state_dict(lin_path), lin_path)
         model.source = f"lpips-vgg16 v0.1: {os.fspath(vgg_path)} + {os.fspath(lin_path)}"
@@ -224,8 +228,10 @@ class LPIPS(nn.Module):
         ships `alex_shift_tolerant.pth` (an anti-aliased AlexNet with stride-1 first conv), which
         would need its own trunk."""
         if variant not in ("vgg", "vgg16"):
-            raise ValueError(f"stlpips variant {variant!r} is not supported; only 'vgg' "
-                             "(the wheel's alex_shift_tolerant.pth needs an AlexNet trunk not built here)")
+            raise ValueError(
+                f"stlpips variant {variant!r} is not supported; only 'vgg' "
+                "(the wheel's alex_shift_tolerant.pth needs an AlexNet trunk not built here)"
+            )
         path = stlpips_weights_path("vgg")
         sd = _load_state_dict(path)
         model = cls("vgg16-blurpool")
@@ -248,7 +254,7 @@ class LPIPS(nn.Module):
             getattr(model, name).copy_(sd[key].reshape(1, 3, 1, 1))
         taps = model.net.taps
 
-        def file_key(k: str) -> str:   # features index N lives in slice 1 + (taps before N)
+        def file_key(k: str) -> str:  # features index N lives in slice 1 + (taps before N)
             return f"net.slice{1 + sum(int(k.split('.')[0]) > t for t in taps)}.{k}"
 
         _load_into(model.net.features, feats, path, file_key)
@@ -271,8 +277,7 @@ def _load_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     return sd
 
 
-def _load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path,
-               file_key: Callable[[str], str]) -> None:
+def _load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path, file_key: Callable[[str], str]) -> None:
     """Strict load with errors that name the file, the key as spelled in the file, and shapes."""
     own = module.state_dict()
     for k in own:
@@ -282,8 +287,7 @@ def _load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path,
         if k not in own:
             raise ValueError(f"{path}: unexpected key {file_key(k)!r} (no such tensor in this trunk)")
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{path}: key {file_key(k)!r} has shape {tuple(v.shape)}, "
-                             f"expected {tuple(own[k].shape)}")
+            raise ValueError(f"{path}: key {file_key(k)!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
     module.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
 
 
@@ -296,11 +300,13 @@ def _load_heads(model: LPIPS, sd: Mapping[str, torch.Tensor], path) -> None:
     for k, v in sd.items():
         name = k.replace(".model.1.", ".")
         if name.startswith("lins."):
-            name = "lin" + name[len("lins."):]
+            name = "lin" + name[len("lins.") :]
         parts = name.split(".")
         if len(parts) != 2 or parts[1] != "weight" or parts[0] not in {f"lin{i}" for i in range(5)}:
-            raise ValueError(f"{path}: unexpected key {k!r}; an LPIPS heads file holds "
-                             "lin0..lin4 as 'lin{i}.model.1.weight' or 'lin{i}.weight'")
+            raise ValueError(
+                f"{path}: unexpected key {k!r}; an LPIPS heads file holds "
+                "lin0..lin4 as 'lin{i}.model.1.weight' or 'lin{i}.weight'"
+            )
         if parts[0] in found:
             k0, v0 = found[parts[0]]
             if v0.shape != v.shape or not torch.equal(v0, v):
@@ -330,7 +336,8 @@ def stlpips_weights_path(variant: str = "vgg") -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "stlpips-pytorch is not installed: `pip install stlpips-pytorch` (it has no dependencies "
-            "and ships the shift-tolerant LPIPS weights)")
+            "and ships the shift-tolerant LPIPS weights)"
+        )
     root = list(spec.submodule_search_locations)[0]
     path = os.path.join(root, "weights", "vST0.0", f"{variant}_shift_tolerant.pth")
     if not os.path.isfile(path):
@@ -349,7 +356,7 @@ def load_lpips(spec: str) -> LPIPS:
     spec = spec.strip()
     if spec in ("stlpips-vgg", "stlpips"):
         return LPIPS.from_stlpips("vgg")
-    rest = spec[len("path:"):] if spec.startswith("path:") else spec
+    rest = spec[len("path:") :] if spec.startswith("path:") else spec
     if "," in rest:
         vgg, lin = (p.strip() for p in rest.split(",", 1))
         return LPIPS.from_files(os.path.expanduser(vgg), os.path.expanduser(lin))
@@ -359,15 +366,21 @@ def load_lpips(spec: str) -> LPIPS:
         if not os.path.isfile(vgg):
             cands = sorted(glob.glob(os.path.join(d, "vgg16-*.pth")))
             if len(cands) != 1:
-                raise FileNotFoundError(f"{d}: expected vgg16.pth (or exactly one vgg16-*.pth), "
-                                        f"found {[os.path.basename(c) for c in cands]}")
+                raise FileNotFoundError(
+                    f"{d}: expected vgg16.pth (or exactly one vgg16-*.pth), "
+                    f"found {[os.path.basename(c) for c in cands]}"
+                )
             vgg = cands[0]
         return LPIPS.from_files(vgg, os.path.join(d, "vgg.pth"))
     if spec.startswith("path:") or os.sep in rest:
-        raise FileNotFoundError(f"LPIPS spec {spec!r}: no such directory {d!r} (use 'path:VGG.pth,LIN.pth' "
-                                "or a directory containing vgg16.pth and vgg.pth)")
-    raise ValueError(f"cannot read LPIPS spec {spec!r}: use 'stlpips-vgg', 'path:VGG.pth,LIN.pth' "
-                     "or a directory containing vgg16.pth and vgg.pth")
+        raise FileNotFoundError(
+            f"LPIPS spec {spec!r}: no such directory {d!r} (use 'path:VGG.pth,LIN.pth' "
+            "or a directory containing vgg16.pth and vgg.pth)"
+        )
+    raise ValueError(
+        f"cannot read LPIPS spec {spec!r}: use 'stlpips-vgg', 'path:VGG.pth,LIN.pth' "
+        "or a directory containing vgg16.pth and vgg.pth"
+    )
 
 
 def lpips_loss(lpips: LPIPS, x_hat: torch.Tensor, x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
@@ -378,7 +391,6 @@ def lpips_loss(lpips: LPIPS, x_hat: torch.Tensor, x: torch.Tensor, scale: float 
     resized in float32 (CPU has no bf16 antialiased resize; the net runs in float32 anyway)."""
     x_hat, x = x_hat.float(), x.float()
     if scale != 1.0:
-        x_hat = F.interpolate(x_hat, scale_factor=scale, mode="bilinear", align_corners=False,
-                              antialias=True)
+        x_hat = F.interpolate(x_hat, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)
         x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)
     return lpips(x_hat, x)

@@ -14,6 +14,7 @@ on a GPU whose peak is known, MFU. One extra one-image step is counted by torch'
 as a cross-check; what it counts beyond the model is reported as the teachers' (and the REPA
 projector's) FLOPs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,7 +61,9 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def random_inputs(b: int, res: int, text_tokens: int, text_dim: int, device) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+def random_inputs(
+    b: int, res: int, text_tokens: int, text_dim: int, device
+) -> tuple[Batch, torch.Tensor, torch.Tensor]:
     """A batch of random square images with random text embeddings (all tokens real)."""
     batch = Batch(torch.randint(0, 256, (b, 3, res, res), dtype=torch.uint8, device=device), [""] * b)
     text = torch.randn(b, text_tokens, text_dim, device=device)
@@ -106,16 +109,22 @@ def step_context(cfg: Config):
     if cuda:
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            **({"device_id": device} if cuda else {}))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        store=dist.HashStore(),
+        rank=0,
+        world_size=1,
+        **({"device_id": device} if cuda else {}),
+    )
     try:
         yield DistContext(0, 1, 0, device, init_device_mesh(device.type, (1,), mesh_dim_names=("shard",)))
     finally:
         dist.destroy_process_group()
 
 
-def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_tokens: int,
-               count_flops: bool = True) -> dict:
+def time_steps(
+    cfg: Config, *, text_dim: int, steps: int, warmup: int, text_tokens: int, count_flops: bool = True
+) -> dict:
     """Median times of `steps` training steps after `warmup` untimed ones: the run's own step
     (`build.build_state`, `step.train_step`: FSDP2, compile, the optimizer and its schedule, the
     EMA) on random images and text embeddings, one micro-batch per step. Split at the end of the
@@ -124,15 +133,23 @@ def time_steps(cfg: Config, *, text_dim: int, steps: int, warmup: int, text_toke
     adds torch's FlopCounterMode count of a one-image step."""
     with step_context(cfg) as ctx:
         try:
-            return _time_steps(cfg, ctx, text_dim=text_dim, steps=steps, warmup=warmup, text_tokens=text_tokens,
-                               count_flops=count_flops)
+            return _time_steps(
+                cfg,
+                ctx,
+                text_dim=text_dim,
+                steps=steps,
+                warmup=warmup,
+                text_tokens=text_tokens,
+                count_flops=count_flops,
+            )
         finally:
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()  # the next variant or stage starts from an empty device
 
 
-def _time_steps(cfg: Config, ctx: DistContext, *, text_dim: int, steps: int, warmup: int, text_tokens: int,
-                count_flops: bool) -> dict:
+def _time_steps(
+    cfg: Config, ctx: DistContext, *, text_dim: int, steps: int, warmup: int, text_tokens: int, count_flops: bool
+) -> dict:
     device = ctx.device
     torch.manual_seed(cfg.seed)
     st = build_state(cfg, [cfg], ctx, text_dim)
@@ -154,8 +171,18 @@ def _time_steps(cfg: Config, ctx: DistContext, *, text_dim: int, steps: int, war
     for i in range(warmup + steps):
         t0 = now()
         backward_done = []
-        terms, *_ = train_step(st, source, None, null_text, null_mask, cfg, i, b, 1,
-                              after_backward=lambda done=backward_done: done.append(now()))
+        terms, *_ = train_step(
+            st,
+            source,
+            None,
+            null_text,
+            null_mask,
+            cfg,
+            i,
+            b,
+            1,
+            after_backward=lambda done=backward_done: done.append(now()),
+        )
         t2 = now()
         times.append(t2 - t0)
         forward_backward.append(backward_done[0] - t0)
@@ -167,23 +194,34 @@ def _time_steps(cfg: Config, ctx: DistContext, *, text_dim: int, steps: int, war
     peak = peak_flops(device_name(device)) if device.type == "cuda" else None
     loss_nets = st.loss_nets
     teachers = loss_nets.repa_teacher is not None or loss_nets.lpips is not None or loss_nets.dino is not None
-    out = {"step_seconds_median": step, "step_seconds": times,
-           "forward_backward_seconds_median": median(forward_backward[warmup:]),
-           "optimizer_seconds_median": median(optimizer[warmup:]),
-           "images_per_s": b / step, "image_tokens_per_s": b * tokens / step, "image_tokens": tokens,
-           "kept_tokens": flops["kept_tokens"], "batch_size": b, "terms": sorted(k for k in terms if k != "loss"),
-           "optimizer": cfg.train.optimizer + (f" (Newton-Schulz {cfg.train.muon_precision})"
-                                               if cfg.train.optimizer == "muon" else ""),
-           "precision": "bf16" if autocast_dtype(cfg, device) == torch.bfloat16 else "fp32",
-           "compiled": cfg.parallel.compile, "activation_checkpointing": cfg.parallel.activation_checkpointing,
-           "sharded": f"FSDP2 over {ctx.world_size} rank(s)" if ctx.distributed else None,
-           "warmup_seconds": sum(warm),  # includes the compilation when compiled
-           "model_flops_per_image": flops["training_total"], "model_flops_forward_per_image": flops["forward_total"],
-           "model_flops_by_part": flops["training"],
-           "achieved_model_flops_per_s": achieved, "peak_flops": peak, "mfu": achieved / peak if peak else None,
-           "measured_step_flops_per_image": measured,
-           "teacher_flops_per_image": measured - flops["training_total"] if teachers and measured else None,
-           "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    out = {
+        "step_seconds_median": step,
+        "step_seconds": times,
+        "forward_backward_seconds_median": median(forward_backward[warmup:]),
+        "optimizer_seconds_median": median(optimizer[warmup:]),
+        "images_per_s": b / step,
+        "image_tokens_per_s": b * tokens / step,
+        "image_tokens": tokens,
+        "kept_tokens": flops["kept_tokens"],
+        "batch_size": b,
+        "terms": sorted(k for k in terms if k != "loss"),
+        "optimizer": cfg.train.optimizer
+        + (f" (Newton-Schulz {cfg.train.muon_precision})" if cfg.train.optimizer == "muon" else ""),
+        "precision": "bf16" if autocast_dtype(cfg, device) == torch.bfloat16 else "fp32",
+        "compiled": cfg.parallel.compile,
+        "activation_checkpointing": cfg.parallel.activation_checkpointing,
+        "sharded": f"FSDP2 over {ctx.world_size} rank(s)" if ctx.distributed else None,
+        "warmup_seconds": sum(warm),  # includes the compilation when compiled
+        "model_flops_per_image": flops["training_total"],
+        "model_flops_forward_per_image": flops["forward_total"],
+        "model_flops_by_part": flops["training"],
+        "achieved_model_flops_per_s": achieved,
+        "peak_flops": peak,
+        "mfu": achieved / peak if peak else None,
+        "measured_step_flops_per_image": measured,
+        "teacher_flops_per_image": measured - flops["training_total"] if teachers and measured else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
     return out
 
 
@@ -191,8 +229,12 @@ VARIANTS: dict[str, list[str]] = {
     "dense": [],
     "routed": ["routing.ratio=0.5"],
     "teachers": ["repa.weight=0.5", "perceptual.lpips_weight=0.1", "perceptual.dino_weight=0.01"],
-    "routed+teachers": ["routing.ratio=0.5", "repa.weight=0.5", "perceptual.lpips_weight=0.1",
-                        "perceptual.dino_weight=0.01"],
+    "routed+teachers": [
+        "routing.ratio=0.5",
+        "repa.weight=0.5",
+        "perceptual.lpips_weight=0.1",
+        "perceptual.dino_weight=0.01",
+    ],
 }
 
 
@@ -203,11 +245,22 @@ def variant_overrides(overrides: list[str], variant: str) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0].strip() not in mine] + VARIANTS[variant]
 
 
-def run_bench(config: str | None, overrides: list[str], *, variants: list[str], steps: int, warmup: int,
-              text_dim: int, text_tokens: int, out: str | None) -> dict:
+def run_bench(
+    config: str | None,
+    overrides: list[str],
+    *,
+    variants: list[str],
+    steps: int,
+    warmup: int,
+    text_dim: int,
+    text_tokens: int,
+    out: str | None,
+) -> dict:
     """Each variant is a named list of overrides applied on top of the base config."""
     if steps < 1 or warmup < 0:
-        raise ConfigError("--steps" if steps < 1 else "--warmup", "needs at least one timed step and no negative warm-up")
+        raise ConfigError(
+            "--steps" if steps < 1 else "--warmup", "needs at least one timed step and no negative warm-up"
+        )
     for name in variants:  # all checked before any (slow) work
         if name not in VARIANTS:
             raise ConfigError("--variants", f"unknown bench variant {name!r}; choose from {', '.join(VARIANTS)}")
@@ -215,8 +268,10 @@ def run_bench(config: str | None, overrides: list[str], *, variants: list[str], 
     for name in variants:
         over = variant_overrides(overrides, name)
         cfg = load_config(config, over)
-        results[name] = {"overrides": over,
-                         **time_steps(cfg, text_dim=text_dim, steps=steps, warmup=warmup, text_tokens=text_tokens)}
+        results[name] = {
+            "overrides": over,
+            **time_steps(cfg, text_dim=text_dim, steps=steps, warmup=warmup, text_tokens=text_tokens),
+        }
     base = results.get("dense", {}).get("step_seconds_median")
     if base:
         for r in results.values():
@@ -225,9 +280,15 @@ def run_bench(config: str | None, overrides: list[str], *, variants: list[str], 
     device = resolve_device(cfg.train.device)
     name = device_name(device)
     report = {
-        "device": name, "peak_flops": peak_flops(name) if device.type == "cuda" else None,
-        "torch": torch.__version__, "steps": steps, "warmup": warmup, "text_dim": text_dim, "text_tokens": text_tokens,
-        "config": to_dict(cfg), "results": results,
+        "device": name,
+        "peak_flops": peak_flops(name) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "steps": steps,
+        "warmup": warmup,
+        "text_dim": text_dim,
+        "text_tokens": text_tokens,
+        "config": to_dict(cfg),
+        "results": results,
     }
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

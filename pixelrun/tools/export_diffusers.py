@@ -19,6 +19,7 @@ Not refused, but worth knowing: the pipeline guides only with classic CFG (no se
 it cleans prompts with ftfy and HTML unescaping before tokenizing (we do not), so prompts that this
 cleaning changes (surrounding spaces, HTML entities, mojibake) encode differently.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,12 +38,18 @@ def check_config(cfg: Config) -> None:
     """Raise ConfigError (one line, naming the key) for settings PRXPixelPipeline cannot reproduce;
     needs no weights, so the CLI calls it before loading anything."""
     if cfg.sample.spacing != "diffusers":
-        raise ConfigError("sample.spacing", f"{cfg.sample.spacing!r} cannot be expressed by PRXPixelPipeline, whose "
-                                            "FlowMatchEulerDiscreteScheduler visits the 'diffusers' time grid; export "
-                                            "with the override sample.spacing=diffusers")
+        raise ConfigError(
+            "sample.spacing",
+            f"{cfg.sample.spacing!r} cannot be expressed by PRXPixelPipeline, whose "
+            "FlowMatchEulerDiscreteScheduler visits the 'diffusers' time grid; export "
+            "with the override sample.spacing=diffusers",
+        )
     if abs(cfg.objective.t_clamp - PIPELINE_T_CLAMP) > 1e-12:
-        raise ConfigError("objective.t_clamp", f"is {cfg.objective.t_clamp} but PRXPixelPipeline hard-codes "
-                                               f"{PIPELINE_T_CLAMP} in its x-prediction to velocity conversion")
+        raise ConfigError(
+            "objective.t_clamp",
+            f"is {cfg.objective.t_clamp} but PRXPixelPipeline hard-codes "
+            f"{PIPELINE_T_CLAMP} in its x-prediction to velocity conversion",
+        )
 
 
 def check_expressible(cfg: Config, text_model) -> None:
@@ -51,8 +58,11 @@ def check_expressible(cfg: Config, text_model) -> None:
 
     check_config(cfg)
     if not isinstance(text_model, PreTrainedModel):
-        raise ConfigError("text.encoder", f"{cfg.text.encoder!r} loads as {type(text_model).__name__}, not a "
-                                          "standalone transformers model that PRXPixelPipeline can save and load")
+        raise ConfigError(
+            "text.encoder",
+            f"{cfg.text.encoder!r} loads as {type(text_model).__name__}, not a "
+            "standalone transformers model that PRXPixelPipeline can save and load",
+        )
 
 
 def to_diffusers_transformer(model):
@@ -63,16 +73,27 @@ def to_diffusers_transformer(model):
     if m.in_channels != 3 or m.head_dim % 4 or float(m.rope_theta) != int(m.rope_theta):
         raise ConfigError("model", f"layout {m} cannot be expressed by PRXTransformer2DModel")
     ref = PRXTransformer2DModel(
-        in_channels=m.in_channels, patch_size=m.patch_size, context_in_dim=m.text_dim, hidden_size=m.hidden_size,
-        mlp_ratio=m.mlp_ratio, num_heads=m.num_heads, depth=m.depth, axes_dim=[m.head_dim // 2, m.head_dim // 2],
-        theta=int(m.rope_theta), time_factor=m.time_factor, time_max_period=int(m.time_max_period),
-        bottleneck_size=m.bottleneck_size or None, resolution_embeds=False)
+        in_channels=m.in_channels,
+        patch_size=m.patch_size,
+        context_in_dim=m.text_dim,
+        hidden_size=m.hidden_size,
+        mlp_ratio=m.mlp_ratio,
+        num_heads=m.num_heads,
+        depth=m.depth,
+        axes_dim=[m.head_dim // 2, m.head_dim // 2],
+        theta=int(m.rope_theta),
+        time_factor=m.time_factor,
+        time_max_period=int(m.time_max_period),
+        bottleneck_size=m.bottleneck_size or None,
+        resolution_embeds=False,
+    )
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     try:
         ref.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ConfigError("model", "the weights do not load into PRXTransformer2DModel: "
-                                   + str(e).splitlines()[0]) from None
+        raise ConfigError(
+            "model", "the weights do not load into PRXTransformer2DModel: " + str(e).splitlines()[0]
+        ) from None
     ref.eval().requires_grad_(False)
     # One forward pass of both on a small random input: the layouts must agree, not only the names.
     g = torch.Generator().manual_seed(0)
@@ -87,8 +108,11 @@ def to_diffusers_transformer(model):
         theirs = ref(x, t, txt, attention_mask=mask, return_dict=False)[0]
     err = (ours - theirs).abs().max().item()
     if not err <= 1e-3 * max(1.0, ours.abs().max().item()):
-        raise ConfigError("model", f"PRXTransformer2DModel computes something else than our denoiser "
-                                   f"(max difference {err:.3g} on a test input)")
+        raise ConfigError(
+            "model",
+            f"PRXTransformer2DModel computes something else than our denoiser "
+            f"(max difference {err:.3g} on a test input)",
+        )
     return ref
 
 
@@ -111,9 +135,14 @@ def export_diffusers(model, encoder, cfg: Config, out: str | Path, marker: dict 
     transformer = to_diffusers_transformer(model)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=cfg.sample.shift)
     pipe = PRXPixelPipeline(
-        transformer=transformer, scheduler=scheduler, text_encoder=encoder.model, tokenizer=encoder.tokenizer,
-        default_sample_size=cfg.data.resolution, prompt_max_tokens=cfg.text.max_tokens,
-        noise_scale=cfg.objective.noise_scale)
+        transformer=transformer,
+        scheduler=scheduler,
+        text_encoder=encoder.model,
+        tokenizer=encoder.tokenizer,
+        default_sample_size=cfg.data.resolution,
+        prompt_max_tokens=cfg.text.max_tokens,
+        noise_scale=cfg.objective.noise_scale,
+    )
     with atomic_dir(out, marker) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "pixelrun_config.yaml").write_text(to_yaml(cfg))  # provenance and sampling defaults

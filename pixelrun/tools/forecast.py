@@ -14,6 +14,7 @@ and reduce-scatters, Muon's two all_to_alls) is not measured and is assumed hidd
 The optimizer's elementwise work splits over the ranks of a shard group (FSDP2 shards its state);
 Newton-Schulz splits by `optim.balanced_owners`, so the busiest owner sets its time.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,19 +54,66 @@ SEED = {"hours": 24.0, "gpus": 32, "gpu": "H200", "dollars": 1500.0}
 # facebook/dinov2-with-registers-base), and T5Gemma 2B-2B's encoder, which keeps Gemma 2 2B's
 # dimensions (google/gemma-2-2b's config.json; also transformers' T5GemmaModuleConfig defaults).
 ARCHITECTURES: dict[str, tuple[str, dict]] = {
-    "facebook/dinov3-vitl16-pretrain-lvd1689m": ("dinov3_vit", dict(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=16,
-        image_size=224, num_register_tokens=4, layerscale_value=1.0, rope_theta=100.0, layer_norm_eps=1e-5,
-        query_bias=True, key_bias=False, value_bias=True, proj_bias=True, mlp_bias=True, use_gated_mlp=False,
-        hidden_act="gelu", pos_embed_rescale=2.0)),
-    "facebook/dinov2-with-registers-base": ("dinov2_with_registers", dict(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, patch_size=14, image_size=518,
-        num_register_tokens=4, layerscale_value=1.0, layer_norm_eps=1e-6, qkv_bias=True, use_swiglu_ffn=False,
-        hidden_act="gelu", interpolate_antialias=True, interpolate_offset=0.0)),
-    "google/t5gemma-2b-2b-ul2": ("t5gemma_encoder", dict(
-        hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-        head_dim=256, vocab_size=256000, query_pre_attn_scalar=256, sliding_window=4096, rms_norm_eps=1e-6,
-        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh")),
+    "facebook/dinov3-vitl16-pretrain-lvd1689m": (
+        "dinov3_vit",
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            patch_size=16,
+            image_size=224,
+            num_register_tokens=4,
+            layerscale_value=1.0,
+            rope_theta=100.0,
+            layer_norm_eps=1e-5,
+            query_bias=True,
+            key_bias=False,
+            value_bias=True,
+            proj_bias=True,
+            mlp_bias=True,
+            use_gated_mlp=False,
+            hidden_act="gelu",
+            pos_embed_rescale=2.0,
+        ),
+    ),
+    "facebook/dinov2-with-registers-base": (
+        "dinov2_with_registers",
+        dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            mlp_ratio=4,
+            patch_size=14,
+            image_size=518,
+            num_register_tokens=4,
+            layerscale_value=1.0,
+            layer_norm_eps=1e-6,
+            qkv_bias=True,
+            use_swiglu_ffn=False,
+            hidden_act="gelu",
+            interpolate_antialias=True,
+            interpolate_offset=0.0,
+        ),
+    ),
+    "google/t5gemma-2b-2b-ul2": (
+        "t5gemma_encoder",
+        dict(
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            vocab_size=256000,
+            query_pre_attn_scalar=256,
+            sliding_window=4096,
+            rms_norm_eps=1e-6,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            hidden_activation="gelu_pytorch_tanh",
+        ),
+    ),
 }
 
 # The text encoder runs on fixed-size chunks of captions (pixelrun/model/text.py, TextEncoder.encode).
@@ -82,8 +130,10 @@ def build_random(model_type: str, fields: dict, device="cpu", dtype: torch.dtype
         cls = transformers.T5GemmaEncoderModel
     else:
         config = transformers.AutoConfig.for_model(model_type, **fields)
-        cls = {"dinov3_vit": transformers.DINOv3ViTModel,
-               "dinov2_with_registers": transformers.Dinov2WithRegistersModel}[model_type]
+        cls = {
+            "dinov3_vit": transformers.DINOv3ViTModel,
+            "dinov2_with_registers": transformers.Dinov2WithRegistersModel,
+        }[model_type]
     with torch.device(device):
         return cls(config).to(dtype or torch.float32).eval().requires_grad_(False)
 
@@ -105,8 +155,11 @@ def local_copy(spec: str) -> str | None:
 
 
 def _unknown(key: str, spec: str, architectures: dict) -> ConfigError:
-    return ConfigError(key, f"{spec!r} is neither a local folder nor in the Hugging Face cache, and bench has no "
-                            f"architecture for it to time with random weights (known: {', '.join(architectures)})")
+    return ConfigError(
+        key,
+        f"{spec!r} is neither a local folder nor in the Hugging Face cache, and bench has no "
+        f"architecture for it to time with random weights (known: {', '.join(architectures)})",
+    )
 
 
 def _networks(cfg) -> list[tuple[str, str]]:
@@ -147,11 +200,16 @@ def resolve_teachers(cfg, tmp: str, architectures: dict = ARCHITECTURES) -> tupl
         else:
             raise _unknown(key, spec, architectures)
         folders[key] = path
-    if any(c.perceptual.lpips_weight > 0 for c in every) and cfg.perceptual.lpips in ("stlpips-vgg", "stlpips") \
-            and importlib.util.find_spec("stlpips_pytorch") is None:
+    if (
+        any(c.perceptual.lpips_weight > 0 for c in every)
+        and cfg.perceptual.lpips in ("stlpips-vgg", "stlpips")
+        and importlib.util.find_spec("stlpips_pytorch") is None
+    ):
         folders["perceptual.lpips"] = "path:" + random_lpips_files(os.path.join(tmp, "lpips"))
-        notes["perceptual.lpips"] = ("stlpips-vgg is not installed here: standard LPIPS VGG16 with random weights "
-                                     "stands in (the same convolutions; ST-LPIPS adds a blur at each pool)")
+        notes["perceptual.lpips"] = (
+            "stlpips-vgg is not installed here: standard LPIPS VGG16 with random weights "
+            "stands in (the same convolutions; ST-LPIPS adds a blur at each pool)"
+        )
     return folders, notes
 
 
@@ -162,8 +220,9 @@ def random_lpips_files(folder: str) -> str:
 
     net = LPIPS("vgg16")
     os.makedirs(folder, exist_ok=True)
-    torch.save({f"features.{k}": v for k, v in net.net.features.state_dict().items()},
-               os.path.join(folder, "vgg16.pth"))
+    torch.save(
+        {f"features.{k}": v for k, v in net.net.features.state_dict().items()}, os.path.join(folder, "vgg16.pth")
+    )
     torch.save({f"lin{i}.weight": lin.weight for i, lin in enumerate(net.lins)}, os.path.join(folder, "vgg.pth"))
     return folder
 
@@ -184,11 +243,15 @@ def text_encoder_for_timing(spec: str, device, architectures: dict = ARCHITECTUR
         if path is None:
             if spec not in architectures:
                 raise _unknown("text.encoder", spec, architectures)
-            return (build_random(*architectures[spec], device=device, dtype=dtype),
-                    f"{spec}: random weights of its architecture, {name} (not on this machine; they time the same)")
+            return (
+                build_random(*architectures[spec], device=device, dtype=dtype),
+                f"{spec}: random weights of its architecture, {name} (not on this machine; they time the same)",
+            )
         spec = path
-    return (load_text_encoder(spec, dtype=dtype, device=device)[0],
-            f"{spec} (trained weights, {resolve_encoder(spec)}), {name}")
+    return (
+        load_text_encoder(spec, dtype=dtype, device=device)[0],
+        f"{spec} (trained weights, {resolve_encoder(spec)}), {name}",
+    )
 
 
 @torch.no_grad()
@@ -209,6 +272,7 @@ def time_text_encoder(model: torch.nn.Module, captions: int, tokens: int, device
 def median_seconds(run, device, *, steps: int, warmup: int) -> float:
     """Median wall time of `run()` over `steps` calls after `warmup` untimed ones, the device
     synchronised around each call (CUDA runs asynchronously)."""
+
     def now() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -232,8 +296,9 @@ def time_newton_schulz(cfg, text_dim: int, device, *, steps: int, warmup: int) -
     return median_seconds(lambda: orthogonalize_many(mats, dtype=dtype), device, steps=steps, warmup=warmup), shapes
 
 
-def stage_projection(cfg, gpus: int, step: dict, text_seconds: float, ns_seconds: float | None, shapes: list,
-                     loader_cores: int) -> dict:
+def stage_projection(
+    cfg, gpus: int, step: dict, text_seconds: float, ns_seconds: float | None, shapes: list, loader_cores: int
+) -> dict:
     """One stage's time on `gpus` GPUs from its measured parts (weak scaling; see the module)."""
     global_batch, micro, accum = batch_split(cfg, gpus)
     shard_group = gpus // cfg.parallel.replicate
@@ -252,23 +317,45 @@ def stage_projection(cfg, gpus: int, step: dict, text_seconds: float, ns_seconds
     stored = accum * step["forward_backward_seconds_median"] + per_rank_optimizer  # no text encoder in the step
     steps = cfg.train.steps
     return {
-        "steps": steps, "global_batch": global_batch, "micro_batch": micro, "accumulation": accum,
-        "resolution": cfg.data.resolution, "terms": step["terms"], "routing_ratio": cfg.routing.ratio,
-        "forward_backward_seconds": step["forward_backward_seconds_median"], "text_encoder_seconds": text_seconds,
-        "optimizer_seconds_one_device": optimizer, "newton_schulz_seconds_one_device": ns_seconds,
-        "newton_schulz_busiest_share": busiest, "optimizer_seconds_per_rank": per_rank_optimizer,
-        "step_seconds": seconds, "images_per_s": images_per_s, "images_per_s_per_gpu": images_per_s / gpus,
+        "steps": steps,
+        "global_batch": global_batch,
+        "micro_batch": micro,
+        "accumulation": accum,
+        "resolution": cfg.data.resolution,
+        "terms": step["terms"],
+        "routing_ratio": cfg.routing.ratio,
+        "forward_backward_seconds": step["forward_backward_seconds_median"],
+        "text_encoder_seconds": text_seconds,
+        "optimizer_seconds_one_device": optimizer,
+        "newton_schulz_seconds_one_device": ns_seconds,
+        "newton_schulz_busiest_share": busiest,
+        "optimizer_seconds_per_rank": per_rank_optimizer,
+        "step_seconds": seconds,
+        "images_per_s": images_per_s,
+        "images_per_s_per_gpu": images_per_s / gpus,
         "loader_images_per_s_per_core": images_per_s / gpus / loader_cores,
-        "hours": steps * seconds / 3600, "gpu_hours": steps * seconds / 3600 * gpus,
+        "hours": steps * seconds / 3600,
+        "gpu_hours": steps * seconds / 3600 * gpus,
         "mfu": step["model_flops_per_image"] * images_per_s / gpus / step["peak_flops"] if step["peak_flops"] else None,
-        "step_seconds_stored_embeddings": stored, "images_per_s_stored_embeddings": global_batch / stored,
-        "hours_stored_embeddings": steps * stored / 3600, "peak_memory_gib": step["peak_memory_gib"],
+        "step_seconds_stored_embeddings": stored,
+        "images_per_s_stored_embeddings": global_batch / stored,
+        "hours_stored_embeddings": steps * stored / 3600,
+        "peak_memory_gib": step["peak_memory_gib"],
     }
 
 
-def project(config: str | None, overrides: list[str], *, gpus: int, micro_batch: int | None = None,
-            loader_cores: int = 8, steps: int = 3, warmup: int = 1, out: str | None = None,
-            architectures: dict = ARCHITECTURES) -> dict:
+def project(
+    config: str | None,
+    overrides: list[str],
+    *,
+    gpus: int,
+    micro_batch: int | None = None,
+    loader_cores: int = 8,
+    steps: int = 3,
+    warmup: int = 1,
+    out: str | None = None,
+    architectures: dict = ARCHITECTURES,
+) -> dict:
     """Measure every stage of the config on this machine and project the run onto `gpus` GPUs."""
     if gpus < 1:
         raise ConfigError("--gpus", f"must be at least 1; got {gpus}")
@@ -297,8 +384,10 @@ def project(config: str | None, overrides: list[str], *, gpus: int, micro_batch:
     text_dim = _hidden_size(encoder.config)
     with torch.device("meta"):
         parameters = sum(p.numel() for p in model_from_config(cfg, text_dim).parameters())
-    text_seconds = [time_text_encoder(encoder, c.train.batch_size, cfg.text.max_tokens, device, steps=steps,
-                                      warmup=warmup) for c in stage_cfgs]
+    text_seconds = [
+        time_text_encoder(encoder, c.train.batch_size, cfg.text.max_tokens, device, steps=steps, warmup=warmup)
+        for c in stage_cfgs
+    ]
     del encoder
 
     stages = []
@@ -308,24 +397,40 @@ def project(config: str | None, overrides: list[str], *, gpus: int, micro_batch:
             for key, path in folders.items():  # the teachers' local folders
                 section, field = key.split(".")
                 setattr(getattr(c, section), field, path)
-            step = time_steps(c, text_dim=text_dim, steps=steps, warmup=warmup, text_tokens=cfg.text.max_tokens,
-                              count_flops=False)
-            ns, shapes = (time_newton_schulz(c, text_dim, device, steps=steps, warmup=warmup)
-                          if c.train.optimizer == "muon" else (None, []))
-            stages.append({"name": name, **stage_projection(c, gpus, step, text_s, ns, shapes, loader_cores),
-                           "measured": step})
+            step = time_steps(
+                c, text_dim=text_dim, steps=steps, warmup=warmup, text_tokens=cfg.text.max_tokens, count_flops=False
+            )
+            ns, shapes = (
+                time_newton_schulz(c, text_dim, device, steps=steps, warmup=warmup)
+                if c.train.optimizer == "muon"
+                else (None, [])
+            )
+            stages.append(
+                {"name": name, **stage_projection(c, gpus, step, text_s, ns, shapes, loader_cores), "measured": step}
+            )
     hours = sum(s["hours"] for s in stages)
     hours_stored = sum(s["hours_stored_embeddings"] for s in stages)
     report = {
-        "device": device_name(device), "model": f"{cfg.model.preset} ({parameters:,} parameters)", "gpus": gpus,
+        "device": device_name(device),
+        "model": f"{cfg.model.preset} ({parameters:,} parameters)",
+        "gpus": gpus,
         "replicate": cfg.parallel.replicate,
-        "loader_cores_per_gpu": loader_cores, "steps": steps, "warmup": warmup, "micro_batch_override": micro_batch,
-        "text_encoder": text_note, "teachers": teacher_notes, "stages": stages,
-        "hours": hours, "gpu_hours": hours * gpus,
-        "hours_stored_embeddings": hours_stored, "gpu_hours_stored_embeddings": hours_stored * gpus,
+        "loader_cores_per_gpu": loader_cores,
+        "steps": steps,
+        "warmup": warmup,
+        "micro_batch_override": micro_batch,
+        "text_encoder": text_note,
+        "teachers": teacher_notes,
+        "stages": stages,
+        "hours": hours,
+        "gpu_hours": hours * gpus,
+        "hours_stored_embeddings": hours_stored,
+        "gpu_hours_stored_embeddings": hours_stored * gpus,
         "seed": {**SEED, "gpu_hours": SEED["hours"] * SEED["gpus"]},
         "dollars_at_seed_rate": hours * gpus * SEED["dollars"] / (SEED["hours"] * SEED["gpus"]),
-        "assumptions": ASSUMPTIONS, "torch": torch.__version__, "config": to_dict(cfg),
+        "assumptions": ASSUMPTIONS,
+        "torch": torch.__version__,
+        "config": to_dict(cfg),
     }
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -333,12 +438,14 @@ def project(config: str | None, overrides: list[str], *, gpus: int, micro_batch:
     return report
 
 
-ASSUMPTIONS = ("weak scaling: every GPU runs the measured micro-step at the measured speed, accumulation steps one "
-               "after another; communication (FSDP all-gathers / reduce-scatters, Muon's all_to_alls) not measured, "
-               "assumed hidden under compute; the optimizer's elementwise work split over a shard group, "
-               "Newton-Schulz over its balanced owners; every caption encoded anew (no cache hits; the "
-               "stored-embeddings figures leave the encoder out instead); square images at the stage resolution; "
-               "the loader keeps up")
+ASSUMPTIONS = (
+    "weak scaling: every GPU runs the measured micro-step at the measured speed, accumulation steps one "
+    "after another; communication (FSDP all-gathers / reduce-scatters, Muon's all_to_alls) not measured, "
+    "assumed hidden under compute; the optimizer's elementwise work split over a shard group, "
+    "Newton-Schulz over its balanced owners; every caption encoded anew (no cache hits; the "
+    "stored-embeddings figures leave the encoder out instead); square images at the stage resolution; "
+    "the loader keeps up"
+)
 
 
 def _rate(x: float) -> str:
@@ -354,16 +461,22 @@ def format_projection(r: dict) -> str:
     """The printed report: per stage the measured parts, the step on N GPUs, the loader rate needed
     and the projected hours; then the total beside the seed's figure, and the assumptions."""
     n = r["gpus"]
-    lines = [f"measured on {r['device']}; projected onto {n} GPU{'s' if n > 1 else ''}"
-             + (f" ({r['replicate']} replica groups)" if r["replicate"] > 1 else ""),
-             f"model: {r['model']}; text encoder: {r['text_encoder']}"]
+    lines = [
+        f"measured on {r['device']}; projected onto {n} GPU{'s' if n > 1 else ''}"
+        + (f" ({r['replicate']} replica groups)" if r["replicate"] > 1 else ""),
+        f"model: {r['model']}; text encoder: {r['text_encoder']}",
+    ]
     lines += [f"{k}: {v}" for k, v in r["teachers"].items()]
     if r["device"].startswith("cpu"):
         lines.append("(these are this CPU's times: on GPUs run the same command there for real numbers)")
     for s in r["stages"]:
         m = s["measured"]
-        ns = (f" (Newton-Schulz {s['newton_schulz_seconds_one_device']:.3f} s on one device; busiest owner's share "
-              f"{s['newton_schulz_busiest_share']:.1%})" if s["newton_schulz_seconds_one_device"] is not None else "")
+        ns = (
+            f" (Newton-Schulz {s['newton_schulz_seconds_one_device']:.3f} s on one device; busiest owner's share "
+            f"{s['newton_schulz_busiest_share']:.1%})"
+            if s["newton_schulz_seconds_one_device"] is not None
+            else ""
+        )
         lines += [
             "",
             f"{s['name']}: {s['steps']:,} steps, {s['resolution']}px, global batch {s['global_batch']} = {n} GPUs x "
@@ -375,23 +488,24 @@ def format_projection(r: dict) -> str:
             f"  optimizer {m['optimizer']}: {s['optimizer_seconds_one_device']:.3f} s on one device{ns}, "
             f"{s['optimizer_seconds_per_rank']:.3f} s per rank on {n}",
             f"  step on {n} GPUs: {s['step_seconds']:.3f} s -> {_rate(s['images_per_s'])} images/s "
-            f"({_rate(s['images_per_s_per_gpu'])} per GPU)"
-            + (f", MFU {s['mfu']:.1%}" if s["mfu"] is not None else ""),
+            f"({_rate(s['images_per_s_per_gpu'])} per GPU)" + (f", MFU {s['mfu']:.1%}" if s["mfu"] is not None else ""),
             f"  loader must deliver {_rate(s['images_per_s_per_gpu'])} images/s per GPU: "
             f"{_rate(s['loader_images_per_s_per_core'])} images/s per core with {r['loader_cores_per_gpu']} loader "
             f"cores per GPU",
             f"  projected: {_duration(s['hours'])}, {s['gpu_hours']:,.1f} GPU-hours; with stored caption "
             f"embeddings {_duration(s['hours_stored_embeddings'])} ({_rate(s['images_per_s_stored_embeddings'])} "
-            f"images/s)" + (f"; peak memory {s['peak_memory_gib']:.1f} GiB per GPU"
-                            if s["peak_memory_gib"] is not None else ""),
+            f"images/s)"
+            + (f"; peak memory {s['peak_memory_gib']:.1f} GiB per GPU" if s["peak_memory_gib"] is not None else ""),
         ]
     seed = r["seed"]
-    lines += ["",
-              f"total: {_duration(r['hours'])} on {n} GPUs, {r['gpu_hours']:,.1f} GPU-hours "
-              f"(${r['dollars_at_seed_rate']:,.0f} at the seed's ${seed['dollars'] / seed['gpu_hours']:.2f} per "
-              f"GPU-hour); with stored caption embeddings {_duration(r['hours_stored_embeddings'])}, "
-              f"{r['gpu_hours_stored_embeddings']:,.1f} GPU-hours",
-              f"the seed's figure: {seed['hours']:.0f} h on {seed['gpus']} {seed['gpu']}s, {seed['gpu_hours']:.0f} "
-              f"GPU-hours, about ${seed['dollars']:,.0f}",
-              f"assumptions: {r['assumptions']}"]
+    lines += [
+        "",
+        f"total: {_duration(r['hours'])} on {n} GPUs, {r['gpu_hours']:,.1f} GPU-hours "
+        f"(${r['dollars_at_seed_rate']:,.0f} at the seed's ${seed['dollars'] / seed['gpu_hours']:.2f} per "
+        f"GPU-hour); with stored caption embeddings {_duration(r['hours_stored_embeddings'])}, "
+        f"{r['gpu_hours_stored_embeddings']:,.1f} GPU-hours",
+        f"the seed's figure: {seed['hours']:.0f} h on {seed['gpus']} {seed['gpu']}s, {seed['gpu_hours']:.0f} "
+        f"GPU-hours, about ${seed['dollars']:,.0f}",
+        f"assumptions: {r['assumptions']}",
+    ]
     return "\n".join(lines)

@@ -5,6 +5,7 @@ build their parts here, so they are the same parts (torchtitan's `Trainer.__init
 
 Live objects are arguments, settings come from the config: nothing here trains, samples or logs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from pixelrun.training.ema import EMA
 
 # ----------------------------------------------------------------------------- device, model, data
 
+
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `train.precision` on this device (None = plain fp32)."""
     p = cfg.train.precision
@@ -51,10 +53,16 @@ def native_cpu_bf16() -> bool:
 def muon_precision_warning(cfg: Config, device: torch.device) -> str | None:
     """bf16 Newton-Schulz is the default on every device (as torch.optim.Muon runs it), but a CPU
     without native bf16 runs it tens of times slower than fp32: say so rather than let a run crawl."""
-    if (cfg.train.optimizer == "muon" and cfg.train.muon_precision == "bf16" and device.type == "cpu"
-            and not native_cpu_bf16()):
-        return ("warning: Muon's Newton-Schulz runs in bf16, which this CPU emulates (no AVX512-BF16/AMX): "
-                "tens of times slower than with train.muon_precision=fp32")
+    if (
+        cfg.train.optimizer == "muon"
+        and cfg.train.muon_precision == "bf16"
+        and device.type == "cpu"
+        and not native_cpu_bf16()
+    ):
+        return (
+            "warning: Muon's Newton-Schulz runs in bf16, which this CPU emulates (no AVX512-BF16/AMX): "
+            "tens of times slower than with train.muon_precision=fp32"
+        )
     return None
 
 
@@ -70,8 +78,11 @@ def check_paths(cfg: Config) -> None:
         import importlib.util
 
         if importlib.util.find_spec("wandb") is None:
-            raise ConfigError("log.wandb", "is true but the wandb package is not installed: pip install wandb "
-                                           "(or pip install 'pixelrun[wandb]'), or set log.wandb=false")
+            raise ConfigError(
+                "log.wandb",
+                "is true but the wandb package is not installed: pip install wandb "
+                "(or pip install 'pixelrun[wandb]'), or set log.wandb=false",
+            )
 
 
 def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1, say=None):
@@ -94,6 +105,7 @@ def text_encoder(cfg: Config, device):
 
 # ----------------------------------------------------------------------------- teachers and projector
 
+
 class LossNetworks(torch.nn.Module):
     """What the extra loss terms need besides the model: the REPA projector (trained, in the Adam
     group, saved in checkpoints) and frozen teachers (never trained, never saved). Kept outside the
@@ -113,8 +125,12 @@ class LossNetworks(torch.nn.Module):
             self.repa_teacher = load_teacher(cfg.repa.teacher)
             h = repa_hidden(cfg)
             self.projector = torch.nn.Sequential(
-                torch.nn.Linear(hidden_size, h), torch.nn.SiLU(), torch.nn.Linear(h, h), torch.nn.SiLU(),
-                torch.nn.Linear(h, self.repa_teacher.dim))
+                torch.nn.Linear(hidden_size, h),
+                torch.nn.SiLU(),
+                torch.nn.Linear(h, h),
+                torch.nn.SiLU(),
+                torch.nn.Linear(h, self.repa_teacher.dim),
+            )
         if any(c.perceptual.lpips_weight > 0 for c in every):
             from pixelrun.teachers.lpips import load_lpips
 
@@ -128,15 +144,20 @@ class LossNetworks(torch.nn.Module):
     def describe(self, cfg: Config) -> list[str]:
         lines = []
         if self.projector is not None and cfg.repa.weight > 0:
-            lines.append(f"REPA: block {self.repa_block} -> projector -> {self.repa_teacher.name}, weight {cfg.repa.weight}")
+            lines.append(
+                f"REPA: block {self.repa_block} -> projector -> {self.repa_teacher.name}, weight {cfg.repa.weight}"
+            )
         if self.lpips is not None and cfg.perceptual.lpips_weight > 0:
-            lines.append(f"LPIPS: {self.lpips.source}, weight {cfg.perceptual.lpips_weight}, scale {cfg.perceptual.lpips_scale}")
+            lines.append(
+                f"LPIPS: {self.lpips.source}, weight {cfg.perceptual.lpips_weight}, scale {cfg.perceptual.lpips_scale}"
+            )
         if self.dino is not None and cfg.perceptual.dino_weight > 0:
             lines.append(f"P-DINO: {self.dino.name}, weight {cfg.perceptual.dino_weight}")
         return lines
 
 
 # ----------------------------------------------------------------------------- optimizer
+
 
 def lr_multiplier(step: int, steps: int, warmup: int, cooldown: float) -> float:
     """The learning rate of optimizer step `step` (0-based) as a fraction of train.lr: a linear warm-up
@@ -194,13 +215,23 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, extra_adam_modules=()):
     from pixelrun.training.optim import build_optimizer
 
     t = cfg.train
-    opt = build_optimizer(model, kind=t.optimizer, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                          weight_decay=t.weight_decay, muon_lr=t.muon_lr, muon_momentum=t.muon_momentum,
-                          muon_ns_dtype=t.muon_precision, extra_adam_modules=extra_adam_modules)
+    opt = build_optimizer(
+        model,
+        kind=t.optimizer,
+        lr=t.lr,
+        betas=tuple(t.betas),
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+        muon_lr=t.muon_lr,
+        muon_momentum=t.muon_momentum,
+        muon_ns_dtype=t.muon_precision,
+        extra_adam_modules=extra_adam_modules,
+    )
     return opt, LRSchedule(opt, cfg)
 
 
 # ----------------------------------------------------------------------------- the state of a run
+
 
 @dataclass
 class TrainState:
@@ -299,11 +330,14 @@ def build_state(cfg: Config, stages: list[Config], ctx: DistContext, text_dim: i
     trainable = torch.nn.ModuleDict({"denoiser": model})
     if loss_nets.projector is not None:
         trainable["repa_projector"] = shard(loss_nets.projector, ctx, dtype)
-    opt, sched = make_optimizer(model, cfg, extra_adam_modules=[loss_nets.projector] if loss_nets.projector is not None else [])
+    opt, sched = make_optimizer(
+        model, cfg, extra_adam_modules=[loss_nets.projector] if loss_nets.projector is not None else []
+    )
     return TrainState(ctx, model, ema, loss_nets, trainable, opt, sched)
 
 
 # ----------------------------------------------------------------------------- what may continue what
+
 
 def check_resume(cfg: Config, saved: dict, path: Path) -> list[str]:
     """Before any work: a resume must continue the same run. A change of the model, the optimizer or
@@ -311,10 +345,13 @@ def check_resume(cfg: Config, saved: dict, path: Path) -> list[str]:
     refused, allowed = resume_changes(config_from_dict(saved), cfg)
     if refused:
         what = ", ".join(f"{k} ({a} -> {b})" for k, (a, b) in refused.items())
-        raise ConfigError(", ".join(refused), f"differs from the checkpoint {path} that this command would resume: "
-                                              f"{what}. A resume continues the same model, optimizer and data; to "
-                                              f"start a new run from those weights, set run.init_from={path} and a "
-                                              f"new run.dir")
+        raise ConfigError(
+            ", ".join(refused),
+            f"differs from the checkpoint {path} that this command would resume: "
+            f"{what}. A resume continues the same model, optimizer and data; to "
+            f"start a new run from those weights, set run.init_from={path} and a "
+            f"new run.dir",
+        )
     return [f"changed since the checkpoint: {k}: {a} -> {b}" for k, (a, b) in allowed.items()]
 
 
@@ -325,6 +362,8 @@ def check_init_from(cfg: Config, path: Path, text_dim: int) -> None:
     old, new = model_fields(config_from_dict(saved)), model_fields(cfg)
     diff = [f"model.{k} {old[k]} -> {new[k]}" for k in old if old[k] != new[k]]
     if saved_dim != text_dim:
-        diff.append(f"text width {saved_dim} -> {text_dim} (text.encoder {saved['text']['encoder']} -> {cfg.text.encoder})")
+        diff.append(
+            f"text width {saved_dim} -> {text_dim} (text.encoder {saved['text']['encoder']} -> {cfg.text.encoder})"
+        )
     if diff:
         raise ConfigError("run.init_from", f"{path} has another architecture: {', '.join(diff)}")

@@ -1,4 +1,5 @@
 """The exponential moving average of the weights: what grids, evaluations and exports sample."""
+
 from __future__ import annotations
 
 import copy
@@ -30,6 +31,8 @@ class EMA:
             if is_sharded(self.model) and not all(isinstance(p, DTensor) for p in ema_p):
                 # A full tensor where a shard belongs: averaging it with the model's shard would
                 # mix unrelated rows (or fail on the shapes). Never average anything but shards.
-                raise RuntimeError("EMA update on unsharded parameters: a forward-only pass left the "
-                                   "EMA copy gathered (shard it with forward_only=True)")
+                raise RuntimeError(
+                    "EMA update on unsharded parameters: a forward-only pass left the "
+                    "EMA copy gathered (shard it with forward_only=True)"
+                )
             torch._foreach_lerp_([local(p) for p in ema_p], [local(p) for p in model_p], 1.0 - self.decay)

@@ -33,6 +33,7 @@ another order than torch's one-matrix GEMM, so there the two agree to bf16 round
 `fp32` stays a setting: more exact, and far faster on a CPU without native bf16 (on this
 project's AVX2 VM bf16 matmuls are emulated: benchmarks/results/muon-cpu/).
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,8 +53,13 @@ NS_EPS = 1e-7
 
 # Newton-Schulz precisions: the config's spellings (train.muon_precision) and torch's dtype names
 # (which earlier checkpoints stored in the Muon group's "ns_dtype").
-NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "bfloat16": torch.bfloat16, "float32": torch.float32,
-             "float64": torch.float64}
+NS_DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
 
 try:  # FSDP2 shards parameters as DTensors; orthogonalising a shard would be silently wrong.
     from torch.distributed.tensor import DTensor as _DTensor
@@ -98,8 +104,10 @@ def split_parameters(
     extra = list(extra_adam_modules)
     blocks = [m for m in model.modules() if isinstance(m, block_types)]
     if not blocks:
-        raise ValueError(f"no transformer blocks ({', '.join(t.__name__ for t in block_types)}) in the model: "
-                         "Muon would get no parameters")
+        raise ValueError(
+            f"no transformer blocks ({', '.join(t.__name__ for t in block_types)}) in the model: "
+            "Muon would get no parameters"
+        )
     forced_adam = {id(p) for p in _params_of(extra)}
     muon_ids: set[int] = set()
     for block in blocks:
@@ -132,7 +140,7 @@ def newton_schulz_flops(shape: torch.Size | tuple[int, ...], steps: int = 5) -> 
     sides (the wide orientation `orthogonalize` uses), an iteration is X X^T (2 m^2 n), the
     polynomial b A + c A^2 (2 m^3) and its product with X (2 m^2 n)."""
     m, n = sorted(shape[-2:])
-    return steps * (4 * m * m * n + 2 * m ** 3)
+    return steps * (4 * m * m * n + 2 * m**3)
 
 
 def _newton_schulz(x: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float) -> Tensor:
@@ -246,6 +254,7 @@ def muon_step(
     DTensor parameters (FSDP2 / HSDP shards) take `_muon_step_sharded`: the same arithmetic, with
     the momentum on the local shard and Newton-Schulz on the gathered whole matrix.
     """
+
     def orth_many(updates: list[Tensor]) -> list[Tensor]:
         return orthogonalize_many(updates, ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
 
@@ -263,8 +272,15 @@ def muon_step(
         p.mul_(1 - lr * weight_decay)
         p.add_(o, alpha=-(lr * muon_lr_scale(p.shape)))
     if sharded:
-        _muon_step_sharded(sharded, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                           orth_many=orth_many, ns_steps=ns_steps)
+        _muon_step_sharded(
+            sharded,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            orth_many=orth_many,
+            ns_steps=ns_steps,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,13 +333,16 @@ def _shard_mesh_dim(p: Tensor) -> int | None:
         return None
     pl = p.placements[dims[0]]
     if len(dims) > 1 or type(pl) is not _Shard or pl.dim != 0:
-        raise NotImplementedError(f"Muon on DTensors supports Shard(0) on one mesh dim plus Replicate "
-                                  f"(FSDP2 / HSDP), got placements {p.placements}")
+        raise NotImplementedError(
+            f"Muon on DTensors supports Shard(0) on one mesh dim plus Replicate "
+            f"(FSDP2 / HSDP), got placements {p.placements}"
+        )
     return dims[0]
 
 
-def _exchange(send: list[list[Tensor]], recv_sizes: list[int], group, dtype: torch.dtype,
-              device: torch.device) -> Tensor:
+def _exchange(
+    send: list[list[Tensor]], recv_sizes: list[int], group, dtype: torch.dtype, device: torch.device
+) -> Tensor:
     """One all_to_all_single: the flat tensors of send[r], concatenated, go to group rank r; the
     result is what every rank sent here, in rank order (recv_sizes[r] elements from rank r).
     all_to_all_single (alltoall_base) is implemented by NCCL and, with uneven splits, by gloo."""
@@ -332,8 +351,13 @@ def _exchange(send: list[list[Tensor]], recv_sizes: list[int], group, dtype: tor
     flat = [t for to_rank in send for t in to_rank]
     inp = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
     out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
-    dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
-                           input_split_sizes=[sum(t.numel() for t in to_rank) for to_rank in send], group=group)
+    dist.all_to_all_single(
+        out,
+        inp,
+        output_split_sizes=recv_sizes,
+        input_split_sizes=[sum(t.numel() for t in to_rank) for to_rank in send],
+        group=group,
+    )
     return out
 
 
@@ -355,8 +379,14 @@ def balanced_owners(shapes: list[torch.Size | tuple[int, ...]], world: int, step
     return owner
 
 
-def _orthogonalize_sharded(updates: list[Tensor], shapes: list[torch.Size], mesh, dim: int,
-                           orth_many: Callable[[list[Tensor]], list[Tensor]], ns_steps: int = 5) -> list[Tensor]:
+def _orthogonalize_sharded(
+    updates: list[Tensor],
+    shapes: list[torch.Size],
+    mesh,
+    dim: int,
+    orth_many: Callable[[list[Tensor]], list[Tensor]],
+    ns_steps: int = 5,
+) -> list[Tensor]:
     """Orthogonalise whole matrices that live as dim-0 shards over mesh dim `dim`; return each
     rank's rows of the results. `updates` are this rank's local shards, `shapes` the full shapes;
     every rank of the shard group calls this with the same matrices in the same order.
@@ -391,8 +421,10 @@ def _orthogonalize_sharded(updates: list[Tensor], shapes: list[torch.Size], mesh
     send: list[list[Tensor]] = [[] for _ in range(world)]
     for k, u in enumerate(updates):
         if u.shape != (my_rows[k], shapes[k][1]):
-            raise RuntimeError(f"local shard of a {tuple(shapes[k])} matrix is {tuple(u.shape)} on shard rank {me}, "
-                               f"expected {my_rows[k]} rows (torch.chunk's split over {world} ranks)")
+            raise RuntimeError(
+                f"local shard of a {tuple(shapes[k])} matrix is {tuple(u.shape)} on shard rank {me}, "
+                f"expected {my_rows[k]} rows (torch.chunk's split over {world} ranks)"
+            )
         send[owner[k]].append(_pack_shard(u.to(dtype), blocks[k]))
     got = _exchange(send, [owned_size[me]] * world, group, dtype, device).view(world, owned_size[me])
 
@@ -400,7 +432,7 @@ def _orthogonalize_sharded(updates: list[Tensor], shapes: list[torch.Size], mesh
     mine = [k for k in range(len(shapes)) if owner[k] == me]
     fulls, offset = [], 0
     for k in mine:
-        fulls.append(_unpack_full(got[:, offset:offset + sizes[k]], *shapes[k]))
+        fulls.append(_unpack_full(got[:, offset : offset + sizes[k]], *shapes[k]))
         offset += sizes[k]
     send = [[] for _ in range(world)]
     for k, o in zip(mine, orth_many(fulls)):
@@ -413,14 +445,21 @@ def _orthogonalize_sharded(updates: list[Tensor], shapes: list[torch.Size], mesh
     offset = 0
     for r in range(world):
         for k in (k for k in range(len(shapes)) if owner[k] == r):
-            out[k] = _unpack_shard(got[offset:offset + sizes[k]], my_rows[k], shapes[k][1])
+            out[k] = _unpack_shard(got[offset : offset + sizes[k]], my_rows[k], shapes[k][1])
             offset += sizes[k]
     return out
 
 
-def _muon_step_sharded(items: list[tuple[Tensor, Tensor, Tensor]], *, lr: float, weight_decay: float,
-                       momentum: float, nesterov: bool, orth_many: Callable[[list[Tensor]], list[Tensor]],
-                       ns_steps: int) -> None:
+def _muon_step_sharded(
+    items: list[tuple[Tensor, Tensor, Tensor]],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    orth_many: Callable[[list[Tensor]], list[Tensor]],
+    ns_steps: int,
+) -> None:
     """`muon_step` for DTensor (param, grad, momentum buffer) triples, in place on the local shards.
 
     The momentum and Nesterov mix are elementwise, so they run on the local shards exactly as on
@@ -431,8 +470,10 @@ def _muon_step_sharded(items: list[tuple[Tensor, Tensor, Tensor]], *, lr: float,
     for p, g, buf in items:
         dim = _shard_mesh_dim(p)
         if not isinstance(g, _DTensor) or g.placements != p.placements or not isinstance(buf, _DTensor):
-            raise ValueError("under FSDP2 a Muon parameter's gradient and momentum buffer must be DTensors "
-                             "laid out like the parameter")
+            raise ValueError(
+                "under FSDP2 a Muon parameter's gradient and momentum buffer must be DTensors "
+                "laid out like the parameter"
+            )
         g_local, b_local = g.to_local(), buf.to_local()
         b_local.lerp_(g_local, 1 - momentum)
         update = g_local.lerp(b_local, momentum) if nesterov else b_local
@@ -442,8 +483,7 @@ def _muon_step_sharded(items: list[tuple[Tensor, Tensor, Tensor]], *, lr: float,
         if key is None:  # every rank holds the whole matrix (e.g. a shard group of one): no traffic
             outs = orth_many([u for _, u in batch])
         else:
-            outs = _orthogonalize_sharded([u for _, u in batch], [p.shape for p, _ in batch], *key, orth_many,
-                                          ns_steps)
+            outs = _orthogonalize_sharded([u for _, u in batch], [p.shape for p, _ in batch], *key, orth_many, ns_steps)
         for (p, _), o in zip(batch, outs):
             local = p.to_local()
             local.mul_(1 - lr * weight_decay)
@@ -455,8 +495,15 @@ def _muon_step_sharded(items: list[tuple[Tensor, Tensor, Tensor]], *, lr: float,
 
 # The AdamW group carries torch.optim.AdamW's own option keys so that torch's functional `adam`
 # (the same code AdamW.step runs) sees exactly what AdamW would pass it.
-_ADAMW_FIXED = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
-                    fused=None, decoupled_weight_decay=True)
+_ADAMW_FIXED = dict(
+    amsgrad=False,
+    maximize=False,
+    foreach=None,
+    capturable=False,
+    differentiable=False,
+    fused=None,
+    decoupled_weight_decay=True,
+)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -521,10 +568,19 @@ class MuonAdamW(torch.optim.Optimizer):
             params.append(p)
             grads.append(p.grad)
             bufs.append(state["momentum_buffer"])
-        muon_step(params, grads, bufs, lr=group["lr"], weight_decay=group["weight_decay"],
-                  momentum=group["momentum"], nesterov=group["nesterov"], ns_steps=group["ns_steps"],
-                  ns_coefficients=tuple(group["ns_coefficients"]), eps=group["eps"],
-                  ns_dtype=NS_DTYPES[group["ns_dtype"]])
+        muon_step(
+            params,
+            grads,
+            bufs,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            ns_steps=group["ns_steps"],
+            ns_coefficients=tuple(group["ns_coefficients"]),
+            eps=group["eps"],
+            ns_dtype=NS_DTYPES[group["ns_dtype"]],
+        )
 
     def _adamw_group(self, group: dict) -> None:
         from torch.optim.adam import adam
@@ -551,11 +607,27 @@ class MuonAdamW(torch.optim.Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
         beta1, beta2 = group["betas"]
-        adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
-             has_complex=any(torch.is_complex(p) for p in params), beta1=beta1, beta2=beta2,
-             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-             foreach=group["foreach"], capturable=False, differentiable=False, fused=group["fused"],
-             decoupled_weight_decay=True)
+        adam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            amsgrad=False,
+            has_complex=any(torch.is_complex(p) for p in params),
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+            foreach=group["foreach"],
+            capturable=False,
+            differentiable=False,
+            fused=group["fused"],
+            decoupled_weight_decay=True,
+        )
 
 
 def _fused_kernel(params: list[Tensor]) -> bool | None:
@@ -592,10 +664,17 @@ def build_optimizer(
     betas = (float(betas[0]), float(betas[1]))
     if kind == "adamw":
         every = _params_of([model, *extra])
-        opt = torch.optim.AdamW(every, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                fused=_fused_kernel(every))
-        opt.report = {"kind": "adamw", "muon": 0, "adam": sum(p.numel() for p in every),
-                      "muon_tensors": 0, "adam_tensors": len(every), "lr": lr}
+        opt = torch.optim.AdamW(
+            every, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=_fused_kernel(every)
+        )
+        opt.report = {
+            "kind": "adamw",
+            "muon": 0,
+            "adam": sum(p.numel() for p in every),
+            "muon_tensors": 0,
+            "adam_tensors": len(every),
+            "lr": lr,
+        }
         return opt
     if kind != "muon":
         raise ValueError(f"unknown optimizer kind {kind!r}; choose 'adamw' or 'muon'")
@@ -604,11 +683,27 @@ def build_optimizer(
     muon_params, adam_params, report = split_parameters(model, extra)
     muon_lr = lr if muon_lr is None else muon_lr
     groups = [
-        dict(params=muon_params, algorithm="muon", lr=muon_lr, weight_decay=weight_decay,
-             momentum=muon_momentum, nesterov=muon_nesterov, ns_steps=muon_ns_steps,
-             ns_coefficients=NS_COEFFICIENTS, eps=NS_EPS, ns_dtype=muon_ns_dtype),
-        dict(params=adam_params, algorithm="adamw", lr=lr, betas=betas, eps=eps,
-             weight_decay=weight_decay, **{**_ADAMW_FIXED, "fused": _fused_kernel(adam_params)}),
+        dict(
+            params=muon_params,
+            algorithm="muon",
+            lr=muon_lr,
+            weight_decay=weight_decay,
+            momentum=muon_momentum,
+            nesterov=muon_nesterov,
+            ns_steps=muon_ns_steps,
+            ns_coefficients=NS_COEFFICIENTS,
+            eps=NS_EPS,
+            ns_dtype=muon_ns_dtype,
+        ),
+        dict(
+            params=adam_params,
+            algorithm="adamw",
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            **{**_ADAMW_FIXED, "fused": _fused_kernel(adam_params)},
+        ),
     ]
     opt = MuonAdamW(groups)
     opt.report = {"kind": "muon", **report, "lr": lr, "muon_lr": muon_lr}
@@ -637,6 +732,7 @@ def describe(report: dict) -> str:
     """One line for the log, e.g. "optimizer: Muon 5.2M params in 24 matrices (lr 1e-4), AdamW 1.2M
     params in 40 tensors (lr 1e-4)". Takes `optimizer.report` (or `split_parameters`' report;
     the lrs are then left out)."""
+
     def lr(key):
         return f" (lr {_lr(report[key])})" if key in report else ""
 

@@ -7,6 +7,7 @@ The loop, the benchmark and the rehearsal all step through here.
       -> x-prediction -> flow loss in velocity space (+ REPA, LPIPS, P-DINO) -> backward
       -> (accumulate) -> clip -> optimizer -> schedule -> EMA
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,9 @@ class Losses:
     terms: dict[str, torch.Tensor]
 
 
-def repa_loss(loss_nets: LossNetworks, features: torch.Tensor, x: torch.Tensor, routing, grid: tuple[int, int]) -> torch.Tensor:
+def repa_loss(
+    loss_nets: LossNetworks, features: torch.Tensor, x: torch.Tensor, routing, grid: tuple[int, int]
+) -> torch.Tensor:
     """-mean cosine between projected block features and the teacher's patch features of the clean
     image on the same token grid. Inside a TREAD span the block only saw the kept tokens, so the
     teacher tokens are gathered at the same indices."""
@@ -62,8 +65,19 @@ def gated_mean(per_sample: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return (per_sample * gate).sum() / gate.sum().clamp(min=1)
 
 
-def compute_losses(model, batch: Batch, text, text_mask, null_text, null_mask, draws: Draws, cfg: Config,
-                  device, loss_nets: LossNetworks | None = None, step: int | None = None) -> Losses:
+def compute_losses(
+    model,
+    batch: Batch,
+    text,
+    text_mask,
+    null_text,
+    null_mask,
+    draws: Draws,
+    cfg: Config,
+    device,
+    loss_nets: LossNetworks | None = None,
+    step: int | None = None,
+) -> Losses:
     """Every loss term of a step is computed here, by name, and summed with its weight. `step`
     (the optimizer step) switches REPA off from repa.until on; None = a step inside the REPA span."""
     o = cfg.objective
@@ -75,10 +89,16 @@ def compute_losses(model, batch: Batch, text, text_mask, null_text, null_mask, d
     x_t = add_noise(x, draws.eps, t, o.noise_scale)
     dtype = autocast_dtype(cfg, device)
     amp = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    repa_on = (loss_nets is not None and loss_nets.projector is not None and cfg.repa.weight > 0
-               and (step is None or step < loss_nets.repa_stop))
+    repa_on = (
+        loss_nets is not None
+        and loss_nets.projector is not None
+        and cfg.repa.weight > 0
+        and (step is None or step < loss_nets.repa_stop)
+    )
     with amp:
-        out = model(x_t, t, text, text_mask, routing=routing, return_features=(loss_nets.repa_block,) if repa_on else ())
+        out = model(
+            x_t, t, text, text_mask, routing=routing, return_features=(loss_nets.repa_block,) if repa_on else ()
+        )
     x_hat = out.prediction.float()
     terms = {"flow": velocity_loss(x_hat, x, x_t, t, o.t_clamp)}
     weights = {"flow": 1.0}
@@ -113,9 +133,18 @@ def update_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, ctx) -> bool:
     return ctx.sum_over_ranks(bad).item() == 0
 
 
-def train_step(st: TrainState, source, encoder, null_text, null_mask, cfg: Config, step: int, micro: int,
-               accum: int, after_backward: Callable[[], None] | None = None
-               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+def train_step(
+    st: TrainState,
+    source,
+    encoder,
+    null_text,
+    null_mask,
+    cfg: Config,
+    step: int,
+    micro: int,
+    accum: int,
+    after_backward: Callable[[], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """One optimizer step: `accum` micro-batches of `micro` images from `source` (forward, backward,
     gradients reduced across ranks on the last one only), clipping by the global norm, the
     optimizer, the schedule and the EMA. Returns the loss terms averaged over the micro-batches, on
@@ -130,10 +159,13 @@ def train_step(st: TrainState, source, encoder, null_text, null_mask, cfg: Confi
         stored = (batch.text, batch.text_mask) if batch.text is not None else None
         text, text_mask = (a.to(device) for a in stored or encoder.encode(batch.captions))
         first = (m * ctx.world_size + ctx.rank) * micro  # this micro-batch's place in the global batch
-        draws = step_draws(cfg, step, list(range(first, first + micro)), tuple(batch.images.shape[1:]),
-                           st.model.cfg.patch_size, device)
+        draws = step_draws(
+            cfg, step, list(range(first, first + micro)), tuple(batch.images.shape[1:]), st.model.cfg.patch_size, device
+        )
         set_gradient_sync(st.trainable.values(), m == accum - 1)
-        result = compute_losses(st.model, batch, text, text_mask, null_text, null_mask, draws, cfg, device, st.loss_nets, step)
+        result = compute_losses(
+            st.model, batch, text, text_mask, null_text, null_mask, draws, cfg, device, st.loss_nets, step
+        )
         (result.loss / accum).backward()
         for k, v in {"loss": result.loss, **result.terms}.items():
             terms[k] = terms.get(k, 0.0) + v.detach() / accum
