@@ -78,8 +78,7 @@ def checkpoint_config(args, command: str, sections: tuple[str, ...]) -> tuple[Co
     train` checks its own (an unknown key, a wrong type or an invalid value is one line naming the
     key) before any weights are loaded. Only keys of `sections` may change: the rest describes the
     model the checkpoint holds."""
-    from pixelrun.config import with_overrides
-    from pixelrun.infra import checkpoint as ckpt
+    from pixelrun.training import inference
 
     overrides = list(args.overrides)
     top = {f.name for f in dataclasses.fields(Config)}
@@ -98,12 +97,10 @@ def checkpoint_config(args, command: str, sections: tuple[str, ...]) -> tuple[Co
                 f"pixelrun {command} changes only {' and '.join(s + '.*' for s in sections)} "
                 f"keys; the checkpoint fixes the rest (the config its model was trained with)",
             )
-    path = ckpt.resolve_checkpoint(args.checkpoint)
-    saved, _ = ckpt.saved_config(path)
     try:
-        cfg = with_overrides(saved, overrides)
+        cfg = inference.checkpoint_config(args.checkpoint, overrides)[0]
     except ConfigError as e:
-        if e.key == "sample.guidance_mode" and not (saved.get("routing") or {}).get("ratio"):
+        if e.key == "sample.guidance_mode" and not inference.checkpoint_config(args.checkpoint)[0].routing.ratio:
             raise ConfigError(
                 "sample.guidance_mode",
                 "self-guidance contrasts a dense and a TREAD-routed pass, and "
