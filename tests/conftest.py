@@ -3,7 +3,10 @@ saved with `save_pretrained` beside the offline MiniLM tokenizer, loaded back by
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -103,3 +106,29 @@ def one_line_error(capsys, *words) -> str:
     for w in words:
         assert w in err, (w, err)
     return err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int):
+    """One spawned rank of a CPU process group, left as training leaves it (`shutdown`): together
+    after a clean finish. Tearing down gloo while the peer still has traffic in flight aborts the
+    process in a C++ destructor, which failed a CI run."""
+    import torch.distributed as dist
+
+    from pixelrun.infra.distributed import shutdown
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two cores, `world` processes
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        yield
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown(clean=True)

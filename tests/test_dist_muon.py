@@ -11,12 +11,11 @@ saves its full parameters and optimizer state; the tests compare them with an un
 from __future__ import annotations
 
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port, gloo_rank
 from torch import nn
 
 from pixelrun.model.denoiser import build_model
@@ -115,22 +114,12 @@ def run_steps(model, opt, case: dict, set_grads) -> dict:
 # ---------------------------------------------------------------------------------------------- the processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, cases: dict, out_dir: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two cores, `world` processes
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
+    with gloo_rank(rank, world, port):
         for name, case in cases.items():
             names = ("shard",) if len(case["mesh"]) == 1 else ("replicate", "shard")
             mesh = init_device_mesh("cpu", case["mesh"], mesh_dim_names=names)
@@ -149,12 +138,10 @@ def _worker(rank: int, world: int, port: int, cases: dict, out_dir: str) -> None
             result = run_steps(model, opt, case, set_grad)
             result["local_rows"] = local_rows
             torch.save(result, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(cases: dict, world: int, out_dir) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), cases, str(out_dir)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), cases, str(out_dir)), nprocs=world, join=True)
 
 
 @pytest.fixture(scope="module")

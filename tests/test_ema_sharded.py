@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port, gloo_rank
 
 from pixelrun.model.denoiser import build_model
 
@@ -38,23 +37,13 @@ def _forward(model):
         return model(x, t, text).prediction
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from pixelrun.infra.distributed import DistContext, shard
     from pixelrun.training.ema import EMA
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    try:
+    with gloo_rank(rank, 2, port):
         from torch.distributed.device_mesh import init_device_mesh
 
         ctx = DistContext(rank, 2, rank, torch.device("cpu"), init_device_mesh("cpu", (2,), mesh_dim_names=("shard",)))
@@ -79,14 +68,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             {"left_full": left_full, "after_forward": after_forward, "ema": full},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ema")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

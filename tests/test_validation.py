@@ -5,13 +5,11 @@ model on 2 gloo ranks."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import free_port, gloo_rank, tiny_overrides
 
 from pixelrun.config import load_config
 from pixelrun.evaluation.validation import BINS, ValidationLoss, bin_noise, bin_times
@@ -129,13 +127,9 @@ class _Encoded:
 
 
 def _rank(rank: int, world: int, port: int, cfg_overrides: list[str], encoder: _Encoded, weights: str, out: str):
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         cfg = load_config(None, cfg_overrides)
         model = _model(cfg, encoder.dim)
         model.load_state_dict(torch.load(weights, weights_only=True))
@@ -149,8 +143,6 @@ def _rank(rank: int, world: int, port: int, cfg_overrides: list[str], encoder: _
         values["left_sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
         with open(f"{out}.{rank}", "w") as f:
             json.dump(values, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers(tmp_path, tiny_encoder_dir, encoder):
@@ -161,11 +153,10 @@ def test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers(tmp_path, tiny_
     val = ValidationLoss(cfg, encoder, "cpu")
     single = val(model)
     encoded = _Encoded(encoder, val.batch(cfg)[3])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     torch.multiprocessing.spawn(
-        _rank, args=(2, port, overrides, encoded, str(tmp_path / "weights.pt"), str(tmp_path / "values")), nprocs=2
+        _rank,
+        args=(2, free_port(), overrides, encoded, str(tmp_path / "weights.pt"), str(tmp_path / "values")),
+        nprocs=2,
     )
     ranks = [json.loads((tmp_path / f"values.{r}").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank ran the same rows through the same gathered weights
