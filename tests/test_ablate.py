@@ -15,8 +15,15 @@ import pytest
 import yaml
 
 from pixelrun.cli import main
-from pixelrun.config import model_fields
-from pixelrun.experiments.ablate import BudgetSpec, load_spec, plan_ablation, point_steps, steps_for_budget
+from pixelrun.config import ConfigError, load_config, model_fields
+from pixelrun.experiments.ablate import (
+    BudgetSpec,
+    load_spec,
+    plan_ablation,
+    point_steps,
+    steps_for_budget,
+    variant_config,
+)
 from pixelrun.model.denoiser import ModelConfig
 from pixelrun.model.flops import training_flops_per_image
 from pixelrun.training.build import lr_multiplier
@@ -29,6 +36,7 @@ TOY = [
     "train.checkpoint_every=2",
     "train.warmup_steps=1",
     "sample.grid_prompts=2",
+    "repa.weight=0",  # the default has REPA on; the variants here start without it
 ]
 TOY_EVAL = {"points": [0.5, 1.0], "prompts": 4, "sample_steps": 1, "guidance": [4.0, 1.0], "val_images": 2}
 
@@ -113,6 +121,16 @@ def test_flops_budget_gives_a_costlier_variant_fewer_steps(tmp_path):
     assert ratio > 1.3 and by_variant["deeper"].steps < by_variant["baseline"].steps
     assert abs(by_variant["baseline"].steps / by_variant["deeper"].steps - ratio) < 0.1
     assert not plan.equal_steps
+
+
+def test_a_variant_key_replaces_the_base_one_and_a_key_twice_in_a_list_is_refused(tmp_path):
+    spec = load_spec(write_spec(tmp_path, variants={"baseline": [], "repa": {"repa": {"weight": 0.5}}}))
+    assert [variant_config(spec, v).repa.weight for v in ("baseline", "repa")] == [0.0, 0.5]
+    assert load_config(None, []).repa.weight == 0.5  # the default the base turns off
+    twice = write_spec(tmp_path, variants={"baseline": [], "repa": ["repa.weight=0.5", "repa.weight=0.2"]})
+    with pytest.raises(ConfigError, match="given twice") as e:
+        plan_ablation(load_spec(twice), say=lambda *a: None)
+    assert e.value.key == "spec.variants.repa: repa.weight"
 
 
 def test_teacher_flops_are_counted(tmp_path):

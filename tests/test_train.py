@@ -38,8 +38,10 @@ def _weights(run, which: str) -> dict:
 def test_tiny_model_overfits_one_batch(tmp_path, tiny_encoder_dir):
     cfg = load_config(
         None,
-        tiny_overrides(
-            tmp_path, tiny_encoder_dir, **{"model.hidden_size": 64, "train.lr": 3e-3, "objective.caption_dropout": 0.0}
+        tiny_overrides(  # 150 steps past train.steps: no cooldown, or the lr would be 0 from step 6
+            tmp_path,
+            tiny_encoder_dir,
+            **{"model.hidden_size": 64, "train.lr": 3e-3, "objective.caption_dropout": 0.0, "train.cooldown": 0.0},
         ),
     )
     enc = TextEncoder(tiny_encoder_dir, 16)

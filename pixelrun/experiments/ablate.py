@@ -216,7 +216,7 @@ def _check_spec(spec: Spec) -> None:
         *((f"spec.variants.{n}", o) for n, o in spec.variants.items()),
     ]:
         for item in overrides:
-            key = item.split("=", 1)[0].strip()
+            key = _key(item)
             if key in MANAGED or key.startswith("stages"):
                 raise ConfigError(
                     f"{where}",
@@ -272,10 +272,22 @@ def _base_path(spec: Spec) -> str | None:
     return str(p)
 
 
+def _key(item: str) -> str:
+    return item.split("=", 1)[0].strip()
+
+
+def layered_overrides(base: list[str], variant: list[str]) -> list[str]:
+    """The base's overrides with the variant's after them, a variant's key replacing the base's: the
+    base may turn a default off for every run (repa.weight=0) and one variant turn it back on. A key
+    given twice within one list stays an error (load_config's)."""
+    mine = {_key(item) for item in variant}
+    return [item for item in base if _key(item) not in mine] + list(variant)
+
+
 def variant_config(spec: Spec, name: str, extra: list[str] = ()) -> Config:
     """The base config with the variant's overrides (and `extra`), validated; an error names the variant."""
     try:
-        cfg = load_config(_base_path(spec), [*spec.base.overrides, *spec.variants[name], *extra])
+        cfg = load_config(_base_path(spec), [*layered_overrides(spec.base.overrides, spec.variants[name]), *extra])
     except ConfigError as e:
         raise ConfigError(f"spec.variants.{name}: {e.key}", str(e).split(": ", 1)[1]) from None
     if cfg.stages:
