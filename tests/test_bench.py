@@ -164,7 +164,7 @@ def test_bench_prints_what_its_help_promises(capsys):
     assert set(printed) == set(BENCH_SUMMARY) - {"step_time_vs_dense"}  # no dense variant to compare with
     assert printed["peak_memory_gib"] is None and printed["mfu"] is None and printed["compiled"] is False
     assert printed["measured_step_flops_per_image"] == printed["model_flops_per_image"]
-    assert printed["optimizer"] == "muon (Newton-Schulz bf16)"
+    assert printed["optimizer"] == "muon (Newton-Schulz bf16, 5 steps)"
     # one timed step: its two parts add up to it
     assert printed["step_seconds_median"] == pytest.approx(
         printed["forward_backward_seconds_median"] + printed["optimizer_seconds_median"], rel=1e-9

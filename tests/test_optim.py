@@ -300,7 +300,7 @@ def _two_copies(n_steps_grads, make_mine, make_ref, seed=0, depth=2, only=None):
     return model, init, list(mine_model.parameters()), list(ref_model.parameters())
 
 
-def _muon_ref(lr, wd, nesterov):
+def _muon_ref(lr, wd, nesterov, ns_steps=5):
     def make(model):
         muon, _, _ = split_parameters(model)
         return torch.optim.Muon(
@@ -311,7 +311,7 @@ def _muon_ref(lr, wd, nesterov):
             nesterov=nesterov,
             ns_coefficients=(3.4445, -4.7750, 2.0315),
             eps=1e-7,
-            ns_steps=5,
+            ns_steps=ns_steps,
             adjust_lr_fn="match_rms_adamw",
         )
 
@@ -337,6 +337,19 @@ def test_muon_bf16_is_torch_muon_bitwise(nesterov):
         if flag:
             assert torch.equal(a, b)
             assert not torch.equal(a, p0)
+
+
+def test_three_newton_schulz_steps_are_torch_muons_three():
+    """train.muon_ns_steps=3 is torch.optim.Muon with ns_steps=3, bit for bit, and a different update
+    from the default 5 steps."""
+    lr = 0.02
+    three = lambda m: build_optimizer(m, kind="muon", lr=lr, muon_ns_steps=3)  # noqa: E731
+    model, init, mine, ref = _two_copies(3, three, _muon_ref(lr, 0.0, True, ns_steps=3))
+    _, _, five, _ = _two_copies(3, lambda m: build_optimizer(m, kind="muon", lr=lr), _muon_ref(lr, 0.0, True))
+    muon = ids(split_parameters(model)[0])
+    for p, a, b, c in zip(model.parameters(), mine, ref, five):
+        if id(p) in muon:
+            assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_muon_fp32_matches_torch_muon():
@@ -367,6 +380,10 @@ def test_precision_comes_from_the_config():
     assert make_optimizer(model, cfg)[0].param_groups[0]["ns_dtype"] == "fp32"
     with pytest.raises(ConfigError, match="train.muon_precision: must be one of bf16, fp32; got 'float16'"):
         load_config(None, ["train.muon_precision=float16"])
+    cfg = load_config(None, ["train.optimizer=muon", "train.muon_ns_steps=3"])
+    assert make_optimizer(model, cfg)[0].param_groups[0]["ns_steps"] == 3
+    with pytest.raises(ConfigError, match="train.muon_ns_steps"):
+        load_config(None, ["train.muon_ns_steps=0"])
 
 
 def test_precision_is_a_setting_not_restored_state():
@@ -381,6 +398,9 @@ def test_precision_is_a_setting_not_restored_state():
     resumed = build_optimizer(a, kind="muon", lr=1e-2)
     resumed.load_state_dict(saved)
     assert resumed.param_groups[0]["ns_dtype"] == "bf16"
+    three = build_optimizer(copy.deepcopy(model), kind="muon", lr=1e-2, muon_ns_steps=3)
+    three.load_state_dict(saved)  # saved with 5 steps: the step count is the config's too
+    assert three.param_groups[0]["ns_steps"] == 3
     fresh = build_optimizer(b, kind="muon", lr=1e-2)
     for m, o in ((a, resumed), (b, fresh)):
         loss_of(m, 0).backward()

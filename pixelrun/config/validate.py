@@ -146,6 +146,7 @@ def _validate_train(cfg: Config) -> None:
     if not 0 <= t.muon_momentum < 1:
         raise ConfigError("train.muon_momentum", f"must be in [0, 1); got {t.muon_momentum}")
     _choice("train.muon_precision", t.muon_precision, ("bf16", "fp32"))
+    _positive("train.muon_ns_steps", t.muon_ns_steps)
     _choice("train.precision", t.precision, ("auto", "bf16", "fp32"))
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError("train.device", f"must be auto, cpu, cuda or cuda:N; got {t.device!r}")

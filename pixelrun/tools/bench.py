@@ -206,7 +206,11 @@ def _time_steps(
         "batch_size": b,
         "terms": sorted(k for k in terms if k != "loss"),
         "optimizer": cfg.train.optimizer
-        + (f" (Newton-Schulz {cfg.train.muon_precision})" if cfg.train.optimizer == "muon" else ""),
+        + (
+            f" (Newton-Schulz {cfg.train.muon_precision}, {cfg.train.muon_ns_steps} steps)"
+            if cfg.train.optimizer == "muon"
+            else ""
+        ),
         "precision": "bf16" if autocast_dtype(cfg, device) == torch.bfloat16 else "fp32",
         "compiled": cfg.parallel.compile,
         "activation_checkpointing": cfg.parallel.activation_checkpointing,

@@ -293,7 +293,10 @@ def time_newton_schulz(cfg, text_dim: int, device, *, steps: int, warmup: int) -
         shapes = [tuple(p.shape) for p in split_parameters(model_from_config(cfg, text_dim))[0]]
     mats = [torch.randn(s, device=device) for s in shapes]
     dtype = NS_DTYPES[cfg.train.muon_precision]
-    return median_seconds(lambda: orthogonalize_many(mats, dtype=dtype), device, steps=steps, warmup=warmup), shapes
+    ns_steps = cfg.train.muon_ns_steps
+    return median_seconds(
+        lambda: orthogonalize_many(mats, ns_steps, dtype=dtype), device, steps=steps, warmup=warmup
+    ), shapes
 
 
 def stage_projection(
@@ -304,8 +307,8 @@ def stage_projection(
     shard_group = gpus // cfg.parallel.replicate
     optimizer = step["optimizer_seconds_median"]
     if ns_seconds is not None:  # Muon: the elementwise rest splits evenly, Newton-Schulz by owner
-        cost = [newton_schulz_flops(s) for s in shapes]
-        owners = balanced_owners(shapes, shard_group)
+        cost = [newton_schulz_flops(s, cfg.train.muon_ns_steps) for s in shapes]
+        owners = balanced_owners(shapes, shard_group, cfg.train.muon_ns_steps)
         busiest = max(sum(c for c, o in zip(cost, owners) if o == r) for r in range(shard_group)) / sum(cost)
         per_rank_optimizer = max(optimizer - ns_seconds, 0.0) / shard_group + ns_seconds * busiest
     else:

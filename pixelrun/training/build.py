@@ -225,6 +225,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, extra_adam_modules=()):
         muon_lr=t.muon_lr,
         muon_momentum=t.muon_momentum,
         muon_ns_dtype=t.muon_precision,
+        muon_ns_steps=t.muon_ns_steps,
         extra_adam_modules=extra_adam_modules,
     )
     return opt, LRSchedule(opt, cfg)

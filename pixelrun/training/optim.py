@@ -534,10 +534,10 @@ class MuonAdamW(torch.optim.Optimizer):
         mine = [g["algorithm"] for g in self.param_groups]
         if saved != mine:
             raise ValueError(f"optimizer state has groups {saved}, this optimizer has {mine}")
-        # The Newton-Schulz precision is a setting, not state: torch restores every saved group
-        # option, which would silently keep a checkpoint's fp32 after the config says bf16.
-        # The AdamW kernel likewise follows the parameters' device, not the machine that saved.
-        settings = [{k: g[k] for k in ("ns_dtype", "fused") if k in g} for g in self.param_groups]
+        # The Newton-Schulz precision and step count are settings, not state: torch restores every
+        # saved group option, which would silently keep a checkpoint's fp32 after the config says
+        # bf16. The AdamW kernel likewise follows the parameters' device, not the machine that saved.
+        settings = [{k: g[k] for k in ("ns_dtype", "ns_steps", "fused") if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for g, mine in zip(self.param_groups, settings):
             g.update(mine)
