@@ -120,7 +120,7 @@ class PerceptualConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000  # optimizer steps (with stages: their sum); the default: 15 minutes on 2 CPU cores
+    steps: int = 2000  # optimizer steps (with stages: their sum); the default: under 15 minutes on 2 CPU cores
     batch_size: int = 16  # images per rank in one forward and backward (the micro-batch)
     lr: float = 1e-3  # peak learning rate, reached after warmup_steps and then held (see cooldown)
     warmup_steps: int = 50  # linear warm-up of the learning rate from 0
