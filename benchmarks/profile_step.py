@@ -13,8 +13,8 @@ from pixelrun.config import load_config
 from pixelrun.data import Batch
 from pixelrun.diffusion.draws import step_draws
 from pixelrun.infra.distributed import clip_gradients
-from pixelrun.model.denoiser import compile_blocks
-from pixelrun.training.build import make_optimizer, model_from_config
+from pixelrun.model.denoiser import compile_blocks, model_from_config
+from pixelrun.training.optim import make_optimizer
 from pixelrun.training.step import compute_losses
 
 res = int(sys.argv[1]) if len(sys.argv) > 1 else 512

@@ -26,7 +26,7 @@ from pixelrun.experiments.ablate import (
 )
 from pixelrun.model.denoiser import ModelConfig
 from pixelrun.model.flops import training_flops_per_image
-from pixelrun.training.build import lr_multiplier
+from pixelrun.training.schedule import lr_multiplier
 
 TOY = [
     "data.resolution=16",
@@ -270,7 +270,7 @@ def test_schedule_reapplies_the_configs_optimizer_settings_after_a_load():
     import torch
 
     from pixelrun.config import load_config
-    from pixelrun.training.build import LRSchedule
+    from pixelrun.training.schedule import LRSchedule
 
     cfg = load_config(None, ["train.lr=0.002", "train.betas=[0.8,0.9]", "train.warmup_steps=0", "train.steps=10"])
     p = torch.nn.Parameter(torch.zeros(2))

@@ -265,7 +265,7 @@ def test_malformed_caption_lines_are_reported_once_at_start(tmp_path, capsys):
     """Counted, and named with the file and the first bad line's number (worker processes:
     tests/test_loader.py)."""
     from pixelrun.config import load_config
-    from pixelrun.training.build import make_batch_source
+    from pixelrun.data.sources import make_batch_source
 
     root = make_folder(tmp_path / "d", broken=False)  # its captions.jsonl ends with "{oops"
     lines = (root / "captions.jsonl").read_text().splitlines()

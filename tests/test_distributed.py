@@ -18,8 +18,8 @@ from conftest import tiny_overrides
 
 from pixelrun.config import ConfigError, batch_split, load_config
 from pixelrun.infra import checkpoint as ckpt
+from pixelrun.model.denoiser import model_from_config
 from pixelrun.run.train import train
-from pixelrun.training.build import model_from_config
 
 BASE = {
     "train.global_batch_size": 8,

@@ -17,9 +17,8 @@ from pixelrun.data.emoji import (
     emoji_name,
     fixed_prompts,
 )
-from pixelrun.data.sources import source_kind
+from pixelrun.data.sources import make_batch_source, source_kind
 from pixelrun.run.train import train
-from pixelrun.training.build import make_batch_source
 
 
 def test_the_package_ships_4009_pngs_and_3843_are_named():

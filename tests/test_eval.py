@@ -260,9 +260,9 @@ def test_cmmd_of_a_set_with_itself_is_zero(tiny_clip_dir):
 def test_real_images_and_prompts_per_source(tmp_path):
     from pixelrun.data.emoji import fixed_prompts as emoji_prompts
     from pixelrun.data.shapes import fixed_prompts as shapes_prompts
+    from pixelrun.data.sources import make_batch_source
     from pixelrun.evaluation.heldout import draw_real_images, held_out_captions, real_images_and_prompts
     from pixelrun.evaluation.shapes_score import score_images
-    from pixelrun.training.build import make_batch_source
 
     cfg = load_config(None, ["data.resolution=32"])
     images, prompts = real_images_and_prompts(cfg, 5)
@@ -308,7 +308,7 @@ def _eval(capsys, *args) -> dict:
 def test_eval_cli_shapes_and_fd_effnet_with_cached_real_stats(tiny_run, tmp_path, capsys):
     from pixelrun.evaluation.heldout import dataset_key
     from pixelrun.evaluation.metrics import stats_cache_path
-    from pixelrun.training.inference import checkpoint_config
+    from pixelrun.infra.inference import checkpoint_config
 
     cache = tmp_path / "cache"
     args = [

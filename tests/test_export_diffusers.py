@@ -133,10 +133,10 @@ def test_t5gemma_encoder_exports_too(tmp_path):
     T5GemmaEncoderModel and encodes the same; here a tiny random one with the MiniLM tokenizer."""
     from transformers import AutoTokenizer, T5GemmaConfig, T5GemmaModel
 
+    from pixelrun.diffusion.generate import generate
     from pixelrun.model.denoiser import build_model
     from pixelrun.model.text import TextEncoder, resolve_encoder
     from pixelrun.tools.export_diffusers import export_diffusers
-    from pixelrun.training.inference import generate
 
     enc_dir = tmp_path / "t5gemma"
     layers = dict(

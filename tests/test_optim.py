@@ -373,7 +373,7 @@ def test_precision_comes_from_the_config():
     model = tiny()
     cfg = load_config(None, ["train.optimizer=muon"])
     assert cfg.train.muon_precision == "bf16"
-    from pixelrun.training.build import make_optimizer
+    from pixelrun.training.optim import make_optimizer
 
     assert make_optimizer(model, cfg)[0].param_groups[0]["ns_dtype"] == "bf16"
     cfg = load_config(None, ["train.optimizer=muon", "train.muon_precision=fp32"])
@@ -573,17 +573,19 @@ def test_is_one_torch_optimizer():
 
 
 def test_muon_bf16_on_an_emulating_cpu_is_warned(monkeypatch):
-    from pixelrun.training import build
+    from pixelrun.infra import precision
 
     cfg = load_config(overrides=["train.optimizer=muon"])
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(build, "native_cpu_bf16", lambda: False)
-    assert "train.muon_precision=fp32" in build.muon_precision_warning(cfg, cpu)
-    assert build.muon_precision_warning(cfg, cuda) is None  # GPUs run bf16 natively
+    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: False)
+    assert "train.muon_precision=fp32" in precision.muon_precision_warning(cfg, cpu)
+    assert precision.muon_precision_warning(cfg, cuda) is None  # GPUs run bf16 natively
     assert (
-        build.muon_precision_warning(load_config(overrides=["train.optimizer=muon", "train.muon_precision=fp32"]), cpu)
+        precision.muon_precision_warning(
+            load_config(overrides=["train.optimizer=muon", "train.muon_precision=fp32"]), cpu
+        )
         is None
     )
-    assert build.muon_precision_warning(load_config(overrides=[]), cpu) is None  # AdamW: no Newton-Schulz
-    monkeypatch.setattr(build, "native_cpu_bf16", lambda: True)
-    assert build.muon_precision_warning(cfg, cpu) is None
+    assert precision.muon_precision_warning(load_config(overrides=[]), cpu) is None  # AdamW: no Newton-Schulz
+    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: True)
+    assert precision.muon_precision_warning(cfg, cpu) is None

@@ -73,8 +73,9 @@ def test_a_skipped_step_changes_no_parameter_optimizer_state_or_ema(tmp_path, ti
     from pixelrun.config import stage_plan
     from pixelrun.data.shapes import ShapesBatchSource
     from pixelrun.infra.distributed import DistContext
+    from pixelrun.model.text import text_encoder
     from pixelrun.training import step as step_mod
-    from pixelrun.training.build import build_state, text_encoder
+    from pixelrun.training.build import build_state
 
     cfg = load_config(None, tiny_overrides(tmp_path, tiny_encoder_dir, **{"ema.every": 1}))
     ctx = DistContext(0, 1, 0, torch.device("cpu"))

@@ -241,7 +241,7 @@ def test_grid_labels_show_missing_glyphs_visibly():
 def test_stage_two_resolution_is_what_inference_uses(tmp_path, tiny_encoder_dir, capsys):
     """After a 32px then 48px run, sampling and exports default to 48px (the stage the checkpoint was
     last trained in), not the base config's 32."""
-    from pixelrun.training.inference import checkpoint_config
+    from pixelrun.infra.inference import checkpoint_config
 
     run = tmp_path / "run"
     over = tiny_overrides(run, tiny_encoder_dir, **{"eval.prompts": 0})

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pixelrun.config import DATA_SOURCES, ConfigError, load_config
-from pixelrun.data.sources import SOURCES, BatchSource, source_kind
-from pixelrun.training.build import check_paths
+from pixelrun.data.sources import SOURCES, BatchSource, check_paths, source_kind
 
 
 def test_the_registry_and_the_config_name_the_same_sources():

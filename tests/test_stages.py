@@ -15,8 +15,8 @@ from PIL import Image
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config, stage_plan
 from pixelrun.infra import checkpoint as ckpt
+from pixelrun.model.denoiser import model_from_config
 from pixelrun.run.train import train
-from pixelrun.training.build import model_from_config
 
 
 def _stages_file(tmp_path, enc) -> Path:

@@ -13,8 +13,8 @@ import pytest
 
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config
+from pixelrun.data.sources import check_paths
 from pixelrun.infra.tracking import Tracker
-from pixelrun.training.build import check_paths
 
 
 def _tensorboard(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -17,9 +17,10 @@ from pixelrun.config import load_config
 from pixelrun.data.shapes import ShapesBatchSource
 from pixelrun.diffusion.draws import step_draws
 from pixelrun.infra import checkpoint as ckpt
+from pixelrun.model.denoiser import model_from_config
 from pixelrun.model.text import TextEncoder
 from pixelrun.run.train import train
-from pixelrun.training.build import make_optimizer, model_from_config
+from pixelrun.training.optim import make_optimizer
 from pixelrun.training.step import compute_losses
 
 

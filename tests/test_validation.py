@@ -26,7 +26,7 @@ def _config(tmp_path, encoder_dir, **extra):
 
 def _model(cfg, text_dim):
     """The configured denoiser with its zero-initialised output layers randomised, so x_hat != 0."""
-    from pixelrun.training.build import model_from_config
+    from pixelrun.model.denoiser import model_from_config
 
     torch.manual_seed(3)
     model = model_from_config(cfg, text_dim)

@@ -88,7 +88,7 @@ def run(args) -> int:
     from pixelrun.config import EvalConfig, to_dict, with_overrides
     from pixelrun.evaluation.evaluate import Evaluator, applicable_metrics, cli_default_metrics, describe_metrics
     from pixelrun.infra.distributed import resolve_device
-    from pixelrun.training.inference import load_for_inference
+    from pixelrun.infra.inference import load_for_inference
 
     common.refuse_moved_flags(args, "eval")
     out = Path(args.out) if args.out else None

@@ -44,8 +44,8 @@ def run(args) -> int:
     (pixelrun/tools/export_diffusers.py); overrides may change the sampling settings it carries."""
     from pixelrun.config import to_yaml
     from pixelrun.infra import checkpoint as ckpt
-    from pixelrun.training.build import model_from_config
-    from pixelrun.training.inference import checkpoint_config, load_for_inference
+    from pixelrun.infra.inference import checkpoint_config, load_for_inference
+    from pixelrun.model.denoiser import model_from_config
 
     if args.overrides and args.format != "diffusers":
         raise ConfigError("overrides", "only --format diffusers takes overrides (sampling settings)")

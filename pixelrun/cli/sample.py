@@ -126,9 +126,10 @@ GRID_MAX = 64  # images on a sample grid.png; beyond this it grows too tall to o
 def run(args) -> int:
     from tqdm import tqdm
 
+    from pixelrun.diffusion.generate import generate
     from pixelrun.infra.checkpoint import atomic_dir
     from pixelrun.infra.grids import save_grid, save_png
-    from pixelrun.training.inference import generate, load_for_inference
+    from pixelrun.infra.inference import load_for_inference
 
     common.refuse_moved_flags(args, "sample")
     prompts = _read_prompts(args)

@@ -18,6 +18,8 @@ import torch
 
 from pixelrun.config import Config, ConfigError, image_sizes
 from pixelrun.data import Batch, NoUsableData
+from pixelrun.data.loader import with_workers
+from pixelrun.infra.tracking import check_wandb
 
 Say = Callable[[str], None] | None
 
@@ -239,3 +241,21 @@ SOURCES: dict[str, SourceKind] = {
 def source_kind(cfg: Config) -> SourceKind:
     """The registry entry of `cfg.data.source` (validated against the registry's names on load)."""
     return SOURCES[cfg.data.source]
+
+
+def check_paths(cfg: Config) -> None:
+    """What only the machine that runs the job can check (kept out of `config.validate` so a config
+    written for a cluster still loads anywhere): the data source's paths and the tracker's package.
+    Called before any work."""
+    source_kind(cfg).check(cfg)
+    check_wandb(cfg)
+
+
+def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1, say: Say = None):
+    """This rank's batches; with data.workers = N > 0 decoded in N processes (the same batches).
+    `say` gets the source's notes (malformed caption lines, stored embeddings used or not)."""
+    pin = cfg.data.workers > 0 and cfg.train.device != "cpu" and torch.cuda.is_available()
+    source = with_workers(source_kind(cfg).build(cfg, rank, world_size, say), cfg.data.workers, pin_memory=pin)
+    if say is not None and getattr(source, "text_note", None):  # shards: stored caption embeddings or not
+        say(source.text_note)
+    return source

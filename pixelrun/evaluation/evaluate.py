@@ -30,8 +30,8 @@ import torch
 
 from pixelrun.config import Config, ConfigError
 from pixelrun.data.sources import source_kind
+from pixelrun.diffusion.generate import generate
 from pixelrun.evaluation.heldout import dataset_key, held_out_captions, real_images_and_prompts
-from pixelrun.training.inference import generate
 
 #: what ``pixelrun eval`` computes on data other than shapes when eval.metrics has nothing for it
 OFFLINE_DEFAULT_METRICS = ["fd-effnet"]

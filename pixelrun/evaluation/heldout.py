@@ -9,8 +9,7 @@ import dataclasses
 import numpy as np
 
 from pixelrun.config import Config
-from pixelrun.data.sources import source_kind
-from pixelrun.training.build import make_batch_source
+from pixelrun.data.sources import make_batch_source, source_kind
 
 
 def dataset_key(cfg: Config) -> str:

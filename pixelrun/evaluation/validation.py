@@ -51,7 +51,7 @@ from pixelrun.data import to_model_range
 from pixelrun.diffusion.objective import add_noise, velocity_loss
 from pixelrun.evaluation.heldout import dataset_key, real_images_and_prompts
 from pixelrun.infra.distributed import is_sharded
-from pixelrun.training.build import autocast_dtype
+from pixelrun.infra.precision import autocast_dtype
 
 #: (name, lower bound, upper bound) of each bin of t; the last bin includes t = 1
 BINS = (("low", 0.0, 1 / 3), ("mid", 1 / 3, 2 / 3), ("high", 2 / 3, 1.0))

@@ -377,7 +377,7 @@ def steps_for_budget(budget: BudgetSpec, global_batch: int, flops_per_img: float
 def plan_ablation(spec: Spec, *, say=print) -> Plan:
     """Every run's config resolved and validated, and its steps from the budget, before any training.
     Raises ConfigError (naming the SPEC key or the variant and config key) on anything wrong."""
-    from pixelrun.training.build import text_encoder
+    from pixelrun.model.text import text_encoder
 
     out = Path(spec.out)
     nproc = spec.launch.nproc_per_node

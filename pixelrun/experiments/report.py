@@ -25,8 +25,8 @@ import numpy as np
 
 from pixelrun.config import ConfigError
 from pixelrun.experiments import stats
+from pixelrun.infra.files import write_atomic
 from pixelrun.infra.grids import drawable, label_font
-from pixelrun.infra.tracking import write_atomic
 
 FIGURES = "report"  # the ablation's PNGs, under its folder
 TRAINING_ONLY = ("step", "lr", "grad_norm", "images_per_s", "train_seconds")

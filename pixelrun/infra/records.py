@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from pixelrun.config import RunFailed
-from pixelrun.infra.tracking import json_row, write_atomic
+from pixelrun.infra.files import write_atomic
+from pixelrun.infra.tracking import json_row
 
 R = TypeVar("R", bound="Record")
 

@@ -26,26 +26,16 @@ only the main rank writes, the others get a sink that does nothing)::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
-import os
 import secrets
 from pathlib import Path
 
 import numpy as np
 
 from pixelrun.config import Config, ConfigError, to_dict, to_yaml
-
-
-def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write beside, then swap in whole: a reader never sees half a file, a crash leaves the old one.
-    The temporary name carries the pid, so two writers never share one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-    return path
+from pixelrun.infra.files import write_atomic
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -136,6 +126,16 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def check_wandb(cfg: Config) -> None:
+    """With `log.wandb`, the wandb package must be installed on the machine that runs the job."""
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "log.wandb",
+            "is true but the wandb package is not installed: pip install wandb "
+            "(or pip install 'pixelrun[wandb]'), or set log.wandb=false",
+        )
 
 
 def _start_wandb(cfg: Config, run_dir: Path, resume: bool):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from pixelrun.config import PRESETS
+from pixelrun.config import PRESETS, Config, model_fields
 
 
 @dataclass(frozen=True)
@@ -289,6 +289,11 @@ def build_model(preset: str, text_dim: int, **overrides) -> PRXDenoiser:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return PRXDenoiser(ModelConfig(text_dim=text_dim, **fields))
+
+
+def model_from_config(cfg: Config, text_dim: int) -> PRXDenoiser:
+    """The denoiser of `cfg`'s model section for a text encoder of width `text_dim`."""
+    return build_model(cfg.model.preset, text_dim, **model_fields(cfg))
 
 
 def compile_blocks(model: PRXDenoiser, graphs: int = 0) -> PRXDenoiser:

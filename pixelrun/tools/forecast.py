@@ -32,10 +32,10 @@ import torch
 
 from pixelrun.config import ConfigError, batch_split, load_config, stage_plan, to_dict
 from pixelrun.infra.distributed import resolve_device
+from pixelrun.model.denoiser import model_from_config
 from pixelrun.model.text import TextEncoder, _hidden_size, load_text_encoder, resolve_encoder
 from pixelrun.teachers.features import EFFICIENTNET_SPECS
 from pixelrun.tools.bench import device_name, time_steps
-from pixelrun.training.build import model_from_config
 from pixelrun.training.optim import (
     NS_DTYPES,
     balanced_owners,

@@ -43,7 +43,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from pixelrun.config import Config
 from pixelrun.model.denoiser import Block
+from pixelrun.training.schedule import LRSchedule
 
 # Keller Jordan's quintic Newton-Schulz coefficients (also torch.optim.Muon's defaults): chosen to
 # maximise the slope at zero, so 5 steps push every singular value into roughly [0.7, 1.2]
@@ -708,6 +710,28 @@ def build_optimizer(
     opt = MuonAdamW(groups)
     opt.report = {"kind": "muon", **report, "lr": lr, "muon_lr": muon_lr}
     return opt
+
+
+def make_optimizer(
+    model: nn.Module, cfg: Config, extra_adam_modules: Iterable[nn.Module] = ()
+) -> tuple[torch.optim.Optimizer, LRSchedule]:
+    """AdamW, or Muon + AdamW (`build_optimizer`), as `cfg.train` sets them, with the learning-rate
+    schedule (`LRSchedule`)."""
+    t = cfg.train
+    opt = build_optimizer(
+        model,
+        kind=t.optimizer,
+        lr=t.lr,
+        betas=(t.betas[0], t.betas[1]),
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+        muon_lr=t.muon_lr,
+        muon_momentum=t.muon_momentum,
+        muon_ns_dtype=t.muon_precision,
+        muon_ns_steps=t.muon_ns_steps,
+        extra_adam_modules=extra_adam_modules,
+    )
+    return opt, LRSchedule(opt, cfg)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from pixelrun.data import Batch, to_model_range
 from pixelrun.diffusion.draws import Draws, step_draws
 from pixelrun.diffusion.objective import add_noise, velocity_loss
 from pixelrun.infra.distributed import clip_gradients, set_gradient_sync
+from pixelrun.infra.precision import autocast_dtype
 from pixelrun.model.denoiser import gather_tokens
-from pixelrun.training.build import LossNetworks, TrainState, autocast_dtype
+from pixelrun.training.build import LossNetworks, TrainState
 
 
 @dataclass

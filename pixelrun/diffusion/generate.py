@@ -1,0 +1,63 @@
+"""Images for prompts from a model and its text encoder, with the config's sampler. `pixelrun sample`,
+`pixelrun eval`, `pixelrun export`, the grids and the evaluations in training all generate through
+`generate`, so the same seed gives the same image everywhere."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pixelrun.config import Config, routing_span
+from pixelrun.diffusion.sampling import sample, to_uint8
+from pixelrun.infra.precision import autocast_dtype
+
+
+def generate(
+    model,
+    encoder,
+    prompts: list[str],
+    cfg: Config,
+    device,
+    *,
+    seed: int,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    guidance_mode: str | None = None,
+    chunk: int = 32,
+    progress=None,
+) -> np.ndarray:
+    """uint8 [N, H, W, 3] images. Prompts are sampled in chunks; chunk k uses seed + k, so a single
+    call with at most `chunk` prompts draws its noise exactly as diffusers' pipeline does."""
+    s = cfg.sample
+    height = height or cfg.data.resolution
+    width = width or cfg.data.resolution
+    null_text, null_mask = (a.to(device) for a in encoder.encode([""]))
+    amp = autocast_dtype(cfg, torch.device(device))
+    out = []
+    for k in range(0, len(prompts), chunk):
+        text, mask = (a.to(device) for a in encoder.encode(prompts[k : k + chunk]))
+        images = sample(
+            model,
+            text,
+            mask,
+            null_text=null_text,
+            null_mask=null_mask,
+            height=height,
+            width=width,
+            steps=steps or s.steps,
+            guidance=s.guidance if guidance is None else guidance,
+            guidance_mode=guidance_mode or s.guidance_mode,
+            shift=s.shift,
+            spacing=s.spacing,
+            noise_scale=cfg.objective.noise_scale,
+            t_clamp=cfg.objective.t_clamp,
+            seed=seed + k // chunk,
+            autocast_dtype=amp,
+            progress=progress,
+            routing_span=routing_span(cfg),
+            routing_ratio=cfg.routing.ratio,
+        )
+        out.append(to_uint8(images))
+    return np.concatenate(out)
