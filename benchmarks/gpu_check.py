@@ -273,7 +273,8 @@ def run_newton_schulz(work: Path) -> None:
 
     from pixelrun.model.denoiser import build_model
     from pixelrun.tools.forecast import median_seconds
-    from pixelrun.training.optim import newton_schulz_flops, orthogonalize, orthogonalize_many, split_parameters
+    from pixelrun.training.newton_schulz import newton_schulz_flops, orthogonalize, orthogonalize_many
+    from pixelrun.training.optim import split_parameters
 
     device = torch.device(DEVICE)
     with torch.device("meta"):

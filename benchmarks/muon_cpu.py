@@ -27,7 +27,8 @@ import torch
 
 from pixelrun.model.denoiser import build_model
 from pixelrun.tools.bench import run_bench
-from pixelrun.training.optim import newton_schulz_flops, orthogonalize, orthogonalize_many, split_parameters
+from pixelrun.training.newton_schulz import newton_schulz_flops, orthogonalize, orthogonalize_many
+from pixelrun.training.optim import split_parameters
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

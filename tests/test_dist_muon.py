@@ -19,16 +19,9 @@ from conftest import free_port, gloo_rank
 from torch import nn
 
 from pixelrun.model.denoiser import build_model
-from pixelrun.training.optim import (
-    _pack_shard,
-    _split_full,
-    _unpack_full,
-    _unpack_shard,
-    build_optimizer,
-    orthogonalize,
-    shard_rows,
-    split_parameters,
-)
+from pixelrun.training.muon_sharded import _pack_shard, _split_full, _unpack_full, _unpack_shard, shard_rows
+from pixelrun.training.newton_schulz import orthogonalize
+from pixelrun.training.optim import build_optimizer, split_parameters
 
 LR, WD, STEPS = 0.02, 0.1, 3
 

@@ -13,16 +13,9 @@ from torch import nn
 
 from pixelrun.config import PRESETS, ConfigError, load_config
 from pixelrun.model.denoiser import build_model
-from pixelrun.training.optim import (
-    MuonAdamW,
-    balanced_owners,
-    build_optimizer,
-    describe,
-    newton_schulz_flops,
-    orthogonalize,
-    orthogonalize_many,
-    split_parameters,
-)
+from pixelrun.training.muon_sharded import balanced_owners
+from pixelrun.training.newton_schulz import newton_schulz_flops, orthogonalize, orthogonalize_many
+from pixelrun.training.optim import MuonAdamW, build_optimizer, describe, split_parameters
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -12,7 +12,7 @@ The projection assumes weak scaling: each of the N GPUs runs the measured micro-
 measured speed, one after another for the accumulation steps; communication (FSDP's all-gathers
 and reduce-scatters, Muon's two all_to_alls) is not measured and is assumed hidden under compute.
 The optimizer's elementwise work splits over the ranks of a shard group (FSDP2 shards its state);
-Newton-Schulz splits by `optim.balanced_owners`, so the busiest owner sets its time.
+Newton-Schulz splits by `muon_sharded.balanced_owners`, so the busiest owner sets its time.
 """
 
 from __future__ import annotations
@@ -36,13 +36,9 @@ from pixelrun.model.denoiser import model_from_config
 from pixelrun.model.text import TextEncoder, _hidden_size, load_text_encoder, resolve_encoder
 from pixelrun.teachers.features import EFFICIENTNET_SPECS
 from pixelrun.tools.bench import device_name, time_steps
-from pixelrun.training.optim import (
-    NS_DTYPES,
-    balanced_owners,
-    newton_schulz_flops,
-    orthogonalize_many,
-    split_parameters,
-)
+from pixelrun.training.muon_sharded import balanced_owners
+from pixelrun.training.newton_schulz import NS_DTYPES, newton_schulz_flops, orthogonalize_many
+from pixelrun.training.optim import split_parameters
 
 # docs/recipe.md, "Schedule (32 H200, about $1500)": the seed's 24-hour speedrun.
 SEED = {"hours": 24.0, "gpus": 32, "gpu": "H200", "dollars": 1500.0}
