@@ -157,3 +157,24 @@ def test_wandb_on_without_the_package_is_one_line_before_any_work(tmp_path, caps
     assert main(["train", f"run.dir={tmp_path / 'run'}", "log.wandb=true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pixelrun: config error: log.wandb:") and not (tmp_path / "run").exists()
+
+
+def test_write_atomic_writes_whole_files_or_none(tmp_path):
+    """pixelrun/infra/files.py, the one writer of the package's files: text, bytes or a function
+    writing into the open file; a writer that fails leaves the old file and no temporary beside it."""
+    from pixelrun.infra.files import write_atomic
+
+    path = tmp_path / "sub" / "a.npz"
+    assert write_atomic(path, "old") == path and path.read_text() == "old"
+    write_atomic(path, lambda f: np.savez(f, x=np.arange(3)))
+    with np.load(path) as z:
+        assert z["x"].tolist() == [0, 1, 2]
+
+    def fails(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    write_atomic(path, b"kept")
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, fails)
+    assert path.read_bytes() == b"kept" and sorted(p.name for p in path.parent.iterdir()) == ["a.npz"]

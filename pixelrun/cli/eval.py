@@ -88,6 +88,7 @@ def run(args) -> int:
     from pixelrun.config import EvalConfig, to_dict, with_overrides
     from pixelrun.evaluation.evaluate import Evaluator, applicable_metrics, cli_default_metrics, describe_metrics
     from pixelrun.infra.distributed import resolve_device
+    from pixelrun.infra.files import write_atomic
     from pixelrun.infra.inference import load_for_inference
 
     common.refuse_moved_flags(args, "eval")
@@ -144,9 +145,6 @@ def run(args) -> int:
     text = json.dumps(result, indent=2)
     print(text, flush=True)  # first: a result that cannot be written is still shown
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)  # whole or not at all
+        write_atomic(out, text + "\n")  # whole or not at all
         print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pixelrun.infra.files import write_atomic
 from pixelrun.teachers.features import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD
 
 __all__ = [
@@ -499,15 +500,12 @@ def _read_cached(path: str, key: str) -> dict[str, np.ndarray] | None:
 
 def _cached(path: str, key: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
     """The arrays stored at ``path`` if the file's stored ``key`` equals ``key``; otherwise
-    ``compute()``'s, written atomically (temporary file + rename) with the key beside them."""
+    ``compute()``'s, written whole (`write_atomic`) with the key beside them."""
     arrays = _read_cached(path, key)
     if arrays is not None:
         return arrays
     arrays = compute()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, key=np.array(key), **arrays)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, key=np.array(key), **arrays))
     return arrays
 
 

@@ -16,10 +16,14 @@ def write_atomic(path: Path | str, data: bytes | str | Callable[[BinaryIO], obje
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if callable(data):
-        with open(tmp, "wb") as f:
-            data(f)
-    else:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        if callable(data):
+            with open(tmp, "wb") as f:
+                data(f)
+        else:
+            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or an interrupt leaves no half file beside
+        raise
     return path
