@@ -387,7 +387,7 @@ def test_stored_embeddings_used_when_they_match(tmp_path, tiny_encoder_dir, caps
 
 
 def test_inspect_counts_broken_samples(tmp_path):
-    from pixelrun.data.convert import inspect_shards
+    from pixelrun.data.inspection import inspect_shards
 
     out = converted(tmp_path, n=3)
     with TarWriter(str(out / "00001.tar")) as w:

@@ -187,7 +187,7 @@ def run_convert(args) -> int:
 
 
 def run_inspect(args) -> int:
-    from pixelrun.data.convert import format_report, inspect_shards
+    from pixelrun.data.inspection import format_report, inspect_shards
 
     report = inspect_shards(args.spec, args.contact_sheet, args.n, args.resolution, args.patch)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

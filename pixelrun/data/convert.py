@@ -1,4 +1,5 @@
-"""`pixelrun data convert` and `pixelrun data inspect`: write and look at WebDataset shards.
+"""`pixelrun data convert`: write WebDataset shards (what it reads: convert_sources.py; `pixelrun data
+inspect` looks at them: inspection.py).
 
 Converting resizes every image once, to its nearest aspect bucket at the target resolution, so
 training reads small images and never decodes a 4000-pixel photo per step. The source is an image
@@ -41,12 +42,10 @@ import itertools
 import json
 import os
 import shutil
-import statistics
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial as partial_fn
 from pathlib import Path
 
@@ -58,151 +57,21 @@ from tqdm import tqdm
 from pixelrun.config import ConfigError, TextConfig, aspect_buckets
 from pixelrun.data import SourceImage
 from pixelrun.data.buckets import nearest_bucket, resize_to_bucket
-from pixelrun.data.folder import DEFAULT_MAX_PIXELS, ImageFolder, load_rgb, read_size
+from pixelrun.data.convert_sources import NAMES_KEPT, NO_CAPTION, Source, open_source
+from pixelrun.data.folder import DEFAULT_MAX_PIXELS, load_rgb, read_size
 from pixelrun.data.shards import (
     EMBEDDING_STORAGE,
     INDEX_FILE,
     PARTIAL_DIR,
     caption_fields,
     embedding_member,
-    expand_shards,
-    image_member,
-    read_index,
-    read_samples,
 )
 from pixelrun.infra.locks import folder_lock
 
 IMAGE_FORMATS = ("jpg", "png")
 EMBEDDING_DTYPES = tuple(EMBEDDING_STORAGE)  # bfloat16 (default), float16, float32
-_MANIFEST_IMAGE_KEYS = ("file", "image", "file_name")  # as ImageFolder's captions.jsonl
-_PRIMARY_CAPTION_KEYS = ("caption", "text")
 _CHUNK = 64  # samples whose captions are encoded together
 _PARTIAL = PARTIAL_DIR  # where shards are written until the conversion completes
-_NAMES_KEPT = 100  # names of skipped rows kept per reason in index.json
-NO_CAPTION = "without a caption"
-
-
-@dataclass
-class _Skips:
-    """Rows or files left out, by reason, with the first names of each (for the final line and
-    index.json)."""
-
-    counts: Counter = field(default_factory=Counter)
-    names: dict[str, list[str]] = field(default_factory=dict)
-
-    def add(self, reason: str, name: str | None, n: int = 1) -> None:
-        self.counts[reason] += n
-        kept = self.names.setdefault(reason, [])
-        if name is not None and len(kept) < _NAMES_KEPT:
-            kept.append(name)
-
-    def of_images(self) -> int:
-        return sum(n for reason, n in self.counts.items() if reason != NO_CAPTION)
-
-
-def folder_images(root: Path) -> tuple[list[SourceImage], int]:
-    """An image folder, with the captions ImageFolder finds; and how many images lacked one."""
-    folder = ImageFolder(root)
-    items = [
-        SourceImage(p, p.relative_to(folder.root).as_posix(), {"caption": c})
-        for p, c in zip(folder.paths, folder.captions)
-    ]
-    return items, folder.missing_captions
-
-
-def manifest_images(manifest: Path) -> tuple[list[SourceImage], int]:
-    """A JSONL manifest: one object a line, the image path (relative to the manifest) under "file",
-    "image" or "file_name", every other non-empty string value a caption field. Lines without an
-    image path or any caption are counted, not fatal."""
-    items, bad = [], 0
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            image_key = next(k for k in _MANIFEST_IMAGE_KEYS if isinstance(rec.get(k), str))
-        except (ValueError, StopIteration, AttributeError):
-            bad += 1
-            continue
-        captions = {k: v.strip() for k, v in rec.items() if k != image_key and isinstance(v, str) and v.strip()}
-        if not captions:
-            bad += 1
-            continue
-        items.append(SourceImage(manifest.parent / rec[image_key], rec[image_key], captions))
-    if not items:
-        raise ValueError(f"manifest {manifest} has no line with an image path and a caption")
-    return items, bad
-
-
-@dataclass
-class _Source:
-    """What convert reads: the items in order, how many there are (for the progress bar), what was
-    counted as unusable before reading, and what index.json records about the source."""
-
-    items: Iterable[SourceImage]
-    total: int
-    skips: _Skips
-    info: dict
-    primary: tuple[str, ...] = _PRIMARY_CAPTION_KEYS  # caption fields `txt` is taken from, first present
-
-
-def _open_source(
-    src: str, captions: str | None, image_column: str | None, split: str, limit: int | None, log: Callable[[str], None]
-) -> _Source:
-    from pixelrun.data.parquet import (
-        choose_caption_columns,
-        choose_image_column,
-        is_table_source,
-        memory_notes,
-        resolve_tables,
-        table_rows,
-    )
-
-    skips = _Skips()
-    if is_table_source(src):
-        files = resolve_tables(src, split)
-        image = choose_image_column(files, image_column)
-        columns = choose_caption_columns(files, captions)
-        for note in memory_notes(files):
-            log(note)
-        rows = sum(f.rows for f in files)
-        items = table_rows(
-            files, image, columns, limit, on_error=lambda what, n: skips.add("unreadable row group", what, n)
-        )
-        fields = [f"json.{c}" for c, _ in columns]
-        spec = ",".join(f if w == 1 else f"{f}:{w:g}" for f, (_, w) in zip(fields, columns))
-        info = {
-            "source_kind": "table",
-            "files": [str(f.path) for f in files][:1000],
-            "file_count": len(files),
-            "rows": rows,
-            "image_column": image,
-            "caption_columns": dict(columns),
-            # data.captions for these shards: the columns with their weights (`txt` is the first present)
-            "captions": spec if len(columns) > 1 or columns[0][1] != 1 else None,
-        }
-        total = min(rows, limit) if limit is not None else rows
-        return _Source(items, total, skips, info, tuple(c for c, _ in columns))
-    if captions is not None or image_column is not None:
-        key = "--captions" if captions is not None else "--image-column"
-        raise ConfigError(
-            key,
-            "only for Parquet / Arrow tables and Hugging Face datasets (an image folder's captions "
-            "are its .txt files or captions.jsonl; a manifest's are its string fields)",
-        )
-    path = Path(src)
-    if path.is_dir():
-        items, without_caption = folder_images(path)
-        kind = "folder"
-    elif path.is_file():
-        items, without_caption = manifest_images(path)
-        kind = "manifest"
-    else:
-        raise FileNotFoundError(f"no such image folder, manifest, Parquet / Arrow file or Hub dataset: {src}")
-    if without_caption:
-        skips.add(NO_CAPTION, None, without_caption)
-    items = items[:limit] if limit is not None else items
-    return _Source(items, len(items), skips, {"source_kind": kind, "captions": None})
 
 
 def _primary_caption(captions: dict[str, str], primary: tuple[str, ...]) -> str:
@@ -385,19 +254,8 @@ def _convert_locked(
 ) -> dict:
     from webdataset import ShardWriter
 
-    source = _open_source(src, captions, image_column, split, limit, log)
-
-    encoder = None
-    if text_encoder is not None:
-        from pixelrun.model.text import TextEncoder
-
-        encoder = TextEncoder(text_encoder, max_tokens)
-        per_text = max_tokens * encoder.dim * np.dtype(EMBEDDING_STORAGE[embedding_dtype]).itemsize
-        log(
-            f"text embeddings: {embedding_dtype}, at most {max_tokens} tokens x {encoder.dim} = "
-            f"{format_bytes(per_text)} per caption text (stored trimmed to its tokens; the average per sample is "
-            f"printed at the end)"
-        )
+    source = open_source(src, captions, image_column, split, limit, log)
+    encoder = None if text_encoder is None else _open_encoder(text_encoder, max_tokens, embedding_dtype, log)
     partial = out / _PARTIAL
     partial.mkdir(parents=True)
     try:
@@ -422,10 +280,56 @@ def _convert_locked(
         shutil.rmtree(partial)
         why = skip_text(source.skips.counts, source.skips.names, stats["read"])
         raise ValueError(f"no image of {src} could be used ({why})")
+    settings = {"resolution": resolution, "patch": patch, "image_format": image_format, "shard_size": shard_size}
+    embeddings = None if encoder is None else _embeddings_entry(text_encoder, max_tokens, encoder.dim, embedding_dtype)
+    index = _index(src, source, written, stats, partial, shards, settings, embeddings)
+    _move_into_place(partial, out, shards, index)
+    return index
+
+
+def _open_encoder(text_encoder: str, max_tokens: int, embedding_dtype: str, log: Callable[[str], None]):
+    """The text encoder whose caption embeddings the shards store; says what one caption costs."""
+    from pixelrun.model.text import TextEncoder
+
+    encoder = TextEncoder(text_encoder, max_tokens)
+    per_text = max_tokens * encoder.dim * np.dtype(EMBEDDING_STORAGE[embedding_dtype]).itemsize
+    log(
+        f"text embeddings: {embedding_dtype}, at most {max_tokens} tokens x {encoder.dim} = "
+        f"{format_bytes(per_text)} per caption text (stored trimmed to its tokens; the average per sample is "
+        f"printed at the end)"
+    )
+    return encoder
+
+
+def _embeddings_entry(text_encoder, max_tokens: int, dim: int, embedding_dtype: str) -> dict:
+    """index.json's "text_embeddings": which encoder wrote them, and how they are stored."""
+    return {
+        "encoder": text_encoder,
+        "fingerprint": _fingerprint(text_encoder),
+        "max_tokens": max_tokens,
+        "dim": dim,
+        "dtype": embedding_dtype,
+        "member": "KEY.emb.FIELD.npy",
+        "stored_as": str(np.dtype(EMBEDDING_STORAGE[embedding_dtype])),
+    }
+
+
+def _index(
+    src: str,
+    source: Source,
+    written: int,
+    stats: dict,
+    partial: Path,
+    shards: list[str],
+    settings: dict,
+    embeddings: dict | None,
+) -> dict:
+    """index.json: counts, what was skipped and why, the settings, counts per bucket and per caption
+    field, bytes per sample, and the stored embeddings (`embeddings`, None without)."""
     disk = sum((partial / name).stat().st_size for name in shards)
     skips = source.skips
     image_skips = [n for reason, names in skips.names.items() if reason != NO_CAPTION for n in names]
-    index = {
+    return {
         "format": "pixelrun-shards/1",
         "source": src,
         **source.info,
@@ -434,12 +338,9 @@ def _convert_locked(
         "skipped": dict(skips.counts),
         "skipped_names": skips.names,
         "skipped_unreadable": skips.of_images(),
-        "unreadable": image_skips[:_NAMES_KEPT],
+        "unreadable": image_skips[:NAMES_KEPT],
         "skipped_without_caption": skips.counts[NO_CAPTION],
-        "resolution": resolution,
-        "patch": patch,
-        "image_format": image_format,
-        "shard_size": shard_size,
+        **settings,
         "shards": shards,
         "spec": f"{{{shards[0][:-4]}..{shards[-1][:-4]}}}.tar",
         "buckets": dict(sorted(stats["buckets"].items())),
@@ -449,20 +350,8 @@ def _convert_locked(
             "image": round(stats["image_bytes"] / written),
             "text_embeddings": round(stats["embedding_bytes"] / written),
         },
-        "text_embeddings": None
-        if encoder is None
-        else {
-            "encoder": text_encoder,
-            "fingerprint": _fingerprint(text_encoder),
-            "max_tokens": max_tokens,
-            "dim": encoder.dim,
-            "dtype": embedding_dtype,
-            "member": "KEY.emb.FIELD.npy",
-            "stored_as": str(np.dtype(EMBEDDING_STORAGE[embedding_dtype])),
-        },
+        "text_embeddings": embeddings,
     }
-    _move_into_place(partial, out, shards, index)
-    return index
 
 
 def _move_into_place(partial: Path, out: Path, shards: list[str], index: dict) -> None:
@@ -481,7 +370,7 @@ def _move_into_place(partial: Path, out: Path, shards: list[str], index: dict) -
 
 
 def _write(
-    source: _Source,
+    source: Source,
     partial: Path,
     buckets,
     image_format: str,
@@ -587,164 +476,3 @@ def _resized_sample(
         image_format: _encode_image(resize_to_bucket(im, *bucket), image_format),
         "json": {**item.captions, "pixelrun": meta},
     }
-
-
-# ----------------------------------------------------------------------------- inspect
-
-
-def _length_stats(values: list[int]) -> dict:
-    return {
-        "min": min(values),
-        "mean": round(statistics.fmean(values), 2),
-        "median": statistics.median(values),
-        "max": max(values),
-    }
-
-
-def _thumbnail(im: Image.Image, tile: int) -> np.ndarray:
-    """The image scaled to fit a white tile x tile square (the contact sheet needs one size);
-    enlarged with nearest neighbours, so small training images show their real pixels."""
-    scale = tile / max(im.size)
-    im = im.resize(
-        (max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-        Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS,
-    )
-    canvas = Image.new("RGB", (tile, tile), (255, 255, 255))
-    canvas.paste(im, ((tile - im.width) // 2, (tile - im.height) // 2))
-    return np.asarray(canvas)
-
-
-def inspect_shards(
-    spec: str,
-    contact_sheet: str | Path | None = None,
-    n: int = 64,
-    resolution: int | None = None,
-    patch: int = 32,
-    tile: int = 128,
-    progress: bool = True,
-) -> dict:
-    """Read every sample of the shards: counts per bucket, caption length statistics per caption
-    field, broken samples (no image, unreadable image header, no caption, read errors), stored
-    embeddings; and optionally a contact sheet PNG of the first n usable samples.
-
-    Buckets are those of `resolution` (and `patch`) when given, else the stored sizes, which are the
-    buckets of shards written by `convert` (img2dataset's shards hold any size)."""
-    urls = expand_shards(spec)
-    index = read_index(urls)
-    buckets = aspect_buckets(resolution, patch) if resolution else None
-    sizes: Counter = Counter()
-    chars: dict[str, list[int]] = {}
-    words: dict[str, list[int]] = {}
-    embedded: Counter = Counter()
-    broken: list[str] = []
-    sheet: list[tuple[np.ndarray, str]] = []
-    count = 0
-
-    def on_error(exn: Exception) -> bool:
-        broken.append(f"read error: {exn.args[0] if exn.args else exn!r}")
-        return True
-
-    bar = tqdm(total=(index or {}).get("count"), desc="inspect", unit="sample", disable=not progress, leave=False)
-    for url in urls:
-        for sample in read_samples(url, on_error):
-            bar.update(1)
-            ext = image_member(sample)
-            size = read_size(io.BytesIO(sample[ext])) if ext else None
-            captions = caption_fields(sample)
-            if size is None or not captions:
-                why = "no image member" if ext is None else "unreadable image" if size is None else "no caption"
-                broken.append(f"{url}#{sample['__key__']} ({why})")
-                continue
-            count += 1
-            sizes["x".join(map(str, nearest_bucket(*size, buckets) if buckets else size))] += 1
-            for name, text in captions.items():
-                chars.setdefault(name, []).append(len(text))
-                words.setdefault(name, []).append(len(text.split()))
-            embedded.update(
-                k[len("emb.") : -len(".npy")] for k in sample if k.startswith("emb.") and k.endswith(".npy")
-            )
-            if contact_sheet is not None and len(sheet) < n:
-                im = load_rgb(io.BytesIO(sample[ext]))
-                if im is not None:
-                    sheet.append((_thumbnail(im, tile), next(iter(captions.values()))))
-    bar.close()
-    report = {
-        "spec": spec,
-        "shards": len(urls),
-        "samples": count,
-        "broken": len(broken),
-        "broken_examples": broken[:5],
-        "buckets": dict(sorted(sizes.items())),
-        "buckets_of": f"{resolution}px, patch {patch}" if buckets else "stored sizes",
-        "captions": {
-            f: {"count": len(chars[f]), "chars": _length_stats(chars[f]), "words": _length_stats(words[f])}
-            for f in sorted(chars)
-        },
-        "embeddings": {
-            "fields": dict(sorted(embedded.items())),
-            "encoder": ((index or {}).get("text_embeddings") or {}).get("fingerprint"),
-            "dtype": ((index or {}).get("text_embeddings") or {}).get("dtype"),
-        },
-        # how the shards were written (index.json of `pixelrun data convert`), when known
-        "converted": {
-            k: index[k]
-            for k in ("source", "caption_columns", "captions", "resolution", "patch", "bytes_per_sample", "skipped")
-            if k in index
-        }
-        if index
-        else None,
-    }
-    if contact_sheet is not None and sheet:
-        from pixelrun.infra.grids import save_grid
-
-        report["contact_sheet"] = str(
-            save_grid(np.stack([a for a, _ in sheet]), [c for _, c in sheet], contact_sheet, tile=tile, columns=8)
-        )
-    return report
-
-
-def format_report(r: dict) -> str:
-    """The inspect_shards report as lines for a terminal."""
-    lines = [
-        f"{r['spec']}: {r['shards']} shard(s), {r['samples']} samples, {r['broken']} broken"
-        + (f" (first: {r['broken_examples'][0]})" if r["broken"] else "")
-    ]
-    lines.append(
-        f"buckets ({r['buckets_of']}), HxW: samples: " + ", ".join(f"{k}: {v}" for k, v in r["buckets"].items())
-    )
-    lines.append(
-        f"{'caption field':<24}{'samples':>8}  {'chars min/mean/median/max':>28}  {'words min/mean/median/max':>28}"
-    )
-    for name, s in r["captions"].items():
-        c, w = s["chars"], s["words"]
-        lines.append(
-            f"{name:<24}{s['count']:>8}  {'%d / %.1f / %g / %d' % (c['min'], c['mean'], c['median'], c['max']):>28}"
-            f"  {'%d / %.1f / %g / %d' % (w['min'], w['mean'], w['median'], w['max']):>28}"
-        )
-    conv = r.get("converted") or {}
-    if conv.get("caption_columns"):
-        lines.append(
-            "caption columns at conversion (weight): "
-            + ", ".join(f"{c} ({w:g})" for c, w in conv["caption_columns"].items())
-            + (f"; train with data.captions={conv['captions']}" if conv.get("captions") else "")
-        )
-    emb = r["embeddings"]
-    if emb["fields"]:
-        lines.append(
-            f"text embeddings: {emb['encoder'] or 'encoder unknown (no index.json)'}"
-            + (f", {emb['dtype']}" if emb.get("dtype") else "")
-            + "; samples per stored field: "
-            + ", ".join(f"{k}: {v}" for k, v in emb["fields"].items())
-            + " (a json field equal to txt uses txt's)"
-        )
-    else:
-        lines.append("text embeddings: none")
-    if conv.get("bytes_per_sample"):
-        b = conv["bytes_per_sample"]
-        lines.append(
-            f"bytes per sample: {format_bytes(b['on_disk'])} on disk (image {format_bytes(b['image'])}, "
-            f"text embeddings {format_bytes(b['text_embeddings'])})"
-        )
-    if "contact_sheet" in r:
-        lines.append(f"contact sheet: {r['contact_sheet']}")
-    return "\n".join(lines)
