@@ -14,6 +14,12 @@ def add_parser(subparsers) -> None:
     d = subparsers.add_parser("data", help="write WebDataset shards for data.source=shards, or inspect shards")
     d.set_defaults(func=run)
     dsub = d.add_subparsers(dest="data_command", required=True)
+    _add_convert(dsub)
+    _add_inspect(dsub)
+
+
+def _add_convert(dsub) -> None:
+    """`pixelrun data convert`: the source and the shard layout; then `_add_convert_options`."""
     dc = dsub.add_parser(
         "convert",
         help="resize images once to their aspect buckets and write .tar shards",
@@ -61,6 +67,11 @@ first 100 of each. The last line is the training command for the shards, quoted 
         default="jpg",
         help="jpg (quality 95, 4:4:4; default: small, fast to decode) or png (lossless)",
     )
+    _add_convert_options(dc)
+
+
+def _add_convert_options(dc: argparse.ArgumentParser) -> None:
+    """`pixelrun data convert`'s table columns, limits, stored embeddings and workers."""
     dc.add_argument(
         "--image-column",
         help="tables: the image column (default: the first column datasets declared "
@@ -102,6 +113,9 @@ first 100 of each. The last line is the training command for the shards, quoted 
         help="processes that decode, resize and encode images (default 0: in this process; the "
         "shards are byte for byte the same)",
     )
+
+
+def _add_inspect(dsub) -> None:
     di = dsub.add_parser("inspect", help="counts per bucket, caption lengths, broken samples, stored embeddings")
     di.add_argument("spec", help="shards: a folder of .tar files, a brace pattern, URLs or pipe: commands")
     di.add_argument("--contact-sheet", help="also write a PNG of the first --n samples with their captions")

@@ -25,13 +25,15 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
 import torch
 
-from pixelrun.config import ConfigError, batch_split, load_config, stage_plan, to_dict
+from pixelrun.config import Config, ConfigError, batch_split, load_config, stage_plan, to_dict
 from pixelrun.infra.distributed import resolve_device
+from pixelrun.infra.files import write_atomic
 from pixelrun.model.denoiser import model_from_config
 from pixelrun.model.text import TextEncoder, _hidden_size, load_text_encoder, resolve_encoder
 from pixelrun.teachers.features import EFFICIENTNET_SPECS
@@ -356,25 +358,9 @@ def project(
     architectures: dict = ARCHITECTURES,
 ) -> dict:
     """Measure every stage of the config on this machine and project the run onto `gpus` GPUs."""
-    if gpus < 1:
-        raise ConfigError("--gpus", f"must be at least 1; got {gpus}")
-    if loader_cores < 1:
-        raise ConfigError("--loader-cores", f"must be at least 1; got {loader_cores}")
-    if micro_batch is not None and micro_batch < 1:
-        raise ConfigError("--micro-batch", f"must be at least 1; got {micro_batch}")
-    if steps < 1 or warmup < 0:
-        raise ConfigError("--steps" if steps < 1 else "--warmup", "needs a timed step and no negative warm-up")
+    _check_flags(gpus, loader_cores, micro_batch, steps, warmup)
     cfg = load_config(config, overrides)
-    plan = stage_plan(cfg)
-    stage_cfgs = []
-    for i, (_, _, c) in enumerate(plan):  # every split checked before any (slow) work
-        c = copy.deepcopy(c)
-        if micro_batch is not None:
-            c.train.batch_size = micro_batch
-        c.train.steps = plan[i][1] - plan[i][0]
-        batch_split(c, gpus)
-        stage_cfgs.append(c)
-    names = [st.name or f"stage{i + 1}" for i, st in enumerate(cfg.stages)] or ["run"]
+    stage_cfgs = _stage_configs(cfg, gpus, micro_batch)  # every split checked before any (slow) work
     device = resolve_device(cfg.train.device)
     check_networks(cfg, architectures)
 
@@ -389,24 +375,13 @@ def project(
     ]
     del encoder
 
-    stages = []
     with tempfile.TemporaryDirectory(prefix="pixelrun-bench-") as tmp:
         folders, teacher_notes = resolve_teachers(cfg, tmp, architectures)
-        for name, c, text_s in zip(names, stage_cfgs, text_seconds):
-            for key, path in folders.items():  # the teachers' local folders
-                section, field = key.split(".")
-                setattr(getattr(c, section), field, path)
-            step = time_steps(
-                c, text_dim=text_dim, steps=steps, warmup=warmup, text_tokens=cfg.text.max_tokens, count_flops=False
-            )
-            ns, shapes = (
-                time_newton_schulz(c, text_dim, device, steps=steps, warmup=warmup)
-                if c.train.optimizer == "muon"
-                else (None, [])
-            )
-            stages.append(
-                {"name": name, **stage_projection(c, gpus, step, text_s, ns, shapes, loader_cores), "measured": step}
-            )
+        timing = _Timing(text_dim, cfg.text.max_tokens, device, steps, warmup)
+        stages = [
+            _stage(name, c, folders, text_s, gpus, loader_cores, timing)
+            for name, c, text_s in zip(_stage_names(cfg), stage_cfgs, text_seconds)
+        ]
     hours = sum(s["hours"] for s in stages)
     hours_stored = sum(s["hours_stored_embeddings"] for s in stages)
     report = {
@@ -432,9 +407,66 @@ def project(
         "config": to_dict(cfg),
     }
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        write_atomic(Path(out), json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _check_flags(gpus: int, loader_cores: int, micro_batch: int | None, steps: int, warmup: int) -> None:
+    if gpus < 1:
+        raise ConfigError("--gpus", f"must be at least 1; got {gpus}")
+    if loader_cores < 1:
+        raise ConfigError("--loader-cores", f"must be at least 1; got {loader_cores}")
+    if micro_batch is not None and micro_batch < 1:
+        raise ConfigError("--micro-batch", f"must be at least 1; got {micro_batch}")
+    if steps < 1 or warmup < 0:
+        raise ConfigError("--steps" if steps < 1 else "--warmup", "needs a timed step and no negative warm-up")
+
+
+def _stage_configs(cfg: Config, gpus: int, micro_batch: int | None) -> list[Config]:
+    """Each stage's own config, with its steps and the --micro-batch override; raises ConfigError
+    where a stage's batch does not split over `gpus`."""
+    plan = stage_plan(cfg)
+    out = []
+    for i, (_, _, c) in enumerate(plan):
+        c = copy.deepcopy(c)
+        if micro_batch is not None:
+            c.train.batch_size = micro_batch
+        c.train.steps = plan[i][1] - plan[i][0]
+        batch_split(c, gpus)
+        out.append(c)
+    return out
+
+
+def _stage_names(cfg: Config) -> list[str]:
+    return [st.name or f"stage{i + 1}" for i, st in enumerate(cfg.stages)] or ["run"]
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """How every stage is timed: the text width and tokens, the device, timed and warm-up steps."""
+
+    text_dim: int
+    text_tokens: int
+    device: torch.device
+    steps: int
+    warmup: int
+
+
+def _stage(name: str, c: Config, folders: dict, text_s: float, gpus: int, loader_cores: int, t: _Timing) -> dict:
+    """One stage measured (its step, and Newton-Schulz with Muon) and projected onto `gpus` GPUs;
+    `folders`: the teachers' local folders by config key."""
+    for key, path in folders.items():
+        section, field = key.split(".")
+        setattr(getattr(c, section), field, path)
+    step = time_steps(
+        c, text_dim=t.text_dim, steps=t.steps, warmup=t.warmup, text_tokens=t.text_tokens, count_flops=False
+    )
+    ns, shapes = (
+        time_newton_schulz(c, t.text_dim, t.device, steps=t.steps, warmup=t.warmup)
+        if c.train.optimizer == "muon"
+        else (None, [])
+    )
+    return {"name": name, **stage_projection(c, gpus, step, text_s, ns, shapes, loader_cores), "measured": step}
 
 
 ASSUMPTIONS = (
