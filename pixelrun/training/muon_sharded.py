@@ -7,21 +7,26 @@ silently wrong, so every shard is packed, sent, reassembled and cut here."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 from torch import Tensor
 
 from pixelrun.training.newton_schulz import muon_lr_scale, newton_schulz_flops
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
+
 try:  # FSDP2 shards parameters as DTensors; orthogonalising a shard would be silently wrong.
     from torch.distributed.tensor import DTensor as _DTensor
     from torch.distributed.tensor import Shard as _Shard
 except Exception:  # pragma: no cover - builds without torch.distributed
-    _DTensor = _Shard = None
+    _DTensor = _Shard = None  # type: ignore[assignment,misc]  # no DTensor exists there: is_dtensor is False
 
 
-def is_dtensor(t: Tensor) -> bool:
+def is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     """Whether `t` is an FSDP2 / HSDP DTensor (a shard of a matrix, or laid out as one)."""
     return _DTensor is not None and isinstance(t, _DTensor)
 
@@ -62,7 +67,7 @@ def _unpack_shard(piece: Tensor, rows: int, cols: int) -> Tensor:
     return piece.view(-1, cols)[:rows]
 
 
-def _shard_mesh_dim(p: Tensor) -> int | None:
+def _shard_mesh_dim(p: DTensor) -> int | None:
     """The device-mesh dim whose ranks hold different rows of `p` (FSDP2: (Shard(0),); HSDP:
     (Replicate(), Shard(0)) -> 1), or None when every rank holds the whole matrix. Any other
     layout (a tensor-parallel Shard(1), two sharded dims, Partial) is refused: the gather below
@@ -100,7 +105,7 @@ def _exchange(
     return out
 
 
-def balanced_owners(shapes: list[torch.Size | tuple[int, ...]], world: int, steps: int = 5) -> list[int]:
+def balanced_owners(shapes: Sequence[torch.Size | tuple[int, ...]], world: int, steps: int = 5) -> list[int]:
     """The owner rank of each matrix so that every rank's Newton-Schulz FLOPs are about equal.
 
     Counting matrices would not do: in a block of the 1.2B model the adaLN modulation (10752 x
@@ -121,7 +126,7 @@ def balanced_owners(shapes: list[torch.Size | tuple[int, ...]], world: int, step
 def orthogonalize_sharded(
     updates: list[Tensor],
     shapes: list[torch.Size],
-    mesh,
+    mesh: DeviceMesh,
     dim: int,
     orth_many: Callable[[list[Tensor]], list[Tensor]],
     ns_steps: int = 5,
@@ -180,17 +185,17 @@ def orthogonalize_sharded(
 
     # (2) Each rank's rows back from the owners, in owner order then matrix order.
     got = _exchange(send, owned_size, group, dtype, device)
-    out: list[Tensor | None] = [None] * len(shapes)
+    out: dict[int, Tensor] = {}
     offset = 0
     for r in range(world):
         for k in (k for k in range(len(shapes)) if owner[k] == r):
             out[k] = _unpack_shard(got[offset : offset + sizes[k]], my_rows[k], shapes[k][1])
             offset += sizes[k]
-    return out
+    return [out[k] for k in range(len(shapes))]
 
 
 def muon_step_sharded(
-    items: list[tuple[Tensor, Tensor, Tensor]],
+    items: list[tuple[DTensor, Tensor, Tensor]],
     *,
     lr: float,
     weight_decay: float,
@@ -205,7 +210,8 @@ def muon_step_sharded(
     the whole matrix; Newton-Schulz mixes all rows, so it gets the gathered matrix
     (`orthogonalize_sharded`, one batch per shard group); the lr scale uses the full shape. The
     result equals the single-device step up to the matmuls' summation order."""
-    batches: dict = {}  # (mesh, mesh dim) of a shard group, or None for unsharded -> [(param, update)]
+    # (mesh, mesh dim) of a shard group, or None for unsharded -> [(param, update)]
+    batches: dict[tuple[DeviceMesh, int] | None, list[tuple[DTensor, Tensor]]] = {}
     for p, g, buf in items:
         dim = _shard_mesh_dim(p)
         if not isinstance(g, _DTensor) or g.placements != p.placements or not isinstance(buf, _DTensor):
@@ -222,7 +228,10 @@ def muon_step_sharded(
         if key is None:  # every rank holds the whole matrix (e.g. a shard group of one): no traffic
             outs = orth_many([u for _, u in batch])
         else:
-            outs = orthogonalize_sharded([u for _, u in batch], [p.shape for p, _ in batch], *key, orth_many, ns_steps)
+            mesh, dim = key
+            outs = orthogonalize_sharded(
+                [u for _, u in batch], [p.shape for p, _ in batch], mesh, dim, orth_many, ns_steps
+            )
         for (p, _), o in zip(batch, outs):
             local = p.to_local()
             local.mul_(1 - lr * weight_decay)

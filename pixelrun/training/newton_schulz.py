@@ -82,7 +82,7 @@ def orthogonalize_many(
         if u.ndim != 2:
             raise ValueError(f"orthogonalize needs a 2-D matrix, got shape {tuple(u.shape)}")
         groups.setdefault((u.device, *u.shape), []).append(i)
-    out: list[Tensor | None] = [None] * len(updates)
+    out: dict[int, Tensor] = {}
     for (device, rows, cols), idx in groups.items():
         x = torch.empty(len(idx), rows, cols, dtype=dtype, device=device)
         for j, i in enumerate(idx):
@@ -97,7 +97,7 @@ def orthogonalize_many(
         x = _newton_schulz(x.mT if tall else x, steps, coefficients, eps)
         for j, i in enumerate(idx):
             out[i] = x[j].mT if tall else x[j]
-    return out
+    return [out[i] for i in range(len(updates))]
 
 
 def orthogonalize(

@@ -23,7 +23,8 @@ precision, FLOPs). The FSDP2 path runs it on the whole matrices each owner rank 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,9 @@ from pixelrun.model.denoiser import Block
 from pixelrun.training.muon_sharded import is_dtensor, muon_step_sharded
 from pixelrun.training.newton_schulz import NS_COEFFICIENTS, NS_DTYPES, NS_EPS, muon_lr_scale, orthogonalize_many
 from pixelrun.training.schedule import LRSchedule
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 # ----------------------------------------------------------------------------------------------
 # The parameter split
@@ -136,7 +140,9 @@ def muon_step(
     def orth_many(updates: list[Tensor]) -> list[Tensor]:
         return orthogonalize_many(updates, ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
 
-    sharded, local, updates = [], [], []
+    sharded: list[tuple[DTensor, Tensor, Tensor]] = []
+    local: list[Tensor] = []
+    updates: list[Tensor] = []
     for p, g, buf in zip(params, grads, momentum_buffers):
         if g.ndim != 2:
             raise ValueError(f"Muon needs 2-D gradients, got shape {tuple(g.shape)}")
@@ -189,6 +195,8 @@ class MuonAdamW(torch.optim.Optimizer):
     (`muon_sharded.orthogonalize_sharded`) and every rank steps the same optimizer the same way.
     """
 
+    report: dict  # the split, kind and lrs, for `describe` (set by build_optimizer)
+
     def __init__(self, param_groups: list[dict]):
         for g in param_groups:
             if g.get("algorithm") not in ("muon", "adamw"):
@@ -208,10 +216,11 @@ class MuonAdamW(torch.optim.Optimizer):
         # The Newton-Schulz precision and step count are settings, not state: torch restores every
         # saved group option, which would silently keep a checkpoint's fp32 after the config says
         # bf16. The AdamW kernel likewise follows the parameters' device, not the machine that saved.
-        settings = [{k: g[k] for k in ("ns_dtype", "ns_steps", "fused") if k in g} for g in self.param_groups]
+        kept_keys: tuple[str, ...] = ("ns_dtype", "ns_steps", "fused")
+        settings = [{k: g[k] for k in kept_keys if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for g, mine in zip(self.param_groups, settings):
-            g.update(mine)
+        for g, kept in zip(self.param_groups, settings):
+            g.update(kept)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -301,7 +310,7 @@ class MuonAdamW(torch.optim.Optimizer):
         )
 
 
-def _fused_kernel(params: list[Tensor]) -> bool | None:
+def _fused_kernel(params: Sequence[Tensor]) -> bool | None:
     """torch's fused AdamW kernel when every parameter is on CUDA (True), else torch's default
     (None): on the 1.2B model at 512px the foreach AdamW took 18% of an H200 step
     (benchmarks/results/gpu/profile-small-512.txt). Plain AdamW and Muon's AdamW group alike."""
@@ -335,10 +344,11 @@ def build_optimizer(
     betas = (float(betas[0]), float(betas[1]))
     if kind == "adamw":
         every = _params_of([model, *extra])
-        opt = torch.optim.AdamW(
+        adamw = torch.optim.AdamW(
             every, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=_fused_kernel(every)
         )
-        opt.report = {
+        # torch's own AdamW (not a subclass: its checkpoints and type stay torch's), carrying the split
+        adamw.report = {  # type: ignore[attr-defined]
             "kind": "adamw",
             "muon": 0,
             "adam": sum(p.numel() for p in every),
@@ -346,14 +356,14 @@ def build_optimizer(
             "adam_tensors": len(every),
             "lr": lr,
         }
-        return opt
+        return adamw
     if kind != "muon":
         raise ValueError(f"unknown optimizer kind {kind!r}; choose 'adamw' or 'muon'")
     if muon_ns_dtype not in NS_DTYPES:
         raise ValueError(f"muon_ns_dtype must be one of {', '.join(NS_DTYPES)}, got {muon_ns_dtype!r}")
     muon_params, adam_params, report = split_parameters(model, extra)
     muon_lr = lr if muon_lr is None else muon_lr
-    groups = [
+    groups: list[dict] = [
         dict(
             params=muon_params,
             algorithm="muon",
