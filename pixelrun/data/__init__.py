@@ -4,9 +4,11 @@ holds out for evaluation and shows on the sample grids."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -24,7 +26,7 @@ class Batch:
         """The same batch in page-locked memory (the DataLoader's pin thread calls this on CUDA runs),
         so the copy to the GPU is one DMA transfer."""
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return Batch(pin(self.images), self.captions, pin(self.text), pin(self.text_mask))
+        return Batch(self.images.pin_memory(), self.captions, pin(self.text), pin(self.text_mask))
 
 
 @dataclass
@@ -61,12 +63,27 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+class ItemDataset(Protocol):
+    """What a counted source reads: item `index` as a uint8 [3, height, width] image and its caption."""
+
+    def item(self, index: int, height: int, width: int) -> tuple[torch.Tensor, str]: ...
+
+
 class CountedBatchSource:
     """A batch stream that is a pure function of its batch counter: batch k holds the items
     `self.indices(k)` of `self.dataset` at the size `self.bucket(k)`. Resuming needs only the
     counter, which is the same on every rank, so a position moves between rank counts."""
 
+    dataset: ItemDataset
     next_batch: int = 0
+
+    def indices(self, k: int) -> Sequence[int]:
+        """The dataset indices of batch k on this rank (each source's own)."""
+        raise NotImplementedError
+
+    def bucket(self, k: int) -> tuple[int, int]:
+        """The (height, width) of batch k (each source's own)."""
+        raise NotImplementedError
 
     def __iter__(self):
         return self

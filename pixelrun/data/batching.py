@@ -53,13 +53,39 @@ class BucketedBatchSource:
             raise ValueError("need batch_size >= 1 and at least one bucket")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.batch_size, self.buckets = batch_size, [tuple(b) for b in buckets]
+        self.batch_size, self.buckets = batch_size, [(b[0], b[1]) for b in buckets]
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self._fill: list[list[Any]] = [[] for _ in self.buckets]  # items waiting per bucket
         self._ready: list[int] = []  # full buckets, in the order they filled
         self._share_epoch, self._share = -1, np.empty(0, dtype=np.int64)
         self.skipped = 0
         self.skipped_paths: list[str] = []
+
+    # -- what a subclass supplies (see the class docstring)
+
+    def _draw(self) -> None:
+        raise NotImplementedError
+
+    def _decode(self, item: Any, h: int, w: int) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def _reject(self, item: Any) -> None:
+        raise NotImplementedError
+
+    def _usable(self, item: Any) -> bool:
+        raise NotImplementedError
+
+    def _batch(self, items: list[Any], images: list[np.ndarray]) -> Batch:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def _load_position(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def _waiting(self, fill: list) -> list[list[Any]]:
+        raise NotImplementedError
 
     def __iter__(self):
         return self
@@ -102,8 +128,10 @@ class BucketedBatchSource:
     def build(self, plan: BucketPlan) -> Batch | Rejected:
         h, w = plan.size
         images = [self._decode(item, h, w) for item in plan.items]
-        bad = [j for j, im in enumerate(images) if im is None]
-        return Rejected(bad) if bad else self._batch(plan.items, images)
+        decoded = [im for im in images if im is not None]
+        if len(decoded) < len(images):
+            return Rejected([j for j, im in enumerate(images) if im is None])
+        return self._batch(plan.items, decoded)
 
     def reject(self, plan: BucketPlan, rejected: Rejected) -> None:
         """Count and drop a plan's items that did not decode. Called in the state the plan was

@@ -46,6 +46,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial as partial_fn
 from pathlib import Path
 
@@ -278,7 +279,7 @@ def _convert_locked(
     shards = sorted(p.name for p in partial.glob("*.tar"))
     if not written:
         shutil.rmtree(partial)
-        why = skip_text(source.skips.counts, source.skips.names, stats["read"])
+        why = skip_text(source.skips.counts, source.skips.names, stats.read)
         raise ValueError(f"no image of {src} could be used ({why})")
     settings = {"resolution": resolution, "patch": patch, "image_format": image_format, "shard_size": shard_size}
     embeddings = None if encoder is None else _embeddings_entry(text_encoder, max_tokens, encoder.dim, embedding_dtype)
@@ -318,7 +319,7 @@ def _index(
     src: str,
     source: Source,
     written: int,
-    stats: dict,
+    stats: _Stats,
     partial: Path,
     shards: list[str],
     settings: dict,
@@ -334,7 +335,7 @@ def _index(
         "source": src,
         **source.info,
         "count": written,
-        "read": stats["read"],
+        "read": stats.read,
         "skipped": dict(skips.counts),
         "skipped_names": skips.names,
         "skipped_unreadable": skips.of_images(),
@@ -343,12 +344,12 @@ def _index(
         **settings,
         "shards": shards,
         "spec": f"{{{shards[0][:-4]}..{shards[-1][:-4]}}}.tar",
-        "buckets": dict(sorted(stats["buckets"].items())),
-        "caption_fields": dict(sorted(stats["fields"].items())),
+        "buckets": dict(sorted(stats.buckets.items())),
+        "caption_fields": dict(sorted(stats.fields.items())),
         "bytes_per_sample": {
             "on_disk": round(disk / written),
-            "image": round(stats["image_bytes"] / written),
-            "text_embeddings": round(stats["embedding_bytes"] / written),
+            "image": round(stats.image_bytes / written),
+            "text_embeddings": round(stats.embedding_bytes / written),
         },
         "text_embeddings": embeddings,
     }
@@ -369,6 +370,18 @@ def _move_into_place(partial: Path, out: Path, shards: list[str], index: dict) -
     partial.rmdir()
 
 
+@dataclass
+class _Stats:
+    """What the writing loop counts for index.json: rows read, samples per bucket ("HxW") and per
+    caption field, and the bytes of the images and of the stored embeddings."""
+
+    read: int = 0
+    buckets: Counter = field(default_factory=Counter)
+    fields: Counter = field(default_factory=Counter)
+    image_bytes: int = 0
+    embedding_bytes: int = 0
+
+
 def _write(
     source: Source,
     partial: Path,
@@ -381,10 +394,10 @@ def _write(
     workers: int,
     progress: bool,
     writer_cls,
-) -> tuple[int, dict]:
+) -> tuple[int, _Stats]:
     """The writing loop: chunks of items decoded (in `workers` processes, in order), captions
     encoded, samples written. Returns (samples written, statistics)."""
-    stats = {"read": 0, "buckets": Counter(), "fields": Counter(), "image_bytes": 0, "embedding_bytes": 0}
+    stats = _Stats()
     resize = partial_fn(_resized_sample, buckets=buckets, image_format=image_format, max_pixels=max_pixels)
     pool = ProcessPoolExecutor(workers) if workers > 0 else None
     written = 0
@@ -396,7 +409,7 @@ def _write(
             tqdm(total=source.total, desc="convert", unit="img", disable=not progress) as bar,
         ):
             while chunk := list(itertools.islice(items, _CHUNK)):
-                stats["read"] += len(chunk)
+                stats.read += len(chunk)
                 usable = []
                 for item in chunk:
                     if item.captions:
@@ -404,7 +417,7 @@ def _write(
                     else:
                         source.skips.add(NO_CAPTION, item.name)
                 resized = pool.map(resize, usable, chunksize=4) if pool else map(resize, usable)
-                samples = []
+                samples: list[dict] = []
                 for item, sample in zip(usable, resized):
                     if isinstance(sample, str):
                         source.skips.add(sample, item.name)
@@ -415,8 +428,8 @@ def _write(
                 if encoder is not None:
                     _caption_embeddings(encoder, samples, embedding_dtype)
                 for sample in samples:
-                    stats["buckets"]["x".join(map(str, sample["json"]["pixelrun"]["bucket"]))] += 1
-                    stats["fields"].update(
+                    stats.buckets["x".join(map(str, sample["json"]["pixelrun"]["bucket"]))] += 1
+                    stats.fields.update(
                         caption_fields(
                             {
                                 "txt": sample["txt"].encode(),  # as training sees them
@@ -424,8 +437,8 @@ def _write(
                             }
                         ).keys()
                     )
-                    stats["image_bytes"] += len(sample[image_format])
-                    stats["embedding_bytes"] += sum(len(v) for k, v in sample.items() if k.startswith("emb."))
+                    stats.image_bytes += len(sample[image_format])
+                    stats.embedding_bytes += sum(len(v) for k, v in sample.items() if k.startswith("emb."))
                     writer.write(sample)
                 written += len(samples)
                 bar.update(len(chunk))

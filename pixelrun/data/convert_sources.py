@@ -130,14 +130,14 @@ def open_source(
         )
     path = Path(src)
     if path.is_dir():
-        items, without_caption = folder_images(path)
+        images, without_caption = folder_images(path)
         kind = "folder"
     elif path.is_file():
-        items, without_caption = manifest_images(path)
+        images, without_caption = manifest_images(path)
         kind = "manifest"
     else:
         raise FileNotFoundError(f"no such image folder, manifest, Parquet / Arrow file or Hub dataset: {src}")
     if without_caption:
         skips.add(NO_CAPTION, None, without_caption)
-    items = items[:limit] if limit is not None else items
-    return Source(items, len(items), skips, {"source_kind": kind, "captions": None})
+    images = images[:limit] if limit is not None else images
+    return Source(images, len(images), skips, {"source_kind": kind, "captions": None})

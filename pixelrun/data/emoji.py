@@ -122,8 +122,8 @@ def _splits() -> dict[str, np.ndarray]:
 
 def load_emoji(path: Path, height: int, width: int) -> Image.Image:
     """RGB on white, scaled (Lanczos) to the shorter side and centred in height x width."""
-    with Image.open(path) as im:
-        im = _to_rgb(im)  # RGBA -> composited onto white
+    with Image.open(path) as file:
+        im = _to_rgb(file)  # RGBA -> composited onto white
     side = min(height, width)
     im = im.resize((side, side), Image.Resampling.LANCZOS)
     if (height, width) == (side, side):
@@ -163,6 +163,8 @@ class EmojiBatchSource(CountedBatchSource):
     `next_batch` resumes exactly, on any number of ranks. With several buckets, batch k's size is
     drawn from (seed, k), so all ranks use the same size in step k.
     """
+
+    dataset: EmojiDataset
 
     def __init__(
         self,

@@ -91,8 +91,7 @@ def load_rgb(
                     th, tw = tw, th
                 im.draft(None, (tw, th))  # keeps each side >= the requested side
             im.load()  # raises on truncated data (unless someone set LOAD_TRUNCATED_IMAGES)
-            im = ImageOps.exif_transpose(im) or im
-            return _to_rgb(im)
+            return _to_rgb(ImageOps.exif_transpose(im) or im)
     except Exception:
         return None
 

@@ -122,7 +122,7 @@ class WorkerLoader:
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self._position = source.snapshot()  # after the last batch handed out
         self._inflight: deque[tuple[int, Any, Any, Any]] = deque()  # (seq, plan, before, after), in order
-        self._it = None
+        self._it: Any = None  # torch's worker iterator, whose private _shutdown_workers and _workers close() uses
         self._at_exit = functools.partial(_close_if_alive, weakref.ref(self))
 
     def __iter__(self) -> WorkerLoader:

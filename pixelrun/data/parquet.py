@@ -48,7 +48,7 @@ _GLOB_CHARS = frozenset("*?[")
 class TableFile:
     path: Path
     kind: str  # "parquet" or "arrow"
-    schema: object  # pyarrow.Schema
+    schema: pa.Schema
     rows: int
     largest_group: int = 0  # bytes of the largest row group (Parquet metadata), for the memory note
 

@@ -202,6 +202,8 @@ class ShapesBatchSource(CountedBatchSource):
     buckets, batch k's bucket is drawn from (seed, k), so all ranks use the same size in step k.
     """
 
+    dataset: ShapesDataset
+
     def __init__(
         self,
         seed: int,

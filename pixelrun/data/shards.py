@@ -406,7 +406,7 @@ class ShardBatchSource(BucketedBatchSource):
         self.embedding_dtype = stored_embedding_dtype(index)
         if text_encoder is not None:
             self.use_embeddings, embedding_note = embedding_match(index, *text_encoder)
-        # what the run start prints about these shards (build.make_batch_source says it), one line each
+        # what the run start prints about these shards (sources.make_batch_source says it), one line each
         self.text_note = "\n".join(n for n in (embedding_note, resolution_note(index, self.buckets)) if n) or None
         self.epoch = self.shard_cursor = self.ordinal = 0
         self._good = 0  # usable samples drawn this epoch: an epoch without any means nothing ever will be
@@ -488,9 +488,10 @@ class ShardBatchSource(BucketedBatchSource):
 
     def _batch(self, items: list[_Item], images: list[np.ndarray]) -> Batch:
         text = mask = None
-        if self.use_embeddings and all(it.embedding is not None for it in items):
+        stored = [it.embedding for it in items if it.embedding is not None]
+        if self.use_embeddings and len(stored) == len(items):
             text, mask = _pad_embeddings(
-                [decode_embedding(it.embedding, self.embedding_dtype, it.name) for it in items], self.max_tokens
+                [decode_embedding(e, self.embedding_dtype, it.name) for e, it in zip(stored, items)], self.max_tokens
             )
         return Batch(stack_images(images), [it.caption for it in items], text, mask)
 
@@ -561,8 +562,9 @@ class ShardBatchSource(BucketedBatchSource):
                     break
         out = []
         for bucket in fill:
-            items = [found.get((int(s), int(o))) for s, o, _ in bucket]
-            if not all(isinstance(it, _Item) for it in items):
+            got = [found.get((int(s), int(o))) for s, o, _ in bucket]
+            items = [it for it in got if isinstance(it, _Item)]
+            if len(items) < len(got):
                 raise ValueError(f"the shards of {self.spec} changed since this position was saved")
             out.append(items)
         return out

@@ -133,15 +133,22 @@ def _emoji_grid(cfg: Config, source: BatchSource) -> list[str]:
 # ----------------------------------------------------------------------------- an image folder
 
 
+def _path(cfg: Config) -> str:
+    """data.path of a source that reads one (`config.validate` has required it)."""
+    if cfg.data.path is None:
+        raise ConfigError("data.path", f"is required when data.source is {cfg.data.source}")
+    return cfg.data.path
+
+
 def _folder_check(cfg: Config) -> None:
-    if not os.path.isdir(cfg.data.path):
+    if not os.path.isdir(_path(cfg)):
         raise ConfigError("data.path", f"no such folder: {cfg.data.path}")
 
 
 def _folder_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSource:
     from pixelrun.data.folder import FolderBatchSource, ImageFolder
 
-    folder = ImageFolder(cfg.data.path)
+    folder = ImageFolder(_path(cfg))
     if say is not None and folder.caption_note:
         say(folder.caption_note)
     return FolderBatchSource(folder, cfg.train.batch_size, image_sizes(cfg), cfg.seed, rank, world_size)
@@ -152,7 +159,7 @@ def _folder_held_out(cfg: Config, n: int, at_most: bool) -> tuple[np.ndarray, li
     from pixelrun.data.buckets import resize_to_bucket
     from pixelrun.data.folder import ImageFolder
 
-    path, res = cfg.data.path, cfg.data.resolution
+    path, res = _path(cfg), cfg.data.resolution
     folder = ImageFolder(path)
     images, captions = [], []
     for i in range(len(folder)):
@@ -180,7 +187,7 @@ def _shards_check(cfg: Config) -> None:
     from pixelrun.data.shards import expand_shards
 
     try:
-        expand_shards(cfg.data.path)
+        expand_shards(_path(cfg))
     except FileNotFoundError as e:
         raise ConfigError("data.path", str(e)) from None
 
@@ -190,7 +197,7 @@ def _shards_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSou
     from pixelrun.model.text import encoder_fingerprint
 
     return ShardBatchSource(
-        cfg.data.path,
+        _path(cfg),
         cfg.train.batch_size,
         image_sizes(cfg),
         cfg.seed,
@@ -227,7 +234,7 @@ SOURCES: dict[str, SourceKind] = {
         "folder",
         _folder_build,
         _folder_grid,
-        lambda cfg: f"folder:{os.path.realpath(cfg.data.path)}",
+        lambda cfg: f"folder:{os.path.realpath(_path(cfg))}",
         held_out=_folder_held_out,
         check=_folder_check,
     ),

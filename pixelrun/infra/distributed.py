@@ -13,11 +13,15 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from pixelrun.config import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass
@@ -26,7 +30,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: object | None = None  # DeviceMesh: ("shard",) or ("replicate", "shard"); None = one process
+    mesh: DeviceMesh | None = None  # ("shard",) or ("replicate", "shard"); None = one process
 
     @property
     def is_main(self) -> bool:
@@ -106,7 +110,10 @@ def init_distributed(device_name: str, replicate: int = 1) -> DistContext:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))
+        if cuda:
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     from torch.distributed.device_mesh import init_device_mesh
 
     if replicate > 1:

@@ -30,7 +30,7 @@ _NOT_A_CHARACTER = "\U0010fffd"  # a private-use code point no font draws: its m
 
 
 @functools.lru_cache(maxsize=4)
-def label_font(size: int = 11) -> ImageFont.FreeTypeFont:
+def label_font(size: int = 11) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     for path in _FONTS:
         try:
             return ImageFont.truetype(path, size)
@@ -64,7 +64,7 @@ def save_grid(images: np.ndarray, captions: list[str], path: str | Path, tile: i
     for i in range(b):
         r, c = divmod(i, cols)
         x0, y0 = pad + c * (tw + pad), pad + r * (th + label_h + pad)
-        canvas.paste(Image.fromarray(images[i]).resize((tw, th), Image.NEAREST), (x0, y0))
+        canvas.paste(Image.fromarray(images[i]).resize((tw, th), Image.Resampling.NEAREST), (x0, y0))
         draw.multiline_text((x0, y0 + th + 3), wrapped[i], fill=(0, 0, 0), font=font, spacing=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

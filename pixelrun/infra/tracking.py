@@ -31,11 +31,15 @@ import json
 import math
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pixelrun.config import Config, ConfigError, to_dict, to_yaml
 from pixelrun.infra.files import write_atomic
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -71,7 +75,8 @@ class Tracker:
 
     def __init__(self, cfg: Config, run_dir: str | Path, *, start_step: int = 0, enabled: bool = True):
         self.enabled = enabled
-        self.writer = self.wandb_run = None
+        self.writer: SummaryWriter | None = None
+        self.wandb_run = None
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -95,7 +100,7 @@ class Tracker:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(json_row({"step": step, **values}), allow_nan=False) + "\n")
         for k, v in values.items():
-            self.writer.add_scalar(prefix + k, v, step)
+            self._tensorboard().add_scalar(prefix + k, v, step)
         if self.wandb_run is not None:
             self.wandb_run.log({"step": step, **{prefix + k: v for k, v in values.items()}})
 
@@ -108,11 +113,16 @@ class Tracker:
 
             with Image.open(image) as im:
                 image = np.asarray(im.convert("RGB"))
-        self.writer.add_image(tag, image, step, dataformats="HWC")
+        self._tensorboard().add_image(tag, image, step, dataformats="HWC")
         if self.wandb_run is not None:
             import wandb
 
             self.wandb_run.log({"step": step, tag: wandb.Image(image, caption=caption)})
+
+    def _tensorboard(self) -> SummaryWriter:
+        if self.writer is None:
+            raise RuntimeError("this tracker is closed")
+        return self.writer
 
     def flush(self) -> None:
         if self.writer is not None:
