@@ -151,7 +151,7 @@ def run(args) -> int:
     if encoder.truncated:
         print(
             f"note: {encoder.truncated} prompt(s) are longer than text.max_tokens={cfg.text.max_tokens} tokens and "
-            f"were cut: the model saw only their start (first: {encoder.first_truncated[:80]!r})",
+            f"were cut: the model saw only their start (first: {(encoder.first_truncated or '')[:80]!r})",
             file=sys.stderr,
         )
     # Written beside `out` and swapped in whole: an interruption leaves the earlier output as it was.

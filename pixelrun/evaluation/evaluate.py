@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -141,22 +142,34 @@ def _hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
 def _network_spec(cfg: Config, metric: str) -> tuple[str, dict, str]:
     """(load_metric_network name, its arguments, the config key that chooses it)."""
     e = cfg.eval
-    return {
+    specs: dict[str, Callable[[], tuple[str, dict, str]]] = {
         "fd-effnet": lambda: ("efficientnet-lite0", {}, "eval.metrics"),
-        "fid": lambda: ("fid-inception", {"weights_path": os.path.expanduser(e.fid_weights)}, "eval.fid_weights"),
+        "fid": lambda: (
+            "fid-inception",
+            {"weights_path": _user_path("eval.fid_weights", e.fid_weights)},
+            "eval.fid_weights",
+        ),
         "cmmd": lambda: ("clip", {"model": os.path.expanduser(e.clip_model)}, "eval.clip_model"),
         "dino-mmd": lambda: (
             "dino",
             {"model": os.path.expanduser(e.dino_model), "size": e.dino_resolution},
             "eval.dino_model",
         ),
-    }[metric]()
+    }
+    return specs[metric]()
+
+
+def _user_path(key: str, path: str | None) -> str:
+    """A path setting that `check_metrics` has required, with ~ expanded."""
+    if path is None:
+        raise ConfigError(key, "is not set")
+    return os.path.expanduser(path)
 
 
 def load_metric_networks(cfg: Config, metrics: list[str], device) -> dict[str, torch.nn.Module]:
     """The frozen embedding network of each distribution metric, on ``device``. One that does not load
     (no weights offline, wrong architecture) is a ConfigError naming its key."""
-    from pixelrun.evaluation.metrics import load_metric_network
+    from pixelrun.evaluation.metrics import DinoImageEmbedder, load_metric_network
 
     networks = {}
     for metric in metrics:
@@ -171,7 +184,7 @@ def load_metric_networks(cfg: Config, metrics: list[str], device) -> dict[str, t
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(key, f"the {metric} metric's network did not load: {reason}") from e
     dino = networks.get("dino-mmd")
-    if dino is not None and cfg.eval.dino_resolution % dino.patch:
+    if isinstance(dino, DinoImageEmbedder) and cfg.eval.dino_resolution % dino.patch:
         raise ConfigError(
             "eval.dino_resolution",
             f"{cfg.eval.dino_resolution} is not a multiple of the DINO model's patch {dino.patch} (PRX: 518 = 37 x 14)",
@@ -367,13 +380,15 @@ class Evaluator:
         }
 
     def _describe_network(self, cfg: Config, metric: str) -> dict:
+        from pixelrun.evaluation.metrics import NormalisedEmbedder
+
         net = self.networks[metric]
         kind, kwargs, _ = _network_spec(cfg, metric)
         out = {
             "network": getattr(net, "name", kind),
             "weights": kwargs.get("weights_path") or kwargs.get("model") or getattr(net, "weights_path", None),
         }
-        if hasattr(net, "preprocessing"):  # the transformer embedders: resolution and their reference's steps
+        if isinstance(net, NormalisedEmbedder):  # the transformer embedders: resolution and their reference's steps
             out["resolution"] = net.size
             out["preprocessing"] = net.preprocessing.format(size=net.size)
         if metric not in _FRECHET:

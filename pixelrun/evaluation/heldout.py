@@ -41,7 +41,8 @@ def real_images_and_prompts(cfg: Config, n: int, at_most: bool = False) -> tuple
 
 def draw_real_images(source, n: int) -> tuple[np.ndarray, list[str]]:
     """The first ``n`` images (uint8) and captions a batch source yields."""
-    images, captions = [], []
+    images: list[np.ndarray] = []
+    captions: list[str] = []
     while len(captions) < n:
         batch = next(source)
         images.append(batch.images.permute(0, 2, 3, 1).numpy())

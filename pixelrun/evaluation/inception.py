@@ -185,6 +185,7 @@ class FIDInceptionV3(nn.Module):
     dim = 2048
     size = 299
     name = "fid-inception-v3-pool3"
+    weights_path: str | None = None  # the file the weights came from (load_fid_inception)
 
     def __init__(self, num_classes: int = 1008):
         super().__init__()

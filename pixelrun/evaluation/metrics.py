@@ -41,6 +41,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import torch
@@ -49,6 +50,14 @@ from torch import nn
 
 from pixelrun.infra.files import write_atomic
 from pixelrun.teachers.features import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD
+
+if TYPE_CHECKING:
+    from transformers import CLIPVisionModelWithProjection
+
+    from pixelrun.teachers.features import HFDinoTeacher
+
+# Real images from a provider: uint8 [N, H, W, 3] numpy or [N, 3, H, W] tensor (see image_features)
+RealImages: TypeAlias = "np.ndarray | torch.Tensor"
 
 __all__ = [
     "CMMD_SIGMA",
@@ -256,10 +265,14 @@ def cmmd_center_crop_and_resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(im).astype(np.float32) / 255.0
 
 
-class _NormalisedEmbedder(_FrozenEmbedder):
+class NormalisedEmbedder(_FrozenEmbedder):
     """Shared frame of the transformer embedders: frozen, always eval, ``forward`` = the subclass's
     ``preprocess`` (its reference's resize and ``(x - mean) / std``), its ``_embed``, then L2
     normalisation, in fp32."""
+
+    preprocessing: str  # the subclass's steps as its reference takes them, with {size}
+    mean: torch.Tensor  # buffers [1, 3, 1, 1]
+    std: torch.Tensor
 
     def __init__(self, size: int, mean, std):
         super().__init__()
@@ -279,7 +292,7 @@ class _NormalisedEmbedder(_FrozenEmbedder):
         return F.normalize(self._embed(self.preprocess(images)).float(), dim=-1)
 
 
-class CLIPImageEmbedder(_NormalisedEmbedder):
+class CLIPImageEmbedder(NormalisedEmbedder):
     """CMMD's embedding: CLIP's projected image embedding (``image_embeds`` of transformers'
     ``CLIPVisionModelWithProjection``), L2-normalised, as google-research/cmmd computes it.
 
@@ -299,8 +312,10 @@ class CLIPImageEmbedder(_NormalisedEmbedder):
         "mean / std (google-research cmmd/io_util.py _center_crop_and_resize)"
     )
 
-    def __init__(self, model: nn.Module, name: str):
+    def __init__(self, model: CLIPVisionModelWithProjection, name: str):
         config = model.config
+        if not isinstance(config.image_size, int):  # CLIP's own configs give one side
+            raise ValueError(f"a CLIP vision config with image_size {config.image_size!r}: CMMD needs one square size")
         super().__init__(config.image_size, CLIP_MEAN, CLIP_STD)
         self.model = model
         self.dim = int(config.projection_dim)
@@ -329,15 +344,15 @@ class CLIPImageEmbedder(_NormalisedEmbedder):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         u8 = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        x = np.stack([cmmd_center_crop_and_resize(im, self.size) for im in u8])
-        x = torch.from_numpy(x).permute(0, 3, 1, 2).to(self.mean.device)
+        crops = np.stack([cmmd_center_crop_and_resize(im, self.size) for im in u8])
+        x = torch.from_numpy(crops).permute(0, 3, 1, 2).to(self.mean.device)
         return (x - self.mean) / self.std
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values).image_embeds
 
 
-class DinoImageEmbedder(_NormalisedEmbedder):
+class DinoImageEmbedder(NormalisedEmbedder):
     """DINO-MMD's embedding: the DINOv2 global embedding, i.e. the CLS token of the final
     layer-normed sequence (``pooler_output`` of transformers' ``Dinov2Model`` /
     ``Dinov2WithRegistersModel``; ``x_norm_clstoken``, what the torch-hub DINOv2 returns),
@@ -365,7 +380,7 @@ class DinoImageEmbedder(_NormalisedEmbedder):
         "antialiasing), CLS token L2-normalised (PRX callbacks/log_generation_metrics.py)"
     )
 
-    def __init__(self, teacher: nn.Module, *, size: int = 518, name: str | None = None):
+    def __init__(self, teacher: HFDinoTeacher, *, size: int = 518, name: str | None = None):
         super().__init__(size, IMAGENET_MEAN, IMAGENET_STD)
         self.model = teacher.model
         self.dim = int(teacher.dim)
@@ -505,11 +520,12 @@ def _cached(path: str, key: str, compute: Callable[[], dict]) -> dict[str, np.nd
     if arrays is not None:
         return arrays
     arrays = compute()
-    write_atomic(path, lambda f: np.savez(f, key=np.array(key), **arrays))
+    # numpy's stub fears a **dict naming savez's allow_pickle; the keys are array names
+    write_atomic(path, lambda f: np.savez(f, key=np.array(key), **arrays))  # type: ignore[arg-type]
     return arrays
 
 
-def _real_features(network: nn.Module, images: Callable[[], object], n: int, batch: int, progress) -> np.ndarray:
+def _real_features(network: nn.Module, images: Callable[[], RealImages], n: int, batch: int, progress) -> np.ndarray:
     imgs = images()
     if len(imgs) != n:
         raise ValueError(f"asked for n={n} real images, the provider returned {len(imgs)}")
@@ -540,7 +556,7 @@ def real_feature_stats(
     resolution: int,
     n: int,
     network: nn.Module,
-    images: Callable[[], object],
+    images: Callable[[], RealImages],
     *,
     batch: int = 64,
     progress=None,
@@ -571,7 +587,7 @@ def real_embeddings(
     resolution: int,
     n: int,
     network: nn.Module,
-    images: Callable[[], object],
+    images: Callable[[], RealImages],
     *,
     batch: int = 64,
     progress=None,

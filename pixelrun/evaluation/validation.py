@@ -133,7 +133,8 @@ class ValidationLoss:
                     rows = range(k, min(k + chunk, self.n))
                     x = to_model_range(images[k : rows.stop].to(self.device))
                     t = times[name][k : rows.stop].to(self.device)
-                    eps = bin_noise(cfg.seed, b, rows, tuple(x.shape[1:]), self.device)
+                    c, h, w = x.shape[1:]
+                    eps = bin_noise(cfg.seed, b, rows, (c, h, w), self.device)
                     x_t = add_noise(x, eps, t, o.noise_scale)
                     with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                         x_hat = model(x_t, t, text[k : rows.stop], mask[k : rows.stop]).prediction

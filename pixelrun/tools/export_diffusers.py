@@ -144,6 +144,7 @@ def export_diffusers(model, encoder, cfg: Config, out: str | Path, marker: dict 
         noise_scale=cfg.objective.noise_scale,
     )
     with atomic_dir(out, marker) as tmp:
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        # diffusers' lazy top-level module shows mypy a class without DiffusionPipeline's methods
+        pipe.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[attr-defined]
         (tmp / "pixelrun_config.yaml").write_text(to_yaml(cfg))  # provenance and sampling defaults
     return Path(out)

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,8 +43,12 @@ from pixelrun.training.muon_sharded import balanced_owners
 from pixelrun.training.newton_schulz import NS_DTYPES, newton_schulz_flops, orthogonalize_many
 from pixelrun.training.optim import split_parameters
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 # docs/recipe.md, "Schedule (32 H200, about $1500)": the seed's 24-hour speedrun.
-SEED = {"hours": 24.0, "gpus": 32, "gpu": "H200", "dollars": 1500.0}
+SEED_HOURS, SEED_GPUS, SEED_DOLLARS = 24.0, 32, 1500.0
+SEED = {"hours": SEED_HOURS, "gpus": SEED_GPUS, "gpu": "H200", "dollars": SEED_DOLLARS}
 
 # Architectures of the networks the speedrun config names, as their hub config.json give them
 # (model_type, fields); transformers' defaults fill the rest. Looked up for this table: DINOv3
@@ -118,11 +123,13 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 TEXT_CHUNK = inspect.signature(TextEncoder).parameters["chunk_size"].default
 
 
-def build_random(model_type: str, fields: dict, device="cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+def build_random(model_type: str, fields: dict, device="cpu", dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A network of the given architecture with transformers' random initialisation (in `dtype`,
     default fp32)."""
     import transformers
 
+    config: transformers.PretrainedConfig
+    cls: type[PreTrainedModel]
     if model_type == "t5gemma_encoder":  # as pixelrun/model/text.py's load_text_encoder builds T5Gemma
         config = transformers.T5GemmaConfig(encoder=fields, decoder=fields, is_encoder_decoder=False)
         cls = transformers.T5GemmaEncoderModel
@@ -133,7 +140,8 @@ def build_random(model_type: str, fields: dict, device="cpu", dtype: torch.dtype
             "dinov2_with_registers": transformers.Dinov2WithRegistersModel,
         }[model_type]
     with torch.device(device):
-        return cls(config).to(dtype or torch.float32).eval().requires_grad_(False)
+        # transformers wraps PreTrainedModel.to in a decorator whose stub hides Module.to's signature
+        return cls(config).to(dtype or torch.float32).eval().requires_grad_(False)  # type: ignore[arg-type]
 
 
 def local_copy(spec: str) -> str | None:
@@ -152,7 +160,7 @@ def local_copy(spec: str) -> str | None:
         return None
 
 
-def _unknown(key: str, spec: str, architectures: dict) -> ConfigError:
+def _unknown(key: str, spec: str, architectures: dict[str, tuple[str, dict]]) -> ConfigError:
     return ConfigError(
         key,
         f"{spec!r} is neither a local folder nor in the Hugging Face cache, and bench has no "
@@ -172,14 +180,14 @@ def _networks(cfg) -> list[tuple[str, str]]:
     return [(k, v) for k, v in out if v not in EFFICIENTNET_SPECS]
 
 
-def check_networks(cfg, architectures: dict = ARCHITECTURES) -> None:
+def check_networks(cfg, architectures: dict[str, tuple[str, dict]] = ARCHITECTURES) -> None:
     """Before any work: every network is on this machine or can be built from its architecture."""
     for key, spec in _networks(cfg):
         if local_copy(spec) is None and spec not in architectures:
             raise _unknown(key, spec, architectures)
 
 
-def resolve_teachers(cfg, tmp: str, architectures: dict = ARCHITECTURES) -> tuple[dict, dict]:
+def resolve_teachers(cfg, tmp: str, architectures: dict[str, tuple[str, dict]] = ARCHITECTURES) -> tuple[dict, dict]:
     """A local folder for each DINO teacher the config turns on ({key: folder}), and a note per
     teacher. A teacher with no local copy is built with random weights of its hub architecture and
     saved under `tmp`, so that it loads through the real loading code (teachers/features.py)."""
@@ -193,7 +201,8 @@ def resolve_teachers(cfg, tmp: str, architectures: dict = ARCHITECTURES) -> tupl
             notes[key] = f"{spec} (trained weights, {path})"
         elif spec in architectures:
             path = os.path.join(tmp, key)
-            build_random(*architectures[spec]).save_pretrained(path)
+            model_type, fields = architectures[spec]
+            build_random(model_type, fields).save_pretrained(path)
             notes[key] = f"{spec}: random weights of its architecture (not on this machine; they time the same)"
         else:
             raise _unknown(key, spec, architectures)
@@ -231,7 +240,9 @@ def text_encoder_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def text_encoder_for_timing(spec: str, device, architectures: dict = ARCHITECTURES) -> tuple[torch.nn.Module, str]:
+def text_encoder_for_timing(
+    spec: str, device, architectures: dict[str, tuple[str, dict]] = ARCHITECTURES
+) -> tuple[PreTrainedModel, str]:
     """The encoder `text.encoder` names, on the device in `text_encoder_dtype`, or with random
     weights of its hub architecture when it is not on this machine; and a note saying which."""
     dtype = text_encoder_dtype(device)
@@ -241,8 +252,9 @@ def text_encoder_for_timing(spec: str, device, architectures: dict = ARCHITECTUR
         if path is None:
             if spec not in architectures:
                 raise _unknown("text.encoder", spec, architectures)
+            model_type, fields = architectures[spec]
             return (
-                build_random(*architectures[spec], device=device, dtype=dtype),
+                build_random(model_type, fields, device=device, dtype=dtype),
                 f"{spec}: random weights of its architecture, {name} (not on this machine; they time the same)",
             )
         spec = path
@@ -253,10 +265,13 @@ def text_encoder_for_timing(spec: str, device, architectures: dict = ARCHITECTUR
 
 
 @torch.no_grad()
-def time_text_encoder(model: torch.nn.Module, captions: int, tokens: int, device, *, steps: int, warmup: int) -> float:
+def time_text_encoder(model: PreTrainedModel, captions: int, tokens: int, device, *, steps: int, warmup: int) -> float:
     """Median seconds to encode `captions` new captions of `tokens` tokens each, as training does it:
     chunks of TEXT_CHUNK rows (pixelrun/model/text.py), every token real (the longest captions)."""
-    vocab = model.get_input_embeddings().num_embeddings
+    embeddings = model.get_input_embeddings()
+    if not isinstance(embeddings, torch.nn.Embedding):
+        raise TypeError(f"{type(model).__name__}'s input embeddings are a {type(embeddings).__name__}, not a table")
+    vocab = embeddings.num_embeddings
     ids = torch.randint(0, vocab, (TEXT_CHUNK, tokens), device=device)
     mask = torch.ones_like(ids)
 
@@ -355,7 +370,7 @@ def project(
     steps: int = 3,
     warmup: int = 1,
     out: str | None = None,
-    architectures: dict = ARCHITECTURES,
+    architectures: dict[str, tuple[str, dict]] = ARCHITECTURES,
 ) -> dict:
     """Measure every stage of the config on this machine and project the run onto `gpus` GPUs."""
     _check_flags(gpus, loader_cores, micro_batch, steps, warmup)
@@ -400,8 +415,8 @@ def project(
         "gpu_hours": hours * gpus,
         "hours_stored_embeddings": hours_stored,
         "gpu_hours_stored_embeddings": hours_stored * gpus,
-        "seed": {**SEED, "gpu_hours": SEED["hours"] * SEED["gpus"]},
-        "dollars_at_seed_rate": hours * gpus * SEED["dollars"] / (SEED["hours"] * SEED["gpus"]),
+        "seed": {**SEED, "gpu_hours": SEED_HOURS * SEED_GPUS},
+        "dollars_at_seed_rate": hours * gpus * SEED_DOLLARS / (SEED_HOURS * SEED_GPUS),
         "assumptions": ASSUMPTIONS,
         "torch": torch.__version__,
         "config": to_dict(cfg),
