@@ -307,7 +307,7 @@ def _eval(capsys, *args) -> dict:
 
 def test_eval_cli_shapes_and_fd_effnet_with_cached_real_stats(tiny_run, tmp_path, capsys):
     from pixelrun.evaluation.heldout import dataset_key
-    from pixelrun.evaluation.metrics import stats_cache_path
+    from pixelrun.evaluation.real_stats import stats_cache_path
     from pixelrun.infra.inference import checkpoint_config
 
     cache = tmp_path / "cache"

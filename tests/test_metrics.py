@@ -22,9 +22,8 @@ from pixelrun.evaluation.metrics import (
     image_features,
     load_metric_network,
     mmd,
-    real_feature_stats,
-    stats_cache_path,
 )
+from pixelrun.evaluation.real_stats import real_feature_stats, stats_cache_path
 
 # ---------------------------------------------------------------------------------------------
 # Fréchet distance

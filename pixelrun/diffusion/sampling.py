@@ -74,6 +74,24 @@ def self_guidance_routing(
     return routing
 
 
+def _self_guidance_mask(
+    model, b: int, height: int, width: int, span: tuple[int, int] | None, ratio: float, seed: int, device
+) -> Routing:
+    """`self_guidance_routing` for `model` at height x width, its span clipped to the model's depth."""
+    if span is None:
+        raise ValueError(
+            "guidance mode 'self' needs routing_span=(start, end), the model's routed blocks "
+            "(see pixelrun.config.span_for_depth)"
+        )
+    mcfg = _model_cfg(model)
+    if getattr(mcfg, "depth", None) is not None:  # a span past the last block would never scatter back
+        span = span_for_depth(mcfg.depth, *span)
+    p = mcfg.patch_size
+    if height % p or width % p:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+    return self_guidance_routing(b, (height // p) * (width // p), (span[0], span[1]), ratio, seed, device)
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -117,21 +135,8 @@ def sample(
     use_cfg = guidance_mode == "cfg" and guidance != 1.0
     use_self = guidance_mode == "self" and guidance != 1.0
     if guidance_mode == "self":
-        if routing_span is None:
-            raise ValueError(
-                "guidance mode 'self' needs routing_span=(start, end), the model's routed blocks "
-                "(see pixelrun.config.span_for_depth)"
-            )
-        mcfg = _model_cfg(model)
-        if getattr(mcfg, "depth", None) is not None:  # a span past the last block would never scatter back
-            routing_span = span_for_depth(mcfg.depth, *routing_span)
-        p = mcfg.patch_size
-        if height % p or width % p:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
         # Drawn (and validated) even when w == 1 skips the routed pass, so errors do not depend on w.
-        routing = self_guidance_routing(
-            b, (height // p) * (width // p), (routing_span[0], routing_span[1]), routing_ratio, seed, device
-        )
+        routing = _self_guidance_mask(model, b, height, width, routing_span, routing_ratio, seed, device)
     if use_cfg:
         if null_text is None or null_mask is None:
             raise ValueError("classic CFG needs the empty prompt's embedding (null_text)")

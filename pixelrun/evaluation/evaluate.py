@@ -263,7 +263,7 @@ class Evaluator:
 
     def _cached_captions(self, cfg: Config, metrics: list[str]) -> list[str] | None:
         """The captions stored with every metric's cached real side, or None if any is missing."""
-        from pixelrun.evaluation.metrics import cached_captions
+        from pixelrun.evaluation.real_stats import cached_captions
 
         found = [
             cached_captions(
@@ -284,7 +284,7 @@ class Evaluator:
         """The real side of ``metric``: (mu, sigma) for a Fréchet distance, embeddings for an MMD.
         ``real`` None (the captions came from the cache): the images are read only if the cache file
         went missing since."""
-        from pixelrun.evaluation.metrics import real_embeddings, real_feature_stats
+        from pixelrun.evaluation.real_stats import real_embeddings, real_feature_stats
 
         key = (metric, *self._data_key(cfg))
         if key not in self._real:

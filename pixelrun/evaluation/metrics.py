@@ -10,18 +10,18 @@ plus the embedding networks (one ships offline, FID's needs user-supplied weight
   squared feature units, so values are only comparable for the same network, resolution,
   preprocessing and sample count (the estimate is biased upwards for small ``n``).
 * :func:`mmd`: CMMD's kernel MMD^2 (Gaussian RBF kernel, ``sigma=10``, ``scale=1000``).
-* :class:`EfficientNetLite0Embedder` + :func:`image_features` + :func:`real_feature_stats`: the
+* :class:`EfficientNetLite0Embedder` + :func:`image_features` + ``real_stats.real_feature_stats``: the
   **efficientnet-lite0 Fréchet distance** — the Fréchet distance on 1280-d global-average-pooled
   head features of the offline EfficientNet-Lite0 ImageNet classifier that pixelrun already uses as a
   stand-in teacher. It is NOT FID (different network, features and scale: its numbers cannot be
   compared with any published FID) and must never be reported under that name. Real-image
-  statistics are cached to ``.npz`` files keyed by (dataset, resolution, n, network).
+  statistics are cached to ``.npz`` files keyed by (dataset, resolution, n, network) (real_stats.py).
 * FID proper: :func:`image_features` with ``load_metric_network("fid-inception", weights_path=...)``
   (``pixelrun/evaluation/inception.py``, pytorch-fid's Inception-v3 with its TF-compatibility
   patches, weights brought by the user), then :func:`feature_stats` + :func:`frechet_distance`.
 * CMMD: :class:`CLIPImageEmbedder` (``CLIPVisionModelWithProjection``, by local path or hub id,
   preprocessed as google-research ``cmmd/io_util.py`` does: centre crop, PIL bicubic with its
-  antialiasing, ``/ 255``, CLIP mean / std) + :func:`real_embeddings` + :func:`mmd`.
+  antialiasing, ``/ 255``, CLIP mean / std) + ``real_stats.real_embeddings`` + :func:`mmd`.
 * DINO-MMD: :class:`DinoImageEmbedder` (the DINOv2 CLS token, by default of DINOv2-L/14 with
   registers at 518px as PRX's callback, loaded by the REPA / P-DINO teacher loader) + the same MMD.
 
@@ -35,12 +35,7 @@ rather than guessed at.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
 import warnings
-from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
@@ -48,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelrun.infra.files import write_atomic
 from pixelrun.teachers.features import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD
 
 if TYPE_CHECKING:
@@ -69,14 +63,10 @@ __all__ = [
     "CLIPImageEmbedder",
     "DinoImageEmbedder",
     "cmmd_center_crop_and_resize",
-    "cached_captions",
     "CLIP_MEAN",
     "CLIP_STD",
     "load_metric_network",
     "image_features",
-    "real_feature_stats",
-    "real_embeddings",
-    "stats_cache_path",
 ]
 
 #: CMMD's RBF bandwidth and the factor that makes its numbers human-readable (Jayasumana et al. 2024).
@@ -484,131 +474,3 @@ def image_features(network: nn.Module, images, batch: int = 64, progress=None) -
         if progress is not None:
             progress.update(out[-1].shape[0])
     return torch.cat(out).double().numpy()
-
-
-# --------------------------------------------------------------------------------------------
-# cached real-image statistics
-
-
-def stats_cache_path(cache_dir: str, dataset: str, resolution: int, n: int, network: str) -> str:
-    """The ``.npz`` file holding real-image statistics for (dataset, resolution, n, network):
-    a readable slug plus a hash of the exact key (so distinct dataset paths never collide)."""
-    key = json.dumps([str(dataset), int(resolution), int(n), str(network)])
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    slug = re.sub(
-        r"[^A-Za-z0-9._-]+",
-        "_",
-        f"{os.path.basename(str(dataset).rstrip('/')) or 'data'}-{int(resolution)}px-n{int(n)}-{network}",
-    )[:120]
-    return os.path.join(cache_dir, f"{slug}-{digest}.npz")
-
-
-def _read_cached(path: str, key: str) -> dict[str, np.ndarray] | None:
-    """The arrays stored at ``path`` if the file's stored ``key`` equals ``key``, else None."""
-    if not os.path.exists(path):
-        return None
-    with np.load(path) as f:
-        if "key" in f and str(f["key"]) == key:
-            return {k: f[k] for k in f.files if k != "key"}
-    return None
-
-
-def _cached(path: str, key: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
-    """The arrays stored at ``path`` if the file's stored ``key`` equals ``key``; otherwise
-    ``compute()``'s, written whole (`write_atomic`) with the key beside them."""
-    arrays = _read_cached(path, key)
-    if arrays is not None:
-        return arrays
-    arrays = compute()
-    # numpy's stub fears a **dict naming savez's allow_pickle; the keys are array names
-    write_atomic(path, lambda f: np.savez(f, key=np.array(key), **arrays))  # type: ignore[arg-type]
-    return arrays
-
-
-def _real_features(network: nn.Module, images: Callable[[], RealImages], n: int, batch: int, progress) -> np.ndarray:
-    imgs = images()
-    if len(imgs) != n:
-        raise ValueError(f"asked for n={n} real images, the provider returned {len(imgs)}")
-    return image_features(network, imgs, batch=batch, progress=progress)
-
-
-def _network_name(network: nn.Module) -> str:
-    return str(getattr(network, "name", type(network).__name__))
-
-
-def _real_entry(
-    cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module, embeddings: bool
-) -> tuple[str, str]:
-    """(file, key) of one real side: statistics (Fréchet) or ``"-embeddings"`` (MMD), so the two
-    never share a file for the same network."""
-    name = f"{_network_name(network)}-embeddings" if embeddings else _network_name(network)
-    key = json.dumps([str(dataset), int(resolution), int(n), name])
-    return stats_cache_path(cache_dir, dataset, resolution, n, name), key
-
-
-def _with_captions(arrays: dict, captions) -> dict:
-    return {**arrays, "captions": np.array(list(captions), dtype=str)} if captions is not None else arrays
-
-
-def real_feature_stats(
-    cache_dir: str,
-    dataset: str,
-    resolution: int,
-    n: int,
-    network: nn.Module,
-    images: Callable[[], RealImages],
-    *,
-    batch: int = 64,
-    progress=None,
-    captions: list[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, sigma)`` of ``network``'s features of ``n`` real images, from the cache if present.
-
-    The cache key is (dataset, resolution, n, ``network.name``), stored inside the file and checked
-    on load, so a stale or mismatched file is recomputed, never silently reused. ``images`` is called
-    only on a cache miss and must return exactly ``n`` images (uint8 or floats in [0, 1], see
-    :func:`image_features`). ``captions`` (those images' captions) are stored beside the statistics,
-    so a later evaluation can read them back (:func:`cached_captions`) instead of loading the images.
-    Writes are atomic (temporary file + rename).
-    """
-    path, key = _real_entry(cache_dir, dataset, resolution, n, network, embeddings=False)
-
-    def compute():
-        mu, sigma = feature_stats(_real_features(network, images, n, batch, progress))
-        return _with_captions({"mu": mu, "sigma": sigma}, captions)
-
-    arrays = _cached(path, key, compute)
-    return arrays["mu"], arrays["sigma"]
-
-
-def real_embeddings(
-    cache_dir: str,
-    dataset: str,
-    resolution: int,
-    n: int,
-    network: nn.Module,
-    images: Callable[[], RealImages],
-    *,
-    batch: int = 64,
-    progress=None,
-    captions: list[str] | None = None,
-) -> np.ndarray:
-    """``network``'s ``[n, D]`` embeddings of ``n`` real images (what an MMD needs: it has no
-    sufficient statistics), cached like :func:`real_feature_stats`, captions included."""
-    path, key = _real_entry(cache_dir, dataset, resolution, n, network, embeddings=True)
-    arrays = _cached(
-        path, key, lambda: _with_captions({"embeddings": _real_features(network, images, n, batch, progress)}, captions)
-    )
-    return arrays["embeddings"]
-
-
-def cached_captions(
-    cache_dir: str, dataset: str, resolution: int, n: int, network: nn.Module, *, embeddings: bool
-) -> list[str] | None:
-    """The captions stored with a cached real side (:func:`real_feature_stats` when ``embeddings``
-    is False, :func:`real_embeddings` when True), or None: no such file, a file of another key, or
-    one written without captions. What lets an evaluation skip the real images on a cache hit."""
-    arrays = _read_cached(*_real_entry(cache_dir, dataset, resolution, n, network, embeddings))
-    if arrays is None or "captions" not in arrays:
-        return None
-    return [str(c) for c in arrays["captions"]]

@@ -138,14 +138,16 @@ class Tracker:
             self.wandb_run = None
 
 
+_NO_WANDB = (
+    "is true but the wandb package is not installed: pip install wandb "
+    "(or pip install 'pixelrun[wandb]'), or set log.wandb=false"
+)
+
+
 def check_wandb(cfg: Config) -> None:
     """With `log.wandb`, the wandb package must be installed on the machine that runs the job."""
     if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(
-            "log.wandb",
-            "is true but the wandb package is not installed: pip install wandb "
-            "(or pip install 'pixelrun[wandb]'), or set log.wandb=false",
-        )
+        raise ConfigError("log.wandb", _NO_WANDB)
 
 
 def _start_wandb(cfg: Config, run_dir: Path, resume: bool):
@@ -155,14 +157,10 @@ def _start_wandb(cfg: Config, run_dir: Path, resume: bool):
     try:
         import wandb
     except ImportError:
-        raise ConfigError(
-            "log.wandb",
-            "is true but the wandb package is not installed: pip install wandb "
-            "(or pip install 'pixelrun[wandb]'), or set log.wandb=false",
-        ) from None
+        raise ConfigError("log.wandb", _NO_WANDB) from None
     id_file = run_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if resume and id_file.exists() else secrets.token_hex(4)
-    id_file.write_text(run_id + "\n")
+    write_atomic(id_file, run_id + "\n")
     log = cfg.log
     try:
         run = wandb.init(
