@@ -78,7 +78,7 @@ def checkpoint_config(args, command: str, sections: tuple[str, ...]) -> tuple[Co
     train` checks its own (an unknown key, a wrong type or an invalid value is one line naming the
     key) before any weights are loaded. Only keys of `sections` may change: the rest describes the
     model the checkpoint holds."""
-    from pixelrun.infra.inference import checkpoint_config
+    from pixelrun.infra import inference
 
     overrides = list(args.overrides)
     top = {f.name for f in dataclasses.fields(Config)}
@@ -98,9 +98,9 @@ def checkpoint_config(args, command: str, sections: tuple[str, ...]) -> tuple[Co
                 f"keys; the checkpoint fixes the rest (the config its model was trained with)",
             )
     try:
-        cfg = checkpoint_config(args.checkpoint, overrides)[0]
+        cfg = inference.checkpoint_config(args.checkpoint, overrides)[0]
     except ConfigError as e:
-        if e.key == "sample.guidance_mode" and not checkpoint_config(args.checkpoint)[0].routing.ratio:
+        if e.key == "sample.guidance_mode" and not inference.checkpoint_config(args.checkpoint)[0].routing.ratio:
             raise ConfigError(
                 "sample.guidance_mode",
                 "self-guidance contrasts a dense and a TREAD-routed pass, and "
