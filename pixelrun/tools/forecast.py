@@ -31,10 +31,11 @@ from statistics import median
 import torch
 
 from pixelrun.config import ConfigError, batch_split, load_config, stage_plan, to_dict
+from pixelrun.infra.devices import device_name
 from pixelrun.infra.distributed import resolve_device
 from pixelrun.model.text import TextEncoder, _hidden_size, load_text_encoder, resolve_encoder
 from pixelrun.teachers.features import EFFICIENTNET_SPECS
-from pixelrun.tools.bench import device_name, time_steps
+from pixelrun.tools.bench import time_steps
 from pixelrun.training.build import model_from_config
 from pixelrun.training.optim import (
     NS_DTYPES,
