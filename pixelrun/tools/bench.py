@@ -21,8 +21,11 @@ import contextlib
 import itertools
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from statistics import median
+from typing import cast
 
 import torch
 
@@ -30,6 +33,7 @@ from pixelrun.config import Config, ConfigError, load_config, to_dict
 from pixelrun.data import Batch
 from pixelrun.infra.devices import device_name, device_peak_flops, peak_flops
 from pixelrun.infra.distributed import DistContext, process_group, resolve_device, world_from_env
+from pixelrun.model.denoiser import PRXDenoiser
 from pixelrun.training.build import autocast_dtype, build_state
 from pixelrun.training.flops import measured_step_flops, mfu
 from pixelrun.training.step import train_step
@@ -69,7 +73,7 @@ def step_context(cfg: Config):
         store=dist.HashStore(),
         rank=0,
         world_size=1,
-        **({"device_id": device} if cuda else {}),
+        device_id=device if cuda else None,
     )
     try:
         yield DistContext(0, 1, 0, device, init_device_mesh(device.type, (1,), mesh_dim_names=("shard",)))
@@ -102,6 +106,39 @@ def time_steps(
                 torch.cuda.empty_cache()  # the next variant or stage starts from an empty device
 
 
+def _append_time(times: list[float], now: Callable[[], float]) -> None:
+    times.append(now())
+
+
+def _run_steps(st, source, null_text, null_mask, cfg: Config, n: int, now: Callable[[], float]):
+    """`n` training steps, one micro-batch each: the terms of the last, and per step the seconds
+    of the whole step, of its forward + backward and of the optimizer part after it."""
+    times: list[float] = []
+    forward_backward: list[float] = []
+    optimizer: list[float] = []
+    b = cfg.train.batch_size
+    for i in range(n):
+        t0 = now()
+        backward_done: list[float] = []
+        terms, *_ = train_step(
+            st,
+            source,
+            None,
+            null_text,
+            null_mask,
+            cfg,
+            i,
+            b,
+            1,
+            after_backward=partial(_append_time, backward_done, now),
+        )
+        t2 = now()
+        times.append(t2 - t0)
+        forward_backward.append(backward_done[0] - t0)
+        optimizer.append(t2 - backward_done[0])
+    return terms, times, forward_backward, optimizer
+
+
 def _time_steps(
     cfg: Config, ctx: DistContext, *, text_dim: int, steps: int, warmup: int, text_tokens: int, count_flops: bool
 ) -> dict:
@@ -109,7 +146,7 @@ def _time_steps(
     torch.manual_seed(cfg.seed)
     st = build_state(cfg, [cfg], ctx, text_dim)
     b, res = cfg.train.batch_size, cfg.data.resolution
-    flops = denoiser_flops(cfg, st.model.cfg, text_tokens)
+    flops = denoiser_flops(cfg, cast(PRXDenoiser, st.model).cfg, text_tokens)
     measured = measured_step_flops(cfg, st.loss_nets, device, text_dim, text_tokens) if count_flops else None
     batch, text, mask = random_inputs(b, res, text_tokens, text_dim, device)
     source = itertools.repeat(Batch(batch.images, batch.captions, text, mask))  # as stored caption embeddings
@@ -122,26 +159,7 @@ def _time_steps(
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    times, forward_backward, optimizer = [], [], []
-    for i in range(warmup + steps):
-        t0 = now()
-        backward_done = []
-        terms, *_ = train_step(
-            st,
-            source,
-            None,
-            null_text,
-            null_mask,
-            cfg,
-            i,
-            b,
-            1,
-            after_backward=lambda done=backward_done: done.append(now()),
-        )
-        t2 = now()
-        times.append(t2 - t0)
-        forward_backward.append(backward_done[0] - t0)
-        optimizer.append(t2 - backward_done[0])
+    terms, times, forward_backward, optimizer = _run_steps(st, source, null_text, null_mask, cfg, warmup + steps, now)
     warm, times = times[:warmup], times[warmup:]
     step = median(times)
     tokens = flops["image_tokens"]

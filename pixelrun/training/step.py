@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -23,6 +24,7 @@ from pixelrun.data import Batch, to_model_range
 from pixelrun.diffusion.draws import Draws, step_draws
 from pixelrun.diffusion.objective import add_noise
 from pixelrun.infra.distributed import clip_gradients, set_gradient_sync
+from pixelrun.model.denoiser import PRXDenoiser
 from pixelrun.training.build import TrainState, autocast_dtype
 from pixelrun.tricks.base import StepTensors
 from pixelrun.tricks.table import TERMS, LossNetworks
@@ -65,8 +67,8 @@ def compute_losses(
     s = StepTensors(cfg, x, x_t, t, out.prediction.float(), out.features, routing, model.cfg.patch_size, amp)
     terms = {term.name: term.loss(s, loss_nets) for term in enabled}
     weights = {term.name: term.weight(cfg) for term in enabled}
-    loss = sum(weights[k] * v for k, v in terms.items())
-    return Losses(loss, terms)
+    loss = sum(weights[k] * v for k, v in terms.items())  # a tensor: the flow term is always on
+    return Losses(cast(torch.Tensor, loss), terms)
 
 
 def update_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, ctx) -> bool:
@@ -99,15 +101,14 @@ def train_step(
     still advances: it counts steps). `after_backward` is called between the last backward and the
     clipping: where `pixelrun bench` splits its clock."""
     ctx, device = st.ctx, st.ctx.device
+    patch = cast(PRXDenoiser, st.model).cfg.patch_size
     terms: dict[str, torch.Tensor] = {}
     for m in range(accum):
         batch = next(source)
         stored = (batch.text, batch.text_mask) if batch.text is not None else None
         text, text_mask = (a.to(device) for a in stored or encoder.encode(batch.captions))
         first = (m * ctx.world_size + ctx.rank) * micro  # this micro-batch's place in the global batch
-        draws = step_draws(
-            cfg, step, list(range(first, first + micro)), tuple(batch.images.shape[1:]), st.model.cfg.patch_size, device
-        )
+        draws = step_draws(cfg, step, list(range(first, first + micro)), tuple(batch.images.shape[1:]), patch, device)
         set_gradient_sync(st.trainable.values(), m == accum - 1)
         result = compute_losses(
             st.model, batch, text, text_mask, null_text, null_mask, draws, cfg, device, st.loss_nets, step
