@@ -1,7 +1,7 @@
 """One training step, top to bottom: the random draws of every sample (`diffusion.draws`),
 the forward pass, every loss term by name with its weight (`compute_losses`: the terms of the
-tricks in pixelrun/tricks, in the order of `tricks.table.TERMS`), and the optimizer
-step around it with gradient accumulation, clipping, the schedule and the EMA (`train_step`).
+tricks in pixelrun/tricks, in the order of `tricks.table.TERMS`), and the optimizer step around
+it with gradient accumulation, clipping, the schedule and the EMA (`train_step`).
 The loop, the benchmark and the rehearsal all step through here.
 
     batch (uint8) -> [-1, 1] -> caption dropout -> noising at t -> model (routing, REPA features)
@@ -49,9 +49,9 @@ def compute_losses(
     loss_nets: LossNetworks | None = None,
     step: int | None = None,
 ) -> Losses:
-    """Every loss term of a step, by name, each the enabled entries of `tricks.table.TERMS` in
-    order, summed with its weight. `step` (the optimizer step) switches REPA off from repa.until
-    on; None = a step inside the REPA span."""
+    """Every loss term of a step by name: the terms of `tricks.table.TERMS` that are on, in that
+    order, each summed with its weight. `step` (the optimizer step) switches REPA off from
+    repa.until on; None = a step inside the REPA span."""
     x = to_model_range(batch.images.to(device, non_blocking=True))
     # Caption dropout: the empty prompt's embedding, so classic CFG works at sampling time.
     text = torch.where(draws.drop[:, None, None], null_text, text)
