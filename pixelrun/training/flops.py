@@ -16,8 +16,8 @@ import torch
 
 from pixelrun.config import Config, model_fields, stage_plan, to_dict, with_overrides
 from pixelrun.model.denoiser import ModelConfig, build_model
-from pixelrun.tricks import perceptual, repa, routing
-from pixelrun.tricks.table import LossNetworks
+from pixelrun.tricks import repa, routing
+from pixelrun.tricks.table import WITH_NETWORKS, LossNetworks
 
 
 def stage_model_flops(cfg: Config, text_dim: int) -> float:
@@ -68,13 +68,14 @@ def measured_step_flops(cfg: Config, loss_nets: LossNetworks, device, text_dim: 
 
 def flops_per_image(cfg: Config, text_dim: int) -> float:
     """Training FLOPs of one image: the denoiser's analytic count plus the tricks' networks' (REPA's
-    teacher and projector, LPIPS, P-DINO's teacher), which FlopCounterMode counts as the difference
-    between a one-image step with and without them (the same model, the same draws). REPA's share
-    counts for the repa.until fraction of the steps it runs: the run's mean."""
+    teacher and projector, LPIPS, P-DINO's teacher: `tricks.table.WITH_NETWORKS`), which
+    FlopCounterMode counts as the difference between a one-image step with and without them (the
+    same model, the same draws). REPA's share counts for the repa.until fraction of the steps it
+    runs: the run's mean."""
     analytic = analytic_flops_per_image(cfg, text_dim)
-    if not (cfg.repa.weight or cfg.perceptual.lpips_weight or cfg.perceptual.dino_weight):
+    if not any(trick.uses_networks(cfg) for trick in WITH_NETWORKS):
         return analytic
-    bare = with_overrides(to_dict(cfg), [repa.OFF, *perceptual.OFF])
+    bare = with_overrides(to_dict(cfg), [off for trick in WITH_NETWORKS for off in trick.OFF])
     device = torch.device("cpu")
     torch.manual_seed(0)
     width = model_fields(cfg)["hidden_size"]
@@ -88,5 +89,5 @@ def flops_per_image(cfg: Config, text_dim: int) -> float:
 
     if not repa.runs_part(cfg):
         return analytic + extra(cfg)
-    no_repa = with_overrides(to_dict(cfg), [repa.OFF])
+    no_repa = with_overrides(to_dict(cfg), repa.OFF)
     return analytic + cfg.repa.until * extra(cfg) + (1 - cfg.repa.until) * extra(no_repa)

@@ -20,6 +20,11 @@ from pixelrun.tricks.base import StepTensors, Term
 OFF = ["perceptual.lpips_weight=0", "perceptual.dino_weight=0"]
 
 
+def uses_networks(cfg: Config) -> bool:
+    """Whether `cfg` runs LPIPS or P-DINO's teacher (their FLOPs count)."""
+    return cfg.perceptual.lpips_weight != 0 or cfg.perceptual.dino_weight != 0
+
+
 def build_lpips(cfg: Config, every: Sequence[Config]) -> LPIPS | None:
     """The LPIPS network when any of `every` (the config and its stages) uses it."""
     if not any(c.perceptual.lpips_weight > 0 for c in every):

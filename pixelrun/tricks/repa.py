@@ -24,7 +24,12 @@ from pixelrun.teachers.features import FeatureTeacher
 from pixelrun.tricks.base import StepTensors, Term
 
 # the config value that switches REPA off (what the FLOPs count compares against)
-OFF = "repa.weight=0"
+OFF = ["repa.weight=0"]
+
+
+def uses_networks(cfg: Config) -> bool:
+    """Whether `cfg` runs REPA's teacher and projector (their FLOPs count)."""
+    return cfg.repa.weight != 0
 
 
 def repa_stop_step(cfg: Config) -> int:

@@ -18,6 +18,10 @@ TERMS: tuple[Term, ...] = (
     perceptual.PDINO_TERM,
 )
 
+# the tricks that run networks besides the model, each with `uses_networks(cfg)` and `OFF` (the
+# overrides that switch it off): pixelrun/training/flops.py counts their FLOPs
+WITH_NETWORKS = (repa, perceptual)
+
 
 class LossNetworks(torch.nn.Module):
     """What the extra loss terms need besides the model, each trick's own: REPA's projector (trained,
