@@ -14,8 +14,9 @@ from pixelrun.infra import checkpoint as ckpt
 from pixelrun.model.denoiser import Routing, build_model
 from pixelrun.run.train import train
 from pixelrun.teachers.features import FeatureTeacher
-from pixelrun.training.build import LossNetworks
-from pixelrun.training.step import pdino_loss, repa_loss
+from pixelrun.tricks.perceptual import pdino_loss
+from pixelrun.tricks.repa import RepaNetworks, repa_loss
+from pixelrun.tricks.table import LossNetworks
 
 
 class LinearTeacher(FeatureTeacher):
@@ -35,11 +36,9 @@ class LinearTeacher(FeatureTeacher):
         return self.proj(p)
 
 
-def _loss_nets_with_teacher(dim_model=32):
-    loss_nets = LossNetworks(load_config(None, []), dim_model, "cpu")
-    loss_nets.repa_teacher = LinearTeacher()
-    loss_nets.projector = torch.nn.Sequential(torch.nn.Linear(dim_model, 16), torch.nn.SiLU(), torch.nn.Linear(16, 5))
-    return loss_nets
+def _repa_with_teacher(block, dim_model=32):
+    projector = torch.nn.Sequential(torch.nn.Linear(dim_model, 16), torch.nn.SiLU(), torch.nn.Linear(16, 5))
+    return RepaNetworks(LinearTeacher(), projector, block, stop=10)
 
 
 @pytest.mark.parametrize("block", [1, 2])
@@ -48,7 +47,7 @@ def test_repa_uses_the_kept_tokens_and_trains_model_and_projector_only(block):
     those K tokens and the loss compares them with the teacher's tokens at the same places. Block 2
     is the span's end: its features are taken before the routed tokens are put back."""
     torch.manual_seed(0)
-    loss_nets = _loss_nets_with_teacher()
+    repa = _repa_with_teacher(block)
     model = build_model("tiny", 24, hidden_size=32, num_heads=2, depth=4)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
@@ -59,16 +58,16 @@ def test_repa_uses_the_kept_tokens_and_trains_model_and_projector_only(block):
     )
     feats = out.features[block]
     assert feats.shape == (2, 6, 32)
-    loss = repa_loss(loss_nets, feats, x, Routing(keep, 1, 2), (4, 4))
+    loss = repa_loss(repa, feats, x, Routing(keep, 1, 2), (4, 4))
     # independent: teacher features of every token, then the kept ones, by plain indexing
-    full = loss_nets.repa_teacher(F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)).reshape(2, 16, 5)
+    full = repa.teacher(F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)).reshape(2, 16, 5)
     target = torch.stack([full[b, keep[b]] for b in range(2)])
-    expected = -F.cosine_similarity(loss_nets.projector(feats), target, dim=-1).mean()
+    expected = -F.cosine_similarity(repa.projector(feats), target, dim=-1).mean()
     assert torch.allclose(loss, expected, atol=1e-6)
     loss.backward()
-    assert all(p.grad is not None for p in loss_nets.projector.parameters())
+    assert all(p.grad is not None for p in repa.projector.parameters())
     assert model.blocks[0].attention.img_qkv_proj.weight.grad is not None
-    assert all(p.grad is None for p in loss_nets.repa_teacher.parameters())
+    assert all(p.grad is None for p in repa.teacher.parameters())
     assert model.blocks[3].attention.img_qkv_proj.weight.grad is None  # after the REPA block: untouched
 
 

@@ -13,7 +13,7 @@ PACKAGE = Path(pixelrun.__file__).parent
 LAYERS = {  # folders of pixelrun/ by layer
     0: {"config"},
     1: {"model", "diffusion", "teachers", "infra"},
-    2: {"data"},
+    2: {"data", "tricks"},
     3: {"training"},
     4: {"evaluation", "tools"},
     5: {"run"},

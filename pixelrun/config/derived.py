@@ -1,6 +1,6 @@
 """Values computed from a Config that more than one place needs: the resolved architecture, the
 routed span, the batch sizes and their split over ranks, the stage plan, the REPA projector's
-width, block and stop step, and what a resume may change. Each raises ConfigError naming the key
+width and block, and what a resume may change. Each raises ConfigError naming the key
 when the config cannot give it, so validation calls the same functions the run uses.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 
 from pixelrun.config.errors import ConfigError
 from pixelrun.config.rules import PRESETS, _choice, aspect_buckets, span_for_depth
@@ -137,11 +136,6 @@ def repa_hidden(cfg: Config) -> int:
     SiT-XL/2 value, the speedrun's) on the 256-wide CPU default is 4.9M parameters beside a 6.4M
     model and about doubles the FLOPs of a training image."""
     return cfg.repa.hidden if cfg.repa.hidden is not None else 2 * model_fields(cfg)["hidden_size"]
-
-
-def repa_stop_step(cfg: Config) -> int:
-    """The first optimizer step without REPA (repa.until of train.steps, the sum over stages)."""
-    return math.ceil(cfg.repa.until * cfg.train.steps)
 
 
 def repa_block(cfg: Config) -> int:

@@ -74,22 +74,47 @@ def self_guidance_routing(
     return routing
 
 
-def _self_guidance_mask(
-    model, b: int, height: int, width: int, span: tuple[int, int] | None, ratio: float, seed: int, device
+def _self_routing(
+    model, routing_span: tuple[int, int] | None, height: int, width: int, b: int, ratio: float, seed: int, device
 ) -> Routing:
-    """`self_guidance_routing` for `model` at height x width, its span clipped to the model's depth."""
-    if span is None:
+    """Guidance mode "self"'s routing, its span checked against the model's depth."""
+    if routing_span is None:
         raise ValueError(
             "guidance mode 'self' needs routing_span=(start, end), the model's routed blocks "
             "(see pixelrun.config.span_for_depth)"
         )
     mcfg = _model_cfg(model)
     if getattr(mcfg, "depth", None) is not None:  # a span past the last block would never scatter back
-        span = span_for_depth(mcfg.depth, *span)
+        routing_span = span_for_depth(mcfg.depth, *routing_span)
     p = mcfg.patch_size
     if height % p or width % p:
         raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
-    return self_guidance_routing(b, (height // p) * (width // p), (span[0], span[1]), ratio, seed, device)
+    return self_guidance_routing(
+        b, (height // p) * (width // p), (routing_span[0], routing_span[1]), ratio, seed, device
+    )
+
+
+def _guided_prediction(
+    model,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor,
+    guidance: float,
+    both: tuple[torch.Tensor, torch.Tensor] | None,
+    routing: Routing | None,
+) -> torch.Tensor:
+    """One step's x_hat: classic CFG when `both` (the [uncond ; cond] text and mask) is given,
+    self-guidance when `routing` is, else the conditional prediction alone."""
+    if both is not None:
+        pred = model(torch.cat([x, x]), torch.cat([t, t]), *both).prediction.float()
+        uncond, cond = pred.chunk(2)
+        return uncond + guidance * (cond - uncond)
+    if routing is not None:
+        dense = model(x, t, text, text_mask).prediction.float()
+        routed = model(x, t, text, text_mask, routing=routing).prediction.float()
+        return routed + guidance * (dense - routed)
+    return model(x, t, text, text_mask).prediction.float()
 
 
 @torch.no_grad()
@@ -134,30 +159,22 @@ def sample(
     b = text.shape[0]
     use_cfg = guidance_mode == "cfg" and guidance != 1.0
     use_self = guidance_mode == "self" and guidance != 1.0
+    routing = None
     if guidance_mode == "self":
         # Drawn (and validated) even when w == 1 skips the routed pass, so errors do not depend on w.
-        routing = _self_guidance_mask(model, b, height, width, routing_span, routing_ratio, seed, device)
+        routing = _self_routing(model, routing_span, height, width, b, routing_ratio, seed, device)
+    both = None
     if use_cfg:
         if null_text is None or null_mask is None:
             raise ValueError("classic CFG needs the empty prompt's embedding (null_text)")
-        both_text = torch.cat([null_text.expand(b, -1, -1), text])
-        both_mask = torch.cat([null_mask.expand(b, -1), text_mask])
+        both = (torch.cat([null_text.expand(b, -1, -1), text]), torch.cat([null_mask.expand(b, -1), text_mask]))
     x = initial_noise(b, height, width, seed, noise_scale).to(device)
     times = time_grid(steps, shift, spacing)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     for i in range(steps):
         t = times[i].to(device).expand(b)
         with amp:
-            if use_cfg:
-                pred = model(torch.cat([x, x]), torch.cat([t, t]), both_text, both_mask).prediction.float()
-                uncond, cond = pred.chunk(2)
-                x_hat = uncond + guidance * (cond - uncond)
-            elif use_self:
-                dense = model(x, t, text, text_mask).prediction.float()
-                routed = model(x, t, text, text_mask, routing=routing).prediction.float()
-                x_hat = routed + guidance * (dense - routed)
-            else:
-                x_hat = model(x, t, text, text_mask).prediction.float()
+            x_hat = _guided_prediction(model, x, t, text, text_mask, guidance, both, routing if use_self else None)
         v = x_to_velocity(x, x_hat, t, t_clamp)
         x = x + (times[i + 1] - times[i]).item() * v
         if progress is not None:

@@ -316,40 +316,10 @@ def point_steps(steps: int, fractions: list[float]) -> list[int]:
 
 
 def flops_per_image(cfg: Config, text_dim: int) -> float:
-    """Training FLOPs of one image: the denoiser's analytic count (pixelrun/model/flops.py) plus the
-    teachers' and REPA projector's, which FlopCounterMode counts as the difference between a
-    one-image step with and without them (the same model, the same draws). REPA's share counts for
-    the repa.until fraction of the steps it runs: the run's mean."""
-    import torch
+    """Training FLOPs of one image, the tricks' networks included (pixelrun/training/flops.py)."""
+    from pixelrun.training.flops import flops_per_image as count
 
-    from pixelrun.config import to_dict, with_overrides
-    from pixelrun.run.train import analytic_flops_per_image
-    from pixelrun.tools.bench import measured_step_flops
-    from pixelrun.training.build import LossNetworks
-
-    analytic = analytic_flops_per_image(cfg, text_dim)
-    if not (cfg.repa.weight or cfg.perceptual.lpips_weight or cfg.perceptual.dino_weight):
-        return analytic
-    bare = with_overrides(to_dict(cfg), ["repa.weight=0", "perceptual.lpips_weight=0", "perceptual.dino_weight=0"])
-    device = torch.device("cpu")
-    torch.manual_seed(0)
-
-    def extra(c: Config) -> float:  # FLOPs the teachers and projector of `c` add to one image
-        return float(
-            measured_step_flops(c, LossNetworks(c, _width(c), device), device, text_dim, c.text.max_tokens)
-            - measured_step_flops(bare, LossNetworks(bare, _width(c), device), device, text_dim, c.text.max_tokens)
-        )
-
-    if cfg.repa.weight == 0 or cfg.repa.until == 1:
-        return analytic + extra(cfg)
-    no_repa = with_overrides(to_dict(cfg), ["repa.weight=0"])
-    return analytic + cfg.repa.until * extra(cfg) + (1 - cfg.repa.until) * extra(no_repa)
-
-
-def _width(cfg: Config) -> int:
-    from pixelrun.config import model_fields
-
-    return model_fields(cfg)["hidden_size"]
+    return count(cfg, text_dim)
 
 
 def calibrate_step_seconds(cfg: Config, text_dim: int, steps: int) -> float:

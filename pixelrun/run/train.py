@@ -23,8 +23,6 @@ from pixelrun.config import (
     Config,
     RunFailed,
     batch_split,
-    model_fields,
-    routing_span,
     stage_plan,
     to_dict,
     to_yaml,
@@ -36,21 +34,22 @@ from pixelrun.diffusion.generate import generate
 from pixelrun.evaluation.evaluate import Evaluator, applicable_metrics, describe_metrics, flat_metrics
 from pixelrun.evaluation.validation import ValidationLoss
 from pixelrun.infra import checkpoint as ckpt
+from pixelrun.infra.devices import device_name
 from pixelrun.infra.distributed import DistContext, process_group
 from pixelrun.infra.files import write_atomic
 from pixelrun.infra.grids import save_grid, save_png
 from pixelrun.infra.locks import folder_lock
 from pixelrun.infra.precision import autocast_dtype, muon_precision_warning
 from pixelrun.infra.tracking import Tracker, json_row
-from pixelrun.model.denoiser import ModelConfig, count_parameters
+from pixelrun.model.denoiser import count_parameters
 from pixelrun.model.text import text_encoder
-from pixelrun.tools.bench import device_name
 from pixelrun.training.build import (
     TrainState,
     build_state,
     check_init_from,
     check_resume,
 )
+from pixelrun.training.flops import analytic_flops_per_image
 from pixelrun.training.step import train_step
 
 
@@ -189,21 +188,6 @@ def open_run(cfg: Config, ctx: DistContext) -> Run:
     return run
 
 
-def analytic_flops_per_image(cfg: Config, text_dim: int) -> float:
-    """The denoiser's training FLOPs per image (pixelrun/model/flops.py) at the last stage's square
-    resolution, routed when it routes: the FLOPs axis when log.flops_per_image is not given."""
-    from pixelrun.model.flops import training_flops_per_image
-
-    last = stage_plan(cfg)[-1][2]
-    model_cfg = ModelConfig(text_dim=text_dim, **model_fields(last))
-    res = last.data.resolution
-    return float(
-        training_flops_per_image(model_cfg, res, res, last.text.max_tokens, last.routing.ratio, routing_span(last))[
-            "training_total"
-        ]
-    )
-
-
 def _describe(run: Run) -> None:
     from pixelrun.training.optim import describe
 
@@ -297,19 +281,26 @@ def close_stage(run: Run) -> None:
 
 def log_step(run: Run, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, bar) -> bool:
     """Every train.log_every steps and at a stage's end: the loss terms averaged over ranks (the
-    one host sync of a step), the gradient norm, the learning rate and images/s. Returns whether it
-    logged."""
+    one host sync of a step), the gradient norm, the learning rate, images/s and, on a device whose
+    peak is known, MFU. Returns whether it logged."""
     s1 = run.plan[run.stage_index][1]
     if run.step % max(run.cfg.train.log_every, 1) and run.step != s1:
         return False
+    from pixelrun.infra.devices import device_peak_flops
+    from pixelrun.training.flops import mfu, stage_model_flops
+
     values = run.ctx.mean({k: v.item() for k, v in terms.items()})
     since, at = run.clock
     images_per_s = (run.step - at) * run.splits[run.stage_index][0] / max(time.time() - since, 1e-9)
+    # MFU of one device: the stage's denoiser FLOPs (teachers not included) over the device's peak
+    peak = device_peak_flops(run.ctx.device)
+    model_flops = stage_model_flops(run.plan[run.stage_index][2], run.encoder.dim) if peak else 0.0
     row = {
         **values,
         "grad_norm": grad_norm.item(),
         "lr": run.st.sched.used[0],
         "images_per_s": images_per_s,
+        **({"mfu": mfu(images_per_s * model_flops / run.ctx.world_size, peak)} if peak else {}),
         "train_seconds": run.train_seconds,
         "skipped_steps": run.skipped_steps,
     }

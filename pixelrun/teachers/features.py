@@ -44,6 +44,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,8 @@ class FeatureTeacher(nn.Module):
     name: str
     dim: int
     patch: int
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(
         self,
@@ -137,9 +140,9 @@ class FeatureTeacher(nn.Module):
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype the network runs in for inputs on ``device`` (see the class docstring)."""
-        if self.compute_dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return self.compute_dtype
+        if isinstance(self.compute_dtype, torch.dtype):
+            return self.compute_dtype
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def _patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised ``[B, 3, H, W]`` -> ``[B, H/patch, W/patch, dim]``."""
@@ -225,7 +228,7 @@ class HFDinoTeacher(FeatureTeacher):
 
     def __init__(self, model: nn.Module, *, name: str | None = None, compute_dtype: str | torch.dtype = "auto"):
         super().__init__(mean=IMAGENET_MEAN, std=IMAGENET_STD, compute_dtype=compute_dtype)
-        config = model.config
+        config: Any = model.config
         if config.model_type not in DINO_MODEL_TYPES:
             raise ValueError(f"HFDinoTeacher supports model_type {DINO_MODEL_TYPES}, got {config.model_type!r}")
         patch = config.patch_size

@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 # torchvision's vgg16 "D" configuration; "M" is a 2x2 max-pool.
-_VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+_VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 _CHANNELS = (64, 128, 256, 512, 512)  # channels of the five taps
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -69,6 +69,8 @@ class BlurPool(nn.Module):
 
     The filter is a buffer named `filt` ([C, 1, 3, 3]) so the state-dict key matches the shipped
     file; the file's values are loaded over the default (they are the same binomial filter)."""
+
+    filt: torch.Tensor
 
     def __init__(self, channels: int):
         super().__init__()
@@ -107,6 +109,7 @@ class VGG16Features(nn.Module):
                 else:
                     layers += [nn.MaxPool2d(kernel_size=2, stride=2)]
             else:
+                assert isinstance(v, int)
                 # inplace ReLU is safe: the conv before it does not need its output for backward,
                 # and nothing after a tap modifies it in place.
                 layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
@@ -127,7 +130,7 @@ class VGG16Features(nn.Module):
                 f"{self.min_size}x{self.min_size} pixels after any downsampling, got {h}x{w}"
             )
         outs = []
-        for i, layer in enumerate(self.features[: self.taps[-1] + 1]):
+        for i, layer in enumerate(list(self.features)[: self.taps[-1] + 1]):
             x = layer(x)
             if i in self.taps:
                 outs.append(x)
@@ -151,6 +154,9 @@ class LPIPS(nn.Module):
     Normalisation, squared difference and the heads run in float32 even under autocast: the 1e-10
     epsilon and a sum of squares over 512 channels are not safe in bf16.
     """
+
+    shift: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, backbone: str = "vgg16"):
         super().__init__()

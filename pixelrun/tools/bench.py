@@ -8,9 +8,9 @@ step, the loss terms, gradient clipping, the optimizer, the schedule and the EMA
 also timed apart. `pixelrun bench --gpus N` times a whole staged config with its text encoder
 instead (pixelrun/tools/forecast.py).
 
-Besides time, each variant reports the denoiser's model FLOPs per training image (pixelrun/model/flops.py,
+Besides time, each variant reports the denoiser's model FLOPs per training image (pixelrun/training/flops.py:
 analytic, routed when the variant routes; teachers not included), the achieved model FLOP/s and,
-on a GPU whose peak is known, MFU. One extra one-image step is counted by torch's FlopCounterMode
+on a GPU whose peak is known (pixelrun/infra/devices.py), MFU. One extra one-image step is counted by torch's FlopCounterMode
 as a cross-check; what it counts beyond the model is reported as the teachers' (and the REPA
 projector's) FLOPs.
 """
@@ -20,47 +20,25 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import platform
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from statistics import median
+from typing import cast
 
 import torch
 
-from pixelrun.config import Config, ConfigError, load_config, routing_span, to_dict
+from pixelrun.config import Config, ConfigError, load_config, to_dict
 from pixelrun.data import Batch
-from pixelrun.diffusion.draws import step_draws
+from pixelrun.infra.devices import device_name, device_peak_flops, peak_flops
 from pixelrun.infra.distributed import DistContext, process_group, resolve_device, world_from_env
 from pixelrun.infra.precision import autocast_dtype
-from pixelrun.model.denoiser import model_from_config
-from pixelrun.model.flops import training_flops_per_image
-from pixelrun.training.build import LossNetworks, build_state
-from pixelrun.training.step import compute_losses, train_step
-
-# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's datasheets, matched on
-# torch.cuda.get_device_name() upper-cased; first match wins, so the specific names come first.
-PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("H200",), 989e12),
-    (("H100", "PCIE"), 756e12),
-    (("H100", "NVL"), 835e12),
-    (("H100",), 989e12),  # SXM: "NVIDIA H100 80GB HBM3"
-    (("A100",), 312e12),  # SXM and PCIe alike
-)
-
-
-def peak_flops(device_name: str) -> float | None:
-    """The dense bf16 peak of a known GPU, None for anything else (CPUs included)."""
-    name = device_name.upper()
-    for keys, peak in PEAK_BF16_FLOPS:
-        if all(k in name for k in keys):
-            return peak
-    return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+from pixelrun.model.denoiser import PRXDenoiser
+from pixelrun.training.build import build_state
+from pixelrun.training.flops import measured_step_flops, mfu
+from pixelrun.training.step import train_step
+from pixelrun.tricks.routing import denoiser_flops
 
 
 def random_inputs(
@@ -70,26 +48,6 @@ def random_inputs(
     batch = Batch(torch.randint(0, 256, (b, 3, res, res), dtype=torch.uint8, device=device), [""] * b)
     text = torch.randn(b, text_tokens, text_dim, device=device)
     return batch, text, torch.ones(b, text_tokens, dtype=torch.bool, device=device)
-
-
-def measured_step_flops(cfg: Config, loss_nets: LossNetworks, device, text_dim: int, text_tokens: int) -> int:
-    """FLOPs of a one-image training step (forward + backward, teachers included) as torch's
-    FlopCounterMode counts them (matmuls, attention, convolutions). Run on an eager, unsharded
-    twin of the model: not compiled, without activation checkpointing, whose recompute model FLOPs
-    leave out. SDPA is pinned to the math backend: FlopCounterMode counts the CPU flash kernel as 0
-    FLOPs and the CUDA flash kernels' backward with its score recompute; the math backend's bmm's
-    it counts as the model computes them."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = model_from_config(cfg, text_dim).to(device)
-    res = cfg.data.resolution
-    batch, text, mask = random_inputs(1, res, text_tokens, text_dim, device)
-    draws = step_draws(cfg, 0, [0], (3, res, res), model.cfg.patch_size, device)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        compute_losses(model, batch, text, mask, text * 0, mask, draws, cfg, device, loss_nets).loss.backward()
-    loss_nets.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 @contextlib.contextmanager
@@ -116,7 +74,7 @@ def step_context(cfg: Config):
         store=dist.HashStore(),
         rank=0,
         world_size=1,
-        **({"device_id": device} if cuda else {}),
+        device_id=device if cuda else None,
     )
     try:
         yield DistContext(0, 1, 0, device, init_device_mesh(device.type, (1,), mesh_dim_names=("shard",)))
@@ -149,6 +107,39 @@ def time_steps(
                 torch.cuda.empty_cache()  # the next variant or stage starts from an empty device
 
 
+def _append_time(times: list[float], now: Callable[[], float]) -> None:
+    times.append(now())
+
+
+def _run_steps(st, source, null_text, null_mask, cfg: Config, n: int, now: Callable[[], float]):
+    """`n` training steps, one micro-batch each: the terms of the last, and per step the seconds
+    of the whole step, of its forward + backward and of the optimizer part after it."""
+    times: list[float] = []
+    forward_backward: list[float] = []
+    optimizer: list[float] = []
+    b = cfg.train.batch_size
+    for i in range(n):
+        t0 = now()
+        backward_done: list[float] = []
+        terms, *_ = train_step(
+            st,
+            source,
+            None,
+            null_text,
+            null_mask,
+            cfg,
+            i,
+            b,
+            1,
+            after_backward=partial(_append_time, backward_done, now),
+        )
+        t2 = now()
+        times.append(t2 - t0)
+        forward_backward.append(backward_done[0] - t0)
+        optimizer.append(t2 - backward_done[0])
+    return terms, times, forward_backward, optimizer
+
+
 def _time_steps(
     cfg: Config, ctx: DistContext, *, text_dim: int, steps: int, warmup: int, text_tokens: int, count_flops: bool
 ) -> dict:
@@ -156,7 +147,7 @@ def _time_steps(
     torch.manual_seed(cfg.seed)
     st = build_state(cfg, [cfg], ctx, text_dim)
     b, res = cfg.train.batch_size, cfg.data.resolution
-    flops = training_flops_per_image(st.model.cfg, res, res, text_tokens, cfg.routing.ratio, routing_span(cfg))
+    flops = denoiser_flops(cfg, cast(PRXDenoiser, st.model).cfg, text_tokens)
     measured = measured_step_flops(cfg, st.loss_nets, device, text_dim, text_tokens) if count_flops else None
     batch, text, mask = random_inputs(b, res, text_tokens, text_dim, device)
     source = itertools.repeat(Batch(batch.images, batch.captions, text, mask))  # as stored caption embeddings
@@ -169,33 +160,13 @@ def _time_steps(
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    times, forward_backward, optimizer = [], [], []
-    for i in range(warmup + steps):
-        t0 = now()
-        backward_done = []
-        terms, *_ = train_step(
-            st,
-            source,
-            None,
-            null_text,
-            null_mask,
-            cfg,
-            i,
-            b,
-            1,
-            after_backward=lambda done=backward_done: done.append(now()),
-        )
-        t2 = now()
-        times.append(t2 - t0)
-        forward_backward.append(backward_done[0] - t0)
-        optimizer.append(t2 - backward_done[0])
+    terms, times, forward_backward, optimizer = _run_steps(st, source, null_text, null_mask, cfg, warmup + steps, now)
     warm, times = times[:warmup], times[warmup:]
     step = median(times)
     tokens = flops["image_tokens"]
     achieved = flops["training_total"] * b / step
-    peak = peak_flops(device_name(device)) if device.type == "cuda" else None
-    loss_nets = st.loss_nets
-    teachers = loss_nets.repa_teacher is not None or loss_nets.lpips is not None or loss_nets.dino is not None
+    peak = device_peak_flops(device)
+    teachers = st.loss_nets.teachers
     out = {
         "step_seconds_median": step,
         "step_seconds": times,
@@ -223,7 +194,7 @@ def _time_steps(
         "model_flops_by_part": flops["training"],
         "achieved_model_flops_per_s": achieved,
         "peak_flops": peak,
-        "mfu": achieved / peak if peak else None,
+        "mfu": mfu(achieved, peak),
         "measured_step_flops_per_image": measured,
         "teacher_flops_per_image": measured - flops["training_total"] if teachers and measured else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

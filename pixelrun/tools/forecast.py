@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from pixelrun.config import Config, ConfigError, batch_split, load_config, stage_plan, to_dict
+from pixelrun.infra.devices import device_name
 from pixelrun.infra.distributed import resolve_device
 from pixelrun.infra.files import write_atomic
 from pixelrun.model.denoiser import model_from_config
 from pixelrun.model.text import TextEncoder, _hidden_size, load_text_encoder, resolve_encoder
 from pixelrun.teachers.features import EFFICIENTNET_SPECS
-from pixelrun.tools.bench import device_name, time_steps
+from pixelrun.tools.bench import time_steps
 from pixelrun.training.muon_sharded import balanced_owners
 from pixelrun.training.newton_schulz import NS_DTYPES, newton_schulz_flops, orthogonalize_many
 from pixelrun.training.optim import split_parameters

@@ -1,3 +1,3 @@
-"""One training step and what it is built from: the run's parts from a config (`build`),
-every loss term and the optimizer step (`step`), the optimizers (`optim`) and their learning-rate
-schedule (`schedule`), and the EMA (`ema`)."""
+"""One training step and what it is built from: the run's parts from a config (`build`), the
+loss terms of the tricks summed and the optimizer step (`step`), the FLOPs of a config (`flops`),
+the optimizers (`optim`) and their learning-rate schedule (`schedule`), and the EMA (`ema`)."""

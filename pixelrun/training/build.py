@@ -21,9 +21,6 @@ from pixelrun.config import (
     config_from_dict,
     image_sizes,
     model_fields,
-    repa_block,
-    repa_hidden,
-    repa_stop_step,
     resume_changes,
 )
 from pixelrun.infra import checkpoint as ckpt
@@ -33,59 +30,7 @@ from pixelrun.model.denoiser import PRXDenoiser, compile_blocks, model_from_conf
 from pixelrun.training.ema import EMA
 from pixelrun.training.optim import make_optimizer
 from pixelrun.training.schedule import LRSchedule
-
-# ----------------------------------------------------------------------------- teachers and projector
-
-
-class LossNetworks(torch.nn.Module):
-    """What the extra loss terms need besides the model: the REPA projector (trained, in the Adam
-    group, saved in checkpoints) and frozen teachers (never trained, never saved). Kept outside the
-    denoiser so parallelism, EMA and export only ever see the denoiser itself."""
-
-    def __init__(self, cfg: Config, hidden_size: int, device, stages: list[Config] = ()):
-        """Builds what `cfg` (or any of `stages`: a staged run keeps one projector throughout)
-        switches on."""
-        super().__init__()
-        every = [cfg, *stages]
-        self.repa_block = repa_block(cfg)
-        self.repa_stop = repa_stop_step(cfg)  # REPA is off from this step on (repa.until)
-        self.repa_teacher = self.projector = self.lpips = self.dino = None
-        if any(c.repa.weight > 0 for c in every):
-            from pixelrun.teachers.features import load_teacher
-
-            self.repa_teacher = load_teacher(cfg.repa.teacher)
-            h = repa_hidden(cfg)
-            self.projector = torch.nn.Sequential(
-                torch.nn.Linear(hidden_size, h),
-                torch.nn.SiLU(),
-                torch.nn.Linear(h, h),
-                torch.nn.SiLU(),
-                torch.nn.Linear(h, self.repa_teacher.dim),
-            )
-        if any(c.perceptual.lpips_weight > 0 for c in every):
-            from pixelrun.teachers.lpips import load_lpips
-
-            self.lpips = load_lpips(cfg.perceptual.lpips)
-        if any(c.perceptual.dino_weight > 0 for c in every):
-            from pixelrun.teachers.features import load_teacher
-
-            self.dino = load_teacher(cfg.perceptual.dino_teacher)
-        self.to(device)
-
-    def describe(self, cfg: Config) -> list[str]:
-        lines = []
-        if self.projector is not None and cfg.repa.weight > 0:
-            lines.append(
-                f"REPA: block {self.repa_block} -> projector -> {self.repa_teacher.name}, weight {cfg.repa.weight}"
-            )
-        if self.lpips is not None and cfg.perceptual.lpips_weight > 0:
-            lines.append(
-                f"LPIPS: {self.lpips.source}, weight {cfg.perceptual.lpips_weight}, scale {cfg.perceptual.lpips_scale}"
-            )
-        if self.dino is not None and cfg.perceptual.dino_weight > 0:
-            lines.append(f"P-DINO: {self.dino.name}, weight {cfg.perceptual.dino_weight}")
-        return lines
-
+from pixelrun.tricks.table import LossNetworks
 
 # ----------------------------------------------------------------------------- the state of a run
 
