@@ -204,3 +204,16 @@ def test_an_unknown_or_missing_meta_field_names_the_file(tmp_path):
     (tmp_path / "meta.pt").write_bytes(b"garbage")
     with pytest.raises(RecordError, match=r"meta\.pt: cannot be read as a checkpoint meta record"):
         CheckpointMeta.read(tmp_path)
+
+
+def test_a_checkpoint_of_a_newer_format_is_an_error_not_damage(tmp_path):
+    from pixelrun.infra.checkpoint_save import save_checkpoint
+    from pixelrun.infra.checkpoint_verify import verified_latest, write_manifest
+
+    meta = CheckpointMeta.from_dict(OLD_META)
+    path = save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, meta, "seed: 0\n")
+    torch.save({**meta.to_dict(), "format": 99}, path / "meta.pt")
+    write_manifest(path)  # its files are whole: only this pixelrun is too old for them
+    with pytest.raises(RecordError, match=r"meta\.pt: checkpoint meta record of format 99.*upgrade pixelrun"):
+        verified_latest(tmp_path)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002"]  # not moved aside

@@ -87,7 +87,7 @@ def save_checkpoint(
     tree; `meta` (plain Python values and the RNG tensor) is written by rank 0.
 
     The free space is checked first (the tensors' bytes on every rank, plus a margin); a write that
-    fails for want of space is a ckpt.CheckpointError saying so, its temporary folder removed. A folder
+    fails for want of space is a CheckpointError saying so, its temporary folder removed. A folder
     of this step left by an earlier run (complete or not) is replaced by the new one."""
     main = ctx is None or ctx.is_main
     barrier = ctx.barrier if ctx is not None else (lambda: None)

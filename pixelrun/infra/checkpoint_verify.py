@@ -91,19 +91,16 @@ def verified_latest(run_dir: str | Path, ctx=None, say=print) -> tuple[Path | No
     """(path, meta) of the newest checkpoint whose every file matches its manifest; (None, None)
     when the run has none. Each newer, damaged one is named with what is wrong, and moved aside to
     `damaged-step_*` (kept for inspection; no longer listed, rotated or resumed). When every
-    checkpoint is damaged nothing is moved and it is a ckpt.CheckpointError: starting afresh would
+    checkpoint is damaged nothing is moved and it is a CheckpointError: starting afresh would
     overwrite the run."""
     found = ckpt.list_checkpoints(run_dir)
     damaged: list[tuple[Path, str]] = []
     for path in reversed(found):
         problem = checkpoint_problem(path, ctx)
-        meta = None
         if problem is None:
-            try:
-                meta = ckpt.load_meta(path)
-            except Exception as e:  # a manifest-less checkpoint's meta.pt (a checked one loaded above)
-                problem = f"meta.pt is unreadable ({type(e).__name__})"
-        if problem is None:
+            # its bytes are the ones written: a meta this pixelrun cannot read (a newer format) is
+            # a RecordError naming the file, not a damaged checkpoint to move aside
+            meta = ckpt.load_meta(path)
             for bad, why in damaged:
                 aside = bad.with_name(f"damaged-{bad.name}")
                 say(f"checkpoint {bad} is damaged: {why}; moved aside to {aside.name}, resuming from an earlier one")

@@ -1,6 +1,7 @@
-"""The training loop: stages in order, resume, and the cadence of logs, sample grids, evaluations and
+"""The training loop: stages in order, and the cadence of logs, sample grids, evaluations and
 checkpoints around the step. What a run is made of is built in pixelrun/training/build.py; one optimizer step,
-every loss term by name, is pixelrun/training/step.py.
+every loss term by name, is pixelrun/training/step.py; what a checkpoint saves, part by part,
+pixelrun/training/state.py; resume is pixelrun/run/resume.py and an early stop pixelrun/run/stop.py.
 
     for each stage: open its batch source at the saved position
         until the stage's last step: train_step -> log -> grid? -> evaluate? -> checkpoint? -> stop?

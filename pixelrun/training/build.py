@@ -233,7 +233,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, extra_adam_modules=()):
 
 @dataclass
 class TrainState:
-    """Everything a checkpoint saves and restores, built once per run, parallelised."""
+    """The trained state of a run, built once, parallelised; `parts()` are its checkpoint's parts."""
 
     ctx: DistContext
     model: PRXDenoiser
