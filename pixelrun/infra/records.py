@@ -156,8 +156,7 @@ class CheckpointMeta(Record):
         """From a checkpoint directory or its ``meta.pt``."""
         import torch
 
-        path = Path(path)
-        file = path if path.name == "meta.pt" else path / "meta.pt"
+        file = _meta_file(path)
         try:
             data = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # torch.load raises many kinds on a damaged file
@@ -165,11 +164,16 @@ class CheckpointMeta(Record):
         return cls.from_dict(data, file)
 
     def write(self, path: str | Path) -> Path:
-        """``meta.pt`` in the directory ``path`` (a checkpoint being written), flushed to disk."""
+        """``meta.pt`` in a checkpoint directory being written (or at ``path``, a ``meta.pt``)."""
         import io
 
         import torch
 
         buffer = io.BytesIO()
         torch.save(self.to_dict(), buffer)
-        return write_atomic(Path(path) / "meta.pt", buffer.getvalue())
+        return write_atomic(_meta_file(path), buffer.getvalue())
+
+
+def _meta_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.name == "meta.pt" else path / "meta.pt"
