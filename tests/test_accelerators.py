@@ -123,7 +123,7 @@ def test_all_accelerators_train_log_their_terms_and_resume(tmp_path, tiny_encode
     with pytest.raises(ConfigError) as e:
         train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **extra)))
     assert e.value.key == "repa.weight" and "run.init_from" in str(e.value)
-    assert ckpt.load_meta(ckpt.latest_checkpoint(run))["step"] == 3
+    assert ckpt.load_meta(ckpt.latest_checkpoint(run)).step == 3
 
 
 def test_self_guidance_from_the_cli_and_config_errors(tmp_path, tiny_encoder_dir, capsys):

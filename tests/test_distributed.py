@@ -69,7 +69,7 @@ def _losses(run):
 def _weights(run, which="raw"):
     cfg = load_config(Path(run) / "config.yaml")
     latest = ckpt.latest_checkpoint(run)
-    model = model_from_config(cfg, ckpt.load_meta(latest)["text_dim"])
+    model = model_from_config(cfg, ckpt.load_meta(latest).text_dim)
     ckpt.load_weights(latest, model, which)
     return model.state_dict()
 
@@ -146,8 +146,8 @@ def test_evaluation_on_two_ranks_equals_one(runs):
 
 def test_checkpoints_move_between_rank_counts(runs):
     checkpoints = Path(runs["two_then_one"]) / "checkpoints"
-    assert ckpt.load_meta(checkpoints / "step_00000002")["world_size"] == 2
-    assert ckpt.load_meta(checkpoints / "step_00000004")["world_size"] == 1
+    assert ckpt.load_meta(checkpoints / "step_00000002").world_size == 2
+    assert ckpt.load_meta(checkpoints / "step_00000004").world_size == 1
     _same_run(runs["one_x8"], runs["two_then_one"])
     _same_run(runs["one_x8"], runs["one_then_two"])
 

@@ -272,7 +272,7 @@ def test_a_run_with_workers_stopped_and_resumed_has_the_inline_losses(tmp_path, 
     inline = train(load_config(None, _folder_run(tmp_path, tiny_encoder_dir, "inline", 0)))
     cfg = load_config(None, _folder_run(tmp_path, tiny_encoder_dir, "workers", 2))
     assert train(cfg, stop_at_step=3)["step"] == 3
-    assert any(ckpt.load_meta(ckpt.latest_checkpoint(tmp_path / "workers"))["data"][0]["fill"])
+    assert any(ckpt.load_meta(ckpt.latest_checkpoint(tmp_path / "workers")).data[0]["fill"])
     resumed = train(cfg)
     assert _losses(tmp_path / "workers") == _losses(tmp_path / "inline")
     assert resumed["skipped_images"] == inline["skipped_images"] >= 1  # the first session's skips carried over
@@ -303,7 +303,7 @@ def test_ctrl_c_with_workers_saves_exits_cleanly_and_resumes(tmp_path, tiny_enco
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # no worker outlived the run
         os.killpg(proc.pid, 0)
-    step = ckpt.load_meta(ckpt.latest_checkpoint(run))["step"]
+    step = ckpt.load_meta(ckpt.latest_checkpoint(run)).step
     assert step >= 3
     assert main(["train", *_folder_run(tmp_path, tiny_encoder_dir, "run", 2, **{"train.steps": step + 2})]) == 0
     assert [s for s, _ in _losses(run)] == list(range(1, step + 3))

@@ -21,6 +21,9 @@ from PIL import Image
 from pixelrun.cli import main
 from pixelrun.config import load_config
 from pixelrun.infra import checkpoint as ckpt
+from pixelrun.infra.checkpoint_save import save_checkpoint
+from pixelrun.infra.checkpoint_verify import MANIFEST, checkpoint_problem, verified_latest
+from pixelrun.infra.records import CheckpointMeta
 from pixelrun.run.train import train
 
 LOCK_FILE = ".pixelrun.lock"  # pixelrun.infra.locks.LOCK_FILE
@@ -109,6 +112,8 @@ def test_a_skipped_step_changes_no_parameter_optimizer_state_or_ema(tmp_path, ti
 
 def ckpt_tensors(st) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpointed state (model, optimizer moments and step counts, EMA), flat."""
+    from pixelrun.training.state import Checkpointer
+
     out = {}
 
     def walk(node, name):
@@ -118,7 +123,7 @@ def ckpt_tensors(st) -> dict[str, torch.Tensor]:
         elif isinstance(node, torch.Tensor):
             out[name] = node.detach()
 
-    walk(st.state_dicts(), "")
+    walk(Checkpointer(st.parts()).tensors(), "")
     return out
 
 
@@ -141,7 +146,7 @@ def test_sampling_refuses_non_finite_weights(tiny_run, tmp_path, capsys):
     name = next(k for k in flat if k.startswith("ema.") and flat[k].is_floating_point())
     flat[name][...] = float("nan")
     meta = ckpt.load_meta(src)
-    ckpt.save_checkpoint(tmp_path / "nan", meta["step"], flat, meta, (src / "config.yaml").read_text())
+    save_checkpoint(tmp_path / "nan", meta.step, flat, meta, (src / "config.yaml").read_text())
     out = tmp_path / "o"
     assert main(["sample", "--checkpoint", str(tmp_path / "nan"), "--prompt", PROMPT, "--out", str(out)]) == 2
     one_line_error(capsys, "--checkpoint", "ema weights", "non-finite values", name[len("ema.") :])
@@ -160,9 +165,16 @@ def test_metrics_rows_write_non_finite_numbers_as_null():
 # ----------------------------------------------------------------------------- verified checkpoints
 
 
+def _meta(step: int) -> CheckpointMeta:
+    """The meta of a checkpoint that only these tests of the files read."""
+    return CheckpointMeta(
+        step=step, scheduler={}, torch_rng=torch.get_rng_state(), data=[], world_size=1, config={}, text_dim=0
+    )
+
+
 def _two_checkpoints(root: Path) -> Path:
     for step in (2, 4):
-        ckpt.save_checkpoint(root, step, {"w": torch.arange(1000.0) * step}, {"step": step}, "seed: 0\n")
+        save_checkpoint(root, step, {"w": torch.arange(1000.0) * step}, _meta(step), "seed: 0\n")
     return ckpt.checkpoint_root(root) / "step_00000004"
 
 
@@ -179,19 +191,19 @@ DAMAGE = {
     "deleted .distcp": (lambda p: next(p.glob("*.distcp")).unlink(), "is missing"),
     "empty .metadata": (lambda p: (p / ".metadata").write_bytes(b""), ".metadata is 0 bytes"),
     "truncated meta.pt": (lambda p: os.truncate(p / "meta.pt", 10), "meta.pt is 10 bytes"),
-    "unreadable manifest": (lambda p: (p / ckpt.MANIFEST).write_text("{"), "manifest.json is unreadable"),
+    "unreadable manifest": (lambda p: (p / MANIFEST).write_text("{"), "manifest.json is unreadable"),
 }
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, damage):
     newest = _two_checkpoints(tmp_path)
-    assert ckpt.checkpoint_problem(newest) is None
+    assert checkpoint_problem(newest) is None
     harm, words = DAMAGE[damage]
     harm(newest)
     said = []
-    path, meta = ckpt.verified_latest(tmp_path, say=said.append)
-    assert path.name == "step_00000002" and meta["step"] == 2
+    path, meta = verified_latest(tmp_path, say=said.append)
+    assert path.name == "step_00000002" and meta.step == 2
     assert len(said) == 1 and "step_00000004 is damaged" in said[0] and words in said[0], said
     assert "moved aside to damaged-step_00000004" in said[0]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002"]  # never resumed or rotated again
@@ -242,15 +254,13 @@ def test_a_leftover_step_folder_and_stale_temporary_folders_are_replaced(tmp_pat
     (root / ".tmp-step_00000002-4242" / "__0_0.distcp").write_bytes(b"x" * 1000)
     assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 2, "eval.prompts": 0})]) == 0
     assert [p.name for p in root.iterdir()] == ["step_00000002"]
-    assert (
-        ckpt.checkpoint_problem(root / "step_00000002") is None and ckpt.load_meta(root / "step_00000002")["step"] == 2
-    )
+    assert checkpoint_problem(root / "step_00000002") is None and ckpt.load_meta(root / "step_00000002").step == 2
 
 
 def test_rotation_keeps_the_checkpoint_just_written_under_newer_damaged_ones(tmp_path):
     for step in (2, 4, 8):
-        ckpt.save_checkpoint(tmp_path, step, {"w": torch.zeros(4)}, {"step": step}, "seed: 0\n", keep=3)
-    ckpt.save_checkpoint(tmp_path, 6, {"w": torch.ones(4)}, {"step": 6}, "seed: 0\n", keep=1)  # after a fall-back
+        save_checkpoint(tmp_path, step, {"w": torch.zeros(4)}, _meta(step), "seed: 0\n", keep=3)
+    save_checkpoint(tmp_path, 6, {"w": torch.ones(4)}, _meta(6), "seed: 0\n", keep=1)  # after a fall-back
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000006", "step_00000008"]
 
 
@@ -284,10 +294,10 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary_folder(
 def test_a_save_checks_the_free_space_first(tmp_path, monkeypatch):
     import shutil
 
-    ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(10)}, {"step": 2}, "seed: 0\n")
+    save_checkpoint(tmp_path, 2, {"w": torch.zeros(10)}, _meta(2), "seed: 0\n")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     with pytest.raises(ckpt.CheckpointError, match=r"needs 67\.1 MB, 0\.0 MB free"):
-        ckpt.save_checkpoint(tmp_path, 4, {"w": torch.zeros(10)}, {"step": 4}, "seed: 0\n")
+        save_checkpoint(tmp_path, 4, {"w": torch.zeros(10)}, _meta(4), "seed: 0\n")
     assert [p.name for p in ckpt.checkpoint_root(tmp_path).iterdir()] == ["step_00000002"]
 
 

@@ -468,7 +468,7 @@ def test_interrupted_shard_run_resumes_exactly(tmp_path, tiny_encoder_dir):
     cfg = load_config(None, tiny_overrides(part, tiny_encoder_dir, **extra))
     assert train(cfg, stop_at_step=2)["step"] == 2
     meta = ckpt.load_meta(ckpt.latest_checkpoint(part))
-    assert any(meta["data"][0]["fill"])  # the saved position has samples waiting in buckets
+    assert any(meta.data[0]["fill"])  # the saved position has samples waiting in buckets
     train(cfg)
     a, b = ((json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()) for run in (full, part))
     assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b]

@@ -67,7 +67,7 @@ def test_stage_switch_drops_repa_changes_resolution_and_resumes(tmp_path, tiny_e
     part = tmp_path / "part"
     cfg = load_config(stages, tiny_overrides(part, tiny_encoder_dir, **extra))
     assert train(cfg, stop_at_step=2)["step"] == 2
-    assert ckpt.load_meta(ckpt.latest_checkpoint(part))["stage"] == 0
+    assert ckpt.load_meta(ckpt.latest_checkpoint(part)).stage == 0
     train(cfg)
     ra, rb = [r for r in _rows(full) if "loss" in r], [r for r in _rows(part) if "loss" in r]
     assert [r["step"] for r in rb] == [1, 2, 3, 4]

@@ -17,6 +17,8 @@ from pixelrun.config import load_config
 from pixelrun.data.shapes import ShapesBatchSource
 from pixelrun.diffusion.draws import step_draws
 from pixelrun.infra import checkpoint as ckpt
+from pixelrun.infra.checkpoint_save import save_checkpoint
+from pixelrun.infra.records import CheckpointMeta
 from pixelrun.model.denoiser import model_from_config
 from pixelrun.model.text import TextEncoder
 from pixelrun.run.train import train
@@ -31,7 +33,7 @@ def _metrics(run):
 def _weights(run, which: str) -> dict:
     """The raw or EMA weights of a run's newest checkpoint, through the loading code users get."""
     cfg = load_config(Path(run) / "config.yaml")
-    model = model_from_config(cfg, ckpt.load_meta(ckpt.latest_checkpoint(run))["text_dim"])
+    model = model_from_config(cfg, ckpt.load_meta(ckpt.latest_checkpoint(run)).text_dim)
     ckpt.load_weights(ckpt.latest_checkpoint(run), model, which)
     return model.state_dict()
 
@@ -83,7 +85,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_encoder_dir):
         for name, tensor in wa.items():
             assert torch.equal(tensor, wb[name]), (which, name)
     ma, mb = ckpt.load_meta(ckpt.latest_checkpoint(full)), ckpt.load_meta(ckpt.latest_checkpoint(part))
-    assert ma["data"] == mb["data"] and ma["scheduler"] == mb["scheduler"]
+    assert ma.data == mb.data and ma.scheduler == mb.scheduler
 
 
 def test_validation_bins_at_every_evaluation_and_identical_after_resume(tmp_path, tiny_encoder_dir):
@@ -103,19 +105,25 @@ def test_validation_bins_at_every_evaluation_and_identical_after_resume(tmp_path
     assert all(r[k] > 0 for r in rows["full"] for k in keys)
 
 
+def _meta(step: int) -> CheckpointMeta:
+    return CheckpointMeta(
+        step=step, scheduler={}, torch_rng=torch.get_rng_state(), data=[], world_size=1, config={}, text_dim=0
+    )
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path):
     root = ckpt.checkpoint_root(tmp_path)
-    ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, {"step": 2}, "seed: 0\n")
+    save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, _meta(2), "seed: 0\n")
     (root / ".tmp-step_00000004").mkdir()  # a crash mid-write
     (root / ".tmp-step_00000004" / "meta.pt").write_bytes(b"garbage")
     (root / "step_00000006").mkdir()  # a directory without its files
     (root / "step_00000006" / "meta.pt").write_bytes(b"garbage")  # meta but no tensor metadata
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002"
-    ckpt.save_checkpoint(tmp_path, 8, {"w": torch.arange(3.0)}, {"step": 8}, "seed: 0\n", keep=1)
+    save_checkpoint(tmp_path, 8, {"w": torch.arange(3.0)}, _meta(8), "seed: 0\n", keep=1)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000008"]
     assert not list(root.glob(".tmp-*"))
     latest = ckpt.resolve_checkpoint(tmp_path)
-    assert ckpt.load_meta(latest)["step"] == 8
+    assert ckpt.load_meta(latest).step == 8
     tree = {"w": torch.zeros(3)}
     ckpt.load_tensors(latest, tree)
     assert tree["w"].tolist() == [0.0, 1.0, 2.0]
@@ -140,7 +148,7 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, tiny_encoder_dir):
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in out and "Traceback" not in err
     latest = ckpt.latest_checkpoint(run)
-    step = ckpt.load_meta(latest)["step"]
+    step = ckpt.load_meta(latest).step
     assert step >= 3
     assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{"train.steps": step + 2, "eval.prompts": 0})]) == 0
     assert [r["step"] for r in _metrics(run) if "loss" in r] == list(range(1, step + 3))

@@ -86,7 +86,13 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from pixelrun.config import EvalConfig, to_dict, with_overrides
-    from pixelrun.evaluation.evaluate import Evaluator, applicable_metrics, cli_default_metrics, describe_metrics
+    from pixelrun.evaluation.evaluate import (
+        Evaluator,
+        applicable_metrics,
+        cli_default_metrics,
+        describe_metrics,
+        guidance_sweep,
+    )
     from pixelrun.infra.distributed import resolve_device
     from pixelrun.infra.files import write_atomic
     from pixelrun.infra.inference import load_for_inference
@@ -127,18 +133,19 @@ def run(args) -> int:
     # the metric networks first: a missing or broken one fails before the model is even loaded
     evaluator = Evaluator(cfg, metrics, resolve_device(args.device, "--device"), progress=True)
     model, encoder, cfg, path = load_for_inference(args.checkpoint, cfg.eval.weights, args.device, overrides)
-    # The guidance sweep, as training's evaluations run it: sample.guidance first (the top-level
-    # result), then each other scale of eval.guidance, with the same prompts and noise.
-    scales = list(dict.fromkeys([cfg.sample.guidance, *cfg.eval.guidance]))
-    results = []
-    for g in scales:
-        cfg_g = cfg if g == cfg.sample.guidance else with_overrides(to_dict(cfg), [f"sample.guidance={g}"])
-        r = evaluator(model, encoder, cfg_g, sample_seed=cfg.sample.seed)
-        results.append({k: v for k, v in r.items() if k not in ("per_prompt", "prompts")})
-        if len(scales) > 1:
+    # the guidance sweep as training's evaluations run it; each scale printed as it comes
+    sweep = len(dict.fromkeys([cfg.sample.guidance, *cfg.eval.guidance])) > 1
+
+    def each(cfg_g, r):
+        if sweep:
             print(f"guidance {cfg_g.sample.guidance:g}: {describe_metrics(r['metrics'])}", file=sys.stderr, flush=True)
+
+    results = [
+        {k: v for k, v in r.items() if k not in ("per_prompt", "prompts")}
+        for r in guidance_sweep(evaluator, model, encoder, cfg, each=each)
+    ]
     result = results[0]
-    if len(scales) > 1:
+    if sweep:
         result["guidance_sweep"] = [{"guidance": r["settings"]["guidance"], "metrics": r["metrics"]} for r in results]
     result["checkpoint"] = str(path)
     result["weights"] = cfg.eval.weights

@@ -75,5 +75,5 @@ def run(args) -> int:
     if not ckpt.is_complete(path):
         raise ConfigError("--checkpoint", f"{path} is already an exported model")
     out = ckpt.export_weights(path, args.out, model_from_config(cfg, text_dim), to_yaml(cfg), text_dim, args.weights)
-    print(f"exported {args.weights} weights of {path} (step {ckpt.load_meta(path)['step']}) to {out}")
+    print(f"exported {args.weights} weights of {path} (step {ckpt.load_meta(path).step}) to {out}")
     return 0

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pixelrun.config import Config, ConfigError
+from pixelrun.config import Config, ConfigError, to_dict, with_overrides
 from pixelrun.data.sources import source_kind
 from pixelrun.diffusion.generate import generate
 from pixelrun.evaluation.heldout import dataset_key, held_out_captions, real_images_and_prompts
@@ -394,6 +394,22 @@ class Evaluator:
         if metric not in _FRECHET:
             out["sigma"], out["scale"] = _kernel(cfg, metric)
         return out
+
+
+def guidance_sweep(evaluator: Evaluator, model, encoder, cfg: Config, *, keep_images: int = 0, each=None) -> list:
+    """An evaluation over the guidance sweep, as training's evaluations and `pixelrun eval` both run
+    it: sample.guidance first (the top-level result), then each other scale of eval.guidance, with
+    the same prompts and noise (sample.seed). Only the first keeps ``keep_images`` generated images.
+    ``each(cfg_at_scale, result)``, when given, sees each result as it comes."""
+    results: list = []
+    for g in dict.fromkeys([cfg.sample.guidance, *cfg.eval.guidance]):
+        cfg_g = cfg if g == cfg.sample.guidance else with_overrides(to_dict(cfg), [f"sample.guidance={g}"])
+        results.append(
+            evaluator(model, encoder, cfg_g, sample_seed=cfg.sample.seed, keep_images=0 if results else keep_images)
+        )
+        if each is not None:
+            each(cfg_g, results[-1])
+    return results
 
 
 def _kernel(cfg: Config, metric: str) -> tuple[float, float]:

@@ -15,6 +15,10 @@ cleaned up later. A resume checks every file against `manifest.json` (`verified_
 back to the previous checkpoint when one does not match (the damaged one is moved aside, never
 deleted); rotation never deletes the checkpoint just written, nor any newer one.
 
+This module: the layout, loading and exporting. Writing one is pixelrun/infra/checkpoint_save.py,
+checking one against its manifest pixelrun/infra/checkpoint_verify.py; what is saved, part by part,
+is pixelrun/training/state.py, and the meta's fields are `CheckpointMeta` (pixelrun/infra/records.py).
+
 An exported model (`pixelrun export`) is a directory with `model.safetensors` and `config.yaml`;
 `resolve_checkpoint` and `load_weights` accept it wherever a checkpoint is accepted.
 """
@@ -22,14 +26,12 @@ An exported model (`pixelrun export`) is a directory with `model.safetensors` an
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import json
 import os
 import re
 import shutil
 import warnings
-import zlib
 from pathlib import Path
 
 import torch
@@ -37,11 +39,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 
 from pixelrun.config import RunFailed
+from pixelrun.infra.files import write_atomic
+from pixelrun.infra.records import CheckpointMeta
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 EXPORT_FILE = "model.safetensors"
-MANIFEST = "manifest.json"  # {file name: {"size", "crc32"}} of every other file of a checkpoint
-_READ_CHUNK = 16 << 20
 
 
 class CheckpointError(RunFailed):
@@ -61,7 +63,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and is_complete(p)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -69,7 +71,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync_dir(path: Path):
+def fsync_dir(path: Path):
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -83,135 +85,11 @@ def _fsync_dir(path: Path):
 
 
 def step_of(path: Path) -> int:
-    return int(_STEP_DIR.match(path.name).group(1))
-
-
-def file_crc32(path: Path) -> str:
-    """CRC-32 of a file, read in 16 MiB chunks (zlib's runs at several GB/s: a checkpoint's read-back
-    costs about what reading it from the page cache does)."""
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
-
-
-def _share(files: list[Path], ctx) -> list[Path]:
-    """This rank's part of a list of files: the ranks checksum a checkpoint together."""
-    return files if ctx is None else files[ctx.rank :: ctx.world_size]
-
-
-def _gather(value, ctx) -> list:
-    return [value] if ctx is None else ctx.gather_objects(value)
-
-
-def write_manifest(folder: Path, ctx=None) -> None:
-    """`manifest.json`: the size and CRC-32 of every file in `folder`, written last (rank 0)."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    mine = {p.name: {"size": p.stat().st_size, "crc32": file_crc32(p)} for p in _share(files, ctx)}
-    entries = {k: v for part in _gather(mine, ctx) for k, v in part.items()}
-    if ctx is None or ctx.is_main:
-        with open(folder / MANIFEST, "w") as f:
-            f.write(json.dumps(dict(sorted(entries.items())), indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def checkpoint_problem(folder: Path, ctx=None) -> str | None:
-    """What is wrong with a checkpoint, naming the file (a size or checksum that differs from its
-    manifest, a missing or unreadable file), or None. Every rank checks its share of the files. A
-    checkpoint without a manifest (written by an earlier pixelrun) is checked for readable metadata."""
-    try:
-        entries = json.loads((folder / MANIFEST).read_text())
-        if not isinstance(entries, dict):
-            raise ValueError
-    except FileNotFoundError:
-        entries = None
-    except (OSError, ValueError):
-        return f"{MANIFEST} is unreadable"
-    problems = []
-    if entries is None:
-        if ctx is None or ctx.is_main:
-            try:
-                load_meta(folder)
-                dcp.FileSystemReader(str(folder)).read_metadata()
-            except Exception as e:  # torch.load and DCP raise many kinds on a damaged file
-                problems.append(f"unreadable without a {MANIFEST} to check it against ({type(e).__name__})")
-    else:
-        for name in _share(sorted(entries), ctx):
-            problems += _file_problem(folder / name, entries[name])
-    found = [p for part in _gather(problems, ctx) for p in part]
-    return found[0] if found else None
-
-
-def _file_problem(path: Path, entry: dict) -> list[str]:
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return [f"{path.name} is missing"]
-    if size != entry.get("size"):
-        return [f"{path.name} is {size} bytes, {entry.get('size')} were written"]
-    if file_crc32(path) != entry.get("crc32"):
-        return [f"{path.name} does not match its checksum (its bytes changed since it was written)"]
-    return []
-
-
-def verified_latest(run_dir: str | Path, ctx=None, say=print) -> tuple[Path | None, dict | None]:
-    """(path, meta) of the newest checkpoint whose every file matches its manifest; (None, None)
-    when the run has none. Each newer, damaged one is named with what is wrong, and moved aside to
-    `damaged-step_*` (kept for inspection; no longer listed, rotated or resumed). When every
-    checkpoint is damaged nothing is moved and it is a CheckpointError: starting afresh would
-    overwrite the run."""
-    found, damaged = list_checkpoints(run_dir), []
-    for path in reversed(found):
-        problem = checkpoint_problem(path, ctx)
-        meta = None
-        if problem is None:
-            try:
-                meta = load_meta(path)
-            except Exception as e:  # a manifest-less checkpoint's meta.pt (a checked one loaded above)
-                problem = f"meta.pt is unreadable ({type(e).__name__})"
-        if problem is None:
-            for bad, why in damaged:
-                aside = bad.with_name(f"damaged-{bad.name}")
-                say(f"checkpoint {bad} is damaged: {why}; moved aside to {aside.name}, resuming from an earlier one")
-                if ctx is None or ctx.is_main:
-                    shutil.rmtree(aside, ignore_errors=True)
-                    os.replace(bad, aside)
-            if ctx is not None:
-                ctx.barrier()
-            return path, meta
-        damaged.append((path, problem))
-    if found:
-        bad, why = damaged[0]
-        raise CheckpointError(
-            f"no usable checkpoint in {checkpoint_root(run_dir)}: every one is damaged (the newest, "
-            f"{bad.name}: {why}); move the run directory aside, or set run.resume=false to start "
-            f"afresh"
-        )
-    return None, None
-
-
-def remove_stale(run_dir: str | Path) -> list[Path]:
-    """Delete temporary folders left by an interrupted save (the caller holds the run's lock, so
-    no save is in progress). Returns what was removed."""
-    root = checkpoint_root(run_dir)
-    stale = sorted(root.glob(".tmp-*")) if root.is_dir() else []
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
-
-
-def tensor_bytes(tree) -> int:
-    """Bytes of the tensors of a (possibly sharded) state dict tree held by this rank."""
-    if isinstance(tree, dict):
-        return sum(tensor_bytes(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return sum(tensor_bytes(v) for v in tree)
-    if isinstance(tree, torch.Tensor):
-        t = tree.to_local() if hasattr(tree, "to_local") else tree
-        return t.numel() * t.element_size()
-    return 0
+    """The step of a checkpoint directory `step_XXXXXXXX` (a ValueError for any other name)."""
+    match = _STEP_DIR.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint directory (step_XXXXXXXX)")
+    return int(match.group(1))
 
 
 def first_nonfinite(tree, ctx=None, prefix: str = "") -> str | None:
@@ -235,130 +113,19 @@ def first_nonfinite(tree, ctx=None, prefix: str = "") -> str | None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             found = name
             break
-    names = [n for n in _gather(found, ctx) if n is not None]
+    names = [n for n in ([found] if ctx is None else ctx.gather_objects(found)) if n is not None]
     return names[0] if names else None
-
-
-def _format_gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def _check_space(root: Path, step: int, needed: int) -> None:
-    free = shutil.disk_usage(root).free
-    if free < needed:
-        raise CheckpointError(
-            f"not enough disk space for checkpoint step {step} in {root}: needs "
-            f"{_format_gb(needed)}, {_format_gb(free)} free; free some space and run the same "
-            f"command again (it resumes from the last checkpoint)"
-        )
-
-
-def _no_space(e: BaseException) -> bool:
-    """Whether a failed write ran out of space, looking through DCP's wrapping of each rank's error."""
-    seen, todo = set(), [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "No space left on device" in str(x):
-            return True
-        todo += [x.__cause__, x.__context__, *getattr(x, "failures", {}).values()]
-        todo += [a for a in getattr(x, "args", ()) if isinstance(a, BaseException)]
-    return False
-
-
-def _write_files(tmp: Path, tensors: dict, meta: dict, config_yaml: str, main: bool) -> None:
-    with _single_process_quiet():
-        dcp.save(tensors, checkpoint_id=str(tmp))  # fsyncs its files
-    if main:
-        with open(tmp / "meta.pt", "wb") as f:
-            torch.save(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        (tmp / "config.yaml").write_text(config_yaml)
-
-
-def save_checkpoint(
-    run_dir: str | Path, step: int, tensors: dict, meta: dict, config_yaml: str, keep: int = 2, ctx=None
-) -> Path:
-    """Write atomically (every rank calls this: the tensor save is collective), then keep only
-    the newest `keep` checkpoints up to this step. `tensors` is a (possibly sharded) state dict
-    tree; `meta` holds plain Python values and small tensors, written by rank 0.
-
-    The free space is checked first (the tensors' bytes on every rank, plus a margin); a write that
-    fails for want of space is a CheckpointError saying so, its temporary folder removed. A folder
-    of this step left by an earlier run (complete or not) is replaced by the new one."""
-    main = ctx is None or ctx.is_main
-    barrier = ctx.barrier if ctx is not None else (lambda: None)
-    root = checkpoint_root(run_dir)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{_gather(os.getpid(), ctx)[0]}"  # rank 0's pid: every rank agrees
-    needed = sum(_gather(tensor_bytes(tensors), ctx)) * 21 // 20 + (64 << 20)
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        _check_space(root, step, needed)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    try:
-        _write_files(tmp, tensors, meta, config_yaml, main)
-        barrier()
-        write_manifest(tmp, ctx)
-    except BaseException as e:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if _no_space(e):
-            raise CheckpointError(
-                f"checkpoint step {step} could not be written to {root}: no space left on device "
-                f"(needs about {_format_gb(needed)}); its temporary folder was removed and the "
-                f"earlier checkpoints are intact"
-            ) from None
-        raise
-    barrier()
-    if main:
-        _put_in_place(tmp, final)
-        _fsync_dir(root)
-        _rotate(run_dir, step, keep)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    barrier()
-    return final
-
-
-def _put_in_place(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; a folder already there (left by a crash, or from before a fall-back to
-    an earlier checkpoint) is swapped out in one step and only then deleted."""
-    if not final.exists():
-        os.replace(tmp, final)
-    elif _exchange(tmp, final):
-        shutil.rmtree(tmp)  # now holds the old folder
-    else:
-        old = final.parent / f".tmp-old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _rotate(run_dir: str | Path, step: int, keep: int) -> None:
-    """Keep the newest `keep` checkpoints up to `step` (the one just written is the newest of them).
-    Newer ones (a run resumed with run.resume=false over an older one) are not touched here: the
-    run replaces each when it reaches its step."""
-    upto = [p for p in list_checkpoints(run_dir) if step_of(p) <= step]
-    for old in upto[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_tensors(path: str | Path, tensors: dict, partial: bool = False) -> None:
     """Fill the (possibly sharded) state dict tree `tensors` in place from a checkpoint. With
     `partial`, keys the checkpoint lacks keep their current values."""
-    with _single_process_quiet():
+    with single_process_quiet():
         dcp.load(tensors, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=partial))
 
 
 @contextlib.contextmanager
-def _single_process_quiet():
+def single_process_quiet():
     """DCP warns on every save and load without a process group; one process is a normal case here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -377,7 +144,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         for k, m in meta.items()
         if isinstance(m, TensorStorageMetadata)
     }
-    with _single_process_quiet():
+    with single_process_quiet():
         dcp.load(flat, checkpoint_id=str(path), no_dist=True)
     return flat
 
@@ -388,8 +155,18 @@ def saved_keys(path: str | Path) -> set[str]:
     return set(reader.read_metadata().state_dict_metadata)
 
 
-def load_meta(path: str | Path) -> dict:
-    return torch.load(Path(path) / "meta.pt", map_location="cpu", weights_only=True)
+def load_meta(path: str | Path) -> CheckpointMeta:
+    """The meta of a checkpoint directory (any pixelrun's: older formats read too)."""
+    return CheckpointMeta.read(path)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk (a checkpoint is renamed into place only once all of it is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -459,7 +236,7 @@ def check_export_target(out: str | Path, source: str | Path) -> None:
         )
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def exchange_dirs(a: Path, b: Path) -> bool:
     """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     import ctypes
     import ctypes.util
@@ -516,14 +293,14 @@ def atomic_dir(out: str | Path, marker: dict | None = None):
     try:
         yield tmp
         if marker is not None:
-            (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            write_atomic(tmp / EXPORT_MARKER, json.dumps(marker, indent=2) + "\n")
         _readable(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not out.exists():
         os.replace(tmp, out)
-    elif _exchange(tmp, out):
+    elif exchange_dirs(tmp, out):
         shutil.rmtree(tmp)  # now holds the old directory
     else:  # no atomic exchange here: move the old one aside first, put it back if the new one fails
         old = out.parent / f".old-{out.name}-{os.getpid()}"
@@ -534,7 +311,7 @@ def atomic_dir(out: str | Path, marker: dict | None = None):
             os.replace(old, out)
             raise
         shutil.rmtree(old)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
 def export_marker(fmt: str, checkpoint: str | Path, weights: str) -> dict:
@@ -557,7 +334,7 @@ def export_weights(
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(out, export_marker("safetensors", checkpoint, weights)) as tmp:
         save_file(state, str(tmp / EXPORT_FILE), metadata={"text_dim": str(text_dim), "weights": weights})
-        (tmp / "config.yaml").write_text(config_yaml)
+        write_atomic(tmp / "config.yaml", config_yaml)
     return Path(out)
 
 
@@ -568,7 +345,7 @@ def saved_config(path: str | Path) -> tuple[dict, int]:
     path = Path(path)
     if is_complete(path):
         meta = load_meta(path)
-        return _stage_dict(meta["config"], meta.get("stage")), meta["text_dim"]
+        return _stage_dict(meta.config, meta.stage), meta.text_dim
     import yaml
     from safetensors import safe_open
 

@@ -115,3 +115,66 @@ def _convert(hint, value, source: str, where: str):
         _, item = typing.get_args(hint) or (Any, Any)
         return {k: _convert(item, v, source, f"{where}.{k}") for k, v in value.items()}
     return value
+
+
+# --- checkpoint meta: helper "state" ---
+
+
+@dataclasses.dataclass
+class CheckpointMeta(Record):
+    """``meta.pt`` of a checkpoint: what a resume needs besides the tensors (DCP's ``model.*``,
+    ``optimizer.*``, ``ema.*``). A torch pickle, not JSON: ``torch_rng`` is a tensor. Each group of
+    fields is the state of one part of the run (pixelrun/training/state.py): the counters, the
+    schedule, the RNG, the data position and the run's identity (its config and text width).
+
+    Format 1 is the meta of pixelrun before the parts (no ``format`` key; ``stage``,
+    ``train_seconds`` and ``skipped_steps`` absent in the oldest, and two keys nothing read:
+    ``trainable`` and ``optimizer_kind``, accepted and dropped)."""
+
+    FORMAT: ClassVar[int] = 2
+    KIND: ClassVar[str] = "checkpoint meta"
+    LEGACY: ClassVar[tuple[str, ...]] = ("trainable", "optimizer_kind")
+
+    step: int
+    scheduler: dict[str, Any]
+    torch_rng: Any  # a uint8 tensor (torch.get_rng_state())
+    data: list[Any]  # each rank's batch source position, by rank
+    world_size: int  # the ranks that saved it (a data position carries over to as many only)
+    config: dict[str, Any]  # the whole config of the run (every stage)
+    text_dim: int
+    stage: int | None = None  # the stage it was saved in; None: saved before stages were recorded
+    train_seconds: float = 0.0  # time in training steps over every session
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm, every session
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | Path = "<record>") -> CheckpointMeta:
+        if isinstance(data, dict) and data.get("format", 1) == 1:
+            data = {k: v for k, v in data.items() if k not in cls.LEGACY}
+        return super().from_dict(data, source)
+
+    @classmethod
+    def read(cls, path: str | Path) -> CheckpointMeta:
+        """From a checkpoint directory or its ``meta.pt``."""
+        import torch
+
+        file = _meta_file(path)
+        try:
+            data = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch.load raises many kinds on a damaged file
+            raise RecordError(f"{file}: cannot be read as a {cls.KIND} record ({type(e).__name__}: {e})") from None
+        return cls.from_dict(data, file)
+
+    def write(self, path: str | Path) -> Path:
+        """``meta.pt`` in a checkpoint directory being written (or at ``path``, a ``meta.pt``)."""
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(self.to_dict(), buffer)
+        return write_atomic(_meta_file(path), buffer.getvalue())
+
+
+def _meta_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.name == "meta.pt" else path / "meta.pt"

@@ -289,14 +289,15 @@ def compare_runs(full: Path, resumed: Path, from_step: int) -> dict:
             if d and first_diff is None:
                 first_diff = {"step": step, "key": k, "uninterrupted": v, "resumed": None if b is None else b.get(k)}
     a_last, b_last = ckpt.latest_checkpoint(full), ckpt.latest_checkpoint(resumed)
+    assert a_last is not None and b_last is not None  # both runs saved at their last step
     ta, tb = ckpt.read_tensors(a_last), ckpt.read_tensors(b_last)
     ma, mb = ckpt.load_meta(a_last), ckpt.load_meta(b_last)
     parts = {
         "model": _max_diff(ta, tb, "model."),
         "ema": _max_diff(ta, tb, "ema."),
         "optimizer": _max_diff(ta, tb, "optimizer."),
-        "schedule": 0.0 if ma["scheduler"] == mb["scheduler"] else None,
-        "data_position": 0.0 if ma["data"] == mb["data"] else None,
+        "schedule": 0.0 if ma.scheduler == mb.scheduler else None,
+        "data_position": 0.0 if ma.data == mb.data else None,
     }
     return {
         "from_step": from_step,

@@ -1,6 +1,7 @@
-"""The training loop: stages in order, resume, and the cadence of logs, sample grids, evaluations and
+"""The training loop: stages in order, and the cadence of logs, sample grids, evaluations and
 checkpoints around the step. What a run is made of is built in pixelrun/training/build.py; one optimizer step,
-every loss term by name, is pixelrun/training/step.py.
+every loss term by name, is pixelrun/training/step.py; what a checkpoint saves, part by part,
+pixelrun/training/state.py; resume is pixelrun/run/resume.py and an early stop pixelrun/run/stop.py.
 
     for each stage: open its batch source at the saved position
         until the stage's last step: train_step -> log -> grid? -> evaluate? -> checkpoint? -> stop?
@@ -15,23 +16,27 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from pixelrun.config import (
     Config,
-    RunFailed,
     batch_split,
     stage_plan,
-    to_dict,
     to_yaml,
-    with_overrides,
 )
 from pixelrun.data import Prefetcher
 from pixelrun.data.sources import check_paths, make_batch_source, source_kind
 from pixelrun.diffusion.generate import generate
-from pixelrun.evaluation.evaluate import Evaluator, applicable_metrics, describe_metrics, flat_metrics
+from pixelrun.evaluation.evaluate import (
+    Evaluator,
+    applicable_metrics,
+    describe_metrics,
+    flat_metrics,
+    guidance_sweep,
+)
 from pixelrun.evaluation.validation import ValidationLoss
 from pixelrun.infra import checkpoint as ckpt
 from pixelrun.infra.devices import device_name
@@ -39,17 +44,14 @@ from pixelrun.infra.distributed import DistContext, process_group
 from pixelrun.infra.files import write_atomic
 from pixelrun.infra.grids import save_grid, save_png
 from pixelrun.infra.locks import folder_lock
-from pixelrun.infra.precision import autocast_dtype, muon_precision_warning
 from pixelrun.infra.tracking import Tracker, json_row
-from pixelrun.model.denoiser import count_parameters
 from pixelrun.model.text import text_encoder
-from pixelrun.training.build import (
-    TrainState,
-    build_state,
-    check_init_from,
-    check_resume,
-)
+from pixelrun.run.messages import describe_run, summary_line
+from pixelrun.run.resume import check_init_from, choose_start, restore, run_parts
+from pixelrun.run.stop import StopFlag, TrainingStopped, should_stop
+from pixelrun.training.build import TrainState, build_state
 from pixelrun.training.flops import analytic_flops_per_image
+from pixelrun.training.state import Checkpointer, Counters, DataPosition, NonFiniteState
 from pixelrun.training.step import train_step
 
 
@@ -65,10 +67,6 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
         torch.set_num_threads(cfg.train.threads)
     with process_group(cfg.train.device, cfg.parallel.replicate) as ctx:
         return run_training(cfg, ctx, stop_at_step)
-
-
-class TrainingStopped(RunFailed):
-    """The run cannot go on (its updates stay non-finite, its state would be saved non-finite): one line."""
 
 
 def run_training(cfg: Config, ctx: DistContext, stop_at_step: int | None = None) -> dict:
@@ -96,30 +94,38 @@ class Run:
     splits: list[tuple[int, int, int]]  # (global batch, micro-batch, accumulation steps) per stage
     run_dir: Path
     st: TrainState
-    encoder: object
+    encoder: Any  # pixelrun.model.text.TextEncoder (its module loads transformers)
     null_text: torch.Tensor
     null_mask: torch.Tensor
     evaluator: Evaluator | None
     validation: ValidationLoss | None
     tracker: Tracker
-    step: int
-    meta: dict | None  # the checkpoint resumed from
+    counters: Counters  # step, stage, training time and skipped steps: saved and restored
+    position: DataPosition  # the open stage's batch source, and the position it resumed from
+    checkpointer: Checkpointer  # every stateful part, saved in one call
     start_step: int = 0
     t0: float = field(default_factory=time.time)
-    stage_index: int = 0
-    source: object = None
     grid_prompts: list[str] = field(default_factory=list)
     clock: tuple[float, int] = (0.0, 0)  # (time, step) images/s is measured from
-    train_seconds: float = 0.0  # time in training steps over every session (no grids, evaluations, saves)
     flops_per_image: float = 0.0  # log.flops_per_image, or the denoiser's analytic count
     nonfinite_in_row: int = 0  # consecutive steps skipped for a non-finite loss or gradient norm
-    skipped_steps: int = 0  # all such steps of the run, resumed sessions included
     saved_step: int = -1  # the step of the checkpoint this session wrote last
 
     def say(self, *lines: str) -> None:
         if self.ctx.is_main:
             for line in lines:
                 tqdm.write(line)
+
+    # The counters and the source under the names the loop reads them by.
+    step = property(lambda self: self.counters.step, lambda self, v: setattr(self.counters, "step", v))
+    stage_index = property(lambda self: self.counters.stage, lambda self, v: setattr(self.counters, "stage", v))
+    train_seconds = property(
+        lambda self: self.counters.train_seconds, lambda self, v: setattr(self.counters, "train_seconds", v)
+    )
+    skipped_steps = property(
+        lambda self: self.counters.skipped_steps, lambda self, v: setattr(self.counters, "skipped_steps", v)
+    )
+    source = property(lambda self: self.position.source, lambda self, v: setattr(self.position, "source", v))
 
 
 def open_run(cfg: Config, ctx: DistContext) -> Run:
@@ -129,12 +135,7 @@ def open_run(cfg: Config, ctx: DistContext) -> Run:
     splits = [batch_split(c, ctx.world_size) for _, _, c in plan]  # config errors before any work
     say = tqdm.write if ctx.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run.dir)
-    if ctx.is_main:  # the run's lock is held: a temporary folder here is a save that died
-        ckpt.remove_stale(run_dir)
-    latest, meta = ckpt.verified_latest(run_dir, ctx, say) if cfg.run.resume else (None, None)
-    init_src = ckpt.resolve_checkpoint(cfg.run.init_from) if cfg.run.init_from and meta is None else None
-    for line in check_resume(cfg, meta["config"], latest) if meta is not None else []:
-        say(line)
+    start = choose_start(cfg, ctx, say)
     # The metric networks load here, so a missing one stops the run before any training. Every rank
     # samples during an evaluation; only rank 0 loads networks and computes the metrics.
     metrics = applicable_metrics(cfg) if cfg.eval.prompts else []
@@ -144,23 +145,15 @@ def open_run(cfg: Config, ctx: DistContext) -> Run:
     encoder.warn = say
     validation = ValidationLoss(cfg, encoder, ctx.device) if cfg.eval.val_images else None
     null_text, null_mask = (a.to(ctx.device) for a in encoder.encode([""]))
-    if init_src is not None:
-        check_init_from(cfg, init_src, encoder.dim)
+    if start.init_from is not None:
+        check_init_from(cfg, start.init_from, encoder.dim)
     st = build_state(cfg, [c for _, _, c in plan], ctx, encoder.dim)
-    step = 0
-    if meta is not None:
-        st.restore(latest, meta)
-        step = meta["step"]
-        say(f"resuming from {latest} (step {step}, saved on {meta['world_size']} rank(s))")
-        if step >= cfg.train.steps:
-            say(f"nothing to train: the checkpoint is at step {step} and train.steps is {cfg.train.steps}")
-    elif init_src is not None:
-        for line in [*st.init_weights(init_src), f"initialised weights and EMA from {init_src}"]:
-            say(line)
+    checkpointer, counters, position = run_parts(cfg, ctx, st, encoder.dim)
+    restore(start, checkpointer, st, cfg.train.steps, say)
     if ctx.is_main:  # written once the checkpoint has loaded: a refused resume leaves the run as it was
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    tracker = Tracker(cfg, run_dir, start_step=step, enabled=ctx.is_main)
+    tracker = Tracker(cfg, run_dir, start_step=counters.step, enabled=ctx.is_main)
     run = Run(
         cfg,
         ctx,
@@ -174,33 +167,17 @@ def open_run(cfg: Config, ctx: DistContext) -> Run:
         evaluator,
         validation,
         tracker,
-        step,
-        meta,
-        start_step=step,
-        train_seconds=float((meta or {}).get("train_seconds", 0.0)),
+        counters,
+        position,
+        checkpointer,
+        start_step=counters.step,
         flops_per_image=cfg.log.flops_per_image or analytic_flops_per_image(cfg, encoder.dim),
-        skipped_steps=(meta or {}).get("skipped_steps", 0),
-        saved_step=step if meta is not None else -1,
+        saved_step=counters.step if start.meta is not None else -1,
     )
     if ctx.is_main:
         write_json(run_dir / "provenance.json", provenance(ctx.device))
-    _describe(run)
+    run.say(*describe_run(cfg, ctx, st, encoder))
     return run
-
-
-def _describe(run: Run) -> None:
-    from pixelrun.training.optim import describe
-
-    cfg, ctx, st = run.cfg, run.ctx, run.st
-    run.say(
-        describe(st.opt.report),
-        f"model: preset {cfg.model.preset}, {count_parameters(st.model) / 1e6:.2f}M parameters"
-        f"{' (sharded)' if ctx.distributed else ''}; text encoder {run.encoder.name} (dim {run.encoder.dim}); "
-        f"device {ctx.device}{f' x {ctx.world_size} ranks' if ctx.distributed else ''}; autocast "
-        f"{autocast_dtype(cfg, ctx.device) or 'off (fp32)'}",
-    )
-    if warning := muon_precision_warning(cfg, ctx.device):
-        run.say(warning)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -244,7 +221,7 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
                 after_step(run, scfg)
                 if logged:
                     run.clock = (time.time(), run.step)  # images/s measures training, not grids or saves
-                stopped = _should_stop(run.ctx, stop, stop_at_step, run.step, run.t0, cfg, check_now=logged)
+                stopped = should_stop(run.ctx, stop, stop_at_step, run.step, run.t0, cfg, check_now=logged)
             close_stage(run)
             if stopped is not None:
                 break
@@ -257,8 +234,11 @@ def open_stage(run: Run, stage_index: int) -> None:
     global_batch, micro, accum = run.splits[stage_index]
     run.stage_index = stage_index
     source = make_batch_source(scfg, run.ctx.rank, run.ctx.world_size, say=run.say)
-    run.source = Prefetcher(source) if scfg.data.prefetch else source
-    _restore_position(run.source, scfg, run.meta, stage_index, run.step - s0, accum, run.ctx, run.say)
+    warning = run.position.place(
+        Prefetcher(source) if scfg.data.prefetch else source, stage_index, run.step - s0, accum
+    )
+    if warning:
+        run.say(warning)
     run.grid_prompts = source_kind(scfg).grid_prompts(scfg, run.source)
     if len(run.plan) > 1:
         run.say(
@@ -353,34 +333,16 @@ def after_step(run: Run, scfg: Config) -> None:
 def save(run: Run) -> Path:
     """A checkpoint of this step: every stateful part, and where each rank's data stands. Never of a
     non-finite state (TrainingStopped instead), and once per step."""
-    st = run.st
     final = ckpt.checkpoint_root(run.run_dir) / f"step_{run.step:08d}"
     if run.saved_step == run.step:
         return final
-    tensors = st.state_dicts()
-    bad = ckpt.first_nonfinite(tensors, run.ctx)
-    if bad is not None:
+    try:
+        path = run.checkpointer.save(run.run_dir, run.step, to_yaml(run.cfg), run.cfg.train.keep_checkpoints, run.ctx)
+    except NonFiniteState as e:
         raise TrainingStopped(
-            f"training stopped at step {run.step}: {bad} holds non-finite values, so no checkpoint "
+            f"training stopped at step {run.step}: {e.name} holds non-finite values, so no checkpoint "
             f"was written; the last checkpoint is {ckpt.latest_checkpoint(run.run_dir) or 'none'}"
-        )
-    meta = {
-        "step": run.step,
-        "stage": run.stage_index,
-        "scheduler": st.sched.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "data": run.ctx.gather_objects(run.source.state_dict()),
-        "world_size": run.ctx.world_size,
-        "trainable": sorted(st.trainable.keys()),
-        "optimizer_kind": run.cfg.train.optimizer,
-        "config": to_dict(run.cfg),
-        "text_dim": run.encoder.dim,
-        "train_seconds": run.train_seconds,
-        "skipped_steps": run.skipped_steps,
-    }
-    path = ckpt.save_checkpoint(
-        run.run_dir, run.step, tensors, meta, to_yaml(run.cfg), run.cfg.train.keep_checkpoints, run.ctx
-    )
+        ) from None
     run.saved_step = run.step
     return path
 
@@ -408,17 +370,7 @@ def evaluate_now(run: Run, scfg: Config) -> dict | None:
         row.update(run.validation(run.st.ema.model, scfg, prefix="val_ema"))
     model = run.st.ema.model if scfg.eval.weights == "ema" else run.st.model
     if run.evaluator is not None:
-        for g in dict.fromkeys([scfg.sample.guidance, *scfg.eval.guidance]):
-            gcfg = with_overrides(to_dict(scfg), [f"sample.guidance={g}"]) if g != scfg.sample.guidance else scfg
-            results.append(
-                run.evaluator(
-                    model,
-                    run.encoder,
-                    gcfg,
-                    sample_seed=scfg.sample.seed,
-                    keep_images=POINT_IMAGES if not results else 0,
-                )
-            )
+        results = guidance_sweep(run.evaluator, model, run.encoder, scfg, keep_images=POINT_IMAGES)
     result = results[0] if results else None
     if not run.ctx.is_main or not (row or result):
         return result
@@ -567,7 +519,7 @@ def finish(run: Run, stopped) -> dict:
     summary.update(_data_counts(run))
     if run.ctx.is_main:
         write_json(run.run_dir / "run-summary.json", run_summary(run))
-    run.say(_summary_line(run, summary, last, final_grid, elapsed))
+    run.say(summary_line(run.cfg, run.step, summary, last, final_grid, elapsed))
     return summary
 
 
@@ -611,114 +563,3 @@ def _data_counts(run: Run) -> dict:
         "first_skipped": next((p for _, p, _ in counts if p), None),
         "truncated_captions": sum(n for *_, n in counts),
     }
-
-
-def _summary_line(run: Run, summary: dict, last: Path, final_grid: Path, elapsed: float) -> str:
-    cfg = run.cfg
-    score = summary.get("score")
-    others = {k: v for k, v in summary.get("eval", {}).items() if k != "shapes"}
-    text = (
-        (
-            f"; shapes score {score['placed']:.3f} (EMA, {cfg.eval.prompts} prompts, exact set "
-            f"{score['exact_set']:.3f}, eval.json in the run)"
-        )
-        if score
-        else ""
-    )
-    if others:
-        text += f"; {describe_metrics(others)} (EMA, {cfg.eval.prompts} prompts, eval.json in the run)"
-    if summary["skipped_images"]:
-        text += f"; skipped {summary['skipped_images']} unusable samples (first: {summary['first_skipped']})"
-    if summary["truncated_captions"]:
-        text += (
-            f"; {summary['truncated_captions']} distinct captions were cut to text.max_tokens="
-            f"{cfg.text.max_tokens} tokens"
-        )
-    return (
-        f"done: {run.step} steps ({_format_duration(elapsed)} this session); checkpoint {last}; "
-        f"samples {final_grid.parent}/{text}"
-    )
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-class StopFlag:
-    """SIGINT / SIGTERM ask for a clean stop: the loop finishes its step, saves, and exits.
-    A second Ctrl-C aborts at once."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no signal handling
-                pass
-        return self
-
-    def _handle(self, sig, frame):
-        if self.signal is not None and sig == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = sig
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _format_duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s"
-
-
-def _restore_position(
-    source, cfg: Config, meta: dict | None, stage_index: int, steps_into_stage: int, accum: int, ctx: DistContext, say
-) -> None:
-    """Put a fresh batch source where the checkpoint left this stage. The shapes stream is a pure
-    function of its batch counter (the same on every rank), so it resumes on any number of ranks;
-    an image folder's per-rank position only carries over to the same number of ranks."""
-    if steps_into_stage == 0:
-        return
-    if hasattr(source, "next_batch"):
-        source.load_state_dict({"next_batch": steps_into_stage * accum})
-        return
-    if meta is not None and meta.get("stage") == stage_index and meta["world_size"] == ctx.world_size:
-        source.load_state_dict(meta["data"][ctx.rank])
-        return
-    say(
-        f"warning: the data position was saved on {meta['world_size'] if meta else '?'} rank(s) and cannot be "
-        f"carried to {ctx.world_size}; this stage's image order starts afresh"
-    )
-
-
-def _should_stop(
-    ctx: DistContext, stop: StopFlag, stop_at_step, step: int, t0: float, cfg: Config, check_now: bool = True
-):
-    """Why to stop after this step (a signal, a test's stop_at_step, the time budget), or None.
-    Ranks agree: a signal that reached any rank, or rank 0's clock, stops them all together. That
-    agreement is a collective with a host sync, so under torchrun it happens on logging steps only
-    (`check_now`): a stop then waits at most train.log_every steps."""
-    if ctx.distributed and not check_now:
-        return None
-    why = stop.signal or ("stop_at_step" if stop_at_step is not None and step >= stop_at_step else None)
-    over_time = bool(cfg.train.max_minutes and time.time() - t0 >= 60 * cfg.train.max_minutes)
-    if ctx.distributed:
-        code = {
-            "signal": float(stop.signal or 0),
-            "stop_at": float(why == "stop_at_step"),
-            "time": float(over_time and ctx.is_main),
-        }
-        agreed = {k: v * ctx.world_size for k, v in ctx.mean(code).items()}  # sums over ranks
-        if agreed["signal"]:
-            why = stop.signal or int(signal.SIGTERM)
-        elif agreed["stop_at"]:
-            why = "stop_at_step"
-        over_time = agreed["time"] > 0
-    if why is None and over_time:
-        if ctx.is_main:
-            tqdm.write(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {step}")
-        return "max_minutes"  # a time budget (equal-time comparisons): finish like a completed run
-    return why

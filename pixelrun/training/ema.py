@@ -24,6 +24,17 @@ class EMA:
         """Shard the copy like the model; it only ever runs forward (grids, evaluations)."""
         shard(self.model, ctx, None, blocks=self.model.blocks, forward_only=True)
 
+    def state_dict(self) -> dict:
+        """The averaged weights by name, sharded as they are (a checkpoint's ``ema.*``)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, state)
+
     @torch.no_grad()
     def maybe_update(self, model: torch.nn.Module, step: int):
         if step % self.every == 0:

@@ -1,0 +1,62 @@
+"""What a training run says in words: its parts when it starts (`describe_run`) and the one line
+that ends it (`summary_line`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pixelrun.config import Config
+from pixelrun.evaluation.evaluate import describe_metrics
+from pixelrun.infra.distributed import DistContext
+from pixelrun.infra.precision import autocast_dtype, muon_precision_warning
+from pixelrun.model.denoiser import count_parameters
+from pixelrun.training.build import TrainState
+
+
+def describe_run(cfg: Config, ctx: DistContext, st: TrainState, encoder: Any) -> list[str]:
+    """The optimizer's groups, the model, the text encoder, the device and the precision, and a
+    warning where Muon would crawl."""
+    from pixelrun.training.optim import describe
+
+    lines = [
+        describe(st.opt.report),  # type: ignore[attr-defined]  # build_optimizer's attribute
+        f"model: preset {cfg.model.preset}, {count_parameters(st.model) / 1e6:.2f}M parameters"
+        f"{' (sharded)' if ctx.distributed else ''}; text encoder {encoder.name} (dim {encoder.dim}); "
+        f"device {ctx.device}{f' x {ctx.world_size} ranks' if ctx.distributed else ''}; autocast "
+        f"{autocast_dtype(cfg, ctx.device) or 'off (fp32)'}",
+    ]
+    if warning := muon_precision_warning(cfg, ctx.device):
+        lines.append(warning)
+    return lines
+
+
+def summary_line(cfg: Config, step: int, summary: dict, last: Path, final_grid: Path, elapsed: float) -> str:
+    score = summary.get("score")
+    others = {k: v for k, v in summary.get("eval", {}).items() if k != "shapes"}
+    text = (
+        (
+            f"; shapes score {score['placed']:.3f} (EMA, {cfg.eval.prompts} prompts, exact set "
+            f"{score['exact_set']:.3f}, eval.json in the run)"
+        )
+        if score
+        else ""
+    )
+    if others:
+        text += f"; {describe_metrics(others)} (EMA, {cfg.eval.prompts} prompts, eval.json in the run)"
+    if summary["skipped_images"]:
+        text += f"; skipped {summary['skipped_images']} unusable samples (first: {summary['first_skipped']})"
+    if summary["truncated_captions"]:
+        text += (
+            f"; {summary['truncated_captions']} distinct captions were cut to text.max_tokens="
+            f"{cfg.text.max_tokens} tokens"
+        )
+    return (
+        f"done: {step} steps ({format_duration(elapsed)} this session); checkpoint {last}; "
+        f"samples {final_grid.parent}/{text}"
+    )
+
+
+def format_duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s"

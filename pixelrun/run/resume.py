@@ -1,0 +1,134 @@
+"""Resume, in one room: which checkpoint a run continues, whether its config may continue it, the
+restore of every part (pixelrun/training/state.py), the batch source put back at its position, and
+`run.init_from` (weights of another run or an export, nothing else).
+
+    start = choose_start(cfg, ctx, say)       # before any work: a refused resume costs nothing
+    check_init_from(cfg, start.init_from, dim) # once the text width is known
+    checkpointer, counters, position = run_parts(cfg, ctx, st, dim)
+    restore(start, checkpointer, st, steps, say)
+    position.place(source, stage, steps_into_stage, accum)  # at each stage's start
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pixelrun.config import Config, ConfigError, config_from_dict, model_fields, resume_changes
+from pixelrun.infra import checkpoint as ckpt
+from pixelrun.infra.checkpoint_save import remove_stale
+from pixelrun.infra.checkpoint_verify import verified_latest
+from pixelrun.infra.distributed import DistContext
+from pixelrun.infra.records import CheckpointMeta
+from pixelrun.model.denoiser import PRXDenoiser
+from pixelrun.training.build import TrainState
+from pixelrun.training.state import Checkpointer, Counters, DataPosition, RNGState, RunIdentity
+
+Say = Callable[..., None]
+
+
+@dataclass
+class Start:
+    """What a run starts from: a checkpoint of its own folder to resume (`path`, `meta`), weights to
+    initialise from (`init_from`, a new run), or neither."""
+
+    path: Path | None = None
+    meta: CheckpointMeta | None = None
+    init_from: Path | None = None
+
+
+def choose_start(cfg: Config, ctx: DistContext, say: Say) -> Start:
+    """The newest checkpoint of run.dir whose every file matches its manifest (with run.resume), its
+    config checked as a continuation of this one; else run.init_from's checkpoint. The run's lock is
+    held: a temporary folder left in it is a save that died, removed here."""
+    run_dir = Path(cfg.run.dir)
+    if ctx.is_main:
+        remove_stale(run_dir)
+    path, meta = verified_latest(run_dir, ctx, say) if cfg.run.resume else (None, None)
+    if path is not None and meta is not None:
+        for line in check_resume(cfg, meta.config, path):
+            say(line)
+        return Start(path, meta)
+    return Start(init_from=ckpt.resolve_checkpoint(cfg.run.init_from) if cfg.run.init_from else None)
+
+
+def run_parts(
+    cfg: Config, ctx: DistContext, st: TrainState, text_dim: int
+) -> tuple[Checkpointer, Counters, DataPosition]:
+    """Every stateful part of a run, in load order (the RNG after the tensors and the schedule), with
+    the counters and the data position the loop updates."""
+    counters, position = Counters(), DataPosition(ctx)
+    parts = {**st.parts(), "rng": RNGState(), "data": position, "counters": counters, "run": RunIdentity(cfg, text_dim)}
+    return Checkpointer(parts), counters, position
+
+
+def restore(start: Start, checkpointer: Checkpointer, st: TrainState, steps: int, say: Say) -> None:
+    """Every part from the checkpoint resumed (its counters included), or the weights of
+    run.init_from; nothing for a fresh run."""
+    if start.path is not None and start.meta is not None:
+        checkpointer.load(start.path, start.meta)
+        step = start.meta.step
+        say(f"resuming from {start.path} (step {step}, saved on {start.meta.world_size} rank(s))")
+        if step >= steps:
+            say(f"nothing to train: the checkpoint is at step {step} and train.steps is {steps}")
+    elif start.init_from is not None:
+        for line in [*init_weights(st, start.init_from), f"initialised weights and EMA from {start.init_from}"]:
+            say(line)
+
+
+# ----------------------------------------------------------------------------- what may continue what
+
+
+def check_resume(cfg: Config, saved: dict, path: Path) -> list[str]:
+    """Before any work: a resume must continue the same run. A change of the model, the optimizer or
+    the data is a ConfigError naming each key; any other change is returned as a line to print."""
+    refused, allowed = resume_changes(config_from_dict(saved), cfg)
+    if refused:
+        what = ", ".join(f"{k} ({a} -> {b})" for k, (a, b) in refused.items())
+        raise ConfigError(
+            ", ".join(refused),
+            f"differs from the checkpoint {path} that this command would resume: "
+            f"{what}. A resume continues the same model, optimizer and data; to "
+            f"start a new run from those weights, set run.init_from={path} and a "
+            f"new run.dir",
+        )
+    return [f"changed since the checkpoint: {k}: {a} -> {b}" for k, (a, b) in allowed.items()]
+
+
+def check_init_from(cfg: Config, path: Path, text_dim: int) -> None:
+    """`run.init_from` loads weights into this config's model: the architecture and the text width
+    must be the source's (the optimizer and data may differ: it is a new run)."""
+    saved, saved_dim = ckpt.saved_config(path)
+    old, new = model_fields(config_from_dict(saved)), model_fields(cfg)
+    diff = [f"model.{k} {old[k]} -> {new[k]}" for k in old if old[k] != new[k]]
+    if saved_dim != text_dim:
+        diff.append(
+            f"text width {saved_dim} -> {text_dim} (text.encoder {saved['text']['encoder']} -> {cfg.text.encoder})"
+        )
+    if diff:
+        raise ConfigError("run.init_from", f"{path} has another architecture: {', '.join(diff)}")
+
+
+def init_weights(st: TrainState, path: Path) -> list[str]:
+    """`run.init_from`: weights and EMA of a checkpoint or an exported model, nothing else. Returns
+    the notes to print (a REPA projector the source lacks starts fresh)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    parts = st.parts()
+    if (path / ckpt.EXPORT_FILE).is_file():  # an exported model: weights only, loaded on each rank
+        plain = PRXDenoiser(st.model.cfg)  # an unsharded twin; load_weights checks every shape
+        ckpt.load_weights(path, plain)
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(st.model, plain.state_dict(), options=full)
+        set_model_state_dict(st.ema.model, plain.state_dict(), options=full)
+        return []
+    saved = ckpt.saved_keys(path)
+    tree = {"model": parts["model"].state_dict(), "ema": parts["ema"].state_dict()}
+    missing = [k for k in tree["model"] if f"model.{k}" not in saved]
+    ckpt.load_tensors(path, tree, partial=bool(missing))
+    parts["model"].load_state_dict(tree["model"])
+    parts["ema"].load_state_dict(tree["ema"])
+    if any(k.startswith("repa_projector.") for k in missing):
+        return ["REPA projector: not in the checkpoint, starting from a fresh one"]
+    return []
