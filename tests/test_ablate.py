@@ -16,14 +16,8 @@ import yaml
 
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config, model_fields
-from pixelrun.experiments.ablate import (
-    BudgetSpec,
-    load_spec,
-    plan_ablation,
-    point_steps,
-    steps_for_budget,
-    variant_config,
-)
+from pixelrun.experiments.plan import plan_ablation, point_steps, steps_for_budget, variant_config
+from pixelrun.experiments.spec import BudgetSpec, load_spec
 from pixelrun.model.denoiser import ModelConfig
 from pixelrun.model.flops import training_flops_per_image
 from pixelrun.training.build import lr_multiplier
