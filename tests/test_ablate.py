@@ -193,6 +193,21 @@ def _run(spec: Path) -> subprocess.CompletedProcess:
     )
 
 
+def test_one_command_builder_for_a_scheduler_and_for_this_machine(tmp_path):
+    """commands.sh and ablation.json get torchrun whatever the ranks; `execute` starts a plain process
+    for one rank and torch.distributed.run (the same launcher) for more."""
+    from pixelrun.experiments.plan import Plan, PlannedRun, train_command
+    from pixelrun.experiments.spec import LaunchSpec, Spec
+
+    r = PlannedRun("base", 0, "runs/base/seed0", 4, 4, 1e9, [2, 4], [], "configs/base-seed0.yaml")
+    train = ["-m", "pixelrun", "train", "--config", str(tmp_path / "configs" / "base-seed0.yaml")]
+    here = {1: ["py", *train], 2: ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *train]}
+    for n, command in here.items():
+        plan = Plan(Spec(launch=LaunchSpec(nproc_per_node=n)), tmp_path, [r], {}, True, {})
+        assert train_command(plan, r, "py") == command
+        assert train_command(plan, r) == ["torchrun", "--standalone", f"--nproc_per_node={n}", *train]
+
+
 def test_ablation_runs_resumes_and_skips_finished_runs(tmp_path):
     spec = write_spec(tmp_path)
     out = tmp_path / "out"
