@@ -156,16 +156,26 @@ def ablation(tmp_path):
                 "flops_per_image": 1e9,
                 "point_steps": [5, 10],
                 "overrides": [],
+                "config": f"configs/{v}-seed{seed}.yaml",
+                "step_seconds_calibrated": None,
                 "command": "c",
             }
             for v in ("baseline", "tread")
         ]
     spec = {
         "name": "tread-vs-dense",
+        "spec_file": None,
         "baseline": "baseline",
         "variants": ["baseline", "tread"],
         "seeds": [0, 1],
-        "budget": {"kind": "images", "value": 40.0, "metric": None, "target": None, "equal_steps": True},
+        "budget": {
+            "kind": "images",
+            "value": 40.0,
+            "metric": None,
+            "target": None,
+            "equal_steps": True,
+            "cooldown": 0.2,
+        },
         "points": [0.5, 1.0],
         "protocol": {
             "metrics": ["shapes", "fd-effnet"],
@@ -179,6 +189,7 @@ def ablation(tmp_path):
             "spacing": "diffusers",
             "sample_seed": 0,
         },
+        "base": {"config": None, "overrides": []},
         "machine": {"device": "cpu", "cpu": "test cpu", "host": "h"},
         "runs": runs,
     }
@@ -382,7 +393,7 @@ def test_a_long_noisy_curve_is_drawn_as_a_moving_average():
 def test_a_target_budget_reports_when_each_run_reached_it(ablation):
     """The first point at which shapes/placed reached the target, per run, from the point files."""
     spec = json.loads((ablation / "ablation.json").read_text())
-    spec["budget"] = {"kind": "target", "value": 40.0, "metric": "shapes/placed", "target": 0.0, "equal_steps": True}
+    spec["budget"].update(kind="target", metric="shapes/placed", target=0.0)
     (ablation / "ablation.json").write_text(json.dumps(spec))
     first = {(v, s): point_of(ablation, v, s, 5) for v in ("baseline", "tread") for s in (0, 1)}
     target = summarize_ablation(ablation)["time_to_target"]

@@ -1,15 +1,15 @@
-"""The run folders of an ablation as the report reads them: each (variant, seed) run's entry in
-ablation.json with its evaluation points, run summary and metrics.jsonl rows (the typed records of
-pixelrun/infra/records.py), and the value of a metric at a point."""
+"""The folder of an ablation as the report reads it: its plan (ablation.json) and each (variant, seed)
+run's evaluation points, run summary and metrics.jsonl rows, as the typed records of
+pixelrun/infra/records.py; and the value of a metric at a point."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pixelrun.infra.records import EvalPoint, GuidanceResult, RunSummary, read_metrics
+from pixelrun.config import ConfigError
+from pixelrun.infra.records import AblationPlan, AblationRun, EvalPoint, GuidanceResult, RunSummary, read_metrics
 
 
 @dataclass
@@ -29,13 +29,12 @@ class StudyRun:
     command: str | None = None
 
 
-def read_json(path: Path) -> dict | None:
-    """The JSON object in ``path``; None when it is missing or unreadable."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+def read_plan(out_dir: Path) -> AblationPlan:
+    """The ablation's ablation.json; a folder without one is not an ablation's."""
+    path = out_dir / "ablation.json"
+    if not path.is_file():
+        raise ConfigError("OUT", f"{out_dir} has no readable ablation.json: not a `pixelrun ablate` folder")
+    return AblationPlan.read(path)
 
 
 def read_points(run_dir: Path) -> tuple[dict[float, EvalPoint], dict[float, Path]]:
@@ -48,17 +47,17 @@ def read_points(run_dir: Path) -> tuple[dict[float, EvalPoint], dict[float, Path
     return points, files
 
 
-def load_runs(out_dir: Path, spec: dict) -> list[StudyRun]:
-    """Every run the spec lists, with what its folder holds and its status."""
+def load_runs(out_dir: Path, planned: list[AblationRun]) -> list[StudyRun]:
+    """Every run the plan lists, with what its folder holds and its status."""
     runs = []
-    for r in spec.get("runs", []):
+    for r in planned:
         run = StudyRun(
-            variant=r["variant"],
-            seed=r["seed"],
-            dir=r.get("dir", f"runs/{r['variant']}/seed{r['seed']}"),
-            global_batch=r.get("global_batch"),
-            flops_per_image=r.get("flops_per_image"),
-            command=r.get("command"),
+            variant=r.variant,
+            seed=r.seed,
+            dir=r.dir,
+            global_batch=r.global_batch,
+            flops_per_image=r.flops_per_image,
+            command=r.command,
         )
         d = out_dir / run.dir
         if d.is_dir():

@@ -25,11 +25,10 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pixelrun.config import Config, ConfigError, batch_split, load_config, to_yaml
 from pixelrun.experiments.spec import UNITS, BudgetSpec, EvaluationSpec, Spec, override_key
-from pixelrun.infra.tracking import json_row, write_atomic
+from pixelrun.infra.records import AblationBudget, AblationPlan, AblationProtocol, AblationRun
 
 
 @dataclass
@@ -288,55 +287,60 @@ def write_plan(plan: Plan) -> Path:
     ]
     lines += [" ".join(shlex.quote(a) for a in train_command(plan, r)) for r in plan.runs]
     (out / "commands.sh").write_text("\n".join(lines) + "\n")
+    return ablation_record(plan).write(out / "ablation.json")
+
+
+def ablation_record(plan: Plan) -> AblationPlan:
+    """ablation.json's record: the SPEC as planned, the protocol, the machine and every run."""
+    spec = plan.spec
     e = spec.evaluation
-    data = {
-        "name": spec.name,
-        "spec_file": str(spec.path) if spec.path else None,
-        "baseline": spec.baseline,
-        "variants": list(spec.variants),
-        "seeds": spec.seeds,
-        "budget": {
-            "kind": spec.budget.kind,
-            "value": spec.budget.value,
-            "metric": spec.budget.metric,
-            "target": spec.budget.target,
-            "equal_steps": plan.equal_steps,
-            "cooldown": spec.budget.cooldown,
-        },
-        "points": e.points,
-        "protocol": {
-            "metrics": e.metrics,
-            "prompts": e.prompts,
-            "sample_steps": e.sample_steps,
-            "guidance": e.guidance,
-            "primary_guidance": e.guidance[0],
-            "guidance_mode": e.guidance_mode,
-            "weights": e.weights,
-            "val_images": e.val_images,
-            "spacing": plan.configs[(plan.runs[0].variant, plan.runs[0].seed)].sample.spacing,
-            "sample_seed": "the run's seed",
-        },
-        "base": {"config": spec.base.config, "overrides": spec.base.overrides},
-        "machine": plan.machine,
-        "runs": [
-            {
-                "variant": r.variant,
-                "seed": r.seed,
-                "dir": r.dir,
-                "steps": r.steps,
-                "global_batch": r.global_batch,
-                "images": r.images,
-                "flops_per_image": r.flops_per_image,
-                "point_steps": r.point_steps,
-                "overrides": r.overrides,
-                "config": r.config_path,
-                "step_seconds_calibrated": r.step_seconds,
-                "command": " ".join(shlex.quote(a) for a in train_command(plan, r)),
-            }
+    return AblationPlan(
+        name=spec.name,
+        spec_file=str(spec.path) if spec.path else None,
+        baseline=spec.baseline,
+        variants=list(spec.variants),
+        seeds=spec.seeds,
+        budget=AblationBudget(
+            kind=spec.budget.kind,
+            value=spec.budget.value,
+            metric=spec.budget.metric,
+            target=spec.budget.target,
+            equal_steps=plan.equal_steps,
+            cooldown=spec.budget.cooldown,
+        ),
+        points=e.points,
+        protocol=AblationProtocol(
+            metrics=e.metrics,
+            prompts=e.prompts,
+            sample_steps=e.sample_steps,
+            guidance=e.guidance,
+            primary_guidance=e.guidance[0],
+            guidance_mode=e.guidance_mode,
+            weights=e.weights,
+            val_images=e.val_images,
+            spacing=plan.configs[(plan.runs[0].variant, plan.runs[0].seed)].sample.spacing,
+            sample_seed="the run's seed",
+        ),
+        base={"config": spec.base.config, "overrides": spec.base.overrides},
+        machine=plan.machine,
+        runs=[
+            AblationRun(
+                variant=r.variant,
+                seed=r.seed,
+                dir=r.dir,
+                steps=r.steps,
+                global_batch=r.global_batch,
+                images=r.images,
+                flops_per_image=r.flops_per_image,
+                point_steps=r.point_steps,
+                overrides=r.overrides,
+                config=r.config_path,
+                step_seconds_calibrated=r.step_seconds,
+                command=" ".join(shlex.quote(a) for a in train_command(plan, r)),
+            )
             for r in plan.runs
         ],
-    }
-    return _write_json(out / "ablation.json", data)
+    )
 
 
 def describe_plan(plan: Plan) -> list[str]:
@@ -354,8 +358,3 @@ def describe_plan(plan: Plan) -> list[str]:
             f"image, evaluated at steps {r.point_steps}" + (" (baseline)" if name == plan.spec.baseline else "")
         )
     return lines
-
-
-def _write_json(path: Path, data: Any) -> Path:
-    """Whole or not at all; non-finite numbers as null, so every reader parses it."""
-    return write_atomic(path, json.dumps(json_row(data), indent=1, allow_nan=False) + "\n")

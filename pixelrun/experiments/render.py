@@ -62,9 +62,9 @@ def _protocol_line(summary: dict) -> str:
     p = summary["protocol"]
     g = summary["primary_guidance"]
     return (
-        f"At the budget (fraction {summary['final_point']:g}), {p.get('weights', 'ema')} weights, "
-        f"guidance {_num(g)} ({p.get('guidance_mode', '?')}), {p.get('prompts', '?')} prompts, "
-        f"{p.get('sample_steps', '?')} sampling steps; mean over seeds "
+        f"At the budget (fraction {summary['final_point']:g}), {p['weights']} weights, "
+        f"guidance {_num(g)} ({p['guidance_mode']}), {p['prompts']} prompts, "
+        f"{p['sample_steps']} sampling steps; mean over seeds "
         f"{', '.join(map(str, summary['seeds']))}, {summary['confidence']:.0%} intervals. Δ is the paired "
         f"difference from {summary['baseline']}: a verdict is 'better' or 'worse' when its interval excludes 0."
     )

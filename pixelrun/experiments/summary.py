@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pixelrun.config import ConfigError
 from pixelrun.experiments import stats
 from pixelrun.experiments.folders import (
     StudyRun,
@@ -19,8 +18,9 @@ from pixelrun.experiments.folders import (
     load_runs,
     point_metrics,
     point_value,
-    read_json,
+    read_plan,
 )
+from pixelrun.infra.records import AblationBudget, AblationPlan
 
 
 def _cell(
@@ -106,22 +106,22 @@ def _throughput(runs: list[StudyRun]) -> dict:
     }
 
 
-def _budget_line(spec: dict) -> tuple[str, bool]:
+def _budget_line(spec: AblationPlan) -> tuple[str, bool]:
     """The sentence stating the budget, and whether every run trained the same steps at the same batch."""
-    b = spec.get("budget", {})
-    kind, value = b.get("kind"), b.get("value")
+    b = spec.budget
+    kind, value = b.kind, b.value
     text = {
         "images": lambda: f"{value:,.0f} training images per run",
         "flops": lambda: f"{value:.3g} training FLOPs per run",
         "minutes": lambda: f"{value:g} minutes of training per run",
-        "target": lambda: f"training until {b.get('metric')} reaches {b.get('target')} (at most {value:g})",
+        "target": lambda: f"training until {b.metric} reaches {b.target} (at most {value:g})",
     }.get(kind, lambda: f"{kind} {value}")()
-    batches = {r.get("global_batch") for r in spec.get("runs", [])}
-    steps = {r.get("steps") for r in spec.get("runs", [])}
-    equal = len(batches) == 1 and len(steps) == 1 and bool(spec.get("runs"))
+    batches = {r.global_batch for r in spec.runs}
+    steps = {r.steps for r in spec.runs}
+    equal = len(batches) == 1 and len(steps) == 1 and bool(spec.runs)
     if equal:
         text += f"; equal steps: every run {steps.pop()} steps at global batch {batches.pop()}"
-    elif b.get("equal_steps"):
+    elif b.equal_steps:
         text += "; equal steps were asked for, but the runs' steps or batches differ"
     return f"Budget: {text}.", equal
 
@@ -133,18 +133,14 @@ def summarize_ablation(out_dir: str | Path) -> dict:
 
 def summarize(out_dir: Path) -> tuple[dict, list[StudyRun]]:
     """The report's numbers and the runs they come from (the figures draw those)."""
-    spec = read_json(out_dir / "ablation.json")
-    if spec is None:
-        raise ConfigError("OUT", f"{out_dir} has no readable ablation.json: not a `pixelrun ablate` folder")
-    runs = load_runs(out_dir, spec)
-    variants = list(spec.get("variants") or dict.fromkeys(r.variant for r in runs))
-    baseline = spec.get("baseline", variants[0] if variants else None)
+    spec = read_plan(out_dir)
+    runs = load_runs(out_dir, spec.runs)
+    variants = list(spec.variants or dict.fromkeys(r.variant for r in runs))
+    baseline = spec.baseline
     by_variant = {v: [r for r in runs if r.variant == v] for v in variants}
-    fractions = sorted(fraction_key(f) for f in spec.get("points", [1.0]))
+    fractions = sorted(fraction_key(f) for f in spec.points)
     final = fractions[-1]
-    protocol = spec.get("protocol", {})
-    primary = protocol.get("primary_guidance")
-    primary = float(primary) if primary is not None else None
+    primary = float(spec.protocol.primary_guidance)
     metrics = list(dict.fromkeys(m for r in runs for p in r.points.values() for m in point_metrics(p)))
 
     def cells(fraction: float, guidance: float | None, names: list[str]) -> dict:
@@ -162,18 +158,18 @@ def summarize(out_dir: Path) -> tuple[dict, list[StudyRun]]:
     floor = {m: stats.noise_floor(cell["per_seed"]) for m, cell in by_point[f"{final:g}"].get(baseline, {}).items()}
     budget_line, equal = _budget_line(spec)
     return {
-        "name": spec.get("name", out_dir.name),
+        "name": spec.name,
         "baseline": baseline,
         "variants": variants,
-        "seeds": spec.get("seeds", []),
-        "budget": spec.get("budget", {}),
+        "seeds": spec.seeds,
+        "budget": spec.budget.content(),
         "budget_line": budget_line,
         "equal_steps": equal,
         "points": fractions,
         "final_point": final,
         "primary_guidance": primary,
-        "protocol": protocol,
-        "machine": spec.get("machine", {}),
+        "protocol": spec.protocol.content(),
+        "machine": spec.machine,
         "metrics": metrics,
         "final": by_point[f"{final:g}"],
         "by_point": by_point,
@@ -184,7 +180,7 @@ def summarize(out_dir: Path) -> tuple[dict, list[StudyRun]]:
         "runs": [_run_row(r) for r in runs],
         "incomplete": [_incomplete(r, final) for r in runs if final not in r.points],
         "confidence": stats.CONFIDENCE,
-        "time_to_target": _time_to_target(runs, spec.get("budget", {}), primary),
+        "time_to_target": _time_to_target(runs, spec.budget, primary),
     }, runs
 
 
@@ -207,13 +203,13 @@ def _guidance_curves(
     return guidance_curves, best
 
 
-def _time_to_target(runs: list[StudyRun], budget: dict, guidance: float | None) -> list[dict]:
+def _time_to_target(runs: list[StudyRun], budget: AblationBudget, guidance: float | None) -> list[dict]:
     """A `target` budget: per run, the first evaluation point at which budget.metric reached
     budget.target (higher or lower, as the metric improves), with its images and training seconds;
     None where it never did. Empty for the other budgets."""
-    if budget.get("kind") != "target" or budget.get("metric") is None or budget.get("target") is None:
+    if budget.kind != "target" or budget.metric is None or budget.target is None:
         return []
-    metric, goal = budget["metric"], float(budget["target"])
+    metric, goal = budget.metric, float(budget.target)
     higher = higher_is_better(metric)
     out = []
     for r in runs:

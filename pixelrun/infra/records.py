@@ -7,7 +7,8 @@ drift apart (renaming a field in the writer fails every reader loudly, not with 
     read_metrics(path)                 # the rows of a metrics.jsonl, a torn line skipped
 
 The records: EvalPoint (points/step_XXXXXXXX.json, one evaluation with a GuidanceResult per guidance
-scale), RunSummary (run-summary.json) and Provenance (provenance.json).
+scale), RunSummary (run-summary.json) and Provenance (provenance.json) in a run folder; AblationPlan
+(an ablation's ablation.json, with its AblationBudget, AblationProtocol and an AblationRun per run).
 
 A file without a ``format`` field predates the versioning and is read as format 1. An unknown
 field, a missing one or a newer format is a RecordError naming the file.
@@ -41,7 +42,11 @@ class Record:
     KIND: ClassVar[str] = "record"
 
     def to_dict(self) -> dict:
-        return {"format": self.FORMAT, **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}}
+        return {"format": self.FORMAT, **self.content()}
+
+    def content(self) -> dict:
+        """The fields as JSON values (nested records as objects), without the format."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(json_row(self.to_dict()), indent=indent, allow_nan=False) + "\n"
@@ -150,6 +155,77 @@ class Provenance(Record):
     command: str
 
 
+@dataclasses.dataclass
+class AblationBudget(Record):
+    """An ablation's budget (docs/ablations.md) and whether its runs train equal steps."""
+
+    KIND: ClassVar[str] = "ablation budget"
+
+    kind: str  # images | flops | minutes | target
+    value: float
+    metric: str | None  # target: the metric to reach
+    target: float | None  # target: the value to reach
+    equal_steps: bool
+    cooldown: float
+
+
+@dataclasses.dataclass
+class AblationProtocol(Record):
+    """How every run of an ablation is evaluated."""
+
+    KIND: ClassVar[str] = "ablation protocol"
+
+    metrics: list[str]
+    prompts: int
+    sample_steps: int
+    guidance: list[float]
+    primary_guidance: float
+    guidance_mode: str
+    weights: str
+    val_images: int
+    spacing: str
+    sample_seed: str  # in words: each run's seed
+
+
+@dataclasses.dataclass
+class AblationRun(Record):
+    """One (variant, seed) run as the plan has it."""
+
+    KIND: ClassVar[str] = "ablation run"
+
+    variant: str
+    seed: int
+    dir: str  # relative to the ablation's folder
+    steps: int
+    global_batch: int
+    images: int
+    flops_per_image: float
+    point_steps: list[int]
+    overrides: list[str]  # the variant's own
+    config: str  # relative to the ablation's folder
+    step_seconds_calibrated: float | None
+    command: str  # for a scheduler
+
+
+@dataclasses.dataclass
+class AblationPlan(Record):
+    """ablation.json: what `pixelrun ablate` planned, and what its report reads beside the run folders."""
+
+    KIND: ClassVar[str] = "ablation plan"
+
+    name: str
+    spec_file: str | None
+    baseline: str
+    variants: list[str]
+    seeds: list[int]
+    budget: AblationBudget
+    points: list[float]  # fractions of the budget
+    protocol: AblationProtocol
+    base: dict[str, Any]  # config, overrides
+    machine: dict[str, Any]  # device, cpu, cores, host
+    runs: list[AblationRun]
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The rows of a metrics.jsonl, each a JSON object with a numeric ``step``; a line that does not
     parse (the torn last line of a run killed mid-write) is skipped, a missing file has no rows."""
@@ -173,7 +249,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, Record):
-        return {k: v for k, v in value.to_dict().items() if k != "format"}
+        return value.content()
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
