@@ -176,7 +176,7 @@ def test_the_point_writer_keeps_what_the_evaluator_returned(tmp_path):
     seen = images_seen(plan, splits, 6)
     assert seen == 4 * 8 + 2 * 4
     point = evaluation_point(6, 10, seen, 1e9, 2.0, scfg, row, results)  # type: ignore[arg-type]
-    path = write_point(tmp_path, point, [np.zeros((4, 4, 3), np.uint8)] * 2)
+    path = write_point(tmp_path, point, np.zeros((2, 4, 4, 3), np.uint8))  # the evaluator's batch
     assert path == tmp_path / "points" / "step_00000006.json"
     back = EvalPoint.read(path)
     assert (back.fraction, back.flops, back.sample_seed, back.prompts) == (0.6, 40e9, 3, ["p0", "p1"])

@@ -58,11 +58,13 @@ def evaluation_point(
     )
 
 
-def write_point(run_dir: Path, point: EvalPoint, images: list[Any] | None) -> Path:
-    """points/step_XXXXXXXX.json and the point's first generated images beside it."""
+def write_point(run_dir: Path, point: EvalPoint, images: Any) -> Path:
+    """points/step_XXXXXXXX.json and the point's first generated images beside it (`images`: the
+    evaluator's batch of them, or None)."""
     path = Path(run_dir) / "points" / EvalPoint.file_name(point.step)
-    for i, image in enumerate(images or []):
-        save_png(image, EvalPoint.image_folder(path) / f"{i:03d}.png")
+    if images is not None:
+        for i, image in enumerate(images):
+            save_png(image, EvalPoint.image_folder(path) / f"{i:03d}.png")
     return point.write(path)
 
 
