@@ -199,8 +199,9 @@ def test_one_command_builder_for_a_scheduler_and_for_this_machine(tmp_path):
     from pixelrun.experiments.plan import Plan, PlannedRun, train_command
     from pixelrun.experiments.spec import LaunchSpec, Spec
 
-    r = PlannedRun("base", 0, "runs/base/seed0", 4, 4, 1e9, [2, 4], [], "configs/base-seed0.yaml")
-    train = ["-m", "pixelrun", "train", "--config", str(tmp_path / "configs" / "base-seed0.yaml")]
+    v = "base"
+    r = PlannedRun(v, 0, f"runs/{v}/seed0", 4, 4, 1e9, [2, 4], [], f"configs/{v}-seed0.yaml")
+    train = ["-m", "pixelrun", "train", "--config", str(tmp_path / "configs" / f"{v}-seed0.yaml")]
     here = {1: ["py", *train], 2: ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *train]}
     for n, command in here.items():
         plan = Plan(Spec(launch=LaunchSpec(nproc_per_node=n)), tmp_path, [r], {}, True, {})
