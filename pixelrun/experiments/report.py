@@ -96,7 +96,7 @@ def _record_table(path: Path, kind: type[Record], heading: str) -> list[tuple]:
     """A run's record as a table of its fields; nothing when the run has not written it."""
     if not path.exists():
         return []
-    fields = {k: v for k, v in kind.read(path).to_dict().items() if k != "format"}
+    fields = kind.read(path).content()
     return [
         ("h2", heading),
         (
