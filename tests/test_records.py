@@ -77,6 +77,7 @@ def test_each_record_round_trips_through_its_file(tmp_path):
         back = type(record).read(path)
         assert back == record
         assert json.loads(path.read_text())["format"] == type(record).FORMAT == 1
+        assert record.content() == {k: v for k, v in json.loads(path.read_text()).items() if k != "format"}
     assert isinstance(EvalPoint.read(tmp_path / "evaluation point.json").results[1], GuidanceResult)
     # a nested record is written without its own format: the file's version covers it
     assert "format" not in json.loads((tmp_path / "evaluation point.json").read_text())["results"][0]
