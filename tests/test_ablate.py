@@ -16,14 +16,8 @@ import yaml
 
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config, model_fields
-from pixelrun.experiments.ablate import (
-    BudgetSpec,
-    load_spec,
-    plan_ablation,
-    point_steps,
-    steps_for_budget,
-    variant_config,
-)
+from pixelrun.experiments.plan import plan_ablation, point_steps, steps_for_budget, variant_config
+from pixelrun.experiments.spec import BudgetSpec, load_spec
 from pixelrun.model.denoiser import ModelConfig
 from pixelrun.model.flops import training_flops_per_image
 from pixelrun.training.schedule import lr_multiplier
@@ -197,6 +191,22 @@ def _run(spec: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pixelrun", "ablate", str(spec)], capture_output=True, text=True, timeout=900
     )
+
+
+def test_one_command_builder_for_a_scheduler_and_for_this_machine(tmp_path):
+    """commands.sh and ablation.json get torchrun whatever the ranks; `execute` starts a plain process
+    for one rank and torch.distributed.run (the same launcher) for more."""
+    from pixelrun.experiments.plan import Plan, PlannedRun, train_command
+    from pixelrun.experiments.spec import LaunchSpec, Spec
+
+    v = "base"
+    r = PlannedRun(v, 0, f"runs/{v}/seed0", 4, 4, 1e9, [2, 4], [], f"configs/{v}-seed0.yaml")
+    train = ["-m", "pixelrun", "train", "--config", str(tmp_path / "configs" / f"{v}-seed0.yaml")]
+    here = {1: ["py", *train], 2: ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *train]}
+    for n, command in here.items():
+        plan = Plan(Spec(launch=LaunchSpec(nproc_per_node=n)), tmp_path, [r], {}, True, {})
+        assert train_command(plan, r, "py") == command
+        assert train_command(plan, r) == ["torchrun", "--standalone", f"--nproc_per_node={n}", *train]
 
 
 def test_ablation_runs_resumes_and_skips_finished_runs(tmp_path):

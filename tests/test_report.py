@@ -1,4 +1,4 @@
-"""pixelrun/experiments/report.py on synthetic folders laid out as `pixelrun ablate` and `pixelrun train` write
+"""pixelrun/experiments/report.py (and the folders, summary, render and figures modules it joins) on synthetic folders laid out as `pixelrun ablate` and `pixelrun train` write
 them: the report's numbers equal those recomputed here from the files, every output is written and
 self-contained, an incomplete ablation is reported rather than fatal, and `pixelrun report RUN`."""
 
@@ -16,7 +16,12 @@ from PIL import Image
 
 from pixelrun.cli import main
 from pixelrun.experiments import stats
-from pixelrun.experiments.report import _jsonable, summarize_ablation, write_ablation_report, write_run_report
+from pixelrun.experiments.figures import is_loss_term, row_panels
+from pixelrun.experiments.folders import StudyRun
+from pixelrun.experiments.render import jsonable
+from pixelrun.experiments.report import write_ablation_report, write_run_report
+from pixelrun.experiments.summary import summarize_ablation
+from pixelrun.infra.records import RecordError, read_metrics
 
 PROMPTS = [f"a red circle in cell {i}" for i in range(8)]
 VAL = ("val/flow/low", "val/flow/mid", "val/flow/high", "val_ema/flow/low", "val_ema/flow/mid", "val_ema/flow/high")
@@ -86,6 +91,7 @@ def write_run(
             "prompts": PROMPTS,
             "val": {k: rng.random() for k in VAL},
             "results": results,
+            "settings": {"guidance": 1.0, "prompts": len(PROMPTS)},
         }
         (d / "points").mkdir(exist_ok=True)
         (d / "points" / f"step_{step:08d}.json").write_text(json.dumps(point))
@@ -98,12 +104,15 @@ def write_run(
             {
                 "status": "done",
                 "steps": steps,
+                "images": steps * batch,
+                "flops": steps * batch * 1e9,
                 "train_seconds": 5.0 + rng.random(),
                 "images_per_s": 100 + rng.random(),
                 "step_seconds": 0.04,
                 "peak_memory_bytes": 2**30,
                 "flops_per_image": 1e9,
                 "device": "cpu",
+                "world_size": 1,
             }
         )
     )
@@ -147,16 +156,26 @@ def ablation(tmp_path):
                 "flops_per_image": 1e9,
                 "point_steps": [5, 10],
                 "overrides": [],
+                "config": f"configs/{v}-seed{seed}.yaml",
+                "step_seconds_calibrated": None,
                 "command": "c",
             }
             for v in ("baseline", "tread")
         ]
     spec = {
         "name": "tread-vs-dense",
+        "spec_file": None,
         "baseline": "baseline",
         "variants": ["baseline", "tread"],
         "seeds": [0, 1],
-        "budget": {"kind": "images", "value": 40.0, "metric": None, "target": None, "equal_steps": True},
+        "budget": {
+            "kind": "images",
+            "value": 40.0,
+            "metric": None,
+            "target": None,
+            "equal_steps": True,
+            "cooldown": 0.2,
+        },
         "points": [0.5, 1.0],
         "protocol": {
             "metrics": ["shapes", "fd-effnet"],
@@ -170,6 +189,7 @@ def ablation(tmp_path):
             "spacing": "diffusers",
             "sample_seed": 0,
         },
+        "base": {"config": None, "overrides": []},
         "machine": {"device": "cpu", "cpu": "test cpu", "host": "h"},
         "runs": runs,
     }
@@ -335,15 +355,11 @@ def test_pixelrun_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 def test_run_report_curves_read_every_loss_term(tmp_path):
     """The loss panel holds every training term the rows carry, and nothing of optimizer or evaluation."""
-    from pixelrun.experiments import report
-
     run = tmp_path / "run"
     write_run(run, np.random.default_rng(3))
-    rows = report.read_metrics(run / "metrics.jsonl")
+    rows = read_metrics(run / "metrics.jsonl")
     assert len(rows) == 12  # the torn last line is skipped
-    panels = report._row_panels(
-        [{"variant": "r", "seed": 0, "rows": rows}], ["r"], report._is_loss_term, lambda r, step: step
-    )
+    panels = row_panels([StudyRun("r", 0, ".", rows=rows)], ["r"], is_loss_term, lambda r, step: step)
     assert [title for title, _ in panels] == ["loss", "flow", "repa"]
     ((_, x, mean, low, high),) = panels[1][1]
     assert low is None and high is None  # one run: no seed band
@@ -364,13 +380,9 @@ def test_an_ablation_before_any_run_finished_still_gets_a_report(ablation):
 def test_a_long_noisy_curve_is_drawn_as_a_moving_average():
     """400 logged losses alternating 0, 1: a window of 4 (1 % of the length) averages every pair to
     0.5; the learning rate is drawn as logged."""
-    from pixelrun.experiments import report
-
     rows = [{"step": s, "loss": float(s % 2), "lr": s * 1e-4} for s in range(1, 401)]
     panels = dict(
-        report._row_panels(
-            [{"variant": "r", "seed": 0, "rows": rows}], ["r"], lambda k: k in ("loss", "lr"), lambda r, step: step
-        )
+        row_panels([StudyRun("r", 0, ".", rows=rows)], ["r"], lambda k: k in ("loss", "lr"), lambda r, step: step)
     )
     ((_, x, mean, _, _),) = panels["loss (moving average of 4)"]
     assert x == list(range(4, 401)) and mean == pytest.approx([0.5] * 397)
@@ -381,7 +393,7 @@ def test_a_long_noisy_curve_is_drawn_as_a_moving_average():
 def test_a_target_budget_reports_when_each_run_reached_it(ablation):
     """The first point at which shapes/placed reached the target, per run, from the point files."""
     spec = json.loads((ablation / "ablation.json").read_text())
-    spec["budget"] = {"kind": "target", "value": 40.0, "metric": "shapes/placed", "target": 0.0, "equal_steps": True}
+    spec["budget"].update(kind="target", metric="shapes/placed", target=0.0)
     (ablation / "ablation.json").write_text(json.dumps(spec))
     first = {(v, s): point_of(ablation, v, s, 5) for v in ("baseline", "tread") for s in (0, 1)}
     target = summarize_ablation(ablation)["time_to_target"]
@@ -405,8 +417,29 @@ def test_each_kept_study_report_rebuilds_from_its_run_folders(study, tmp_path):
     its summary is rebuilt from a copy of the folders and compared with the one kept."""
     copy = tmp_path / study
     shutil.copytree(KEPT / study, copy, ignore=shutil.ignore_patterns("report*", "summary.*"))
-    rebuilt = json.loads(json.dumps(_jsonable(summarize_ablation(copy))))
+    rebuilt = json.loads(json.dumps(jsonable(summarize_ablation(copy))))
     kept = json.loads((KEPT / study / "summary.json").read_text())
     assert rebuilt["final"] and rebuilt["variants"] == kept["variants"]
     for key in ("final", "by_point", "noise_floor", "throughput", "confidence", "budget_line"):
         assert rebuilt[key] == kept[key], key
+
+
+def test_a_point_with_a_renamed_field_stops_the_report_naming_the_file(ablation):
+    """A writer that renamed `per_prompt` fails the reader loudly, not with a silent default."""
+    f = ablation / "runs" / "tread" / "seed0" / "points" / "step_00000010.json"
+    point = json.loads(f.read_text())
+    point["results"][0]["per_prompts"] = point["results"][0].pop("per_prompt")
+    f.write_text(json.dumps(point))
+    with pytest.raises(RecordError, match=rf"^{re.escape(str(f))}: unknown field .*results\[0\]\.per_prompts"):
+        summarize_ablation(ablation)
+
+
+@pytest.mark.parametrize("study", sorted(p.name for p in KEPT.glob("*") if (p / "runs").is_dir()))
+def test_each_kept_study_rebuilds_byte_identical_text(study, tmp_path):
+    """report.md, summary.json, summary.csv and report.html of a kept study, rebuilt from a copy of
+    its folder, are the kept files byte for byte."""
+    copy = tmp_path / study
+    shutil.copytree(KEPT / study, copy)
+    write_ablation_report(copy)
+    for name in ("report.md", "summary.json", "summary.csv", "report.html"):
+        assert (copy / name).read_bytes() == (KEPT / study / name).read_bytes(), name

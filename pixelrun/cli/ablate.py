@@ -1,5 +1,6 @@
 """pixelrun ablate [run|plan|status|report|commands] SPEC.yaml: named variants of a config at an
-equal budget with paired seeds, and their report (pixelrun/experiments/ablate.py, docs/ablations.md)."""
+equal budget with paired seeds, and their report (pixelrun/experiments/spec.py, plan.py and ablate.py;
+docs/ablations.md)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ def run(args) -> int:
     print the steps each variant gets, writing nothing; status: where each run stands; report: the
     report from the run folders (a SPEC or the ablation's folder); commands: write and print one
     torchrun command per run, for a scheduler."""
-    from pixelrun.experiments import ablate
+    from pixelrun.experiments.ablate import execute, status_lines
+    from pixelrun.experiments.plan import describe_plan, plan_ablation, write_plan
+    from pixelrun.experiments.spec import load_spec
 
     action, target = (args.args[0], args.args[1:]) if args.args[0] in ABLATE_ACTIONS else ("run", args.args)
     if len(target) != 1:
@@ -49,22 +52,22 @@ def run(args) -> int:
         )
     if action == "report":
         folder = Path(target[0])
-        out = folder if (folder / "ablation.json").is_file() else Path(ablate.load_spec(folder).out)
+        out = folder if (folder / "ablation.json").is_file() else Path(load_spec(folder).out)
         return _ablation_report(out)
-    spec = ablate.load_spec(target[0])
+    spec = load_spec(target[0])
     if args.parallel is not None:
         if args.parallel < 1:
             raise ConfigError("--parallel", f"must be >= 1; got {args.parallel}")
         spec.launch.parallel = args.parallel
-    plan = ablate.plan_ablation(spec, say=lambda line: print(line, file=sys.stderr))
-    for line in ablate.describe_plan(plan):
+    plan = plan_ablation(spec, say=lambda line: print(line, file=sys.stderr))
+    for line in describe_plan(plan):
         print(line, file=sys.stderr)
     if action == "plan":
         return 0
     if action == "status":
-        print("\n".join(ablate.status_lines(plan)))
+        print("\n".join(status_lines(plan)))
         return 0
-    ablate.write_plan(plan)
+    write_plan(plan)
     if action == "commands":
         print((plan.out / "commands.sh").read_text(), end="")
         print(
@@ -72,7 +75,7 @@ def run(args) -> int:
             file=sys.stderr,
         )
         return 0
-    result = ablate.execute(plan)
+    result = execute(plan)
     if result["interrupted"]:
         print("interrupted: every run saved where it stood; run the same command to resume", file=sys.stderr)
         return 130

@@ -4,6 +4,11 @@ drift apart (renaming a field in the writer fails every reader loudly, not with 
 
     record.write(path)                 # whole or not at all, non-finite numbers as null
     EvalPoint.read(path)               # a typed object, or RecordError naming the file and field
+    read_metrics(path)                 # the rows of a metrics.jsonl, a torn line skipped
+
+The records: EvalPoint (points/step_XXXXXXXX.json, one evaluation with a GuidanceResult per guidance
+scale), RunSummary (run-summary.json) and Provenance (provenance.json) in a run folder; AblationPlan
+(an ablation's ablation.json, with its AblationBudget, AblationProtocol and an AblationRun per run).
 
 A file without a ``format`` field predates the versioning and is read as format 1. An unknown
 field, a missing one or a newer format is a RecordError naming the file.
@@ -38,7 +43,11 @@ class Record:
     KIND: ClassVar[str] = "record"
 
     def to_dict(self) -> dict:
-        return {"format": self.FORMAT, **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}}
+        return {"format": self.FORMAT, **self.content()}
+
+    def content(self) -> dict:
+        """The fields as JSON values (nested records as objects), without the format."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(json_row(self.to_dict()), indent=indent, allow_nan=False) + "\n"
@@ -69,9 +78,179 @@ class Record:
         return cls.from_dict(data, path)
 
 
-def _plain(value):
+# ----------------------------------------------------------------------------- the records of a run
+
+
+@dataclasses.dataclass
+class GuidanceResult(Record):
+    """One evaluation at one guidance scale: the metrics and each prompt's values."""
+
+    KIND: ClassVar[str] = "guidance result"
+
+    guidance: float
+    guidance_mode: str
+    metrics: dict[str, Any]  # metric -> a number, or {measure: number} (shapes: placed, exact_set, n, ...)
+    per_prompt: dict[str, Any]  # metric -> {measure: [one value per prompt]}
+
+
+@dataclasses.dataclass
+class EvalPoint(Record):
+    """points/step_XXXXXXXX.json: one evaluation, against steps, images, FLOPs and training time; its
+    first generated images are in points/step_XXXXXXXX/NNN.png (``image_folder``)."""
+
+    KIND: ClassVar[str] = "evaluation point"
+
+    step: int
+    fraction: float  # of the run's train.steps
+    images: int  # training images up to the step
+    flops: float  # training FLOPs up to the step
+    train_seconds: float  # time in training steps up to the step, over every session
+    weights: str  # ema | raw
+    sample_seed: int
+    prompts: list[str]
+    val: dict[str, float | None]  # val/flow/<bin>, val_ema/flow/<bin>
+    results: list[GuidanceResult]  # sample.guidance first, then the eval.guidance sweep
+    settings: dict[str, Any] | None  # the metric settings (eval/settings.json); None without metrics
+
+    @staticmethod
+    def file_name(step: int) -> str:
+        return f"step_{step:08d}.json"
+
+    @staticmethod
+    def image_folder(path: str | Path) -> Path:
+        """The folder of the point's images, beside its file."""
+        return Path(path).with_suffix("")
+
+
+@dataclasses.dataclass
+class RunSummary(Record):
+    """run-summary.json: what a finished run reached and what it cost."""
+
+    KIND: ClassVar[str] = "run summary"
+
+    status: str  # done
+    steps: int
+    images: int
+    flops: float
+    flops_per_image: float
+    train_seconds: float  # time in training steps over every session
+    images_per_s: float  # the median of the logged images/s
+    step_seconds: float  # the last stage's global batch / images_per_s
+    peak_memory_bytes: int
+    device: str
+    world_size: int
+
+
+@dataclasses.dataclass
+class Provenance(Record):
+    """provenance.json: the code, packages, machine and command that produced a run."""
+
+    KIND: ClassVar[str] = "provenance"
+
+    git_commit: str | None
+    git_dirty: bool | None
+    packages: dict[str, str]
+    python: str
+    host: str
+    device: str
+    command: str
+
+
+@dataclasses.dataclass
+class AblationBudget(Record):
+    """An ablation's budget (docs/ablations.md) and whether its runs train equal steps."""
+
+    KIND: ClassVar[str] = "ablation budget"
+
+    kind: str  # images | flops | minutes | target
+    value: float
+    metric: str | None  # target: the metric to reach
+    target: float | None  # target: the value to reach
+    equal_steps: bool
+    cooldown: float
+
+
+@dataclasses.dataclass
+class AblationProtocol(Record):
+    """How every run of an ablation is evaluated."""
+
+    KIND: ClassVar[str] = "ablation protocol"
+
+    metrics: list[str]
+    prompts: int
+    sample_steps: int
+    guidance: list[float]
+    primary_guidance: float
+    guidance_mode: str
+    weights: str
+    val_images: int
+    spacing: str
+    sample_seed: str  # in words: each run's seed
+
+
+@dataclasses.dataclass
+class AblationRun(Record):
+    """One (variant, seed) run as the plan has it."""
+
+    KIND: ClassVar[str] = "ablation run"
+
+    variant: str
+    seed: int
+    dir: str  # relative to the ablation's folder
+    steps: int
+    global_batch: int
+    images: int
+    flops_per_image: float
+    point_steps: list[int]
+    overrides: list[str]  # the variant's own
+    config: str  # relative to the ablation's folder
+    step_seconds_calibrated: float | None
+    command: str  # for a scheduler
+
+
+@dataclasses.dataclass
+class AblationPlan(Record):
+    """ablation.json: what `pixelrun ablate` planned, and what its report reads beside the run folders."""
+
+    KIND: ClassVar[str] = "ablation plan"
+
+    name: str
+    spec_file: str | None
+    baseline: str
+    variants: list[str]
+    seeds: list[int]
+    budget: AblationBudget
+    points: list[float]  # fractions of the budget
+    protocol: AblationProtocol
+    base: dict[str, Any]  # config, overrides
+    machine: dict[str, Any]  # device, cpu, cores, host
+    runs: list[AblationRun]
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl, each a JSON object with a numeric ``step``; a line that does not
+    parse (the torn last line of a run killed mid-write) is skipped, a missing file has no rows."""
+    rows: list[dict] = []
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- reading and writing
+
+
+def _plain(value: Any) -> Any:
     if isinstance(value, Record):
-        return {k: v for k, v in value.to_dict().items() if k != "format"}
+        return value.content()
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -79,7 +258,7 @@ def _plain(value):
     return value
 
 
-def _build(cls, data: dict, source: str, where: str):
+def _build(cls: Any, data: dict, source: str, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -95,7 +274,7 @@ def _build(cls, data: dict, source: str, where: str):
     return cls(**values)
 
 
-def _convert(hint, value, source: str, where: str):
+def _convert(hint: Any, value: Any, source: str, where: str) -> Any:
     """Nested records (also inside lists, dicts and optionals) become their dataclass; the rest stays
     as JSON gave it."""
     if value is None:

@@ -39,14 +39,16 @@ from pixelrun.evaluation.evaluate import (
 )
 from pixelrun.evaluation.validation import ValidationLoss
 from pixelrun.infra import checkpoint as ckpt
-from pixelrun.infra.devices import device_name
 from pixelrun.infra.distributed import DistContext, process_group
-from pixelrun.infra.files import write_atomic
-from pixelrun.infra.grids import save_grid, save_png
+from pixelrun.infra.grids import save_grid
 from pixelrun.infra.locks import folder_lock
-from pixelrun.infra.tracking import Tracker, json_row
+from pixelrun.infra.records import RunSummary
+from pixelrun.infra.tracking import Tracker
 from pixelrun.model.text import text_encoder
 from pixelrun.run.messages import describe_run, summary_line
+from pixelrun.run.outputs import POINT_IMAGES, evaluation_point, images_seen, provenance
+from pixelrun.run.outputs import run_summary as summarize_run
+from pixelrun.run.outputs import write_point as write_point_files
 from pixelrun.run.resume import check_init_from, choose_start, restore, run_parts
 from pixelrun.run.stop import StopFlag, TrainingStopped, should_stop
 from pixelrun.training.build import TrainState, build_state
@@ -175,7 +177,7 @@ def open_run(cfg: Config, ctx: DistContext) -> Run:
         saved_step=counters.step if start.meta is not None else -1,
     )
     if ctx.is_main:
-        write_json(run_dir / "provenance.json", provenance(ctx.device))
+        provenance(ctx.device).write(run_dir / "provenance.json")
     run.say(*describe_run(cfg, ctx, st, encoder))
     return run
 
@@ -392,95 +394,15 @@ def evaluate_now(run: Run, scfg: Config) -> dict | None:
     return result
 
 
-POINT_IMAGES = 8  # generated images kept per evaluation point, for grids of the same prompts across runs
-
-
-def images_seen(run: Run, step: int) -> int:
-    """Training images up to `step`, over the stages (each with its own global batch)."""
-    return sum(max(0, min(step, s1) - s0) * split[0] for (s0, s1, _), split in zip(run.plan, run.splits))
-
-
 def write_point(run: Run, scfg: Config, row: dict, results: list[dict]) -> Path:
     """points/step_XXXXXXXX.json: this evaluation whole, against steps, images, FLOPs and training
     time; its first generated images as points/step_XXXXXXXX/NNN.png."""
-    name = f"step_{run.step:08d}"
-    folder = run.run_dir / "points"
     images = results[0].pop("images", None) if results else None
-    if images is not None:
-        for i, image in enumerate(images):
-            save_png(image, folder / name / f"{i:03d}.png")
-    seen = images_seen(run, run.step)
-    point = {
-        "step": run.step,
-        "fraction": run.step / run.cfg.train.steps,
-        "images": seen,
-        "flops": seen * run.flops_per_image,
-        "train_seconds": run.train_seconds,
-        "weights": scfg.eval.weights,
-        "sample_seed": scfg.sample.seed,
-        "prompts": results[0]["prompts"] if results else [],
-        "val": {k: v for k, v in row.items() if k.startswith(("val/", "val_ema/"))},
-        "results": [
-            {
-                "guidance": r["settings"]["guidance"],
-                "guidance_mode": r["settings"]["guidance_mode"],
-                "metrics": r["metrics"],
-                "per_prompt": r["per_prompt"],
-            }
-            for r in results
-        ],
-        "settings": results[0]["settings"] if results else None,
-    }
-    return write_json(folder / f"{name}.json", point)
-
-
-def write_json(path: Path, data) -> Path:
-    """Whole or not at all (a temporary file renamed over it); non-finite numbers as null, so the file
-    stays JSON that every reader parses."""
-    return write_atomic(path, json.dumps(json_row(data), indent=1, allow_nan=False) + "\n")
-
-
-def provenance(device) -> dict:
-    """What produced a run: the code (git commit and whether the tree had changes), the packages,
-    the machine and the command (modded-nanogpt keeps the same at the top of every log)."""
-    import platform
-    import socket
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    packages = {}
-    for name in ("pixelrun", "torch", "numpy", "transformers", "diffusers", "webdataset"):
-        try:
-            packages[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    status = git("status", "--porcelain")
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
-        "packages": packages,
-        "python": platform.python_version(),
-        "host": socket.gethostname(),
-        "device": device_name(torch.device(device)),
-        "command": " ".join(sys.argv),
-    }
-
-
-def peak_memory_bytes(device) -> int:
-    """The CUDA allocator's peak on a GPU; the process's peak resident memory on a CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    seen = images_seen(run.plan, run.splits, run.step)
+    point = evaluation_point(
+        run.step, run.cfg.train.steps, seen, run.flops_per_image, run.train_seconds, scfg, row, results
+    )
+    return write_point_files(run.run_dir, point, images)
 
 
 def finish(run: Run, stopped) -> dict:
@@ -506,7 +428,7 @@ def finish(run: Run, stopped) -> dict:
         "step": run.step,
         "checkpoint": str(last),
         "samples": str(final_grid.parent),
-        "train_seconds": elapsed,
+        "session_seconds": elapsed,
         "steps_this_session": run.step - run.start_step,
     }
     result = evaluate_now(run, scfg)
@@ -518,38 +440,23 @@ def finish(run: Run, stopped) -> dict:
             summary["score"] = result["score"]
     summary.update(_data_counts(run))
     if run.ctx.is_main:
-        write_json(run.run_dir / "run-summary.json", run_summary(run))
+        run_summary(run).write(run.run_dir / "run-summary.json")
     run.say(summary_line(run.cfg, run.step, summary, last, final_grid, elapsed))
     return summary
 
 
-def run_summary(run: Run) -> dict:
-    """What a finished run reached and what it cost: steps, images, FLOPs, training time, throughput
-    (the median of the logged images/s, each over the steps since the previous log) and peak memory."""
-    rates = []
-    path = run.run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row.get("images_per_s"), (int, float)) and row["images_per_s"] > 0:
-            rates.append(row["images_per_s"])
-    images = images_seen(run, run.step)
-    rate = float(sorted(rates)[len(rates) // 2]) if rates else images / max(run.train_seconds, 1e-9)
-    return {
-        "status": "done",
-        "steps": run.step,
-        "images": images,
-        "flops": images * run.flops_per_image,
-        "flops_per_image": run.flops_per_image,
-        "train_seconds": run.train_seconds,
-        "images_per_s": rate,
-        "step_seconds": run.splits[-1][0] / rate,
-        "peak_memory_bytes": peak_memory_bytes(run.ctx.device),
-        "device": device_name(run.ctx.device),
-        "world_size": run.ctx.world_size,
-    }
+def run_summary(run: Run) -> RunSummary:
+    """run-summary.json's record: what the finished run reached and what it cost."""
+    return summarize_run(
+        run.run_dir,
+        steps=run.step,
+        images=images_seen(run.plan, run.splits, run.step),
+        flops_per_image=run.flops_per_image,
+        train_seconds=run.train_seconds,
+        global_batch=run.splits[-1][0],
+        device=run.ctx.device,
+        world_size=run.ctx.world_size,
+    )
 
 
 def _data_counts(run: Run) -> dict:

@@ -1,0 +1,210 @@
+"""The SPEC of `pixelrun ablate` (docs/ablations.md): named variants of one base config, the seeds,
+the budget, the evaluation protocol and the launch, read from YAML with every key checked. An unknown
+key or a bad value is a ConfigError naming it; keys the ablation decides for every run (MANAGED) may
+not be set by a variant or the base."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pixelrun.config import ConfigError
+from pixelrun.config.derived import _flat
+from pixelrun.config.schema import _build
+
+
+@dataclass
+class BaseSpec:
+    config: str | None = None  # a config file, relative to the SPEC's folder or the current one; null = the defaults
+    overrides: list[str] = field(default_factory=list)  # dotted key=value, applied to every variant
+
+
+@dataclass
+class BudgetSpec:
+    kind: str = "images"  # images | flops | minutes | target
+    value: float = 0.0  # images; FLOPs; minutes per run; for target: the most images a run may train
+    cooldown: float = 0.2  # the learning rate's final linear decay, as a fraction of each run's steps
+    metric: str | None = None  # target: the metric, as in metrics.jsonl without "eval/" (shapes/placed)
+    target: float | None = None  # target: the value to reach
+    calibration_steps: int = 3  # minutes: timed steps per variant (after one warm-up step)
+
+
+@dataclass
+class EvaluationSpec:
+    points: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # fractions of the budget
+    metrics: list[str] = field(default_factory=lambda: ["shapes"])
+    prompts: int = 256  # enough for the shapes score to resolve a 0.1 difference
+    sample_steps: int = 25
+    guidance: list[float] = field(default_factory=lambda: [4.0])  # the first is the primary; more = a sweep
+    guidance_mode: str = "cfg"
+    weights: str = "ema"  # ema | raw
+    val_images: int = 32  # the validation loss by noise level; 0 = off
+
+
+@dataclass
+class LaunchSpec:
+    parallel: int = 1  # runs at a time on this machine (each gets cores / parallel threads)
+    nproc_per_node: int = 1  # ranks per run: 1 = a plain process, more = torchrun --standalone
+
+
+@dataclass
+class Spec:
+    name: str = ""
+    out: str = ""  # the ablation's folder; default runs/ablations/<name>
+    baseline: str = ""  # default: the first variant
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    base: BaseSpec = field(default_factory=BaseSpec)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
+    variants: dict = field(default_factory=dict)  # name -> [key=value, ...] or a YAML overlay {section: {key: value}}
+    path: Path | None = None  # where the SPEC was read from
+
+
+BUDGETS = ("images", "flops", "minutes", "target")
+# What the ablation decides for every run: a variant or the base may not set these.
+MANAGED = (
+    "run.dir",
+    "run.resume",
+    "run.init_from",
+    "seed",
+    "sample.seed",
+    "train.steps",
+    "train.cooldown",
+    "train.max_minutes",
+    "eval.every",
+    "eval.at_steps",
+    "eval.metrics",
+    "eval.prompts",
+    "eval.guidance",
+    "eval.weights",
+    "eval.val_images",
+    "sample.steps",
+    "sample.guidance",
+    "sample.guidance_mode",
+    "log.flops_per_image",
+    "stages",
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def load_spec(path: str | Path) -> Spec:
+    """The SPEC file, every key checked: an unknown key or a bad value is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("SPEC", f"no such file: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError("SPEC", f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("SPEC", f"{p} must be a mapping of keys (name, base, variants, seeds, budget, ...)")
+    data = dict(data)
+    variants = data.pop("variants", None)
+    if "path" in data:
+        raise ConfigError("spec.path", "unknown key")
+    if isinstance(data.get("seeds"), int) and not isinstance(data.get("seeds"), bool):
+        data["seeds"] = list(range(data["seeds"]))  # a count
+    spec = _build(Spec, data, "spec.")
+    spec.path = p
+    spec.variants = _variants(variants)
+    spec.name = spec.name or p.stem
+    spec.out = spec.out or str(Path("runs") / "ablations" / spec.name)
+    spec.baseline = spec.baseline or next(iter(spec.variants))
+    _check_spec(spec)
+    return spec
+
+
+def _variants(raw) -> dict[str, list[str]]:
+    """name -> dotted overrides, from a list of key=value or a YAML overlay."""
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(
+            "spec.variants",
+            "needs at least one named variant: {name: [key=value, ...]} "
+            "(the baseline usually has none: `baseline: []`)",
+        )
+    out = {}
+    for name, value in raw.items():
+        name = str(name)
+        if not _NAME.match(name):
+            raise ConfigError(
+                f"spec.variants.{name}",
+                "a variant's name is its folder: letters, digits and _ . + - only, not starting with a symbol",
+            )
+        if value is None:
+            value = []
+        if isinstance(value, dict):
+            out[name] = [f"{k}={json.dumps(v)}" for k, v in _flat(value).items()]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            out[name] = list(value)
+        else:
+            raise ConfigError(
+                f"spec.variants.{name}",
+                "must be a list of key=value overrides or a YAML overlay ({section: {key: value}})",
+            )
+    lowered = [n.lower() for n in out]
+    for n in out:  # folders that differ only in case are one folder on macOS and Windows file systems
+        if lowered.count(n.lower()) > 1:
+            raise ConfigError(
+                f"spec.variants.{n}", "two variants would share one run folder (names differ only in case)"
+            )
+    return out
+
+
+def _check_spec(spec: Spec) -> None:
+    b, e = spec.budget, spec.evaluation
+    if b.kind not in BUDGETS:
+        raise ConfigError("spec.budget.kind", f"must be one of {', '.join(BUDGETS)}; got {b.kind!r}")
+    if not (math.isfinite(b.value) and b.value > 0):
+        raise ConfigError("spec.budget.value", f"must be a positive number ({UNITS[b.kind]}); got {b.value}")
+    if not 0 <= b.cooldown <= 1:
+        raise ConfigError("spec.budget.cooldown", f"must be in [0, 1]; got {b.cooldown}")
+    if b.kind == "target" and (b.metric is None or b.target is None):
+        raise ConfigError(
+            "spec.budget.metric" if b.metric is None else "spec.budget.target",
+            "a target budget names a metric and the value to reach (metric: shapes/placed, target: 0.5)",
+        )
+    if b.calibration_steps < 1:
+        raise ConfigError("spec.budget.calibration_steps", f"must be >= 1; got {b.calibration_steps}")
+    if not e.points or any(not 0 < f <= 1 for f in e.points):
+        raise ConfigError("spec.evaluation.points", f"must be fractions of the budget in (0, 1]; got {e.points}")
+    if not e.guidance:
+        raise ConfigError("spec.evaluation.guidance", "needs at least one guidance scale")
+    if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
+        raise ConfigError("spec.seeds", f"must be distinct seeds (or a count); got {spec.seeds}")
+    if spec.baseline not in spec.variants:
+        raise ConfigError("spec.baseline", f"{spec.baseline!r} is not one of the variants ({', '.join(spec.variants)})")
+    if spec.launch.parallel < 1 or spec.launch.nproc_per_node < 1:
+        raise ConfigError(
+            "spec.launch.parallel" if spec.launch.parallel < 1 else "spec.launch.nproc_per_node", "must be >= 1"
+        )
+    for where, overrides in [
+        ("spec.base.overrides", spec.base.overrides),
+        *((f"spec.variants.{n}", o) for n, o in spec.variants.items()),
+    ]:
+        for item in overrides:
+            key = override_key(item)
+            if key in MANAGED or key.startswith("stages"):
+                raise ConfigError(
+                    f"{where}",
+                    f"sets {key}, which the ablation decides for every run (from the "
+                    f"budget, the seeds, the evaluation protocol or the run folder)",
+                )
+
+
+UNITS = {
+    "images": "training images per run",
+    "flops": "training FLOPs per run",
+    "minutes": "minutes of training per run",
+    "target": "the most training images a run may use",
+}
+
+
+def override_key(item: str) -> str:
+    """The dotted key of a key=value override."""
+    return item.split("=", 1)[0].strip()

@@ -1,0 +1,261 @@
+"""The numbers of an ablation's report, from its folder alone: per variant, metric, budget point and
+guidance the mean over seeds with its interval, the paired difference from the baseline with its
+interval and verdict (pixelrun/experiments/stats.py), the guidance curves, the noise floor, the
+throughput and, for a `target` budget, when each run reached it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from pixelrun.experiments import stats
+from pixelrun.experiments.folders import (
+    StudyRun,
+    fraction_key,
+    higher_is_better,
+    load_runs,
+    point_metrics,
+    point_value,
+    read_plan,
+)
+from pixelrun.infra.records import AblationBudget, AblationPlan
+
+
+def _cell(
+    runs: list[StudyRun],
+    base_runs: list[StudyRun],
+    metric: str,
+    fraction: float,
+    guidance: float | None,
+    is_baseline: bool,
+) -> dict | None:
+    """One variant x metric x point x guidance: the mean over seeds with its interval, the paired
+    difference from the baseline with its interval, and the verdict."""
+
+    def values(rs: list[StudyRun]) -> dict[int, tuple[float, list[float] | None]]:
+        out = {}
+        for r in rs:
+            point = r.points.get(fraction)
+            v = point_value(point, metric, guidance) if point else None
+            if v is not None:
+                out[r.seed] = v
+        return out
+
+    mine = values(runs)
+    if not mine:
+        return None
+    seeds = sorted(mine)
+    prompts = [p for s in seeds if (p := mine[s][1]) is not None]
+    if len(prompts) == len(seeds) and len({len(p) for p in prompts}) == 1:
+        mean = stats.two_level_bootstrap(np.array(prompts))
+    else:
+        mean = stats.t_interval([mine[s][0] for s in seeds])
+    cell = {
+        "metric": metric,
+        "guidance": guidance,
+        "higher_is_better": higher_is_better(metric),
+        "seeds": seeds,
+        "per_seed": [mine[s][0] for s in seeds],
+        "mean": mean.as_dict(),
+        "delta": None,
+        "verdict": None,
+    }
+    if is_baseline:
+        return cell
+    theirs = values(base_runs)
+    common = [s for s in seeds if s in theirs]
+    if not common:
+        cell["verdict"] = stats.NO_INTERVAL
+        cell["delta_note"] = "no seed evaluated in both this variant and the baseline"
+        return cell
+    a = [p for s in common if (p := mine[s][1]) is not None]
+    b = [p for s in common if (p := theirs[s][1]) is not None]
+    if len(a) == len(b) == len(common) and len({len(p) for p in a + b}) == 1:
+        delta = stats.paired_bootstrap(np.array(a), np.array(b))
+    else:
+        delta = stats.paired_t([mine[s][0] for s in common], [theirs[s][0] for s in common])
+    cell["delta"] = delta.as_dict()
+    cell["verdict"] = stats.verdict(delta, higher_is_better(metric))
+    return cell
+
+
+def _guidances(runs: list[StudyRun], fraction: float) -> list[float]:
+    return sorted({float(res.guidance) for r in runs if fraction in r.points for res in r.points[fraction].results})
+
+
+def _throughput(runs: list[StudyRun]) -> dict:
+    """Speed and what was reached, averaged over the variant's runs that have it."""
+
+    def mean_of(values: Iterable[object]) -> float | None:
+        numbers = [float(v) for v in values if isinstance(v, (int, float))]
+        return float(np.mean(numbers)) if numbers else None
+
+    summaries = [r.summary for r in runs if r.summary is not None]
+    last = [r.points[max(r.points)] for r in runs if r.points]
+    return {
+        "images_per_s": mean_of(s.images_per_s for s in summaries),
+        "step_seconds": mean_of(s.step_seconds for s in summaries),
+        "peak_memory_bytes": mean_of(s.peak_memory_bytes for s in summaries),
+        "train_seconds": mean_of(s.train_seconds for s in summaries),
+        "flops_per_image": mean_of([s.flops_per_image for s in summaries] or [r.flops_per_image for r in runs]),
+        "step_reached": mean_of(p.step for p in last),
+        "images_reached": mean_of(p.images for p in last),
+        "flops_reached": mean_of(p.flops for p in last),
+    }
+
+
+def _budget_line(spec: AblationPlan) -> tuple[str, bool]:
+    """The sentence stating the budget, and whether every run trained the same steps at the same batch."""
+    b = spec.budget
+    kind, value = b.kind, b.value
+    text = {
+        "images": lambda: f"{value:,.0f} training images per run",
+        "flops": lambda: f"{value:.3g} training FLOPs per run",
+        "minutes": lambda: f"{value:g} minutes of training per run",
+        "target": lambda: f"training until {b.metric} reaches {b.target} (at most {value:g})",
+    }.get(kind, lambda: f"{kind} {value}")()
+    batches = {r.global_batch for r in spec.runs}
+    steps = {r.steps for r in spec.runs}
+    equal = len(batches) == 1 and len(steps) == 1 and bool(spec.runs)
+    if equal:
+        text += f"; equal steps: every run {steps.pop()} steps at global batch {batches.pop()}"
+    elif b.equal_steps:
+        text += "; equal steps were asked for, but the runs' steps or batches differ"
+    return f"Budget: {text}.", equal
+
+
+def summarize_ablation(out_dir: str | Path) -> dict:
+    """Every number of an ablation's report, from its folder (see pixelrun/experiments/report.py)."""
+    return summarize(Path(out_dir))[0]
+
+
+def summarize(out_dir: Path) -> tuple[dict, list[StudyRun]]:
+    """The report's numbers and the runs they come from (the figures draw those)."""
+    spec = read_plan(out_dir)
+    runs = load_runs(out_dir, spec.runs)
+    variants = list(spec.variants or dict.fromkeys(r.variant for r in runs))
+    baseline = spec.baseline
+    by_variant = {v: [r for r in runs if r.variant == v] for v in variants}
+    fractions = sorted(fraction_key(f) for f in spec.points)
+    final = fractions[-1]
+    primary = float(spec.protocol.primary_guidance)
+    metrics = list(dict.fromkeys(m for r in runs for p in r.points.values() for m in point_metrics(p)))
+
+    def cells(fraction: float, guidance: float | None, names: list[str]) -> dict:
+        return {
+            v: {
+                m: c
+                for m in names
+                if (c := _cell(by_variant[v], by_variant.get(baseline, []), m, fraction, guidance, v == baseline))
+            }
+            for v in variants
+        }
+
+    by_point = {f"{f:g}": cells(f, primary, metrics) for f in fractions}
+    guidance_curves, best = _guidance_curves(runs, variants, metrics, final, cells)
+    floor = {m: stats.noise_floor(cell["per_seed"]) for m, cell in by_point[f"{final:g}"].get(baseline, {}).items()}
+    budget_line, equal = _budget_line(spec)
+    return {
+        "name": spec.name,
+        "baseline": baseline,
+        "variants": variants,
+        "seeds": spec.seeds,
+        "budget": spec.budget.content(),
+        "budget_line": budget_line,
+        "equal_steps": equal,
+        "points": fractions,
+        "final_point": final,
+        "primary_guidance": primary,
+        "protocol": spec.protocol.content(),
+        "machine": spec.machine,
+        "metrics": metrics,
+        "final": by_point[f"{final:g}"],
+        "by_point": by_point,
+        "guidance": guidance_curves,
+        "best_guidance": best,
+        "noise_floor": floor,
+        "throughput": {v: _throughput(by_variant[v]) for v in variants},
+        "runs": [_run_row(r) for r in runs],
+        "incomplete": [_incomplete(r, final) for r in runs if final not in r.points],
+        "confidence": stats.CONFIDENCE,
+        "time_to_target": _time_to_target(runs, spec.budget, primary),
+    }, runs
+
+
+def _guidance_curves(
+    runs: list[StudyRun], variants: list[str], metrics: list[str], final: float, cells: Callable
+) -> tuple[dict, dict]:
+    """With a guidance sweep: each variant's cells at the budget by guidance, per evaluation metric,
+    and the guidance that scored best; both empty with one guidance."""
+    guidance_curves: dict = {}
+    best: dict = {}
+    eval_metrics = [m for m in metrics if not m.startswith("val")]
+    all_guidance = _guidances(runs, final)
+    if len(all_guidance) > 1:
+        curves = {g: cells(final, g, eval_metrics) for g in all_guidance}
+        for v in variants:
+            guidance_curves[v] = {m: [curves[g][v][m] for g in all_guidance if m in curves[g][v]] for m in eval_metrics}
+            best[v] = {
+                m: _best_guidance(points, higher_is_better(m)) for m, points in guidance_curves[v].items() if points
+            }
+    return guidance_curves, best
+
+
+def _time_to_target(runs: list[StudyRun], budget: AblationBudget, guidance: float | None) -> list[dict]:
+    """A `target` budget: per run, the first evaluation point at which budget.metric reached
+    budget.target (higher or lower, as the metric improves), with its images and training seconds;
+    None where it never did. Empty for the other budgets."""
+    if budget.kind != "target" or budget.metric is None or budget.target is None:
+        return []
+    metric, goal = budget.metric, float(budget.target)
+    higher = higher_is_better(metric)
+    out = []
+    for r in runs:
+        reached = None
+        for fraction in sorted(r.points):
+            point = r.points[fraction]
+            value = point_value(point, metric, guidance)
+            if value is not None and (value[0] >= goal if higher else value[0] <= goal):
+                reached = {
+                    "step": point.step,
+                    "images": point.images,
+                    "train_seconds": point.train_seconds,
+                    "value": value[0],
+                }
+                break
+        out.append({"variant": r.variant, "seed": r.seed, "reached": reached})
+    return out
+
+
+def _best_guidance(curve: list[dict], higher: bool) -> float:
+    pick = max if higher else min
+    return pick(curve, key=lambda c: c["mean"]["estimate"])["guidance"]
+
+
+def _incomplete(run: StudyRun, final: float) -> dict:
+    """A run without an evaluation at the budget, and why."""
+    if run.status == "missing":
+        reason = "no run folder"
+    else:
+        reached = ", ".join(f"{f:g}" for f in sorted(run.points)) or "none"
+        reason = f"no evaluation at the budget (fraction {final:g}); points reached: {reached}"
+    return {"variant": run.variant, "seed": run.seed, "dir": run.dir, "status": run.status, "reason": reason}
+
+
+def _run_row(run: StudyRun) -> dict:
+    last = run.points[max(run.points)] if run.points else None
+    return {
+        "variant": run.variant,
+        "seed": run.seed,
+        "dir": run.dir,
+        "status": run.status,
+        "points": sorted(run.points),
+        "step": last.step if last else None,
+        "images": last.images if last else None,
+        "flops": last.flops if last else None,
+        "train_seconds": last.train_seconds if last else None,
+        "global_batch": run.global_batch,
+        "command": run.command,
+    }
