@@ -5,12 +5,14 @@ validated; and back out to YAML.
 
 from __future__ import annotations
 
+import copy
+import sys
 from pathlib import Path
 
 import yaml
 
 from pixelrun.config.errors import ConfigError
-from pixelrun.config.schema import Config, _build, to_dict
+from pixelrun.config.schema import MOVED_KEYS, Config, _build, to_dict
 from pixelrun.config.validate import validate
 
 
@@ -93,16 +95,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 "--config",
                 f"{p} must hold a mapping of sections (run:, model:, train:, ...); it holds a {type(data).__name__}",
             )
-    data = _merge(data, parse_overrides(list(overrides)))
+    data = _merge(move_old_keys(data), move_old_keys(parse_overrides(list(overrides))))
     return config_from_dict(data)
 
 
 def with_overrides(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A config from a saved tree (a checkpoint's) with dotted `key=value` overrides applied."""
-    return config_from_dict(_merge(data, parse_overrides(list(overrides))))
+    return config_from_dict(_merge(move_old_keys(data), move_old_keys(parse_overrides(list(overrides)))))
+
+
+_announced: set[str] = set()
+
+
+def move_old_keys(data: dict) -> dict:
+    """`data` with the keys that left `train` in the split by concern (schema.MOVED_KEYS) at their
+    new place, saying so once per process in one line: a config or run folder written before the
+    split loads and resumes as it did. An old and a new key given together is an error naming both."""
+    train = data.get("train") if isinstance(data, dict) else None
+    old = [k for k in MOVED_KEYS if isinstance(train, dict) and k.split(".", 1)[1] in train]
+    if not old:
+        return data
+    data = copy.deepcopy(data)
+    for key in old:
+        section, name = MOVED_KEYS[key].split(".")
+        target = data.get(section)
+        if not isinstance(target, dict):  # absent, or an empty `optimizer:` line in YAML (None)
+            data[section] = target = {}
+        if name in target:
+            raise ConfigError(key, f"and {MOVED_KEYS[key]} are both given: {key} is the old name; keep {MOVED_KEYS[key]}")
+        target[name] = data["train"].pop(key.split(".", 1)[1])
+    new = [k for k in old if k not in _announced]
+    if new:
+        _announced.update(new)
+        moves = ", ".join(f"{k} -> {MOVED_KEYS[k]}" for k in new)
+        print(f"pixelrun: note: renamed config keys, loaded under their new names: {moves}", file=sys.stderr)
+    return data
 
 
 def config_from_dict(data: dict) -> Config:
+    data = move_old_keys(data)
     cfg = _build(Config, data)
     if cfg.stages:  # the run is as long as its stages
         total = sum(st.steps for st in cfg.stages)

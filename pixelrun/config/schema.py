@@ -120,19 +120,31 @@ class PerceptualConfig:
 
 @dataclass
 class TrainConfig:
+    """The budget and the step: how many optimizer steps of how many images, and what stops a step."""
+
     steps: int = 2000  # optimizer steps (with stages: their sum); the default: under 15 minutes on 2 CPU cores
     batch_size: int = 16  # images per rank in one forward and backward (the micro-batch)
-    lr: float = 1e-3  # peak learning rate, reached after warmup_steps and then held (see cooldown)
-    warmup_steps: int = 50  # linear warm-up of the learning rate from 0
-    # Warmup-stable-decay: the last `cooldown` fraction of train.steps decays the lr linearly towards 0
-    # (0 = constant after the warm-up). Equal-budget comparisons end in a cooldown: rankings of optimizers
-    # and tricks taken before the decay can flip once it ends.
-    cooldown: float = 0.2
+    # The optimizer step sees global_batch_size images = ranks x batch_size x accumulation steps.
+    # batch_size is the micro-batch one rank pushes through the model at once; null = no
+    # accumulation (global = ranks x batch_size).
+    global_batch_size: int | None = None
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    # A step whose loss or gradient norm is not finite is skipped (no parameter, optimizer or EMA
+    # change); this many in a row stop the run, naming the step. Isolated ones are counted in the log.
+    max_nonfinite_steps: int = 3
+    max_minutes: float = 0.0  # stop (and finish normally: grid, eval) after this much training time; 0 = no limit
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW, or Muon for the 2-D weights inside the blocks with AdamW for the rest (pixelrun/training/optim.py)."""
+
+    name: str = "adamw"  # adamw | muon (Muon for the 2-D weights inside blocks, AdamW for the rest)
+    lr: float = 1e-3  # peak learning rate, reached after schedule.warmup_steps and then held (see schedule.cooldown)
     weight_decay: float = 0.0  # AdamW (and Muon) decoupled weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon
-    optimizer: str = "adamw"  # adamw | muon (Muon for the 2-D weights inside blocks, AdamW for the rest)
-    muon_lr: float | None = None  # null = train.lr (the update is RMS-matched to AdamW, so one lr serves both)
+    muon_lr: float | None = None  # null = optimizer.lr (the update is RMS-matched to AdamW, so one lr serves both)
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
     # Newton-Schulz precision: bf16 as torch.optim.Muon runs it (tensor cores on GPUs; torch's update bit for bit
     # on the CPU), or fp32 (more exact; far faster on CPUs without native bf16, such as AVX2-only ones)
@@ -140,24 +152,53 @@ class TrainConfig:
     # Newton-Schulz iterations per Muon update: the recipe's (and torch.optim.Muon's) 5; 3 costs 40% less
     # and leaves the singular values further from 1, where the update's cost shows (small models, CPUs)
     muon_ns_steps: int = 5
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
-    # A step whose loss or gradient norm is not finite is skipped (no parameter, optimizer or EMA
-    # change); this many in a row stop the run, naming the step. Isolated ones are counted in the log.
-    max_nonfinite_steps: int = 3
-    # auto = bf16 autocast on CUDA, fp32 on the CPU: without AVX512-BF16/AMX (AVX2-only CPUs)
-    # bf16 matmuls are emulated and a CPU step is ~50x slower than fp32. Master weights are always fp32.
-    precision: str = "auto"  # auto | bf16 | fp32
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    max_minutes: float = 0.0  # stop (and finish normally: grid, eval) after this much training time; 0 = no limit
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning rate against the step: a pure function of the step and these values
+    (pixelrun/training/schedule.py), so a resume applies the config it runs with."""
+
+    warmup_steps: int = 50  # linear warm-up of the learning rate from 0
+    # Warmup-stable-decay: the last `cooldown` fraction of train.steps decays the lr linearly towards 0
+    # (0 = constant after the warm-up). Equal-budget comparisons end in a cooldown: rankings of optimizers
+    # and tricks taken before the decay can flip once it ends.
+    cooldown: float = 0.2
+
+
+@dataclass
+class CadenceConfig:
+    """How often the loop logs, draws sample grids and saves checkpoints (evaluations: eval.every)."""
+
     log_every: int = 10  # steps between rows of metrics.jsonl and TensorBoard (and at each stage's end)
     sample_every: int = 500  # steps between sample grids (EMA weights); 0 = only at the end
     checkpoint_every: int = 500  # steps between checkpoints; 0 = only at the end (and on Ctrl-C)
     keep_checkpoints: int = 2  # the newest N checkpoints are kept, older ones deleted
+
+
+@dataclass
+class HardwareConfig:
+    """Where one process runs and in which precision (how ranks share a step: parallel.*)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # auto = bf16 autocast on CUDA, fp32 on the CPU: without AVX512-BF16/AMX (AVX2-only CPUs)
+    # bf16 matmuls are emulated and a CPU step is ~50x slower than fp32. Master weights are always fp32.
+    precision: str = "auto"  # auto | bf16 | fp32
     threads: int = 0  # CPU threads for torch; 0 = torch's default
-    # The optimizer step sees global_batch_size images = ranks x batch_size x accumulation steps.
-    # batch_size is the micro-batch one rank pushes through the model at once; null = no
-    # accumulation (global = ranks x batch_size).
-    global_batch_size: int | None = None
+
+
+# Keys that moved out of `train` when it was split by concern: old key -> new key. A YAML file, an
+# override or a saved run's config that uses an old key still loads (load.py moves the value and
+# says so in one line), so every run made before the split resumes.
+MOVED_KEYS = {
+    "train.optimizer": "optimizer.name",
+    **{f"train.{k}": f"optimizer.{k}" for k in ("lr", "weight_decay", "betas", "eps")},
+    **{f"train.{k}": f"optimizer.{k}" for k in ("muon_lr", "muon_momentum", "muon_precision", "muon_ns_steps")},
+    "train.warmup_steps": "schedule.warmup_steps",
+    "train.cooldown": "schedule.cooldown",
+    **{f"train.{k}": f"cadence.{k}" for k in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints")},
+    **{f"train.{k}": f"hardware.{k}" for k in ("device", "precision", "threads")},
+}
 
 
 @dataclass
@@ -275,6 +316,10 @@ class Config:
     repa: REPAConfig = field(default_factory=REPAConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    cadence: CadenceConfig = field(default_factory=CadenceConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

@@ -28,6 +28,10 @@ def validate(cfg: Config) -> None:
     _validate_perceptual(cfg)
     _validate_run(cfg)
     _validate_train(cfg)
+    _validate_optimizer(cfg)
+    _validate_schedule(cfg)
+    _validate_cadence(cfg)
+    _validate_hardware(cfg)
     _validate_parallel(cfg)
     _validate_stages(cfg)
     _validate_ema(cfg)
@@ -132,30 +136,8 @@ def _validate_train(cfg: Config) -> None:
     _positive("train.steps", t.steps)
     _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
     _positive("train.batch_size", t.batch_size)
-    _positive("train.lr", t.lr)
-    _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
-    if not 0 <= t.cooldown <= 1:
-        raise ConfigError("train.cooldown", f"must be a fraction of train.steps in [0, 1]; got {t.cooldown}")
-    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
-    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-        raise ConfigError("train.betas", f"must be two numbers in [0, 1); got {t.betas}")
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
-    _choice("train.optimizer", t.optimizer, ("adamw", "muon"))
-    if t.muon_lr is not None:
-        _positive("train.muon_lr", t.muon_lr)
-    if not 0 <= t.muon_momentum < 1:
-        raise ConfigError("train.muon_momentum", f"must be in [0, 1); got {t.muon_momentum}")
-    _choice("train.muon_precision", t.muon_precision, ("bf16", "fp32"))
-    _positive("train.muon_ns_steps", t.muon_ns_steps)
-    _choice("train.precision", t.precision, ("auto", "bf16", "fp32"))
-    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
-        raise ConfigError("train.device", f"must be auto, cpu, cuda or cuda:N; got {t.device!r}")
-    for k in ("log_every", "sample_every", "checkpoint_every"):
-        _positive(f"train.{k}", getattr(t, k), allow_zero=True)  # 0 = never (except at the end)
-    _positive("train.keep_checkpoints", t.keep_checkpoints)
-    _positive("train.threads", t.threads, allow_zero=True)
     _positive("train.max_minutes", t.max_minutes, allow_zero=True)
-
     if t.global_batch_size is not None:
         _positive("train.global_batch_size", t.global_batch_size)
         if t.global_batch_size % t.batch_size:
@@ -163,6 +145,43 @@ def _validate_train(cfg: Config) -> None:
                 "train.global_batch_size",
                 f"{t.global_batch_size} is not a multiple of the micro-batch train.batch_size={t.batch_size}",
             )
+
+
+def _validate_optimizer(cfg: Config) -> None:
+    o = cfg.optimizer
+    _choice("optimizer.name", o.name, ("adamw", "muon"))
+    _positive("optimizer.lr", o.lr)
+    _positive("optimizer.weight_decay", o.weight_decay, allow_zero=True)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError("optimizer.betas", f"must be two numbers in [0, 1); got {o.betas}")
+    if o.muon_lr is not None:
+        _positive("optimizer.muon_lr", o.muon_lr)
+    if not 0 <= o.muon_momentum < 1:
+        raise ConfigError("optimizer.muon_momentum", f"must be in [0, 1); got {o.muon_momentum}")
+    _choice("optimizer.muon_precision", o.muon_precision, ("bf16", "fp32"))
+    _positive("optimizer.muon_ns_steps", o.muon_ns_steps)
+
+
+def _validate_schedule(cfg: Config) -> None:
+    s = cfg.schedule
+    _positive("schedule.warmup_steps", s.warmup_steps, allow_zero=True)
+    if not 0 <= s.cooldown <= 1:
+        raise ConfigError("schedule.cooldown", f"must be a fraction of train.steps in [0, 1]; got {s.cooldown}")
+
+
+def _validate_cadence(cfg: Config) -> None:
+    c = cfg.cadence
+    for k in ("log_every", "sample_every", "checkpoint_every"):
+        _positive(f"cadence.{k}", getattr(c, k), allow_zero=True)  # 0 = never (except at the end)
+    _positive("cadence.keep_checkpoints", c.keep_checkpoints)
+
+
+def _validate_hardware(cfg: Config) -> None:
+    h = cfg.hardware
+    _choice("hardware.precision", h.precision, ("auto", "bf16", "fp32"))
+    if not (h.device in ("auto", "cpu", "cuda") or h.device.startswith("cuda:")):
+        raise ConfigError("hardware.device", f"must be auto, cpu, cuda or cuda:N; got {h.device!r}")
+    _positive("hardware.threads", h.threads, allow_zero=True)
 
 
 def _validate_parallel(cfg: Config) -> None:
