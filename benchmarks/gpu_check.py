@@ -201,9 +201,9 @@ def bench_overrides(optimizer: str, batch: int) -> list[str]:
         *s.model,
         f"data.resolution={s.resolution}",
         f"train.batch_size={batch}",
-        f"train.optimizer={optimizer}",
+        f"optimizer.name={optimizer}",
         f"parallel.compile={str(s.compile).lower()}",
-        f"train.device={DEVICE}",
+        f"hardware.device={DEVICE}",
     ]
 
 
@@ -334,8 +334,8 @@ DRY_PROJECTION = [
     "perceptual.dino_teacher=efficientnet-lite0",
     "routing.start=null",
     "routing.end=null",
-    "train.precision=fp32",
-    "train.muon_precision=fp32",
+    "hardware.precision=fp32",
+    "optimizer.muon_precision=fp32",
     "parallel.compile=false",
     "stages=[{name: s1, steps: 10, resolution: 48, global_batch_size: 32, batch_size: 1}, "
     "{name: s2, steps: 5, resolution: 64, global_batch_size: 32, batch_size: 1, repa_weight: 0.0}]",
@@ -345,7 +345,7 @@ DRY_PROJECTION = [
 def run_projection(work: Path) -> None:
     from pixelrun.tools.forecast import format_projection, project
 
-    over = [f"train.device={DEVICE}", *(DRY_PROJECTION if DRY else [])]
+    over = [f"hardware.device={DEVICE}", *(DRY_PROJECTION if DRY else [])]
     steps, warmup = (1, 0) if DRY else (3, 2)
     print(
         f"$ pixelrun bench --config configs/speedrun/speedrun.yaml --gpus 32 {' '.join(over)} --steps {steps} "
@@ -422,20 +422,20 @@ def train_overrides(work: Path, steps: int) -> list[str]:
         *s.model,
         f"data.resolution={s.train_resolution}",
         f"train.batch_size={s.train_batch}",
-        "train.optimizer=muon",
+        "optimizer.name=muon",
         "routing.ratio=0.5",
         f"parallel.compile={str(s.compile).lower()}",
         f"data.workers={s.workers}",
         f"train.steps={steps}",
-        f"train.checkpoint_every={s.train_steps[0]}",
-        "train.log_every=1",
-        "train.sample_every=0",
+        f"cadence.checkpoint_every={s.train_steps[0]}",
+        "cadence.log_every=1",
+        "cadence.sample_every=0",
         "eval.metrics=[]",
         "eval.val_images=0",
         "sample.grid_prompts=2",
         f"sample.steps={2 if DRY else 10}",
         f"text.encoder={text_encoder_spec(work)}",
-        f"train.device={DEVICE}",
+        f"hardware.device={DEVICE}",
     ]
 
 
@@ -494,9 +494,9 @@ def run_tiny(work: Path) -> None:
     over = [
         f"run.dir={run_dir}",
         f"train.steps={SIZES.tiny_steps}",
-        f"train.device={DEVICE}",
+        f"hardware.device={DEVICE}",
         f"text.encoder={text_encoder_spec(work)}",
-        "train.sample_every=0",
+        "cadence.sample_every=0",
         "eval.val_images=0",
         *(
             [*SIZES.model, "train.batch_size=2", "eval.metrics=[]", "sample.steps=2", "sample.grid_prompts=1"]

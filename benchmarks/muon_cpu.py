@@ -74,9 +74,9 @@ def time_newton_schulz(mats, dtypes: list[str], rounds: int) -> dict:
 
 
 STEP_ARMS = {
-    "adamw": ["train.optimizer=adamw"],
-    "muon_fp32": ["train.optimizer=muon", "train.muon_precision=fp32"],
-    "muon_bf16": ["train.optimizer=muon", "train.muon_precision=bf16"],
+    "adamw": ["optimizer.name=adamw"],
+    "muon_fp32": ["optimizer.name=muon", "optimizer.muon_precision=fp32"],
+    "muon_bf16": ["optimizer.name=muon", "optimizer.muon_precision=bf16"],
 }
 
 

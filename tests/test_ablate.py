@@ -25,10 +25,10 @@ from pixelrun.training.schedule import lr_multiplier
 TOY = [
     "data.resolution=16",
     "train.batch_size=4",
-    "train.log_every=1",
-    "train.sample_every=0",
-    "train.checkpoint_every=2",
-    "train.warmup_steps=1",
+    "cadence.log_every=1",
+    "cadence.sample_every=0",
+    "cadence.checkpoint_every=2",
+    "schedule.warmup_steps=1",
     "sample.grid_prompts=2",
     "repa.weight=0",  # the default has REPA on; the variants here start without it
 ]
@@ -170,10 +170,10 @@ def test_resume_applies_a_changed_learning_rate(tmp_path, capsys):
         "train.steps=4",
         "eval.prompts=0",
         "eval.val_images=0",
-        "train.cooldown=0.5",
+        "schedule.cooldown=0.5",
     ]
     train(load_config(None, over), stop_at_step=2)
-    summary = train(load_config(None, over + ["train.lr=0.002"]))
+    summary = train(load_config(None, over + ["optimizer.lr=0.002"]))
     assert summary["step"] == 4
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lr = {r["step"]: r["lr"] for r in rows if "lr" in r}
@@ -181,7 +181,7 @@ def test_resume_applies_a_changed_learning_rate(tmp_path, capsys):
     assert lr[1] == pytest.approx(1e-3) and lr[2] == pytest.approx(1e-3)
     assert lr[3] == pytest.approx(2e-3) and lr[4] == pytest.approx(1e-3)
     printed = capsys.readouterr()
-    assert "changed since the checkpoint: train.lr: 0.001 -> 0.002" in printed.out + printed.err
+    assert "changed since the checkpoint: optimizer.lr: 0.001 -> 0.002" in printed.out + printed.err
 
 
 # ----------------------------------------------------------------------------- a whole ablation
@@ -225,7 +225,7 @@ def test_ablation_runs_resumes_and_skips_finished_runs(tmp_path):
     for r in plan["runs"]:
         folder = out / r["dir"]
         cfg = yaml.safe_load((folder / "config.yaml").read_text())
-        assert cfg["seed"] == r["seed"] and cfg["sample"]["seed"] == r["seed"] and cfg["train"]["cooldown"] == 0.2
+        assert cfg["seed"] == r["seed"] and cfg["sample"]["seed"] == r["seed"] and cfg["schedule"]["cooldown"] == 0.2
         point = json.loads((folder / "points" / "step_00000004.json").read_text())
         assert [x["guidance"] for x in point["results"]] == [4.0, 1.0]
         assert len(point["results"][0]["per_prompt"]["shapes"]["placed"]) == 4
@@ -282,9 +282,11 @@ def test_schedule_reapplies_the_configs_optimizer_settings_after_a_load():
     from pixelrun.config import load_config
     from pixelrun.training.schedule import LRSchedule
 
-    cfg = load_config(None, ["train.lr=0.002", "train.betas=[0.8,0.9]", "train.warmup_steps=0", "train.steps=10"])
+    cfg = load_config(
+        None, ["optimizer.lr=0.002", "optimizer.betas=[0.8,0.9]", "schedule.warmup_steps=0", "train.steps=10"]
+    )
     p = torch.nn.Parameter(torch.zeros(2))
-    opt = torch.optim.AdamW([p], lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    opt = torch.optim.AdamW([p], lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas))
     sched = LRSchedule(opt, cfg)
     saved = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=5.0, betas=(0.5, 0.6)).state_dict()
     opt.load_state_dict(saved)

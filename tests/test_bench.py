@@ -21,7 +21,7 @@ TINY = [
     "model.depth=4",
     "data.resolution=32",
     "train.batch_size=2",
-    "train.device=cpu",
+    "hardware.device=cpu",
     "repa.weight=0",  # the model alone (the default has REPA on); the teachers are counted below
 ]
 
@@ -78,7 +78,7 @@ def test_bench_steps_through_the_training_step(monkeypatch):
 
     monkeypatch.setattr(bench, "train_step", spy)
     r = bench.time_steps(
-        load_config(None, [*TINY, "train.optimizer=muon"]),
+        load_config(None, [*TINY, "optimizer.name=muon"]),
         text_dim=8,
         steps=2,
         warmup=1,
@@ -145,7 +145,7 @@ def test_bench_prints_what_its_help_promises(capsys):
             [
                 "bench",
                 *TINY,
-                "train.optimizer=muon",
+                "optimizer.name=muon",
                 "--variants",
                 "routed",
                 "--steps",

@@ -20,10 +20,10 @@ def test_speedrun_configs_load_and_validate(name):
     assert cfg.model.preset == "small" and cfg.train.grad_clip == 0.2 and cfg.ema.decay == 0.999 and cfg.ema.every == 10
     assert cfg.data.resolution == (512 if "512" in name else 1024)
     assert cfg.routing.ratio == 0.5 and (cfg.routing.start, cfg.routing.end) == (2, 12)
-    assert cfg.train.optimizer == "muon" and cfg.sample.guidance_mode == "self" and cfg.sample.guidance == 3.5
+    assert cfg.optimizer.name == "muon" and cfg.sample.guidance_mode == "self" and cfg.sample.guidance == 3.5
     assert cfg.perceptual.lpips_weight == 0.1 and cfg.perceptual.dino_weight == 0.01
     assert cfg.repa.weight == (0.5 if "512" in name else 0.0)
-    assert cfg.train.cooldown == 0.0  # the recipe's lr is constant after the warm-up
+    assert cfg.schedule.cooldown == 0.0  # the recipe's lr is constant after the warm-up
     assert cfg.train.global_batch_size == (1024 if "512" in name else 512) and cfg.parallel.compile
 
 
@@ -42,10 +42,16 @@ def test_the_whole_speedrun_is_one_staged_run():
 def test_overrides_are_typed():
     cfg = load_config(
         None,
-        ["train.steps=7", "train.lr=3e-4", "data.buckets=true", "model.bottleneck_size=null", "train.betas=[0.8, 0.9]"],
+        [
+            "train.steps=7",
+            "optimizer.lr=3e-4",
+            "data.buckets=true",
+            "model.bottleneck_size=null",
+            "optimizer.betas=[0.8, 0.9]",
+        ],
     )
-    assert cfg.train.steps == 7 and cfg.train.lr == 3e-4 and cfg.data.buckets is True
-    assert cfg.model.bottleneck_size is None and cfg.train.betas == [0.8, 0.9]
+    assert cfg.train.steps == 7 and cfg.optimizer.lr == 3e-4 and cfg.data.buckets is True
+    assert cfg.model.bottleneck_size is None and cfg.optimizer.betas == [0.8, 0.9]
 
 
 @pytest.mark.parametrize(
@@ -60,12 +66,12 @@ def test_overrides_are_typed():
         (["data.resolution=50"], "data.resolution"),  # not a multiple of the tiny preset's patch 8
         (["model.preset=huge"], "model.preset"),
         (["model.num_heads=3"], "model.num_heads"),
-        (["train.precision=fp8"], "train.precision"),
+        (["hardware.precision=fp8"], "hardware.precision"),
         (["objective.caption_dropout=1.5"], "objective.caption_dropout"),
         (["ema.decay=1.0"], "ema.decay"),
         (["train.steps=0"], "train.steps"),
         (["sample.spacing=cosine"], "sample.spacing"),
-        (["train.betas=0.9"], "train.betas"),
+        (["optimizer.betas=0.9"], "optimizer.betas"),
         (["data.source=folder"], "data.path"),
         (["notakeyvalue"], "notakeyvalue"),
     ],
@@ -134,17 +140,17 @@ def test_resume_changes_refuse_shapes_and_data_allow_the_rest():
     refused, allowed = resume_changes(
         saved,
         load_config(
-            None, ["model.depth=6", "train.steps=40", "train.lr=1e-4", "data.source=emoji", "sample.guidance=2"]
+            None, ["model.depth=6", "train.steps=40", "optimizer.lr=1e-4", "data.source=emoji", "sample.guidance=2"]
         ),
     )
     assert refused == {"model.depth": (4, 6), "data.source": ("shapes", "emoji")}
-    assert allowed == {"train.steps": (2000, 40), "train.lr": (1e-3, 1e-4), "sample.guidance": (4.0, 2.0)}
+    assert allowed == {"train.steps": (2000, 40), "optimizer.lr": (1e-3, 1e-4), "sample.guidance": (4.0, 2.0)}
     # the preset's own values spelled out build the same model: no change
     assert resume_changes(saved, load_config(None, ["model.depth=4", "model.hidden_size=256"])) == ({}, {})
     refused, _ = resume_changes(
-        saved, load_config(None, ["text.encoder=other", "train.optimizer=muon", "repa.weight=0"])
+        saved, load_config(None, ["text.encoder=other", "optimizer.name=muon", "repa.weight=0"])
     )
-    assert set(refused) == {"text.encoder", "train.optimizer", "repa.weight"}
+    assert set(refused) == {"text.encoder", "optimizer.name", "repa.weight"}
 
 
 def test_repa_projector_width_follows_the_model_and_the_speedrun_keeps_2048():

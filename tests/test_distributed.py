@@ -24,8 +24,8 @@ from pixelrun.run.train import train
 BASE = {
     "train.global_batch_size": 8,
     "eval.prompts": 0,
-    "train.warmup_steps": 1,
-    "train.lr": 3e-3,
+    "schedule.warmup_steps": 1,
+    "optimizer.lr": 3e-3,
     "routing.ratio": 0.5,
     "model.depth": 4,
 }
@@ -106,7 +106,7 @@ def runs(tmp_path_factory, tiny_encoder_dir):
     # The shapes score at the end (sampling a sharded model is collective), plus grids and an evaluation
     # between checkpoints: the EMA updates that follow them once crashed on 2 ranks (a forward-only
     # pass left the sharded EMA's root gathered; tests/test_ema_sharded.py).
-    with_eval = {"eval.prompts": 4, "train.sample_every": 2, "eval.every": 3}
+    with_eval = {"eval.prompts": 4, "cadence.sample_every": 2, "eval.every": 3}
     train(load_config(None, _over(r["one_x8"], enc, 4, 8, **with_eval)))
     train(load_config(None, _over(r["one_x4x2"], enc, 4, 4)))
     r["two_x4_log"] = torchrun(2, _over(r["two_x4"], enc, 4, 4, **with_eval)).stdout
@@ -116,7 +116,7 @@ def runs(tmp_path_factory, tiny_encoder_dir):
     train(load_config(None, _over(r["two_then_one"], enc, 4, 8)))  # the 2-rank checkpoint on 1 rank
     train(load_config(None, _over(r["one_then_two"], enc, 2, 8)))
     torchrun(2, _over(r["one_then_two"], enc, 4, 4))  # the 1-rank checkpoint on 2 ranks
-    muon = {"train.optimizer": "muon", "model.mlp_ratio": 3.04}  # MLP width 97: uneven shards over 2 ranks
+    muon = {"optimizer.name": "muon", "model.mlp_ratio": 3.04}  # MLP width 97: uneven shards over 2 ranks
     train(load_config(None, _over(r["muon_one_x8"], enc, 3, 8, **muon)))
     torchrun(2, _over(r["muon_two_x4"], enc, 3, 4, **muon))
     torchrun(2, _over(r["hsdp_two_x4"], enc, 4, 4, **{"parallel.replicate": 2}))  # 2 replicas of 1 shard

@@ -3,7 +3,7 @@ FSDP2 leaves a root module gathered after a forward, expecting a backward. The E
 shard with shard, so its parameters must be DTensor shards at every update, whatever ran before it.
 
 Reproduced first without the fix (the root's parameters stay full tensors after a forward, which
-is what crashed `torchrun ... train.sample_every=2 train.checkpoint_every=1000` at the update after
+is what crashed `torchrun ... cadence.sample_every=2 cadence.checkpoint_every=1000` at the update after
 a grid), then with it: shards after a forward, and the update equals the unsharded lerp."""
 
 from __future__ import annotations

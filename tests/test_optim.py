@@ -333,7 +333,7 @@ def test_muon_bf16_is_torch_muon_bitwise(nesterov):
 
 
 def test_three_newton_schulz_steps_are_torch_muons_three():
-    """train.muon_ns_steps=3 is torch.optim.Muon with ns_steps=3, bit for bit, and a different update
+    """optimizer.muon_ns_steps=3 is torch.optim.Muon with ns_steps=3, bit for bit, and a different update
     from the default 5 steps."""
     lr = 0.02
     three = lambda m: build_optimizer(m, kind="muon", lr=lr, muon_ns_steps=3)  # noqa: E731
@@ -346,7 +346,7 @@ def test_three_newton_schulz_steps_are_torch_muons_three():
 
 
 def test_muon_fp32_matches_torch_muon():
-    """fp32 Newton-Schulz (train.muon_precision=fp32) is the same update computed more precisely:
+    """fp32 Newton-Schulz (optimizer.muon_precision=fp32) is the same update computed more precisely:
     it agrees with a float64 run to ~1e-5 and with torch's bfloat16 one only to bfloat16 precision
     (about 1.3% of the step here), compared on the parameter change, which is what the update is."""
     lr, wd = 0.02, 0.1
@@ -364,19 +364,19 @@ def test_muon_fp32_matches_torch_muon():
 
 def test_precision_comes_from_the_config():
     model = tiny()
-    cfg = load_config(None, ["train.optimizer=muon"])
-    assert cfg.train.muon_precision == "bf16"
+    cfg = load_config(None, ["optimizer.name=muon"])
+    assert cfg.optimizer.muon_precision == "bf16"
     from pixelrun.training.optim import make_optimizer
 
     assert make_optimizer(model, cfg)[0].param_groups[0]["ns_dtype"] == "bf16"
-    cfg = load_config(None, ["train.optimizer=muon", "train.muon_precision=fp32"])
+    cfg = load_config(None, ["optimizer.name=muon", "optimizer.muon_precision=fp32"])
     assert make_optimizer(model, cfg)[0].param_groups[0]["ns_dtype"] == "fp32"
-    with pytest.raises(ConfigError, match="train.muon_precision: must be one of bf16, fp32; got 'float16'"):
-        load_config(None, ["train.muon_precision=float16"])
-    cfg = load_config(None, ["train.optimizer=muon", "train.muon_ns_steps=3"])
+    with pytest.raises(ConfigError, match="optimizer.muon_precision: must be one of bf16, fp32; got 'float16'"):
+        load_config(None, ["optimizer.muon_precision=float16"])
+    cfg = load_config(None, ["optimizer.name=muon", "optimizer.muon_ns_steps=3"])
     assert make_optimizer(model, cfg)[0].param_groups[0]["ns_steps"] == 3
-    with pytest.raises(ConfigError, match="train.muon_ns_steps"):
-        load_config(None, ["train.muon_ns_steps=0"])
+    with pytest.raises(ConfigError, match="optimizer.muon_ns_steps"):
+        load_config(None, ["optimizer.muon_ns_steps=0"])
 
 
 def test_precision_is_a_setting_not_restored_state():
@@ -568,14 +568,14 @@ def test_is_one_torch_optimizer():
 def test_muon_bf16_on_an_emulating_cpu_is_warned(monkeypatch):
     from pixelrun.infra import precision
 
-    cfg = load_config(overrides=["train.optimizer=muon"])
+    cfg = load_config(overrides=["optimizer.name=muon"])
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(precision, "native_cpu_bf16", lambda: False)
-    assert "train.muon_precision=fp32" in precision.muon_precision_warning(cfg, cpu)
+    assert "optimizer.muon_precision=fp32" in precision.muon_precision_warning(cfg, cpu)
     assert precision.muon_precision_warning(cfg, cuda) is None  # GPUs run bf16 natively
     assert (
         precision.muon_precision_warning(
-            load_config(overrides=["train.optimizer=muon", "train.muon_precision=fp32"]), cpu
+            load_config(overrides=["optimizer.name=muon", "optimizer.muon_precision=fp32"]), cpu
         )
         is None
     )

@@ -102,10 +102,11 @@ def test_shrunk_config_keeps_every_switch():
         want = {k: v for k, v in vars(getattr(cfg, section)).items() if k not in ("steps", "grid_prompts")}
         got = {k: v for k, v in vars(getattr(r, section)).items() if k in want}
         assert got == want, section
-    assert (r.train.optimizer, r.train.grad_clip, r.ema.decay) == ("muon", 0.2, 0.999)
+    assert (r.optimizer.name, r.train.grad_clip, r.ema.decay) == ("muon", 0.2, 0.999)
     assert [s.repa_weight for s in r.stages] == [0.5, 0.0]
     checkpoints, grids, evals = (
-        {s for s in range(1, 11) if s % k == 0} for k in (r.train.checkpoint_every, r.train.sample_every, r.eval.every)
+        {s for s in range(1, 11) if s % k == 0}
+        for k in (r.cadence.checkpoint_every, r.cadence.sample_every, r.eval.every)
     )
     assert checkpoints and grids and evals and not (checkpoints & grids or grids & evals or checkpoints & evals)
     keys = [k for k, _, _ in shrunk.changes]

@@ -59,7 +59,13 @@ def _all_finite(path: Path) -> bool:
 
 def test_a_diverging_run_stops_in_one_line_and_saves_nothing_non_finite(tmp_path, tiny_encoder_dir, capsys):
     run = tmp_path / "run"
-    over = {"train.lr": 1e6, "train.warmup_steps": 0, "train.steps": 8, "train.checkpoint_every": 4, "eval.prompts": 0}
+    over = {
+        "optimizer.lr": 1e6,
+        "schedule.warmup_steps": 0,
+        "train.steps": 8,
+        "cadence.checkpoint_every": 4,
+        "eval.prompts": 0,
+    }
     assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **over)]) == 1
     err = _last_line(
         capsys, "training stopped at step", "not finite for 3 steps in a row", "train.max_nonfinite_steps=3"
@@ -226,7 +232,7 @@ def test_resume_skips_a_corrupted_checkpoint_and_continues_exactly(tmp_path, tin
     """Random bytes inside the newest .distcp: the run says which file, moves it aside, resumes
     from the previous checkpoint (which rotation then keeps), and ends where an uninterrupted run
     ends, bit for bit."""
-    extra = {"train.steps": 8, "train.checkpoint_every": 4, "eval.prompts": 0}
+    extra = {"train.steps": 8, "cadence.checkpoint_every": 4, "eval.prompts": 0}
     full, part = tmp_path / "full", tmp_path / "part"
     train(load_config(None, tiny_overrides(full, tiny_encoder_dir, **extra)))
     cfg = load_config(None, tiny_overrides(part, tiny_encoder_dir, **extra))
@@ -271,7 +277,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary_folder(
     tmp_path, tiny_encoder_dir, capsys, monkeypatch
 ):
     run = tmp_path / "run"
-    over = tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 4, "train.checkpoint_every": 2, "eval.prompts": 0})
+    over = tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 4, "cadence.checkpoint_every": 2, "eval.prompts": 0})
     real_save = torch.save
 
     def full(obj, f, *a, **k):
@@ -480,9 +486,9 @@ def test_bad_config_files_are_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     "override, words",
     [
-        ("train.lr=nan", "train.lr: must be a finite number"),
-        ("train.lr=inf", "train.lr: must be a finite number"),
-        ("train.lr=.nan", "train.lr: must be a finite number"),
+        ("optimizer.lr=nan", "optimizer.lr: must be a finite number"),
+        ("optimizer.lr=inf", "optimizer.lr: must be a finite number"),
+        ("optimizer.lr=.nan", "optimizer.lr: must be a finite number"),
         ("run.dir=", "run.dir: must not be empty"),
         ("run.dir=/dev/null", "run.dir: /dev/null is not a folder"),
         ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps: must be > 0"),

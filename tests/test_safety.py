@@ -109,7 +109,7 @@ def test_resume_with_another_model_or_data_is_refused_before_any_work(tmp_path, 
     for change, key in (
         ({"model.depth": 6}, "model.depth"),
         ({"data.source": "emoji"}, "data.source"),
-        ({"model.hidden_size": 64, "train.optimizer": "muon"}, "model.hidden_size, train.optimizer"),
+        ({"model.hidden_size": 64, "optimizer.name": "muon"}, "model.hidden_size, optimizer.name"),
     ):
         assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{**base, "train.steps": 4, **change})]) == 2
         err = one_line_error(capsys, key, "run.init_from")
@@ -117,9 +117,12 @@ def test_resume_with_another_model_or_data_is_refused_before_any_work(tmp_path, 
         assert (run / "config.yaml").read_text() == saved_yaml  # untouched
         assert ckpt.latest_checkpoint(run).name == "step_00000002"
     # a safe change goes on and says what changed; fewer steps than done says there is nothing to train
-    assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{**base, "train.steps": 3, "train.lr": 0.002})]) == 0
+    assert (
+        main(["train", *tiny_overrides(run, tiny_encoder_dir, **{**base, "train.steps": 3, "optimizer.lr": 0.002})])
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "changed since the checkpoint: train.lr: 0.001 -> 0.002" in out
+    assert "changed since the checkpoint: optimizer.lr: 0.001 -> 0.002" in out
     assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **{**base, "train.steps": 1})]) == 0
     assert "nothing to train: the checkpoint is at step 3 and train.steps is 1" in capsys.readouterr().out
 

@@ -86,7 +86,7 @@ def test_init_from_and_export(tmp_path, tiny_encoder_dir, capsys):
             tiny_overrides(
                 second,
                 tiny_encoder_dir,
-                **{"train.steps": 1, "eval.prompts": 0, "run.init_from": str(first), "train.lr": 1e-12},
+                **{"train.steps": 1, "eval.prompts": 0, "run.init_from": str(first), "optimizer.lr": 1e-12},
             ),
         )
     )

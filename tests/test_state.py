@@ -61,7 +61,7 @@ def _train(trainable, opt, sched, ema, steps: int) -> None:
 
 @pytest.fixture
 def cfg():
-    return load_config(None, ["train.steps=10", "train.warmup_steps=4"])
+    return load_config(None, ["train.steps=10", "schedule.warmup_steps=4"])
 
 
 def test_model_optimizer_and_ema_round_trip(cfg):

@@ -44,7 +44,12 @@ def test_tiny_model_overfits_one_batch(tmp_path, tiny_encoder_dir):
         tiny_overrides(  # 150 steps past train.steps: no cooldown, or the lr would be 0 from step 6
             tmp_path,
             tiny_encoder_dir,
-            **{"model.hidden_size": 64, "train.lr": 3e-3, "objective.caption_dropout": 0.0, "train.cooldown": 0.0},
+            **{
+                "model.hidden_size": 64,
+                "optimizer.lr": 3e-3,
+                "objective.caption_dropout": 0.0,
+                "schedule.cooldown": 0.0,
+            },
         ),
     )
     enc = TextEncoder(tiny_encoder_dir, 16)
@@ -67,7 +72,7 @@ def test_tiny_model_overfits_one_batch(tmp_path, tiny_encoder_dir):
 
 
 def test_interrupted_run_resumes_exactly(tmp_path, tiny_encoder_dir):
-    extra = {"train.steps": 8, "train.checkpoint_every": 4, "eval.prompts": 0, "ema.every": 2}
+    extra = {"train.steps": 8, "cadence.checkpoint_every": 4, "eval.prompts": 0, "ema.every": 2}
     full = tmp_path / "full"
     train(load_config(None, tiny_overrides(full, tiny_encoder_dir, **extra)))
     part = tmp_path / "part"
@@ -91,7 +96,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_encoder_dir):
 def test_validation_bins_at_every_evaluation_and_identical_after_resume(tmp_path, tiny_encoder_dir):
     """The validation loss by noise level (pixelrun/evaluation/validation.py) of the raw and EMA weights, at
     every evaluation and at the end, the same numbers in a run that was stopped and resumed."""
-    extra = {"train.steps": 6, "train.checkpoint_every": 2, "eval.prompts": 0, "eval.every": 2, "eval.val_images": 4}
+    extra = {"train.steps": 6, "cadence.checkpoint_every": 2, "eval.prompts": 0, "eval.every": 2, "eval.val_images": 4}
     full, part = tmp_path / "full", tmp_path / "part"
     train(load_config(None, tiny_overrides(full, tiny_encoder_dir, **extra)))
     cfg = load_config(None, tiny_overrides(part, tiny_encoder_dir, **extra))
@@ -158,7 +163,10 @@ def test_default_run_outputs_sample_and_eval(tmp_path, tiny_encoder_dir, capsys)
     run = tmp_path / "run"
     assert (
         main(
-            ["train", *tiny_overrides(run, tiny_encoder_dir, **{"train.sample_every": 3, "train.checkpoint_every": 3})]
+            [
+                "train",
+                *tiny_overrides(run, tiny_encoder_dir, **{"cadence.sample_every": 3, "cadence.checkpoint_every": 3}),
+            ]
         )
         == 0
     )

@@ -122,7 +122,7 @@ def _fake_run(cfg, rows):
         cfg=cfg,
         plan=plan,
         stage_index=0,
-        step=cfg.train.log_every,
+        step=cfg.cadence.log_every,
         ctx=DistContext(0, 1, 0, CPU),
         clock=(time.time() - 2.0, 0),
         splits=[(16, 16, 1)],

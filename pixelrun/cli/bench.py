@@ -51,8 +51,8 @@ def add_parser(subparsers) -> None:
   parallel.compile=true                  torch.compile each block (the warm-up steps pay the compile;
                                          use --warmup 2 or more)
   parallel.activation_checkpointing=true recompute block activations in the backward
-  train.precision=bf16|fp32              (auto: bf16 on CUDA, fp32 on the CPU)
-  train.optimizer=muon train.muon_precision=bf16|fp32
+  hardware.precision=bf16|fp32              (auto: bf16 on CUDA, fp32 on the CPU)
+  optimizer.name=muon optimizer.muon_precision=bf16|fp32
 
 printed per variant (--out keeps these and more: every step's time, FLOPs by part, the config):
 {_bench_help()}

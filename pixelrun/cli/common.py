@@ -54,7 +54,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *, weights: bool = True) -> 
             default="ema",
             help="ema: the averaged weights (default; what grids and evaluations use); raw: the trained ones",
         )
-    # A flag, not train.device: that key is where the run trained, saved with the checkpoint; inference
+    # A flag, not hardware.device: that key is where the run trained, saved with the checkpoint; inference
     # runs wherever this command runs (a GPU run's checkpoint sampled on a laptop).
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
 

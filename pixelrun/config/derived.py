@@ -109,7 +109,7 @@ def resume_changes(saved: Config, new: Config) -> tuple[dict, dict]:
             refused[f"model.{k}"] = (old_m[k], new_m[k])
     pairs: list[tuple[str, object, object]] = [
         ("text.encoder", saved.text.encoder, new.text.encoder),
-        ("train.optimizer", saved.train.optimizer, new.train.optimizer),
+        ("optimizer.name", saved.optimizer.name, new.optimizer.name),
         ("data.source", saved.data.source, new.data.source),
     ]
     old_p, new_p = has_repa_projector(saved), has_repa_projector(new)

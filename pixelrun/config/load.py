@@ -122,7 +122,9 @@ def move_old_keys(data: dict) -> dict:
         if not isinstance(target, dict):  # absent, or an empty `optimizer:` line in YAML (None)
             data[section] = target = {}
         if name in target:
-            raise ConfigError(key, f"and {MOVED_KEYS[key]} are both given: {key} is the old name; keep {MOVED_KEYS[key]}")
+            raise ConfigError(
+                key, f"and {MOVED_KEYS[key]} are both given: {key} is the old name; keep {MOVED_KEYS[key]}"
+            )
         target[name] = data["train"].pop(key.split(".", 1)[1])
     new = [k for k in old if k not in _announced]
     if new:

@@ -261,7 +261,7 @@ def check_paths(cfg: Config) -> None:
 def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1, say: Say = None):
     """This rank's batches; with data.workers = N > 0 decoded in N processes (the same batches).
     `say` gets the source's notes (malformed caption lines, stored embeddings used or not)."""
-    pin = cfg.data.workers > 0 and cfg.train.device != "cpu" and torch.cuda.is_available()
+    pin = cfg.data.workers > 0 and cfg.hardware.device != "cpu" and torch.cuda.is_available()
     source = with_workers(source_kind(cfg).build(cfg, rank, world_size, say), cfg.data.workers, pin_memory=pin)
     if say is not None and getattr(source, "text_note", None):  # shards: stored caption embeddings or not
         say(source.text_note)

@@ -79,7 +79,7 @@ def execute(plan: Plan, *, parallel: int | None = None) -> dict:
                     r = queue.pop(0)
                     cmd = train_command(plan, r, sys.executable)
                     if parallel > 1:
-                        cmd += [f"train.threads={threads}"]
+                        cmd += [f"hardware.threads={threads}"]
                     log = open(logs / f"{r.variant}-seed{r.seed}.log", "ab")
                     tqdm.write(
                         f"{r.variant} seed {r.seed}: training {r.steps} steps -> {plan.out / r.dir} (log {log.name})",

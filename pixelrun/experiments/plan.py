@@ -177,7 +177,7 @@ def plan_ablation(spec: Spec, *, say=print) -> Plan:
                 f"seed={seed}",
                 f"sample.seed={seed}",
                 f"train.steps={steps}",
-                f"train.cooldown={spec.budget.cooldown}",
+                f"schedule.cooldown={spec.budget.cooldown}",
                 f"eval.at_steps={json.dumps(points[:-1])}",
                 f"log.flops_per_image={fpi}",
             ]

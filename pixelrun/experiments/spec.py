@@ -75,7 +75,7 @@ MANAGED = (
     "seed",
     "sample.seed",
     "train.steps",
-    "train.cooldown",
+    "schedule.cooldown",
     "train.max_minutes",
     "eval.every",
     "eval.at_steps",

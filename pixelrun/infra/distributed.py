@@ -83,7 +83,7 @@ def world_from_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def resolve_device(name: str, key: str = "train.device") -> torch.device:
+def resolve_device(name: str, key: str = "hardware.device") -> torch.device:
     """`auto`, `cpu`, `cuda` or `cuda:N` as a torch device; anything else, or CUDA on a machine without
     it, is a ConfigError naming `key` (the config key, or the flag that gave the name)."""
     if name == "auto":

@@ -98,11 +98,11 @@ def rehearsal_config(cfg: Config, world_size: int, device_type: str = "cpu") -> 
     put("train.batch_size", MICRO_BATCH)
     put("train.global_batch_size", world_size * MICRO_BATCH * ACCUMULATION)
     # the schedule's warm-up spans the resume point, so a schedule that did not resume shows
-    put("train.warmup_steps", min(cfg.train.warmup_steps, total - 2))
-    put("train.log_every", 1)
-    put("train.checkpoint_every", CHECKPOINT_EVERY)
-    put("train.sample_every", SAMPLE_EVERY)
-    put("train.keep_checkpoints", total)  # the resume check starts from the first one
+    put("schedule.warmup_steps", min(cfg.schedule.warmup_steps, total - 2))
+    put("cadence.log_every", 1)
+    put("cadence.checkpoint_every", CHECKPOINT_EVERY)
+    put("cadence.sample_every", SAMPLE_EVERY)
+    put("cadence.keep_checkpoints", total)  # the resume check starts from the first one
     put("train.max_minutes", 0.0)
     put("eval.every", EVAL_EVERY)
     put("eval.prompts", min(cfg.eval.prompts, 4) if cfg.eval.prompts else 0)
@@ -114,10 +114,10 @@ def rehearsal_config(cfg: Config, world_size: int, device_type: str = "cpu") -> 
         put("parallel.replicate", 1)
     if device_type == "cpu" and not native_cpu_bf16():
         # emulated bf16 runs many times slower than fp32 here: the rehearsal would take hours
-        if cfg.train.precision == "bf16":
-            put("train.precision", "fp32")
-        if cfg.train.optimizer == "muon":
-            put("train.muon_precision", "fp32")
+        if cfg.hardware.precision == "bf16":
+            put("hardware.precision", "fp32")
+        if cfg.optimizer.name == "muon":
+            put("optimizer.muon_precision", "fp32")
     put("run.dir", f"{cfg.run.dir.rstrip('/')}-rehearsal")
     put("run.init_from", None)
     try:
@@ -147,9 +147,9 @@ def _smallest_bucket_side(cfg: Config, res: int) -> float:
 def rehearse(cfg: Config) -> dict:
     """Run the rehearsal of `cfg` (one process or under torchrun) and print its report. Returns the
     report on rank 0 ({} elsewhere), or the summary of a run stopped by a signal."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    with process_group(cfg.train.device) as ctx:  # the shrunk config decides replication below
+    if cfg.hardware.threads:
+        torch.set_num_threads(cfg.hardware.threads)
+    with process_group(cfg.hardware.device) as ctx:  # the shrunk config decides replication below
         say = tqdm.write if ctx.is_main else (lambda *a, **k: None)
         shrunk = rehearsal_config(cfg, ctx.world_size, ctx.device.type)
         rcfg = shrunk.config

@@ -56,7 +56,7 @@ def should_stop(
     """Why to stop after this step (a signal, a test's stop_at_step, the time budget), or None.
     Ranks agree: a signal that reached any rank, or rank 0's clock, stops them all together. That
     agreement is a collective with a host sync, so under torchrun it happens on logging steps only
-    (`check_now`): a stop then waits at most train.log_every steps."""
+    (`check_now`): a stop then waits at most cadence.log_every steps."""
     if ctx.distributed and not check_now:
         return None
     why: int | str | None = stop.signal or (

@@ -65,9 +65,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> dict:
     SIGTERM, saving a checkpoint and returning early.
     """
     check_paths(cfg)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    with process_group(cfg.train.device, cfg.parallel.replicate) as ctx:
+    if cfg.hardware.threads:
+        torch.set_num_threads(cfg.hardware.threads)
+    with process_group(cfg.hardware.device, cfg.parallel.replicate) as ctx:
         return run_training(cfg, ctx, stop_at_step)
 
 
@@ -262,11 +262,11 @@ def close_stage(run: Run) -> None:
 
 
 def log_step(run: Run, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, bar) -> bool:
-    """Every train.log_every steps and at a stage's end: the loss terms averaged over ranks (the
+    """Every cadence.log_every steps and at a stage's end: the loss terms averaged over ranks (the
     one host sync of a step), the gradient norm, the learning rate, images/s and, on a device whose
     peak is known, MFU. Returns whether it logged."""
     s1 = run.plan[run.stage_index][1]
-    if run.step % max(run.cfg.train.log_every, 1) and run.step != s1:
+    if run.step % max(run.cfg.cadence.log_every, 1) and run.step != s1:
         return False
     from pixelrun.infra.devices import device_peak_flops
     from pixelrun.training.flops import mfu, stage_model_flops
@@ -306,8 +306,8 @@ def count_nonfinite(run: Run, applied: bool, terms: dict[str, torch.Tensor], gra
         raise TrainingStopped(
             f"training stopped at step {run.step}: the loss or gradient norm was not finite for "
             f"{limit} steps in a row ({what}; train.max_nonfinite_steps={limit}); nothing of them "
-            f"was applied or saved; the last checkpoint is {last or 'none'}. Lower train.lr or raise "
-            f"train.warmup_steps, then run again"
+            f"was applied or saved; the last checkpoint is {last or 'none'}. Lower optimizer.lr or raise "
+            f"schedule.warmup_steps, then run again"
         )
     run.say(
         f"step {run.step}: not finite ({what}); the update was skipped ({run.nonfinite_in_row} in a row, "
@@ -316,16 +316,18 @@ def count_nonfinite(run: Run, applied: bool, terms: dict[str, torch.Tensor], gra
 
 
 def after_step(run: Run, scfg: Config) -> None:
-    """A grid every train.sample_every steps, an evaluation every eval.every, a checkpoint every
-    train.checkpoint_every and at each stage's end (the next stage can always resume from it)."""
+    """A grid every cadence.sample_every steps, an evaluation every eval.every, a checkpoint every
+    cadence.checkpoint_every and at each stage's end (the next stage can always resume from it)."""
     cfg, step = run.cfg, run.step
     s1 = run.plan[run.stage_index][1]
-    if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps:
+    if cfg.cadence.sample_every and step % cfg.cadence.sample_every == 0 and step < cfg.train.steps:
         path = sample_grid(run, scfg, f"step_{step:08d}.png")
         run.tracker.image("samples/ema", path, step)
     if ((cfg.eval.every and step % cfg.eval.every == 0) or step in cfg.eval.at_steps) and step < cfg.train.steps:
         evaluate_now(run, scfg)
-    if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or (step == s1 and s1 < cfg.train.steps):
+    if (cfg.cadence.checkpoint_every and step % cfg.cadence.checkpoint_every == 0) or (
+        step == s1 and s1 < cfg.train.steps
+    ):
         save(run)
 
 
@@ -339,7 +341,7 @@ def save(run: Run) -> Path:
     if run.saved_step == run.step:
         return final
     try:
-        path = run.checkpointer.save(run.run_dir, run.step, to_yaml(run.cfg), run.cfg.train.keep_checkpoints, run.ctx)
+        path = run.checkpointer.save(run.run_dir, run.step, to_yaml(run.cfg), run.cfg.cadence.keep_checkpoints, run.ctx)
     except NonFiniteState as e:
         raise TrainingStopped(
             f"training stopped at step {run.step}: {e.name} holds non-finite values, so no checkpoint "

@@ -58,13 +58,13 @@ def step_context(cfg: Config):
     launch shards it (bf16 parameters gathered, gradients reduced in fp32): one rank's step is one
     GPU's step of a sharded run, communication aside."""
     if world_from_env()[1]:
-        with process_group(cfg.train.device, cfg.parallel.replicate) as ctx:
+        with process_group(cfg.hardware.device, cfg.parallel.replicate) as ctx:
             yield ctx
         return
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.hardware.device)
     cuda = device.type == "cuda"
     if cuda:
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
@@ -178,10 +178,10 @@ def _time_steps(
         "kept_tokens": flops["kept_tokens"],
         "batch_size": b,
         "terms": sorted(k for k in terms if k != "loss"),
-        "optimizer": cfg.train.optimizer
+        "optimizer": cfg.optimizer.name
         + (
-            f" (Newton-Schulz {cfg.train.muon_precision}, {cfg.train.muon_ns_steps} steps)"
-            if cfg.train.optimizer == "muon"
+            f" (Newton-Schulz {cfg.optimizer.muon_precision}, {cfg.optimizer.muon_ns_steps} steps)"
+            if cfg.optimizer.name == "muon"
             else ""
         ),
         "precision": "bf16" if autocast_dtype(cfg, device) == torch.bfloat16 else "fp32",
@@ -254,7 +254,7 @@ def run_bench(
         for r in results.values():
             r["step_time_vs_dense"] = r["step_seconds_median"] / base
     cfg = load_config(config, overrides)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.hardware.device)
     name = device_name(device)
     report = {
         "device": name,

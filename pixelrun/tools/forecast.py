@@ -302,12 +302,12 @@ def median_seconds(run, device, *, steps: int, warmup: int) -> float:
 
 def time_newton_schulz(cfg, text_dim: int, device, *, steps: int, warmup: int) -> tuple[float, list]:
     """Median seconds of one Newton-Schulz pass over every Muon matrix of the model (grouped by
-    shape, in train.muon_precision), and the matrices' shapes."""
+    shape, in optimizer.muon_precision), and the matrices' shapes."""
     with torch.device("meta"):
         shapes = [tuple(p.shape) for p in split_parameters(model_from_config(cfg, text_dim))[0]]
     mats = [torch.randn(s, device=device) for s in shapes]
-    dtype = NS_DTYPES[cfg.train.muon_precision]
-    ns_steps = cfg.train.muon_ns_steps
+    dtype = NS_DTYPES[cfg.optimizer.muon_precision]
+    ns_steps = cfg.optimizer.muon_ns_steps
     return median_seconds(
         lambda: orthogonalize_many(mats, ns_steps, dtype=dtype), device, steps=steps, warmup=warmup
     ), shapes
@@ -321,8 +321,8 @@ def stage_projection(
     shard_group = gpus // cfg.parallel.replicate
     optimizer = step["optimizer_seconds_median"]
     if ns_seconds is not None:  # Muon: the elementwise rest splits evenly, Newton-Schulz by owner
-        cost = [newton_schulz_flops(s, cfg.train.muon_ns_steps) for s in shapes]
-        owners = balanced_owners(shapes, shard_group, cfg.train.muon_ns_steps)
+        cost = [newton_schulz_flops(s, cfg.optimizer.muon_ns_steps) for s in shapes]
+        owners = balanced_owners(shapes, shard_group, cfg.optimizer.muon_ns_steps)
         busiest = max(sum(c for c, o in zip(cost, owners) if o == r) for r in range(shard_group)) / sum(cost)
         per_rank_optimizer = max(optimizer - ns_seconds, 0.0) / shard_group + ns_seconds * busiest
     else:
@@ -377,7 +377,7 @@ def project(
     _check_flags(gpus, loader_cores, micro_batch, steps, warmup)
     cfg = load_config(config, overrides)
     stage_cfgs = _stage_configs(cfg, gpus, micro_batch)  # every split checked before any (slow) work
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.hardware.device)
     check_networks(cfg, architectures)
 
     # The text encoder first, on its own: a 2.6B-parameter encoder need not share memory with the rest.
@@ -479,7 +479,7 @@ def _stage(name: str, c: Config, folders: dict, text_s: float, gpus: int, loader
     )
     ns, shapes = (
         time_newton_schulz(c, t.text_dim, t.device, steps=t.steps, warmup=t.warmup)
-        if c.train.optimizer == "muon"
+        if c.optimizer.name == "muon"
         else (None, [])
     )
     return {"name": name, **stage_projection(c, gpus, step, text_s, ns, shapes, loader_cores), "measured": step}

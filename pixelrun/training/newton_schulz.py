@@ -4,7 +4,7 @@ same shape are stacked and go through one batched matmul chain, so the 112 block
 1.2B model take 6 chains instead of 112. Also its FLOPs (`newton_schulz_flops`) and Muon's lr
 scale by shape (`muon_lr_scale`).
 
-Precision: Newton-Schulz runs in bfloat16 by default (`train.muon_precision: bf16`), as
+Precision: Newton-Schulz runs in bfloat16 by default (`optimizer.muon_precision: bf16`), as
 `torch.optim.Muon` hard-codes (torch/optim/_muon.py, `_zeropower_via_newtonschulz`:
 `grad.bfloat16()`) and as Keller Jordan's reference it cites does; the quintic iteration only
 needs its singular values in roughly [0.7, 1.2], which bf16 gives (about 2% from the float64
@@ -29,7 +29,7 @@ from torch import Tensor
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
 
-# Newton-Schulz precisions: the config's spellings (train.muon_precision) and torch's dtype names
+# Newton-Schulz precisions: the config's spellings (optimizer.muon_precision) and torch's dtype names
 # (which earlier checkpoints stored in the Muon group's "ns_dtype").
 NS_DTYPES = {
     "bf16": torch.bfloat16,

@@ -394,12 +394,12 @@ def build_optimizer(
 def make_optimizer(
     model: nn.Module, cfg: Config, extra_adam_modules: Iterable[nn.Module] = ()
 ) -> tuple[torch.optim.Optimizer, LRSchedule]:
-    """AdamW, or Muon + AdamW (`build_optimizer`), as `cfg.train` sets them, with the learning-rate
+    """AdamW, or Muon + AdamW (`build_optimizer`), as `cfg.optimizer` sets them, with the learning-rate
     schedule (`LRSchedule`)."""
-    t = cfg.train
+    t = cfg.optimizer
     opt = build_optimizer(
         model,
-        kind=t.optimizer,
+        kind=t.name,
         lr=t.lr,
         betas=(t.betas[0], t.betas[1]),
         eps=t.eps,

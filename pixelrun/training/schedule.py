@@ -9,7 +9,7 @@ from pixelrun.config import Config
 
 
 def lr_multiplier(step: int, steps: int, warmup: int, cooldown: float) -> float:
-    """The learning rate of optimizer step `step` (0-based) as a fraction of train.lr: a linear warm-up
+    """The learning rate of optimizer step `step` (0-based) as a fraction of optimizer.lr: a linear warm-up
     over `warmup` steps, constant, then (warmup-stable-decay) a linear decay over the last
     round(cooldown * steps) steps, reaching 1/cooldown_steps at the last step (never 0: every step
     of the budget still moves the weights)."""
@@ -22,15 +22,15 @@ def lr_multiplier(step: int, steps: int, warmup: int, cooldown: float) -> float:
 
 class LRSchedule:
     """The learning rate as a pure function of the step and the config (JiT's `util/lr_sched.py`
-    does the same per epoch), so a resume applies the config it runs with: a changed train.lr,
+    does the same per epoch), so a resume applies the config it runs with: a changed optimizer.lr,
     warm-up or cooldown takes effect, and only the step count comes back from a checkpoint. The
     other optimizer settings of the config (betas, eps, weight decay, Muon's momentum) are re-applied
     after an optimizer state is loaded for the same reason (torch's load_state_dict restores the
     saved ones). Keeps LambdaLR's names (`step`, `get_last_lr`, `state_dict` with `last_epoch`)."""
 
     def __init__(self, opt: torch.optim.Optimizer, cfg: Config):
-        self.opt, t = opt, cfg.train
-        self.steps, self.warmup, self.cooldown = t.steps, t.warmup_steps, t.cooldown
+        self.opt = opt
+        self.steps, self.warmup, self.cooldown = cfg.train.steps, cfg.schedule.warmup_steps, cfg.schedule.cooldown
         self.settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         self.last_epoch = 0
         self._apply()
