@@ -93,7 +93,7 @@ def tiny_overrides(run_dir, encoder_dir, **extra) -> list[str]:
         "sample.steps": 3,
         "sample.grid_prompts": 2,
         "eval.prompts": 4,
-        "eval.val_images": 0,  # the validation loss rows: tests/test_train.py checks them on their own
+        "eval.val_images": 0,  # the validation loss rows: tests/run/test_train.py checks them on their own
         "repa.weight": 0.0,  # the default's teacher would cost more than the tiny model; REPA's tests set it
     }
     base.update(extra)

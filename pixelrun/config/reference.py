@@ -4,7 +4,7 @@
 
 A key's help text is the comment on its line in pixelrun/config/schema.py, then the comment lines directly
 above it (if any); a section's introduction is its class docstring. So a new key documents itself by
-the comment written beside it, and tests/test_config_reference.py fails when a key has none or when
+the comment written beside it, and tests/config/test_config_reference.py fails when a key has none or when
 the committed page differs from this output.
 """
 

@@ -21,7 +21,7 @@ How it counts (docs/recipe.md, "Cost model"):
   size of the forward's two: 3x. Recomputation (flash kernels' score recompute, activation
   checkpointing) is not counted: these are model FLOPs, the numerator of MFU.
 
-tests/test_flops.py checks the forward and the training counts against torch's FlopCounterMode.
+tests/model/test_flops.py checks the forward and the training counts against torch's FlopCounterMode.
 """
 
 from __future__ import annotations

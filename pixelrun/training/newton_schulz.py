@@ -10,7 +10,7 @@ Precision: Newton-Schulz runs in bfloat16 by default (`optimizer.muon_precision:
 needs its singular values in roughly [0.7, 1.2], which bf16 gives (about 2% from the float64
 iteration), and on GPUs bf16 runs on the tensor cores. In bf16 the update is
 `torch.optim.Muon(adjust_lr_fn="match_rms_adamw")`'s bit for bit on the CPU, tall matrices included
-(tests/test_optim.py: every matrix shape of the tiny preset); on a GPU the batched GEMM may sum in
+(tests/training/test_optim.py: every matrix shape of the tiny preset); on a GPU the batched GEMM may sum in
 another order than torch's one-matrix GEMM, so there the two agree to bf16 rounding, not bitwise.
 `fp32` stays a setting: more exact, and far faster on a CPU without native bf16 (on this
 project's AVX2 VM bf16 matmuls are emulated: benchmarks/results/muon-cpu/).
@@ -75,7 +75,7 @@ def orthogonalize_many(
     shape on one device go through one batched chain: a stack copied once into `dtype`, a tall one
     run as its transposed view. The result of a matrix does not depend on
     its batch-mates (per-matrix norms and products); on the CPU it is bitwise the one-by-one
-    result (tests/test_optim.py), on GPUs a batched GEMM may sum in another order than a single
+    result (tests/training/test_optim.py), on GPUs a batched GEMM may sum in another order than a single
     one. Returns views into the stacks."""
     groups: dict[tuple, list[int]] = {}
     for i, u in enumerate(updates):

@@ -105,12 +105,12 @@ def runs(tmp_path_factory, tiny_encoder_dir):
     }
     # The shapes score at the end (sampling a sharded model is collective), plus grids and an evaluation
     # between checkpoints: the EMA updates that follow them once crashed on 2 ranks (a forward-only
-    # pass left the sharded EMA's root gathered; tests/test_ema_sharded.py).
+    # pass left the sharded EMA's root gathered; tests/training/test_ema_sharded.py).
     with_eval = {"eval.prompts": 4, "cadence.sample_every": 2, "eval.every": 3}
     train(load_config(None, _over(r["one_x8"], enc, 4, 8, **with_eval)))
     train(load_config(None, _over(r["one_x4x2"], enc, 4, 4)))
     r["two_x4_log"] = torchrun(2, _over(r["two_x4"], enc, 4, 4, **with_eval)).stdout
-    # A 2-rank run resumed on 2 ranks is the rehearsal test's (tests/test_rehearsal.py: every rank
+    # A 2-rank run resumed on 2 ranks is the rehearsal test's (tests/run/test_rehearsal.py: every rank
     # killed in stage 2, the same command again, the losses of a run never stopped); not run again here.
     torchrun(2, _over(r["two_then_one"], enc, 2, 4))
     train(load_config(None, _over(r["two_then_one"], enc, 4, 8)))  # the 2-rank checkpoint on 1 rank
@@ -154,7 +154,7 @@ def test_checkpoints_move_between_rank_counts(runs):
 
 def test_muon_on_two_ranks_equals_one(runs):
     """Newton-Schulz on whole matrices gathered from uneven FSDP2 shards (pixelrun/training/optim.py). Given
-    the same gradients the sharded update is bitwise the single-device one (tests/test_dist_muon.py);
+    the same gradients the sharded update is bitwise the single-device one (tests/training/test_dist_muon.py);
     here the gradients differ by fp32 reduction order. Newton-Schulz in bf16 (the default) turns
     that into an occasional different rounding of an orthogonalised entry, 2^-8 of it: a weight
     moves by lr * 0.2 sqrt(97) * 2^-8 * |O| ~ 2e-5 * |O| per step, so after 3 steps at lr 3e-3 the

@@ -408,7 +408,7 @@ def test_a_target_budget_reports_when_each_run_reached_it(ablation):
     assert "## Time to reach shapes/placed 2.0" in (ablation / "report.md").read_text()
 
 
-KEPT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "ablations"
+KEPT = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "ablations"
 
 
 @pytest.mark.parametrize("study", sorted(p.name for p in KEPT.glob("*") if (p / "runs").is_dir()))

@@ -320,7 +320,7 @@ def _hold_lock(folder: Path, seconds: float = 60.0) -> subprocess.Popen:
         [sys.executable, "-c", code, str(folder), str(seconds)],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )
     assert proc.stdout.readline().strip() == "held"
     return proc

@@ -8,7 +8,7 @@ from pathlib import Path
 from pixelrun.config import schema
 from pixelrun.config.reference import field_comments, help_texts, keys, reference_markdown
 
-PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 REGENERATE = "python -m pixelrun.config.reference > docs/configuration.md"
 
 

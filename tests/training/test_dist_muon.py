@@ -1,7 +1,7 @@
 """Muon under FSDP2 (`fully_shard`) and HSDP: gloo CPU processes run the optimizer on sharded
 parameters, and the parameters and state must equal a single-process run of the same steps, bit for
 bit: the momentum is elementwise on the shards, the owner orthogonalises the exact gathered matrix
-in a batch whose members do not affect it (bitwise on the CPU, tests/test_optim.py), and gloo's
+in a batch whose members do not affect it (bitwise on the CPU, tests/training/test_optim.py), and gloo's
 reduction of two equal gradients is exact.
 
 Every case in one spawn (starting processes and importing torch is most of the cost). Each rank

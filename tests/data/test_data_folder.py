@@ -263,7 +263,7 @@ def test_ranks_disjoint_within_epoch(tmp_path):
 
 def test_malformed_caption_lines_are_reported_once_at_start(tmp_path, capsys):
     """Counted, and named with the file and the first bad line's number (worker processes:
-    tests/test_loader.py)."""
+    tests/data/test_loader.py)."""
     from pixelrun.config import load_config
     from pixelrun.data.sources import make_batch_source
 

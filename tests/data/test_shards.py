@@ -319,7 +319,7 @@ def test_ranks_see_disjoint_samples_covering_the_epoch(tmp_path):
         seen.append([next(src).captions[0] for _ in range(6)])
         assert src.epoch == 0
     assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 12
-    # worker processes: tests/test_loader.py
+    # worker processes: tests/data/test_loader.py
 
 
 def test_resume_from_state_dict_is_exact(tmp_path):

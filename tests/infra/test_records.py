@@ -25,7 +25,7 @@ from pixelrun.infra.records import (
 )
 from pixelrun.run.outputs import evaluation_point, images_seen, write_point
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 def a_point(step: int = 10) -> EvalPoint:

@@ -7,7 +7,7 @@ import pytest
 from pixelrun.cli import main
 from pixelrun.config import Config, ConfigError, load_config, to_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_yaml_is_exactly_the_defaults():

@@ -30,7 +30,7 @@ from pixelrun.cli import main
 from pixelrun.config import load_config
 from pixelrun.run.rehearse import CHECKPOINT_EVERY, rehearsal_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPEEDRUN = ROOT / "configs" / "speedrun" / "speedrun.yaml"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent.parent / "benchmarks/gpu_check.py")
+spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[2] / "benchmarks/gpu_check.py")
 gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
 spec.loader.exec_module(gpu_check)
 
