@@ -170,3 +170,49 @@ def test_repa_projector_width_follows_the_model_and_the_speedrun_keeps_2048():
         2048,
         512,
     )
+
+
+# ----------------------------------------------------------------------------- keys moved out of train
+
+
+def test_old_train_keys_load_under_their_new_names_with_one_line(tmp_path, capsys, monkeypatch):
+    import pixelrun.config.load as load
+
+    monkeypatch.setattr(load, "_announced", set())
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  steps: 7\n  lr: 0.0003\n  optimizer: muon\n  cooldown: 0.5\n  threads: 1\n")
+    cfg = load_config(old, ["train.log_every=3"])
+    assert (cfg.train.steps, cfg.optimizer.lr, cfg.optimizer.name) == (7, 3e-4, "muon")
+    assert (cfg.schedule.cooldown, cfg.hardware.threads, cfg.cadence.log_every) == (0.5, 1, 3)
+    lines = capsys.readouterr().err.strip().splitlines()
+    # one line for the file's keys, one for the override's: each names old and new
+    assert len(lines) == 2, lines
+    assert "train.lr -> optimizer.lr" in lines[0] and "train.optimizer -> optimizer.name" in lines[0]
+    assert "train.log_every -> cadence.log_every" in lines[1]
+    load_config(old)  # said once per process: the same keys again print nothing
+    assert capsys.readouterr().err == ""
+
+
+def test_an_old_key_in_the_file_yields_to_the_new_key_on_the_command_line(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  lr: 0.0003\n")
+    assert load_config(old, ["optimizer.lr=0.002"]).optimizer.lr == 0.002
+
+
+def test_an_old_and_a_new_key_in_one_place_are_refused_naming_both():
+    with pytest.raises(ConfigError, match=r"^train\.lr: and optimizer\.lr are both given"):
+        load_config(None, ["train.lr=0.1", "optimizer.lr=0.2"])
+
+
+def test_a_saved_config_with_old_keys_builds_the_same_run():
+    from pixelrun.config import config_from_dict
+    from pixelrun.config.schema import MOVED_KEYS
+
+    new = to_dict(load_config(None, ["optimizer.lr=0.002", "cadence.checkpoint_every=7", "hardware.threads=1"]))
+    saved = {k: dict(v) if isinstance(v, dict) else v for k, v in new.items()}  # as a run saved it before the split
+    for old, moved in MOVED_KEYS.items():
+        section, name = moved.split(".")
+        saved["train"][old.split(".")[1]] = saved[section].pop(name)
+    for section in ("optimizer", "schedule", "cadence", "hardware"):
+        assert saved.pop(section) == {}
+    assert to_dict(config_from_dict(saved)) == new
