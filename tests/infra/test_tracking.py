@@ -142,7 +142,9 @@ def test_wandb_offline_gets_the_same_scalars_the_grid_and_the_config(tmp_path, g
     # a resume continues the same W&B run
     again = Tracker(cfg, run, start_step=2)
     again.close()
-    assert {p.name.rsplit("-", 1)[1] for p in run.glob("wandb/offline-run-*")} == {runs[0].run_id}
+    # every offline folder holds the one run's file, run-<id>.wandb (read the id from it: a folder made
+    # in the same second as the first is named offline-run-<time>-<id>-1)
+    assert {p.stem.split("-", 1)[1] for p in run.glob("wandb/offline-run-*/run-*.wandb")} == {runs[0].run_id}
 
 
 def test_wandb_on_without_the_package_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
