@@ -77,7 +77,9 @@ def checkpoint_config(args, command: str, sections: tuple[str, ...]) -> tuple[Co
     """(the checkpoint's config with `args.overrides` applied, those overrides), checked as `pixelrun
     train` checks its own (an unknown key, a wrong type or an invalid value is one line naming the
     key) before any weights are loaded. Only keys of `sections` may change: the rest describes the
-    model the checkpoint holds."""
+    model the checkpoint holds. `args.checkpoint` becomes the checkpoint opened and verified (a
+    `ReadChoice`: a damaged newest one of a run skipped with one line, a damaged one asked for by
+    name refused in one), which the command then loads: verified once."""
     from pixelrun.infra import inference
 
     overrides = list(args.overrides)
@@ -97,6 +99,7 @@ def checkpoint_config(args, command: str, sections: tuple[str, ...]) -> tuple[Co
                 f"pixelrun {command} changes only {' and '.join(s + '.*' for s in sections)} "
                 f"keys; the checkpoint fixes the rest (the config its model was trained with)",
             )
+    args.checkpoint = inference.open_checkpoint(args.checkpoint)
     try:
         cfg = inference.checkpoint_config(args.checkpoint, overrides)[0]
     except ConfigError as e:

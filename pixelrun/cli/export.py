@@ -44,23 +44,22 @@ def run(args) -> int:
     (pixelrun/tools/export_diffusers.py); overrides may change the sampling settings it carries."""
     from pixelrun.config import to_yaml
     from pixelrun.infra import checkpoint as ckpt
-    from pixelrun.infra.inference import checkpoint_config, load_for_inference
-    from pixelrun.model.denoiser import model_from_config
+    from pixelrun.infra.inference import checkpoint_config, load_for_inference, load_model, open_checkpoint
 
     if args.overrides and args.format != "diffusers":
         raise ConfigError("overrides", "only --format diffusers takes overrides (sampling settings)")
-    cfg, path, text_dim = checkpoint_config(args.checkpoint, args.overrides)  # no weights loaded yet
-    try:
-        ckpt.check_export_target(args.out, path)
-    except ckpt.UnsafeOutput as e:
-        raise ConfigError("--out", str(e)) from None
-    marker = ckpt.export_marker(args.format, path, args.weights)
+    # verified once, before any work: a damaged newest checkpoint of a run is skipped with a line, a
+    # damaged checkpoint asked for by name refused in one
+    choice = open_checkpoint(args.checkpoint)
+    cfg, path, _ = checkpoint_config(choice, args.overrides)  # no weights loaded yet
+    _check_target(args.out, path)
     if args.format == "diffusers":
         from pixelrun.tools.export_diffusers import check_config, export_diffusers
 
         check_config(cfg)  # refuse before loading anything
-        model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, "cpu", args.overrides)
-        out = export_diffusers(model, encoder, cfg, args.out, marker)
+        model, encoder, cfg, path = load_for_inference(choice, args.weights, "cpu", args.overrides)
+        _check_target(args.out, path)  # an earlier checkpoint when the newest one's weights failed
+        out = export_diffusers(model, encoder, cfg, args.out, ckpt.export_marker(args.format, path, args.weights))
         import importlib.util
 
         if importlib.util.find_spec("ftfy") is None:
@@ -74,6 +73,17 @@ def run(args) -> int:
         return 0
     if not ckpt.is_complete(path):
         raise ConfigError("--checkpoint", f"{path} is already an exported model")
-    out = ckpt.export_weights(path, args.out, model_from_config(cfg, text_dim), to_yaml(cfg), text_dim, args.weights)
+    model, cfg, path = load_model(choice, args.weights)
+    _check_target(args.out, path)
+    out = ckpt.export_weights(path, args.out, model, to_yaml(cfg), model.cfg.text_dim, args.weights)
     print(f"exported {args.weights} weights of {path} (step {ckpt.load_meta(path).step}) to {out}")
     return 0
+
+
+def _check_target(out: str, source) -> None:
+    from pixelrun.infra import checkpoint as ckpt
+
+    try:
+        ckpt.check_export_target(out, source)
+    except ckpt.UnsafeOutput as e:
+        raise ConfigError("--out", str(e)) from None

@@ -326,16 +326,25 @@ def export_weights(
     text_dim: int,
     weights: str = "ema",
 ) -> Path:
-    """A consolidated safetensors file (whatever the number of ranks that trained it) plus the
-    config, written atomically; `pixelrun sample --checkpoint OUT` accepts the directory."""
+    """`model`, loaded with the `weights` of `checkpoint`, as a consolidated safetensors file (whatever
+    the number of ranks that trained it) plus the config, written atomically; `pixelrun sample
+    --checkpoint OUT` accepts the directory. A non-finite weight is refused, naming the tensor,
+    before anything is written."""
     from safetensors.torch import save_file
 
-    load_weights(checkpoint, model, weights)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    refuse_nonfinite(state, f"the {weights} weights of {checkpoint}")
     with atomic_dir(out, export_marker("safetensors", checkpoint, weights)) as tmp:
         save_file(state, str(tmp / EXPORT_FILE), metadata={"text_dim": str(text_dim), "weights": weights})
         write_atomic(tmp / "config.yaml", config_yaml)
     return Path(out)
+
+
+def refuse_nonfinite(state: dict, what: str) -> None:
+    """An export never writes a NaN or an infinity: a CheckpointError naming the tensor."""
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(f"{what} hold non-finite values ({bad}); nothing exported: use an earlier checkpoint")
 
 
 def saved_config(path: str | Path) -> tuple[dict, int]:

@@ -1,6 +1,7 @@
 """Trusting a checkpoint: `manifest.json` holds the size and CRC-32 of every other file, written last;
 a resume checks every file against it (`verified_latest`) and falls back to the previous checkpoint
-when one does not match (the damaged one is moved aside, never deleted)."""
+when one does not match (the damaged one is moved aside, never deleted). The readers (`pixelrun
+sample`, `eval`, `export`) check the same (`ReadChoice`), fall back the same way, and move nothing."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import zlib
 from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
+from pixelrun.config import ConfigError, RunFailed
 from pixelrun.infra import checkpoint as ckpt
 from pixelrun.infra.files import write_atomic
-from pixelrun.infra.records import CheckpointMeta
+from pixelrun.infra.records import CheckpointMeta, RecordError
 
 MANIFEST = "manifest.json"  # {file name: {"size", "crc32"}} of every other file of a checkpoint
 _READ_CHUNK = 16 << 20
@@ -119,3 +122,100 @@ def verified_latest(run_dir: str | Path, ctx=None, say=print) -> tuple[Path | No
             f"afresh"
         )
     return None, None
+
+
+# ----------------------------------------------------------------------------- readers: sample, eval, export
+
+
+def reader_problem(folder: Path) -> str | None:
+    """What `pixelrun sample`, `eval` or `export` finds wrong with a checkpoint, naming the file, or
+    None; it only reads (training's `verified_latest` is the one that moves a damaged checkpoint
+    aside). Every file against the manifest, then the meta and DCP's `.metadata` parsed: a
+    checkpoint without a manifest (written before manifests existed) is checked for these alone."""
+    if (folder / MANIFEST).exists():
+        problem = checkpoint_problem(folder)
+        if problem is not None:
+            return problem
+    for name, read in (("meta.pt", ckpt.load_meta), (".metadata", _read_metadata)):
+        try:
+            read(folder)
+        except READ_ERRORS as e:  # torch.load and DCP raise many kinds on a damaged file
+            return f"{name} cannot be read ({failure(e)})"
+    return None
+
+
+def _read_metadata(folder: Path):
+    return dcp.FileSystemReader(str(folder)).read_metadata()
+
+
+READ_ERRORS = (Exception, CheckpointException)  # DCP's is a BaseException, wrapping each rank's
+
+
+def failure(e: BaseException) -> str:
+    """A read that failed, in a few words on one line: the kind of the underlying exception (DCP's
+    wraps each rank's; a RecordError the one torch.load raised) and, where it is pixelrun's own
+    or short, its message."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    elif e.__context__ is not None and isinstance(e, RecordError):
+        e = e.__context__  # the message of torch.load's unpickler runs over many lines
+    lines = str(e).strip().splitlines()
+    if not lines or (len(lines) > 1 and not isinstance(e, RunFailed)):
+        return type(e).__name__
+    return f"{type(e).__name__}: {lines[0][:200]}"
+
+
+class ReadChoice:
+    """The checkpoint a reader opens, and where it falls back to. Given a run directory: its newest
+    checkpoint that passes `reader_problem`; each newer one is skipped with one line through `say`,
+    naming it and what is wrong (nothing is moved). Given a checkpoint directory (or an exported
+    model): that one, or a ConfigError naming the file and the problem (the user asked for it)."""
+
+    def __init__(self, path: Path, explicit: bool, older: list[Path], say):
+        self.path, self.explicit, self.older, self.say = path, explicit, older, say
+
+    @classmethod
+    def open(cls, checkpoint: str | Path, say=print) -> ReadChoice:
+        p = Path(checkpoint)
+        if p.is_file() and p.name in ("meta.pt", ckpt.EXPORT_FILE):
+            p = p.parent
+        if (p / ckpt.EXPORT_FILE).is_file() and not ckpt.is_complete(p):
+            return cls(p, True, [], say)
+        if ckpt.is_complete(p):
+            problem = reader_problem(p)
+            if problem is not None:
+                raise refusal(p, problem)
+            return cls(p, True, [], say)
+        found = ckpt.list_checkpoints(p)
+        if not found:
+            return cls(ckpt.resolve_checkpoint(p), True, [], say)  # the errors of a folder without any
+        return cls._first_readable(list(reversed(found)), [], say)
+
+    def skip(self, why: str) -> ReadChoice:
+        """The next older checkpoint that passes, after `self.path` proved unusable for `why` (its
+        weights non-finite or unreadable): a refusal when it was asked for by name."""
+        if self.explicit:
+            raise refusal(self.path, why)
+        return self._first_readable(self.older, [(self.path, why)], self.say)
+
+    @classmethod
+    def _first_readable(cls, candidates: list[Path], skipped: list[tuple[Path, str]], say) -> ReadChoice:
+        for i, path in enumerate(candidates):
+            problem = reader_problem(path)
+            if problem is None:
+                for bad, why in skipped:
+                    say(f"skipped checkpoint {bad}: {why}; reading the earlier {path.name}")
+                return cls(path, False, candidates[i + 1 :], say)
+            skipped.append((path, problem))
+        bad, why = skipped[0]
+        raise ckpt.CheckpointError(
+            f"no usable checkpoint in {bad.parent}: every one fails its checks (the newest, {bad.name}: {why})"
+        )
+
+
+def refusal(path: Path, problem: str) -> ConfigError:
+    return ConfigError(
+        "--checkpoint",
+        f"{path} cannot be used: {problem}; give an earlier checkpoint, or the run folder (its newest "
+        f"usable checkpoint is then read)",
+    )

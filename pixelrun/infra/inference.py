@@ -1,42 +1,86 @@
 """A checkpoint opened for inference: its config (with the stage it was saved in, and overrides) and
 the model and text encoder loaded from it, for `pixelrun sample`, `pixelrun eval` and `pixelrun
-export`. Images are made from them with `pixelrun.diffusion.generate.generate`."""
+export`. Images are made from them with `pixelrun.diffusion.generate.generate`.
+
+Every reader verifies what it opens as training does (`ReadChoice`, pixelrun/infra/checkpoint_verify.py):
+from a run directory, the newest checkpoint whose files match their manifest and whose weights are
+finite, each newer one skipped with one line saying why (nothing in the run folder is moved); a
+checkpoint asked for by name that fails is refused in one line naming the file. A damaged file is
+one line, never a traceback."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from pixelrun.config import Config, ConfigError, with_overrides
+from pixelrun.config import Config, ConfigError, RunFailed, with_overrides
 from pixelrun.infra import checkpoint as ckpt
+from pixelrun.infra.checkpoint_verify import READ_ERRORS, ReadChoice, failure
 from pixelrun.infra.distributed import resolve_device
 from pixelrun.model.denoiser import PRXDenoiser, model_from_config
 from pixelrun.model.text import TextEncoder, text_encoder
 
+Checkpoint = str | Path | ReadChoice  # a path as the user gave it, or one already opened (and verified)
 
-def checkpoint_config(checkpoint: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Path, int]:
+
+def note(line: str) -> None:
+    """A reader's word on what it skipped: stderr, so stdout stays the command's output."""
+    print(f"pixelrun: {line}", file=sys.stderr, flush=True)
+
+
+def open_checkpoint(checkpoint: Checkpoint, say=note) -> ReadChoice:
+    """The checkpoint a reader opens (verified once: pass the result on to the functions below)."""
+    return checkpoint if isinstance(checkpoint, ReadChoice) else ReadChoice.open(checkpoint, say)
+
+
+def checkpoint_config(checkpoint: Checkpoint, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Path, int]:
     """(config, checkpoint dir, text width): the checkpoint's own config with ``overrides`` applied,
     read without loading any weights, so settings can be checked before the work starts."""
-    path = ckpt.resolve_checkpoint(checkpoint)
-    saved, text_dim = ckpt.saved_config(path)
+    path = open_checkpoint(checkpoint).path
+    try:
+        saved, text_dim = ckpt.saved_config(path)
+    except (ConfigError, RunFailed):
+        raise
+    except Exception as e:  # an exported model's files: safetensors and YAML raise many kinds
+        raise ConfigError("--checkpoint", f"{path}: its config cannot be read ({failure(e)})") from None
     return with_overrides(saved, overrides), path, text_dim
 
 
+def load_model(
+    checkpoint: Checkpoint, weights: str = "ema", overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[PRXDenoiser, Config, Path]:
+    """(model on the CPU, config, checkpoint dir): the weights of the checkpoint, or of the next older
+    one where they cannot be read or hold a NaN or an infinity (a run directory; one line says so),
+    or a refusal in one line (a checkpoint asked for by name; no usable one left)."""
+    choice = open_checkpoint(checkpoint)
+    while True:
+        cfg, path, text_dim = checkpoint_config(choice, overrides)
+        model = model_from_config(cfg, text_dim)
+        try:
+            ckpt.load_weights(path, model, weights)
+        except READ_ERRORS as e:  # DCP, torch.load and safetensors raise many kinds on a damaged file
+            choice = choice.skip(f"its {weights} weights cannot be read from {_weights_file(path)} ({failure(e)})")
+            continue
+        bad = ckpt.first_nonfinite(model.state_dict())
+        if bad is None:
+            return model, cfg, path
+        # images from such weights are black or noise: never made, nor exported
+        choice = choice.skip(f"the {weights} weights hold non-finite values ({bad}); they cannot make images")
+
+
+def _weights_file(path: Path) -> str:
+    if (path / ckpt.EXPORT_FILE).is_file():
+        return ckpt.EXPORT_FILE
+    return ", ".join(sorted(p.name for p in path.glob("*.distcp"))) or "its .distcp files"
+
+
 def load_for_inference(
-    checkpoint: str, weights: str = "ema", device: str = "auto", overrides: list[str] | tuple[str, ...] = ()
+    checkpoint: Checkpoint, weights: str = "ema", device: str = "auto", overrides: list[str] | tuple[str, ...] = ()
 ) -> tuple[PRXDenoiser, TextEncoder, Config, Path]:
     """(model, text encoder, config, checkpoint dir) from a run directory, a checkpoint directory
     (saved on any number of ranks) or an exported model. Sampling defaults come from the
     checkpoint's own config; `overrides` may change them."""
-    cfg, path, text_dim = checkpoint_config(checkpoint, overrides)
     dev = resolve_device(device, "--device")
+    model, cfg, path = load_model(checkpoint, weights, overrides)
     encoder = text_encoder(cfg, dev)
-    model = model_from_config(cfg, text_dim)
-    ckpt.load_weights(path, model, weights)
-    bad = ckpt.first_nonfinite(model.state_dict())
-    if bad is not None:  # images from such weights are black or noise: refuse rather than write them
-        raise ConfigError(
-            "--checkpoint",
-            f"the {weights} weights of {path} hold non-finite values ({bad}); they "
-            f"cannot make images: use an earlier checkpoint",
-        )
     return model.to(dev).eval().requires_grad_(False), encoder, cfg, path

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from pixelrun.config import Config, ConfigError, to_yaml
-from pixelrun.infra.checkpoint import atomic_dir
+from pixelrun.infra.checkpoint import atomic_dir, refuse_nonfinite
 
 #: The clamp of t in the x -> velocity conversion that PRXPixelPipeline hard-codes.
 PIPELINE_T_CLAMP = 0.05
@@ -132,6 +132,8 @@ def export_diffusers(model, encoder, cfg: Config, out: str | Path, marker: dict 
     from diffusers import FlowMatchEulerDiscreteScheduler, PRXPixelPipeline
 
     check_expressible(cfg, encoder.model)
+    # never a NaN or an infinity written (the loaded weights were checked: this is the last look)
+    refuse_nonfinite({"transformer": model.state_dict(), "text_encoder": encoder.model.state_dict()}, "the weights")
     transformer = to_diffusers_transformer(model)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=cfg.sample.shift)
     pipe = PRXPixelPipeline(
