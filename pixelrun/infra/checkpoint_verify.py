@@ -168,7 +168,8 @@ def failure(e: BaseException) -> str:
 class ReadChoice:
     """The checkpoint a reader opens, and where it falls back to. Given a run directory: its newest
     checkpoint that passes `reader_problem`; each newer one is skipped with one line through `say`,
-    naming it and what is wrong (nothing is moved). Given a checkpoint directory (or an exported
+    naming it and what is wrong (nothing is moved; none passing is one line naming the newest).
+    Given a checkpoint directory (or an exported
     model): that one, or a ConfigError naming the file and the problem (the user asked for it)."""
 
     def __init__(self, path: Path, explicit: bool, older: list[Path], say):
@@ -208,8 +209,9 @@ class ReadChoice:
                 return cls(path, False, candidates[i + 1 :], say)
             skipped.append((path, problem))
         bad, why = skipped[0]
-        raise ckpt.CheckpointError(
-            f"no usable checkpoint in {bad.parent}: every one fails its checks (the newest, {bad.name}: {why})"
+        raise ConfigError(
+            "--checkpoint",
+            f"no usable checkpoint in {bad.parent}: every one fails its checks (the newest, {bad.name}: {why})",
         )
 
 

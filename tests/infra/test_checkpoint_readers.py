@@ -131,8 +131,8 @@ def test_every_checkpoint_damaged_is_one_line(two_checkpoints, tmp_path, capsys)
     for folder in ckpt.list_checkpoints(run):
         _finite_garbage(folder)
     capsys.readouterr()
-    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")]) == 1
-    one_line_error(capsys, "no usable checkpoint", NEWEST, "__0_0.distcp")
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")]) == 2
+    one_line_error(capsys, "--checkpoint", "no usable checkpoint", NEWEST, "__0_0.distcp")
 
 
 def _with_a_nan_weight(src: Path, dest: Path) -> str:
