@@ -22,15 +22,15 @@ from pixelrun.infra.checkpoint_verify import MANIFEST
 from pixelrun.run.train import train
 
 PROMPT = "a large red circle in the top left on a white background"
-NEWEST, EARLIER = "step_00000004", "step_00000002"
+NEWEST, EARLIER = "step_00000002", "step_00000001"
 
 
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory, tiny_encoder_dir) -> Path:
-    """A 4-step run with checkpoints at steps 2 and 4, and the images of step 2 (sampled before any
+    """A 2-step run with checkpoints at steps 1 and 2, and the images of step 1 (sampled before any
     test harms a copy of it)."""
     run = tmp_path_factory.mktemp("readers") / "run"
-    over = tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 4, "cadence.checkpoint_every": 2, "eval.prompts": 0})
+    over = tiny_overrides(run, tiny_encoder_dir, **{"train.steps": 2, "cadence.checkpoint_every": 1, "eval.prompts": 0})
     train(load_config(None, over))
     out = run.parent / "earlier-images"
     assert (
@@ -66,7 +66,7 @@ def _tree(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
-def test_sample_and_eval_skip_a_damaged_newest_checkpoint_with_one_line(two_checkpoints, tmp_path, capsys):
+def test_sample_skips_a_damaged_newest_checkpoint_with_one_line(two_checkpoints, tmp_path, capsys):
     run = _copy(two_checkpoints, tmp_path)
     _finite_garbage(ckpt.checkpoint_root(run) / NEWEST)
     before = _tree(run)
@@ -79,12 +79,19 @@ def test_sample_and_eval_skip_a_damaged_newest_checkpoint_with_one_line(two_chec
     earlier = two_checkpoints.parent / "earlier-images"
     assert (out / "000.png").read_bytes() == (earlier / "000.png").read_bytes()
     assert json.loads((out / "prompts.json").read_text())["checkpoint"].endswith(EARLIER)
+    assert _tree(run) == before  # a reader moves nothing: only training puts a damaged checkpoint aside
+
+
+def test_eval_skips_a_damaged_newest_checkpoint_with_one_line(two_checkpoints, tmp_path, capsys):
+    run = _copy(two_checkpoints, tmp_path)
+    _finite_garbage(ckpt.checkpoint_root(run) / NEWEST)
+    capsys.readouterr()
     report = tmp_path / "eval.json"
     args = ["eval", "--checkpoint", str(run), "--out", str(report), "eval.prompts=2", "eval.metrics=[shapes]"]
     assert main(args) == 0
     assert json.loads(report.read_text())["checkpoint"].endswith(EARLIER)
-    assert sum("skipped" in line and NEWEST in line for line in capsys.readouterr().err.splitlines()) == 1
-    assert _tree(run) == before  # a reader moves nothing: only training puts a damaged checkpoint aside
+    lines = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert len(lines) == 1 and NEWEST in lines[0] and "__0_0.distcp" in lines[0], lines
 
 
 # without a manifest (a checkpoint made before them) finite bytes cannot be told from weights: read as before
