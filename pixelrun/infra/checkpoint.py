@@ -37,10 +37,11 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 
 from pixelrun.config import RunFailed
 from pixelrun.infra.files import write_atomic
-from pixelrun.infra.records import CheckpointMeta
+from pixelrun.infra.records import CheckpointMeta, RecordError
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 EXPORT_FILE = "model.safetensors"
@@ -48,6 +49,23 @@ EXPORT_FILE = "model.safetensors"
 
 class CheckpointError(RunFailed):
     """A checkpoint that cannot be written (no space) or no checkpoint that can be trusted: one line."""
+
+
+READ_ERRORS = (Exception, CheckpointException)  # DCP's is a BaseException, wrapping each rank's
+
+
+def failure(e: BaseException) -> str:
+    """A read that failed, in a few words on one line: the kind of the underlying exception (DCP's
+    wraps each rank's; a RecordError the one torch.load raised) and, where it is pixelrun's own
+    or short, its message."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    elif e.__context__ is not None and isinstance(e, RecordError):
+        e = e.__context__  # the message of torch.load's unpickler runs over many lines
+    lines = str(e).strip().splitlines()
+    if not lines or (len(lines) > 1 and not isinstance(e, RunFailed)):
+        return type(e).__name__
+    return f"{type(e).__name__}: {lines[0][:200]}"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -358,9 +376,17 @@ def saved_config(path: str | Path) -> tuple[dict, int]:
     import yaml
     from safetensors import safe_open
 
-    with safe_open(str(path / EXPORT_FILE), "pt") as f:
-        text_dim = int(f.metadata()["text_dim"])
-    return yaml.safe_load((path / "config.yaml").read_text()), text_dim
+    file = path / EXPORT_FILE
+    try:  # an exported model's files: safetensors and YAML raise many kinds on a damaged one
+        with safe_open(str(file), "pt") as f:
+            text_dim = int(f.metadata()["text_dim"])
+        file = path / "config.yaml"
+        config = yaml.safe_load(file.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a mapping of config keys")
+    except READ_ERRORS as e:
+        raise CheckpointError(f"{file} cannot be read ({failure(e)})") from None
+    return config, text_dim
 
 
 def _stage_dict(config: dict, stage: int | None) -> dict:

@@ -12,12 +12,12 @@ import zlib
 from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 
-from pixelrun.config import ConfigError, RunFailed
+from pixelrun.config import ConfigError
 from pixelrun.infra import checkpoint as ckpt
+from pixelrun.infra.checkpoint import READ_ERRORS, failure
 from pixelrun.infra.files import write_atomic
-from pixelrun.infra.records import CheckpointMeta, RecordError
+from pixelrun.infra.records import CheckpointMeta
 
 MANIFEST = "manifest.json"  # {file name: {"size", "crc32"}} of every other file of a checkpoint
 _READ_CHUNK = 16 << 20
@@ -146,23 +146,6 @@ def reader_problem(folder: Path) -> str | None:
 
 def _read_metadata(folder: Path):
     return dcp.FileSystemReader(str(folder)).read_metadata()
-
-
-READ_ERRORS = (Exception, CheckpointException)  # DCP's is a BaseException, wrapping each rank's
-
-
-def failure(e: BaseException) -> str:
-    """A read that failed, in a few words on one line: the kind of the underlying exception (DCP's
-    wraps each rank's; a RecordError the one torch.load raised) and, where it is pixelrun's own
-    or short, its message."""
-    if isinstance(e, CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]
-    elif e.__context__ is not None and isinstance(e, RecordError):
-        e = e.__context__  # the message of torch.load's unpickler runs over many lines
-    lines = str(e).strip().splitlines()
-    if not lines or (len(lines) > 1 and not isinstance(e, RunFailed)):
-        return type(e).__name__
-    return f"{type(e).__name__}: {lines[0][:200]}"
 
 
 class ReadChoice:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pixelrun.config import Config, ConfigError, RunFailed, with_overrides
+from pixelrun.config import Config, ConfigError, with_overrides
 from pixelrun.infra import checkpoint as ckpt
-from pixelrun.infra.checkpoint_verify import READ_ERRORS, ReadChoice, failure
+from pixelrun.infra.checkpoint import READ_ERRORS, failure
+from pixelrun.infra.checkpoint_verify import ReadChoice
 from pixelrun.infra.distributed import resolve_device
 from pixelrun.model.denoiser import PRXDenoiser, model_from_config
 from pixelrun.model.text import TextEncoder, text_encoder
@@ -39,10 +40,8 @@ def checkpoint_config(checkpoint: Checkpoint, overrides: list[str] | tuple[str, 
     path = open_checkpoint(checkpoint).path
     try:
         saved, text_dim = ckpt.saved_config(path)
-    except (ConfigError, RunFailed):
-        raise
-    except Exception as e:  # an exported model's files: safetensors and YAML raise many kinds
-        raise ConfigError("--checkpoint", f"{path}: its config cannot be read ({failure(e)})") from None
+    except ckpt.CheckpointError as e:  # an exported model's file
+        raise ConfigError("--checkpoint", str(e)) from None
     return with_overrides(saved, overrides), path, text_dim
 
 

@@ -184,3 +184,19 @@ def load_cfg(path: Path):
     from pixelrun.infra.inference import checkpoint_config
 
     return checkpoint_config(str(path))
+
+
+def test_the_diffusers_export_never_writes_a_non_finite_weight(two_checkpoints, tmp_path):
+    pytest.importorskip("diffusers")
+    from pixelrun.infra.inference import load_for_inference
+    from pixelrun.tools.export_diffusers import export_diffusers
+
+    model, encoder, cfg, _ = load_for_inference(
+        str(two_checkpoints), device="cpu", overrides=["sample.spacing=diffusers"]
+    )
+    name = next(iter(model.state_dict()))
+    with torch.no_grad():
+        model.state_dict()[name].view(-1)[0] = float("nan")
+    with pytest.raises(ckpt.CheckpointError, match=f"non-finite values \\(transformer.{name}\\)"):
+        export_diffusers(model, encoder, cfg, tmp_path / "pipeline")
+    assert not (tmp_path / "pipeline").exists() and not list(tmp_path.glob(".tmp-*"))
