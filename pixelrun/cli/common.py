@@ -44,8 +44,8 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *, weights: bool = True) -> 
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="a run directory (its newest checkpoint), a checkpoints/step_* directory or a "
-        "`pixelrun export` (safetensors) directory",
+        help="a run directory (its newest checkpoint that passes its checksums, a damaged newer one "
+        "skipped with a line), a checkpoints/step_* directory or a `pixelrun export` (safetensors) directory",
     )
     if weights:
         p.add_argument(

@@ -17,8 +17,8 @@ def add_parser(subparsers) -> None:
     x.add_argument(
         "--checkpoint",
         required=True,
-        help="run directory (newest checkpoint) or checkpoint directory "
-        "(--format diffusers also takes an exported model)",
+        help="run directory (its newest checkpoint that passes its checksums, a damaged newer one skipped "
+        "with a line) or checkpoint directory (--format diffusers also takes an exported model)",
     )
     x.add_argument("--out", required=True, help="output directory")
     x.add_argument("--weights", choices=["ema", "raw"], default="ema")

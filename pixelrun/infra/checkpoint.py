@@ -13,7 +13,9 @@ A directory only gets its final name once every rank's files and `meta.pt` are c
 flushed, so a crash or a kill mid-save leaves at most a `.tmp-*` directory, which is ignored and
 cleaned up later. A resume checks every file against `manifest.json` (`verified_latest`) and falls
 back to the previous checkpoint when one does not match (the damaged one is moved aside, never
-deleted); rotation never deletes the checkpoint just written, nor any newer one.
+deleted); rotation never deletes the checkpoint just written, nor any newer one. The readers
+(`pixelrun sample`, `eval`, `export`) check the same and skip a damaged newest checkpoint, moving
+nothing (`ReadChoice`).
 
 This module: the layout, loading and exporting. Writing one is pixelrun/infra/checkpoint_save.py,
 checking one against its manifest pixelrun/infra/checkpoint_verify.py; what is saved, part by part,
