@@ -46,6 +46,25 @@ def _acquire(path: Path) -> int:
         os.close(fd)
 
 
+def lock_holder(folder: str | Path) -> str | None:
+    """Who holds `folder`'s lock ("pid N on host H"), or None when no live process does. Creates
+    nothing: a folder or lock file that is missing is free."""
+    path = Path(folder) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts only with a holder's exclusive lock
+    except BlockingIOError:
+        return _holder(path)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # drops the shared lock, if taken
+    return None
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, key: str, what: str, enabled: bool = True):
     """Hold the lock of `folder` (created if missing) for the block. Held elsewhere: a ConfigError
