@@ -124,6 +124,15 @@ GRID_MAX = 64  # images on a sample grid.png; beyond this it grows too tall to o
 
 
 def run(args) -> int:
+    """One `pixelrun sample` per `--out` at a time (the lock file beside it: the folder is swapped in
+    whole); a second is refused in one line before any work."""
+    from pixelrun.infra.locks import folder_lock
+
+    with folder_lock(Path(args.out), "--out", "pixelrun sample", beside=True):
+        return _run(args)
+
+
+def _run(args) -> int:
     from tqdm import tqdm
 
     from pixelrun.diffusion.generate import generate
