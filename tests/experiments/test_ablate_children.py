@@ -22,7 +22,8 @@ PLAN = (
     "from pixelrun.experiments.plan import Plan, PlannedRun\n"
     "from pixelrun.experiments.spec import Spec\n"
     "out = Path(sys.argv[1])\n"
-    "r = PlannedRun('base', 0, 'runs/base/seed0', 4, 4, 1e9, [2, 4], [], 'configs/base-seed0.yaml')\n"
+    "v = 'base'\n"
+    "r = PlannedRun(v, 0, f'runs/{v}/seed0', 4, 4, 1e9, [2, 4], [], f'configs/{v}-seed0.yaml')\n"
     "plan = Plan(Spec(), out, [r], {}, True, {})\n"
 )
 # The stand-in for `pixelrun train`: says its pid in a file (written whole), then waits to be ended.
@@ -83,7 +84,8 @@ def test_a_rerun_waits_for_a_run_still_held_by_a_live_process(tmp_path, monkeypa
     from pixelrun.experiments.spec import Spec
 
     out = tmp_path / "out"
-    r = PlannedRun("base", 0, "runs/base/seed0", 4, 4, 1e9, [2, 4], [], "configs/base-seed0.yaml")
+    v = "base"
+    r = PlannedRun(v, 0, f"runs/{v}/seed0", 4, 4, 1e9, [2, 4], [], f"configs/{v}-seed0.yaml")
     plan = Plan(Spec(), out, [r], {}, True, {})
     folder = out / r.dir
     hold = (
