@@ -71,3 +71,16 @@ def test_a_sample_size_past_the_memory_is_refused_before_reading_the_checkpoint(
     one_line_error(capsys, "--size: 100000x100000 (WxH): one batch of 1 image(s) needs 279.4 GiB", "8.0 GiB RAM")
     assert main([*args, "--size", "64x32"]) == 2  # fits: on to the checkpoint, which is missing
     assert "no checkpoint found" in capsys.readouterr().err
+
+
+def test_on_cuda_the_gpus_free_memory_is_compared(monkeypatch):
+    import torch
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (4 * GiB, 80 * GiB))
+    assert sources.available_memory("auto") == (4 * GiB, "GPU memory")
+    assert sources.available_memory("cuda:1") == (4 * GiB, "GPU memory") and asked[-1] == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match=r"needs 15\.0 GiB, 4\.0 GiB GPU memory available"):
+        sources.check_batch_memory(load_config(None, ["train.batch_size=64", "data.resolution=4096"]))
+    assert sources.available_memory("cpu")[1] == "RAM"
