@@ -120,10 +120,34 @@ def _sample_dir(out: Path) -> list[Path]:
     return [out / name for name in made]
 
 
+def _check_size_memory(size: tuple[int, int], prompts: int, device: str) -> None:
+    """A --size whose batch (up to 32 prompts, twice for guidance) cannot fit in this machine's memory
+    is refused before the checkpoint is read: "one batch needs X GiB, Y available"."""
+    from pixelrun.data.sources import GiB, available_memory, batch_bytes
+
+    where = available_memory(device)
+    need = batch_bytes(2 * min(prompts, 32), *size)
+    if where is not None and need > where[0]:
+        raise ConfigError(
+            "--size",
+            f"{size[1]}x{size[0]} (WxH): one batch of {min(prompts, 32)} image(s) needs {need / GiB:.1f} GiB, "
+            f"{where[0] / GiB:.1f} GiB {where[1]} available; choose a smaller size",
+        )
+
+
 GRID_MAX = 64  # images on a sample grid.png; beyond this it grows too tall to open (each image has its own file)
 
 
 def run(args) -> int:
+    """One `pixelrun sample` per `--out` at a time (the lock file beside it: the folder is swapped in
+    whole); a second is refused in one line before any work."""
+    from pixelrun.infra.locks import folder_lock
+
+    with folder_lock(Path(args.out), "--out", "pixelrun sample", beside=True):
+        return _run(args)
+
+
+def _run(args) -> int:
     from tqdm import tqdm
 
     from pixelrun.diffusion.generate import generate
@@ -134,6 +158,8 @@ def run(args) -> int:
     common.refuse_moved_flags(args, "sample")
     prompts = _read_prompts(args)
     size = common.parse_size(args.size) if args.size is not None else None
+    if size is not None:
+        _check_size_memory(size, len(prompts), args.device)
     out = Path(args.out)
     _sample_dir(out)
     _, overrides = common.checkpoint_config(args, "sample", SECTIONS)  # every override checked before any work

@@ -75,6 +75,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def load_yaml(text: str):
+    """YAML text read as `--config` is: a key written twice in one mapping is a yaml.YAMLError naming
+    it and its line (for other YAML files of pixelrun's: an ablation SPEC)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     data: dict = {}
     if path is not None:
@@ -89,7 +95,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError("--config", f"cannot read {p}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ConfigError("--config", f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        data = {} if data is None else data
+        if data is None or data == {}:
+            raise ConfigError(
+                "--config",
+                f"{p} holds no keys (empty, or only comments): it would train on every default; give the keys "
+                "to change, or leave --config out to train on the defaults",
+            )
         if not isinstance(data, dict):
             raise ConfigError(
                 "--config",

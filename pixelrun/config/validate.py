@@ -205,12 +205,21 @@ def _validate_ema(cfg: Config) -> None:
     _positive("ema.every", cfg.ema.every)
 
 
+# Past this a guided prediction is mostly the guide's difference scaled up: images saturate (at 1e30
+# they overflow to black). Published guidance scales are 1 to about 10.
+GUIDANCE_MAX = 100.0
+
+
 def _validate_sample(cfg: Config) -> None:
     s = cfg.sample
     _positive("sample.steps", s.steps)
     if s.guidance < 1 and s.guidance_mode != "none":  # below 1 the guide points away from the prompt
         raise ConfigError(
             "sample.guidance", f"must be >= 1 (1 = no guidance; larger follows the prompt more); got {s.guidance:g}"
+        )
+    if s.guidance > GUIDANCE_MAX:  # the guided prediction overflows: an all-black or all-white image
+        raise ConfigError(
+            "sample.guidance", f"must be at most {GUIDANCE_MAX:g} (usual values are 1 to 10); got {s.guidance:g}"
         )
     _choice("sample.guidance_mode", s.guidance_mode, GUIDANCE_MODES)
     if s.guidance_mode == "self" and cfg.routing.ratio == 0:
@@ -239,6 +248,8 @@ def _validate_eval(cfg: Config) -> None:
     for i, g in enumerate(ev.guidance):
         if not (math.isfinite(g) and (g >= 1 or cfg.sample.guidance_mode == "none")):
             raise ConfigError(f"eval.guidance[{i}]", f"must be >= 1 (1 = no guidance); got {g:g}")
+        if g > GUIDANCE_MAX:
+            raise ConfigError(f"eval.guidance[{i}]", f"must be at most {GUIDANCE_MAX:g}; got {g:g}")
     _choice("eval.weights", ev.weights, ("ema", "raw"))
 
 

@@ -252,10 +252,61 @@ def source_kind(cfg: Config) -> SourceKind:
 
 def check_paths(cfg: Config) -> None:
     """What only the machine that runs the job can check (kept out of `config.validate` so a config
-    written for a cluster still loads anywhere): the data source's paths and the tracker's package.
-    Called before any work."""
+    written for a cluster still loads anywhere): the data source's paths, the tracker's package, and
+    that one batch of images fits in this machine's memory. Called before any work."""
+    check_batch_memory(cfg)
     source_kind(cfg).check(cfg)
     check_wandb(cfg)
+
+
+GiB = 1 << 30
+
+
+def available_memory(device: str) -> tuple[int, str] | None:
+    """(bytes, where) free for a batch: the GPU's free memory on CUDA, else the RAM the system
+    reports available (MemAvailable); None when neither can be told."""
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        try:
+            free, _ = torch.cuda.mem_get_info(torch.device(device) if device.startswith("cuda:") else None)
+            return free, "GPU memory"
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "RAM"
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def batch_bytes(images: int, height: int, width: int) -> int:
+    """A lower bound on what one batch takes: its RGB images as uint8 plus the fp32 model input of
+    the same shape (the noise, the target, activations and weights come on top)."""
+    return images * 3 * height * width * (1 + 4)
+
+
+def check_batch_memory(cfg: Config) -> None:
+    """Refuse, before building anything, a batch (train.batch_size images of data.resolution, per
+    stage) that cannot fit in this machine's memory: "one batch needs X GiB, Y available"."""
+    where = available_memory(cfg.hardware.device)
+    if where is None:
+        return
+    free, kind = where
+    shapes = [(st.resolution or cfg.data.resolution, st.batch_size or cfg.train.batch_size) for st in cfg.stages]
+    for side, batch in shapes or [(cfg.data.resolution, cfg.train.batch_size)]:
+        need = batch_bytes(batch, side, side)
+        if need > free:
+            key = "data.resolution" if batch_bytes(1, side, side) > free else "train.batch_size"
+            raise ConfigError(
+                key,
+                f"one batch of {batch} images of {side}x{side} needs {need / GiB:.1f} GiB, "
+                f"{free / GiB:.1f} GiB {kind} available; lower train.batch_size or data.resolution",
+            )
 
 
 def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1, say: Say = None):

@@ -23,7 +23,79 @@ import time
 from typing import Any
 
 from pixelrun.experiments.plan import Plan, PlannedRun, train_command
+from pixelrun.infra.locks import lock_holder
 from pixelrun.infra.records import EvalPoint, RunSummary, read_metrics
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent():
+    """A `preexec_fn` that has the child sent SIGTERM when this process dies, however it dies (kill -9
+    included): Linux's PR_SET_PDEATHSIG. The training child then saves a checkpoint and exits, as on
+    Ctrl-C. Elsewhere (no prctl) None: the child outlives a killed parent, and the next
+    `pixelrun ablate` waits for it (see `execute`)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _next_startable(queue: list[PlannedRun], plan: Plan, told: set[tuple[str, int]]) -> PlannedRun | None:
+    """The first queued run whose folder no live process holds (taken off the queue). A run still
+    being trained by another process (the child of a `pixelrun ablate` that was killed, or a
+    `pixelrun train` started by hand) is left queued, said once, and started once that process ends:
+    it then resumes from its last checkpoint, instead of being refused by the run's lock."""
+    from tqdm import tqdm
+
+    for r in queue:
+        holder = lock_holder(plan.out / r.dir)
+        if holder is None:
+            queue.remove(r)
+            return r
+        if (r.variant, r.seed) not in told:
+            told.add((r.variant, r.seed))
+            tqdm.write(
+                f"{r.variant} seed {r.seed}: {plan.out / r.dir} is still being trained by {holder} "
+                f"(an earlier pixelrun ablate's run?); waiting for it to finish, then resuming it",
+                file=sys.stderr,
+            )
+    return None
+
+
+def _start(plan: Plan, r: PlannedRun, env: dict, threads: int | None) -> subprocess.Popen:
+    """Start the training process of `r`, its output appended to OUT/logs/<variant>-seed<s>.log. It
+    has its own session (a Ctrl-C in the terminal reaches it through `execute`, once) and dies with
+    this process."""
+    from tqdm import tqdm
+
+    cmd = train_command(plan, r, sys.executable)
+    if threads is not None:
+        cmd += [f"hardware.threads={threads}"]
+    with open(plan.out / "logs" / f"{r.variant}-seed{r.seed}.log", "ab") as log:
+        tqdm.write(
+            f"{r.variant} seed {r.seed}: training {r.steps} steps -> {plan.out / r.dir} (log {log.name})",
+            file=sys.stderr,
+        )
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
+        )
 
 
 def run_state(plan: Plan, r: PlannedRun) -> dict:
@@ -41,7 +113,9 @@ def run_state(plan: Plan, r: PlannedRun) -> dict:
 def execute(plan: Plan, *, parallel: int | None = None) -> dict:
     """Train every run that is not done, `parallel` at a time, each in its own process (a crash stays
     in its run; the others go on). Ctrl-C or SIGTERM reaches every run, which saves and stops; the
-    same command resumes them. Returns {"trained": [...], "skipped": [...], "failed": [...]}."""
+    same command resumes them. Each run dies with this process (kill -9 included, on Linux); a run
+    whose folder another live process still trains is waited for, then resumed. Returns
+    {"trained": [...], "skipped": [...], "failed": [...], "interrupted": bool}."""
     from tqdm import tqdm
 
     parallel = parallel or plan.spec.launch.parallel
@@ -59,6 +133,7 @@ def execute(plan: Plan, *, parallel: int | None = None) -> dict:
     result: dict[str, Any] = {"trained": [], "skipped": [(r.variant, r.seed) for r in skipped], "failed": []}
     total = sum(r.steps for r in plan.runs)
     queue = list(pending)
+    told: set[tuple[str, int]] = set()
     interrupted = False
 
     def stop(signum, frame):
@@ -76,19 +151,10 @@ def execute(plan: Plan, *, parallel: int | None = None) -> dict:
         ) as bar:
             while queue or running:
                 while queue and len(running) < parallel:
-                    r = queue.pop(0)
-                    cmd = train_command(plan, r, sys.executable)
-                    if parallel > 1:
-                        cmd += [f"hardware.threads={threads}"]
-                    log = open(logs / f"{r.variant}-seed{r.seed}.log", "ab")
-                    tqdm.write(
-                        f"{r.variant} seed {r.seed}: training {r.steps} steps -> {plan.out / r.dir} (log {log.name})",
-                        file=sys.stderr,
-                    )
-                    running[
-                        subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-                    ] = r
-                    log.close()
+                    nxt = _next_startable(queue, plan, told)
+                    if nxt is None:
+                        break
+                    running[_start(plan, nxt, env, threads if parallel > 1 else None)] = nxt
                 time.sleep(0.5)
                 bar.n = sum(min(run_state(plan, r)["step"], r.steps) for r in plan.runs)
                 bar.refresh()

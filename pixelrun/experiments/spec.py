@@ -15,6 +15,7 @@ import yaml
 
 from pixelrun.config import ConfigError
 from pixelrun.config.derived import _flat
+from pixelrun.config.load import load_yaml
 from pixelrun.config.schema import _build
 
 
@@ -99,7 +100,11 @@ def load_spec(path: str | Path) -> Spec:
     if not p.is_file():
         raise ConfigError("SPEC", f"no such file: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p.read_text(encoding="utf-8"))  # a key (a variant) written twice is refused
+    except UnicodeDecodeError:
+        raise ConfigError("SPEC", f"{p} is not a text file (not UTF-8); give a YAML SPEC") from None
+    except OSError as e:
+        raise ConfigError("SPEC", f"cannot read {p}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError("SPEC", f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -177,6 +182,8 @@ def _check_spec(spec: Spec) -> None:
         raise ConfigError("spec.evaluation.guidance", "needs at least one guidance scale")
     if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
         raise ConfigError("spec.seeds", f"must be distinct seeds (or a count); got {spec.seeds}")
+    if Path(spec.out).exists() and not Path(spec.out).is_dir():
+        raise ConfigError("spec.out", f"{spec.out} is a file; the ablation's folder must be a new or existing folder")
     if spec.baseline not in spec.variants:
         raise ConfigError("spec.baseline", f"{spec.baseline!r} is not one of the variants ({', '.join(spec.variants)})")
     if spec.launch.parallel < 1 or spec.launch.nproc_per_node < 1:

@@ -55,20 +55,50 @@ def _check_space(root: Path, step: int, needed: int) -> None:
         )
 
 
+def _errors_in(x: object) -> list[object]:
+    """The exceptions held by `x`: DCP's `CheckpointException.failures` maps each rank to an
+    (exception, traceback) pair; a list or tuple may hold more; an exception's cause, context and
+    arguments are looked through too."""
+    if isinstance(x, BaseException):
+        out: list[object] = [x.__cause__, x.__context__, *x.args]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            out += list(failures.values())
+        return [e for e in out if isinstance(e, (BaseException, tuple, list, dict))]
+    if isinstance(x, dict):
+        return list(x.values())
+    if isinstance(x, (tuple, list)):
+        return [e for e in x if isinstance(e, (BaseException, tuple, list, dict))]
+    return []
+
+
 def _no_space(e: BaseException) -> bool:
-    """Whether a failed write ran out of space, looking through DCP's wrapping of each rank's error."""
+    """Whether a failed write says it ran out of space, anywhere in DCP's wrapping of each rank's error."""
     seen: set[int] = set()
-    todo: list[BaseException | None] = [e]
+    todo: list[object] = [e]
     while todo:
         x = todo.pop()
-        if x is None or id(x) in seen:
+        if id(x) in seen:
             continue
         seen.add(id(x))
-        if (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "No space left on device" in str(x):
+        if isinstance(x, BaseException) and (
+            (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "No space left on device" in str(x)
+        ):
             return True
-        todo += [x.__cause__, x.__context__, *getattr(x, "failures", {}).values()]
-        todo += [a for a in getattr(x, "args", ()) if isinstance(a, BaseException)]
+        todo += _errors_in(x)
     return False
+
+
+def _out_of_space(e: BaseException, root: Path, needed: int) -> bool:
+    """Whether a failed write ran out of space: its error says so, or (a write that failed mid-file
+    surfaces as torch's `unexpected pos N vs M`, which does not) the disk has less free than the
+    checkpoint needs once it failed."""
+    if _no_space(e):
+        return True
+    try:
+        return shutil.disk_usage(root).free < needed
+    except OSError:
+        return False
 
 
 def _write_files(tmp: Path, tensors: dict, meta: CheckpointMeta, config_yaml: str, main: bool) -> None:
@@ -106,9 +136,10 @@ def save_checkpoint(
         barrier()
         write_manifest(tmp, ctx)
     except BaseException as e:
+        full = not isinstance(e, KeyboardInterrupt) and _out_of_space(e, root, needed)
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if _no_space(e):
+        if full:
             raise ckpt.CheckpointError(
                 f"checkpoint step {step} could not be written to {root}: no space left on device "
                 f"(needs about {_format_gb(needed)}); its temporary folder was removed and the "

@@ -13,7 +13,9 @@ only the main rank writes, the others get a sink that does nothing)::
 * ``metrics.jsonl``: one JSON object per call, ``{"step": step, **values}`` with the keys as given
   (no prefix); a non-finite number is written as ``null``. A resumed run (``start_step > 0``)
   first drops the rows past its checkpoint and any torn last line, so the file reads as one
-  uninterrupted run.
+  uninterrupted run. The file is held open for the run: deleted mid-run, it is written again
+  whole from that open copy at the next row (every row, those from before a resume included), with
+  one line on stderr saying so.
 * TensorBoard (``run_dir/tensorboard``): each value as ``prefix + key``; resuming purges the events
   past ``start_step``; the resolved config as the text ``config``.
 * W&B (``log.wandb``; ``log.wandb_project``, ``log.wandb_name`` (default: the run directory's
@@ -29,9 +31,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import secrets
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
@@ -76,6 +80,7 @@ class Tracker:
     def __init__(self, cfg: Config, run_dir: str | Path, *, start_step: int = 0, enabled: bool = True):
         self.enabled = enabled
         self.writer: SummaryWriter | None = None
+        self._metrics: IO[str] | None = None
         self.wandb_run = None
         if not enabled:
             return
@@ -86,6 +91,7 @@ class Tracker:
             truncate_metrics(self.metrics_path, start_step)
         else:
             self.metrics_path.write_text("")
+        self._metrics = open(self.metrics_path, "a+")
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
@@ -97,8 +103,9 @@ class Tracker:
         """One row: ``{"step": step, **values}`` in metrics.jsonl; ``prefix + key`` elsewhere."""
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(json_row({"step": step, **values}), allow_nan=False) + "\n")
+        f = self._metrics_file()
+        f.write(json.dumps(json_row({"step": step, **values}), allow_nan=False) + "\n")
+        f.flush()
         for k, v in values.items():
             self._tensorboard().add_scalar(prefix + k, v, step)
         if self.wandb_run is not None:
@@ -119,6 +126,32 @@ class Tracker:
 
             self.wandb_run.log({"step": step, tag: wandb.Image(image, caption=caption)})
 
+    def _metrics_file(self) -> IO[str]:
+        """The open metrics.jsonl. Deleted since the last row (by hand, a cleanup script): its rows are
+        still readable through the open file, so they are written again in a new file, and said in
+        one line. Replaced by another file: that one is appended to."""
+        f = self._metrics
+        if f is None:
+            raise RuntimeError("this tracker is closed")
+        try:
+            same = os.stat(self.metrics_path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            f.seek(0)
+            rows = f.read()
+            f.close()
+            write_atomic(self.metrics_path, rows)
+            lines = rows.splitlines()
+            print(
+                f"note: {self.metrics_path} was deleted during the run; written again whole from the copy "
+                f"this run held open ({len(lines)} rows{_step_range(lines)}), none lost",
+                file=sys.stderr,
+            )
+            same = False
+        if not same:
+            f.close()
+            self._metrics = f = open(self.metrics_path, "a+")
+        return f
+
     def _tensorboard(self) -> SummaryWriter:
         if self.writer is None:
             raise RuntimeError("this tracker is closed")
@@ -130,12 +163,23 @@ class Tracker:
 
     def close(self) -> None:
         """Flush and close every destination; safe to call twice."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def _step_range(lines: list[str]) -> str:
+    """ ", steps A to B" of the first and last rows of metrics.jsonl lines, or "" when unreadable."""
+    try:
+        return f", steps {json.loads(lines[0])['step']} to {json.loads(lines[-1])['step']}"
+    except (IndexError, ValueError, KeyError, TypeError):
+        return ""
 
 
 _NO_WANDB = (
