@@ -133,6 +133,14 @@ class TrainConfig:
     # change); this many in a row stop the run, naming the step. Isolated ones are counted in the log.
     max_nonfinite_steps: int = 3
     max_minutes: float = 0.0  # stop (and finish normally: grid, eval) after this much training time; 0 = no limit
+    # Divergence is caught before it is saved (docs/reliability.md): a checkpoint due while the state is
+    # unhealthy is not written. Unhealthy: a flow loss over divergence_factor times its median
+    # over the last divergence_window healthy steps (after 10 of them; 0 = no such check), a skipped
+    # step, or, at a checkpoint, a weight norm over divergence_weight_growth times its value at the last
+    # healthy checkpoint (0 = no bound). Healthy again after 10 steps in a row without a sign.
+    divergence_factor: float = 10.0
+    divergence_window: int = 50
+    divergence_weight_growth: float = 10.0
 
 
 @dataclass
