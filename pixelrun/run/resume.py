@@ -1,6 +1,8 @@
 """Resume, in one room: which checkpoint a run continues, whether its config may continue it, the
 restore of every part (pixelrun/training/state.py), the batch source put back at its position, and
-`run.init_from` (weights of another run or an export, nothing else).
+`run.init_from` (weights of another run or an export, nothing else), and going back: `--from-checkpoint`
+(`go_back_to`) and the fall-back after a resume that diverged again (`fall_back`), both setting the
+checkpoints they pass over aside (`checkpoints/aside-step_N`), never deleting them.
 
     start = choose_start(cfg, ctx, say, from_checkpoint)  # before any work: a refused resume costs nothing
     check_init_from(cfg, start.init_from, dim) # once the text width is known
@@ -96,9 +98,9 @@ def set_aside(path: Path) -> Path:
 
 
 def find_checkpoint(run_dir: Path, name: str) -> Path:
-    """The checkpoint of run.dir a `--from-checkpoint` names: ``step_N``, ``N`` or ``step_0000000N``."""
+    """The checkpoint of run.dir a `--from-checkpoint` names: ``step_N``, ``N``, ``step_0000000N`` or its path."""
     found = ckpt.list_checkpoints(run_dir)
-    digits = name.strip().removeprefix("step_")
+    digits = Path(name.strip()).name.removeprefix("step_")  # a path to it works too
     for path in found:
         if digits.isdigit() and ckpt.step_of(path) == int(digits):
             return path

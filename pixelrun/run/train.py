@@ -120,6 +120,7 @@ class Run:
     started_from: Path | None = None  # the checkpoint this session resumed
     wrote: bool = False  # whether this session wrote a checkpoint
     said_unsaved: bool = False  # a checkpoint skipped while unhealthy was said (once per episode)
+    norm: float = 0.0  # the global weight norm at the last checkpoint due
 
     def say(self, *lines: str) -> None:
         if self.ctx.is_main:
@@ -350,7 +351,8 @@ def healthy_to_save(run: Run) -> bool:
     """Whether the state may be checkpointed: no rank's detector says it diverged, and the weights are
     within their bound (every rank calls it: the ranks agree, as the save is collective). Says once
     per unhealthy episode that a due checkpoint is not written."""
-    why = run.health.check_weights(run.step, weight_norm(run))
+    run.norm = weight_norm(run)
+    why = run.health.check_weights(run.step, run.norm)
     unhealthy = run.ctx.sum_over_ranks(torch.tensor(float(not run.health.healthy), device=run.ctx.device)).item()
     if not unhealthy:
         run.said_unsaved = False
@@ -412,7 +414,7 @@ def save(run: Run) -> Path | None:
             f"was written; the last checkpoint is {ckpt.latest_checkpoint(run.run_dir) or 'none'}"
         ) from None
     run.saved_step, run.wrote = run.step, True
-    run.health.reference_norm = weight_norm(run)
+    run.health.reference_norm = run.norm  # the bound is relative to this healthy checkpoint
     return path
 
 
@@ -486,7 +488,9 @@ def finish(run: Run, stopped) -> dict:
     if stopped is not None and stopped != "max_minutes" and run.step < run.cfg.train.steps:
         name = signal.Signals(stopped).name if isinstance(stopped, int) else stopped
         written = (
-            f"checkpoint {last}" if last else f"the state had diverged, so no checkpoint was written; {where_next(run)}"
+            f"checkpoint {last}"
+            if last
+            else f"the state had diverged, so no checkpoint was written; {where_next(run, fall=False)}"
         )
         run.say(
             f"stopped by {name} at step {run.step}/{run.cfg.train.steps}; {written}. Run the same command again to resume."

@@ -135,6 +135,23 @@ def test_the_only_checkpoint_is_kept_and_named_when_its_resume_diverges(tmp_path
     assert _names(run) == ["step_00000002"]
 
 
+def test_a_stop_while_diverged_writes_nothing_and_sets_nothing_aside(tmp_path, tiny_encoder_dir, capsys):
+    """Ctrl-C (here a test's stop_at_step) while diverged: no checkpoint of the diverged state, and
+    the checkpoint the session resumed stays where it is (only a run that ends diverged falls back)."""
+    from pixelrun.config import load_config
+    from pixelrun.run.train import train
+
+    run = tmp_path / "S"
+    over = {"cadence.checkpoint_every": 2, "eval.prompts": 0}
+    train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **over, **{"train.steps": 2})))
+    capsys.readouterr()
+    summary = train(load_config(None, tiny_overrides(run, tiny_encoder_dir, **over, **{"optimizer.lr": 1e6})), 3)
+    assert summary["stopped"] == "stop_at_step" and summary["step"] == 3
+    out = capsys.readouterr().out
+    assert "the state had diverged, so no checkpoint was written; the last healthy checkpoint is step_00000002" in out
+    assert _names(run) == ["step_00000002"]
+
+
 def test_from_checkpoint_resumes_step_n_and_sets_the_newer_aside(tmp_path, tiny_encoder_dir, capsys):
     run = tmp_path / "R"
     over = {"train.steps": 4, "cadence.checkpoint_every": 1, "cadence.keep_checkpoints": 4, "eval.prompts": 0}
