@@ -38,6 +38,7 @@ SLOW_TESTS = {
     "test_train.py::test_sigterm_saves_and_the_same_command_resumes",
     "test_divergence.py::test_a_diverged_resume_is_never_saved_falls_back_and_a_lower_lr_finishes",
     "test_divergence.py::test_from_checkpoint_resumes_step_n_and_sets_the_newer_aside",
+    "test_divergence.py::test_a_loss_spike_in_the_loop_skips_the_due_checkpoints_and_says_so_once",
     "test_safety.py::test_stage_two_resolution_is_what_inference_uses",
     "test_safety.py::test_resume_with_another_model_or_data_is_refused_before_any_work",
     "test_routing.py::test_self_guidance_mask_is_fixed_and_noise_unchanged",

@@ -135,6 +135,36 @@ def test_the_only_checkpoint_is_kept_and_named_when_its_resume_diverges(tmp_path
     assert _names(run) == ["step_00000002"]
 
 
+def test_a_loss_spike_in_the_loop_skips_the_due_checkpoints_and_says_so_once(
+    tmp_path, tiny_encoder_dir, monkeypatch, capsys
+):
+    """The flow loss (as the loop reads it) jumps a hundredfold from step 18 on: from step 20 (the
+    median of the last 5 is spiked) the state is unhealthy, checkpoints 20 and 24 are not written,
+    and the run ends in one line naming the sign and step_00000016."""
+    from pixelrun.run import train as loop
+
+    real = loop.train_step
+
+    def spiking(st, source, encoder, null_text, null_mask, cfg, step, *rest):
+        terms, grad_norm, applied = real(st, source, encoder, null_text, null_mask, cfg, step, *rest)
+        if step + 1 >= 18:
+            terms = {**terms, "flow": terms["flow"] * 100}
+        return terms, grad_norm, applied
+
+    monkeypatch.setattr(loop, "train_step", spiking)
+    run = tmp_path / "S"
+    over = {"train.steps": 24, "cadence.checkpoint_every": 4, "cadence.log_every": 4, "eval.prompts": 0}
+    assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **over)]) == 1
+    captured = capsys.readouterr()
+    said = captured.out + captured.err
+    assert said.count("no checkpoint written: the state has diverged (a loss spike") == 1, said
+    err = captured.err.strip().splitlines()[-1]
+    assert err.startswith("pixelrun: training diverged at step 20 (a loss spike (median flow loss") and (
+        "the next run resumes from step_00000016" in err
+    ), err
+    assert _names(run) == ["step_00000012", "step_00000016"]
+
+
 def test_a_stop_while_diverged_writes_nothing_and_sets_nothing_aside(tmp_path, tiny_encoder_dir, capsys):
     """Ctrl-C (here a test's stop_at_step) while diverged: no checkpoint of the diverged state, and
     the checkpoint the session resumed stays where it is (only a run that ends diverged falls back)."""
