@@ -219,6 +219,14 @@ def test_from_checkpoint_refuses_in_one_line(tiny_run_two, tiny_encoder_dir, cap
     assert _names(tiny_run_two) == ["step_00000002"]
 
 
+def test_from_checkpoint_with_rehearse_is_refused(tiny_run_two, tiny_encoder_dir, capsys):
+    over = {"train.steps": 2, "eval.prompts": 0}
+    capsys.readouterr()
+    args = ["train", "--rehearse", "--from-checkpoint", "2", *tiny_overrides(tiny_run_two, tiny_encoder_dir, **over)]
+    assert main(args) == 2
+    one_line_error(capsys, "--from-checkpoint", "--rehearse")
+
+
 @pytest.fixture(scope="module")
 def tiny_run_two(tmp_path_factory, tiny_encoder_dir):
     from pixelrun.config import load_config
