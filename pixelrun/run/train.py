@@ -329,9 +329,8 @@ def count_nonfinite(run: Run, applied: bool, terms: dict[str, torch.Tensor], gra
 
 def observe_health(run: Run, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, applied: bool) -> None:
     """Feed the step's loss and gradient norm to the divergence detector; say when it trips (a
-    skipped step is said by count_nonfinite)."""
-    if not run.cfg.train.divergence_factor and applied:
-        return  # no spike check: only skipped steps (and the weights, at a checkpoint) count
+    skipped step is said by count_nonfinite). The step's one host sync, `applied`, has already waited
+    for the device, so reading two numbers more costs no wait."""
     loss, norm = torch.stack([terms.get("flow", terms["loss"]).detach().float(), grad_norm.detach().float()]).tolist()
     why = run.health.observe(run.step, loss, norm, applied)
     if why is not None and applied:
@@ -495,10 +494,11 @@ def finish(run: Run, stopped) -> dict:
         run.say(
             f"stopped by {name} at step {run.step}/{run.cfg.train.steps}; {written}. Run the same command again to resume."
         )
-        return {"step": run.step, "checkpoint": str(last), "stopped": name, "signal": stopped}
+        return {"step": run.step, "checkpoint": str(last) if last else None, "stopped": name, "signal": stopped}
     if last is None:
         raise TrainingStopped(
-            f"training diverged at step {run.health.since} ({run.health.reason}) and had not recovered by "
+            f"training diverged at step {run.health.since} ({run.health.reason or 'another rank'}) and had not "
+            f"recovered by "
             f"step {run.step}, so no checkpoint was written since; {where_next(run)}. Lower optimizer.lr "
             f"(now {run.cfg.optimizer.lr:g}) or raise schedule.warmup_steps, then run again"
         )
