@@ -14,6 +14,13 @@ def add_parser(subparsers) -> None:
         "tokens per side, a few steps per stage, grids, evaluations and checkpoints between), "
         "resume it once and compare, then print a report; in RUN_DIR-rehearsal",
     )
+    t.add_argument(
+        "--from-checkpoint",
+        metavar="STEP",
+        help="resume from this older checkpoint of run.dir (step_N or N) instead of the newest; the newer "
+        "ones are set aside, not deleted (checkpoints/aside-step_N). A flag, not a config key: it is a "
+        "one-off choice of this command, not part of the run's config that a later resume repeats",
+    )
     t.set_defaults(func=run)
 
 
@@ -21,6 +28,10 @@ def run(args) -> int:
     from pixelrun.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # all validation happens here, before any work
+    if args.rehearse and args.from_checkpoint:
+        from pixelrun.config import ConfigError
+
+        raise ConfigError("--from-checkpoint", "resumes a run; it cannot be used with --rehearse")
     if args.rehearse:
         from pixelrun.run.rehearse import rehearse
 
@@ -30,5 +41,5 @@ def run(args) -> int:
     else:
         from pixelrun.run.train import train
 
-        summary = train(cfg)  # checks the data paths first, before any work
+        summary = train(cfg, from_checkpoint=args.from_checkpoint)  # checks the data paths first, before any work
     return 128 + summary["signal"] if isinstance(summary.get("signal"), int) else 0

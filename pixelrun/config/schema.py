@@ -133,6 +133,15 @@ class TrainConfig:
     # change); this many in a row stop the run, naming the step. Isolated ones are counted in the log.
     max_nonfinite_steps: int = 3
     max_minutes: float = 0.0  # stop (and finish normally: grid, eval) after this much training time; 0 = no limit
+    # Divergence is caught before it is saved (docs/reliability.md): a checkpoint due while the state is
+    # unhealthy is not written. Unhealthy: the median flow loss of the last 5 steps over this many times
+    # its median over the divergence_window healthy steps before (0 = no such check), a skipped step, or
+    # weights past divergence_weight_growth. Healthy again after 10 steps in a row without a sign.
+    divergence_factor: float = 10.0
+    divergence_window: int = 50  # the healthy steps whose median flow loss a spike is measured against
+    # At a checkpoint: a global weight norm over this many times its value at the last healthy
+    # checkpoint (or the session's start) is a diverged state, not saved; 0 = no bound
+    divergence_weight_growth: float = 10.0
 
 
 @dataclass

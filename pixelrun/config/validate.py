@@ -138,6 +138,13 @@ def _validate_train(cfg: Config) -> None:
     _positive("train.batch_size", t.batch_size)
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
     _positive("train.max_minutes", t.max_minutes, allow_zero=True)
+    _positive("train.divergence_window", t.divergence_window)
+    for key, value in (
+        ("divergence_factor", t.divergence_factor),
+        ("divergence_weight_growth", t.divergence_weight_growth),
+    ):
+        if value and not value > 1:  # a finite number over 1, or 0 (off); NaN fails both
+            raise ConfigError(f"train.{key}", f"must be over 1 (a multiple), or 0 to turn the check off; got {value}")
     if t.global_batch_size is not None:
         _positive("train.global_batch_size", t.global_batch_size)
         if t.global_batch_size % t.batch_size:

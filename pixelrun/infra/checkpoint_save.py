@@ -172,10 +172,22 @@ def _put_in_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _healthy(path: Path) -> bool:
+    try:
+        return CheckpointMeta.read(path).healthy
+    except Exception:  # a meta that cannot be read is not a checkpoint to keep for its health
+        return False
+
+
 def _rotate(run_dir: str | Path, step: int, keep: int) -> None:
-    """Keep the newest `keep` checkpoints up to `step` (the one just written is the newest of them).
-    Newer ones (a run resumed with run.resume=false over an older one) are not touched here: the
-    run replaces each when it reaches its step."""
+    """Keep the newest `keep` checkpoints up to `step` (the one just written is the newest of them),
+    and the newest healthy one (its meta's ``healthy``) wherever it stands: a run can always go back
+    to a state that had not diverged. Newer ones (a run resumed with run.resume=false over an older
+    one) are not touched here: the run replaces each when it reaches its step."""
     upto = [p for p in ckpt.list_checkpoints(run_dir) if ckpt.step_of(p) <= step]
-    for old in upto[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    old, kept = upto[: max(len(upto) - keep, 0)], upto[max(len(upto) - keep, 0) :]
+    if old and not any(_healthy(p) for p in reversed(kept)):
+        spared = next((p for p in reversed(old) if _healthy(p)), None)
+        old = [p for p in old if p != spared]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)

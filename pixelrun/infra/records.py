@@ -308,9 +308,10 @@ class CheckpointMeta(Record):
 
     Format 1 is the meta of pixelrun before the parts (no ``format`` key; ``stage``,
     ``train_seconds`` and ``skipped_steps`` absent in the oldest, and two keys nothing read:
-    ``trainable`` and ``optimizer_kind``, accepted and dropped)."""
+    ``trainable`` and ``optimizer_kind``, accepted and dropped). Format 2 lacks ``healthy`` (read
+    as True: it was saved by a run that checked only for non-finite values)."""
 
-    FORMAT: ClassVar[int] = 2
+    FORMAT: ClassVar[int] = 3
     KIND: ClassVar[str] = "checkpoint meta"
     LEGACY: ClassVar[tuple[str, ...]] = ("trainable", "optimizer_kind")
 
@@ -324,6 +325,9 @@ class CheckpointMeta(Record):
     stage: int | None = None  # the stage it was saved in; None: saved before stages were recorded
     train_seconds: float = 0.0  # time in training steps over every session
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm, every session
+    # whether the divergence detector (pixelrun/run/health.py) found the state healthy when it was
+    # saved; rotation never deletes the newest healthy checkpoint
+    healthy: bool = True
 
     @classmethod
     def from_dict(cls, data: Any, source: str | Path = "<record>") -> CheckpointMeta:

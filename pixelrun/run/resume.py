@@ -1,8 +1,10 @@
 """Resume, in one room: which checkpoint a run continues, whether its config may continue it, the
 restore of every part (pixelrun/training/state.py), the batch source put back at its position, and
-`run.init_from` (weights of another run or an export, nothing else).
+`run.init_from` (weights of another run or an export, nothing else), and going back: `--from-checkpoint`
+(`go_back_to`) and the fall-back after a resume that diverged again (`fall_back`), both setting the
+checkpoints they pass over aside (`checkpoints/aside-step_N`), never deleting them.
 
-    start = choose_start(cfg, ctx, say)       # before any work: a refused resume costs nothing
+    start = choose_start(cfg, ctx, say, from_checkpoint)  # before any work: a refused resume costs nothing
     check_init_from(cfg, start.init_from, dim) # once the text width is known
     checkpointer, counters, position = run_parts(cfg, ctx, st, dim)
     restore(start, checkpointer, st, steps, say)
@@ -11,6 +13,7 @@ restore of every part (pixelrun/training/state.py), the batch source put back at
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +41,16 @@ class Start:
     init_from: Path | None = None
 
 
-def choose_start(cfg: Config, ctx: DistContext, say: Say) -> Start:
+def choose_start(cfg: Config, ctx: DistContext, say: Say, from_checkpoint: str | None = None) -> Start:
     """The newest checkpoint of run.dir whose every file matches its manifest (with run.resume), its
     config checked as a continuation of this one; else run.init_from's checkpoint. The run's lock is
-    held: a temporary folder left in it is a save that died, removed here."""
+    held: a temporary folder left in it is a save that died, removed here. `from_checkpoint`
+    (`pixelrun train --from-checkpoint step_N`) first sets the checkpoints after step N aside."""
     run_dir = Path(cfg.run.dir)
     if ctx.is_main:
         remove_stale(run_dir)
+    if from_checkpoint is not None:
+        go_back_to(cfg, from_checkpoint, ctx, say)
     path, meta = verified_latest(run_dir, ctx, say) if cfg.run.resume else (None, None)
     if path is not None and meta is not None:
         for line in check_resume(cfg, meta.config, path):
@@ -75,6 +81,68 @@ def restore(start: Start, checkpointer: Checkpointer, st: TrainState, steps: int
     elif start.init_from is not None:
         for line in [*init_weights(st, start.init_from), f"initialised weights and EMA from {start.init_from}"]:
             say(line)
+
+
+# ----------------------------------------------------------------------------- going back
+
+
+def set_aside(path: Path) -> Path:
+    """Move a checkpoint out of the ones a run lists, rotates and resumes, keeping it whole:
+    ``checkpoints/aside-step_N`` (``-2``, ``-3`` ... when that name is taken). Returns where."""
+    aside, n = path.with_name(f"aside-{path.name}"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"aside-{path.name}-{n}")
+    os.replace(path, aside)
+    return aside
+
+
+def find_checkpoint(run_dir: Path, name: str) -> Path:
+    """The checkpoint of run.dir a `--from-checkpoint` names: ``step_N``, ``N``, ``step_0000000N`` or its path."""
+    found = ckpt.list_checkpoints(run_dir)
+    digits = Path(name.strip()).name.removeprefix("step_")  # a path to it works too
+    for path in found:
+        if digits.isdigit() and ckpt.step_of(path) == int(digits):
+            return path
+    have = ", ".join(p.name for p in found) or "none"
+    raise ConfigError("--from-checkpoint", f"{name!r} is not a checkpoint of {run_dir} (it has: {have})")
+
+
+def go_back_to(cfg: Config, name: str, ctx: DistContext, say: Say) -> None:
+    """`--from-checkpoint`: check that the named checkpoint may be resumed with this config, then set
+    every newer one aside (nothing is deleted), so the resume that follows starts from it."""
+    if not cfg.run.resume:
+        raise ConfigError("--from-checkpoint", "resumes a checkpoint; it cannot be used with run.resume=false")
+    run_dir = Path(cfg.run.dir)
+    target = find_checkpoint(run_dir, name)
+    check_resume(cfg, ckpt.load_meta(target).config, target)  # refused: nothing moved
+    newer = [p for p in ckpt.list_checkpoints(run_dir) if ckpt.step_of(p) > ckpt.step_of(target)]
+    if ctx.is_main:
+        for path in newer:
+            say(f"--from-checkpoint {target.name}: {path.name} set aside to {set_aside(path)}")
+    ctx.barrier()
+
+
+def fall_back(run_dir: Path, started_from: Path | None, wrote: bool) -> str:
+    """After a session diverged: where the next run resumes. A resume that diverged before writing a
+    checkpoint of its own sets the checkpoint it started from aside (`set_aside`), so the next run
+    starts one checkpoint further back; the only checkpoint left is kept. Returns the words."""
+    found = ckpt.list_checkpoints(run_dir)
+    if started_from is None or wrote or started_from not in found:
+        last = found[-1].name if found else None
+        return f"the next run resumes from {last}" if last else "there is no checkpoint: the next run starts afresh"
+    earlier = [p for p in found if ckpt.step_of(p) < ckpt.step_of(started_from)]
+    if not earlier:
+        return (
+            f"it resumed from {started_from.name}, the run's only checkpoint, and diverged again: "
+            f"the next run resumes from it again"
+        )
+    aside = set_aside(started_from)
+    return (
+        f"it resumed from {started_from.name} and diverged again, so that checkpoint was set aside to "
+        f"{aside} and the next run resumes from {earlier[-1].name} (checkpoints: "
+        f"{', '.join(p.name for p in earlier)})"
+    )
 
 
 # ----------------------------------------------------------------------------- what may continue what

@@ -45,11 +45,12 @@ from pixelrun.infra.locks import folder_lock
 from pixelrun.infra.records import RunSummary
 from pixelrun.infra.tracking import Tracker
 from pixelrun.model.text import text_encoder
+from pixelrun.run.health import Health
 from pixelrun.run.messages import describe_run, summary_line
 from pixelrun.run.outputs import POINT_IMAGES, evaluation_point, images_seen, provenance
 from pixelrun.run.outputs import run_summary as summarize_run
 from pixelrun.run.outputs import write_point as write_point_files
-from pixelrun.run.resume import check_init_from, choose_start, restore, run_parts
+from pixelrun.run.resume import check_init_from, choose_start, fall_back, restore, run_parts
 from pixelrun.run.stop import StopFlag, TrainingStopped, should_stop
 from pixelrun.training.build import TrainState, build_state
 from pixelrun.training.flops import analytic_flops_per_image
@@ -57,25 +58,28 @@ from pixelrun.training.state import Checkpointer, Counters, DataPosition, NonFin
 from pixelrun.training.step import train_step
 
 
-def train(cfg: Config, stop_at_step: int | None = None) -> dict:
+def train(cfg: Config, stop_at_step: int | None = None, from_checkpoint: str | None = None) -> dict:
     """Run (or resume) the training described by `cfg`, on one process or under torchrun. Returns
     a summary dict.
 
     `stop_at_step` simulates an interruption after that step (tests): it takes the same path as
-    SIGTERM, saving a checkpoint and returning early.
+    SIGTERM, saving a checkpoint and returning early. `from_checkpoint` (`--from-checkpoint step_N`)
+    resumes from an older checkpoint of the run, the newer ones set aside (pixelrun/run/resume.py).
     """
     check_paths(cfg)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
     with process_group(cfg.hardware.device, cfg.parallel.replicate) as ctx:
-        return run_training(cfg, ctx, stop_at_step)
+        return run_training(cfg, ctx, stop_at_step, from_checkpoint)
 
 
-def run_training(cfg: Config, ctx: DistContext, stop_at_step: int | None = None) -> dict:
+def run_training(
+    cfg: Config, ctx: DistContext, stop_at_step: int | None = None, from_checkpoint: str | None = None
+) -> dict:
     """The whole run in an existing process group (the rehearsal runs two in one), holding the run
     directory's lock (rank 0 takes it: the ranks of one run share the directory)."""
     with folder_lock(cfg.run.dir, "run.dir", "pixelrun train", enabled=ctx.is_main):
-        run = open_run(cfg, ctx)
+        run = open_run(cfg, ctx, from_checkpoint)
         try:
             stopped = train_stages(run, stop_at_step)
             return finish(run, stopped)
@@ -112,6 +116,11 @@ class Run:
     flops_per_image: float = 0.0  # log.flops_per_image, or the denoiser's analytic count
     nonfinite_in_row: int = 0  # consecutive steps skipped for a non-finite loss or gradient norm
     saved_step: int = -1  # the step of the checkpoint this session wrote last
+    health: Health = field(default_factory=Health)  # whether the state may be saved (pixelrun/run/health.py)
+    started_from: Path | None = None  # the checkpoint this session resumed
+    wrote: bool = False  # whether this session wrote a checkpoint
+    said_unsaved: bool = False  # a checkpoint skipped while unhealthy was said (once per episode)
+    norm: float = 0.0  # the global weight norm at the last checkpoint due
 
     def say(self, *lines: str) -> None:
         if self.ctx.is_main:
@@ -130,14 +139,14 @@ class Run:
     source = property(lambda self: self.position.source, lambda self, v: setattr(self.position, "source", v))
 
 
-def open_run(cfg: Config, ctx: DistContext) -> Run:
+def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) -> Run:
     """Everything checked before any work (the resume may continue this run, the metric networks
     load, the held-out data is there), then built, then restored from the checkpoint if there is one."""
     plan = stage_plan(cfg)
     splits = [batch_split(c, ctx.world_size) for _, _, c in plan]  # config errors before any work
     say = tqdm.write if ctx.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run.dir)
-    start = choose_start(cfg, ctx, say)
+    start = choose_start(cfg, ctx, say, from_checkpoint)
     # The metric networks load here, so a missing one stops the run before any training. Every rank
     # samples during an evaluation; only rank 0 loads networks and computes the metrics.
     metrics = applicable_metrics(cfg) if cfg.eval.prompts else []
@@ -175,7 +184,10 @@ def open_run(cfg: Config, ctx: DistContext) -> Run:
         start_step=counters.step,
         flops_per_image=cfg.log.flops_per_image or analytic_flops_per_image(cfg, encoder.dim),
         saved_step=counters.step if start.meta is not None else -1,
+        health=Health(cfg.train.divergence_factor, cfg.train.divergence_window, cfg.train.divergence_weight_growth),
+        started_from=start.path,
     )
+    run.health.reference_norm = weight_norm(run)
     if ctx.is_main:
         provenance(ctx.device).write(run_dir / "provenance.json")
     run.say(*describe_run(cfg, ctx, st, encoder))
@@ -216,6 +228,7 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
                 run.step += 1
                 bar.update(1)
                 count_nonfinite(run, applied, terms, grad_norm)
+                observe_health(run, terms, grad_norm, applied)
                 logged = log_step(run, terms, grad_norm, bar)
                 # CUDA runs ahead of the host by a step or two at most, and the logged steps wait for
                 # it (their .item()), so the sum over steps is the training time
@@ -302,17 +315,66 @@ def count_nonfinite(run: Run, applied: bool, terms: dict[str, torch.Tensor], gra
     limit = run.cfg.train.max_nonfinite_steps
     what = f"loss {terms['loss'].item():g}, gradient norm {grad_norm.item():g}"
     if run.nonfinite_in_row >= limit:
-        last = ckpt.latest_checkpoint(run.run_dir)
         raise TrainingStopped(
             f"training stopped at step {run.step}: the loss or gradient norm was not finite for "
             f"{limit} steps in a row ({what}; train.max_nonfinite_steps={limit}); nothing of them "
-            f"was applied or saved; the last checkpoint is {last or 'none'}. Lower optimizer.lr or raise "
-            f"schedule.warmup_steps, then run again"
+            f"was applied or saved; {where_next(run)}. Lower optimizer.lr (now {run.cfg.optimizer.lr:g}) or "
+            f"raise schedule.warmup_steps, then run again"
         )
     run.say(
         f"step {run.step}: not finite ({what}); the update was skipped ({run.nonfinite_in_row} in a row, "
         f"{limit} stop the run)"
     )
+
+
+def observe_health(run: Run, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, applied: bool) -> None:
+    """Feed the step's loss and gradient norm to the divergence detector; say when it trips (a
+    skipped step is said by count_nonfinite). The step's one host sync, `applied`, has already waited
+    for the device, so reading two numbers more costs no wait."""
+    loss, norm = torch.stack([terms.get("flow", terms["loss"]).detach().float(), grad_norm.detach().float()]).tolist()
+    why = run.health.observe(run.step, loss, norm, applied)
+    if why is not None and applied:
+        run.say(f"step {run.step}: diverging: {why}")
+
+
+def weight_norm(run: Run) -> float:
+    """The global norm of the trained weights (every rank calls it: a sum over ranks; with replicated
+    weights every rank counts its copy, which a ratio of two norms of one session does not see)."""
+    params = [p.detach() for p in run.st.trained_params]
+    local = [(p.to_local() if hasattr(p, "to_local") else p).float().pow(2).sum() for p in params]
+    total = torch.stack(local).sum() if local else torch.zeros((), device=run.ctx.device)
+    return float(run.ctx.sum_over_ranks(total).sqrt().item())
+
+
+def healthy_to_save(run: Run) -> bool:
+    """Whether the state may be checkpointed: no rank's detector says it diverged, and the weights are
+    within their bound (every rank calls it: the ranks agree, as the save is collective). Says once
+    per unhealthy episode that a due checkpoint is not written."""
+    run.norm = weight_norm(run)
+    why = run.health.check_weights(run.step, run.norm)
+    unhealthy = run.ctx.sum_over_ranks(torch.tensor(float(not run.health.healthy), device=run.ctx.device)).item()
+    if not unhealthy:
+        run.said_unsaved = False
+        return True
+    if not run.said_unsaved:
+        run.said_unsaved = True
+        reason = why or run.health.reason or "another rank's loss spiked"
+        run.say(
+            f"step {run.step}: no checkpoint written: the state has diverged ({reason}); none is until it "
+            f"recovers; {where_next(run, fall=False)}"
+        )
+    return False
+
+
+def where_next(run: Run, fall: bool = True) -> str:
+    """Where the next run resumes, after this session diverged (`fall`: a resume that diverged
+    before writing a checkpoint of its own falls back one checkpoint further)."""
+    last = ckpt.latest_checkpoint(run.run_dir)
+    if not fall:
+        return f"the last healthy checkpoint is {last.name if last else 'none'}"
+    if not run.ctx.is_main:
+        return "see rank 0"
+    return fall_back(run.run_dir, run.started_from, run.wrote)
 
 
 def after_step(run: Run, scfg: Config) -> None:
@@ -334,12 +396,15 @@ def after_step(run: Run, scfg: Config) -> None:
 # ----------------------------------------------------------------------------- what happens between steps
 
 
-def save(run: Run) -> Path:
+def save(run: Run) -> Path | None:
     """A checkpoint of this step: every stateful part, and where each rank's data stands. Never of a
-    non-finite state (TrainingStopped instead), and once per step."""
+    non-finite state (TrainingStopped instead) nor of a diverged one (None: not written), and once
+    per step."""
     final = ckpt.checkpoint_root(run.run_dir) / f"step_{run.step:08d}"
     if run.saved_step == run.step:
         return final
+    if not healthy_to_save(run):
+        return None
     try:
         path = run.checkpointer.save(run.run_dir, run.step, to_yaml(run.cfg), run.cfg.cadence.keep_checkpoints, run.ctx)
     except NonFiniteState as e:
@@ -347,7 +412,8 @@ def save(run: Run) -> Path:
             f"training stopped at step {run.step}: {e.name} holds non-finite values, so no checkpoint "
             f"was written; the last checkpoint is {ckpt.latest_checkpoint(run.run_dir) or 'none'}"
         ) from None
-    run.saved_step = run.step
+    run.saved_step, run.wrote = run.step, True
+    run.health.reference_norm = run.norm  # the bound is relative to this healthy checkpoint
     return path
 
 
@@ -420,11 +486,22 @@ def finish(run: Run, stopped) -> dict:
     elapsed = time.time() - run.t0
     if stopped is not None and stopped != "max_minutes" and run.step < run.cfg.train.steps:
         name = signal.Signals(stopped).name if isinstance(stopped, int) else stopped
-        run.say(
-            f"stopped by {name} at step {run.step}/{run.cfg.train.steps}; checkpoint {last}. "
-            f"Run the same command again to resume."
+        written = (
+            f"checkpoint {last}"
+            if last
+            else f"the state had diverged, so no checkpoint was written; {where_next(run, fall=False)}"
         )
-        return {"step": run.step, "checkpoint": str(last), "stopped": name, "signal": stopped}
+        run.say(
+            f"stopped by {name} at step {run.step}/{run.cfg.train.steps}; {written}. Run the same command again to resume."
+        )
+        return {"step": run.step, "checkpoint": str(last) if last else None, "stopped": name, "signal": stopped}
+    if last is None:
+        raise TrainingStopped(
+            f"training diverged at step {run.health.since} ({run.health.reason or 'another rank'}) and had not "
+            f"recovered by "
+            f"step {run.step}, so no checkpoint was written since; {where_next(run)}. Lower optimizer.lr "
+            f"(now {run.cfg.optimizer.lr:g}) or raise schedule.warmup_steps, then run again"
+        )
     final_grid = sample_grid(run, scfg, "final.png")
     summary = {
         "step": run.step,
