@@ -45,6 +45,7 @@ from pixelrun.data.sources import check_paths
 from pixelrun.infra import checkpoint as ckpt
 from pixelrun.infra.distributed import process_group
 from pixelrun.infra.precision import native_cpu_bf16
+from pixelrun.infra.records import read_metrics
 from pixelrun.run.train import run_training
 
 STEPS_PER_STAGE = 5  # a single-stage run gets two stages' worth
@@ -226,8 +227,7 @@ def _prepare_resume(run: Path, step: int, ctx) -> Path:
 
 
 def _rows(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_metrics(run / "metrics.jsonl")
 
 
 _NOT_LOSSES = {"step", "grad_norm", "lr", "images_per_s", "skipped_steps", "train_seconds"}
