@@ -1,4 +1,4 @@
-"""A checkpoint made of stateful parts (torchtitan's `CheckpointManager` takes the same dict): the
+"""A checkpoint made of stateful parts (torchtitan's `CheckpointManager` in torchtitan/components/checkpoint.py takes a dict of such parts): the
 model, the EMA copy, the optimizer, the schedule, the data position, the RNG and the counters each
 expose `state_dict()` / `load_state_dict()`, and `Checkpointer` saves them in one call and restores
 them in one call.

@@ -153,7 +153,13 @@ def test_a_loss_spike_in_the_loop_skips_the_due_checkpoints_and_says_so_once(
 
     monkeypatch.setattr(loop, "train_step", spiking)
     run = tmp_path / "S"
-    over = {"train.steps": 24, "cadence.checkpoint_every": 4, "cadence.log_every": 4, "eval.prompts": 0}
+    over = {
+        "train.steps": 24,
+        "cadence.checkpoint_every": 4,
+        "cadence.log_every": 4,
+        "eval.prompts": 0,
+        "train.divergence_window": 12,  # the history: 12 of the 15 healthy steps before the recent 5
+    }
     assert main(["train", *tiny_overrides(run, tiny_encoder_dir, **over)]) == 1
     captured = capsys.readouterr()
     said = captured.out + captured.err
@@ -162,6 +168,7 @@ def test_a_loss_spike_in_the_loop_skips_the_due_checkpoints_and_says_so_once(
     assert err.startswith("pixelrun: training diverged at step 20 (a loss spike (median flow loss") and (
         "the next run resumes from step_00000016" in err
     ), err
+    assert "over the 12 healthy steps before" in err, err
     assert _names(run) == ["step_00000012", "step_00000016"]
 
 
