@@ -54,6 +54,12 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *, weights: bool = True) -> 
             default="ema",
             help="ema: the averaged weights (default; what grids and evaluations use); raw: the trained ones",
         )
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        metavar="D",
+        help="which EMA, by its decay, of a run that keeps several (ema.decays; default: the first)",
+    )
     # A flag, not hardware.device: that key is where the run trained, saved with the checkpoint; inference
     # runs wherever this command runs (a GPU run's checkpoint sampled on a laptop).
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")

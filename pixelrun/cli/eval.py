@@ -50,7 +50,9 @@ list for the shell; default: the checkpoint's own value):
   eval.dino_model=PATH|ID           dino-mmd: the DINOv2 model; also eval.dino_resolution=N,
                                     eval.dino_mmd_sigma=S, eval.dino_mmd_scale=S
   eval.cache_dir=DIR                where the real side of each metric is cached
-  eval.weights=ema|raw              the weights evaluated
+  eval.weights=ema|raw              the weights evaluated (--ema-decay D: which EMA of ema.decays)
+  sample.sampler=euler|heun  sample.guidance_interval=[LO,HI]
+                                    the sampler; the JSON's nfe: model evaluations per image
   sample.steps=N  sample.guidance=W  sample.guidance_mode=cfg|self|none  sample.seed=N
                                     how the images are generated, as in `pixelrun sample`
   'eval.guidance=[1,2,4]'           also evaluate at each of these guidance scales, same prompts and
@@ -132,13 +134,16 @@ def run(args) -> int:
             )
     # the metric networks first: a missing or broken one fails before the model is even loaded
     evaluator = Evaluator(cfg, metrics, resolve_device(args.device, "--device"), progress=True)
-    model, encoder, cfg, path = load_for_inference(args.checkpoint, cfg.eval.weights, args.device, overrides)
+    model, encoder, cfg, path = load_for_inference(
+        args.checkpoint, cfg.eval.weights, args.device, overrides, args.ema_decay
+    )
     # the guidance sweep as training's evaluations run it; each scale printed as it comes
     sweep = len(dict.fromkeys([cfg.sample.guidance, *cfg.eval.guidance])) > 1
 
     def each(cfg_g, r):
         if sweep:
-            print(f"guidance {cfg_g.sample.guidance:g}: {describe_metrics(r['metrics'])}", file=sys.stderr, flush=True)
+            line = f"guidance {cfg_g.sample.guidance:g}: {describe_metrics(r['metrics'])} (NFE {r['settings']['nfe']})"
+            print(line, file=sys.stderr, flush=True)
 
     results = [
         {k: v for k, v in r.items() if k not in ("per_prompt", "prompts")}
@@ -146,12 +151,24 @@ def run(args) -> int:
     ]
     result = results[0]
     if sweep:
-        result["guidance_sweep"] = [{"guidance": r["settings"]["guidance"], "metrics": r["metrics"]} for r in results]
+        result["guidance_sweep"] = [
+            {"guidance": r["settings"]["guidance"], "nfe": r["settings"]["nfe"], "metrics": r["metrics"]}
+            for r in results
+        ]
     result["checkpoint"] = str(path)
     result["weights"] = cfg.eval.weights
+    result["ema_decay"] = args.ema_decay if args.ema_decay is not None else _first_decay(cfg)
+    result["nfe"] = result["settings"]["nfe"]  # model evaluations per image, beside the score
     text = json.dumps(result, indent=2)
     print(text, flush=True)  # first: a result that cannot be written is still shown
     if out is not None:
         write_atomic(out, text + "\n")  # whole or not at all
         print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _first_decay(cfg) -> float | None:
+    """The EMA evaluated without --ema-decay: the run's first (None for the raw weights)."""
+    from pixelrun.config import ema_decays
+
+    return ema_decays(cfg)[0] if cfg.eval.weights == "ema" else None

@@ -23,6 +23,12 @@ def add_parser(subparsers) -> None:
     x.add_argument("--out", required=True, help="output directory")
     x.add_argument("--weights", choices=["ema", "raw"], default="ema")
     x.add_argument(
+        "--ema-decay",
+        type=float,
+        metavar="D",
+        help="which EMA, by its decay, of a run that keeps several (ema.decays; default: the first)",
+    )
+    x.add_argument(
         "--format",
         choices=["safetensors", "diffusers"],
         default="safetensors",
@@ -57,7 +63,7 @@ def run(args) -> int:
         from pixelrun.tools.export_diffusers import check_config, export_diffusers
 
         check_config(cfg)  # refuse before loading anything
-        model, encoder, cfg, path = load_for_inference(choice, args.weights, "cpu", args.overrides)
+        model, encoder, cfg, path = load_for_inference(choice, args.weights, "cpu", args.overrides, args.ema_decay)
         _check_target(args.out, path)  # an earlier checkpoint when the newest one's weights failed
         out = export_diffusers(model, encoder, cfg, args.out, ckpt.export_marker(args.format, path, args.weights))
         import importlib.util
@@ -73,10 +79,11 @@ def run(args) -> int:
         return 0
     if not ckpt.is_complete(path):
         raise ConfigError("--checkpoint", f"{path} is already an exported model")
-    model, cfg, path = load_model(choice, args.weights)
+    model, cfg, path = load_model(choice, args.weights, decay=args.ema_decay)
     _check_target(args.out, path)
     out = ckpt.export_weights(path, args.out, model, to_yaml(cfg), model.cfg.text_dim, args.weights)
-    print(f"exported {args.weights} weights of {path} (step {ckpt.load_meta(path).step}) to {out}")
+    which = f"EMA {args.ema_decay:g}" if args.ema_decay is not None else args.weights
+    print(f"exported {which} weights of {path} (step {ckpt.load_meta(path).step}) to {out}")
     return 0
 
 

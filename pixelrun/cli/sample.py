@@ -28,7 +28,9 @@ MOVED = {
 
 EPILOG = f"""sampling settings are overrides of the checkpoint's config (KEY=VALUE, before or after the flags;
 default: the checkpoint's own value):
-  sample.steps=N                      Euler steps
+  sample.steps=N                      sampler steps
+  sample.sampler=euler|heun           heun: two model evaluations per step (the last step Euler's)
+  sample.guidance_interval=[LO,HI]    guide only at noise levels LO < t <= HI (t = 1: noise)
   sample.guidance=W                   guidance scale, >= 1: 1 = no guidance, larger follows the prompt more
   sample.guidance_mode=cfg|self|none  cfg: against the empty prompt; self: a dense against a TREAD-routed
                                       pass (models trained with routing); none: the conditional prediction
@@ -43,7 +45,9 @@ default: the checkpoint's own value):
 examples:
   pixelrun sample --checkpoint runs/demo --prompt "a red circle" --out out/
   pixelrun sample --checkpoint runs/demo --prompts-file prompts.txt --out out/ sample.steps=50 sample.guidance=3
-  pixelrun sample --checkpoint runs/demo --prompt "a blue square" --out out/ --size 96x64 sample.seed=7"""
+  pixelrun sample --checkpoint runs/demo --prompt "a blue square" --out out/ --size 96x64 sample.seed=7
+  pixelrun sample --checkpoint runs/demo --prompt "a red circle" --out out/ --ema-decay 0.9999 \
+      sample.sampler=heun 'sample.guidance_interval=[0,0.9]'"""
 
 
 def add_parser(subparsers) -> None:
@@ -150,7 +154,7 @@ def run(args) -> int:
 def _run(args) -> int:
     from tqdm import tqdm
 
-    from pixelrun.diffusion.generate import generate
+    from pixelrun.diffusion.generate import evaluations_per_image, generate
     from pixelrun.infra.checkpoint import atomic_dir
     from pixelrun.infra.grids import save_grid, save_png
     from pixelrun.infra.inference import load_for_inference
@@ -163,7 +167,9 @@ def _run(args) -> int:
     out = Path(args.out)
     _sample_dir(out)
     _, overrides = common.checkpoint_config(args, "sample", SECTIONS)  # every override checked before any work
-    model, encoder, cfg, path = load_for_inference(args.checkpoint, args.weights, args.device, overrides)
+    model, encoder, cfg, path = load_for_inference(
+        args.checkpoint, args.weights, args.device, overrides, args.ema_decay
+    )
     encoder.warn = lambda message: None  # said once below, for this command's prompts
     h, w = size or (cfg.data.resolution, cfg.data.resolution)
     p = model.cfg.patch_size
@@ -193,6 +199,10 @@ def _run(args) -> int:
                     "steps": cfg.sample.steps,
                     "guidance": cfg.sample.guidance,
                     "guidance_mode": cfg.sample.guidance_mode,
+                    "sampler": cfg.sample.sampler,
+                    "guidance_interval": list(cfg.sample.guidance_interval) or None,
+                    "nfe": evaluations_per_image(cfg),
+                    "ema_decay": args.ema_decay,
                     "size": f"{w}x{h}",
                     "prompts": dict(zip(names, prompts)),
                 },

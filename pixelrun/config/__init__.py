@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pixelrun.config.derived import (
     batch_split,
+    ema_decays,
     image_sizes,
     model_fields,
     repa_block,
@@ -36,6 +37,7 @@ from pixelrun.config.rules import (
     GUIDANCE_MODES,
     METRICS,
     PRESETS,
+    SAMPLERS,
     SPACINGS,
     aspect_buckets,
     parse_captions,
@@ -49,6 +51,7 @@ __all__ = [
     "GUIDANCE_MODES",
     "METRICS",
     "PRESETS",
+    "SAMPLERS",
     "SPACINGS",
     "Config",
     "ConfigError",
@@ -59,6 +62,7 @@ __all__ = [
     "aspect_buckets",
     "batch_split",
     "config_from_dict",
+    "ema_decays",
     "image_sizes",
     "load_config",
     "model_fields",

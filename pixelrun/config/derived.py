@@ -93,6 +93,12 @@ def _flat(tree, prefix: str = "") -> dict:
     return {prefix.rstrip("."): tree}
 
 
+def ema_decays(cfg: Config) -> list[float]:
+    """The run's EMA decays, the first the one grids, exports and metrics.jsonl use: ema.decays, or
+    [ema.decay] when it is empty (every config and checkpoint from before ema.decays)."""
+    return list(cfg.ema.decays) or [cfg.ema.decay]
+
+
 def resume_changes(saved: Config, new: Config) -> tuple[dict, dict]:
     """What differs between the config a checkpoint was saved with and the one resuming it, as
     ({key: (old, new)} refused, {key: (old, new)} allowed).

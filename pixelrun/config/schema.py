@@ -228,11 +228,19 @@ class EMAConfig:
     # far too slow for the 2,000-step CPU default. 0.995 every step has a half-life of ~140.
     decay: float = 0.995
     every: int = 1  # update the EMA every N optimizer steps
+    # Several EMAs of one run (JiT keeps two), each evaluated at every evaluation; the first is the one
+    # grids, exports and metrics.jsonl use. Empty = [decay]. sample/eval/export pick one: --ema-decay D
+    decays: list[float] = field(default_factory=list)
 
 
 @dataclass
 class SampleConfig:
-    steps: int = 25  # Euler steps per image
+    steps: int = 25  # sampler steps per image
+    # euler | heun (2nd order, JiT's: two model evaluations per step, the last step Euler's)
+    sampler: str = "euler"
+    # [lo, hi]: guidance only at noise levels lo < t <= hi (t = 1 is pure noise; Kynkäänniemi et al.
+    # 2024), the conditional pass alone elsewhere; empty = guidance at every step
+    guidance_interval: list[float] = field(default_factory=list)
     guidance: float = 4.0  # >= 1: 1 = no guidance, larger follows the prompt more
     guidance_mode: str = "cfg"  # cfg (empty prompt) | self (dense vs routed pass; needs routing.ratio > 0) | none
     spacing: str = "diffusers"  # diffusers | linear (see sampling.time_grid)

@@ -13,7 +13,16 @@ import math
 
 from pixelrun.config.derived import image_sizes, model_fields, repa_block, routing_span, stage_plan
 from pixelrun.config.errors import ConfigError
-from pixelrun.config.rules import DATA_SOURCES, GUIDANCE_MODES, METRICS, SPACINGS, _choice, _positive, parse_captions
+from pixelrun.config.rules import (
+    DATA_SOURCES,
+    GUIDANCE_MODES,
+    METRICS,
+    SAMPLERS,
+    SPACINGS,
+    _choice,
+    _positive,
+    parse_captions,
+)
 from pixelrun.config.schema import Config
 
 
@@ -210,6 +219,11 @@ def _validate_ema(cfg: Config) -> None:
     if not 0 <= cfg.ema.decay < 1:
         raise ConfigError("ema.decay", f"must be in [0, 1); got {cfg.ema.decay}")
     _positive("ema.every", cfg.ema.every)
+    for i, d in enumerate(cfg.ema.decays):
+        if not 0 <= d < 1:
+            raise ConfigError(f"ema.decays[{i}]", f"must be in [0, 1); got {d}")
+    if len(set(cfg.ema.decays)) != len(cfg.ema.decays):  # a decay names its EMA (--ema-decay, the checkpoint)
+        raise ConfigError("ema.decays", f"holds a decay twice: {cfg.ema.decays}")
 
 
 # Past this a guided prediction is mostly the guide's difference scaled up: images saturate (at 1e30
@@ -234,6 +248,10 @@ def _validate_sample(cfg: Config) -> None:
             "sample.guidance_mode", "self-guidance contrasts a dense and a routed pass: set routing.ratio > 0"
         )
     _choice("sample.spacing", s.spacing, SPACINGS)
+    _choice("sample.sampler", s.sampler, SAMPLERS)
+    lo_hi = s.guidance_interval
+    if lo_hi and not (len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1] <= 1):
+        raise ConfigError("sample.guidance_interval", f"must be [lo, hi] with 0 <= lo <= hi <= 1, or []; got {lo_hi}")
     _positive("sample.shift", s.shift)
     _positive("sample.grid_prompts", s.grid_prompts, allow_zero=True)
 

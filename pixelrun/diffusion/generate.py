@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pixelrun.config import Config, routing_span
-from pixelrun.diffusion.sampling import sample, to_uint8
+from pixelrun.config import Config, SampleConfig, routing_span
+from pixelrun.diffusion.sampling import model_evaluations, sample, to_uint8
 from pixelrun.infra.precision import autocast_dtype
 
 
@@ -58,6 +58,28 @@ def generate(
             progress=progress,
             routing_span=routing_span(cfg),
             routing_ratio=cfg.routing.ratio,
+            sampler=s.sampler,
+            guidance_interval=guidance_interval(s),
         )
         out.append(to_uint8(images))
     return np.concatenate(out)
+
+
+def guidance_interval(s: SampleConfig) -> tuple[float, float] | None:
+    """sample.guidance_interval as `sample` takes it: (lo, hi), or None (guidance at every step)."""
+    return (s.guidance_interval[0], s.guidance_interval[1]) if s.guidance_interval else None
+
+
+def evaluations_per_image(cfg: Config) -> int:
+    """The model evaluations (NFE) of one image sampled with the config's sample.* settings: what
+    every report shows next to a score, since Heun or CFG at equal steps costs up to twice Euler."""
+    s = cfg.sample
+    return model_evaluations(
+        s.steps,
+        sampler=s.sampler,
+        guidance=s.guidance,
+        guidance_mode=s.guidance_mode,
+        guidance_interval=guidance_interval(s),
+        shift=s.shift,
+        spacing=s.spacing,
+    )

@@ -1,7 +1,15 @@
-"""Euler sampling from t = 1 (noise) to t = 0 (image), with optional classic CFG.
+"""Sampling from t = 1 (noise) to t = 0 (image): Euler or Heun, with optional guidance, on all steps
+or only inside a guidance interval.
 
-The network predicts x_hat; every step turns it into a velocity with the same clamp as training
-(objective.x_to_velocity) and takes an Euler step x <- x + (t_next - t) * v.
+The network predicts x_hat; every evaluation turns it into a velocity with the same clamp as
+training (objective.x_to_velocity). Euler takes x <- x + (t_next - t) * v. Heun (sampler "heun")
+averages that velocity with the one at the Euler step's end, as JiT samples: LTH14/JiT denoiser.py,
+`Denoiser._heun_step`, and `Denoiser.generate`, whose last step is `_euler_step` (the end of the last
+step is t = 0, the clean image; read in forks of JiT, the index holding no copy of LTH14/JiT itself).
+A guidance interval [lo, hi] guides only the evaluations at lo < t <= hi, as Kynkäänniemi et al.
+2024 guide sigma in (sigma_lo, sigma_hi]; JiT's `Denoiser._forward_sample` masks its CFG scale to 1
+outside (interval_min, interval_max) in its own time, 1 minus ours, and still runs both passes:
+here a step outside the interval runs the conditional pass alone (`model_evaluations` counts them).
 Initial noise is drawn as diffusers' PRXPixelPipeline draws it: one `torch.randn` of the whole
 batch from a CPU `torch.Generator().manual_seed(seed)`, times the noise scale.
 
@@ -17,7 +25,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from pixelrun.config import GUIDANCE_MODES, SPACINGS, span_for_depth
+from pixelrun.config import GUIDANCE_MODES, SAMPLERS, SPACINGS, span_for_depth
 from pixelrun.diffusion.objective import shift_time, x_to_velocity
 from pixelrun.model.denoiser import Routing
 from pixelrun.model.routing import random_routing, routing_generator
@@ -139,8 +147,13 @@ def sample(
     progress=None,
     routing_span: tuple[int, int] | None = None,
     routing_ratio: float = 0.5,
+    sampler: str = "euler",
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1] for the prompts whose embeddings are given.
+
+    sampler "euler" or "heun" (see the module's docstring); `guidance_interval` (lo, hi): the
+    guidance below applies only to evaluations at noise levels lo < t <= hi (`guided_at`).
 
     guidance_mode "cfg": x_hat = x_uncond + w * (x_cond - x_uncond) against the empty prompt
     (`null_text`), run as one batch [uncond ; cond] like diffusers; skipped when w == 1 as there.
@@ -155,6 +168,8 @@ def sample(
     """
     if guidance_mode not in GUIDANCE_MODES:
         raise ValueError(f"unknown guidance mode {guidance_mode!r}; choose one of {GUIDANCE_MODES}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     device = text.device
     b = text.shape[0]
     use_cfg = guidance_mode == "cfg" and guidance != 1.0
@@ -171,15 +186,69 @@ def sample(
     x = initial_noise(b, height, width, seed, noise_scale).to(device)
     times = time_grid(steps, shift, spacing)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    for i in range(steps):
+
+    def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
         t = times[i].to(device).expand(b)
+        guided = guided_at(float(times[i]), guidance_interval)  # outside: the conditional pass alone
         with amp:
-            x_hat = _guided_prediction(model, x, t, text, text_mask, guidance, both, routing if use_self else None)
-        v = x_to_velocity(x, x_hat, t, t_clamp)
-        x = x + (times[i + 1] - times[i]).item() * v
+            x_hat = _guided_prediction(
+                model,
+                x,
+                t,
+                text,
+                text_mask,
+                guidance,
+                both if guided else None,
+                routing if use_self and guided else None,
+            )
+        return x_to_velocity(x, x_hat, t, t_clamp)
+
+    return integrate(velocity, x, times, sampler, progress).clamp(-1, 1)
+
+
+def integrate(velocity, x: torch.Tensor, times: torch.Tensor, sampler: str = "euler", progress=None) -> torch.Tensor:
+    """x carried along `times` by `velocity(x, i)` (the velocity at x and times[i]): Euler steps,
+    or Heun's (the velocity averaged with the one at the Euler step's end) but for the last step,
+    which is Euler's as JiT's `Denoiser.generate` ends (its end is t = 0, the clean image)."""
+    steps = len(times) - 1
+    for i in range(steps):
+        dt = (times[i + 1] - times[i]).item()
+        v = velocity(x, i)
+        if sampler == "heun" and i < steps - 1:
+            v = 0.5 * (v + velocity(x + dt * v, i + 1))
+        x = x + dt * v
         if progress is not None:
             progress.update(1)
-    return x.clamp(-1, 1)
+    return x
+
+
+def guided_at(t: float, interval: tuple[float, float] | None) -> bool:
+    """Whether the evaluation at noise level t is guided: always without an interval; inside
+    (lo, hi] with one (so [0, 1] guides every evaluation, t = 0 is never evaluated, and [a, a] none)."""
+    return interval is None or interval[0] < t <= interval[1]
+
+
+def model_evaluations(
+    steps: int,
+    *,
+    sampler: str = "euler",
+    guidance: float = 4.0,
+    guidance_mode: str = "cfg",
+    guidance_interval: tuple[float, float] | None = None,
+    shift: float = 3.0,
+    spacing: str = "diffusers",
+) -> int:
+    """The model's forward passes per image that `sample` runs (the NFE): a guided evaluation costs
+    two (CFG's [uncond ; cond] batch, self-guidance's dense and routed pass), an unguided one
+    (guidance 1, mode none, outside the interval) one; Heun evaluates each step's start and end
+    but for the last step, which is Euler's."""
+    times = time_grid(steps, shift, spacing)
+    guides = guidance_mode in ("cfg", "self") and guidance != 1.0
+
+    def cost(i: int) -> int:
+        return 2 if guides and guided_at(float(times[i]), guidance_interval) else 1
+
+    return sum(cost(i) + (cost(i + 1) if sampler == "heun" and i < steps - 1 else 0) for i in range(steps))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

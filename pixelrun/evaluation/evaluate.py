@@ -31,7 +31,7 @@ import torch
 
 from pixelrun.config import Config, ConfigError, to_dict, with_overrides
 from pixelrun.data.sources import source_kind
-from pixelrun.diffusion.generate import generate
+from pixelrun.diffusion.generate import evaluations_per_image, generate
 from pixelrun.evaluation.heldout import dataset_key, held_out_captions, real_images_and_prompts
 
 #: what ``pixelrun eval`` computes on data other than shapes when eval.metrics has nothing for it
@@ -372,6 +372,9 @@ class Evaluator:
             "steps": s.steps,
             "guidance": s.guidance,
             "guidance_mode": s.guidance_mode,
+            "sampler": s.sampler,
+            "guidance_interval": list(s.guidance_interval) or None,
+            "nfe": evaluations_per_image(cfg),  # model evaluations per image: the score's cost
             "spacing": s.spacing,
             "shift": s.shift,
             "resolution": cfg.data.resolution,
@@ -409,6 +412,28 @@ def guidance_sweep(evaluator: Evaluator, model, encoder, cfg: Config, *, keep_im
         )
         if each is not None:
             each(cfg_g, results[-1])
+    return results
+
+
+def ema_guidance_sweep(
+    evaluator: Evaluator, models: list, encoder, cfg: Config, *, keep_images: int = 0, each=None
+) -> list:
+    """The guidance sweep of each EMA, `models` as (decay, model) with the run's first EMA first (or
+    [(None, the raw model)]), so the first result is the one a run of one EMA gives. Each result
+    carries its ``ema_decay``; ``each(decay, cfg_at_scale, result)`` sees each as it comes."""
+    results: list = []
+    for decay, model in models:
+        for r in guidance_sweep(
+            evaluator,
+            model,
+            encoder,
+            cfg,
+            keep_images=0 if results else keep_images,
+            each=None if each is None else (lambda c, r, d=decay: each(d, c, r)),
+        ):
+            if r is not None:
+                r["ema_decay"] = decay
+            results.append(r)
     return results
 
 

@@ -80,10 +80,21 @@ def higher_is_better(metric: str) -> bool:
 
 
 def _result_at(point: EvalPoint, guidance: float | None) -> GuidanceResult | None:
+    """The run's first EMA's result at `guidance` (its results come first; ema.decays' others after)."""
+    first = point.results[0].ema_decay if point.results else None
     for result in point.results:
-        if guidance is None or math.isclose(float(result.guidance), guidance):
+        if result.ema_decay == first and (guidance is None or math.isclose(float(result.guidance), guidance)):
             return result
     return None
+
+
+def result_value(result: GuidanceResult, metric: str) -> float | None:
+    """A metric's number in one result (``shapes/<measure>`` for the shapes score's), or None."""
+    name, _, measure = metric.partition("/")
+    value = result.metrics.get(name)
+    if measure:
+        value = value.get(measure) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def point_value(point: EvalPoint, metric: str, guidance: float | None) -> tuple[float, list[float] | None] | None:

@@ -107,11 +107,11 @@ def point_steps(steps: int, fractions: list[float]) -> list[int]:
     return sorted({min(steps, max(1, round(f * steps))) for f in fractions})
 
 
-def flops_per_image(cfg: Config, text_dim: int) -> float:
-    """Training FLOPs of one image, the tricks' networks included (pixelrun/training/flops.py)."""
+def flops_per_image(cfg: Config, text_dim: int, global_batch: int | None = None) -> float:
+    """Training FLOPs of one image, the tricks' networks and extra EMAs included (pixelrun/training/flops.py)."""
     from pixelrun.training.flops import flops_per_image as count
 
-    return count(cfg, text_dim)
+    return count(cfg, text_dim, global_batch)
 
 
 def calibrate_step_seconds(cfg: Config, text_dim: int, steps: int) -> float:
@@ -156,7 +156,7 @@ def plan_ablation(spec: Spec, *, say=print) -> Plan:
         if cfg.text.encoder not in dims:
             dims[cfg.text.encoder] = text_encoder(cfg, "cpu").dim
         dim = dims[cfg.text.encoder]
-        fpi = flops_per_image(cfg, dim)
+        fpi = flops_per_image(cfg, dim, global_batch)
         step_s = None
         if spec.budget.kind == "minutes":
             say(f"calibrating {name}: {spec.budget.calibration_steps} timed steps")

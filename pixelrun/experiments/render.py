@@ -80,6 +80,7 @@ def ablation_blocks(summary: dict, figures: dict[str, Path]) -> list[tuple]:
         *_validation_blocks(summary),
         *_noise_floor_blocks(summary),
         *_best_guidance_blocks(summary),
+        *_ema_guidance_blocks(summary),
         *_time_to_target_blocks(summary),
         *_incomplete_blocks(summary),
         ("h2", "Protocol"),
@@ -101,10 +102,13 @@ def _main_table(summary: dict) -> tuple:
     """Each variant at the budget: its evaluation metrics, speed, cost and what it reached."""
     eval_m = _eval_metrics(summary)
     final, tp = summary["final"], summary["throughput"]
-    header = ["variant"] + eval_m + ["images/s", "step s", "FLOPs/image", "peak memory", "steps", "images"]
+    nfe = summary.get("nfe")  # model evaluations per image beside the scores (absent: points from before)
+    header = ["variant"] + eval_m + (["NFE"] if nfe else [])
+    header += ["images/s", "step s", "FLOPs/image", "peak memory", "steps", "images"]
     rows = [
         [v]
         + [_cell_text(final[v].get(m)) for m in eval_m]
+        + ([_num(nfe.get(v))] if nfe else [])
         + [
             _num(tp[v]["images_per_s"]),
             _num(tp[v]["step_seconds"], 3),
@@ -164,6 +168,28 @@ def _best_guidance_blocks(summary: dict) -> list[tuple]:
             "table",
             ["variant"] + eval_m,
             [[v] + [_num(summary["best_guidance"][v].get(m)) for m in eval_m] for v in summary["variants"]],
+        ),
+    ]
+
+
+def _ema_guidance_blocks(summary: dict) -> list[tuple]:
+    """The EMA x guidance sweep at the budget, where a variant evaluated more than one pair."""
+    sweep = summary.get("ema_guidance", {})
+    if not any(len(rows) > 1 for rows in sweep.values()):
+        return []
+    eval_m = _eval_metrics(summary)
+    return [
+        ("h2", "EMA x guidance at the budget (mean over seeds)"),
+        ("p", "NFE: model evaluations per generated image (sampler, guidance and guidance interval)."),
+        (
+            "table",
+            ["variant", "EMA decay", "guidance", "NFE"] + eval_m,
+            [
+                [v, _num(c["ema_decay"]), _num(c["guidance"]), _num(c["nfe"])]
+                + [_num(c["means"].get(m)) for m in eval_m]
+                for v, rows in sweep.items()
+                for c in rows
+            ],
         ),
     ]
 

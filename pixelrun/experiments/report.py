@@ -22,11 +22,11 @@ from pathlib import Path
 
 from pixelrun.config import ConfigError
 from pixelrun.experiments.figures import ablation_figures, figure, is_loss_term, row_panels
-from pixelrun.experiments.folders import StudyRun
+from pixelrun.experiments.folders import StudyRun, result_value
 from pixelrun.experiments.render import ablation_blocks, csv_rows, jsonable, render_html, render_markdown
 from pixelrun.experiments.summary import summarize
 from pixelrun.infra.files import write_atomic
-from pixelrun.infra.records import Provenance, Record, RunSummary, read_metrics
+from pixelrun.infra.records import EvalPoint, Provenance, Record, RunSummary, read_metrics
 
 FIGURES = "report"  # the ablation's PNGs, under its folder
 
@@ -81,6 +81,7 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> list
     )
     blocks += _record_table(run_dir / "run-summary.json", RunSummary, "Summary")
     blocks += _record_table(run_dir / "provenance.json", Provenance, "Provenance")
+    blocks += _last_evaluation(run_dir)
     if figures:
         blocks.append(("h2", "Curves"))
         blocks += [("img", title, path) for title, path in figures.items()]
@@ -104,4 +105,31 @@ def _record_table(path: Path, kind: type[Record], heading: str) -> list[tuple]:
             ["key", "value"],
             [[k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)] for k, v in fields.items()],
         ),
+    ]
+
+
+def _last_evaluation(run_dir: Path) -> list[tuple]:
+    """The newest evaluation point's results, one row per EMA (ema.decays) and guidance, each with
+    its model evaluations per image (NFE) beside the scores; nothing before the first evaluation."""
+    files = sorted((run_dir / "points").glob("step_*.json"))
+    if not files:
+        return []
+    point = EvalPoint.read(files[-1])
+    metrics = list(
+        dict.fromkeys(
+            f"{name}/{m}" if isinstance(value, dict) else name
+            for r in point.results
+            for name, value in r.metrics.items()
+            for m in (value if isinstance(value, dict) else [name])
+            if m != "n"
+        )
+    )
+    rows = [
+        [point.weights if r.ema_decay is None else f"EMA {r.ema_decay:g}", f"{r.guidance:g}", str(r.nfe or "–")]
+        + [f"{x:.4g}" if (x := result_value(r, m)) is not None else "–" for m in metrics]
+        for r in point.results
+    ]
+    return [
+        ("h2", f"Evaluation at step {point.step}: EMA x guidance"),
+        ("table", ["weights", "guidance", "NFE"] + metrics, rows),
     ]

@@ -19,6 +19,7 @@ from pixelrun.experiments.folders import (
     point_metrics,
     point_value,
     read_plan,
+    result_value,
 )
 from pixelrun.infra.records import AblationBudget, AblationPlan
 
@@ -177,6 +178,7 @@ def summarize(out_dir: Path) -> tuple[dict, list[StudyRun]]:
         "best_guidance": best,
         "noise_floor": floor,
         "throughput": {v: _throughput(by_variant[v]) for v in variants},
+        **_sampling(by_variant, metrics, final, primary),
         "runs": [_run_row(r) for r in runs],
         "incomplete": [_incomplete(r, final) for r in runs if final not in r.points],
         "confidence": stats.CONFIDENCE,
@@ -259,3 +261,48 @@ def _run_row(run: StudyRun) -> dict:
         "global_batch": run.global_batch,
         "command": run.command,
     }
+
+
+def _sampling(by_variant: dict[str, list[StudyRun]], metrics: list[str], final: float, primary: float) -> dict:
+    """Per variant, the NFE behind its numbers and the EMA x guidance sweep at the budget; nothing
+    for a study whose points predate them (they carry no NFE), so its report reads as it did."""
+    runs = [r for rs in by_variant.values() for r in rs]
+    if not any(res.nfe is not None for r in runs for p in r.points.values() for res in p.results):
+        return {}
+    return {
+        "nfe": {v: _nfe(rs, final, primary) for v, rs in by_variant.items()},
+        "ema_guidance": {v: _ema_guidance(rs, metrics, final) for v, rs in by_variant.items()},
+    }
+
+
+def _nfe(runs: list[StudyRun], fraction: float, guidance: float) -> int | None:
+    """The model evaluations per image behind a variant's numbers at the budget (its first EMA at
+    the primary guidance); None for points written before they were recorded."""
+    for r in runs:
+        for res in r.points[fraction].results if fraction in r.points else []:
+            if res.nfe is not None and res.ema_decay == r.points[fraction].results[0].ema_decay:
+                if abs(float(res.guidance) - guidance) < 1e-9:
+                    return res.nfe
+    return None
+
+
+def _ema_guidance(runs: list[StudyRun], metrics: list[str], fraction: float) -> list[dict]:
+    """The sweep over EMA (ema.decays) x guidance at the budget: per (decay, guidance), its NFE and
+    each evaluation metric's mean over the seeds that have it, in the order the runs evaluated them."""
+    cells: dict[tuple, dict] = {}
+    for r in runs:
+        for res in r.points[fraction].results if fraction in r.points else []:
+            cell = cells.setdefault((res.ema_decay, float(res.guidance)), {"nfe": res.nfe, "values": {}})
+            for m in metrics:
+                if not m.startswith("val") and (value := result_value(res, m)) is not None:
+                    cell["values"].setdefault(m, []).append(value)
+    return [
+        {
+            "ema_decay": decay,
+            "guidance": guidance,
+            "nfe": cell["nfe"],
+            "means": {m: float(np.mean(v)) for m, v in cell["values"].items()},
+            "seeds": max((len(v) for v in cell["values"].values()), default=0),
+        }
+        for (decay, guidance), cell in cells.items()
+    ]

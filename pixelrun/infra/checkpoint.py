@@ -211,8 +211,34 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema") -> None:
-    """Load EMA or raw weights of a checkpoint (or an exported model) into a plain, unsharded model."""
+def ema_key(decay: float) -> str:
+    """Where a checkpoint keeps the EMA of `decay` when it is not the run's first (whose keys are
+    ``ema.*`` as before there were several): ``ema.decay_0p9999.*`` for 0.9999."""
+    return "decay_" + repr(float(decay)).replace(".", "p").replace("-", "m")
+
+
+def saved_ema_decays(config: dict) -> list[float]:
+    """The EMA decays a checkpoint keeps, from its saved config (config.ema_decays' rule on a plain
+    mapping: older checkpoints have no ema.decays and keep one EMA, ema.decay's)."""
+    ema = config.get("ema") or {}
+    return [float(d) for d in ema.get("decays") or [ema.get("decay", 0.0)]]
+
+
+def ema_prefix(path: str | Path, decay: float | None) -> str:
+    """The tree key under ``ema`` that holds the EMA of `decay` in a checkpoint ("" for its first,
+    None = the first); ValueError naming the decays kept when it has none of that decay."""
+    decays = saved_ema_decays(saved_config(path)[0])
+    if decay is None or float(decay) == decays[0]:
+        return ""
+    if float(decay) not in decays:
+        kept = ", ".join(f"{d:g}" for d in decays)
+        raise ValueError(f"{Path(path).name} keeps the EMA of decay {kept}, not {decay:g}")
+    return ema_key(float(decay))
+
+
+def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema", decay: float | None = None) -> None:
+    """Load EMA (of `decay`; None = the run's first) or raw weights of a checkpoint (or an exported
+    model) into a plain, unsharded model."""
     if weights not in ("ema", "raw"):
         raise ValueError("weights must be ema or raw")
     path = Path(path)
@@ -222,12 +248,16 @@ def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema")
         model.load_state_dict(load_file(str(path / EXPORT_FILE)))
         return
     sd = model.state_dict()
+    prefix = ema_prefix(path, decay) if weights == "ema" else ""
     if weights == "ema":
-        tree = {"ema": sd}
+        tree: dict = {"ema": {prefix: sd} if prefix else sd}
     else:
         tree = {"model": {f"denoiser.{k}": v for k, v in sd.items()}}
     load_tensors(path, tree)
-    flat = tree["ema"] if weights == "ema" else {k[len("denoiser.") :]: v for k, v in tree["model"].items()}
+    if weights == "ema":
+        flat = tree["ema"][prefix] if prefix else tree["ema"]
+    else:
+        flat = {k[len("denoiser.") :]: v for k, v in tree["model"].items()}
     model.load_state_dict(flat)
 
 

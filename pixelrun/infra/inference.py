@@ -45,18 +45,39 @@ def checkpoint_config(checkpoint: Checkpoint, overrides: list[str] | tuple[str, 
     return with_overrides(saved, overrides), path, text_dim
 
 
+def check_ema_decay(path: Path, weights: str, decay: float | None) -> None:
+    """--ema-decay names one EMA of the checkpoint's ema.decays: refused in one line, before any
+    weights are read, when it keeps no EMA of that decay, when the raw weights are asked for, or
+    when the checkpoint is an exported model (one set of weights)."""
+    if decay is None:
+        return
+    if weights != "ema":
+        raise ConfigError("--ema-decay", f"chooses among the EMA weights; the {weights} weights have no decay")
+    if not ckpt.is_complete(path):
+        raise ConfigError("--ema-decay", f"{path} is an exported model: it holds one set of weights")
+    try:
+        ckpt.ema_prefix(path, decay)
+    except ValueError as e:
+        raise ConfigError("--ema-decay", str(e)) from None
+
+
 def load_model(
-    checkpoint: Checkpoint, weights: str = "ema", overrides: list[str] | tuple[str, ...] = ()
+    checkpoint: Checkpoint,
+    weights: str = "ema",
+    overrides: list[str] | tuple[str, ...] = (),
+    decay: float | None = None,
 ) -> tuple[PRXDenoiser, Config, Path]:
-    """(model on the CPU, config, checkpoint dir): the weights of the checkpoint, or of the next older
-    one where they cannot be read or hold a NaN or an infinity (a run directory; one line says so),
-    or a refusal in one line (a checkpoint asked for by name; no usable one left)."""
+    """(model on the CPU, config, checkpoint dir): the weights of the checkpoint (the EMA of `decay`;
+    None = the run's first), or of the next older one where they cannot be read or hold a NaN or an
+    infinity (a run directory; one line says so), or a refusal in one line (a checkpoint asked for
+    by name; no usable one left)."""
     choice = open_checkpoint(checkpoint)
     while True:
         cfg, path, text_dim = checkpoint_config(choice, overrides)
+        check_ema_decay(path, weights, decay)
         model = model_from_config(cfg, text_dim)
         try:
-            ckpt.load_weights(path, model, weights)
+            ckpt.load_weights(path, model, weights, decay)
         except READ_ERRORS as e:  # DCP, torch.load and safetensors raise many kinds on a damaged file
             choice = choice.skip(f"its {weights} weights cannot be read from {_weights_file(path)} ({failure(e)})")
             continue
@@ -74,12 +95,16 @@ def _weights_file(path: Path) -> str:
 
 
 def load_for_inference(
-    checkpoint: Checkpoint, weights: str = "ema", device: str = "auto", overrides: list[str] | tuple[str, ...] = ()
+    checkpoint: Checkpoint,
+    weights: str = "ema",
+    device: str = "auto",
+    overrides: list[str] | tuple[str, ...] = (),
+    decay: float | None = None,
 ) -> tuple[PRXDenoiser, TextEncoder, Config, Path]:
     """(model, text encoder, config, checkpoint dir) from a run directory, a checkpoint directory
     (saved on any number of ranks) or an exported model. Sampling defaults come from the
-    checkpoint's own config; `overrides` may change them."""
+    checkpoint's own config; `overrides` may change them. `decay`: which EMA (--ema-decay)."""
     dev = resolve_device(device, "--device")
-    model, cfg, path = load_model(checkpoint, weights, overrides)
+    model, cfg, path = load_model(checkpoint, weights, overrides, decay)
     encoder = text_encoder(cfg, dev)
     return model.to(dev).eval().requires_grad_(False), encoder, cfg, path

@@ -91,6 +91,12 @@ class GuidanceResult(Record):
     guidance_mode: str
     metrics: dict[str, Any]  # metric -> a number, or {measure: number} (shapes: placed, exact_set, n, ...)
     per_prompt: dict[str, Any]  # metric -> {measure: [one value per prompt]}
+    ema_decay: float | None = None  # the EMA sampled (ema.decays); None: raw weights, or written before ema.decays
+    nfe: int | None = None  # model evaluations per generated image (sample.sampler, guidance, interval)
+
+    def content(self) -> dict:
+        """Without ema_decay and nfe where unknown: a point written before them reads back as written."""
+        return {k: v for k, v in super().content().items() if v is not None or k not in ("ema_decay", "nfe")}
 
 
 @dataclasses.dataclass
@@ -109,7 +115,7 @@ class EvalPoint(Record):
     sample_seed: int
     prompts: list[str]
     val: dict[str, float | None]  # val/flow/<bin>, val_ema/flow/<bin>
-    results: list[GuidanceResult]  # sample.guidance first, then the eval.guidance sweep
+    results: list[GuidanceResult]  # sample.guidance first, then the eval.guidance sweep; then each further EMA's
     settings: dict[str, Any] | None  # the metric settings (eval/settings.json); None without metrics
 
     @staticmethod

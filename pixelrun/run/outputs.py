@@ -51,6 +51,8 @@ def evaluation_point(
                 guidance_mode=r["settings"]["guidance_mode"],
                 metrics=r["metrics"],
                 per_prompt=r["per_prompt"],
+                ema_decay=r.get("ema_decay"),
+                nfe=r["settings"].get("nfe"),
             )
             for r in results
         ],

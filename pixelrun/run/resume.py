@@ -76,6 +76,8 @@ def restore(start: Start, checkpointer: Checkpointer, st: TrainState, steps: int
         checkpointer.load(start.path, start.meta)
         step = start.meta.step
         say(f"resuming from {start.path} (step {step}, saved on {start.meta.world_size} rank(s))")
+        for line in st.ema.notes:  # an EMA decay the checkpoint does not keep
+            say(line)
         if step >= steps:
             say(f"nothing to train: the checkpoint is at step {step} and train.steps is {steps}")
     elif start.init_from is not None:
@@ -189,14 +191,16 @@ def init_weights(st: TrainState, path: Path) -> list[str]:
         ckpt.load_weights(path, plain)
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(st.model, plain.state_dict(), options=full)
-        set_model_state_dict(st.ema.model, plain.state_dict(), options=full)
+        for ema_model in st.ema.models:
+            set_model_state_dict(ema_model, plain.state_dict(), options=full)
         return []
     saved = ckpt.saved_keys(path)
-    tree = {"model": parts["model"].state_dict(), "ema": parts["ema"].state_dict()}
+    tree = {"model": parts["model"].state_dict(), "ema": st.ema.load_tree(ckpt.load_meta(path).config)}
     missing = [k for k in tree["model"] if f"model.{k}" not in saved]
     ckpt.load_tensors(path, tree, partial=bool(missing))
     parts["model"].load_state_dict(tree["model"])
     parts["ema"].load_state_dict(tree["ema"])
+    notes = list(st.ema.notes)
     if any(k.startswith("repa_projector.") for k in missing):
-        return ["REPA projector: not in the checkpoint, starting from a fresh one"]
-    return []
+        notes.append("REPA projector: not in the checkpoint, starting from a fresh one")
+    return notes

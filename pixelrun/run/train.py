@@ -34,8 +34,8 @@ from pixelrun.evaluation.evaluate import (
     Evaluator,
     applicable_metrics,
     describe_metrics,
+    ema_guidance_sweep,
     flat_metrics,
-    guidance_sweep,
 )
 from pixelrun.evaluation.validation import ValidationLoss
 from pixelrun.infra import checkpoint as ckpt
@@ -438,9 +438,10 @@ def evaluate_now(run: Run, scfg: Config) -> dict | None:
     if run.validation is not None:
         row.update(run.validation(run.st.model, scfg))
         row.update(run.validation(run.st.ema.model, scfg, prefix="val_ema"))
-    model = run.st.ema.model if scfg.eval.weights == "ema" else run.st.model
+    # every EMA of ema.decays, the run's first first (metrics.jsonl keeps its numbers)
+    models = run.st.ema.by_decay() if scfg.eval.weights == "ema" else [(None, run.st.model)]
     if run.evaluator is not None:
-        results = guidance_sweep(run.evaluator, model, run.encoder, scfg, keep_images=POINT_IMAGES)
+        results = ema_guidance_sweep(run.evaluator, models, run.encoder, scfg, keep_images=POINT_IMAGES)
     result = results[0] if results else None
     if not run.ctx.is_main or not (row or result):
         return result
@@ -453,10 +454,12 @@ def evaluate_now(run: Run, scfg: Config) -> dict | None:
             settings_path.write_text(settings)
         run.say(
             f"step {run.step}: {describe_metrics(result['metrics'])} ({scfg.eval.weights.upper()}, "
-            f"{scfg.eval.prompts} prompts)"
+            f"{scfg.eval.prompts} prompts, {result['settings']['nfe']} model evaluations per image)"
         )
         for r in results[1:]:
-            run.say(f"  at guidance {r['settings']['guidance']:g}: {describe_metrics(r['metrics'])}")
+            ema = f"EMA {r['ema_decay']:g} " if len(models) > 1 else ""
+            nfe = r["settings"]["nfe"]
+            run.say(f"  {ema}at guidance {r['settings']['guidance']:g}: {describe_metrics(r['metrics'])} (NFE {nfe})")
     run.tracker.scalars(run.step, row)
     write_point(run, scfg, row, results)
     return result

@@ -44,6 +44,13 @@ def check_config(cfg: Config) -> None:
             "FlowMatchEulerDiscreteScheduler visits the 'diffusers' time grid; export "
             "with the override sample.spacing=diffusers",
         )
+    if cfg.sample.sampler != "euler" or cfg.sample.guidance_interval:  # its scheduler: Euler, CFG at every step
+        key = "sample.sampler" if cfg.sample.sampler != "euler" else "sample.guidance_interval"
+        raise ConfigError(
+            key,
+            "PRXPixelPipeline samples with Euler steps and guidance at every step; export with the "
+            "overrides sample.sampler=euler 'sample.guidance_interval=[]'",
+        )
     if abs(cfg.objective.t_clamp - PIPELINE_T_CLAMP) > 1e-12:
         raise ConfigError(
             "objective.t_clamp",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pixelrun.config import Config, image_sizes, model_fields
+from pixelrun.config import Config, ema_decays, image_sizes, model_fields
 from pixelrun.infra.distributed import DistContext, shard
 from pixelrun.infra.precision import autocast_dtype
 from pixelrun.model.denoiser import PRXDenoiser, compile_blocks, model_from_config
@@ -81,7 +81,7 @@ def build_state(cfg: Config, stages: list[Config], ctx: DistContext, text_dim: i
     device = ctx.device
     model = model_from_config(cfg, text_dim).to(device)
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
-    ema = EMA(model, cfg.ema.decay, cfg.ema.every)  # copied before compiling: the EMA only samples
+    ema = EMA(model, ema_decays(cfg), cfg.ema.every)  # copied before compiling: the EMAs only sample
     if cfg.parallel.compile:
         compile_blocks(model, block_graphs(stages or [cfg]))
     loss_nets = LossNetworks(cfg, model.cfg.hidden_size, device, stages=stages)

@@ -1,49 +1,121 @@
-"""The exponential moving average of the weights: what grids, evaluations and exports sample."""
+"""The exponential moving averages of the weights: what grids, evaluations and exports sample.
+
+A run keeps one EMA per decay of `ema.decays` (JiT keeps two, picked at evaluation: LTH14/JiT
+denoiser.py, `Denoiser.update_ema` on `ema_params1` / `ema_params2`; read in forks of JiT). The
+first is the run's EMA as before there were several: grids, the validation loss, metrics.jsonl and
+the checkpoint's ``ema.*`` keys. Each further one is saved under ``ema.<ema_key(decay)>.*``
+(pixelrun/infra/checkpoint.py), so a checkpoint of one EMA is still read as it was written.
+"""
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
+from pixelrun.infra.checkpoint import ema_key, saved_ema_decays
 from pixelrun.infra.distributed import DistContext, is_sharded, local, shard
 
 
 class EMA:
-    """The weights' moving average, kept in fp32, updated every `every` steps.
+    """The weights' moving averages, one fp32 copy per decay, updated every `every` steps.
 
-    Under FSDP2 the EMA copy is sharded exactly like the model, so each rank averages its own
-    shards with no communication."""
+    Under FSDP2 every copy is sharded exactly like the model, so each rank averages its own shards
+    with no communication."""
 
-    def __init__(self, model: torch.nn.Module, decay: float, every: int):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.every = decay, every
+    def __init__(self, model: torch.nn.Module, decay: float | list[float], every: int):
+        self.decays = [float(decay)] if isinstance(decay, (int, float)) else [float(d) for d in decay]
+        self.models = [copy.deepcopy(model).eval().requires_grad_(False) for _ in self.decays]
+        self.every = every
+        self.notes: list[str] = []  # what a load did not find in the checkpoint (the run prints them)
+        self._sources: list[str | None] | None = None  # set by `load_tree`, used by `load_state_dict`
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The first decay's copy: the run's EMA (grids, the validation loss, metrics.jsonl)."""
+        return self.models[0]
+
+    @property
+    def decay(self) -> float:
+        return self.decays[0]
+
+    def by_decay(self) -> list[tuple[float, torch.nn.Module]]:
+        return list(zip(self.decays, self.models))
 
     def shard(self, ctx: DistContext) -> None:
-        """Shard the copy like the model; it only ever runs forward (grids, evaluations)."""
-        shard(self.model, ctx, None, blocks=self.model.blocks, forward_only=True)
+        """Shard each copy like the model; they only ever run forward (grids, evaluations)."""
+        for m in self.models:
+            shard(m, ctx, None, blocks=m.blocks, forward_only=True)
 
-    def state_dict(self) -> dict:
-        """The averaged weights by name, sharded as they are (a checkpoint's ``ema.*``)."""
+    def state_dict(self) -> dict[str, Any]:
+        """The first copy's weights by name (a checkpoint's ``ema.*``), each further copy's under its
+        `ema_key`; sharded as they are."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.model)
+        sd: dict[str, Any] = dict(get_model_state_dict(self.models[0]))
+        for d, m in zip(self.decays[1:], self.models[1:]):
+            sd[ema_key(d)] = get_model_state_dict(m)
+        return sd
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_tree(self, config: dict | None) -> dict[str, Any]:
+        """The tree to fill from a checkpoint saved with `config` (its meta's): each configured decay
+        from where that checkpoint keeps it. A decay it does not keep (ema.decays grew since, or an
+        old checkpoint of one EMA) starts from the checkpoint's first EMA, with a note."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        saved = saved_ema_decays(config) if config is not None else self.decays
+        sources: list[str | None] = ["" if d == saved[0] else ema_key(d) if d in saved else None for d in self.decays]
+        # the checkpoint's first EMA (keys ema.*) goes into the copy of its decay, else the first fresh one
+        first = sources.index("") if "" in sources else sources.index(None) if None in sources else None
+        if first is not None:
+            sources[first] = ""
+        self._sources = sources
+        tree: dict[str, Any] = {}
+        for i, src in enumerate(sources):
+            if src == "":
+                tree.update(get_model_state_dict(self.models[i]))
+            elif src is not None:
+                tree[src] = get_model_state_dict(self.models[i])
+        self.notes = [
+            f"EMA {d:g}: not in the checkpoint (it keeps {', '.join(f'{s:g}' for s in saved)}); "
+            f"starts from its EMA {saved[0]:g}"
+            for d, src in zip(self.decays, sources)
+            if src is None or (src == "" and d != saved[0])
+        ]
+        return tree
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Each copy from `state` (a tree from `state_dict`, or from `load_tree` once it is filled);
+        a copy the checkpoint lacked takes the weights of the one that read its first EMA."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(self.model, state)
+        sources = self._sources or ["", *(ema_key(d) for d in self.decays[1:])]
+        self._sources = None
+        first = {k: v for k, v in state.items() if not isinstance(v, dict)}
+        for m, src in zip(self.models, sources):
+            if src is not None:
+                set_model_state_dict(m, first if src == "" else state[src])
+        with torch.no_grad():
+            for m, src in zip(self.models, sources):
+                if src is None:  # load_tree gave the checkpoint's first EMA to one copy: `origin`
+                    origin = self.models[sources.index("")]
+                    torch._foreach_copy_([local(p) for p in m.parameters()], [local(p) for p in origin.parameters()])
 
     @torch.no_grad()
     def maybe_update(self, model: torch.nn.Module, step: int):
-        if step % self.every == 0:
-            ema_p, model_p = list(self.model.parameters()), [p.detach() for p in model.parameters()]
-            if is_sharded(self.model) and not all(isinstance(p, DTensor) for p in ema_p):
+        if step % self.every:
+            return
+        model_p = [local(p.detach()) for p in model.parameters()]
+        for decay, copy_ in zip(self.decays, self.models):
+            ema_p = list(copy_.parameters())
+            if is_sharded(copy_) and not all(isinstance(p, DTensor) for p in ema_p):
                 # A full tensor where a shard belongs: averaging it with the model's shard would
                 # mix unrelated rows (or fail on the shapes). Never average anything but shards.
                 raise RuntimeError(
                     "EMA update on unsharded parameters: a forward-only pass left the "
                     "EMA copy gathered (shard it with forward_only=True)"
                 )
-            torch._foreach_lerp_([local(p) for p in ema_p], [local(p) for p in model_p], 1.0 - self.decay)
+            # decay 0: lerp with weight 1 is `end` exactly (torch computes end - diff * 0), the raw weights
+            torch._foreach_lerp_([local(p) for p in ema_p], model_p, 1.0 - decay)

@@ -7,6 +7,10 @@ points), `pixelrun bench` and `pixelrun ablate`:
 - the tricks' networks (REPA's teacher and projector, LPIPS, P-DINO's teacher), which torch's
   FlopCounterMode counts on a one-image step (`measured_step_flops`) with and without them:
   `flops_per_image`, the cost `pixelrun ablate` spends budgets with;
+- the EMAs past the first (ema.decays): each update is a lerp, 3 FLOPs per parameter, every
+  ema.every steps, spread over a step's images (`extra_ema_flops_per_image`); the first EMA is every
+  run's and stays out, so a run of one EMA counts as it always did. The sampler (sample.sampler,
+  the guidance interval) costs nothing in training: its cost is the NFE each report shows;
 - `mfu`: achieved model FLOP/s over the device's peak (pixelrun/infra/devices.py).
 """
 
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pixelrun.config import Config, model_fields, stage_plan, to_dict, with_overrides
+from pixelrun.config import Config, ema_decays, model_fields, stage_plan, to_dict, with_overrides
 from pixelrun.model.denoiser import ModelConfig, build_model
 from pixelrun.tricks import repa, routing
 from pixelrun.tricks.table import WITH_NETWORKS, LossNetworks
@@ -66,7 +70,29 @@ def measured_step_flops(cfg: Config, loss_nets: LossNetworks, device, text_dim: 
     return counter.get_total_flops()
 
 
-def flops_per_image(cfg: Config, text_dim: int) -> float:
+LERP_FLOPS = 3  # ema + w * (model - ema): a subtraction, a multiplication and an addition per parameter
+
+
+def extra_ema_flops_per_image(cfg: Config, text_dim: int, global_batch: int | None = None) -> float:
+    """The training FLOPs per image of the EMAs past the first: LERP_FLOPS per denoiser parameter per
+    update, one update every ema.every steps of `global_batch` images (None: train.global_batch_size,
+    or one rank's train.batch_size)."""
+    extra = len(ema_decays(cfg)) - 1
+    if extra == 0:
+        return 0.0
+    with torch.device("meta"):  # counted without allocating (the speedrun model is 1.2B parameters)
+        params = sum(p.numel() for p in build_model(cfg.model.preset, text_dim, **model_fields(cfg)).parameters())
+    batch = global_batch or cfg.train.global_batch_size or cfg.train.batch_size
+    return float(extra * LERP_FLOPS * params) / (cfg.ema.every * batch)
+
+
+def flops_per_image(cfg: Config, text_dim: int, global_batch: int | None = None) -> float:
+    """The FLOPs `pixelrun ablate` spends budgets with: `_network_flops_per_image` and the EMAs past
+    the first (`extra_ema_flops_per_image`, spread over `global_batch` images a step)."""
+    return _network_flops_per_image(cfg, text_dim) + extra_ema_flops_per_image(cfg, text_dim, global_batch)
+
+
+def _network_flops_per_image(cfg: Config, text_dim: int) -> float:
     """Training FLOPs of one image: the denoiser's analytic count plus the tricks' networks' (REPA's
     teacher and projector, LPIPS, P-DINO's teacher: `tricks.table.WITH_NETWORKS`), which
     FlopCounterMode counts as the difference between a one-image step with and without them (the

@@ -10,7 +10,7 @@ them in one call.
 Two kinds of part, by where their state goes:
 - tensor parts (`TENSOR_PARTS`: model, optimizer, ema): a (possibly sharded) state dict tree that
   torch.distributed.checkpoint writes under the part's name (keys ``model.*``, ``optimizer.*``,
-  ``ema.*``), every rank its shards;
+  ``ema.*``, one EMA per decay: pixelrun/training/ema.py), every rank its shards;
 - meta parts: a few plain fields of the checkpoint meta (`CheckpointMeta`, rank 0's ``meta.pt``);
   each returns the fields it owns and reads them back from the whole meta.
 
@@ -215,7 +215,11 @@ class Checkpointer:
 
     def load(self, path: str | Path, meta: CheckpointMeta) -> None:
         """Every part from the checkpoint at `path` (written on any number of ranks: DCP reshards)."""
-        tree = self.tensors()
+        tree = {
+            name: part.load_tree(meta.config) if hasattr(part, "load_tree") else part.state_dict()
+            for name, part in self.parts.items()
+            if name in TENSOR_PARTS
+        }  # `load_tree`: a part whose saved layout depends on the saved config (the EMAs, one per decay)
         ckpt.load_tensors(path, tree)
         fields = meta.to_dict()
         for name, part in self.parts.items():

@@ -28,6 +28,7 @@ from PIL import Image
 
 from pixelrun.cli import main
 from pixelrun.config import load_config
+from pixelrun.infra.records import EvalPoint
 from pixelrun.run.rehearse import CHECKPOINT_EVERY, rehearsal_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +62,11 @@ def _overrides(run: Path, shards: Path, encoder: str) -> list[str]:
         "parallel.compile=false",
         "eval.metrics=[fd-effnet]",
         "eval.val_images=4",
+        # the samplers and EMAs of issue 28, on: Heun, a guidance interval, two EMAs (both sharded,
+        # saved, resumed and evaluated)
+        "sample.sampler=heun",
+        "sample.guidance_interval=[0,0.9]",
+        "ema.decays=[0.999,0.9]",
     ]
 
 
@@ -198,11 +204,18 @@ def test_speedrun_rehearsal_survives_a_lost_node(tmp_path, tiny_encoder_dir, cap
     evals = [r["step"] for r in rows if "eval/fd-effnet" in r]
     assert evals == [7, 10]  # between checkpoints (4, 5, 8) and at the end
     assert any("val_ema/flow/low" in r for r in rows)
+    last = EvalPoint.read(rehearsal / "points" / "step_00000010.json")
+    # 3 Heun steps on t = 1, .751, .009, self-guided inside (0, 0.9]: (1 + 2) + (2 + 2) + the last Euler step 2
+    assert [(r.ema_decay, r.nfe) for r in last.results] == [(0.999, 9), (0.9, 9)]
     assert (rehearsal / "samples" / "step_00000003.png").is_file()
 
     # the result exports to diffusers and samples with self-guidance
     out = tmp_path / "pipeline"
-    assert main(["export", "--checkpoint", str(rehearsal), "--format", "diffusers", "--out", str(out)]) == 0
+    # PRXPixelPipeline is Euler with guidance at every step: refused in one line, exported with the overrides
+    euler = ["sample.sampler=euler", "sample.guidance_interval=[]"]
+    assert main(["export", "--checkpoint", str(rehearsal), "--format", "diffusers", "--out", str(out)]) == 2
+    assert "sample.sampler: PRXPixelPipeline samples with Euler steps" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(rehearsal), "--format", "diffusers", "--out", str(out), *euler]) == 0
     assert json.loads((out / "transformer" / "config.json").read_text())["depth"] == 16  # the preset's depth, kept
     assert json.loads((out / "model_index.json").read_text())["default_sample_size"] == 192  # the last stage's
     assert (

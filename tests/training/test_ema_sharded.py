@@ -54,18 +54,21 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         _forward(plain)
         left_full = [n for n, p in plain.named_parameters() if not isinstance(p, DTensor)]
 
-        ema = EMA(model, DECAY, 1)
+        ema = EMA(model, [DECAY, 0.0], 1)  # a second EMA (ema.decays), of decay 0: the raw weights
         shard(model, ctx, None, blocks=model.blocks)
         ema.shard(ctx)
         with torch.no_grad():  # move the model so the update has something to average
             for p in model.parameters():
                 p.add_(1.0)
-        _forward(ema.model)  # a grid or an evaluation between two updates
-        after_forward = [n for n, p in ema.model.named_parameters() if not isinstance(p, DTensor)]
+        for m in ema.models:
+            _forward(m)  # a grid or an evaluation (of each EMA) between two updates
+        after_forward = [n for m in ema.models for n, p in m.named_parameters() if not isinstance(p, DTensor)]
         ema.maybe_update(model, 0)
         full = {n: p.full_tensor() for n, p in ema.model.named_parameters()}
+        zero = {n: p.full_tensor() for n, p in ema.models[1].named_parameters()}
+        raw = {n: p.full_tensor() for n, p in model.named_parameters()}
         torch.save(
-            {"left_full": left_full, "after_forward": after_forward, "ema": full},
+            {"left_full": left_full, "after_forward": after_forward, "ema": full, "zero": zero, "raw": raw},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
 
@@ -90,3 +93,10 @@ def test_ema_is_shards_after_a_forward_and_updates_like_the_unsharded_lerp(resul
         assert r["after_forward"] == []
         for n, w in want.items():
             torch.testing.assert_close(r["ema"][n], w, rtol=0, atol=1e-7, msg=n)
+
+
+def test_a_second_ema_of_decay_0_is_the_sharded_raw_weights_bit_for_bit(results):
+    for r in results:
+        assert r["zero"].keys() == r["raw"].keys()
+        for n, w in r["raw"].items():
+            assert torch.equal(r["zero"][n], w), n
