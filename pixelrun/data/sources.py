@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from pixelrun.config import Config, ConfigError, image_sizes
+from pixelrun.config import Config, ConfigError, image_sizes, model_fields
 from pixelrun.data import Batch, NoUsableData
 from pixelrun.data.loader import with_workers
 from pixelrun.infra.tracking import check_wandb
@@ -151,7 +151,14 @@ def _folder_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSou
     folder = ImageFolder(_path(cfg))
     if say is not None and folder.caption_note:
         say(folder.caption_note)
-    return FolderBatchSource(folder, cfg.train.batch_size, image_sizes(cfg), cfg.seed, rank, world_size)
+    return FolderBatchSource(
+        folder, cfg.train.batch_size, image_sizes(cfg), cfg.seed, rank, world_size, min_side=_patch(cfg)
+    )
+
+
+def _patch(cfg: Config) -> int:
+    """The smallest side an image needs to be trained on (smaller ones are skipped and named)."""
+    return int(model_fields(cfg)["patch_size"])
 
 
 def _folder_held_out(cfg: Config, n: int, at_most: bool) -> tuple[np.ndarray, list[str]]:
@@ -164,7 +171,7 @@ def _folder_held_out(cfg: Config, n: int, at_most: bool) -> tuple[np.ndarray, li
     images, captions = [], []
     for i in range(len(folder)):
         im = folder.load(i, target=(res, res))
-        if im is not None:  # unreadable files are skipped, as in training
+        if im is not None and min(im.size) >= _patch(cfg):  # unreadable and tiny files are skipped, as in training
             images.append(np.asarray(resize_to_bucket(im, res, res)))
             captions.append(folder.captions[i])
             if len(images) == n:
@@ -205,6 +212,7 @@ def _shards_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSou
         world_size,
         captions=cfg.data.captions,
         text_encoder=(encoder_fingerprint(cfg.text.encoder), cfg.text.max_tokens),
+        min_side=_patch(cfg),
     )
 
 

@@ -160,7 +160,7 @@ def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) 
         check_init_from(cfg, start.init_from, encoder.dim)
     st = build_state(cfg, [c for _, _, c in plan], ctx, encoder.dim)
     checkpointer, counters, position = run_parts(cfg, ctx, st, encoder.dim)
-    restore(start, checkpointer, st, cfg.train.steps, say)
+    restore(start, checkpointer, st, cfg.train.steps, say, ctx)
     if ctx.is_main:  # written once the checkpoint has loaded: a refused resume leaves the run as it was
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -103,7 +103,7 @@ def _assert_like_inline(make, n, workers=2):
 def test_folder_with_workers_gives_the_inline_batches_skips_and_positions(tmp_path):
     folder = ImageFolder(make_folder(tmp_path / "d"))
     _, _, inline = _assert_like_inline(lambda: FolderBatchSource(folder, 3, BUCKETS, seed=3), 14)  # > 2 epochs
-    names = sorted(p.rsplit("/", 1)[1] for p in inline.skipped_paths)
+    names = sorted(p.rsplit("/", 1)[1].split(" (")[0] for p in inline.skipped_paths)
     assert names == ["04.jpg", "08.jpg", "99.png"]  # decoded in a worker (04, 08) or not (99)
 
 
