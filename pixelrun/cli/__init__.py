@@ -67,6 +67,29 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"pixelrun: {e}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"pixelrun: this needs the package {e.name.split('.')[0]!r}, which is not installed: "  # type: ignore[union-attr]
+            f"pip install 'pixelrun[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
+
+
+# The optional packages and the extra of pyproject.toml that installs each: a command that imports one
+# missing says so in one line instead of a ModuleNotFoundError traceback.
+EXTRAS = {
+    "diffusers": "diffusers",
+    "ftfy": "diffusers",
+    "accelerate": "diffusers",
+    "wandb": "wandb",
+    "datasets": "hub",
+    "gradio": "demo",
+    "submitit": "slurm",
+}
 
 
 def _quiet_libraries() -> None:

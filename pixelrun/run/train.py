@@ -50,6 +50,7 @@ from pixelrun.run.messages import describe_run, summary_line
 from pixelrun.run.outputs import POINT_IMAGES, evaluation_point, images_seen, provenance
 from pixelrun.run.outputs import run_summary as summarize_run
 from pixelrun.run.outputs import write_point as write_point_files
+from pixelrun.run.preflight import preflight
 from pixelrun.run.resume import check_init_from, choose_start, fall_back, restore, run_parts
 from pixelrun.run.stop import StopFlag, TrainingStopped, should_stop
 from pixelrun.training.build import TrainState, build_state
@@ -146,6 +147,7 @@ def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) 
     splits = [batch_split(c, ctx.world_size) for _, _, c in plan]  # config errors before any work
     say = tqdm.write if ctx.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run.dir)
+    preflight(cfg)  # every network, all at once, before the run folder is touched
     start = choose_start(cfg, ctx, say, from_checkpoint)
     # The metric networks load here, so a missing one stops the run before any training. Every rank
     # samples during an evaluation; only rank 0 loads networks and computes the metrics.
