@@ -102,7 +102,8 @@ class ImageFolder:
     Captions come from `stem.txt` beside the image, or from `root/captions.jsonl` (one JSON object
     a line with the path relative to root under "file", "image" or "file_name", and the caption
     under "caption" or "text"); a non-empty .txt file wins when both exist. Images without a non-empty
-    caption are skipped and counted in `missing_captions` (a text-to-image model cannot use them).
+    caption are counted in `missing_captions` and skipped, or kept with the empty caption
+    (`keep_uncaptioned`, data.uncaptioned=empty).
     Hidden files and folders (".name") are ignored. Image sizes are read lazily from headers and
     cached, so building the index of a big folder costs one directory walk, not one open per file.
     """
@@ -113,6 +114,7 @@ class ImageFolder:
         exts: tuple[str, ...] = IMAGE_EXTS,
         captions_file: str = "captions.jsonl",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        keep_uncaptioned: bool = False,
     ):
         self.root = Path(root)
         self.max_pixels = max_pixels
@@ -135,7 +137,9 @@ class ImageFolder:
                     caption = jsonl.get(path.relative_to(self.root).as_posix())
                 if not caption:
                     self.missing_captions += 1
-                    continue
+                    if not keep_uncaptioned:
+                        continue
+                    caption = ""  # data.uncaptioned=empty: the unconditional branch, as caption dropout
                 self.paths.append(path)
                 self.captions.append(caption)
         if not self.paths:

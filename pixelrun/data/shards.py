@@ -409,6 +409,7 @@ class ShardBatchSource(BucketedBatchSource):
         self.captions, self.fields = captions, parse_captions(captions)
         self.max_pixels = max_pixels
         index = read_index(self.urls)
+        self.count = index.get("count") if isinstance(index, dict) else None  # samples, when convert wrote them
         check_caption_fields(index, self.fields, captions, spec)
         self.use_embeddings, embedding_note = False, None
         self.max_tokens = text_encoder[1] if text_encoder else 0

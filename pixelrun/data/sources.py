@@ -148,7 +148,7 @@ def _folder_check(cfg: Config) -> None:
 def _folder_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSource:
     from pixelrun.data.folder import FolderBatchSource, ImageFolder
 
-    folder = ImageFolder(_path(cfg))
+    folder = ImageFolder(_path(cfg), keep_uncaptioned=cfg.data.uncaptioned == "empty")
     if say is not None and folder.caption_note:
         say(folder.caption_note)
     return FolderBatchSource(
@@ -315,6 +315,32 @@ def check_batch_memory(cfg: Config) -> None:
                 f"one batch of {batch} images of {side}x{side} needs {need / GiB:.1f} GiB, "
                 f"{free / GiB:.1f} GiB {kind} available; lower train.batch_size or data.resolution",
             )
+
+
+def describe_source(cfg: Config, source) -> str:
+    """What a run trains on, in one line for its start: the data, how many items, their captions,
+    and the size they are brought to."""
+    inner = getattr(source, "source", source)  # data.workers: the loader wraps the source
+    sizes = image_sizes(cfg)
+    shape = f"{len(sizes)} aspect buckets" if len(sizes) > 1 else "square"
+    fit = f"{cfg.data.resolution}px, {shape}; each image scaled to cover its size and centre-cropped"
+    folder = getattr(inner, "folder", None)
+    if cfg.data.source == "folder" and folder is not None:
+        n, missing = len(folder), folder.missing_captions
+        if cfg.data.uncaptioned == "empty":
+            without = f"{missing} without a caption trained with the empty one"
+            n_captioned = n - missing
+        else:
+            without = f"{missing} without a caption skipped (data.uncaptioned=empty trains them with an empty caption)"
+            n_captioned = n
+        return f"data: folder {cfg.data.path}: {n} images, {n_captioned} captioned, {without}; {fit}"
+    if cfg.data.source == "shards":
+        count = getattr(inner, "count", None)
+        many = f"{count} samples in " if count else ""
+        return f"data: shards {cfg.data.path}: {many}{len(inner.urls)} shard(s), captions {cfg.data.captions}; {fit}"
+    if cfg.data.source == "emoji":
+        return f"data: {len(inner.dataset)} Twemoji images, their names as captions; {fit}"
+    return f"data: procedural shapes (built in), up to {cfg.data.max_shapes} a picture, a new image every draw; {fit}"
 
 
 def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1, say: Say = None):
