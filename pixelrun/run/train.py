@@ -251,7 +251,7 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
 def say_estimate(run: Run, since: tuple[int, float, list[bool]]) -> None:
     """Once a session, at its first logged step past its first: the wall time the rest will take."""
     step0, seconds0, said = since
-    if not said[0] and run.step - step0 >= 2:
+    if not said[0] and run.step - step0 >= 2 and run.step < run.cfg.train.steps:
         said[0] = True
         run.say(estimate_line(run.step - step0, run.train_seconds - seconds0, run.cfg.train.steps - run.step))
 
@@ -314,8 +314,16 @@ def log_step(run: Run, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, 
         "skipped_steps": run.skipped_steps,
     }
     run.tracker.scalars(run.step, row, prefix="train/")
-    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+    bar.set_postfix(bar_postfix(values, images_per_s))
     return True
+
+
+def bar_postfix(values: dict[str, float], images_per_s: float) -> dict[str, str]:
+    """The training bar's figures: each loss term by name (the total mixes terms of other signs and
+    scales: REPA's is a negative cosine), then images/s."""
+    terms = {k: v for k, v in values.items() if k != "loss"} or values
+    rate = f"{images_per_s:.3g}" if images_per_s < 1000 else f"{images_per_s:.0f}"
+    return {**{k: f"{v:.4g}" for k, v in terms.items()}, "img/s": rate}
 
 
 def count_nonfinite(run: Run, applied: bool, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:

@@ -68,3 +68,25 @@ def test_the_estimate_is_the_mean_step_time_times_the_steps_left():
         "estimate: 2.5 s/step over the first 4 steps: about 2m55s for the 70 left, plus sample grids, "
         "evaluations and checkpoints"
     )
+
+
+def test_the_training_bar_shows_each_term_by_name_not_the_mixed_total():
+    from pixelrun.run.train import bar_postfix
+
+    shown = bar_postfix({"loss": -0.31, "flow": 0.2153, "repa": -0.5253, "lpips": 0.0}, 12.34)
+    assert shown == {"flow": "0.2153", "repa": "-0.5253", "lpips": "0", "img/s": "12.3"}
+    assert bar_postfix({"loss": 0.5}, 1234.5) == {"loss": "0.5", "img/s": "1234"}
+
+
+def test_the_own_data_config_needs_only_a_folder(tmp_path):
+    from pixelrun.config import ConfigError
+
+    config = Path(__file__).parents[2] / "configs" / "own-data-cpu.yaml"
+    try:
+        load_config(config)
+    except ConfigError as e:
+        assert e.key == "data.path"
+    else:
+        raise AssertionError("data.path is required")
+    cfg = load_config(config, [f"data.path={tmp_path}"])
+    assert cfg.data.source == "folder" and cfg.eval.metrics == ["fd-effnet"] and applicable_metrics(cfg) == ["fd-effnet"]
