@@ -105,24 +105,34 @@ def build(drawer: Drawer):
                 if study.kind == "ablation":  # under the images: the table is as wide as the study's metrics
                     gr.Markdown(study.verdict, elem_id="verdict")
 
+        def clear():  # the earlier images go at once: an image on the page is never one of other settings
+            return [*([None] * len(images)), PENDING]
+
         def on_generate(prompt, steps, guidance, mode, seed, sampler, weights):
-            return _on_generate(gr, drawer, prompt, steps, guidance, mode, seed, sampler, weights)
+            return _on_generate(drawer, len(images), prompt, steps, guidance, mode, seed, sampler, weights)
 
         for trigger in (button.click, inputs[0].submit):
-            trigger(on_generate, inputs=inputs, outputs=[*images, status], concurrency_limit=1)
+            trigger(clear, outputs=[*images, status], queue=False).then(
+                on_generate, inputs=inputs, outputs=[*images, status], concurrency_limit=1
+            )
     return page
 
 
-def _on_generate(gr, drawer: Drawer, prompt, steps, guidance, mode, seed, sampler, weights) -> list:
+PENDING = "Drawing…"
+
+
+def _on_generate(drawer: Drawer, count: int, prompt, steps, guidance, mode, seed, sampler, weights) -> list:
+    """The images and the status line: the `pixelrun sample` line of the same images, or why nothing
+    was drawn (a value the config refuses: the line `pixelrun sample` prints)."""
     if not prompt or not prompt.strip():
-        raise gr.Error("Type a prompt first.")
+        return [*([None] * count), "Not drawn: type a prompt first."]
     if steps is None or guidance is None or seed is None:
-        raise gr.Error("Steps, guidance and seed each need a number.")
+        return [*([None] * count), "Not drawn: steps, guidance and seed each need a number."]
     settings = Settings(int(steps), float(guidance), mode, int(seed), weights, sampler)
     try:
         images, notes = drawer.draw(prompt, settings)
-    except ConfigError as e:  # a value the config refuses: the same line `pixelrun sample` prints
-        raise gr.Error(str(e)) from None
+    except ConfigError as e:
+        return [*([None] * count), f"Not drawn: `{e}`"]
     line = f"Drawing {drawer.drawings}; the same images: `{sample_command(drawer, prompt, settings)}`"
     return [*images, "\n\n".join([*notes, line])]
 
