@@ -126,7 +126,7 @@ def _importable(name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ablation_page(study, browser):
+def ablation_page(browser, study):
     """`pixelrun demo OUT`, the command itself, on a free port: (its URL, the folder's files before)."""
     before = tree(study)
     port = free_port()
@@ -237,7 +237,7 @@ def generate(browser, count: int, prompt: str = PROMPT) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------- the tests
 
 
-def test_the_ablation_page_draws_every_run_as_pixelrun_sample_does(study, browser, ablation_page, tmp_path):
+def test_the_ablation_page_draws_every_run_as_pixelrun_sample_does(browser, study, ablation_page, tmp_path):
     from selenium.webdriver.common.by import By
 
     url, before = ablation_page
@@ -264,7 +264,7 @@ def test_the_ablation_page_draws_every_run_as_pixelrun_sample_does(study, browse
     assert tree(study) == before  # nothing written into the ablation's folder
 
 
-def test_a_run_page_takes_every_setting_and_loads_each_model_once(study, browser, tmp_path):
+def test_a_run_page_takes_every_setting_and_loads_each_model_once(browser, study, tmp_path):
     """The page served from this process, so that its loads can be counted: each weights once."""
     from selenium.webdriver.common.by import By
 
