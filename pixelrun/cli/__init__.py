@@ -1,4 +1,4 @@
-"""The command line: pixelrun train | sample | eval | bench | export | ablate | presets | report | data.
+"""The command line: pixelrun train | sample | eval | bench | export | ablate | presets | report | data | demo.
 
 One module per command in this folder (train.py, sample.py, eval.py, ...), each with
 ``add_parser(subparsers)``, which declares its arguments, and ``run(args) -> int``; common.py holds
@@ -14,12 +14,12 @@ import argparse
 import re
 import sys
 
-from pixelrun.cli import ablate, bench, common, data, export, presets, report, sample, train
+from pixelrun.cli import ablate, bench, common, data, demo, export, presets, report, sample, train
 from pixelrun.cli import eval as evaluate
 from pixelrun.config import ConfigError, RunFailed
 from pixelrun.data import NoUsableData
 
-COMMANDS = (train, sample, evaluate, bench, export, ablate, presets, report, data)  # in the order of --help
+COMMANDS = (train, sample, evaluate, bench, export, ablate, presets, report, data, demo)  # in the order of --help
 
 
 def build_parser() -> argparse.ArgumentParser:
