@@ -89,4 +89,6 @@ def test_the_own_data_config_needs_only_a_folder(tmp_path):
     else:
         raise AssertionError("data.path is required")
     cfg = load_config(config, [f"data.path={tmp_path}"])
-    assert cfg.data.source == "folder" and cfg.eval.metrics == ["fd-effnet"] and applicable_metrics(cfg) == ["fd-effnet"]
+    assert (
+        cfg.data.source == "folder" and cfg.eval.metrics == ["fd-effnet"] and applicable_metrics(cfg) == ["fd-effnet"]
+    )
