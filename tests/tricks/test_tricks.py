@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 
 
 def test_the_terms_by_name_in_the_order_they_are_summed():
-    assert [t.name for t in TERMS] == ["flow", "repa", "lpips", "pdino"]
+    assert [t.name for t in TERMS] == ["flow", "contrastive", "repa", "lpips", "pdino"]
 
 
 def _tiny():
