@@ -43,6 +43,7 @@ SLOW_TESTS = {
     "test_safety.py::test_resume_with_another_model_or_data_is_refused_before_any_work",
     "test_routing.py::test_self_guidance_mask_is_fixed_and_noise_unchanged",
     "test_validation.py::test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers",
+    "test_launch.py::test_a_submitit_local_study_gives_the_numbers_of_here_and_a_killed_job_resumes",
 }
 
 
