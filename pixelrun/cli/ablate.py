@@ -67,6 +67,10 @@ def run(args) -> int:
         raise ConfigError(
             "spec.launch.executor", "cancel stops the jobs of executor slurm / submitit-local; here, Ctrl-C"
         )
+    if getattr(args, "detach", False):
+        raise ConfigError(
+            "--detach", "is for launch.executor slurm / submitit-local; executor here trains in this command"
+        )
     if args.parallel is not None:
         if args.parallel < 1:
             raise ConfigError("--parallel", f"must be >= 1; got {args.parallel}")
@@ -128,11 +132,11 @@ def _jobs(action: str, spec, args) -> int:
     if action == "commands":
         print((plan.out / "commands.sh").read_text(), end="")
         return 0
-    launch.submit(plan, say=say)
-    if args.detach:
-        say(f"submitted; the last job to finish writes the report. Follow with: pixelrun ablate status {spec.path}")
-        return 0
     try:
+        launch.submit(plan, say=say)  # a Ctrl-C while submitting waits until the jobs are named in jobs.json
+        if args.detach:
+            say(f"submitted; the last job to finish writes the report. Follow with: pixelrun ablate status {spec.path}")
+            return 0
         result = launch.wait_for_jobs(plan, poll_s=30.0 if spec.launch.executor == "slurm" else 0.5)
     except KeyboardInterrupt:
         say(

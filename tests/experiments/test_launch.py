@@ -82,6 +82,15 @@ def test_a_bad_launch_key_is_one_line(tmp_path, capsys, launch, key):
     assert not (tmp_path / "spec").exists()
 
 
+def test_cancel_and_detach_are_refused_for_executor_here(tmp_path, capsys):
+    spec = write_spec(tmp_path, "minilm")
+    for argv, key in ((["cancel", str(spec)], "spec.launch.executor"), (["--detach", str(spec)], "--detach")):
+        assert main(["ablate", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"pixelrun: config error: {key}"), err
+    assert not (tmp_path / "spec").exists()
+
+
 def test_no_sbatch_or_no_submitit_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     spec = write_spec(tmp_path, "minilm", launch={"executor": "slurm"})
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
@@ -313,6 +322,16 @@ def _ablate(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     )
 
 
+def _until(cond, what: str, timeout: float = 120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"{what}: not within {timeout} s")
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> str:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -321,6 +340,11 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> str
         assert proc.poll() is None, f"pixelrun ablate ended ({proc.returncode}) before {path} appeared"
         time.sleep(0.05)
     pytest.fail(f"{path}: not within {timeout} s")
+
+
+def _victim_job(tmp_path: Path) -> dict | None:
+    path = tmp_path / "jobs" / "jobs.json"
+    return json.loads(path.read_text())["runs"]["deeper/seed1"] if path.exists() else None
 
 
 def _numbers(summary: dict) -> dict:
@@ -370,13 +394,32 @@ def test_a_submitit_local_study_gives_the_numbers_of_here_and_a_killed_job_resum
     assert rows[("deeper", "1")][3:7] == ["at", "step", "2", killed] and rows[("deeper", "1")][7] == "FAILED"
     assert all(rows[k][3] == "done" and rows[k][5] == "COMPLETED" for k in rows if k != ("deeper", "1"))
 
-    second = _ablate(str(jobs))
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stderr.count("done, skipped") == 3
-    again = json.loads((tmp_path / "jobs" / "jobs.json").read_text())["runs"]["deeper/seed1"]
-    assert again["earlier"] == [killed]
-    resumed = (tmp_path / "jobs" / "submitit" / f"{again['job_id']}_0_log.out").read_text()
-    assert f"resuming from {victim / 'checkpoints' / 'step_00000002'} (step 2" in resumed
+    # The rerun resubmits the killed run alone; a Ctrl-C of it, sent to its whole process group as a
+    # terminal does once the job has resumed, stops the waiting and not the job.
+    second = subprocess.Popen(
+        [sys.executable, "-m", "pixelrun", "ablate", str(jobs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+    )
+    resuming = f"resuming from {victim / 'checkpoints' / 'step_00000002'} (step 2"
+    try:
+        again = _until(lambda: (j := _victim_job(tmp_path)) and j["earlier"] == [killed] and j, "the resubmission")
+        log = tmp_path / "jobs" / "submitit" / f"{again['job_id']}_0_log.out"
+        _until(lambda: log.exists() and resuming in log.read_text(), "the resumed job", timeout=300)
+        os.killpg(second.pid, signal.SIGINT)
+        _, err = second.communicate(timeout=120)
+    finally:
+        second.kill()
+    assert second.returncode == 130 and "stopped waiting; the jobs go on" in err, err[-3000:]
+    assert err.count("done, skipped") == 3
+    third = _ablate(str(jobs))  # waits for the job the Ctrl-C left running, then writes the report
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert _victim_job(tmp_path) == again  # that job finished the run: nothing submitted again
+    resumed = log.read_text()
+    assert str(tmp_path / "jobs" / "summary.json") in resumed  # the last job to finish wrote the report
     assert _losses(victim) == _losses(tmp_path / "here" / "runs" / "deeper" / "seed1")
     summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("here", "jobs")]
     assert _numbers(summaries[1]) == _numbers(summaries[0])
@@ -407,16 +450,6 @@ def _ignored(pid: int) -> int:
     """The mask of signals a process ignores (SigIgn in /proc/PID/status)."""
     line = next(li for li in Path(f"/proc/{pid}/status").read_text().splitlines() if li.startswith("SigIgn:"))
     return int(line.split()[1], 16)
-
-
-def _until(cond, what: str, timeout: float = 120.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"{what}: not within {timeout} s")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
