@@ -175,7 +175,7 @@ class TrainJob:
             "-m",
             "torch.distributed.run",
             f"--nnodes={self.nodes}",
-            f"--node_rank={dist._job_env.node}",
+            f"--node_rank={dist.rank}",  # one task per node: the task's rank is its node's
             f"--nproc_per_node={self.ranks}",
             f"--master_addr={dist.master_addr}",
             f"--master_port={dist.master_port}",
@@ -196,9 +196,10 @@ class TrainJob:
             start_new_session=True,
             preexec_fn=_child_setup(usr_sig),
         )
-        write_atomic(_pid_file(env.paths.folder, env.job_id), str(self._proc.pid))
-        if _cancel_file(env.paths.folder, env.job_id).exists():  # `cancel` came before the pid file
-            self._stop(SIGNAL_DELAY_S)
+        if env.global_rank == 0:  # for a local job's `cancel` (Slurm's is scancel)
+            write_atomic(_pid_file(env.paths.folder, env.job_id), str(self._proc.pid))
+            if _cancel_file(env.paths.folder, env.job_id).exists():  # `cancel` came before the pid file
+                self._stop(SIGNAL_DELAY_S)
         code = self._proc.wait()
         if code != 0:
             raise RunFailed(
