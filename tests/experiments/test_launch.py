@@ -384,6 +384,8 @@ def test_a_submitit_local_study_gives_the_numbers_of_here_and_a_killed_job_resum
         proc.kill()
     assert proc.returncode == 1, err[-3000:]
     assert "1 run(s) unfinished: deeper seed 1 (job" in err and ": FAILED)" in err, err[-3000:]
+    partial = json.loads((tmp_path / "jobs" / "summary.json").read_text())  # the report, the killed run marked
+    assert {(r["variant"], r["seed"]): r["status"] for r in partial["runs"]}[("deeper", 1)] == "unfinished"
     record = json.loads((tmp_path / "jobs" / "jobs.json").read_text())["runs"]
     killed = record["deeper/seed1"]["job_id"]
     log = (tmp_path / "jobs" / "submitit" / f"{killed}_0_log.out").read_text()
