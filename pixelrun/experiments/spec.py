@@ -205,6 +205,12 @@ def _check_spec(spec: Spec) -> None:
     if spec.baseline not in spec.variants:
         raise ConfigError("spec.baseline", f"{spec.baseline!r} is not one of the variants ({', '.join(spec.variants)})")
     _check_launch(spec.launch)
+    if spec.launch.executor == "slurm" and b.kind == "minutes":
+        raise ConfigError(
+            "spec.budget.kind",
+            "minutes times the steps on the machine that plans, and Slurm trains the runs on other nodes: "
+            "use images, flops or target (or executor here on the nodes themselves)",
+        )
     for where, overrides in [
         ("spec.base.overrides", spec.base.overrides),
         *((f"spec.variants.{n}", o) for n, o in spec.variants.items()),

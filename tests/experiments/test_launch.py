@@ -72,10 +72,13 @@ def write_spec(tmp_path: Path, encoder: str, name: str = "spec", **changes) -> P
         ({"executor": "slurm", "nproc_per_node": 4, "slurm": {"gpus_per_node": 8}}, "spec.launch.nproc_per_node"),
         ({"executor": "slurm", "slurm": {"time_minutes": 0}}, "spec.launch.slurm.time_minutes"),
         ({"executor": "slurm", "slurm": {"partiton": "gpu"}}, "spec.launch.slurm.partiton"),
+        ({"executor": "slurm", "budget": {"kind": "minutes", "value": 5}}, "spec.budget.kind"),
     ],
 )
 def test_a_bad_launch_key_is_one_line(tmp_path, capsys, launch, key):
-    spec = write_spec(tmp_path, "minilm", launch=launch)
+    launch = dict(launch)  # the parameter itself is shared by every run of the test
+    budget = launch.pop("budget", {"kind": "images", "value": 16})
+    spec = write_spec(tmp_path, "minilm", launch=launch, budget=budget)
     assert main(["ablate", "plan", str(spec)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"pixelrun: config error: {key}"), err
