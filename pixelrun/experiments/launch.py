@@ -121,7 +121,9 @@ def _executor(spec: Spec, folder: Path) -> Any:
         tasks_per_node=1,
         signal_delay_s=SIGNAL_DELAY_S,
         stderr_to_stdout=True,
-        setup=[IGNORE_SIGINT],
+        # The controller's own output to a file of the job (the shell's pid is the job id): it would
+        # otherwise hold the submitting command's stdout and stderr open until the job ends.
+        setup=[IGNORE_SIGINT, f"exec >>{shlex.quote(str(folder))}/$$_controller.log 2>&1"],
     )
     return ex
 

@@ -290,7 +290,8 @@ def test_status_names_each_jobs_state_cancel_scancels_the_live_ones_and_a_rerun_
 
 # Loaded by every Python process of the test's study (PYTHONPATH): in the process that renames the
 # checkpoint folder named by PIXELRUN_TEST_GATE into place, the next audited operation writes the
-# process's pid beside it and blocks, so the run is killed mid-run at a known step (PEP 578 audit hooks).
+# process's pid beside it and blocks until a `.release` file appears there, so the test acts on the
+# run at a known step (PEP 578 audit hooks).
 GATE = """
 import os, sys
 _gate = os.environ.get("PIXELRUN_TEST_GATE")
@@ -308,8 +309,8 @@ if _gate:
                 f.write(str(os.getpid()))
             os.replace(_gate + ".pid.part", _gate + ".pid")
             import time
-            while True:
-                time.sleep(60)
+            while not os.path.exists(_gate + ".release"):
+                time.sleep(0.05)
 
     sys.addaudithook(_hook)
 """
@@ -399,31 +400,36 @@ def test_a_submitit_local_study_gives_the_numbers_of_here_and_a_killed_job_resum
     assert rows[("deeper", "1")][3:7] == ["at", "step", "2", killed] and rows[("deeper", "1")][7] == "FAILED"
     assert all(rows[k][3] == "done" and rows[k][5] == "COMPLETED" for k in rows if k != ("deeper", "1"))
 
-    # The rerun resubmits the killed run alone; a Ctrl-C of it, sent to its whole process group as a
-    # terminal does once the job has resumed, stops the waiting and not the job.
-    second = subprocess.Popen(
-        [sys.executable, "-m", "pixelrun", "ablate", str(jobs)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        start_new_session=True,
-    )
-    resuming = f"resuming from {victim / 'checkpoints' / 'step_00000002'} (step 2"
-    try:
-        again = _until(lambda: (j := _victim_job(tmp_path)) and j["earlier"] == [killed] and j, "the resubmission")
-        log = tmp_path / "jobs" / "submitit" / f"{again['job_id']}_0_log.out"
-        _until(lambda: log.exists() and resuming in log.read_text(), "the resumed job", timeout=300)
-        os.killpg(second.pid, signal.SIGINT)
-        _, err = second.communicate(timeout=120)
-    finally:
-        second.kill()
+    # The rerun resubmits the killed run alone. A Ctrl-C of it, sent to its whole process group as a
+    # terminal does while the resumed job is held after its last checkpoint, stops the waiting and not
+    # the job: released, the job finishes the run and a third `pixelrun ablate` only waits for it.
+    last = str(victim / "checkpoints" / "step_00000004")
+    with open(tmp_path / "second.err", "w") as err_file:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "pixelrun", "ablate", str(jobs)],
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            env={**env, "PIXELRUN_TEST_GATE": last},
+            start_new_session=True,
+        )
+        try:
+            _wait_for(Path(last + ".pid"), second)
+            os.killpg(second.pid, signal.SIGINT)
+            second.wait(timeout=120)
+        finally:
+            second.kill()
+            Path(last + ".release").touch()
+    err = (tmp_path / "second.err").read_text()
     assert second.returncode == 130 and "stopped waiting; the jobs go on" in err, err[-3000:]
+    again = _victim_job(tmp_path)
+    assert again is not None and again["earlier"] == [killed]
+    log = tmp_path / "jobs" / "submitit" / f"{again['job_id']}_0_log.out"
     assert err.count("done, skipped") == 3
     third = _ablate(str(jobs))  # waits for the job the Ctrl-C left running, then writes the report
     assert third.returncode == 0, third.stderr[-3000:]
     assert _victim_job(tmp_path) == again  # that job finished the run: nothing submitted again
     resumed = log.read_text()
+    assert f"resuming from {victim / 'checkpoints' / 'step_00000002'} (step 2" in resumed
     assert str(tmp_path / "jobs" / "summary.json") in resumed  # the last job to finish wrote the report
     assert _losses(victim) == _losses(tmp_path / "here" / "runs" / "deeper" / "seed1")
     summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("here", "jobs")]
