@@ -22,7 +22,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # module fixture's setup included. tests/test_markers.py checks every name here still exists.
 DISTRIBUTED_FILES = {"test_distributed.py", "test_dist_muon.py", "test_ema_sharded.py", "test_rehearsal.py"}
 DISTRIBUTED_TESTS = {"test_validation.py::test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers"}
-SLOW_FILES = {"test_distributed.py", "test_dist_muon.py", "test_ema_sharded.py", "test_rehearsal.py"}
+SLOW_FILES = {
+    "test_distributed.py",
+    "test_dist_muon.py",
+    "test_ema_sharded.py",
+    "test_rehearsal.py",
+    "test_chaos.py",
+    "test_demo_page.py",
+}
 SLOW_TESTS = {
     "test_stages.py::test_stage_switch_drops_repa_changes_resolution_and_resumes",
     "test_stages.py::test_init_from_and_export",

@@ -57,6 +57,9 @@ class DataConfig:
     # shards: the caption fields and their sampling weights, "txt" (the .txt member) or "json.NAME",
     # e.g. "txt:0.3,json.caption_long:0.7"; a sample lacking a field draws among the others it has.
     captions: str = "txt"
+    # source=folder: an image with no caption is skipped and counted (skip), or trained on with the
+    # empty caption (empty), as caption dropout trains the unconditional branch
+    uncaptioned: str = "skip"
 
 
 @dataclass

@@ -67,6 +67,7 @@ def _validate_data(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError("data.captions", str(e)) from None
     _positive("data.workers", d.workers, allow_zero=True)
+    _choice("data.uncaptioned", d.uncaptioned, ("skip", "empty"))
     if not 1 <= d.max_shapes <= 6:
         raise ConfigError("data.max_shapes", f"must be between 1 and 6 (six colours); got {d.max_shapes}")
 

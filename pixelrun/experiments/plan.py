@@ -332,4 +332,30 @@ def describe_plan(plan: Plan) -> list[str]:
             f"  {name}: {r.steps} steps x {r.global_batch} images, {r.flops_per_image / 1e9:.3g} GFLOP per "
             f"image, evaluated at steps {r.point_steps}" + (" (baseline)" if name == plan.spec.baseline else "")
         )
+    if plan.spec.evaluation.weights == "ema":
+        lines += ema_warnings(plan)
     return lines
+
+
+def ema_half_life(decay: float, every: int) -> float:
+    """Optimizer steps after which an EMA gives the weights of that moment half its sum: each update
+    keeps `decay` of the average, so half is left after ln(1/2) / ln(decay) updates, one per `every`."""
+    return math.inf if decay >= 1 else 0.0 if decay <= 0 else every * math.log(0.5) / math.log(decay)
+
+
+def ema_warnings(plan: Plan, half_lives: float = 3.0) -> list[str]:
+    """A line per variant whose runs are shorter than a few half-lives of the EMA they are evaluated
+    with: such an EMA still holds much of the initial weights, and every variant scores alike."""
+    out = []
+    for name in plan.spec.variants:
+        r = next(r for r in plan.runs if r.variant == name)
+        ema = plan.configs[(name, r.seed)].ema
+        life = ema_half_life(ema.decay, ema.every)
+        if r.steps < half_lives * life:
+            out.append(
+                f"warning: {name}: {r.steps} steps are under {half_lives:g} half-lives of its EMA ({life:.0f} steps "
+                f"at ema.decay={ema.decay:g}, every {ema.every}): the EMA weights evaluated still hold "
+                f"{100 * 0.5 ** (r.steps / life):.0f}% of the initial ones; lower ema.decay, raise the budget, or "
+                f"evaluate the raw weights (evaluation.weights: raw)"
+            )
+    return out
