@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pixelrun.config import Config, ConfigError, batch_split, load_config, to_yaml
-from pixelrun.experiments.spec import UNITS, BudgetSpec, EvaluationSpec, Spec, override_key
+from pixelrun.experiments.spec import UNITS, BudgetSpec, EvaluationSpec, Spec, override_key, ranks_per_node, world_size
 from pixelrun.infra.records import AblationBudget, AblationPlan, AblationProtocol, AblationRun
 
 
@@ -143,7 +143,7 @@ def plan_ablation(spec: Spec, *, say=print) -> Plan:
     from pixelrun.model.text import text_encoder
 
     out = Path(spec.out)
-    nproc = spec.launch.nproc_per_node
+    nproc = world_size(spec.launch)  # the global batch is split across every rank of a run
     protocol = _protocol_overrides(spec)
     dims: dict[str, int] = {}
     per_variant = {}
@@ -229,13 +229,18 @@ def train_command(plan: Plan, r: PlannedRun, python: str | None = None) -> list[
     """The command that trains one run (rerun it to resume). With `python` (this machine's
     interpreter, what `execute` starts): a plain process for one rank, torch.distributed.run for more.
     Without (commands.sh and ablation.json, for a scheduler): torchrun, whatever the ranks."""
-    n = plan.spec.launch.nproc_per_node
-    train = ["-m", "pixelrun", "train", "--config", str(plan.out / r.config_path)]
+    n = ranks_per_node(plan.spec.launch)
+    train = train_args(plan, r)
     if python is None:
         return ["torchrun", "--standalone", f"--nproc_per_node={n}", *train]
     if n == 1:
         return [python, *train]
     return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *train]
+
+
+def train_args(plan: Plan, r: PlannedRun) -> list[str]:
+    """What every launcher of one run runs: `pixelrun train` on its resolved config."""
+    return ["-m", "pixelrun", "train", "--config", str(plan.out / r.config_path)]
 
 
 def write_plan(plan: Plan) -> Path:
