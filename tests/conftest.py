@@ -20,9 +20,23 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # them: `python -m pytest -q -m "not slow and not distributed"` is the fast subset to run while
 # working; CI runs everything. Slow: 5 s or more on a 2-core CPU (pytest --durations=40), a
 # module fixture's setup included. tests/test_markers.py checks every name here still exists.
-DISTRIBUTED_FILES = {"test_distributed.py", "test_dist_muon.py", "test_ema_sharded.py", "test_rehearsal.py"}
+DISTRIBUTED_FILES = {
+    "test_distributed.py",
+    "test_dist_muon.py",
+    "test_ema_sharded.py",
+    "test_rehearsal.py",
+    "test_tricks_sharded.py",
+}
 DISTRIBUTED_TESTS = {"test_validation.py::test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers"}
-SLOW_FILES = {"test_distributed.py", "test_dist_muon.py", "test_ema_sharded.py", "test_rehearsal.py"}
+SLOW_FILES = {
+    "test_distributed.py",
+    "test_dist_muon.py",
+    "test_ema_sharded.py",
+    "test_rehearsal.py",
+    "test_chaos.py",
+    "test_demo_page.py",
+    "test_tricks_sharded.py",
+}
 SLOW_TESTS = {
     "test_stages.py::test_stage_switch_drops_repa_changes_resolution_and_resumes",
     "test_stages.py::test_init_from_and_export",
@@ -43,6 +57,9 @@ SLOW_TESTS = {
     "test_safety.py::test_resume_with_another_model_or_data_is_refused_before_any_work",
     "test_routing.py::test_self_guidance_mask_is_fixed_and_noise_unchanged",
     "test_validation.py::test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers",
+    "test_irepa.py::test_projector_flops_are_in_the_count_budgets_use",
+    "test_contrastive.py::test_contrastive_and_irepa_train_log_their_terms_and_resume",
+    "test_launch.py::test_a_submitit_local_study_gives_the_numbers_of_here_and_a_killed_job_resumes",
 }
 
 

@@ -1,4 +1,4 @@
-"""The command line: pixelrun train | sample | eval | bench | export | ablate | presets | report | data.
+"""The command line: pixelrun train | sample | eval | bench | export | ablate | presets | report | data | demo.
 
 One module per command in this folder (train.py, sample.py, eval.py, ...), each with
 ``add_parser(subparsers)``, which declares its arguments, and ``run(args) -> int``; common.py holds
@@ -14,12 +14,12 @@ import argparse
 import re
 import sys
 
-from pixelrun.cli import ablate, bench, common, data, export, presets, report, sample, train
+from pixelrun.cli import ablate, bench, common, data, demo, export, presets, report, sample, train
 from pixelrun.cli import eval as evaluate
 from pixelrun.config import ConfigError, RunFailed
 from pixelrun.data import NoUsableData
 
-COMMANDS = (train, sample, evaluate, bench, export, ablate, presets, report, data)  # in the order of --help
+COMMANDS = (train, sample, evaluate, bench, export, ablate, presets, report, data, demo)  # in the order of --help
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +67,29 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"pixelrun: {e}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"pixelrun: this needs the package {e.name.split('.')[0]!r}, which is not installed: "  # type: ignore[union-attr]
+            f"pip install 'pixelrun[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
+
+
+# The optional packages and the extra of pyproject.toml that installs each: a command that imports one
+# missing says so in one line instead of a ModuleNotFoundError traceback.
+EXTRAS = {
+    "diffusers": "diffusers",
+    "ftfy": "diffusers",
+    "accelerate": "diffusers",
+    "wandb": "wandb",
+    "datasets": "hub",
+    "gradio": "demo",
+    "submitit": "slurm",
+}
 
 
 def _quiet_libraries() -> None:

@@ -1,6 +1,6 @@
-"""pixelrun ablate [run|plan|status|report|commands] SPEC.yaml: named variants of a config at an
+"""pixelrun ablate [run|plan|status|report|commands|cancel] SPEC.yaml: named variants of a config at an
 equal budget with paired seeds, and their report (pixelrun/experiments/spec.py, plan.py and ablate.py;
-docs/ablations.md)."""
+launch.py for Slurm jobs; docs/ablations.md, docs/cluster.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pixelrun.config import ConfigError
 
-ABLATE_ACTIONS = ("run", "plan", "status", "report", "commands")
+ABLATE_ACTIONS = ("run", "plan", "status", "report", "commands", "cancel")
 
 
 def add_parser(subparsers) -> None:
@@ -17,12 +17,13 @@ def add_parser(subparsers) -> None:
         "ablate",
         help="train named variants of a config at an equal budget with paired seeds, and report each "
         "against the baseline with intervals",
-        description="pixelrun ablate [run|plan|status|report|commands] SPEC.yaml. run (default): train every "
-        "(variant, seed) not done yet, then write the report; rerun it after a crash or Ctrl-C to "
-        "resume. plan: check the SPEC and print each variant's steps. status: where each run stands. "
-        "report: rebuild the report from the run folders (SPEC or the ablation's folder). commands: one "
-        "torchrun command per run, for a scheduler (written to OUT/commands.sh). SPEC keys: "
-        "docs/ablations.md.",
+        description="pixelrun ablate [run|plan|status|report|commands|cancel] SPEC.yaml. run (default): train "
+        "every (variant, seed) not done yet, then write the report; rerun it after a crash or Ctrl-C to "
+        "resume (launch.executor slurm / submitit-local: submit a job per run not done, wait for them; "
+        "Ctrl-C stops the waiting, not the jobs). plan: check the SPEC and print each variant's steps. "
+        "status: where each run (and its job) stands. report: rebuild the report from the run folders "
+        "(SPEC or the ablation's folder). commands: one torchrun command per run, for a scheduler "
+        "(written to OUT/commands.sh). cancel: cancel the study's jobs. SPEC keys: docs/ablations.md.",
     )
     ab.add_argument(
         "args",
@@ -31,6 +32,11 @@ def add_parser(subparsers) -> None:
         help=f"an action ({', '.join(ABLATE_ACTIONS)}; default run) and the SPEC file",
     )
     ab.add_argument("--parallel", type=int, help="runs at a time on this machine (default: the SPEC's launch.parallel)")
+    ab.add_argument(
+        "--detach",
+        action="store_true",
+        help="launch.executor slurm / submitit-local: submit the jobs and return (the last job writes the report)",
+    )
     ab.set_defaults(func=run)
 
 
@@ -55,6 +61,16 @@ def run(args) -> int:
         out = folder if (folder / "ablation.json").is_file() else Path(load_spec(folder).out)
         return _ablation_report(out)
     spec = load_spec(target[0])
+    if spec.launch.executor != "here":
+        return _jobs(action, spec, args)
+    if action == "cancel":
+        raise ConfigError(
+            "spec.launch.executor", "cancel stops the jobs of executor slurm / submitit-local; here, Ctrl-C"
+        )
+    if getattr(args, "detach", False):
+        raise ConfigError(
+            "--detach", "is for launch.executor slurm / submitit-local; executor here trains in this command"
+        )
     if args.parallel is not None:
         if args.parallel < 1:
             raise ConfigError("--parallel", f"must be >= 1; got {args.parallel}")
@@ -89,6 +105,55 @@ def run(args) -> int:
         )
         return 1
     return code
+
+
+def _jobs(action: str, spec, args) -> int:
+    """The actions of launch.executor slurm / submitit-local (pixelrun/experiments/launch.py)."""
+    from pixelrun.experiments import launch
+    from pixelrun.experiments.plan import describe_plan, plan_ablation, write_plan
+
+    say = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    if args.parallel is not None:
+        raise ConfigError("--parallel", f"is for launch.executor here; {spec.launch.executor} runs one job per run")
+    if action != "plan" and action != "commands":
+        launch.check_executor(spec)
+    plan = plan_ablation(spec, say=say)
+    for line in describe_plan(plan):
+        say(line)
+    if action == "plan":
+        return 0
+    if action == "status":
+        print("\n".join(launch.job_status_lines(plan)))
+        return 0
+    if action == "cancel":
+        say(f"cancelled {len(launch.cancel(plan, say=say))} job(s)")
+        return 0
+    write_plan(plan)
+    if action == "commands":
+        print((plan.out / "commands.sh").read_text(), end="")
+        return 0
+    try:
+        launch.submit(plan, say=say)  # a Ctrl-C while submitting waits until the jobs are named in jobs.json
+        if args.detach:
+            say(f"submitted; the last job to finish writes the report. Follow with: pixelrun ablate status {spec.path}")
+            return 0
+        result = launch.wait_for_jobs(plan, poll_s=30.0 if spec.launch.executor == "slurm" else 0.5)
+    except KeyboardInterrupt:
+        say(
+            f"stopped waiting; the jobs go on (the last writes the report): pixelrun ablate status {spec.path}, "
+            f"pixelrun ablate cancel {spec.path}"
+        )
+        return 130
+    for path in launch.write_report_when_complete(plan.out, anyway=True):
+        print(path)
+    if result["unfinished"]:
+        say(
+            f"pixelrun ablate: {len(result['unfinished'])} run(s) unfinished: "
+            + ", ".join(f"{v} seed {s} (job {j}: {st})" for v, s, j, st in result["unfinished"])
+            + f" (logs in {plan.out / launch.SUBMITIT}); run the same command to resume them; the report marks them"
+        )
+        return 1
+    return 0
 
 
 def _ablation_report(out: Path) -> int:

@@ -192,6 +192,8 @@ def run_convert(args) -> int:
     )
     # Every argument quoted for bash: an unquoted brace pattern would expand into several arguments.
     train = ["pixelrun", "train", "data.source=shards", f"data.path={args.out}", f"data.resolution={args.resolution}"]
+    if len(index["buckets"]) > 1:  # stored at their aspect buckets: train in them, or each is cropped square again
+        train.append("data.buckets=true")
     if index.get("captions"):
         train.append(f"data.captions={index['captions']}")
     if emb:

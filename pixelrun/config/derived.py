@@ -122,10 +122,10 @@ def resume_changes(saved: Config, new: Config) -> tuple[dict, dict]:
     if old_p != new_p:
         pairs.append(("repa.weight", "on" if old_p else "off", "on" if new_p else "off"))
     elif new_p:
-        pairs += [
-            ("repa.hidden", repa_hidden(saved), repa_hidden(new)),
-            ("repa.teacher", saved.repa.teacher, new.repa.teacher),
-        ]
+        pairs.append(("repa.projector", saved.repa.projector, new.repa.projector))
+        if saved.repa.projector == "mlp":  # the only projector with a hidden width
+            pairs.append(("repa.hidden", repa_hidden(saved), repa_hidden(new)))
+        pairs.append(("repa.teacher", saved.repa.teacher, new.repa.teacher))
     refused.update({k: (a, b) for k, a, b in pairs if a != b})
     old_flat, new_flat = _flat(to_dict(saved)), _flat(to_dict(new))
     allowed = {}

@@ -24,6 +24,7 @@ PRESETS: dict[str, dict] = {
 DATA_SOURCES = ("shapes", "folder", "emoji", "shards")
 SPACINGS = ("diffusers", "linear")  # sampling time grids (pixelrun/diffusion/sampling.py, `time_grid`)
 GUIDANCE_MODES = ("cfg", "none", "self")  # pixelrun/diffusion/sampling.py, `sample`
+REPA_PROJECTORS = ("mlp", "conv", "attention")  # pixelrun/tricks/repa.py, `build_projector`
 SAMPLERS = ("euler", "heun")  # pixelrun/diffusion/sampling.py, `sample`
 
 #: every evaluation metric, with what it is (the names eval.metrics accepts)

@@ -57,6 +57,9 @@ class DataConfig:
     # shards: the caption fields and their sampling weights, "txt" (the .txt member) or "json.NAME",
     # e.g. "txt:0.3,json.caption_long:0.7"; a sample lacking a field draws among the others it has.
     captions: str = "txt"
+    # source=folder: an image with no caption is skipped and counted (skip), or trained on with the
+    # empty caption (empty), as caption dropout trains the unconditional branch
+    uncaptioned: str = "skip"
 
 
 @dataclass
@@ -76,6 +79,10 @@ class ObjectiveConfig:
     t_min: float = 1e-3  # training times are kept in [t_min, 1)
     t_clamp: float = 0.05  # velocity denominator max(t, t_clamp) in the loss and the sampler
     caption_dropout: float = 0.1  # fraction of captions replaced by the empty prompt (for classic CFG)
+    # Contrastive flow matching (arXiv 2506.05350): the loss minus this times the mean squared difference
+    # of the predicted velocity and the target velocity of the micro-batch's previous sample (rolled by one;
+    # needs train.batch_size >= 2), logged as `contrastive`. 0 = off; PRX's default 0.1, the paper's 0.05
+    contrastive_weight: float = 0.0
 
 
 @dataclass
@@ -100,6 +107,13 @@ class REPAConfig:
     # projector: Linear-SiLU-Linear-SiLU-Linear with this hidden width; null = twice the model's width (REPA's
     # SiT-XL/2 projector is 2048 wide on a 1152-wide model), so a small model's projector stays small
     hidden: int | None = None
+    # mlp (the MLP above) | conv (iREPA: one 3x3 convolution on the token grid; refused with routing, whose
+    # blocks see only the kept tokens) | attention (iREPA's TREAD-compatible projector: one attention layer
+    # with the model's heads and 2-D RoPE at the tokens' grid positions, then a Linear)
+    projector: str = "mlp"
+    # iREPA's spatial normalisation of the teacher's patch features, per image: each token minus its mean
+    # over features times the mean token, then divided by the std over tokens (PRX's iREPALoss)
+    spatial_norm: bool = False
     # HASTE's early stop: REPA (teacher, projector and term) runs for this fraction of train.steps
     # (over all stages) and is off after it; 1 = the whole run. Alignment helps early and can hold a
     # model back late (PRX drops it for stage 2), and its teacher's FLOPs stop with it.

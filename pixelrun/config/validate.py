@@ -17,6 +17,7 @@ from pixelrun.config.rules import (
     DATA_SOURCES,
     GUIDANCE_MODES,
     METRICS,
+    REPA_PROJECTORS,
     SAMPLERS,
     SPACINGS,
     _choice,
@@ -76,6 +77,7 @@ def _validate_data(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError("data.captions", str(e)) from None
     _positive("data.workers", d.workers, allow_zero=True)
+    _choice("data.uncaptioned", d.uncaptioned, ("skip", "empty"))
     if not 1 <= d.max_shapes <= 6:
         raise ConfigError("data.max_shapes", f"must be between 1 and 6 (six colours); got {d.max_shapes}")
 
@@ -99,6 +101,12 @@ def _validate_objective(cfg: Config) -> None:
     if not 0 <= o.t_min < 1:
         raise ConfigError("objective.t_min", f"must be in [0, 1); got {o.t_min}")
     _positive("objective.t_clamp", o.t_clamp)
+    _positive("objective.contrastive_weight", o.contrastive_weight, allow_zero=True)
+    if o.contrastive_weight > 0 and cfg.train.batch_size < 2:  # the negative is another sample of the micro-batch
+        raise ConfigError(
+            "objective.contrastive_weight",
+            f"needs train.batch_size >= 2 (its negative is another sample of the micro-batch); got {cfg.train.batch_size}",
+        )
 
 
 def _validate_routing(cfg: Config) -> None:
@@ -115,6 +123,14 @@ def _validate_repa(cfg: Config) -> None:
     if not 0 < r.until <= 1:
         raise ConfigError("repa.until", f"must be in (0, 1], got {r.until}")
     repa_block(cfg)
+    _choice("repa.projector", r.projector, REPA_PROJECTORS)
+    if r.projector == "conv" and r.weight > 0 and cfg.routing.ratio > 0:  # as PRX's iREPALoss refuses conv + TREAD
+        raise ConfigError(
+            "repa.projector", "conv needs the whole token grid, routing.ratio > 0 leaves it gaps: use attention"
+        )
+    patch = model_fields(cfg)["patch_size"]
+    if r.spatial_norm and r.weight > 0 and min((h // patch) * (w // patch) for h, w in image_sizes(cfg)) < 2:
+        raise ConfigError("repa.spatial_norm", "its std over an image's tokens needs at least 2 tokens; images have 1")
 
 
 def _validate_perceptual(cfg: Config) -> None:

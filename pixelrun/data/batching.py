@@ -47,7 +47,13 @@ class BucketedBatchSource:
     """
 
     def _init_batching(
-        self, batch_size: int, buckets: list[tuple[int, int]], seed: int, rank: int, world_size: int
+        self,
+        batch_size: int,
+        buckets: list[tuple[int, int]],
+        seed: int,
+        rank: int,
+        world_size: int,
+        min_side: int = 1,
     ) -> None:
         if batch_size < 1 or not buckets:
             raise ValueError("need batch_size >= 1 and at least one bucket")
@@ -55,6 +61,7 @@ class BucketedBatchSource:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.batch_size, self.buckets = batch_size, [(b[0], b[1]) for b in buckets]
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.min_side = min_side
         self._fill: list[list[Any]] = [[] for _ in self.buckets]  # items waiting per bucket
         self._ready: list[int] = []  # full buckets, in the order they filled
         self._share_epoch, self._share = -1, np.empty(0, dtype=np.int64)
@@ -103,6 +110,15 @@ class BucketedBatchSource:
         self._fill[k].append(item)
         if len(self._fill[k]) == self.batch_size and k not in self._ready:
             self._ready.append(k)
+
+    def _too_small(self, size: tuple[int, int]) -> str | None:
+        """Why an image of `size` (height, width) is not trained on, or None. An image with a side
+        under the patch size holds less than one patch of its own: upscaled to a bucket it becomes
+        a few flat colours, which teaches the model nothing about its caption."""
+        h, w = size
+        if min(h, w) >= self.min_side:
+            return None
+        return f"{w}x{h} pixels, a side under the patch size {self.min_side}"
 
     def _count_skip(self, name: str) -> None:
         self.skipped += 1

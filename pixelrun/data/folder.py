@@ -102,7 +102,8 @@ class ImageFolder:
     Captions come from `stem.txt` beside the image, or from `root/captions.jsonl` (one JSON object
     a line with the path relative to root under "file", "image" or "file_name", and the caption
     under "caption" or "text"); a non-empty .txt file wins when both exist. Images without a non-empty
-    caption are skipped and counted in `missing_captions` (a text-to-image model cannot use them).
+    caption are counted in `missing_captions` and skipped, or kept with the empty caption
+    (`keep_uncaptioned`, data.uncaptioned=empty).
     Hidden files and folders (".name") are ignored. Image sizes are read lazily from headers and
     cached, so building the index of a big folder costs one directory walk, not one open per file.
     """
@@ -113,6 +114,7 @@ class ImageFolder:
         exts: tuple[str, ...] = IMAGE_EXTS,
         captions_file: str = "captions.jsonl",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        keep_uncaptioned: bool = False,
     ):
         self.root = Path(root)
         self.max_pixels = max_pixels
@@ -123,6 +125,7 @@ class ImageFolder:
         self.paths: list[Path] = []
         self.captions: list[str] = []
         self.missing_captions = 0
+        self.undecodable_captions: list[Path] = []  # .txt files that are not UTF-8
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
@@ -130,11 +133,13 @@ class ImageFolder:
                     continue
                 path = Path(dirpath) / name
                 caption = self._read_txt(path.with_suffix(".txt"))
-                if not caption:  # no .txt, or an empty one
+                if not caption:  # no .txt, or an empty or undecodable one
                     caption = jsonl.get(path.relative_to(self.root).as_posix())
                 if not caption:
                     self.missing_captions += 1
-                    continue
+                    if not keep_uncaptioned:
+                        continue
+                    caption = ""  # data.uncaptioned=empty: the unconditional branch, as caption dropout
                 self.paths.append(path)
                 self.captions.append(caption)
         if not self.paths:
@@ -152,12 +157,12 @@ class ImageFolder:
         out: dict[str, str] = {}
         if not path.is_file():
             return out
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
-                try:
-                    rec = json.loads(line)
+                try:  # a line that is not UTF-8 is malformed: decoding it with U+FFFD would train on mojibake
+                    rec = json.loads(raw.decode("utf-8"))
                     key = next(rec[k] for k in ("file", "image", "file_name") if k in rec)
                     cap = next(rec[k] for k in ("caption", "text") if k in rec)
                     if not (isinstance(key, str) and isinstance(cap, str)):
@@ -171,19 +176,28 @@ class ImageFolder:
 
     @property
     def caption_note(self) -> str | None:
-        """One line about malformed caption lines (None when there are none), for the start of a run."""
-        if not self.bad_caption_lines:
-            return None
-        return (
-            f"warning: {self.captions_file}: {self.bad_caption_lines} malformed line(s) skipped, the first "
-            f'at line {self.first_bad_caption_line} (each line must be a JSON object with a "file", '
-            f'"image" or "file_name" string and a "caption" or "text" string)'
-        )
+        """What was wrong with the captions, one line per kind (None when nothing was), for the start
+        of a run."""
+        notes = []
+        if self.bad_caption_lines:
+            notes.append(
+                f"warning: {self.captions_file}: {self.bad_caption_lines} malformed line(s) skipped, the first "
+                f'at line {self.first_bad_caption_line} (each line must be a UTF-8 JSON object with a "file", '
+                f'"image" or "file_name" string and a "caption" or "text" string)'
+            )
+        if self.undecodable_captions:
+            notes.append(
+                f"warning: {len(self.undecodable_captions)} caption file(s) are not UTF-8 text and were not "
+                f"used, the first {str(self.undecodable_captions[0])!r} (save them as UTF-8)"
+            )
+        return "\n".join(notes) or None
 
-    @staticmethod
-    def _read_txt(path: Path) -> str | None:
+    def _read_txt(self, path: Path) -> str | None:
         try:
-            return path.read_text(encoding="utf-8", errors="replace").strip()
+            return path.read_bytes().decode("utf-8").strip()
+        except UnicodeDecodeError:  # counted and named: U+FFFD in place of the bytes would train on mojibake
+            self.undecodable_captions.append(path)
+            return None
         except OSError:
             return None
 
@@ -225,17 +239,18 @@ class FolderBatchSource(BucketedBatchSource):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        min_side: int = 1,
     ):
-        self._init_batching(batch_size, buckets, seed, rank, world_size)
+        self._init_batching(batch_size, buckets, seed, rank, world_size, min_side)
         if len(folder) < world_size:
             raise ValueError(f"{folder.root}: {len(folder)} item(s) cannot be split over {world_size} ranks")
         self.folder = folder
         self.epoch, self.cursor = 0, 0
         self._bad: set[int] = set()  # item indices
 
-    def _reject(self, i: int) -> None:
+    def _reject(self, i: int, why: str | None = None) -> None:
         self._bad.add(i)
-        self._count_skip(str(self.folder.paths[i]))
+        self._count_skip(str(self.folder.paths[i]) + (f" ({why})" if why else ""))
         if len(self._bad) == len(self.folder):
             raise NoUsableData(
                 f"no image under {self.folder.root} could be loaded (first failures: {self.skipped_paths[:5]})"
@@ -253,7 +268,11 @@ class FolderBatchSource(BucketedBatchSource):
             return
         size = self.folder.size(i)
         if size is None:
-            self._reject(i)
+            self._reject(i, "unreadable header, or more pixels than the limit")
+            return
+        small = self._too_small(size)
+        if small is not None:
+            self._reject(i, small)
             return
         self._enqueue(i, size)
 

@@ -157,12 +157,20 @@ def image_member(sample: dict) -> str | None:
     return next((ext for ext in IMAGE_MEMBERS if ext in sample), None)
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def caption_fields(sample: dict) -> dict[str, str]:
     """Every non-empty caption of a sample by field name: `txt`, and `json.NAME` for each string
     value at the top level of its `.json` member (except img2dataset's bookkeeping fields)."""
     out = {}
-    if "txt" in sample:
-        text = sample["txt"].decode("utf-8", errors="replace").strip()
+    if "txt" in sample and _is_utf8(sample["txt"]):  # U+FFFD in place of bad bytes would train on mojibake
+        text = sample["txt"].decode("utf-8").strip()
         if text:
             out["txt"] = text
     if "json" in sample:
@@ -385,8 +393,9 @@ class ShardBatchSource(BucketedBatchSource):
         captions: str = "txt",
         text_encoder: tuple[str, int] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int = 1,
     ):
-        self._init_batching(batch_size, buckets, seed, rank, world_size)
+        self._init_batching(batch_size, buckets, seed, rank, world_size, min_side)
         self.spec, self.urls = spec, expand_shards(spec)
         if len(self.urls) < world_size:
             from pixelrun.config import ConfigError
@@ -400,6 +409,7 @@ class ShardBatchSource(BucketedBatchSource):
         self.captions, self.fields = captions, parse_captions(captions)
         self.max_pixels = max_pixels
         index = read_index(self.urls)
+        self.count = index.get("count") if isinstance(index, dict) else None  # samples, when convert wrote them
         check_caption_fields(index, self.fields, captions, spec)
         self.use_embeddings, embedding_note = False, None
         self.max_tokens = text_encoder[1] if text_encoder else 0
@@ -456,9 +466,14 @@ class ShardBatchSource(BucketedBatchSource):
         size = read_size(io.BytesIO(sample[ext]), self.max_pixels)
         if size is None:
             return f"{name} (unreadable image)"
+        small = self._too_small(size)
+        if small is not None:
+            return f"{name} ({small})"
         available = caption_fields(sample)
         field = choose_caption(available, self.fields, self.seed, epoch, sample["__key__"])
         if field is None:
+            if any(f == "txt" for f, _ in self.fields) and "txt" in sample and not _is_utf8(sample["txt"]):
+                return f"{name} (its txt caption is not UTF-8 text)"
             return f"{name} (none of the caption fields {self.captions})"
         embedding = _stored_embedding(sample, available, field) if self.use_embeddings else None
         return _Item(loc, epoch, name, sample[ext], size, available[field], embedding)

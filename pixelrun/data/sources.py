@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from pixelrun.config import Config, ConfigError, image_sizes
+from pixelrun.config import Config, ConfigError, image_sizes, model_fields
 from pixelrun.data import Batch, NoUsableData
 from pixelrun.data.loader import with_workers
 from pixelrun.infra.tracking import check_wandb
@@ -148,10 +148,17 @@ def _folder_check(cfg: Config) -> None:
 def _folder_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSource:
     from pixelrun.data.folder import FolderBatchSource, ImageFolder
 
-    folder = ImageFolder(_path(cfg))
+    folder = ImageFolder(_path(cfg), keep_uncaptioned=cfg.data.uncaptioned == "empty")
     if say is not None and folder.caption_note:
         say(folder.caption_note)
-    return FolderBatchSource(folder, cfg.train.batch_size, image_sizes(cfg), cfg.seed, rank, world_size)
+    return FolderBatchSource(
+        folder, cfg.train.batch_size, image_sizes(cfg), cfg.seed, rank, world_size, min_side=_patch(cfg)
+    )
+
+
+def _patch(cfg: Config) -> int:
+    """The smallest side an image needs to be trained on (smaller ones are skipped and named)."""
+    return int(model_fields(cfg)["patch_size"])
 
 
 def _folder_held_out(cfg: Config, n: int, at_most: bool) -> tuple[np.ndarray, list[str]]:
@@ -164,7 +171,7 @@ def _folder_held_out(cfg: Config, n: int, at_most: bool) -> tuple[np.ndarray, li
     images, captions = [], []
     for i in range(len(folder)):
         im = folder.load(i, target=(res, res))
-        if im is not None:  # unreadable files are skipped, as in training
+        if im is not None and min(im.size) >= _patch(cfg):  # unreadable and tiny files are skipped, as in training
             images.append(np.asarray(resize_to_bucket(im, res, res)))
             captions.append(folder.captions[i])
             if len(images) == n:
@@ -205,6 +212,7 @@ def _shards_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSou
         world_size,
         captions=cfg.data.captions,
         text_encoder=(encoder_fingerprint(cfg.text.encoder), cfg.text.max_tokens),
+        min_side=_patch(cfg),
     )
 
 
@@ -307,6 +315,32 @@ def check_batch_memory(cfg: Config) -> None:
                 f"one batch of {batch} images of {side}x{side} needs {need / GiB:.1f} GiB, "
                 f"{free / GiB:.1f} GiB {kind} available; lower train.batch_size or data.resolution",
             )
+
+
+def describe_source(cfg: Config, source) -> str:
+    """What a run trains on, in one line for its start: the data, how many items, their captions,
+    and the size they are brought to."""
+    inner = getattr(source, "source", source)  # data.workers: the loader wraps the source
+    sizes = image_sizes(cfg)
+    shape = f"{len(sizes)} aspect buckets" if len(sizes) > 1 else "square"
+    fit = f"{cfg.data.resolution}px, {shape}; each image scaled to cover its size and centre-cropped"
+    folder = getattr(inner, "folder", None)
+    if cfg.data.source == "folder" and folder is not None:
+        n, missing = len(folder), folder.missing_captions
+        if cfg.data.uncaptioned == "empty":
+            without = f"{missing} without a caption trained with the empty one"
+            n_captioned = n - missing
+        else:
+            without = f"{missing} without a caption skipped (data.uncaptioned=empty trains them with an empty caption)"
+            n_captioned = n
+        return f"data: folder {cfg.data.path}: {n} images, {n_captioned} captioned, {without}; {fit}"
+    if cfg.data.source == "shards":
+        count = getattr(inner, "count", None)
+        many = f"{count} samples in " if count else ""
+        return f"data: shards {cfg.data.path}: {many}{len(inner.urls)} shard(s), captions {cfg.data.captions}; {fit}"
+    if cfg.data.source == "emoji":
+        return f"data: {len(inner.dataset)} Twemoji images, their names as captions; {fit}"
+    return f"data: procedural shapes (built in), up to {cfg.data.max_shapes} a picture, a new image every draw; {fit}"
 
 
 def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1, say: Say = None):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pixelrun.config import Config, ConfigError, batch_split, load_config, to_yaml
-from pixelrun.experiments.spec import UNITS, BudgetSpec, EvaluationSpec, Spec, override_key
+from pixelrun.experiments.spec import UNITS, BudgetSpec, EvaluationSpec, Spec, override_key, ranks_per_node, world_size
 from pixelrun.infra.records import AblationBudget, AblationPlan, AblationProtocol, AblationRun
 
 
@@ -143,7 +143,7 @@ def plan_ablation(spec: Spec, *, say=print) -> Plan:
     from pixelrun.model.text import text_encoder
 
     out = Path(spec.out)
-    nproc = spec.launch.nproc_per_node
+    nproc = world_size(spec.launch)  # the global batch is split across every rank of a run
     protocol = _protocol_overrides(spec)
     dims: dict[str, int] = {}
     per_variant = {}
@@ -229,13 +229,18 @@ def train_command(plan: Plan, r: PlannedRun, python: str | None = None) -> list[
     """The command that trains one run (rerun it to resume). With `python` (this machine's
     interpreter, what `execute` starts): a plain process for one rank, torch.distributed.run for more.
     Without (commands.sh and ablation.json, for a scheduler): torchrun, whatever the ranks."""
-    n = plan.spec.launch.nproc_per_node
-    train = ["-m", "pixelrun", "train", "--config", str(plan.out / r.config_path)]
+    n = ranks_per_node(plan.spec.launch)
+    train = train_args(plan, r)
     if python is None:
         return ["torchrun", "--standalone", f"--nproc_per_node={n}", *train]
     if n == 1:
         return [python, *train]
     return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *train]
+
+
+def train_args(plan: Plan, r: PlannedRun) -> list[str]:
+    """What every launcher of one run runs: `pixelrun train` on its resolved config."""
+    return ["-m", "pixelrun", "train", "--config", str(plan.out / r.config_path)]
 
 
 def write_plan(plan: Plan) -> Path:
@@ -327,4 +332,30 @@ def describe_plan(plan: Plan) -> list[str]:
             f"  {name}: {r.steps} steps x {r.global_batch} images, {r.flops_per_image / 1e9:.3g} GFLOP per "
             f"image, evaluated at steps {r.point_steps}" + (" (baseline)" if name == plan.spec.baseline else "")
         )
+    if plan.spec.evaluation.weights == "ema":
+        lines += ema_warnings(plan)
     return lines
+
+
+def ema_half_life(decay: float, every: int) -> float:
+    """Optimizer steps after which an EMA gives the weights of that moment half its sum: each update
+    keeps `decay` of the average, so half is left after ln(1/2) / ln(decay) updates, one per `every`."""
+    return math.inf if decay >= 1 else 0.0 if decay <= 0 else every * math.log(0.5) / math.log(decay)
+
+
+def ema_warnings(plan: Plan, half_lives: float = 3.0) -> list[str]:
+    """A line per variant whose runs are shorter than a few half-lives of the EMA they are evaluated
+    with: such an EMA still holds much of the initial weights, and every variant scores alike."""
+    out = []
+    for name in plan.spec.variants:
+        r = next(r for r in plan.runs if r.variant == name)
+        ema = plan.configs[(name, r.seed)].ema
+        life = ema_half_life(ema.decay, ema.every)
+        if r.steps < half_lives * life:
+            out.append(
+                f"warning: {name}: {r.steps} steps are under {half_lives:g} half-lives of its EMA ({life:.0f} steps "
+                f"at ema.decay={ema.decay:g}, every {ema.every}): the EMA weights evaluated still hold "
+                f"{100 * 0.5 ** (r.steps / life):.0f}% of the initial ones; lower ema.decay, raise the budget, or "
+                f"evaluate the raw weights (evaluation.weights: raw)"
+            )
+    return out

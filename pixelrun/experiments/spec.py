@@ -48,9 +48,26 @@ class EvaluationSpec:
 
 
 @dataclass
+class SlurmSpec:
+    """The jobs of launch.executor slurm / submitit-local (pixelrun/experiments/launch.py): one
+    job per (variant, seed), each of `nodes` nodes."""
+
+    partition: str | None = None
+    nodes: int = 1  # a torchrun across them per run; submitit-local: 1
+    gpus_per_node: int = 0  # one rank per GPU; 0 = no GPU, launch.nproc_per_node CPU ranks per node
+    cpus_per_task: int | None = None  # the one task per node runs torchrun and every rank of the node
+    time_minutes: int = 60  # per job; a run that needs longer is requeued and resumes
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+
+
+@dataclass
 class LaunchSpec:
     parallel: int = 1  # runs at a time on this machine (each gets cores / parallel threads)
     nproc_per_node: int = 1  # ranks per run: 1 = a plain process, more = torchrun --standalone
+    executor: str = "here"  # here | slurm | submitit-local
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
 
 
 @dataclass
@@ -68,6 +85,7 @@ class Spec:
 
 
 BUDGETS = ("images", "flops", "minutes", "target")
+EXECUTORS = ("here", "slurm", "submitit-local")
 # What the ablation decides for every run: a variant or the base may not set these.
 MANAGED = (
     "run.dir",
@@ -186,9 +204,12 @@ def _check_spec(spec: Spec) -> None:
         raise ConfigError("spec.out", f"{spec.out} is a file; the ablation's folder must be a new or existing folder")
     if spec.baseline not in spec.variants:
         raise ConfigError("spec.baseline", f"{spec.baseline!r} is not one of the variants ({', '.join(spec.variants)})")
-    if spec.launch.parallel < 1 or spec.launch.nproc_per_node < 1:
+    _check_launch(spec.launch)
+    if spec.launch.executor == "slurm" and b.kind == "minutes":
         raise ConfigError(
-            "spec.launch.parallel" if spec.launch.parallel < 1 else "spec.launch.nproc_per_node", "must be >= 1"
+            "spec.budget.kind",
+            "minutes times the steps on the machine that plans, and Slurm trains the runs on other nodes: "
+            "use images, flops or target (or executor here on the nodes themselves)",
         )
     for where, overrides in [
         ("spec.base.overrides", spec.base.overrides),
@@ -202,6 +223,53 @@ def _check_spec(spec: Spec) -> None:
                     f"sets {key}, which the ablation decides for every run (from the "
                     f"budget, the seeds, the evaluation protocol or the run folder)",
                 )
+
+
+def _check_launch(launch: LaunchSpec) -> None:
+    """launch.*: the executor and, for the Slurm ones, the jobs' shape."""
+    s = launch.slurm
+    for key, value in (("parallel", launch.parallel), ("nproc_per_node", launch.nproc_per_node)):
+        if value < 1:
+            raise ConfigError(f"spec.launch.{key}", f"must be >= 1; got {value}")
+    if launch.executor not in EXECUTORS:
+        raise ConfigError("spec.launch.executor", f"must be one of {', '.join(EXECUTORS)}; got {launch.executor!r}")
+    if launch.executor == "here":
+        if s != SlurmSpec():
+            raise ConfigError("spec.launch.slurm", "is read only by launch.executor slurm or submitit-local")
+        return
+    if launch.parallel != 1:
+        raise ConfigError(
+            "spec.launch.parallel",
+            f"is for launch.executor here; {launch.executor} starts one job per run and the scheduler runs them",
+        )
+    for key in ("nodes", "time_minutes"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"spec.launch.slurm.{key}", f"must be >= 1; got {getattr(s, key)}")
+    if s.gpus_per_node < 0 or (s.cpus_per_task is not None and s.cpus_per_task < 1):
+        key = "gpus_per_node" if s.gpus_per_node < 0 else "cpus_per_task"
+        raise ConfigError(f"spec.launch.slurm.{key}", f"must be >= {0 if key == 'gpus_per_node' else 1}")
+    if launch.executor == "submitit-local" and s.nodes != 1:
+        raise ConfigError(
+            "spec.launch.slurm.nodes", f"submitit-local runs its jobs on this machine: must be 1; got {s.nodes}"
+        )
+    if s.gpus_per_node and launch.nproc_per_node not in (1, s.gpus_per_node):
+        raise ConfigError(
+            "spec.launch.nproc_per_node",
+            f"a job runs one rank per GPU (slurm.gpus_per_node: {s.gpus_per_node}); leave it out or make it equal",
+        )
+
+
+def ranks_per_node(launch: LaunchSpec) -> int:
+    """A run's ranks on each of its nodes: one per GPU of a Slurm job, else launch.nproc_per_node."""
+    if launch.executor != "here" and launch.slurm.gpus_per_node:
+        return launch.slurm.gpus_per_node
+    return launch.nproc_per_node
+
+
+def world_size(launch: LaunchSpec) -> int:
+    """A run's ranks in all: the global batch is split across them."""
+    nodes = launch.slurm.nodes if launch.executor != "here" else 1
+    return nodes * ranks_per_node(launch)
 
 
 UNITS = {

@@ -15,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from pixelrun.infra import checkpoint as ckpt
 from pixelrun.infra.checkpoint_verify import gather, write_manifest
+from pixelrun.infra.faults import crash_point
 from pixelrun.infra.files import write_atomic
 from pixelrun.infra.records import CheckpointMeta
 
@@ -134,6 +135,7 @@ def save_checkpoint(
     try:
         _write_files(tmp, tensors, meta, config_yaml, main)
         barrier()
+        crash_point("save-files", step)
         write_manifest(tmp, ctx)
     except BaseException as e:
         full = not isinstance(e, KeyboardInterrupt) and _out_of_space(e, root, needed)
@@ -150,6 +152,7 @@ def save_checkpoint(
     if main:
         _put_in_place(tmp, final)
         ckpt.fsync_dir(root)
+        crash_point("save-placed", step)
         _rotate(run_dir, step, keep)
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)

@@ -31,6 +31,37 @@ def describe_run(cfg: Config, ctx: DistContext, st: TrainState, encoder: Any) ->
     return lines
 
 
+def describe_plan(cfg: Config, plan: list, splits: list, run_dir: Path, metrics: list[str]) -> list[str]:
+    """The run's size and where it writes, and what it evaluates (or that it evaluates nothing, and
+    the key that would), for its start."""
+    steps = plan[-1][1]
+    images = sum((s1 - s0) * split[0] for (s0, s1, _), split in zip(plan, splits))
+    lines = [f"plan: {steps} steps, {images:,} images in all (global batch {splits[-1][0]}); run folder {run_dir}"]
+    when = f"every {cfg.eval.every} steps and at the end" if cfg.eval.every else "at the end"
+    if metrics:
+        lines.append(
+            f"evaluation: {', '.join(metrics)} on {cfg.eval.prompts} prompts ({cfg.eval.weights} weights), {when}"
+        )
+    elif not cfg.eval.prompts:
+        lines.append("evaluation: none (eval.prompts=0)")
+    else:
+        lines.append(
+            f"evaluation: none: eval.metrics={cfg.eval.metrics} does not apply to data.source={cfg.data.source}; "
+            f"set 'eval.metrics=[fd-effnet]' for the offline Fréchet distance to held-out images"
+        )
+    return lines
+
+
+def estimate_line(steps_done: int, seconds: float, steps_left: int) -> str:
+    """The remaining wall time from the steps timed so far (training only: grids, evaluations and
+    checkpoints come on top)."""
+    per = seconds / max(steps_done, 1)
+    return (
+        f"estimate: {per:.3g} s/step over the first {steps_done} steps: about {format_duration(per * steps_left)} "
+        f"for the {steps_left} left, plus sample grids, evaluations and checkpoints"
+    )
+
+
 def summary_line(cfg: Config, step: int, summary: dict, last: Path, final_grid: Path, elapsed: float) -> str:
     score = summary.get("score")
     others = {k: v for k, v in summary.get("eval", {}).items() if k != "shapes"}

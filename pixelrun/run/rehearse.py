@@ -85,19 +85,20 @@ def rehearsal_config(cfg: Config, world_size: int, device_type: str = "cpu") -> 
     first = _rehearsal_resolution(cfg, patch)
     scale = first / stage_res[0]
     put("data.resolution", first)
+    micro = 2 if cfg.objective.contrastive_weight > 0 else MICRO_BATCH  # its negative: another sample
     if cfg.stages:
         for i, res in enumerate(stage_res):
             put(f"stages.{i}.steps", STEPS_PER_STAGE)
             new_res = max(patch, round(res * scale / patch) * patch)
             put(f"stages.{i}.resolution", new_res)
-            put(f"stages.{i}.batch_size", MICRO_BATCH)
-            put(f"stages.{i}.global_batch_size", world_size * MICRO_BATCH * ACCUMULATION)
+            put(f"stages.{i}.batch_size", micro)
+            put(f"stages.{i}.global_batch_size", world_size * micro * ACCUMULATION)
         total = STEPS_PER_STAGE * len(cfg.stages)
     else:
         total = 2 * STEPS_PER_STAGE
     put("train.steps", total)
-    put("train.batch_size", MICRO_BATCH)
-    put("train.global_batch_size", world_size * MICRO_BATCH * ACCUMULATION)
+    put("train.batch_size", micro)
+    put("train.global_batch_size", world_size * micro * ACCUMULATION)
     # the schedule's warm-up spans the resume point, so a schedule that did not resume shows
     put("schedule.warmup_steps", min(cfg.schedule.warmup_steps, total - 2))
     put("cadence.log_every", 1)

@@ -7,7 +7,7 @@ checkpoints they pass over aside (`checkpoints/aside-step_N`), never deleting th
     start = choose_start(cfg, ctx, say, from_checkpoint)  # before any work: a refused resume costs nothing
     check_init_from(cfg, start.init_from, dim) # once the text width is known
     checkpointer, counters, position = run_parts(cfg, ctx, st, dim)
-    restore(start, checkpointer, st, steps, say)
+    restore(start, checkpointer, st, steps, say, ctx)
     position.place(source, stage, steps_into_stage, accum)  # at each stage's start
 """
 
@@ -20,8 +20,9 @@ from pathlib import Path
 
 from pixelrun.config import Config, ConfigError, config_from_dict, model_fields, resume_changes
 from pixelrun.infra import checkpoint as ckpt
+from pixelrun.infra.checkpoint import READ_ERRORS, failure
 from pixelrun.infra.checkpoint_save import remove_stale
-from pixelrun.infra.checkpoint_verify import verified_latest
+from pixelrun.infra.checkpoint_verify import ReadChoice, verified_latest
 from pixelrun.infra.distributed import DistContext
 from pixelrun.infra.records import CheckpointMeta
 from pixelrun.model.denoiser import PRXDenoiser
@@ -56,7 +57,19 @@ def choose_start(cfg: Config, ctx: DistContext, say: Say, from_checkpoint: str |
         for line in check_resume(cfg, meta.config, path):
             say(line)
         return Start(path, meta)
-    return Start(init_from=ckpt.resolve_checkpoint(cfg.run.init_from) if cfg.run.init_from else None)
+    return Start(init_from=init_source(cfg.run.init_from, say) if cfg.run.init_from else None)
+
+
+def init_source(spec: str, say: Say) -> Path:
+    """`run.init_from`'s checkpoint, verified as `pixelrun sample` verifies one (`ReadChoice`): a run
+    folder gives its newest checkpoint whose files match their manifest, each newer one skipped with
+    a line; a checkpoint named that fails is refused in one line naming the key."""
+    try:
+        return ReadChoice.open(spec, say).path
+    except ConfigError as e:  # ReadChoice names --checkpoint, the readers' flag
+        raise ConfigError("run.init_from", str(e).removeprefix(f"{e.key}: ")) from None
+    except FileNotFoundError as e:
+        raise ConfigError("run.init_from", str(e)) from None
 
 
 def run_parts(
@@ -69,7 +82,9 @@ def run_parts(
     return Checkpointer(parts), counters, position
 
 
-def restore(start: Start, checkpointer: Checkpointer, st: TrainState, steps: int, say: Say) -> None:
+def restore(
+    start: Start, checkpointer: Checkpointer, st: TrainState, steps: int, say: Say, ctx: DistContext | None = None
+) -> None:
     """Every part from the checkpoint resumed (its counters included), or the weights of
     run.init_from; nothing for a fresh run."""
     if start.path is not None and start.meta is not None:
@@ -81,7 +96,7 @@ def restore(start: Start, checkpointer: Checkpointer, st: TrainState, steps: int
         if step >= steps:
             say(f"nothing to train: the checkpoint is at step {step} and train.steps is {steps}")
     elif start.init_from is not None:
-        for line in [*init_weights(st, start.init_from), f"initialised weights and EMA from {start.init_from}"]:
+        for line in [*init_weights(st, start.init_from, ctx), f"initialised weights and EMA from {start.init_from}"]:
             say(line)
 
 
@@ -180,15 +195,17 @@ def check_init_from(cfg: Config, path: Path, text_dim: int) -> None:
         raise ConfigError("run.init_from", f"{path} has another architecture: {', '.join(diff)}")
 
 
-def init_weights(st: TrainState, path: Path) -> list[str]:
+def init_weights(st: TrainState, path: Path, ctx: DistContext | None = None) -> list[str]:
     """`run.init_from`: weights and EMA of a checkpoint or an exported model, nothing else. Returns
-    the notes to print (a REPA projector the source lacks starts fresh)."""
+    the notes to print (a REPA projector the source lacks starts fresh). Weights that cannot be read
+    or hold a NaN or an infinity are refused in one line: a new run from them could only diverge."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     parts = st.parts()
     if (path / ckpt.EXPORT_FILE).is_file():  # an exported model: weights only, loaded on each rank
         plain = PRXDenoiser(st.model.cfg)  # an unsharded twin; load_weights checks every shape
-        ckpt.load_weights(path, plain)
+        _read_init(path, lambda: ckpt.load_weights(path, plain))
+        _refuse_nonfinite(path, ckpt.first_nonfinite(plain.state_dict()))
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(st.model, plain.state_dict(), options=full)
         for ema_model in st.ema.models:
@@ -197,10 +214,26 @@ def init_weights(st: TrainState, path: Path) -> list[str]:
     saved = ckpt.saved_keys(path)
     tree = {"model": parts["model"].state_dict(), "ema": st.ema.load_tree(ckpt.load_meta(path).config)}
     missing = [k for k in tree["model"] if f"model.{k}" not in saved]
-    ckpt.load_tensors(path, tree, partial=bool(missing))
+    _read_init(path, lambda: ckpt.load_tensors(path, tree, partial=bool(missing)))
+    _refuse_nonfinite(path, ckpt.first_nonfinite(tree, ctx))
     parts["model"].load_state_dict(tree["model"])
     parts["ema"].load_state_dict(tree["ema"])
     notes = list(st.ema.notes)
     if any(k.startswith("repa_projector.") for k in missing):
         notes.append("REPA projector: not in the checkpoint, starting from a fresh one")
     return notes
+
+
+def _read_init(path: Path, read: Callable[[], None]) -> None:
+    try:
+        read()
+    except READ_ERRORS as e:  # DCP, torch.load and safetensors raise many kinds on a damaged file
+        raise ConfigError("run.init_from", f"{path}: its weights cannot be read ({failure(e)})") from None
+
+
+def _refuse_nonfinite(path: Path, bad: str | None) -> None:
+    if bad is not None:
+        raise ConfigError(
+            "run.init_from",
+            f"{path}: its weights hold non-finite values ({bad}); give an earlier checkpoint of that run",
+        )

@@ -28,7 +28,7 @@ from pixelrun.config import (
     to_yaml,
 )
 from pixelrun.data import Prefetcher
-from pixelrun.data.sources import check_paths, make_batch_source, source_kind
+from pixelrun.data.sources import check_paths, describe_source, make_batch_source, source_kind
 from pixelrun.diffusion.generate import generate
 from pixelrun.evaluation.evaluate import (
     Evaluator,
@@ -46,10 +46,11 @@ from pixelrun.infra.records import RunSummary
 from pixelrun.infra.tracking import Tracker
 from pixelrun.model.text import text_encoder
 from pixelrun.run.health import Health
-from pixelrun.run.messages import describe_run, summary_line
+from pixelrun.run.messages import describe_plan, describe_run, estimate_line, summary_line
 from pixelrun.run.outputs import POINT_IMAGES, evaluation_point, images_seen, provenance
 from pixelrun.run.outputs import run_summary as summarize_run
 from pixelrun.run.outputs import write_point as write_point_files
+from pixelrun.run.preflight import preflight
 from pixelrun.run.resume import check_init_from, choose_start, fall_back, restore, run_parts
 from pixelrun.run.stop import StopFlag, TrainingStopped, should_stop
 from pixelrun.training.build import TrainState, build_state
@@ -146,6 +147,7 @@ def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) 
     splits = [batch_split(c, ctx.world_size) for _, _, c in plan]  # config errors before any work
     say = tqdm.write if ctx.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run.dir)
+    preflight(cfg)  # every network, all at once, before the run folder is touched
     start = choose_start(cfg, ctx, say, from_checkpoint)
     # The metric networks load here, so a missing one stops the run before any training. Every rank
     # samples during an evaluation; only rank 0 loads networks and computes the metrics.
@@ -160,7 +162,7 @@ def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) 
         check_init_from(cfg, start.init_from, encoder.dim)
     st = build_state(cfg, [c for _, _, c in plan], ctx, encoder.dim)
     checkpointer, counters, position = run_parts(cfg, ctx, st, encoder.dim)
-    restore(start, checkpointer, st, cfg.train.steps, say)
+    restore(start, checkpointer, st, cfg.train.steps, say, ctx)
     if ctx.is_main:  # written once the checkpoint has loaded: a refused resume leaves the run as it was
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -191,6 +193,7 @@ def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) 
     if ctx.is_main:
         provenance(ctx.device).write(run_dir / "provenance.json")
     run.say(*describe_run(cfg, ctx, st, encoder))
+    run.say(*describe_plan(cfg, plan, splits, run_dir, metrics))
     return run
 
 
@@ -214,6 +217,7 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
         ) as bar,
     ):
         run.st.model.train()
+        since = (run.step, run.train_seconds, [False])  # this session's start, for one time estimate
         for stage_index, (_, s1, scfg) in enumerate(run.plan):
             if run.step >= s1:
                 continue
@@ -235,6 +239,7 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
                 run.train_seconds += time.time() - began
                 after_step(run, scfg)
                 if logged:
+                    say_estimate(run, since)
                     run.clock = (time.time(), run.step)  # images/s measures training, not grids or saves
                 stopped = should_stop(run.ctx, stop, stop_at_step, run.step, run.t0, cfg, check_now=logged)
             close_stage(run)
@@ -243,12 +248,21 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
     return stopped
 
 
+def say_estimate(run: Run, since: tuple[int, float, list[bool]]) -> None:
+    """Once a session, at its first logged step past its first: the wall time the rest will take."""
+    step0, seconds0, said = since
+    if not said[0] and run.step - step0 >= 2 and run.step < run.cfg.train.steps:
+        said[0] = True
+        run.say(estimate_line(run.step - step0, run.train_seconds - seconds0, run.cfg.train.steps - run.step))
+
+
 def open_stage(run: Run, stage_index: int) -> None:
     """This stage's batch source at the saved position, its grid prompts, and what it turns on."""
     s0, s1, scfg = run.plan[stage_index]
     global_batch, micro, accum = run.splits[stage_index]
     run.stage_index = stage_index
     source = make_batch_source(scfg, run.ctx.rank, run.ctx.world_size, say=run.say)
+    run.say(describe_source(scfg, source))
     warning = run.position.place(
         Prefetcher(source) if scfg.data.prefetch else source, stage_index, run.step - s0, accum
     )
@@ -300,8 +314,16 @@ def log_step(run: Run, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, 
         "skipped_steps": run.skipped_steps,
     }
     run.tracker.scalars(run.step, row, prefix="train/")
-    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+    bar.set_postfix(bar_postfix(values, images_per_s))
     return True
+
+
+def bar_postfix(values: dict[str, float], images_per_s: float) -> dict[str, str]:
+    """The training bar's figures: each loss term by name (the total mixes terms of other signs and
+    scales: REPA's is a negative cosine), then images/s."""
+    terms = {k: v for k, v in values.items() if k != "loss"} or values
+    rate = f"{images_per_s:.3g}" if images_per_s < 1000 else f"{images_per_s:.0f}"
+    return {**{k: f"{v:.4g}" for k, v in terms.items()}, "img/s": rate}
 
 
 def count_nonfinite(run: Run, applied: bool, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:

@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import torch
 
 from pixelrun.config import Config
-from pixelrun.tricks import flow, perceptual, repa
+from pixelrun.tricks import contrastive, flow, perceptual, repa
 from pixelrun.tricks.base import Term
 
 TERMS: tuple[Term, ...] = (
     flow.TERM,
+    contrastive.TERM,
     repa.TERM,
     perceptual.LPIPS_TERM,
     perceptual.PDINO_TERM,
@@ -50,4 +51,5 @@ class LossNetworks(torch.nn.Module):
         return self.repa is not None or self.lpips is not None or self.dino is not None
 
     def describe(self, cfg: Config) -> list[str]:
-        return [*repa.describe(self.repa, cfg), *perceptual.describe(self.lpips, self.dino, cfg)]
+        lines = [*contrastive.describe(cfg), *repa.describe(self.repa, cfg)]
+        return lines + perceptual.describe(self.lpips, self.dino, cfg)

@@ -61,7 +61,7 @@ def test_every_command_is_a_module_with_add_parser_and_run():
     import pixelrun.cli
 
     names = set(build_parser()._subparsers._group_actions[0].choices)
-    assert names == {"train", "sample", "eval", "bench", "export", "ablate", "presets", "report", "data"}
+    assert names == {"train", "sample", "eval", "bench", "export", "ablate", "presets", "report", "data", "demo"}
     for command in pixelrun.cli.COMMANDS:
         assert callable(command.add_parser) and callable(command.run), command.__name__
     for line in (
@@ -69,5 +69,6 @@ def test_every_command_is_a_module_with_add_parser_and_run():
         ["eval", "--checkpoint", "c"],
         ["data", "inspect", "s"],
         ["presets"],
+        ["demo", "runs/demo"],
     ):
         assert parse_args(build_parser(), line).func.__module__ == f"pixelrun.cli.{line[0]}"

@@ -108,6 +108,7 @@ def test_convert_reads_back_the_same_images_and_captions(tmp_path, capsys):
     cfg = load_config(None, train[2:])
     assert expand_shards(cfg.data.path) == expand_shards(str(out)) and len(expand_shards(cfg.data.path)) == 3
     assert cfg.data.resolution == 32
+    assert cfg.data.buckets  # written in three aspect buckets: the command trains in them (issue 30)
     index = json.loads((out / "index.json").read_text())
     assert index["count"] == 9 and index["buckets"] == {"24x40": 3, "32x32": 3, "40x24": 3}
     assert index["shards"] == ["00000.tar", "00001.tar", "00002.tar"] and index["unreadable"] == ["zz.png"]

@@ -200,3 +200,50 @@ def test_the_diffusers_export_never_writes_a_non_finite_weight(two_checkpoints, 
     with pytest.raises(ckpt.CheckpointError, match=f"non-finite values \\(transformer.{name}\\)"):
         export_diffusers(model, encoder, cfg, tmp_path / "pipeline")
     assert not (tmp_path / "pipeline").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------- run.init_from reads as they do
+
+
+def _init_from(tmp_path, encoder_dir, source: Path, name: str = "new") -> int:
+    over = tiny_overrides(tmp_path / name, encoder_dir, **{"train.steps": 1, "eval.prompts": 0})
+    return main(["train", *over, f"run.init_from={source}"])
+
+
+def test_init_from_a_run_skips_its_damaged_newest_checkpoint_with_one_line(
+    two_checkpoints, tmp_path, tiny_encoder_dir, capsys
+):
+    run = _copy(two_checkpoints, tmp_path)
+    _finite_garbage(ckpt.checkpoint_root(run) / NEWEST)
+    capsys.readouterr()
+    assert _init_from(tmp_path, tiny_encoder_dir, run) == 0
+    out = capsys.readouterr().out
+    skipped = [line for line in out.splitlines() if "skipped checkpoint" in line]
+    assert len(skipped) == 1 and NEWEST in skipped[0] and f"reading the earlier {EARLIER}" in skipped[0], out
+    assert f"initialised weights and EMA from {ckpt.checkpoint_root(run) / EARLIER}" in out
+
+
+@pytest.mark.parametrize("damage", ["finite bytes in the .distcp", "a random meta.pt"])
+def test_init_from_a_damaged_checkpoint_named_is_refused_in_one_line(
+    two_checkpoints, tmp_path, tiny_encoder_dir, capsys, damage
+):
+    run = _copy(two_checkpoints, tmp_path)
+    newest = ckpt.checkpoint_root(run) / NEWEST
+    harm, file = DAMAGE[damage]
+    harm(newest)
+    capsys.readouterr()
+    assert _init_from(tmp_path, tiny_encoder_dir, newest) == 2
+    one_line_error(capsys, "run.init_from", NEWEST, file)
+    assert not (tmp_path / "new").exists()  # refused before any work
+
+
+def test_init_from_non_finite_weights_is_refused_in_one_line(two_checkpoints, tmp_path, tiny_encoder_dir, capsys):
+    """Its files match their manifest (saved so by an older pixelrun): only the values tell."""
+    run = _copy(two_checkpoints, tmp_path)
+    newest = ckpt.checkpoint_root(run) / NEWEST
+    shutil.rmtree(newest)
+    name = _with_a_nan_weight(ckpt.checkpoint_root(two_checkpoints) / NEWEST, run)
+    capsys.readouterr()
+    assert _init_from(tmp_path, tiny_encoder_dir, newest) == 2
+    one_line_error(capsys, "run.init_from", NEWEST, "non-finite", name)
+    assert not (tmp_path / "new" / "config.yaml").exists()

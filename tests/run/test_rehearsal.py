@@ -80,7 +80,7 @@ def _children(pid: int) -> list[int]:
         return [int(p) for p in f.read().split()]
 
 
-def _wait_gone(pid: int, seconds: float = 10) -> None:
+def _wait_gone(pid: int, seconds: float = 120) -> None:
     end = time.time() + seconds
     while time.time() < end:
         try:

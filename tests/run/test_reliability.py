@@ -309,14 +309,16 @@ def test_a_save_checks_the_free_space_first(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- one writer per folder
 
 
-def _hold_lock(folder: Path, seconds: float = 60.0) -> subprocess.Popen:
-    """Another process holding `folder`'s lock, as a running `pixelrun train` or convert would."""
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process holding `folder`'s lock, as a running `pixelrun train` or convert would, until
+    it is killed or its stdin closes (never for a fixed time a slow machine could outlast)."""
     code = (
-        "import sys, time; from pixelrun.infra.locks import folder_lock\n"
-        "with folder_lock(sys.argv[1], 'k', 'test'):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))"
+        "import sys; from pixelrun.infra.locks import folder_lock\n"
+        "with folder_lock(sys.argv[1], 'k', 'test'):\n    print('held', flush=True); sys.stdin.read()"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(folder), str(seconds)],
+        [sys.executable, "-c", code, str(folder)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},

@@ -26,10 +26,10 @@ def test_a_part_past_its_cap_is_ended_with_its_children(tmp_path):
         time.sleep(60)
 
     rc, wall = gpu_check.in_child(slow, 1.0)
-    assert rc == 124 and wall < 10
+    assert rc == 124 and 1.0 <= wall < 60  # ended at its cap, long before the part's own 60 s
     pid = int(pid_file.read_text())
     stat = Path(f"/proc/{pid}/stat")
-    for _ in range(50):  # killed with the part's process group: gone, or a zombie nobody reaped yet
+    for _ in range(3000):  # killed with the part's process group: gone, or a zombie nobody reaped yet
         try:
             if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
                 break

@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 
 
 def test_the_terms_by_name_in_the_order_they_are_summed():
-    assert [t.name for t in TERMS] == ["flow", "repa", "lpips", "pdino"]
+    assert [t.name for t in TERMS] == ["flow", "contrastive", "repa", "lpips", "pdino"]
 
 
 def _tiny():
@@ -139,7 +139,7 @@ def test_mfu_in_the_training_log_by_hand(monkeypatch):
     from pixelrun.run.train import log_step
 
     cfg = load_config(None, ["routing.ratio=0.5"])
-    terms, bar = {"loss": torch.tensor(1.0)}, SimpleNamespace(set_postfix=lambda **k: None)
+    terms, bar = {"loss": torch.tensor(1.0)}, SimpleNamespace(set_postfix=lambda *a, **k: None)
     rows: list[dict] = []
     assert log_step(_fake_run(cfg, rows), terms, torch.tensor(2.0), bar)
     assert "mfu" not in rows[0]  # a CPU: no known peak, no made-up number

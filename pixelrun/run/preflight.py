@@ -1,0 +1,66 @@
+"""Every network a run will load, checked once before any work: the text encoder, the REPA and
+DINO teachers a stage turns on, and the metric networks its evaluations use. Each unusable one is
+listed in a single message with the key that names it, so an offline machine costs one failed run
+instead of one per network (each hub id that is neither cached nor reachable used to cost half a
+minute of hub retries and a traceback, found one at a time)."""
+
+from __future__ import annotations
+
+import os
+
+from pixelrun.config import Config, ConfigError, stage_plan
+from pixelrun.evaluation.evaluate import _hub_reachable, _is_local, applicable_metrics
+from pixelrun.teachers.features import EFFICIENTNET_SPECS
+
+_TEXT_ALIASES = ("minilm",)  # installed with pixelrun (pixelrun/model/text.py)
+
+
+def networks(cfg: Config) -> list[tuple[str, str]]:
+    """(key, spec) of every model folder or Hugging Face id this run loads."""
+    every = [c for _, _, c in stage_plan(cfg)]
+    out = [] if cfg.text.encoder in _TEXT_ALIASES else [("text.encoder", cfg.text.encoder)]
+    if any(c.repa.weight > 0 for c in every):
+        out.append(("repa.teacher", cfg.repa.teacher))
+    if any(c.perceptual.dino_weight > 0 for c in every):
+        out.append(("perceptual.dino_teacher", cfg.perceptual.dino_teacher))
+    metrics = applicable_metrics(cfg) if cfg.eval.prompts else []
+    if "cmmd" in metrics:
+        out.append(("eval.clip_model", cfg.eval.clip_model))
+    if "dino-mmd" in metrics:
+        out.append(("eval.dino_model", cfg.eval.dino_model))
+    return [(k, v) for k, v in out if v and v not in EFFICIENTNET_SPECS]
+
+
+def problem(spec: str) -> str | None:
+    """Why `spec` cannot be loaded here, or None: a path must be a model folder (its config.json); a
+    hub id must be in the Hugging Face cache or the hub must answer."""
+    path = os.path.expanduser(spec)
+    if _is_local(spec):
+        if not os.path.isdir(path):
+            return "no such folder"
+        return None if os.path.isfile(os.path.join(path, "config.json")) else "a folder without config.json"
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return None
+    except ValueError:
+        return "neither a folder nor a valid Hugging Face id"
+    if constants.HF_HUB_OFFLINE:
+        return "not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+    if not _hub_reachable(constants.ENDPOINT):
+        return f"not in the Hugging Face cache, and {constants.ENDPOINT} does not answer"
+    return None
+
+
+def preflight(cfg: Config) -> None:
+    """A ConfigError naming every key whose network cannot be loaded here, all in one line."""
+    bad = [(key, spec, why) for key, spec in networks(cfg) if (why := problem(spec)) is not None]
+    if not bad:
+        return
+    each = "; ".join(f"{key}={spec} ({why})" for key, spec, why in bad)
+    raise ConfigError(
+        ", ".join(key for key, _, _ in bad),
+        f"{len(bad)} network(s) cannot be loaded on this machine: {each}. Download each where there is "
+        f"a network (hf download ID) and copy the Hugging Face cache, or set the key to a local folder",
+    )
