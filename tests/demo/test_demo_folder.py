@@ -60,11 +60,11 @@ def test_a_port_that_cannot_be_served_is_one_line(tmp_path, capsys):
 
 
 def test_choices_are_what_the_config_accepts():
-    """self-guidance needs a model trained with routing; Euler is the one sampler while the config
-    has no sample.sampler key."""
+    """self-guidance needs a model trained with routing; the samplers are sample.sampler's (Euler and
+    Heun), each of which every model accepts."""
     dense, routed = to_dict(Config()), to_dict(Config())
     dense["routing"]["ratio"], routed["routing"]["ratio"] = 0.0, 0.5
     assert guidance_mode_choices([dense]) == ["cfg", "none"]
     assert guidance_mode_choices([routed]) == ["cfg", "none", "self"]
     assert guidance_mode_choices([routed, dense]) == ["cfg", "none"]  # every model of the page accepts it
-    assert sampler_choices([dense]) == ["euler"]
+    assert sampler_choices([dense]) == ["euler", "heun"]

@@ -278,7 +278,7 @@ def test_a_run_page_takes_every_setting_and_loads_each_model_once(browser, study
     try:
         open_page(browser, server.url)
         assert choices(browser, "mode") == ["cfg", "none"]  # no self-guidance: trained without routing
-        assert choices(browser, "sampler") == ["euler"] and choices(browser, "weights") == ["ema", "raw"]
+        assert choices(browser, "sampler") == ["euler", "heun"] and choices(browser, "weights") == ["ema", "raw"]
         for steps, guidance, mode, seed, weights in ((3, 1.5, "cfg", 7, "raw"), (4, 2.5, "none", 11, "ema")):
             set_number(browser, "steps", steps)
             set_number(browser, "guidance", guidance)
