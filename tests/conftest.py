@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from datetime import timedelta
 
 import pytest
@@ -153,3 +154,17 @@ def gloo_rank(rank: int, world: int, port: int):
         shutdown(clean=False)
         raise
     shutdown(clean=True)
+
+
+def until(cond, what: str, bound: float = 300.0):
+    """Wait for `cond()` to be truthy, polling, and return its value; a failure naming `what` after
+    `bound` seconds. The bound catches a hang, not slowness: a loaded CI machine can take many times
+    longer than a quiet one, so it is minutes, never "usually long enough"."""
+    end = time.monotonic() + bound
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > end:
+            pytest.fail(f"{what}: not within {bound} s")
+        time.sleep(0.05)

@@ -8,13 +8,12 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import tiny_overrides, until
 from PIL import Image
 from webdataset import TarWriter
 
@@ -188,7 +187,7 @@ def test_workers_outlive_ctrl_c_and_sigterm_until_closed(tmp_path):
         os.kill(pid, signal.SIGINT)
         os.kill(pid, signal.SIGTERM)
     for pid in pids:  # handled (or ignored) by each worker: none is pending any more
-        _until(lambda pid=pid: _gone(pid) or not _pending_signals(pid), f"worker {pid} taking its signals")
+        until(lambda pid=pid: _gone(pid) or not _pending_signals(pid), f"worker {pid} taking its signals")
     for _ in range(8):
         next(loader)
     assert not any(_gone(pid) for pid in pids)
@@ -295,25 +294,16 @@ def test_ctrl_c_with_workers_saves_exits_cleanly_and_resumes(tmp_path, tiny_enco
         start_new_session=True,
     )
     metrics = run / "metrics.jsonl"
-    _until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, "three rows of metrics.jsonl")
+    until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, "three rows of metrics.jsonl")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
     assert "stopped by SIGINT" in out and "Traceback" not in err and "DataLoader" not in err, err[-2000:]
-    _until(lambda: not _group_alive(proc.pid), "the run's worker processes ending after it")  # none outlived it
+    until(lambda: not _group_alive(proc.pid), "the run's worker processes ending after it")  # none outlived it
     step = ckpt.load_meta(ckpt.latest_checkpoint(run)).step
     assert step >= 3
     assert main(["train", *_folder_run(tmp_path, tiny_encoder_dir, "run", 2, **{"train.steps": step + 2})]) == 0
     assert [s for s, _ in _losses(run)] == list(range(1, step + 3))
-
-
-def _until(cond, what: str, bound: float = 300.0) -> None:
-    """Wait for `cond`, polling; a failure naming `what` after `bound` seconds (a hang, not slowness)."""
-    end = time.monotonic() + bound
-    while not cond():
-        if time.monotonic() > end:
-            pytest.fail(f"{what}: not within {bound} s")
-        time.sleep(0.05)
 
 
 def _pending_signals(pid: int) -> bool:

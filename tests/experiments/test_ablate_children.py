@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import until
 
 ROOT = Path(__file__).parents[2]
 PLAN = (
@@ -32,16 +33,6 @@ CHILD = (
     "open(sys.argv[1] + '.part', 'w').write(str(os.getpid())); os.replace(sys.argv[1] + '.part', sys.argv[1])\n"
     "while True: time.sleep(60)\n"
 )
-
-
-def _wait_for(cond, what: str, timeout: float = 120.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"{what}: not within {timeout} s")
 
 
 def _alive(pid: int) -> bool:
@@ -66,11 +57,11 @@ def test_a_killed_ablate_takes_its_training_child_with_it(tmp_path):
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
-        child = int(_wait_for(lambda: pid_file.exists() and pid_file.read_text(), "the child's pid file"))
+        child = int(until(lambda: pid_file.exists() and pid_file.read_text(), "the child's pid file"))
         assert _alive(child)
         parent.kill()  # kill -9: no handler of the parent runs
         parent.wait(timeout=60)
-        _wait_for(lambda: not _alive(child), "the child ending after its parent was killed")
+        until(lambda: not _alive(child), "the child ending after its parent was killed")
     finally:
         parent.kill()
         parent.wait()

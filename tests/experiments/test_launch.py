@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import until
 
 from pixelrun.cli import main
 
@@ -326,16 +327,6 @@ def _ablate(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     )
 
 
-def _until(cond, what: str, timeout: float = 120.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"{what}: not within {timeout} s")
-
-
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> str:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -482,7 +473,7 @@ def test_a_local_job_ignores_ctrl_c_is_requeued_on_preemption_and_cancel_stops_i
     [(_, _, job_id)] = launch.submit(plan, say=lambda line: None)
     states = lambda: launch.run_jobs(plan)[("base", 0)]  # noqa: E731
     try:
-        started = _until(lambda: (marks / "start0").exists() and (marks / "start0").read_text(), "the training")
+        started = until(lambda: (marks / "start0").exists() and (marks / "start0").read_text(), "the training")
         child, task = map(int, started.split())
         assert _ignored(int(job_id)) & (1 << (signal.SIGINT - 1))  # the job's shell, its controller, its task
         assert _ignored(task) & (1 << (signal.SIGINT - 1))
@@ -491,16 +482,14 @@ def test_a_local_job_ignores_ctrl_c_is_requeued_on_preemption_and_cancel_stops_i
         assert states() == (job_id, "RUNNING")
 
         os.kill(task, signal.SIGUSR2)  # what Slurm sends on preemption (submitit's --signal)
-        _until(lambda: (marks / "stopped0").exists(), "the training stopped by the job's checkpoint()")
-        again = int(
-            _until(lambda: (marks / "start1").exists() and (marks / "start1").read_text(), "restart").split()[0]
-        )
+        until(lambda: (marks / "stopped0").exists(), "the training stopped by the job's checkpoint()")
+        again = int(until(lambda: (marks / "start1").exists() and (marks / "start1").read_text(), "restart").split()[0])
         assert Path(f"/proc/{again}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-c", CHILD.encode()]
         assert states() == (job_id, "RUNNING")  # requeued: the same job
 
         assert launch.cancel(plan, say=lambda line: None) == [job_id]
-        _until(lambda: (marks / "stopped1").exists(), "the training stopped by cancel")
-        _until(lambda: states()[1] == "FAILED", "the cancelled job ending")
+        until(lambda: (marks / "stopped1").exists(), "the training stopped by cancel")
+        until(lambda: states()[1] == "FAILED", "the cancelled job ending")
     finally:
         for mark in marks.glob("start*"):
             with contextlib.suppress(ProcessLookupError):
