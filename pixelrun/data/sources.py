@@ -340,7 +340,10 @@ def describe_source(cfg: Config, source) -> str:
         return f"data: shards {cfg.data.path}: {many}{len(inner.urls)} shard(s), captions {cfg.data.captions}; {fit}"
     if cfg.data.source == "emoji":
         return f"data: {len(inner.dataset)} Twemoji images, their names as captions; {fit}"
-    return f"data: procedural shapes (built in), up to {cfg.data.max_shapes} a picture, a new image every draw; {fit}"
+    return (
+        f"data: procedural shapes (built in), up to {cfg.data.max_shapes} a picture, a new image every draw, "
+        f"drawn at {cfg.data.resolution}px, {shape}"
+    )
 
 
 def make_batch_source(cfg: Config, rank: int = 0, world_size: int = 1, say: Say = None):
