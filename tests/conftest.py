@@ -61,6 +61,7 @@ SLOW_TESTS = {
     "test_irepa.py::test_projector_flops_are_in_the_count_budgets_use",
     "test_contrastive.py::test_contrastive_and_irepa_train_log_their_terms_and_resume",
     "test_launch.py::test_a_submitit_local_study_gives_the_numbers_of_here_and_a_killed_job_resumes",
+    "test_import_diffusers.py::test_imported_model_samples_as_the_pipeline_and_exports_back_bit_for_bit",
 }
 
 

@@ -20,8 +20,9 @@ def model_fields(cfg: Config) -> dict:
     fields = dict(PRESETS[cfg.model.preset])
     for f in dataclasses.fields(ModelSection):
         v = getattr(cfg.model, f.name)
-        if f.name != "preset" and v is not None:
+        if f.name not in ("preset", "init") and v is not None:  # init: where weights come from, not a shape
             fields[f.name] = v
+    fields.setdefault("resolution_embeds", "none")  # the presets without a resolution embedder
     return fields
 
 

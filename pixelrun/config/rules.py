@@ -11,7 +11,8 @@ import math
 
 from pixelrun.config.errors import ConfigError
 
-# Model size presets: name -> architecture (patch, width, depth, heads, MLP ratio, bottleneck).
+# Model size presets: name -> architecture (patch, width, depth, heads, MLP ratio, bottleneck; the
+# resolution embedder where it has one, none otherwise).
 PRESETS: dict[str, dict] = {
     # The CPU default: 36 tokens at 48px. At patch 8 a patch has 192 values, so no bottleneck.
     "tiny": dict(patch_size=8, hidden_size=256, depth=4, num_heads=4, mlp_ratio=3.5, bottleneck_size=None),
@@ -19,7 +20,25 @@ PRESETS: dict[str, dict] = {
     "base": dict(patch_size=32, hidden_size=768, depth=12, num_heads=12, mlp_ratio=3.5, bottleneck_size=256),
     # The speedrun model (about 1.2B parameters with a 2304-d text encoder).
     "small": dict(patch_size=32, hidden_size=1792, depth=16, num_heads=28, mlp_ratio=3.5, bottleneck_size=256),
+    # Photoroom's released pixel model, `Photoroom/prxpixel-t2i` (about 7B with its 2048-d Qwen3-VL text
+    # tower); named apart from PRX's own "base" (7.3B) so the two cannot be confused. Its
+    # transformer/config.json was not readable here: the numbers are those of a port that loads the
+    # released weights, AI-Hypercomputer/maxdiffusion src/maxdiffusion/models/prx_pixel/
+    # transformer_prx_pixel.py (FlaxPRXPixelConfig: patch 16, width 3584, depth 24, 28 heads, MLP 3.5,
+    # context 2048; img_in Linear(768, 768) -> Linear(768, 3584), i.e. bottleneck 768; a resolution
+    # embedder) at the revision its checkpointing/prx_pixel_checkpointer.py pins (bcd5e63f). model.init
+    # reads the real config.json and refuses a preset that disagrees with it.
+    "prxpixel-7b": dict(
+        patch_size=16,
+        hidden_size=3584,
+        depth=24,
+        num_heads=28,
+        mlp_ratio=3.5,
+        bottleneck_size=768,
+        resolution_embeds="vec",
+    ),
 }
+RESOLUTION_EMBEDS = ("none", "vec")  # pixelrun/model/resolution.py
 
 DATA_SOURCES = ("shapes", "folder", "emoji", "shards")
 SPACINGS = ("diffusers", "linear")  # sampling time grids (pixelrun/diffusion/sampling.py, `time_grid`)

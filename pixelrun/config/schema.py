@@ -29,7 +29,7 @@ class RunConfig:
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny"  # tiny | base | small (`pixelrun presets` lists them with their sizes)
+    preset: str = "tiny"  # tiny | base | small | prxpixel-7b (`pixelrun presets` lists them with their sizes)
     # Optional overrides of the preset's fields (null = the preset's value).
     patch_size: int | None = None
     hidden_size: int | None = None  # the transformer's width D
@@ -37,6 +37,13 @@ class ModelSection:
     num_heads: int | None = None  # attention heads; hidden_size / num_heads must be a multiple of 4 (2-D RoPE)
     mlp_ratio: float | None = None  # GeGLU MLP width as a multiple of hidden_size
     bottleneck_size: int | None = None  # patch embedding Linear(patch values -> this -> D); null = one Linear
+    # none | vec: an MLP of the sinusoidal (height, width) embedding added to the time vector (diffusers'
+    # PRXResolutionEmbedder, `resolution_embeds=True`); null = the preset's (vec for prxpixel-7b, else none)
+    resolution_embeds: str | None = None
+    # A released model to start from: a diffusers PRXPixelPipeline folder (its transformer/), a
+    # PRXTransformer2DModel folder or a Hugging Face id of either. The architecture is read from its
+    # config.json (an explicit model.* that differs is refused); optimizer, EMA and data start fresh.
+    init: str | None = None
 
 
 @dataclass

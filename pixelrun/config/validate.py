@@ -18,6 +18,7 @@ from pixelrun.config.rules import (
     GUIDANCE_MODES,
     METRICS,
     REPA_PROJECTORS,
+    RESOLUTION_EMBEDS,
     SAMPLERS,
     SPACINGS,
     _choice,
@@ -61,6 +62,9 @@ def _validate_model(cfg: Config) -> None:
     _positive("model.mlp_ratio", m["mlp_ratio"])
     if m["bottleneck_size"] is not None:
         _positive("model.bottleneck_size", m["bottleneck_size"])
+    _choice("model.resolution_embeds", m["resolution_embeds"], RESOLUTION_EMBEDS)
+    if cfg.model.init and cfg.run.init_from:
+        raise ConfigError("model.init", "and run.init_from both name the starting weights; set only one of them")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -28,6 +28,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pixelrun.config import PRESETS, Config, model_fields
+from pixelrun.model.resolution import ResolutionEmbedder
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     time_factor: float = 1000.0
     time_max_period: float = 10000.0
+    resolution_embeds: str = "none"  # none | vec (pixelrun/model/resolution.py)
 
     @property
     def head_dim(self) -> int:
@@ -196,6 +198,9 @@ class PRXDenoiser(nn.Module):
             self.img_in = nn.Linear(cfg.patch_dim, d)
         self.time_in = MLPEmbedder(256, d)
         self.txt_in = nn.Linear(cfg.text_dim, d)
+        self.resolution_embedder = (
+            ResolutionEmbedder(d, cfg.time_max_period) if cfg.resolution_embeds == "vec" else None
+        )
         self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, cfg.patch_dim)
         # Recompute each block's activations in the backward instead of keeping them (memory for
@@ -237,6 +242,8 @@ class PRXDenoiser(nn.Module):
         img = self.img_in(patchify(x, p))
         txt = self.txt_in(text)
         vec = self.time_in(timestep_embedding(t, 256, cfg.time_factor, cfg.time_max_period).to(img.dtype))
+        if self.resolution_embedder is not None:  # where diffusers' PRXTransformer2DModel adds it
+            vec = vec + self.resolution_embedder(b, h, w, vec.dtype, x.device)
         cos, sin = rope_angles(h // p, w // p, cfg.head_dim, cfg.rope_theta, x.device)
         cos, sin = cos[None, None], sin[None, None]
         n_img = img.shape[1]

@@ -122,6 +122,7 @@ def rehearsal_config(cfg: Config, world_size: int, device_type: str = "cpu") -> 
             put("optimizer.muon_precision", "fp32")
     put("run.dir", f"{cfg.run.dir.rstrip('/')}-rehearsal")
     put("run.init_from", None)
+    put("model.init", None)  # the shrunk model starts from random weights, as from run.init_from's
     try:
         return Shrunk(config_from_dict(d), changes)
     except ConfigError as e:

@@ -40,9 +40,12 @@ class Start:
     path: Path | None = None
     meta: CheckpointMeta | None = None
     init_from: Path | None = None
+    model_init: Path | None = None  # model.init's transformer folder (pixelrun/tools/import_diffusers.py)
 
 
-def choose_start(cfg: Config, ctx: DistContext, say: Say, from_checkpoint: str | None = None) -> Start:
+def choose_start(
+    cfg: Config, ctx: DistContext, say: Say, from_checkpoint: str | None = None, model_init: Path | None = None
+) -> Start:
     """The newest checkpoint of run.dir whose every file matches its manifest (with run.resume), its
     config checked as a continuation of this one; else run.init_from's checkpoint. The run's lock is
     held: a temporary folder left in it is a save that died, removed here. `from_checkpoint`
@@ -57,7 +60,7 @@ def choose_start(cfg: Config, ctx: DistContext, say: Say, from_checkpoint: str |
         for line in check_resume(cfg, meta.config, path):
             say(line)
         return Start(path, meta)
-    return Start(init_from=init_source(cfg.run.init_from, say) if cfg.run.init_from else None)
+    return Start(init_from=init_source(cfg.run.init_from, say) if cfg.run.init_from else None, model_init=model_init)
 
 
 def init_source(spec: str, say: Say) -> Path:
@@ -98,6 +101,12 @@ def restore(
     elif start.init_from is not None:
         for line in [*init_weights(st, start.init_from, ctx), f"initialised weights and EMA from {start.init_from}"]:
             say(line)
+    elif start.model_init is not None:
+        import_weights(st, start.model_init, ctx)
+        say(
+            f"initialised weights and EMA from the {start.model_init} PRXTransformer2DModel (model.init); "
+            f"the optimizer and the data start afresh"
+        )
 
 
 # ----------------------------------------------------------------------------- going back
@@ -195,21 +204,45 @@ def check_init_from(cfg: Config, path: Path, text_dim: int) -> None:
         raise ConfigError("run.init_from", f"{path} has another architecture: {', '.join(diff)}")
 
 
+def import_weights(st: TrainState, folder: Path, ctx: DistContext | None = None) -> None:
+    """model.init: a diffusers transformer's tensors, each checked by name and shape, into the model
+    and every EMA (the EMA starts as these weights); nothing else of the run."""
+    from pixelrun.tools.import_diffusers import read_weights
+
+    expected = {k: tuple(v.shape) for k, v in st.model.state_dict().items()}  # global shapes under FSDP2
+    state = read_weights(folder, expected)
+    bad = ckpt.first_nonfinite(state, ctx)
+    if bad is not None:
+        raise ConfigError("model.init", f"{folder}: its weights hold non-finite values ({bad})")
+    _load_everywhere(st, state)
+
+
+def _load_everywhere(st: TrainState, state: dict) -> None:
+    """A full (unsharded) state dict into the model and each EMA copy, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = StateDictOptions(full_state_dict=True)
+    for model in (st.model, *st.ema.models):
+        set_model_state_dict(model, state, options=full)
+
+
+def check_model_init(folder: Path, text_dim: int, encoder: str) -> None:
+    """model.init's text projection must take the text encoder's width (once that is known)."""
+    from pixelrun.tools.import_diffusers import check_text_width
+
+    check_text_width(folder, text_dim, encoder)
+
+
 def init_weights(st: TrainState, path: Path, ctx: DistContext | None = None) -> list[str]:
     """`run.init_from`: weights and EMA of a checkpoint or an exported model, nothing else. Returns
     the notes to print (a REPA projector the source lacks starts fresh). Weights that cannot be read
     or hold a NaN or an infinity are refused in one line: a new run from them could only diverge."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     parts = st.parts()
     if (path / ckpt.EXPORT_FILE).is_file():  # an exported model: weights only, loaded on each rank
         plain = PRXDenoiser(st.model.cfg)  # an unsharded twin; load_weights checks every shape
         _read_init(path, lambda: ckpt.load_weights(path, plain))
         _refuse_nonfinite(path, ckpt.first_nonfinite(plain.state_dict()))
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(st.model, plain.state_dict(), options=full)
-        for ema_model in st.ema.models:
-            set_model_state_dict(ema_model, plain.state_dict(), options=full)
+        _load_everywhere(st, plain.state_dict())
         return []
     saved = ckpt.saved_keys(path)
     tree = {"model": parts["model"].state_dict(), "ema": st.ema.load_tree(ckpt.load_meta(path).config)}

@@ -51,8 +51,9 @@ from pixelrun.run.outputs import POINT_IMAGES, evaluation_point, images_seen, pr
 from pixelrun.run.outputs import run_summary as summarize_run
 from pixelrun.run.outputs import write_point as write_point_files
 from pixelrun.run.preflight import preflight
-from pixelrun.run.resume import check_init_from, choose_start, fall_back, restore, run_parts
+from pixelrun.run.resume import check_init_from, check_model_init, choose_start, fall_back, restore, run_parts
 from pixelrun.run.stop import StopFlag, TrainingStopped, should_stop
+from pixelrun.tools.import_diffusers import resolve as resolve_model_init
 from pixelrun.training.build import TrainState, build_state
 from pixelrun.training.flops import analytic_flops_per_image
 from pixelrun.training.state import Checkpointer, Counters, DataPosition, NonFiniteState
@@ -143,12 +144,13 @@ class Run:
 def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) -> Run:
     """Everything checked before any work (the resume may continue this run, the metric networks
     load, the held-out data is there), then built, then restored from the checkpoint if there is one."""
+    cfg, model_init = resolve_model_init(cfg)  # model.init's architecture, from its config.json
     plan = stage_plan(cfg)
     splits = [batch_split(c, ctx.world_size) for _, _, c in plan]  # config errors before any work
     say = tqdm.write if ctx.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run.dir)
     preflight(cfg)  # every network, all at once, before the run folder is touched
-    start = choose_start(cfg, ctx, say, from_checkpoint)
+    start = choose_start(cfg, ctx, say, from_checkpoint, model_init)
     # The metric networks load here, so a missing one stops the run before any training. Every rank
     # samples during an evaluation; only rank 0 loads networks and computes the metrics.
     metrics = applicable_metrics(cfg) if cfg.eval.prompts else []
@@ -160,6 +162,8 @@ def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) 
     null_text, null_mask = (a.to(ctx.device) for a in encoder.encode([""]))
     if start.init_from is not None:
         check_init_from(cfg, start.init_from, encoder.dim)
+    if start.model_init is not None:
+        check_model_init(start.model_init, encoder.dim, cfg.text.encoder)
     st = build_state(cfg, [c for _, _, c in plan], ctx, encoder.dim)
     checkpointer, counters, position = run_parts(cfg, ctx, st, encoder.dim)
     restore(start, checkpointer, st, cfg.train.steps, say, ctx)

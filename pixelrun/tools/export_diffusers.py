@@ -92,7 +92,7 @@ def to_diffusers_transformer(model):
         time_factor=m.time_factor,
         time_max_period=int(m.time_max_period),
         bottleneck_size=m.bottleneck_size or None,
-        resolution_embeds=False,
+        resolution_embeds=m.resolution_embeds == "vec",
     )
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     try:

@@ -160,7 +160,7 @@ def test_small_preset_parameter_count_matches_diffusers():
 
 
 def test_presets_and_errors():
-    assert set(PRESETS) == {"tiny", "base", "small"}
+    assert set(PRESETS) == {"tiny", "base", "small", "prxpixel-7b"}
     with pytest.raises(ValueError, match="unknown model preset"):
         build_model("huge", 8)
     m = tiny()
