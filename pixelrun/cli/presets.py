@@ -26,7 +26,7 @@ def run(args) -> int:
     names = {384: "MiniLM", 2304: "T5Gemma-2B"}
     heads = [f"params, text {names.get(d, d)}" + (f" ({d})" if d in names else "") for d in widths]
     print(
-        f"{'preset':<8}{'patch':>6}{'width':>7}{'depth':>6}{'heads':>6}{'bottleneck':>11}"
+        f"{'preset':<12}{'patch':>6}{'width':>7}{'depth':>6}{'heads':>6}{'bottleneck':>11}"
         + "".join(f"{h:>33}" for h in heads)
     )
     for name, f in PRESETS.items():
@@ -35,7 +35,7 @@ def run(args) -> int:
             with torch.device("meta"):
                 counts.append(count_parameters(build_model(name, d)))
         print(
-            f"{name:<8}{f['patch_size']:>6}{f['hidden_size']:>7}{f['depth']:>6}{f['num_heads']:>6}"
+            f"{name:<12}{f['patch_size']:>6}{f['hidden_size']:>7}{f['depth']:>6}{f['num_heads']:>6}"
             f"{str(f['bottleneck_size']):>11}" + "".join(f"{n:>33,}" for n in counts)
         )
     print("(the text encoder's width only changes the text projection)")

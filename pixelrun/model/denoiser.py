@@ -87,7 +87,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, scale: float, max_period: floa
     """Sinusoidal embedding of scale*t as [cos | sin] (the order diffusers' PRX uses)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = scale * t.float()[:, None] * freqs[None]
+    args = scale * (t.float()[:, None] * freqs[None])  # diffusers' order of the products: the same bits
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from pixelrun.config import span_for_depth
 from pixelrun.model.denoiser import ModelConfig
+from pixelrun.model.resolution import SIDE_FEATURES
 from pixelrun.model.routing import kept_count
 
 # Width of the sinusoidal time features `time_in` reads (model.py's timestep_embedding(t, 256, ...)).
@@ -81,6 +82,9 @@ def training_flops_per_image(
         add("patch_embed", _mm(n, c.patch_dim, d), input_needs_grad=False)
     add("time_embed", _mm(1, TIME_FEATURES, d), input_needs_grad=False)
     add("time_embed", _mm(1, d, d))
+    if c.resolution_embeds == "vec":  # its MLP's output joins the time vector (pixelrun/model/resolution.py)
+        add("time_embed", _mm(1, 2 * SIDE_FEATURES, d), input_needs_grad=False)
+        add("time_embed", _mm(1, d, d))
     add("text_embed", _mm(t, c.text_dim, d), input_needs_grad=False)
     for i in range(c.depth):
         nb = k if routed is not None and routed[0] <= i <= routed[1] else n
