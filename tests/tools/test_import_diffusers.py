@@ -102,7 +102,9 @@ def _pipe_images(folder, seed: int) -> np.ndarray:
     return np.stack(out)
 
 
-def test_imported_model_samples_as_the_pipeline_and_exports_back_bit_for_bit(released, tiny_encoder_dir, tmp_path):
+def test_imported_model_samples_as_the_pipeline_and_exports_back_bit_for_bit(
+    released, tiny_encoder_dir, tmp_path, capsys
+):
     run = tmp_path / "run"
     assert main(["train", *_overrides(run, tiny_encoder_dir, str(released))]) == 0
     saved = (run / "config.yaml").read_text()
@@ -130,6 +132,10 @@ def test_imported_model_samples_as_the_pipeline_and_exports_back_bit_for_bit(rel
     assert all(torch.equal(back[k], given[k]) and back[k].dtype == given[k].dtype for k in given)
     exported = diffusers.PRXPixelPipeline.from_pretrained(str(out)).transformer.config
     assert exported.resolution_embeds is True and exported.bottleneck_size == 16
+    # the same command, one step longer, resumes the run's own checkpoint (its config.yaml holds the
+    # architecture as explicit model.* values, which model.init's config.json gives again)
+    assert main(["train", *_overrides(run, tiny_encoder_dir, str(released), **{"train.steps": 2})]) == 0
+    assert "resuming from" in capsys.readouterr().out
 
 
 def test_a_latent_checkpoint_is_refused_in_one_line(tmp_path, tiny_encoder_dir, capsys):
@@ -163,6 +169,28 @@ def test_a_missing_tensor_is_refused_naming_it(released, tmp_path, tiny_encoder_
     assert main(["train", *_overrides(run, tiny_encoder_dir, str(bare))]) == 2
     one_line_error(capsys, "model.init:", "tensor blocks.1.attention.norm_added_k.weight [16]", "is missing")
     assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+
+
+def test_a_cached_hub_id_offline_is_read_from_the_cache(released, tmp_path, monkeypatch):
+    """A hub id resolves to its snapshot in the Hugging Face cache (laid out as huggingface_hub lays
+    it out), the pipeline's transformer/ inside it, with no network."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from pixelrun.tools.import_diffusers import architecture, locate
+
+    cache, rev = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someone--tiny-prxpixel"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    shutil.copytree(released / "transformer", repo / "snapshots" / rev / "transformer")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder = locate("someone/tiny-prxpixel")
+    assert folder == repo / "snapshots" / rev / "transformer"
+    fields, text_dim = architecture(folder)
+    assert fields["bottleneck_size"] == 16 and fields["resolution_embeds"] == "vec" and text_dim == 32
 
 
 def test_an_uncached_hub_id_offline_is_one_line(tmp_path, tiny_encoder_dir, capsys, monkeypatch):
