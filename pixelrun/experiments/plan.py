@@ -29,6 +29,7 @@ from pathlib import Path
 from pixelrun.config import Config, ConfigError, batch_split, load_config, to_yaml
 from pixelrun.experiments.spec import UNITS, BudgetSpec, EvaluationSpec, Spec, override_key, ranks_per_node, world_size
 from pixelrun.infra.records import AblationBudget, AblationPlan, AblationProtocol, AblationRun
+from pixelrun.tools.import_diffusers import resolve as resolve_model_init
 
 
 @dataclass
@@ -80,6 +81,7 @@ def variant_config(spec: Spec, name: str, extra: Sequence[str] = ()) -> Config:
     """The base config with the variant's overrides (and `extra`), validated; an error names the variant."""
     try:
         cfg = load_config(_base_path(spec), [*layered_overrides(spec.base.overrides, spec.variants[name]), *extra])
+        cfg, _ = resolve_model_init(cfg)  # model.init: its architecture, so the FLOPs budgets count it
     except ConfigError as e:
         raise ConfigError(f"spec.variants.{name}: {e.key}", str(e).split(": ", 1)[1]) from None
     if cfg.stages:

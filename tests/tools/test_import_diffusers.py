@@ -154,6 +154,10 @@ def test_an_explicit_other_architecture_is_refused_naming_both(released, tmp_pat
     assert main(["train", *_overrides(run, tiny_encoder_dir, str(released), **{"model.preset": "small"})]) == 2
     one_line_error(capsys, "model.preset: small has mlp_ratio 3.5 but model.init", "has mlp_ratio 2.0")
     assert not run.exists()
+    # the text encoder must give the width the transformer's text projection takes
+    assert main(["train", *_overrides(run, "minilm", str(released))]) == 2
+    one_line_error(capsys, "model.init:", "takes 32-wide embeddings (context_in_dim)", "gives 384-wide ones")
+    assert not (run / "config.yaml").exists()
 
 
 def test_a_missing_tensor_is_refused_naming_it(released, tmp_path, tiny_encoder_dir, capsys):
