@@ -103,7 +103,7 @@ TOWERS = {"qwen3-vl": (_tiny_qwen3_vl, _qwen_tokenizer), "t5gemma": (_tiny_t5gem
 
 @pytest.fixture(scope="module", params=list(TOWERS))
 def tower(request, tmp_path_factory):
-    """(name, saved folder, tokenizer, the reference encoder module) for each tower."""
+    """(name, saved folder, tokenizer, the reference encoder module, the class pixelrun must load)."""
     build, make_tok = TOWERS[request.param]
     tok = make_tok()
     torch.manual_seed(0)
@@ -149,6 +149,26 @@ def test_tower_gives_the_pipelines_embeddings_bit_for_bit(tower):
     empty_emb, empty_mask = te.encode([""])
     assert torch.equal(empty_emb.expand_as(neg_emb), neg_emb) and torch.equal(empty_mask.expand_as(neg_mask), neg_mask)
     assert mask[4].all() and mask[0].sum() < MAX_TOKENS  # the long prompt is cut, the first one padded
+
+
+def test_bf16_tower_gives_the_bf16_pipelines_embeddings(tower):
+    """In bf16 (as PRX trains the towers), ours are the pipeline's bf16 values, upcast exactly."""
+    name, path, tok, _, _ = tower
+    te = TextEncoder(path, max_tokens=MAX_TOKENS, dtype=torch.bfloat16)
+    assert next(te.model.parameters()).dtype == torch.bfloat16
+    # The reference loaded as Photoroom/PRX's TextTower (prx/models/text_tower.py) loads it: the whole
+    # model's class in bf16, then its tower. Not `.to(bfloat16)` of the fp32 one: that would also round
+    # the rotary frequencies, which from_pretrained keeps in fp32 (as a pipeline's from_pretrained does).
+    if name == "qwen3-vl":
+        ref = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+            path, dtype=torch.bfloat16
+        ).model.language_model
+    else:
+        ref = transformers.T5GemmaModel.from_pretrained(path, dtype=torch.bfloat16).encoder
+    pipe_emb, pipe_mask, _, _ = _pipeline_embeddings(name, ref.eval(), tok)
+    emb, mask = te.encode(PROMPTS)
+    assert pipe_emb.dtype == torch.bfloat16 and emb.dtype == torch.float32
+    assert torch.equal(mask, pipe_mask) and torch.equal(emb, pipe_emb.float())
 
 
 def test_prompts_are_cleaned_as_the_pipelines_clean_them(tower):
