@@ -64,7 +64,9 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    encoder: str = "minilm"  # "minilm" (offline default), a local path or a Hugging Face id
+    # "minilm" (offline default), or a local path or Hugging Face id of an encoder: Qwen3-VL (its text
+    # tower, as PRXPixelPipeline), T5Gemma (its encoder, as PRXPipeline), T5 / UMT5, BERT-like
+    encoder: str = "minilm"
     max_tokens: int = 24  # the longest two-shape caption is 23 MiniLM tokens
     cache_gib: float = 2.0  # memory for the prompt-embedding cache (each distinct prompt is encoded once)
 
