@@ -184,7 +184,7 @@ def prompt_cleaner(model_type: str) -> Callable[[str], str] | None:
     """
     if model_type not in PIPELINE_CLEANED:
         return None
-    import ftfy  # noqa: F401  (missing: one line from the CLI naming the extra, before any work)
+    import ftfy  # noqa: F401  (a dependency; an environment without it fails here, before any work)
 
     return _pipeline_clean
 
