@@ -152,12 +152,11 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from tqdm import tqdm
-
     from pixelrun.diffusion.generate import evaluations_per_image, generate
     from pixelrun.infra.checkpoint import atomic_dir
     from pixelrun.infra.grids import save_grid, save_png
     from pixelrun.infra.inference import load_for_inference
+    from pixelrun.infra.progress import progress
 
     common.refuse_moved_flags(args, "sample")
     prompts = _read_prompts(args)
@@ -176,7 +175,7 @@ def _run(args) -> int:
     if h % p or w % p:
         raise ConfigError("--size", f"{w}x{h} (WxH) is not a multiple of the patch size {p}")
     seed = cfg.sample.seed
-    with tqdm(total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="sample", unit="step", file=sys.stderr) as bar:
+    with progress(total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="sample", unit="step") as bar:
         images = generate(
             model, encoder, prompts, cfg, next(model.parameters()).device, seed=seed, height=h, width=w, progress=bar
         )
