@@ -11,7 +11,7 @@ import torch
 from conftest import one_line_error, tiny_overrides
 
 from pixelrun.cli import main
-from pixelrun.config import ConfigError, load_config
+from pixelrun.config import ConfigError, load_config, resume_changes
 from pixelrun.diffusion.objective import x_to_velocity
 from pixelrun.diffusion.sampling import initial_noise, model_evaluations, sample
 from pixelrun.experiments.plan import flops_per_image, steps_for_budget
@@ -206,6 +206,13 @@ def test_an_unknown_kind_and_pathdrop_without_sprint_are_one_line_naming_the_key
     assert one_line_error(capsys, "routing.kind", "moe").startswith("pixelrun: config error: routing.kind:")
 
 
+def test_a_resume_refuses_another_routing_kind():
+    saved = load_config(None, ["routing.ratio=0.5"])
+    refused, _ = resume_changes(saved, load_config(None, ["routing.ratio=0.5", "routing.kind=sprint"]))
+    assert refused == {"routing.kind": ("tread", "sprint")}
+    assert resume_changes(saved, load_config(None, ["routing.ratio=0.25"]))[0] == {}  # the ratio may change
+
+
 def test_the_diffusers_export_refuses_a_sprint_model_in_one_line():
     check_config(load_config(None, ["routing.ratio=0.5"]))  # TREAD exports
     with pytest.raises(ConfigError) as e:
@@ -267,6 +274,7 @@ def test_sprint_trains_resumes_exactly_and_refuses_the_diffusers_export(tmp_path
         "train.steps": 6,
         "cadence.checkpoint_every": 3,
         "eval.prompts": 0,
+        "sample.guidance_mode": "pathdrop",  # the grids at the end of each run
     }
     full, part = tmp_path / "full", tmp_path / "part"
     train(load_config(None, tiny_overrides(full, tiny_encoder_dir, **extra)))
@@ -283,6 +291,19 @@ def test_sprint_trains_resumes_exactly_and_refuses_the_diffusers_export(tmp_path
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
     capsys.readouterr()
+    # a TREAD checkpoint starts a SPRINT run (run.init_from): the fusion starts fresh, and says so
+    tread = {
+        **extra,
+        "routing.kind": "tread",
+        "sample.guidance_mode": "cfg",
+        "train.steps": 1,
+        "cadence.checkpoint_every": 1,
+        "sample.grid_prompts": 0,
+    }
+    train(load_config(None, tiny_overrides(tmp_path / "tread", tiny_encoder_dir, **tread)))
+    init = {**extra, "train.steps": 1, "run.init_from": str(tmp_path / "tread"), "sample.grid_prompts": 0}
+    train(load_config(None, tiny_overrides(tmp_path / "init", tiny_encoder_dir, **init)))
+    assert "SPRINT fusion and mask token: not in the checkpoint" in capsys.readouterr().out
     out = tmp_path / "pipe"
     assert main(["export", "--checkpoint", str(full), "--format", "diffusers", "--out", str(out)]) == 2
     assert one_line_error(capsys, "routing.kind").startswith("pixelrun: config error: routing.kind:")
