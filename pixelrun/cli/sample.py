@@ -32,8 +32,11 @@ default: the checkpoint's own value):
   sample.sampler=euler|heun           heun: two model evaluations per step (the last step Euler's)
   sample.guidance_interval=[LO,HI]    guide only at noise levels LO < t <= HI (t = 1: noise)
   sample.guidance=W                   guidance scale, >= 1: 1 = no guidance, larger follows the prompt more
-  sample.guidance_mode=cfg|self|none  cfg: against the empty prompt; self: a dense against a TREAD-routed
-                                      pass (models trained with routing); none: the conditional prediction
+  sample.guidance_mode=cfg|self|none|pathdrop
+                                      cfg: against the empty prompt; self: a dense against a TREAD-routed
+                                      pass (models trained with routing); none: the conditional prediction;
+                                      pathdrop: against the empty prompt's pass with SPRINT's deep path
+                                      dropped (models trained with routing.kind=sprint)
   sample.seed=N                       noise seed (the same seed gives the same image, as in an exported
                                       diffusers pipeline)
   sample.shift=S  sample.spacing=diffusers|linear

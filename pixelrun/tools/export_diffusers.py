@@ -9,6 +9,8 @@ prompt, seed (`generator=torch.Generator().manual_seed(seed)`), steps and CFG sc
 `pixelrun sample`.
 
 What the pipeline cannot express is refused with one error naming the config key:
+- `routing.kind=sprint`: SPRINT's fusion Linear and mask token (pixelrun/model/sprint.py) run at
+  sampling, and `PRXTransformer2DModel` has no place for them.
 - `sample.spacing=linear`: the pipeline calls `scheduler.set_timesteps(steps)`, whose grid is our
   "diffusers" spacing; no scheduler setting gives the linear one for every step count.
 - `objective.t_clamp` other than 0.05: the pipeline converts x-predictions to velocities with a
@@ -40,6 +42,12 @@ NUM_TRAIN_TIMESTEPS = 1000  # what sampling.time_grid assumes for the "diffusers
 def check_config(cfg: Config) -> None:
     """Raise ConfigError (one line, naming the key) for settings PRXPixelPipeline cannot reproduce;
     needs no weights, so the CLI calls it before loading anything."""
+    if cfg.routing.kind == "sprint":  # no override helps: the fusion is part of the trained model
+        raise ConfigError(
+            "routing.kind",
+            "sprint adds a fusion Linear and a mask token after the routed span, which diffusers' "
+            "PRXTransformer2DModel cannot hold: a SPRINT model cannot be exported as a PRXPixelPipeline",
+        )
     if cfg.sample.spacing != "diffusers":
         raise ConfigError(
             "sample.spacing",
