@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from pixelrun.infra import checkpoint as ckpt
 from pixelrun.infra.distributed import DistContext, process_group
 from pixelrun.infra.grids import save_grid
 from pixelrun.infra.locks import folder_lock
+from pixelrun.infra.progress import progress
 from pixelrun.infra.records import RunSummary
 from pixelrun.infra.tracking import Tracker
 from pixelrun.model.text import text_encoder
@@ -210,14 +210,8 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
     cfg, stopped = run.cfg, None
     with (
         StopFlag() as stop,
-        tqdm(
-            total=cfg.train.steps,
-            initial=run.step,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            file=sys.stderr,
-            disable=not run.ctx.is_main,
+        progress(
+            total=cfg.train.steps, initial=run.step, desc="train", unit="step", disable=not run.ctx.is_main
         ) as bar,
     ):
         run.st.model.train()
