@@ -43,6 +43,8 @@ def _lora_overrides(run: Path, enc: str, base: Path, **extra) -> list[str]:
         "optimizer.name": "muon",
         "optimizer.muon_precision": "fp32",
         "ema.every": 1,
+        "ema.decay": 0.5,  # the EMA adapters (what export merges) move as far as the raw ones, nearly
+        "optimizer.lr": 0.01,
         "hardware.threads": 1,
         **extra,
     }
@@ -109,6 +111,7 @@ def _by_hand(runs: Path) -> dict[str, torch.Tensor]:
     adapted = {k.removeprefix("ema.").split(".lora_A.")[0] for k in lora if k.startswith("ema.") and ".lora_A." in k}
     for m in adapted:
         a, b = lora[f"ema.{m}.lora_A.default.weight"], lora[f"ema.{m}.lora_B.default.weight"]
+        assert (b @ a).abs().max() > 1e-5, m  # the adapters moved past the tolerance below: not the base again
         out[f"{m}.weight"] = out[f"{m}.weight"] + (ALPHA / RANK) * (b @ a)
     assert len(adapted) == 12
     return out
@@ -171,6 +174,32 @@ def test_export_lora_writes_the_adapters_alone_for_peft_and_diffusers(runs, tmp_
         ours = merged(x, t, txt, attention_mask=mask, return_dict=False)[0]
         theirs = adapted(x, t, txt, attention_mask=mask, return_dict=False)[0]
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+    # the merged pipeline draws what `pixelrun sample` draws from the LoRA checkpoint (as
+    # tests/tools/test_export_diffusers.py checks for a full run)
+    from diffusers import PRXPixelPipeline
+
+    prompt, steps, guidance, seed = "a small blue square in the center on a white background", 3, 3.0, 7
+    settings = [f"sample.steps={steps}", f"sample.guidance={guidance}", f"sample.seed={seed}"]
+    assert (
+        main(
+            ["sample", "--checkpoint", str(runs / "whole"), "--prompt", prompt, "--out", str(tmp_path / "s"), *settings]
+        )
+        == 0
+    )
+    mine = np.asarray(Image.open(tmp_path / "s" / "000.png").convert("RGB")).astype(int)
+    pipe = PRXPixelPipeline.from_pretrained(str(pipe_dir))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(seed),
+        use_resolution_binning=False,
+    ).images[0]
+    assert np.abs(np.asarray(image.convert("RGB")).astype(int) - mine).max() <= 2
 
 
 def test_export_lora_of_a_full_run_is_refused(runs, tmp_path, capsys):
