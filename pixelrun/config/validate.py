@@ -206,8 +206,9 @@ def _validate_lora(cfg: Config) -> None:
         _positive("train.lora.alpha", lo.alpha)
     if not lo.targets:
         raise ConfigError("train.lora.targets", f"names no module; choose among {', '.join(LORA_TARGETS)}")
-    # model.init (diffusers checkpoints) is another source of base weights where the config has it
-    if not cfg.run.init_from and not getattr(cfg.model, "init", None):
+    # The one source of base weights wired in (pixelrun/run/resume.py, `lora_base`; inference's
+    # `_load_lora_base`): a source this does not name would leave the frozen weights random.
+    if not cfg.run.init_from:
         raise ConfigError(
             "train.lora.rank",
             "LoRA adapts given weights, which stay frozen: set run.init_from to the run, checkpoint or "
