@@ -16,6 +16,7 @@ from pixelrun.config.errors import ConfigError
 from pixelrun.config.rules import (
     DATA_SOURCES,
     GUIDANCE_MODES,
+    LORA_TARGETS,
     METRICS,
     REPA_PROJECTORS,
     ROUTING_KINDS,
@@ -179,6 +180,40 @@ def _validate_train(cfg: Config) -> None:
                 "train.global_batch_size",
                 f"{t.global_batch_size} is not a multiple of the micro-batch train.batch_size={t.batch_size}",
             )
+    _validate_lora(cfg)
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.train.lora
+    for i, name in enumerate(lo.targets):
+        if name not in LORA_TARGETS:
+            raise ConfigError(
+                f"train.lora.targets[{i}]",
+                f"unknown module {name!r}; the linears of a transformer block are: {', '.join(LORA_TARGETS)}",
+            )
+    if lo.rank is None:
+        if lo.alpha is not None:
+            raise ConfigError(
+                "train.lora.alpha", "is set but train.lora.rank is null (no LoRA); set a rank or remove it"
+            )
+        return
+    if lo.rank <= 0:
+        raise ConfigError(
+            "train.lora.rank",
+            f"must be a positive integer, the adapters' rank; got {lo.rank} (null = no LoRA: every weight trained)",
+        )
+    if lo.alpha is not None:
+        _positive("train.lora.alpha", lo.alpha)
+    if not lo.targets:
+        raise ConfigError("train.lora.targets", f"names no module; choose among {', '.join(LORA_TARGETS)}")
+    # The one source of base weights wired in (pixelrun/run/resume.py, `lora_base`; inference's
+    # `_load_lora_base`): a source this does not name would leave the frozen weights random.
+    if not cfg.run.init_from:
+        raise ConfigError(
+            "train.lora.rank",
+            "LoRA adapts given weights, which stay frozen: set run.init_from to the run, checkpoint or "
+            "export to fine-tune (resume, sample and export read the base weights from it again)",
+        )
 
 
 def _validate_optimizer(cfg: Config) -> None:

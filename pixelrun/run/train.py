@@ -51,7 +51,15 @@ from pixelrun.run.outputs import POINT_IMAGES, evaluation_point, images_seen, pr
 from pixelrun.run.outputs import run_summary as summarize_run
 from pixelrun.run.outputs import write_point as write_point_files
 from pixelrun.run.preflight import preflight
-from pixelrun.run.resume import check_init_from, choose_start, fall_back, restore, run_parts
+from pixelrun.run.resume import (
+    base_loader,
+    check_init_from,
+    choose_start,
+    fall_back,
+    lora_base,
+    restore,
+    run_parts,
+)
 from pixelrun.run.stop import StopFlag, TrainingStopped, should_stop
 from pixelrun.training.build import TrainState, build_state
 from pixelrun.training.flops import analytic_flops_per_image
@@ -152,6 +160,7 @@ def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) 
     run_dir = Path(cfg.run.dir)
     preflight(cfg)  # every network, all at once, before the run folder is touched
     start = choose_start(cfg, ctx, say, from_checkpoint)
+    base = lora_base(cfg, start, say)  # LoRA's frozen weights, read by every session
     # The metric networks load here, so a missing one stops the run before any training. Every rank
     # samples during an evaluation; only rank 0 loads networks and computes the metrics.
     metrics = applicable_metrics(cfg) if cfg.eval.prompts else []
@@ -161,9 +170,9 @@ def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) 
     encoder.warn = say
     validation = ValidationLoss(cfg, encoder, ctx.device) if cfg.eval.val_images else None
     null_text, null_mask = (a.to(ctx.device) for a in encoder.encode([""]))
-    if start.init_from is not None:
-        check_init_from(cfg, start.init_from, encoder.dim)
-    st = build_state(cfg, [c for _, _, c in plan], ctx, encoder.dim)
+    if (source := start.init_from or base) is not None:
+        check_init_from(cfg, source, encoder.dim)
+    st = build_state(cfg, [c for _, _, c in plan], ctx, encoder.dim, base_loader(base) if base else None)
     checkpointer, counters, position = run_parts(cfg, ctx, st, encoder.dim)
     restore(start, checkpointer, st, cfg.train.steps, say, ctx)
     if ctx.is_main:  # written once the checkpoint has loaded: a refused resume leaves the run as it was
