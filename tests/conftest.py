@@ -34,6 +34,7 @@ DISTRIBUTED_FILES = {
     "test_distributed.py",
     "test_dist_muon.py",
     "test_ema_sharded.py",
+    "test_lora_sharded.py",
     "test_rehearsal.py",
     "test_tricks_sharded.py",
 }
@@ -42,12 +43,15 @@ SLOW_FILES = {
     "test_distributed.py",
     "test_dist_muon.py",
     "test_ema_sharded.py",
+    "test_lora_sharded.py",
+    "test_lora_run.py",
     "test_rehearsal.py",
     "test_chaos.py",
     "test_demo_page.py",
     "test_tricks_sharded.py",
 }
 SLOW_TESTS = {
+    "test_lora.py::test_twenty_steps_change_the_adapters_alone",
     "test_stages.py::test_stage_switch_drops_repa_changes_resolution_and_resumes",
     "test_stages.py::test_init_from_and_export",
     "test_shards.py::test_training_on_stored_embeddings_gives_the_same_losses",

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 # missing says so in one line instead of a ModuleNotFoundError traceback.
 EXTRAS = {
     "diffusers": "diffusers",
+    "peft": "lora",
     "ftfy": "diffusers",
     "accelerate": "diffusers",
     "wandb": "wandb",

@@ -30,10 +30,12 @@ def add_parser(subparsers) -> None:
     )
     x.add_argument(
         "--format",
-        choices=["safetensors", "diffusers"],
+        choices=["safetensors", "diffusers", "lora"],
         default="safetensors",
         help="safetensors: pixelrun's own layout (model.safetensors, config.yaml); diffusers: a "
-        "PRXPixelPipeline directory (transformer, text encoder, tokenizer, scheduler)",
+        "PRXPixelPipeline directory (transformer, text encoder, tokenizer, scheduler); a LoRA run's "
+        "adapters are merged into both. lora: a LoRA run's adapters alone, as diffusers' LoRA files "
+        "hold them (pytorch_lora_weights.safetensors)",
     )
     x.add_argument(
         "overrides",
@@ -79,11 +81,34 @@ def run(args) -> int:
         return 0
     if not ckpt.is_complete(path):
         raise ConfigError("--checkpoint", f"{path} is already an exported model")
+    if args.format == "lora":
+        return _export_lora(args, choice, cfg, path)
     model, cfg, path = load_model(choice, args.weights, decay=args.ema_decay)
     _check_target(args.out, path)
     out = ckpt.export_weights(path, args.out, model, to_yaml(cfg), model.cfg.text_dim, args.weights)
     which = f"EMA {args.ema_decay:g}" if args.ema_decay is not None else args.weights
     print(f"exported {which} weights of {path} (step {ckpt.load_meta(path).step}) to {out}")
+    return 0
+
+
+def _export_lora(args, choice, cfg, path) -> int:
+    """--format lora: the adapters of a LoRA run's checkpoint, unmerged (pixelrun/tools/export_diffusers.py)."""
+    from pixelrun.infra import checkpoint as ckpt
+    from pixelrun.infra.inference import load_model
+    from pixelrun.model.lora import LORA_FILE, lora_on
+    from pixelrun.tools.export_diffusers import export_lora
+
+    if not lora_on(cfg):
+        raise ConfigError(
+            "--format", f"lora writes a LoRA run's adapters; {path} trained every weight (train.lora.rank null)"
+        )
+    model, cfg, path = load_model(choice, args.weights, decay=args.ema_decay, merge=False)
+    _check_target(args.out, path)
+    out = export_lora(model, cfg, args.out, ckpt.export_marker(args.format, path, args.weights))
+    print(
+        f"exported the {args.weights} adapters of {path} (rank {cfg.train.lora.rank}) to {out / LORA_FILE}; "
+        f"their base weights: {cfg.run.init_from}"
+    )
     return 0
 
 

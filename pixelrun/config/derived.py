@@ -120,6 +120,15 @@ def resume_changes(saved: Config, new: Config) -> tuple[dict, dict]:
         ("data.source", saved.data.source, new.data.source),
         ("routing.kind", saved.routing.kind, new.routing.kind),  # SPRINT's fusion is part of the model
     ]
+    if saved.train.lora.rank is not None or new.train.lora.rank is not None:
+        # the adapters' shapes and scale, and the frozen weights under them (a checkpoint holds only the adapters)
+        old_l, new_l = saved.train.lora, new.train.lora
+        pairs += [
+            ("train.lora.rank", old_l.rank, new_l.rank),
+            ("train.lora.alpha", old_l.alpha, new_l.alpha),
+            ("train.lora.targets", old_l.targets, new_l.targets),
+            ("run.init_from", saved.run.init_from, new.run.init_from),
+        ]
     old_p, new_p = has_repa_projector(saved), has_repa_projector(new)
     if old_p != new_p:
         pairs.append(("repa.weight", "on" if old_p else "off", "on" if new_p else "off"))

@@ -46,6 +46,17 @@ GUIDANCE_MODES = ("cfg", "none", "self", "pathdrop")  # pixelrun/diffusion/sampl
 ROUTING_KINDS = ("tread", "sprint")  # pixelrun/model/routing.py, pixelrun/model/sprint.py
 REPA_PROJECTORS = ("mlp", "conv", "attention")  # pixelrun/tricks/repa.py, `build_projector`
 SAMPLERS = ("euler", "heun")  # pixelrun/diffusion/sampling.py, `sample`
+#: the linears of a transformer block (pixelrun/model/denoiser.py, `Block`) train.lora.targets may
+#: name, by their name inside the block; diffusers' PRXTransformer2DModel names them the same
+LORA_TARGETS = (
+    "attention.img_qkv_proj",
+    "attention.txt_kv_proj",
+    "attention.to_out.0",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "modulation.lin",
+)
 
 #: every evaluation metric, with what it is (the names eval.metrics accepts)
 METRICS = {

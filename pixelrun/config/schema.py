@@ -147,6 +147,27 @@ class PerceptualConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA fine-tuning through peft (docs/lora.md): adapters on the blocks' linears of frozen base weights."""
+
+    # The adapters' rank; null = no LoRA (every weight trained). The base weights come from run.init_from.
+    rank: int | None = None
+    alpha: float | None = None  # the adapters' output is scaled by alpha / rank; null = rank (a scale of 1)
+    # The linears of each transformer block that get adapters, by their name inside the block
+    # (pixelrun/config/rules.py, LORA_TARGETS, lists them): the attention's and the MLP's by default
+    targets: list[str] = field(
+        default_factory=lambda: [
+            "attention.img_qkv_proj",
+            "attention.txt_kv_proj",
+            "attention.to_out.0",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+
+
+@dataclass
 class TrainConfig:
     """The budget and the step: how many optimizer steps of how many images, and what stops a step."""
 
@@ -170,6 +191,7 @@ class TrainConfig:
     # At a checkpoint: a global weight norm over this many times its value at the last healthy
     # checkpoint (or the session's start) is a diverged state, not saved; 0 = no bound
     divergence_weight_growth: float = 10.0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pixelrun.config.errors import ConfigError
 from pixelrun.config.rules import (
     DATA_SOURCES,
     GUIDANCE_MODES,
+    LORA_TARGETS,
     METRICS,
     REPA_PROJECTORS,
     RESOLUTION_EMBEDS,
@@ -66,6 +67,12 @@ def _validate_model(cfg: Config) -> None:
     _choice("model.resolution_embeds", m["resolution_embeds"], RESOLUTION_EMBEDS)
     if cfg.model.init and cfg.run.init_from:
         raise ConfigError("model.init", "and run.init_from both name the starting weights; set only one of them")
+    if cfg.model.init and cfg.train.lora.rank is not None:  # LoRA's frozen base comes from run.init_from only
+        raise ConfigError(
+            "model.init",
+            "LoRA (train.lora.rank) reads its frozen base weights from run.init_from, and model.init is not "
+            "wired into it yet: start a full run from model.init, or give LoRA a pixelrun run or export",
+        )
 
 
 def _validate_data(cfg: Config) -> None:
@@ -183,6 +190,40 @@ def _validate_train(cfg: Config) -> None:
                 "train.global_batch_size",
                 f"{t.global_batch_size} is not a multiple of the micro-batch train.batch_size={t.batch_size}",
             )
+    _validate_lora(cfg)
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.train.lora
+    for i, name in enumerate(lo.targets):
+        if name not in LORA_TARGETS:
+            raise ConfigError(
+                f"train.lora.targets[{i}]",
+                f"unknown module {name!r}; the linears of a transformer block are: {', '.join(LORA_TARGETS)}",
+            )
+    if lo.rank is None:
+        if lo.alpha is not None:
+            raise ConfigError(
+                "train.lora.alpha", "is set but train.lora.rank is null (no LoRA); set a rank or remove it"
+            )
+        return
+    if lo.rank <= 0:
+        raise ConfigError(
+            "train.lora.rank",
+            f"must be a positive integer, the adapters' rank; got {lo.rank} (null = no LoRA: every weight trained)",
+        )
+    if lo.alpha is not None:
+        _positive("train.lora.alpha", lo.alpha)
+    if not lo.targets:
+        raise ConfigError("train.lora.targets", f"names no module; choose among {', '.join(LORA_TARGETS)}")
+    # The one source of base weights wired in (pixelrun/run/resume.py, `lora_base`; inference's
+    # `_load_lora_base`): a source this does not name would leave the frozen weights random.
+    if not cfg.run.init_from:
+        raise ConfigError(
+            "train.lora.rank",
+            "LoRA adapts given weights, which stay frozen: set run.init_from to the run, checkpoint or "
+            "export to fine-tune (resume, sample and export read the base weights from it again)",
+        )
 
 
 def _validate_optimizer(cfg: Config) -> None:

@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -236,9 +237,16 @@ def ema_prefix(path: str | Path, decay: float | None) -> str:
     return ema_key(float(decay))
 
 
-def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema", decay: float | None = None) -> None:
+def load_weights(
+    path: str | Path,
+    model: torch.nn.Module,
+    weights: str = "ema",
+    decay: float | None = None,
+    select: Callable[[str], bool] | None = None,
+) -> None:
     """Load EMA (of `decay`; None = the run's first) or raw weights of a checkpoint (or an exported
-    model) into a plain, unsharded model."""
+    model) into a plain, unsharded model. `select`: only the tensors whose names it takes (a LoRA
+    checkpoint holds its adapters alone), the others left as they are."""
     if weights not in ("ema", "raw"):
         raise ValueError("weights must be ema or raw")
     path = Path(path)
@@ -247,7 +255,7 @@ def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema",
 
         model.load_state_dict(load_file(str(path / EXPORT_FILE)))
         return
-    sd = model.state_dict()
+    sd = {k: v for k, v in model.state_dict().items() if select is None or select(k)}
     prefix = ema_prefix(path, decay) if weights == "ema" else ""
     if weights == "ema":
         tree: dict = {"ema": {prefix: sd} if prefix else sd}
@@ -258,7 +266,7 @@ def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema",
         flat = tree["ema"][prefix] if prefix else tree["ema"]
     else:
         flat = {k[len("denoiser.") :]: v for k, v in tree["model"].items()}
-    model.load_state_dict(flat)
+    model.load_state_dict(flat, strict=select is None)
 
 
 EXPORT_MARKER = "pixelrun-export.json"  # what makes a folder one that `pixelrun export` may replace

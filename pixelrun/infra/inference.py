@@ -10,15 +10,18 @@ one line, never a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 from pixelrun.config import Config, ConfigError, with_overrides
+from pixelrun.config.schema import LoRAConfig
 from pixelrun.infra import checkpoint as ckpt
 from pixelrun.infra.checkpoint import READ_ERRORS, failure
 from pixelrun.infra.checkpoint_verify import ReadChoice
 from pixelrun.infra.distributed import resolve_device
 from pixelrun.model.denoiser import PRXDenoiser, model_from_config
+from pixelrun.model.lora import add_adapters, is_adapter_key, lora_on, merge_adapters
 from pixelrun.model.text import TextEncoder, text_encoder
 
 Checkpoint = str | Path | ReadChoice  # a path as the user gave it, or one already opened (and verified)
@@ -66,26 +69,55 @@ def load_model(
     weights: str = "ema",
     overrides: list[str] | tuple[str, ...] = (),
     decay: float | None = None,
+    merge: bool = True,
 ) -> tuple[PRXDenoiser, Config, Path]:
     """(model on the CPU, config, checkpoint dir): the weights of the checkpoint (the EMA of `decay`;
     None = the run's first), or of the next older one where they cannot be read or hold a NaN or an
     infinity (a run directory; one line says so), or a refusal in one line (a checkpoint asked for
-    by name; no usable one left)."""
+    by name; no usable one left).
+
+    A LoRA run's checkpoint holds its adapters alone: they are put on the base weights of its
+    run.init_from and, with `merge`, merged into them (W + alpha / rank B @ A), giving a plain model
+    whose config says no LoRA; without `merge` (`export --format lora`) the adapters stay apart."""
     choice = open_checkpoint(checkpoint)
     while True:
         cfg, path, text_dim = checkpoint_config(choice, overrides)
         check_ema_decay(path, weights, decay)
         model = model_from_config(cfg, text_dim)
+        lora = lora_on(cfg) and ckpt.is_complete(path)
+        if lora:
+            _load_lora_base(cfg, path, model)
         try:
-            ckpt.load_weights(path, model, weights, decay)
+            ckpt.load_weights(path, model, weights, decay, select=is_adapter_key if lora else None)
         except READ_ERRORS as e:  # DCP, torch.load and safetensors raise many kinds on a damaged file
             choice = choice.skip(f"its {weights} weights cannot be read from {_weights_file(path)} ({failure(e)})")
             continue
+        if lora and merge:
+            merge_adapters(model)
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lora=LoRAConfig()))
         bad = ckpt.first_nonfinite(model.state_dict())
         if bad is None:
             return model, cfg, path
         # images from such weights are black or noise: never made, nor exported
         choice = choice.skip(f"the {weights} weights hold non-finite values ({bad}); they cannot make images")
+
+
+def _load_lora_base(cfg: Config, path: Path, model: PRXDenoiser) -> None:
+    """The frozen weights a LoRA checkpoint's adapters were trained on (its run.init_from's, as the
+    run read them: pixelrun/run/resume.py, `base_loader`), then the adapters, fresh, to load into."""
+    base = cfg.run.init_from
+    if not base:
+        raise ConfigError("run.init_from", f"{path} is a LoRA checkpoint and its config names no base weights")
+    try:
+        source = ReadChoice.open(base, note).path
+        ckpt.load_weights(source, model, "ema")
+    except ConfigError as e:
+        raise ConfigError("run.init_from", f"the base weights of the LoRA checkpoint {path}: {e}") from None
+    except READ_ERRORS as e:
+        raise ConfigError(
+            "run.init_from", f"the base weights of the LoRA checkpoint {path} cannot be read from {base} ({failure(e)})"
+        ) from None
+    add_adapters(model, cfg.train.lora)
 
 
 def _weights_file(path: Path) -> str:

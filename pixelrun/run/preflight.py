@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import os
 
-from pixelrun.config import Config, ConfigError, stage_plan
+from pixelrun.config import Config, ConfigError
 from pixelrun.evaluation.evaluate import _hub_reachable, _is_local, applicable_metrics
 from pixelrun.teachers.features import EFFICIENTNET_SPECS
-
-_TEXT_ALIASES = ("minilm",)  # installed with pixelrun (pixelrun/model/text.py)
+from pixelrun.teachers.networks import training_networks
 
 
 def networks(cfg: Config) -> list[tuple[str, str]]:
-    """(key, spec) of every model folder or Hugging Face id this run loads."""
-    every = [c for _, _, c in stage_plan(cfg)]
-    out = [] if cfg.text.encoder in _TEXT_ALIASES else [("text.encoder", cfg.text.encoder)]
-    if any(c.repa.weight > 0 for c in every):
-        out.append(("repa.teacher", cfg.repa.teacher))
-    if any(c.perceptual.dino_weight > 0 for c in every):
-        out.append(("perceptual.dino_teacher", cfg.perceptual.dino_teacher))
+    """(key, spec) of every model folder or Hugging Face id this run loads: training's, then the
+    metric networks of its evaluations."""
+    out = training_networks(cfg)
     metrics = applicable_metrics(cfg) if cfg.eval.prompts else []
     if "cmmd" in metrics:
         out.append(("eval.clip_model", cfg.eval.clip_model))

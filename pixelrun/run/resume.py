@@ -6,6 +6,7 @@ checkpoints they pass over aside (`checkpoints/aside-step_N`), never deleting th
 
     start = choose_start(cfg, ctx, say, from_checkpoint)  # before any work: a refused resume costs nothing
     check_init_from(cfg, start.init_from, dim) # once the text width is known
+    base = lora_base(cfg, start, say)           # LoRA: the frozen weights, on a resume too
     checkpointer, counters, position = run_parts(cfg, ctx, st, dim)
     restore(start, checkpointer, st, steps, say, ctx)
     position.place(source, stage, steps_into_stage, accum)  # at each stage's start
@@ -26,6 +27,7 @@ from pixelrun.infra.checkpoint_verify import ReadChoice, verified_latest
 from pixelrun.infra.distributed import DistContext
 from pixelrun.infra.records import CheckpointMeta
 from pixelrun.model.denoiser import PRXDenoiser
+from pixelrun.model.lora import has_adapters, lora_on
 from pixelrun.training.build import TrainState
 from pixelrun.training.state import Checkpointer, Counters, DataPosition, RNGState, RunIdentity
 
@@ -75,6 +77,28 @@ def init_source(spec: str, say: Say) -> Path:
         raise ConfigError("run.init_from", str(e)) from None
 
 
+def lora_base(cfg: Config, start: Start, say: Say) -> Path | None:
+    """A LoRA run's frozen base weights: run.init_from's checkpoint, read again by every session, a
+    resumed one included (its checkpoints hold only the adapters). None when every weight trains."""
+    if not lora_on(cfg) or not cfg.run.init_from:
+        return None
+    import peft  # noqa: F401  (before any work: the lora extra missing is one line, pixelrun/cli/__init__.py)
+
+    return start.init_from or init_source(cfg.run.init_from, say)
+
+
+def base_loader(path: Path) -> Callable[[PRXDenoiser], None]:
+    """Loads `path`'s weights (a checkpoint's EMA, or an export's: what `pixelrun sample` would use)
+    into a plain model, for `build_state` to add the adapters to; unreadable or non-finite weights
+    refused in one line naming run.init_from."""
+
+    def load(model: PRXDenoiser) -> None:
+        _read_init(path, lambda: ckpt.load_weights(path, model, "ema"))
+        _refuse_nonfinite(path, ckpt.first_nonfinite(model.state_dict()))
+
+    return load
+
+
 def run_parts(
     cfg: Config, ctx: DistContext, st: TrainState, text_dim: int
 ) -> tuple[Checkpointer, Counters, DataPosition]:
@@ -98,6 +122,8 @@ def restore(
             say(line)
         if step >= steps:
             say(f"nothing to train: the checkpoint is at step {step} and train.steps is {steps}")
+    elif start.init_from is not None and has_adapters(st.model):
+        say(f"LoRA: the adapters start fresh on the frozen weights of {start.init_from}")
     elif start.init_from is not None:
         for line in [*init_weights(st, start.init_from, ctx), f"initialised weights and EMA from {start.init_from}"]:
             say(line)
@@ -194,6 +220,12 @@ def check_init_from(cfg: Config, path: Path, text_dim: int) -> None:
     """`run.init_from` loads weights into this config's model: the architecture and the text width
     must be the source's (the optimizer and data may differ: it is a new run)."""
     saved, saved_dim = ckpt.saved_config(path)
+    if ((saved.get("train") or {}).get("lora") or {}).get("rank") is not None and ckpt.is_complete(path):
+        raise ConfigError(
+            "run.init_from",
+            f"{path} is a checkpoint of a LoRA run, which holds its adapters alone: export it (pixelrun "
+            f"export merges them into its base weights) and set run.init_from to the export",
+        )
     old, new = model_fields(config_from_dict(saved)), model_fields(cfg)
     diff = [f"model.{k} {old[k]} -> {new[k]}" for k in old if old[k] != new[k]]
     if saved_dim != text_dim:

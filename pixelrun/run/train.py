@@ -51,7 +51,16 @@ from pixelrun.run.outputs import POINT_IMAGES, evaluation_point, images_seen, pr
 from pixelrun.run.outputs import run_summary as summarize_run
 from pixelrun.run.outputs import write_point as write_point_files
 from pixelrun.run.preflight import preflight
-from pixelrun.run.resume import check_init_from, check_model_init, choose_start, fall_back, restore, run_parts
+from pixelrun.run.resume import (
+    base_loader,
+    check_init_from,
+    check_model_init,
+    choose_start,
+    fall_back,
+    lora_base,
+    restore,
+    run_parts,
+)
 from pixelrun.run.stop import StopFlag, TrainingStopped, should_stop
 from pixelrun.tools.import_diffusers import resolve as resolve_model_init
 from pixelrun.training.build import TrainState, build_state
@@ -123,6 +132,9 @@ class Run:
     wrote: bool = False  # whether this session wrote a checkpoint
     said_unsaved: bool = False  # a checkpoint skipped while unhealthy was said (once per episode)
     norm: float = 0.0  # the global weight norm at the last checkpoint due
+    # (step, training seconds) when this session started, and whether its wall-time estimate was said
+    session_start: tuple[int, float] = (0, 0.0)
+    said_estimate: bool = False
 
     def say(self, *lines: str) -> None:
         if self.ctx.is_main:
@@ -151,6 +163,7 @@ def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) 
     run_dir = Path(cfg.run.dir)
     preflight(cfg)  # every network, all at once, before the run folder is touched
     start = choose_start(cfg, ctx, say, from_checkpoint, model_init)
+    base = lora_base(cfg, start, say)  # LoRA's frozen weights, read by every session
     # The metric networks load here, so a missing one stops the run before any training. Every rank
     # samples during an evaluation; only rank 0 loads networks and computes the metrics.
     metrics = applicable_metrics(cfg) if cfg.eval.prompts else []
@@ -160,11 +173,11 @@ def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) 
     encoder.warn = say
     validation = ValidationLoss(cfg, encoder, ctx.device) if cfg.eval.val_images else None
     null_text, null_mask = (a.to(ctx.device) for a in encoder.encode([""]))
-    if start.init_from is not None:
-        check_init_from(cfg, start.init_from, encoder.dim)
+    if (source := start.init_from or base) is not None:
+        check_init_from(cfg, source, encoder.dim)
     if start.model_init is not None:
         check_model_init(start.model_init, encoder.dim, cfg.text.encoder)
-    st = build_state(cfg, [c for _, _, c in plan], ctx, encoder.dim)
+    st = build_state(cfg, [c for _, _, c in plan], ctx, encoder.dim, base_loader(base) if base else None)
     checkpointer, counters, position = run_parts(cfg, ctx, st, encoder.dim)
     restore(start, checkpointer, st, cfg.train.steps, say, ctx)
     if ctx.is_main:  # written once the checkpoint has loaded: a refused resume leaves the run as it was
@@ -215,7 +228,7 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
         ) as bar,
     ):
         run.st.model.train()
-        since = (run.step, run.train_seconds, [False])  # this session's start, for one time estimate
+        run.session_start = (run.step, run.train_seconds)
         for stage_index, (_, s1, scfg) in enumerate(run.plan):
             if run.step >= s1:
                 continue
@@ -237,7 +250,7 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
                 run.train_seconds += time.time() - began
                 after_step(run, scfg)
                 if logged:
-                    say_estimate(run, since)
+                    say_estimate(run)
                     run.clock = (time.time(), run.step)  # images/s measures training, not grids or saves
                 stopped = should_stop(run.ctx, stop, stop_at_step, run.step, run.t0, cfg, check_now=logged)
             close_stage(run)
@@ -246,11 +259,11 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
     return stopped
 
 
-def say_estimate(run: Run, since: tuple[int, float, list[bool]]) -> None:
+def say_estimate(run: Run) -> None:
     """Once a session, at its first logged step past its first: the wall time the rest will take."""
-    step0, seconds0, said = since
-    if not said[0] and run.step - step0 >= 2 and run.step < run.cfg.train.steps:
-        said[0] = True
+    step0, seconds0 = run.session_start
+    if not run.said_estimate and run.step - step0 >= 2 and run.step < run.cfg.train.steps:
+        run.said_estimate = True
         run.say(estimate_line(run.step - step0, run.train_seconds - seconds0, run.cfg.train.steps - run.step))
 
 

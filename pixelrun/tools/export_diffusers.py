@@ -1,4 +1,5 @@
-"""Export a trained model as a diffusers `PRXPixelPipeline` directory.
+"""Export a trained model as a diffusers `PRXPixelPipeline` directory, or a LoRA run's adapters
+alone as a diffusers-style LoRA file (`export_lora`).
 
 The directory holds the denoiser as `PRXTransformer2DModel` (same parameter names and shapes, so
 the state dict loads strictly), the frozen text encoder and its tokenizer as saved by transformers,
@@ -187,4 +188,22 @@ def export_diffusers(model, encoder, cfg: Config, out: str | Path, marker: dict 
         pipe.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[attr-defined]
         _check_text_encoder_names(tmp / "text_encoder", encoder.model)
         (tmp / "pixelrun_config.yaml").write_text(to_yaml(cfg))  # provenance and sampling defaults
+    return Path(out)
+
+
+def export_lora(model, cfg: Config, out: str | Path, marker: dict | None = None) -> Path:
+    """The adapters of a LoRA run alone, atomically: `pytorch_lora_weights.safetensors` in the layout
+    diffusers' LoRA files use (PEFT's `lora_A` / `lora_B` names under the ``transformer.`` prefix,
+    the `LoraConfig` in the ``lora_adapter_metadata`` field) and the run's config. diffusers 0.42's
+    `PRXPixelPipeline` has no `load_lora_weights` (nor `PRXTransformer2DModel` a PEFT adapter mixin):
+    peft loads the file into a `PRXTransformer2DModel` (docs/lora.md)."""
+    from safetensors.torch import save_file
+
+    from pixelrun.model.lora import LORA_FILE, diffusers_lora_metadata, diffusers_lora_state
+
+    state = diffusers_lora_state(model)
+    refuse_nonfinite(state, "the adapters")
+    with atomic_dir(out, marker) as tmp:
+        save_file(state, str(tmp / LORA_FILE), metadata=diffusers_lora_metadata(cfg.train.lora))
+        (tmp / "pixelrun_config.yaml").write_text(to_yaml(cfg))
     return Path(out)

@@ -38,7 +38,7 @@ from pixelrun.infra.distributed import resolve_device
 from pixelrun.infra.files import write_atomic
 from pixelrun.model.denoiser import model_from_config
 from pixelrun.model.text import TextEncoder, _hidden_size, load_text_encoder, resolve_encoder
-from pixelrun.teachers.features import EFFICIENTNET_SPECS
+from pixelrun.teachers.networks import training_networks
 from pixelrun.tools.bench import time_steps
 from pixelrun.training.muon_sharded import balanced_owners
 from pixelrun.training.newton_schulz import NS_DTYPES, newton_schulz_flops, orthogonalize_many
@@ -169,21 +169,9 @@ def _unknown(key: str, spec: str, architectures: dict[str, tuple[str, dict]]) ->
     )
 
 
-def _networks(cfg) -> list[tuple[str, str]]:
-    """(key, spec) of every Hugging Face network the run uses: its text encoder and the DINO
-    teachers that any stage turns on."""
-    every = [c for _, _, c in stage_plan(cfg)]
-    out = [("text.encoder", cfg.text.encoder)] if cfg.text.encoder != "minilm" else []
-    if any(c.repa.weight > 0 for c in every):
-        out.append(("repa.teacher", cfg.repa.teacher))
-    if any(c.perceptual.dino_weight > 0 for c in every):
-        out.append(("perceptual.dino_teacher", cfg.perceptual.dino_teacher))
-    return [(k, v) for k, v in out if v not in EFFICIENTNET_SPECS]
-
-
 def check_networks(cfg, architectures: dict[str, tuple[str, dict]] = ARCHITECTURES) -> None:
     """Before any work: every network is on this machine or can be built from its architecture."""
-    for key, spec in _networks(cfg):
+    for key, spec in training_networks(cfg):
         if local_copy(spec) is None and spec not in architectures:
             raise _unknown(key, spec, architectures)
 
@@ -194,7 +182,7 @@ def resolve_teachers(cfg, tmp: str, architectures: dict[str, tuple[str, dict]] =
     saved under `tmp`, so that it loads through the real loading code (teachers/features.py)."""
     folders, notes = {}, {}
     every = [c for _, _, c in stage_plan(cfg)]
-    for key, spec in _networks(cfg):
+    for key, spec in training_networks(cfg):
         if key == "text.encoder":
             continue
         path = local_copy(spec)

@@ -11,6 +11,7 @@ Live objects are arguments, settings come from the config: nothing here trains, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from pixelrun.config import Config, ema_decays, image_sizes, model_fields
 from pixelrun.infra.distributed import DistContext, shard
 from pixelrun.infra.precision import autocast_dtype
 from pixelrun.model.denoiser import PRXDenoiser, compile_blocks, model_from_config
+from pixelrun.model.lora import add_adapters, lora_on
 from pixelrun.training.ema import EMA
 from pixelrun.training.optim import make_optimizer
 from pixelrun.training.schedule import LRSchedule
@@ -75,11 +77,23 @@ def block_graphs(stages: list[Config]) -> int:
     return len(variants) + 4
 
 
-def build_state(cfg: Config, stages: list[Config], ctx: DistContext, text_dim: int) -> TrainState:
+def build_state(
+    cfg: Config,
+    stages: list[Config],
+    ctx: DistContext,
+    text_dim: int,
+    base: Callable[[PRXDenoiser], None] | None = None,
+) -> TrainState:
     """The model, its EMA copy, teachers and projector, optimizer and schedule, parallelised as the
-    config asks: per-block compile and activation checkpointing, then FSDP2 sharding."""
+    config asks: per-block compile and activation checkpointing, then FSDP2 sharding. With
+    train.lora.rank, `base` loads the frozen base weights into the plain model before the adapters
+    are added (pixelrun/model/lora.py); without it (the bench) they are the seed's."""
     device = ctx.device
     model = model_from_config(cfg, text_dim).to(device)
+    if lora_on(cfg):
+        if base is not None:
+            base(model)
+        add_adapters(model, cfg.train.lora)
     model.activation_checkpointing = cfg.parallel.activation_checkpointing
     ema = EMA(model, ema_decays(cfg), cfg.ema.every)  # copied before compiling: the EMAs only sample
     if cfg.parallel.compile:

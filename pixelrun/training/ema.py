@@ -23,11 +23,21 @@ class EMA:
     """The weights' moving averages, one fp32 copy per decay, updated every `every` steps.
 
     Under FSDP2 every copy is sharded exactly like the model, so each rank averages its own shards
-    with no communication."""
+    with no communication.
+
+    Only what trains is averaged: a model with frozen parameters (LoRA's base weights) gives copies
+    that share them with it (one set of base weights in memory, not one per decay) and a state of
+    the trained parameters alone (the adapters)."""
 
     def __init__(self, model: torch.nn.Module, decay: float | list[float], every: int):
         self.decays = [float(decay)] if isinstance(decay, (int, float)) else [float(d) for d in decay]
-        self.models = [copy.deepcopy(model).eval().requires_grad_(False) for _ in self.decays]
+        params = list(model.named_parameters())
+        self.trained = [i for i, (_, p) in enumerate(params) if p.requires_grad]
+        self.partial = len(self.trained) < len(params)  # frozen weights: LoRA's base
+        self.trained_names = {n for n, p in params if p.requires_grad}
+        frozen = {id(p): p for _, p in params if not p.requires_grad} if self.partial else {}
+        # deepcopy's memo maps each frozen parameter to itself: shared, not copied
+        self.models = [copy.deepcopy(model, memo=dict(frozen)).eval().requires_grad_(False) for _ in self.decays]
         self.every = every
         self.notes: list[str] = []  # what a load did not find in the checkpoint (the run prints them)
         self._sources: list[str | None] | None = None  # set by `load_tree`, used by `load_state_dict`
@@ -49,22 +59,30 @@ class EMA:
         for m in self.models:
             shard(m, ctx, None, blocks=m.blocks, forward_only=True)
 
+    def _state(self, m: torch.nn.Module) -> dict[str, Any]:
+        """A copy's averaged weights by name (the trained ones: the frozen ones are the model's)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        sd = get_model_state_dict(m)
+        return {k: v for k, v in sd.items() if k in self.trained_names} if self.partial else sd
+
+    def _set(self, m: torch.nn.Module, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(m, state, options=StateDictOptions(strict=not self.partial))
+
     def state_dict(self) -> dict[str, Any]:
         """The first copy's weights by name (a checkpoint's ``ema.*``), each further copy's under its
         `ema_key`; sharded as they are."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        sd: dict[str, Any] = dict(get_model_state_dict(self.models[0]))
+        sd: dict[str, Any] = dict(self._state(self.models[0]))
         for d, m in zip(self.decays[1:], self.models[1:]):
-            sd[ema_key(d)] = get_model_state_dict(m)
+            sd[ema_key(d)] = self._state(m)
         return sd
 
     def load_tree(self, config: dict | None) -> dict[str, Any]:
         """The tree to fill from a checkpoint saved with `config` (its meta's): each configured decay
         from where that checkpoint keeps it. A decay it does not keep (ema.decays grew since, or an
         old checkpoint of one EMA) starts from the checkpoint's first EMA, with a note."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         saved = saved_ema_decays(config) if config is not None else self.decays
         sources: list[str | None] = ["" if d == saved[0] else ema_key(d) if d in saved else None for d in self.decays]
         # the checkpoint's first EMA (keys ema.*) goes into the copy of its decay, else the first fresh one
@@ -75,9 +93,9 @@ class EMA:
         tree: dict[str, Any] = {}
         for i, src in enumerate(sources):
             if src == "":
-                tree.update(get_model_state_dict(self.models[i]))
+                tree.update(self._state(self.models[i]))
             elif src is not None:
-                tree[src] = get_model_state_dict(self.models[i])
+                tree[src] = self._state(self.models[i])
         self.notes = [
             f"EMA {d:g}: not in the checkpoint (it keeps {', '.join(f'{s:g}' for s in saved)}); "
             f"starts from its EMA {saved[0]:g}"
@@ -89,14 +107,12 @@ class EMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Each copy from `state` (a tree from `state_dict`, or from `load_tree` once it is filled);
         a copy the checkpoint lacked takes the weights of the one that read its first EMA."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
         sources = self._sources or ["", *(ema_key(d) for d in self.decays[1:])]
         self._sources = None
         first = {k: v for k, v in state.items() if not isinstance(v, dict)}
         for m, src in zip(self.models, sources):
             if src is not None:
-                set_model_state_dict(m, first if src == "" else state[src])
+                self._set(m, first if src == "" else state[src])
         with torch.no_grad():
             for m, src in zip(self.models, sources):
                 if src is None:  # load_tree gave the checkpoint's first EMA to one copy: `origin`
@@ -107,9 +123,11 @@ class EMA:
     def maybe_update(self, model: torch.nn.Module, step: int):
         if step % self.every:
             return
-        model_p = [local(p.detach()) for p in model.parameters()]
+        all_p = list(model.parameters())
+        model_p = [local(all_p[i].detach()) for i in self.trained]
         for decay, copy_ in zip(self.decays, self.models):
-            ema_p = list(copy_.parameters())
+            copy_p = list(copy_.parameters())
+            ema_p = [copy_p[i] for i in self.trained]
             if is_sharded(copy_) and not all(isinstance(p, DTensor) for p in ema_p):
                 # A full tensor where a shard belongs: averaging it with the model's shard would
                 # mix unrelated rows (or fail on the shapes). Never average anything but shards.

@@ -43,11 +43,13 @@ if TYPE_CHECKING:
 
 
 def _params_of(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """The trained parameters of `modules`, each once: a frozen one (`requires_grad=False`: the base
+    weights of a LoRA run, pixelrun/model/lora.py) is no optimizer's."""
     seen: set[int] = set()
     out = []
     for m in modules:
         for p in m.parameters():
-            if id(p) not in seen:
+            if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)
     return out
@@ -67,7 +69,8 @@ def split_parameters(
 
     Parameters keep `model.parameters()` order (then the extras'), so the optimizer state's
     integer indices are stable across runs; shared parameters are counted once. Frozen parameters
-    are included: they get no gradient and the optimizer skips them.
+    (`requires_grad=False`) are left out: under LoRA only the adapters' A and B matrices are trained,
+    and, being 2-D weights of `nn.Linear`s inside the blocks, they go to Muon.
 
     report = {"muon": n_params, "adam": n_params, "muon_tensors": k, "adam_tensors": k}.
     """

@@ -53,20 +53,25 @@ class NonFiniteState(RunFailed):
 
 
 class ModelWeights:
-    """The trained modules by name (the denoiser, and the REPA projector when REPA is on)."""
+    """The trained modules by name (the denoiser, and the REPA projector when REPA is on). Frozen
+    weights (LoRA's base, read from run.init_from by every session) are not saved: only what trains."""
 
     def __init__(self, trainable: torch.nn.Module):
         self.trainable = trainable
+        params = list(trainable.named_parameters())
+        self.trained_names = {n for n, p in params if p.requires_grad}
+        self.partial = len(self.trained_names) < len(params)
 
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.trainable)
+        sd = get_model_state_dict(self.trainable)
+        return {k: v for k, v in sd.items() if k in self.trained_names} if self.partial else sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(self.trainable, state)
+        set_model_state_dict(self.trainable, state, options=StateDictOptions(strict=not self.partial))
 
 
 class OptimizerState:

@@ -153,6 +153,9 @@ def test_an_explicit_other_architecture_is_refused_naming_both(released, tmp_pat
     assert main(["train", *_overrides(run, tiny_encoder_dir, str(released), **{"model.preset": "small"})]) == 2
     one_line_error(capsys, "model.preset: small has mlp_ratio 3.5 but model.init", "has mlp_ratio 2.0")
     assert not run.exists()
+    # LoRA's frozen base is read from run.init_from only (pixelrun/run/resume.py, lora_base)
+    assert main(["train", *_overrides(run, tiny_encoder_dir, str(released), **{"train.lora.rank": 4})]) == 2
+    one_line_error(capsys, "model.init: LoRA (train.lora.rank)", "not wired into it yet")
     # the text encoder must give the width the transformer's text projection takes
     assert main(["train", *_overrides(run, "minilm", str(released))]) == 2
     one_line_error(capsys, "model.init:", "takes 32-wide embeddings (context_in_dim)", "gives 384-wide ones")
