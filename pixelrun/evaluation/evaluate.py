@@ -209,9 +209,9 @@ def sample_size_warnings(metrics: list[str], networks: dict, n: int) -> list[str
 
 
 def _bar(enabled: bool, **kwargs):
-    from tqdm import tqdm
+    from pixelrun.infra.progress import progress
 
-    return tqdm(disable=not enabled, leave=False, file=sys.stderr, dynamic_ncols=True, **kwargs)
+    return progress(disable=not enabled, leave=False, **kwargs)
 
 
 class Evaluator:
