@@ -178,7 +178,7 @@ def _run(args) -> int:
     if h % p or w % p:
         raise ConfigError("--size", f"{w}x{h} (WxH) is not a multiple of the patch size {p}")
     seed = cfg.sample.seed
-    with progress(total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="sample", unit="step") as bar:
+    with progress(total=cfg.sample.steps, desc="sample", unit="step") as bar:
         images = generate(
             model, encoder, prompts, cfg, next(model.parameters()).device, seed=seed, height=h, width=w, progress=bar
         )

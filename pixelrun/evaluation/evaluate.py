@@ -330,9 +330,7 @@ class Evaluator:
         real, prompts = self._real_data(cfg)
         was_training = model.training
         model.eval()
-        with _bar(
-            self.progress, total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="eval: generate", unit="step"
-        ) as bar:
+        with _bar(self.progress, total=cfg.sample.steps, desc="eval: generate", unit="step") as bar:
             images = generate(model, encoder, prompts, cfg, self.device, seed=sample_seed, progress=bar)
         model.train(was_training)
         if not self.compute:
