@@ -17,6 +17,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps
 
+from pixelrun.config import ConfigError
 from pixelrun.data import Batch, NoUsableData
 from pixelrun.data.batching import BucketedBatchSource
 from pixelrun.data.buckets import resize_to_bucket, stack_images, to_array
@@ -333,6 +334,14 @@ class FolderBatchSource(BucketedBatchSource):
         }
 
     def _load_position(self, state: dict) -> None:
+        saved_n = state["check"].get("n")
+        if saved_n != len(self.folder) and {**state["check"], "n": len(self.folder)} == self._check():
+            raise ConfigError(
+                "data.val_count",
+                f"the checkpoint trained on {saved_n} images of {self.folder.root}, {len(self.folder)} train now: "
+                f"images were added or removed, or the held-out split changed (data.val_count, or when it is null "
+                f"eval.prompts / eval.val_images); set them as they were, or start a new run.dir",
+            )
         if state["check"] != self._check():
             raise ValueError(f"state was saved with different settings: {state['check']} vs {self._check()}")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

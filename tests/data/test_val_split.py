@@ -74,6 +74,18 @@ def test_val_count_sets_the_split_and_zero_trains_on_everything(tmp_path):
     assert "held out: 5 of the 10" in describe_held_out(_cfg(root))
 
 
+def test_a_resume_under_another_split_is_one_line_naming_the_key(tmp_path):
+    root = _folder(tmp_path / "imgs", 10)
+    source = make_batch_source(_cfg(root, "data.val_count=3"))
+    next(source)
+    state = source.state_dict()
+    again = make_batch_source(_cfg(root, "data.val_count=3"))
+    again.load_state_dict(state)  # the same split: the same position
+    assert next(again).captions == next(source).captions
+    with pytest.raises(ConfigError, match="data.val_count: the checkpoint trained on 7 images of .*, 6 train now"):
+        make_batch_source(_cfg(root, "data.val_count=4")).load_state_dict(state)
+
+
 def test_val_path_is_the_held_out_folder_read_with_the_same_rules(tmp_path):
     train_root = _folder(tmp_path / "train", 6)
     val_root = _folder(tmp_path / "val", 3, word="held", broken=True)
