@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import time
 from datetime import timedelta
@@ -15,6 +16,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A suite started in the background by a non-interactive shell (`pytest ... &`, a CI script's `&`)
+# inherits SIGINT ignored, as POSIX shells set it for background commands, and so would every process
+# a test starts: the tests that press Ctrl-C on a `pixelrun` command would see it never arrive. The
+# suite's processes take Ctrl-C as a terminal's foreground job does; a handler (unlike SIG_IGN) is not
+# inherited, so each child starts with the default and installs Python's own.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # The markers of the slow and multi-process tests, by file and by test name, so no test file carries

@@ -109,7 +109,8 @@ def checkpoint_config(args, command: str, sections: tuple[str, ...]) -> tuple[Co
     try:
         cfg = inference.checkpoint_config(args.checkpoint, overrides)[0]
     except ConfigError as e:
-        if e.key == "sample.guidance_mode" and not inference.checkpoint_config(args.checkpoint)[0].routing.ratio:
+        self_guidance = e.key == "sample.guidance_mode" and "self-guidance" in str(e)  # not pathdrop's
+        if self_guidance and not inference.checkpoint_config(args.checkpoint)[0].routing.ratio:
             raise ConfigError(
                 "sample.guidance_mode",
                 "self-guidance contrasts a dense and a TREAD-routed pass, and "

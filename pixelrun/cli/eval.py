@@ -53,7 +53,7 @@ list for the shell; default: the checkpoint's own value):
   eval.weights=ema|raw              the weights evaluated (--ema-decay D: which EMA of ema.decays)
   sample.sampler=euler|heun  sample.guidance_interval=[LO,HI]
                                     the sampler; the JSON's nfe: model evaluations per image
-  sample.steps=N  sample.guidance=W  sample.guidance_mode=cfg|self|none  sample.seed=N
+  sample.steps=N  sample.guidance=W  sample.guidance_mode=cfg|self|none|pathdrop  sample.seed=N
                                     how the images are generated, as in `pixelrun sample`
   'eval.guidance=[1,2,4]'           also evaluate at each of these guidance scales, same prompts and
                                     noise: one printed row per scale, the JSON's guidance_sweep; the

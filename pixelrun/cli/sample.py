@@ -32,8 +32,11 @@ default: the checkpoint's own value):
   sample.sampler=euler|heun           heun: two model evaluations per step (the last step Euler's)
   sample.guidance_interval=[LO,HI]    guide only at noise levels LO < t <= HI (t = 1: noise)
   sample.guidance=W                   guidance scale, >= 1: 1 = no guidance, larger follows the prompt more
-  sample.guidance_mode=cfg|self|none  cfg: against the empty prompt; self: a dense against a TREAD-routed
-                                      pass (models trained with routing); none: the conditional prediction
+  sample.guidance_mode=cfg|self|none|pathdrop
+                                      cfg: against the empty prompt; self: a dense against a TREAD-routed
+                                      pass (models trained with routing); none: the conditional prediction;
+                                      pathdrop: against the empty prompt's pass with SPRINT's deep path
+                                      dropped (models trained with routing.kind=sprint)
   sample.seed=N                       noise seed (the same seed gives the same image, as in an exported
                                       diffusers pipeline)
   sample.shift=S  sample.spacing=diffusers|linear
@@ -144,12 +147,11 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from tqdm import tqdm
-
     from pixelrun.diffusion.generate import evaluations_per_image, generate
     from pixelrun.infra.checkpoint import atomic_dir
     from pixelrun.infra.grids import save_grid, save_png
     from pixelrun.infra.inference import load_for_inference
+    from pixelrun.infra.progress import progress
 
     common.refuse_moved_flags(args, "sample")
     prompts = _read_prompts(args)
@@ -168,7 +170,7 @@ def _run(args) -> int:
     if h % p or w % p:
         raise ConfigError("--size", f"{w}x{h} (WxH) is not a multiple of the patch size {p}")
     seed = cfg.sample.seed
-    with tqdm(total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="sample", unit="step", file=sys.stderr) as bar:
+    with progress(total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="sample", unit="step") as bar:
         images = generate(
             model, encoder, prompts, cfg, next(model.parameters()).device, seed=seed, height=h, width=w, progress=bar
         )

@@ -117,6 +117,7 @@ def resume_changes(saved: Config, new: Config) -> tuple[dict, dict]:
         ("text.encoder", saved.text.encoder, new.text.encoder),
         ("optimizer.name", saved.optimizer.name, new.optimizer.name),
         ("data.source", saved.data.source, new.data.source),
+        ("routing.kind", saved.routing.kind, new.routing.kind),  # SPRINT's fusion is part of the model
     ]
     old_p, new_p = has_repa_projector(saved), has_repa_projector(new)
     if old_p != new_p:

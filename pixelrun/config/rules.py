@@ -23,7 +23,8 @@ PRESETS: dict[str, dict] = {
 
 DATA_SOURCES = ("shapes", "folder", "emoji", "shards")
 SPACINGS = ("diffusers", "linear")  # sampling time grids (pixelrun/diffusion/sampling.py, `time_grid`)
-GUIDANCE_MODES = ("cfg", "none", "self")  # pixelrun/diffusion/sampling.py, `sample`
+GUIDANCE_MODES = ("cfg", "none", "self", "pathdrop")  # pixelrun/diffusion/sampling.py, `sample`
+ROUTING_KINDS = ("tread", "sprint")  # pixelrun/model/routing.py, pixelrun/model/sprint.py
 REPA_PROJECTORS = ("mlp", "conv", "attention")  # pixelrun/tricks/repa.py, `build_projector`
 SAMPLERS = ("euler", "heun")  # pixelrun/diffusion/sampling.py, `sample`
 

@@ -74,7 +74,9 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    encoder: str = "minilm"  # "minilm" (offline default), a local path or a Hugging Face id
+    # "minilm" (offline default), or a local path or Hugging Face id of an encoder: Qwen3-VL (its text
+    # tower, as PRXPixelPipeline), T5Gemma (its encoder, as PRXPipeline), T5 / UMT5, BERT-like
+    encoder: str = "minilm"
     max_tokens: int = 24  # the longest two-shape caption is 23 MiniLM tokens
     cache_gib: float = 2.0  # memory for the prompt-embedding cache (each distinct prompt is encoded once)
 
@@ -97,9 +99,14 @@ class ObjectiveConfig:
 
 @dataclass
 class RoutingConfig:
-    """TREAD (see pixelrun/model/routing.py): a fraction `ratio` of each sample's image tokens skips blocks
-    start..end (0-indexed, both inclusive) and re-enters unchanged after block `end`."""
+    """Token routing over blocks start..end (0-indexed, both inclusive): a fraction `ratio` of each sample's
+    image tokens skips them. TREAD (pixelrun/model/routing.py) puts the skipped tokens back unchanged after
+    block `end`; SPRINT (pixelrun/model/sprint.py) fuses the full stream from before the span with the span's
+    output (a learned mask token where a token was dropped) and keeps the fusion at sampling."""
 
+    # tread | sprint (SPRINT: adds a fusion Linear and a mask token, so diffusers' export refuses it; its
+    # guidance mode is sample.guidance_mode=pathdrop)
+    kind: str = "tread"
     ratio: float = 0.0  # 0 = dense; the recipe routes 0.5
     start: int | None = None  # null = the recipe's 2 (of 16), scaled to the depth
     end: int | None = None  # null = the recipe's 12 (of 16), scaled to the depth
@@ -266,7 +273,9 @@ class SampleConfig:
     # 2024), the conditional pass alone elsewhere; empty = guidance at every step
     guidance_interval: list[float] = field(default_factory=list)
     guidance: float = 4.0  # >= 1: 1 = no guidance, larger follows the prompt more
-    guidance_mode: str = "cfg"  # cfg (empty prompt) | self (dense vs routed pass; needs routing.ratio > 0) | none
+    # cfg (empty prompt) | self (dense vs routed pass; needs routing.ratio > 0) | none | pathdrop (SPRINT's
+    # path-drop guidance: against the empty prompt with the span's blocks skipped; needs routing.kind=sprint)
+    guidance_mode: str = "cfg"
     spacing: str = "diffusers"  # diffusers | linear (see sampling.time_grid)
     shift: float = 3.0  # time shift of the sampling grid (the diffusers scheduler's shift)
     seed: int = 0  # noise seed of the sample grids and of `pixelrun sample`

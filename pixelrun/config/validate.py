@@ -18,6 +18,7 @@ from pixelrun.config.rules import (
     GUIDANCE_MODES,
     METRICS,
     REPA_PROJECTORS,
+    ROUTING_KINDS,
     SAMPLERS,
     SPACINGS,
     _choice,
@@ -129,6 +130,7 @@ def _validate_objective(cfg: Config) -> None:
 
 
 def _validate_routing(cfg: Config) -> None:
+    _choice("routing.kind", cfg.routing.kind, ROUTING_KINDS)
     if not 0 <= cfg.routing.ratio < 1:
         raise ConfigError("routing.ratio", f"must be in [0, 1); got {cfg.routing.ratio}")
     routing_span(cfg)
@@ -281,6 +283,11 @@ def _validate_sample(cfg: Config) -> None:
     if s.guidance_mode == "self" and cfg.routing.ratio == 0:
         raise ConfigError(
             "sample.guidance_mode", "self-guidance contrasts a dense and a routed pass: set routing.ratio > 0"
+        )
+    if s.guidance_mode == "pathdrop" and cfg.routing.kind != "sprint":
+        raise ConfigError(
+            "sample.guidance_mode",
+            "pathdrop guides with SPRINT's dropped deep path: needs a model trained with routing.kind=sprint",
         )
     _choice("sample.spacing", s.spacing, SPACINGS)
     _choice("sample.sampler", s.sampler, SAMPLERS)

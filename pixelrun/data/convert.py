@@ -53,7 +53,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from pixelrun.config import ConfigError, TextConfig, aspect_buckets
 from pixelrun.data import SourceImage
@@ -68,6 +67,7 @@ from pixelrun.data.shards import (
     embedding_member,
 )
 from pixelrun.infra.locks import folder_lock
+from pixelrun.infra.progress import progress as progress_bar
 
 IMAGE_FORMATS = ("jpg", "png")
 EMBEDDING_DTYPES = tuple(EMBEDDING_STORAGE)  # bfloat16 (default), float16, float32
@@ -406,7 +406,7 @@ def _write(
         # mtime 0: the same source gives the same bytes (whatever the date or the number of workers)
         with (
             writer_cls(str(partial / "%05d.tar"), maxcount=shard_size, verbose=0, mtime=0) as writer,
-            tqdm(total=source.total, desc="convert", unit="img", disable=not progress) as bar,
+            progress_bar(total=source.total, desc="convert", unit="img", disable=not progress) as bar,
         ):
             while chunk := list(itertools.islice(items, _CHUNK)):
                 stats.read += len(chunk)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pixelrun.config import aspect_buckets
 from pixelrun.data.buckets import nearest_bucket
 from pixelrun.data.convert import format_bytes
 from pixelrun.data.folder import load_rgb, read_size
 from pixelrun.data.shards import caption_fields, expand_shards, image_member, read_index, read_samples
+from pixelrun.infra.progress import progress as progress_bar
 
 
 def _length_stats(values: list[int]) -> dict:
@@ -104,7 +104,9 @@ def inspect_shards(
     index = read_index(urls)
     buckets = aspect_buckets(resolution, patch) if resolution else None
     tally = _Tally(buckets, tile if contact_sheet is not None else None, n)
-    bar = tqdm(total=(index or {}).get("count"), desc="inspect", unit="sample", disable=not progress, leave=False)
+    bar = progress_bar(
+        total=(index or {}).get("count"), desc="inspect", unit="sample", disable=not progress, leave=False
+    )
     for url in urls:
         for sample in read_samples(url, tally.on_error):
             bar.update(1)

@@ -13,9 +13,12 @@ here a step outside the interval runs the conditional pass alone (`model_evaluat
 Initial noise is drawn as diffusers' PRXPixelPipeline draws it: one `torch.randn` of the whole
 batch from a CPU `torch.Generator().manual_seed(seed)`, times the noise scale.
 
-Guidance modes: "cfg" (classic, against the empty prompt), "none", and "self" (self-guidance for
+Guidance modes: "cfg" (classic, against the empty prompt), "none", "self" (self-guidance for
 TREAD-routed models, Guided Token-Sparse Diffusion): the model's own routed pass plays the weak
-model that guidance pushes away from, so no empty prompt is needed.
+model that guidance pushes away from, so no empty prompt is needed; and "pathdrop" (SPRINT's
+path-drop guidance, Park et al. 2025): the weak branch is the empty prompt's pass with the deep path
+dropped, the span's blocks skipped and SPRINT's mask token in their place, so the weak pass costs
+only the blocks outside the span.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from pixelrun.config import GUIDANCE_MODES, SAMPLERS, SPACINGS, span_for_depth
 from pixelrun.diffusion.objective import shift_time, x_to_velocity
 from pixelrun.model.denoiser import Routing
-from pixelrun.model.routing import random_routing, routing_generator
+from pixelrun.model.routing import path_drop_routing, random_routing, routing_generator
 
 
 def time_grid(
@@ -111,9 +114,16 @@ def _guided_prediction(
     guidance: float,
     both: tuple[torch.Tensor, torch.Tensor] | None,
     routing: Routing | None,
+    path_drop: tuple[torch.Tensor, torch.Tensor, Routing] | None = None,
 ) -> torch.Tensor:
     """One step's x_hat: classic CFG when `both` (the [uncond ; cond] text and mask) is given,
-    self-guidance when `routing` is, else the conditional prediction alone."""
+    self-guidance when `routing` is, path-drop guidance when `path_drop` (the empty prompt's text and
+    mask, and a routing keeping no token: SPRINT's deep stream is then the mask token everywhere) is,
+    else the conditional prediction alone."""
+    if path_drop is not None:
+        cond = model(x, t, text, text_mask).prediction.float()
+        weak = model(x, t, *path_drop[:2], routing=path_drop[2]).prediction.float()
+        return weak + guidance * (cond - weak)
     if both is not None:
         pred = model(torch.cat([x, x]), torch.cat([t, t]), *both).prediction.float()
         uncond, cond = pred.chunk(2)
@@ -123,6 +133,22 @@ def _guided_prediction(
         routed = model(x, t, text, text_mask, routing=routing).prediction.float()
         return routed + guidance * (dense - routed)
     return model(x, t, text, text_mask).prediction.float()
+
+
+def _path_drop(model, null_text, null_mask, b: int, device) -> tuple[torch.Tensor, torch.Tensor, Routing]:
+    """Guidance mode "pathdrop"'s weak branch inputs: the empty prompt for the batch and a routing
+    that keeps no token over the model's SPRINT span."""
+    span = getattr(_model_cfg(model), "sprint_span", None)
+    if span is None:
+        raise ValueError("guidance mode 'pathdrop' needs a SPRINT model (routing.kind=sprint)")
+    return *_empty_prompt(null_text, null_mask, b, "path-drop guidance"), path_drop_routing(b, span, device)
+
+
+def _empty_prompt(null_text, null_mask, b: int, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The empty prompt's embedding and mask repeated for a batch of `b`."""
+    if null_text is None or null_mask is None:
+        raise ValueError(f"{who} needs the empty prompt's embedding (null_text)")
+    return null_text.expand(b, -1, -1), null_mask.expand(b, -1)
 
 
 @torch.no_grad()
@@ -165,6 +191,7 @@ def sample(
     (`self_guidance_routing`) and kept for every step: a mask redrawn each step would add noise to
     the guidance direction. The two passes are separate forward calls (different token counts in
     the span). Skipped, like CFG, when w == 1 (the dense prediction alone).
+    guidance_mode "pathdrop" (SPRINT models): x_weak + w * (x_cond - x_weak) (`_guided_prediction`).
     """
     if guidance_mode not in GUIDANCE_MODES:
         raise ValueError(f"unknown guidance mode {guidance_mode!r}; choose one of {GUIDANCE_MODES}")
@@ -174,15 +201,15 @@ def sample(
     b = text.shape[0]
     use_cfg = guidance_mode == "cfg" and guidance != 1.0
     use_self = guidance_mode == "self" and guidance != 1.0
+    path_drop = _path_drop(model, null_text, null_mask, b, device) if guidance_mode == "pathdrop" else None
     routing = None
     if guidance_mode == "self":
         # Drawn (and validated) even when w == 1 skips the routed pass, so errors do not depend on w.
         routing = _self_routing(model, routing_span, height, width, b, routing_ratio, seed, device)
     both = None
     if use_cfg:
-        if null_text is None or null_mask is None:
-            raise ValueError("classic CFG needs the empty prompt's embedding (null_text)")
-        both = (torch.cat([null_text.expand(b, -1, -1), text]), torch.cat([null_mask.expand(b, -1), text_mask]))
+        null, null_b = _empty_prompt(null_text, null_mask, b, "classic CFG")
+        both = (torch.cat([null, text]), torch.cat([null_b, text_mask]))
     x = initial_noise(b, height, width, seed, noise_scale).to(device)
     times = time_grid(steps, shift, spacing)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
@@ -200,6 +227,7 @@ def sample(
                 guidance,
                 both if guided else None,
                 routing if use_self and guided else None,
+                path_drop if guidance != 1.0 and guided else None,
             )
         return x_to_velocity(x, x_hat, t, t_clamp)
 
@@ -239,11 +267,12 @@ def model_evaluations(
     spacing: str = "diffusers",
 ) -> int:
     """The model's forward passes per image that `sample` runs (the NFE): a guided evaluation costs
-    two (CFG's [uncond ; cond] batch, self-guidance's dense and routed pass), an unguided one
+    two (CFG's [uncond ; cond] batch, self-guidance's dense and routed pass, path-drop guidance's
+    full and path-dropped pass, although the latter skips the span), an unguided one
     (guidance 1, mode none, outside the interval) one; Heun evaluates each step's start and end
     but for the last step, which is Euler's."""
     times = time_grid(steps, shift, spacing)
-    guides = guidance_mode in ("cfg", "self") and guidance != 1.0
+    guides = guidance_mode in ("cfg", "self", "pathdrop") and guidance != 1.0
 
     def cost(i: int) -> int:
         return 2 if guides and guided_at(float(times[i]), guidance_interval) else 1

@@ -118,6 +118,8 @@ def execute(plan: Plan, *, parallel: int | None = None) -> dict:
     {"trained": [...], "skipped": [...], "failed": [...], "interrupted": bool}."""
     from tqdm import tqdm
 
+    from pixelrun.infra.progress import progress
+
     parallel = parallel or plan.spec.launch.parallel
     pending = [r for r in plan.runs if run_state(plan, r)["state"] != "done"]
     skipped = [r for r in plan.runs if r not in pending]
@@ -146,9 +148,7 @@ def execute(plan: Plan, *, parallel: int | None = None) -> dict:
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with tqdm(
-            total=total, desc=f"ablate {plan.spec.name}", unit="step", file=sys.stderr, dynamic_ncols=True
-        ) as bar:
+        with progress(total=total, desc=f"ablate {plan.spec.name}", unit="step") as bar:
             while queue or running:
                 while queue and len(running) < parallel:
                     nxt = _next_startable(queue, plan, told)

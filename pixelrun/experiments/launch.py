@@ -435,10 +435,10 @@ def run_jobs(plan: Plan) -> dict[tuple[str, int], tuple[str, str] | None]:
 def wait_for_jobs(plan: Plan, poll_s: float) -> dict:
     """Until no run's job is active, the study's steps on a progress bar. Returns {"done": [...],
     "unfinished": [(variant, seed, job id, state), ...]}; KeyboardInterrupt stops only the waiting."""
-    from tqdm import tqdm
+    from pixelrun.infra.progress import progress
 
     total = sum(r.steps for r in plan.runs)
-    with tqdm(total=total, desc=f"ablate {plan.spec.name}", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+    with progress(total=total, desc=f"ablate {plan.spec.name}", unit="step") as bar:
         while True:
             states = run_jobs(plan)
             bar.n = sum(min(run_state(plan, r)["step"], r.steps) for r in plan.runs)

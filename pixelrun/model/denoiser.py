@@ -14,7 +14,9 @@ Layout (docs/recipe.md, "Model"), kept parameter-for-parameter compatible with d
   zero-initialised so every block starts as the identity; a zero-initialised output layer.
 
 Token routing (TREAD) is an explicit argument of `forward`: a `Routing` names which image tokens
-go through a span of blocks; the others skip it and are put back unchanged after it.
+go through a span of blocks; the others skip it and are put back unchanged after it. A SPRINT model
+(`ModelConfig.sprint_span`, pixelrun/model/sprint.py) instead fuses the stream from before the span
+with the span's output after it, whether routed or not.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pixelrun.config import PRESETS, Config, model_fields
+from pixelrun.model.sprint import SprintFusion, sprint_span
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     time_factor: float = 1000.0
     time_max_period: float = 10000.0
+    # SPRINT (pixelrun/model/sprint.py): the span (start, end) after which its fusion runs; None = none
+    sprint_span: tuple[int, int] | None = None
 
     @property
     def head_dim(self) -> int:
@@ -59,7 +64,8 @@ class Routing:
 
     `keep` [B, K] holds, per sample, the indices of the image tokens that go through blocks
     `start`..`end` (0-indexed, both inclusive); the other tokens skip those blocks and re-enter,
-    unchanged, after block `end`.
+    unchanged, after block `end` (SPRINT: through its fusion). K = 0 skips the blocks altogether
+    (SPRINT's path drop).
     """
 
     keep: torch.Tensor
@@ -198,6 +204,7 @@ class PRXDenoiser(nn.Module):
         self.txt_in = nn.Linear(cfg.text_dim, d)
         self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, cfg.patch_dim)
+        self.sprint = SprintFusion(d, cfg.sprint_span) if cfg.sprint_span is not None else None
         # Recompute each block's activations in the backward instead of keeping them (memory for
         # compute); a flag rather than a wrapper module so parameter names never change.
         self.activation_checkpointing = False
@@ -232,8 +239,7 @@ class PRXDenoiser(nn.Module):
         p = cfg.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-        if routing is not None and not 0 <= routing.start <= routing.end < cfg.depth:
-            raise ValueError(f"routing span {routing.start}..{routing.end} is outside blocks 0..{cfg.depth - 1}")
+        span = self._span(routing)
         img = self.img_in(patchify(x, p))
         txt = self.txt_in(text)
         vec = self.time_in(timestep_embedding(t, 256, cfg.time_factor, cfg.time_max_period).to(img.dtype))
@@ -246,20 +252,21 @@ class PRXDenoiser(nn.Module):
             full_mask = torch.cat([text_mask.bool(), ones], dim=1)[:, None, None, :]
 
         features: dict[int, torch.Tensor] = {}
-        saved: torch.Tensor | None = None
-        mask = full_mask
+        dense: torch.Tensor | None = None  # the stream entering the span
+        mask, block_cos, block_sin = full_mask, cos, sin
         for i, block in enumerate(self.blocks):
-            if routing is not None and i == routing.start:
-                saved = img
-                img = gather_tokens(img, routing.keep)
-                cos_k = gather_tokens(cos.expand(b, 1, -1, -1).squeeze(1), routing.keep)[:, None]
-                sin_k = gather_tokens(sin.expand(b, 1, -1, -1).squeeze(1), routing.keep)[:, None]
-                if full_mask is not None:
-                    mask = full_mask[..., : text.shape[1] + routing.keep.shape[1]]
-                block_cos, block_sin = cos_k, sin_k
-            elif routing is None or not (routing.start <= i <= routing.end):
-                block_cos, block_sin = cos, sin
-            if self.activation_checkpointing and torch.is_grad_enabled():
+            if span is not None and i == span[0]:
+                dense = img
+                if routing is not None:
+                    img = gather_tokens(img, routing.keep)
+                    block_cos = gather_tokens(cos.expand(b, 1, -1, -1).squeeze(1), routing.keep)[:, None]
+                    block_sin = gather_tokens(sin.expand(b, 1, -1, -1).squeeze(1), routing.keep)[:, None]
+                    if full_mask is not None:
+                        mask = full_mask[..., : text.shape[1] + routing.keep.shape[1]]
+            skipped = routing is not None and routing.keep.shape[1] == 0 and routing.start <= i <= routing.end
+            if skipped:  # no token kept (a path drop): the span's blocks have nothing to do
+                pass
+            elif self.activation_checkpointing and torch.is_grad_enabled():
                 img = torch.utils.checkpoint.checkpoint(
                     block, img, txt, vec, mask, block_cos, block_sin, use_reentrant=False
                 )
@@ -267,11 +274,30 @@ class PRXDenoiser(nn.Module):
                 img = block(img, txt, vec, mask, block_cos, block_sin)
             if i in return_features:  # before the scatter: a block of the span only saw its kept tokens
                 features[i] = img
-            if routing is not None and i == routing.end:
-                img = scatter_tokens(saved, img, routing.keep)  # type: ignore[arg-type]  # saved at routing.start
-                mask = full_mask
+            if span is not None and i == span[1]:
+                keep = routing.keep if routing is not None else None
+                if self.sprint is not None:
+                    img = self.sprint(dense, img, keep)
+                elif keep is not None:
+                    img = scatter_tokens(dense, img, keep)  # type: ignore[arg-type]  # set at span[0]
+                mask, block_cos, block_sin = full_mask, cos, sin
         out = self.final_layer(img, vec)
         return ModelOutput(unpatchify(out, p, h, w), features)
+
+    def _span(self, routing: Routing | None) -> tuple[int, int] | None:
+        """The blocks (start, end) whose input is set aside and whose output is put back or fused:
+        the routing's, or SPRINT's (which fuses with every token kept too), None for a dense pass."""
+        depth = self.cfg.depth
+        if routing is not None and not 0 <= routing.start <= routing.end < depth:
+            raise ValueError(f"routing span {routing.start}..{routing.end} is outside blocks 0..{depth - 1}")
+        if self.sprint is None:
+            return (routing.start, routing.end) if routing is not None else None
+        span = (self.sprint.start, self.sprint.end)
+        if routing is not None and (routing.start, routing.end) != span:
+            raise ValueError(
+                f"routing span {routing.start}..{routing.end} is not this SPRINT model's {span[0]}..{span[1]}"
+            )
+        return span
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -293,7 +319,7 @@ def build_model(preset: str, text_dim: int, **overrides) -> PRXDenoiser:
 
 def model_from_config(cfg: Config, text_dim: int) -> PRXDenoiser:
     """The denoiser of `cfg`'s model section for a text encoder of width `text_dim`."""
-    return build_model(cfg.model.preset, text_dim, **model_fields(cfg))
+    return build_model(cfg.model.preset, text_dim, **model_fields(cfg), sprint_span=sprint_span(cfg))
 
 
 def compile_blocks(model: PRXDenoiser, graphs: int = 0) -> PRXDenoiser:

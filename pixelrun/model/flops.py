@@ -13,6 +13,9 @@ How it counts (docs/recipe.md, "Cost model"):
 - `txt_in` projects the T text tokens once; the time MLP acts on one vector per image.
 - TREAD: blocks start..end (inclusive) see only K = kept_count(N, ratio) image tokens, as queries
   and as image keys; the text (T tokens) is unchanged there.
+- SPRINT (`model_cfg.sprint_span`, pixelrun/model/sprint.py): the span's blocks as TREAD's, plus its
+  fusion Linear(2D -> D) on all N tokens after the span (ratio 0 included: the fusion is part of the
+  model). The mask token and the scatter that builds the deep stream are not products.
 - Training = forward + backward. A linear layer's backward is two products the size of its
   forward (gradient w.r.t. the input, gradient w.r.t. the weight): 3x the forward. Where the
   layer's input needs no gradient autograd computes only the weight gradient: 2x. That is `txt_in`
@@ -53,7 +56,8 @@ def training_flops_per_image(
     Returns {"forward": {part: flops}, "training": {part: flops}, "forward_total", "training_total",
     "image_tokens" (N), "kept_tokens" (K, = N when dense), "text_tokens" (T), "routed_blocks"
     ([start, end] or None)}. Parts: patch_embed, time_embed, text_embed, image_qkv, text_kv,
-    attention (scores and values), attn_out, mlp, modulation (the blocks' adaLN), final_layer.
+    attention (scores and values), attn_out, mlp, modulation (the blocks' adaLN), final_layer;
+    and sprint_fusion for a SPRINT model (`model_cfg.sprint_span` set).
     """
     c = model_cfg
     p, d = c.patch_size, c.hidden_size
@@ -90,6 +94,8 @@ def training_flops_per_image(
         add("attn_out", _mm(nb, d, d))
         add("mlp", 3 * _mm(nb, d, mlp_hidden))
         add("modulation", _mm(1, d, 6 * d))
+    if c.sprint_span is not None:
+        add("sprint_fusion", _mm(n, 2 * d, d))
     add("final_layer", _mm(1, d, 2 * d))
     add("final_layer", _mm(n, d, c.patch_dim))
     return {

@@ -20,8 +20,11 @@ Semantics (docs/recipe.md, "TREAD token routing"):
 - Kept indices are sorted per sample: the gathered sequence keeps raster order, which keeps
   attention memory access local and makes masks easy to compare. Positions are not renumbered:
   a kept token keeps its original 2-D RoPE position (the model gathers the RoPE angles with it).
-- Routing is a training-time speed-up. Plain inference is dense; the only inference use is
-  self-guidance (sampling.py, guidance mode "self"), which contrasts a dense and a routed pass.
+- Routing is a training-time speed-up. Plain inference is dense; the inference uses are
+  self-guidance (sampling.py, guidance mode "self"), which contrasts a dense and a routed pass, and
+  SPRINT's path-drop guidance (mode "pathdrop", `path_drop_routing`: no token kept).
+- The same masks serve `routing.kind: sprint` (pixelrun/model/sprint.py), which fuses instead of
+  putting the routed tokens back.
 
 The default span: Photoroom's PRX config routes blocks 2..12 of 16 (the blog says "2nd to
 penultimate"). `span_for_depth` scales that to other depths; see its docstring for the exact rule.
@@ -78,6 +81,13 @@ def random_routing(
     if device is not None:
         keep = keep.to(device)
     return Routing(keep=keep, start=int(start), end=int(end))
+
+
+def path_drop_routing(batch: int, span: tuple[int, int], device: torch.device | str | None = None) -> Routing:
+    """A routing that keeps no token ([B, 0] `keep`): the model skips blocks span[0]..span[1]. On a
+    SPRINT model the deep stream is then the mask token everywhere, the weak branch of path-drop
+    guidance (sampling.py, guidance mode "pathdrop")."""
+    return Routing(keep=torch.zeros(batch, 0, dtype=torch.long, device=device), start=int(span[0]), end=int(span[1]))
 
 
 def routed_indices(keep: torch.Tensor, n_tokens: int) -> torch.Tensor:

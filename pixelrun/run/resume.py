@@ -221,6 +221,8 @@ def init_weights(st: TrainState, path: Path, ctx: DistContext | None = None) -> 
     notes = list(st.ema.notes)
     if any(k.startswith("repa_projector.") for k in missing):
         notes.append("REPA projector: not in the checkpoint, starting from a fresh one")
+    if any(k.startswith("denoiser.sprint.") for k in missing):  # a TREAD or dense source of a SPRINT run
+        notes.append("SPRINT fusion and mask token: not in the checkpoint, starting from fresh ones")
     return notes
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from pixelrun.infra import checkpoint as ckpt
 from pixelrun.infra.distributed import DistContext, process_group
 from pixelrun.infra.grids import save_grid
 from pixelrun.infra.locks import folder_lock
+from pixelrun.infra.progress import progress
 from pixelrun.infra.records import RunSummary
 from pixelrun.infra.tracking import Tracker
 from pixelrun.model.text import text_encoder
@@ -122,6 +122,9 @@ class Run:
     wrote: bool = False  # whether this session wrote a checkpoint
     said_unsaved: bool = False  # a checkpoint skipped while unhealthy was said (once per episode)
     norm: float = 0.0  # the global weight norm at the last checkpoint due
+    # (step, training seconds) when this session started, and whether its wall-time estimate was said
+    session_start: tuple[int, float] = (0, 0.0)
+    said_estimate: bool = False
 
     def say(self, *lines: str) -> None:
         if self.ctx.is_main:
@@ -206,18 +209,12 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
     cfg, stopped = run.cfg, None
     with (
         StopFlag() as stop,
-        tqdm(
-            total=cfg.train.steps,
-            initial=run.step,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            file=sys.stderr,
-            disable=not run.ctx.is_main,
+        progress(
+            total=cfg.train.steps, initial=run.step, desc="train", unit="step", disable=not run.ctx.is_main
         ) as bar,
     ):
         run.st.model.train()
-        since = (run.step, run.train_seconds, [False])  # this session's start, for one time estimate
+        run.session_start = (run.step, run.train_seconds)
         for stage_index, (_, s1, scfg) in enumerate(run.plan):
             if run.step >= s1:
                 continue
@@ -239,7 +236,7 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
                 run.train_seconds += time.time() - began
                 after_step(run, scfg)
                 if logged:
-                    say_estimate(run, since)
+                    say_estimate(run)
                     run.clock = (time.time(), run.step)  # images/s measures training, not grids or saves
                 stopped = should_stop(run.ctx, stop, stop_at_step, run.step, run.t0, cfg, check_now=logged)
             close_stage(run)
@@ -248,11 +245,11 @@ def train_stages(run: Run, stop_at_step: int | None) -> int | str | None:
     return stopped
 
 
-def say_estimate(run: Run, since: tuple[int, float, list[bool]]) -> None:
+def say_estimate(run: Run) -> None:
     """Once a session, at its first logged step past its first: the wall time the rest will take."""
-    step0, seconds0, said = since
-    if not said[0] and run.step - step0 >= 2 and run.step < run.cfg.train.steps:
-        said[0] = True
+    step0, seconds0 = run.session_start
+    if not run.said_estimate and run.step - step0 >= 2 and run.step < run.cfg.train.steps:
+        run.said_estimate = True
         run.say(estimate_line(run.step - step0, run.train_seconds - seconds0, run.cfg.train.steps - run.step))
 
 

@@ -9,6 +9,8 @@ prompt, seed (`generator=torch.Generator().manual_seed(seed)`), steps and CFG sc
 `pixelrun sample`.
 
 What the pipeline cannot express is refused with one error naming the config key:
+- `routing.kind=sprint`: SPRINT's fusion Linear and mask token (pixelrun/model/sprint.py) run at
+  sampling, and `PRXTransformer2DModel` has no place for them.
 - `sample.spacing=linear`: the pipeline calls `scheduler.set_timesteps(steps)`, whose grid is our
   "diffusers" spacing; no scheduler setting gives the linear one for every step count.
 - `objective.t_clamp` other than 0.05: the pipeline converts x-predictions to velocities with a
@@ -16,8 +18,11 @@ What the pipeline cannot express is refused with one error naming the config key
 - a text encoder that is not a standalone transformers model (an encoder taken out of an
   encoder-decoder model by `get_encoder()`).
 Not refused, but worth knowing: the pipeline guides only with classic CFG (no self-guidance), and
-it cleans prompts with ftfy and HTML unescaping before tokenizing (we do not), so prompts that this
-cleaning changes (surrounding spaces, HTML entities, mojibake) encode differently.
+it cleans prompts with ftfy and HTML unescaping before tokenizing; pixelrun does the same for the
+Qwen3-VL tower and T5Gemma (pixelrun/model/text.py, prompt_cleaner), not for other encoders, whose
+prompts that this cleaning changes (surrounding spaces, HTML entities, mojibake) encode differently.
+The text encoder is written under its own parameter names (checked after writing), so a Qwen3-VL
+tower taken out of the full Qwen3-VL checkpoint loads as the `Qwen3VLTextModel` it is.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from pixelrun.config import Config, ConfigError, to_yaml
+from pixelrun.config import Config, ConfigError, RunFailed, to_yaml
 from pixelrun.infra.checkpoint import atomic_dir, refuse_nonfinite
 
 #: The clamp of t in the x -> velocity conversion that PRXPixelPipeline hard-codes.
@@ -37,6 +42,12 @@ NUM_TRAIN_TIMESTEPS = 1000  # what sampling.time_grid assumes for the "diffusers
 def check_config(cfg: Config) -> None:
     """Raise ConfigError (one line, naming the key) for settings PRXPixelPipeline cannot reproduce;
     needs no weights, so the CLI calls it before loading anything."""
+    if cfg.routing.kind == "sprint":  # no override helps: the fusion is part of the trained model
+        raise ConfigError(
+            "routing.kind",
+            "sprint adds a fusion Linear and a mask token after the routed span, which diffusers' "
+            "PRXTransformer2DModel cannot hold: a SPRINT model cannot be exported as a PRXPixelPipeline",
+        )
     if cfg.sample.spacing != "diffusers":
         raise ConfigError(
             "sample.spacing",
@@ -123,6 +134,25 @@ def to_diffusers_transformer(model):
     return ref
 
 
+def _check_text_encoder_names(folder: Path, text_model) -> None:
+    """Every tensor written for the text encoder must be one of its parameters by name: the pipeline
+    loads it with the class's from_pretrained, which would leave parameters under another name
+    randomly initialised without an error (tied copies may be written once, so a subset)."""
+    from safetensors import safe_open
+
+    written: set[str] = set()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            written.update(sf.keys())
+    foreign = sorted(written - set(text_model.state_dict()))
+    if foreign or not written:  # the export is not swapped in: the target stays as it was
+        raise RunFailed(
+            f"export refused: the text encoder was written under names its class does not load, e.g. {foreign[:2]}"
+            if foreign
+            else f"export refused: no text encoder weights were written in {folder}"
+        )
+
+
 def _cpu_fp32_copy(model):
     """The model itself when it already is fp32 on the CPU (no second copy of a large model)."""
     import copy
@@ -155,5 +185,6 @@ def export_diffusers(model, encoder, cfg: Config, out: str | Path, marker: dict 
     with atomic_dir(out, marker) as tmp:
         # diffusers' lazy top-level module shows mypy a class without DiffusionPipeline's methods
         pipe.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[attr-defined]
+        _check_text_encoder_names(tmp / "text_encoder", encoder.model)
         (tmp / "pixelrun_config.yaml").write_text(to_yaml(cfg))  # provenance and sampling defaults
     return Path(out)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from pixelrun.config import Config, ema_decays, model_fields, stage_plan, to_dict, with_overrides
-from pixelrun.model.denoiser import ModelConfig, build_model
+from pixelrun.model.denoiser import ModelConfig, model_from_config
 from pixelrun.tricks import repa, routing
 from pixelrun.tricks.table import WITH_NETWORKS, LossNetworks
 
@@ -57,7 +57,7 @@ def measured_step_flops(cfg: Config, loss_nets: LossNetworks, device, text_dim: 
     from pixelrun.diffusion.draws import step_draws
     from pixelrun.training.step import compute_losses
 
-    model = build_model(cfg.model.preset, text_dim, **model_fields(cfg)).to(device)
+    model = model_from_config(cfg, text_dim).to(device)
     res = cfg.data.resolution
     images = torch.randint(0, 256, (1, 3, res, res), dtype=torch.uint8, device=device)
     text = torch.randn(1, text_tokens, text_dim, device=device)
@@ -81,7 +81,7 @@ def extra_ema_flops_per_image(cfg: Config, text_dim: int, global_batch: int | No
     if extra == 0:
         return 0.0
     with torch.device("meta"):  # counted without allocating (the speedrun model is 1.2B parameters)
-        params = sum(p.numel() for p in build_model(cfg.model.preset, text_dim, **model_fields(cfg)).parameters())
+        params = sum(p.numel() for p in model_from_config(cfg, text_dim).parameters())
     batch = global_batch or cfg.train.global_batch_size or cfg.train.batch_size
     return float(extra * LERP_FLOPS * params) / (cfg.ema.every * batch)
 

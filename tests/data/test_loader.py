@@ -299,6 +299,8 @@ def test_ctrl_c_with_workers_saves_exits_cleanly_and_resumes(tmp_path, tiny_enco
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
     assert "stopped by SIGINT" in out and "Traceback" not in err and "DataLoader" not in err, err[-2000:]
+    # stderr was a pipe: the bar as plain lines, no redraws or cursor moves (pixelrun/infra/progress.py)
+    assert "\r" not in err and "\x1b[" not in err and "train: " in err, repr(err[-2000:])
     until(lambda: not _group_alive(proc.pid), "the run's worker processes ending after it")  # none outlived it
     step = ckpt.load_meta(ckpt.latest_checkpoint(run)).step
     assert step >= 3

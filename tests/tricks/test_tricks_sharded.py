@@ -1,9 +1,10 @@
 """Contrastive flow matching and iREPA under FSDP2 (torchrun, 2 gloo ranks on the CPU):
 
-- the rehearsal's all-features variant (`pixelrun train --rehearse`: TREAD with the attention
+- the rehearsal's all-features variant (`pixelrun train --rehearse`: SPRINT with the attention
   projector on the kept tokens, spatial normalisation, the contrastive term, LPIPS, P-DINO, Muon,
-  self-guided grids, an evaluation between checkpoints) runs on 2 ranks and its own resume check
-  finds the resumed run equal to the uninterrupted one;
+  two EMAs, grids by Heun with path-drop guidance in an interval, an evaluation between checkpoints)
+  runs on 2 ranks and its own resume check finds the resumed run equal to the uninterrupted one (TREAD
+  with self-guidance: the speedrun rehearsal, tests/run/test_rehearsal.py);
 - the conv projector, sharded with the model, trains as on one rank: 2 ranks x micro-batch 4 equal
   1 rank x 4 x 2 accumulation steps (the same micro-batches, so the same contrastive pairs: the
   term rolls each micro-batch), losses and weights, the projector's included.
@@ -45,13 +46,17 @@ def test_all_features_rehearsal_on_two_ranks_resumes_exactly(tmp_path, tiny_enco
     extra = {
         **SWITCHES,
         "routing.ratio": 0.5,
+        "routing.kind": "sprint",
         "repa.projector": "attention",
         "perceptual.lpips_weight": 0.1,
         "perceptual.lpips_scale": 1.0,
         "perceptual.dino_weight": 0.01,
         "optimizer.name": "muon",
-        "sample.guidance_mode": "self",
+        "sample.guidance_mode": "pathdrop",
         "sample.guidance": 2.0,
+        "sample.sampler": "heun",
+        "sample.guidance_interval": "[0.1,0.9]",
+        "ema.decays": "[0.9,0.99]",
     }
     out = _torchrun(["train", "--rehearse", *tiny_overrides(run, tiny_encoder_dir, **extra)]).stdout
     assert "yes, the resumed run is the uninterrupted one" in out
@@ -60,7 +65,7 @@ def test_all_features_rehearsal_on_two_ranks_resumes_exactly(tmp_path, tiny_enco
     rows = _rows(rehearsal)
     assert len(rows) == 10 and all(r["contrastive"] < 0 and -1 <= r["repa"] <= 1 for r in rows)
     keys = ckpt.saved_keys(ckpt.latest_checkpoint(rehearsal))
-    assert "model.repa_projector.q.weight" in keys
+    assert {"model.repa_projector.q.weight", "model.denoiser.sprint.mask_token"} <= keys
 
 
 def test_conv_projector_sharded_on_two_ranks_trains_as_on_one(tmp_path, tiny_encoder_dir):
