@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 
 from pixelrun.config.errors import ConfigError
+from pixelrun.config.rules import LORA_DEFAULT_TARGETS
 
 
 @dataclass
@@ -158,16 +159,7 @@ class LoRAConfig:
     alpha: float | None = None  # the adapters' output is scaled by alpha / rank; null = rank (a scale of 1)
     # The linears of each transformer block that get adapters, by their name inside the block
     # (pixelrun/config/rules.py, LORA_TARGETS, lists them): the attention's and the MLP's by default
-    targets: list[str] = field(
-        default_factory=lambda: [
-            "attention.img_qkv_proj",
-            "attention.txt_kv_proj",
-            "attention.to_out.0",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
+    targets: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
 
 
 @dataclass
