@@ -81,19 +81,11 @@ def add_parser(subparsers) -> None:
 
 
 def _read_prompts(args) -> list[str]:
+    from pixelrun.infra.prompts import read_prompts_file
+
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        try:
-            text = Path(args.prompts_file).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError("--prompts-file", f"cannot read {args.prompts_file}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(
-                "--prompts-file", f"{args.prompts_file} is not a UTF-8 text file (one prompt per line)"
-            ) from None
-        if "\x00" in text:
-            raise ConfigError("--prompts-file", f"{args.prompts_file} holds NUL bytes: not a text file of prompts")
-        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+        prompts += read_prompts_file(args.prompts_file, "--prompts-file")
     if not prompts:
         raise ConfigError("--prompt", "give at least one prompt (--prompt TEXT, repeatable, or --prompts-file FILE)")
     return prompts
@@ -178,7 +170,7 @@ def _run(args) -> int:
     if h % p or w % p:
         raise ConfigError("--size", f"{w}x{h} (WxH) is not a multiple of the patch size {p}")
     seed = cfg.sample.seed
-    with progress(total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="sample", unit="step") as bar:
+    with progress(total=cfg.sample.steps, desc="sample", unit="step") as bar:
         images = generate(
             model, encoder, prompts, cfg, next(model.parameters()).device, seed=seed, height=h, width=w, progress=bar
         )

@@ -48,15 +48,15 @@ REPA_PROJECTORS = ("mlp", "conv", "attention")  # pixelrun/tricks/repa.py, `buil
 SAMPLERS = ("euler", "heun")  # pixelrun/diffusion/sampling.py, `sample`
 #: the linears of a transformer block (pixelrun/model/denoiser.py, `Block`) train.lora.targets may
 #: name, by their name inside the block; diffusers' PRXTransformer2DModel names them the same
-LORA_TARGETS = (
+LORA_DEFAULT_TARGETS = (  # the attention's and the MLP's
     "attention.img_qkv_proj",
     "attention.txt_kv_proj",
     "attention.to_out.0",
     "gate_proj",
     "up_proj",
     "down_proj",
-    "modulation.lin",
 )
+LORA_TARGETS = (*LORA_DEFAULT_TARGETS, "modulation.lin")
 
 #: every evaluation metric, with what it is (the names eval.metrics accepts)
 METRICS = {

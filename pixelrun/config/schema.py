@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 
 from pixelrun.config.errors import ConfigError
+from pixelrun.config.rules import LORA_DEFAULT_TARGETS
 
 
 @dataclass
@@ -67,6 +68,16 @@ class DataConfig:
     # source=folder: an image with no caption is skipped and counted (skip), or trained on with the
     # empty caption (empty), as caption dropout trains the unconditional branch
     uncaptioned: str = "skip"
+    # Held-out images for the evaluations and the validation loss, never trained on: a folder
+    # (source=folder) or shards (source=shards), read as data.path is. null = for a folder, a seeded
+    # choice of data.val_count of its captioned images (below); for shards, the first items of the
+    # training stream (also trained on).
+    val_path: str | None = None
+    # source=folder without val_path: images of data.path held out, chosen by eval.seed (the same on
+    # resume and on every rank); null = as many as the evaluations use (eval.prompts, eval.val_images),
+    # at most half the folder; 0 = none (the evaluations compare with the folder's first images, which
+    # it trains on)
+    val_count: int | None = None
 
 
 @dataclass
@@ -155,16 +166,7 @@ class LoRAConfig:
     alpha: float | None = None  # the adapters' output is scaled by alpha / rank; null = rank (a scale of 1)
     # The linears of each transformer block that get adapters, by their name inside the block
     # (pixelrun/config/rules.py, LORA_TARGETS, lists them): the attention's and the MLP's by default
-    targets: list[str] = field(
-        default_factory=lambda: [
-            "attention.img_qkv_proj",
-            "attention.txt_kv_proj",
-            "attention.to_out.0",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
+    targets: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
 
 
 @dataclass
@@ -299,6 +301,9 @@ class SampleConfig:
     shift: float = 3.0  # time shift of the sampling grid (the diffusers scheduler's shift)
     seed: int = 0  # noise seed of the sample grids and of `pixelrun sample`
     grid_prompts: int = 8  # held-out prompts in each sample grid; 0 = no grids
+    # A UTF-8 text file, one prompt a line: the sample grids' prompts instead of held-out captions
+    # (at most 64 lines; sample.grid_prompts=0 still turns the grids off)
+    prompts_file: str | None = None
 
 
 @dataclass
@@ -309,8 +314,12 @@ class EvalConfig:
     every: int = 0  # also evaluate every N steps during training (0 = only at the end)
     seed: int = 1234  # shapes data: the "eval"-split seed the captions (and real images) come from
     # Any of shapes (the shapes score; skipped in training on other data), fd-effnet (EfficientNet-Lite0
-    # Fréchet distance, offline), fid (needs fid_weights), cmmd (clip_model), dino-mmd (dino_model).
-    metrics: list[str] = field(default_factory=lambda: ["shapes"])
+    # Fréchet distance, offline), fid (needs fid_weights), cmmd (clip_model), dino-mmd (dino_model), or
+    # auto: the data's own, the shapes score on shapes data and fd-effnet on any other.
+    metrics: list[str] = field(default_factory=lambda: ["auto"])
+    # A UTF-8 text file, one prompt a line: the evaluations generate for its first eval.prompts lines
+    # instead of the held-out captions (the real side stays the held-out images); not with the shapes score
+    prompts_file: str | None = None
     fid_weights: str | None = None  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)
     clip_model: str = "openai/clip-vit-large-patch14-336"  # CMMD's CLIP: a local path or hub id
     # DINO-MMD's DINOv2, a local path or hub id, and the side its input is resized to. PRX's callback:

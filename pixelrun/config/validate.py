@@ -92,6 +92,25 @@ def _validate_data(cfg: Config) -> None:
     _choice("data.uncaptioned", d.uncaptioned, ("skip", "empty"))
     if not 1 <= d.max_shapes <= 6:
         raise ConfigError("data.max_shapes", f"must be between 1 and 6 (six colours); got {d.max_shapes}")
+    _validate_held_out(cfg)
+
+
+def _validate_held_out(cfg: Config) -> None:
+    """data.val_path and data.val_count: a held-out set of the user's own, for the sources that read one."""
+    d = cfg.data
+    if d.val_path is not None and d.source not in ("folder", "shards"):
+        raise ConfigError(
+            "data.val_path", f"only data.source=folder or shards reads a held-out set; {d.source} holds out its own"
+        )
+    if d.val_path is not None and not d.val_path:
+        raise ConfigError("data.val_path", "is empty; give a folder or shards, or null")
+    if d.val_count is None:
+        return
+    if d.source != "folder":
+        raise ConfigError("data.val_count", f"chooses held-out images of a folder; data.source is {d.source}")
+    if d.val_path is not None:
+        raise ConfigError("data.val_count", "the held-out images come from data.val_path: set one of the two")
+    _positive("data.val_count", d.val_count, allow_zero=True)
 
 
 def _validate_text(cfg: Config) -> None:
@@ -329,7 +348,10 @@ def _validate_eval(cfg: Config) -> None:
     _positive("eval.prompts", ev.prompts, allow_zero=True)
     _positive("eval.every", ev.every, allow_zero=True)
     for i, name in enumerate(ev.metrics):
-        _choice(f"eval.metrics[{i}]", name, tuple(METRICS))
+        _choice(f"eval.metrics[{i}]", name, ("auto", *METRICS))
+    for key, path in (("eval.prompts_file", ev.prompts_file), ("sample.prompts_file", cfg.sample.prompts_file)):
+        if path is not None and not path.strip():
+            raise ConfigError(key, "is empty; give a text file of prompts, one a line, or null")
     _positive("eval.dino_mmd_sigma", ev.dino_mmd_sigma)
     _positive("eval.dino_mmd_scale", ev.dino_mmd_scale)
     _positive("eval.dino_resolution", ev.dino_resolution)

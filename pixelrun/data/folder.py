@@ -7,6 +7,8 @@ run, so loading returns None instead of raising, and the batch source skips, cou
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps
 
+from pixelrun.config import ConfigError
 from pixelrun.data import Batch, NoUsableData
 from pixelrun.data.batching import BucketedBatchSource
 from pixelrun.data.buckets import resize_to_bucket, stack_images, to_array
@@ -213,6 +216,35 @@ class ImageFolder:
     def load(self, i: int, target: tuple[int, int] | None = None) -> Image.Image | None:
         return load_rgb(self.paths[i], self.max_pixels, target)
 
+    def only(self, keep) -> ImageFolder:
+        """The same folder restricted to items `keep` (indices, in the order given): a held-out set, or
+        the training set without it. Counts of the walk (missing captions, malformed lines) stay."""
+        part = copy.copy(self)
+        part.paths = [self.paths[i] for i in keep]
+        part.captions = [self.captions[i] for i in keep]
+        part._sizes = {}
+        return part
+
+    def without(self, paths) -> ImageFolder:
+        """The folder less the items at `paths` (what a held-out split takes away from training)."""
+        drop = set(paths)
+        return self.only([i for i, p in enumerate(self.paths) if p not in drop])
+
+
+def seeded_split(folder: ImageFolder, count: int, seed: int) -> list[int]:
+    """The indices (ascending) of `count` items of `folder` held out by `seed`: those whose hash of
+    (seed, path relative to the root) is smallest. It depends on nothing but the seed and the names,
+    so every rank and every resumed session holds out the same images; an image added to the folder
+    moves at most one other out of the held-out set, instead of reshuffling it whole."""
+    if count <= 0:
+        return []
+
+    def rank(i: int) -> bytes:
+        name = folder.paths[i].relative_to(folder.root).as_posix()
+        return hashlib.sha256(f"{seed}:{name}".encode()).digest()
+
+    return sorted(sorted(range(len(folder)), key=rank)[:count])
+
 
 class FolderBatchSource(BucketedBatchSource):
     """Infinite, deterministic, resumable batches from an ImageFolder, one aspect bucket per batch.
@@ -302,6 +334,14 @@ class FolderBatchSource(BucketedBatchSource):
         }
 
     def _load_position(self, state: dict) -> None:
+        saved_n = state["check"].get("n")
+        if saved_n != len(self.folder) and {**state["check"], "n": len(self.folder)} == self._check():
+            raise ConfigError(
+                "data.val_count",
+                f"the checkpoint trained on {saved_n} images of {self.folder.root}, {len(self.folder)} train now: "
+                f"images were added or removed, or the held-out split changed (data.val_count, or when it is null "
+                f"eval.prompts / eval.val_images); set them as they were, or start a new run.dir",
+            )
         if state["check"] != self._check():
             raise ValueError(f"state was saved with different settings: {state['check']} vs {self._check()}")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

@@ -8,6 +8,7 @@ in image decoders and tar readers that the shapes default never needs."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -143,6 +144,76 @@ def _path(cfg: Config) -> str:
 def _folder_check(cfg: Config) -> None:
     if not os.path.isdir(_path(cfg)):
         raise ConfigError("data.path", f"no such folder: {cfg.data.path}")
+    if cfg.data.val_path is not None and not os.path.isdir(cfg.data.val_path):
+        raise ConfigError("data.val_path", f"no such folder: {cfg.data.val_path}")
+    _held_out_indices(cfg)  # a split that leaves nothing to train on fails here, before any work
+
+
+def split_count(cfg: Config) -> int:
+    """How many captioned images of a folder the seeded split holds out (0 for other sources, with
+    data.val_path, or data.val_count=0): data.val_count, or when null as many as the evaluations
+    use (eval.prompts for the metrics, eval.val_images for the validation loss) up to half the folder
+    (an evaluation asking for more than that is refused by its own key, eval.prompts)."""
+    d = cfg.data
+    if d.source != "folder" or d.val_path is not None:
+        return 0
+    if d.val_count is not None:
+        return d.val_count
+    return min(max(cfg.eval.prompts, cfg.eval.val_images), _captioned(_path(cfg)).count // 2)
+
+
+@dataclass(frozen=True)
+class _Captioned:
+    count: int
+    held: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=8)
+def _walk(path: str, stamp: int, count: int | None, seed: int) -> _Captioned:
+    from pixelrun.data.folder import ImageFolder, seeded_split
+
+    try:
+        folder = ImageFolder(path)
+    except ValueError:  # no folder, or nothing captioned in it: building the source says so, by its key
+        return _Captioned(0, ())
+    return _Captioned(len(folder), tuple(seeded_split(folder, min(count or 0, len(folder)), seed)))
+
+
+def _captioned(path: str, count: int | None = None, seed: int = 0) -> _Captioned:
+    """The captioned images of a folder, counted (and the `count` held out by `seed`), walked once
+    per process while the folder's modification time stays (split_count and the key ask often)."""
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        stamp = 0
+    return _walk(os.path.realpath(path), stamp, count, seed)
+
+
+def _held_out_indices(cfg: Config) -> list[int]:
+    """The indices, in the captioned folder data.path, of the images the seeded split holds out."""
+    count = split_count(cfg)
+    if not count:
+        return []
+    captioned = _captioned(_path(cfg), count, cfg.eval.seed)
+    if count >= captioned.count:
+        raise ConfigError(
+            "data.val_count",
+            f"holding out {count} of the {captioned.count} captioned images of {cfg.data.path} leaves none to train "
+            f"on; set data.val_count lower, or a held-out folder with data.val_path",
+        )
+    return list(captioned.held)
+
+
+def _held_out_folder(cfg: Config):
+    """The ImageFolder evaluations read: data.val_path, the seeded split of data.path, or (no split)
+    data.path whole, whose first items are also trained on."""
+    from pixelrun.data.folder import ImageFolder
+
+    if cfg.data.val_path is not None:
+        return ImageFolder(cfg.data.val_path)
+    folder = ImageFolder(_path(cfg))
+    held = _held_out_indices(cfg)
+    return folder.only(held) if held else folder
 
 
 def _folder_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSource:
@@ -151,6 +222,9 @@ def _folder_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSou
     folder = ImageFolder(_path(cfg), keep_uncaptioned=cfg.data.uncaptioned == "empty")
     if say is not None and folder.caption_note:
         say(folder.caption_note)
+    held = _held_out_indices(cfg)
+    if held:  # never trained on: the split's images leave the training folder
+        folder = folder.without(ImageFolder(_path(cfg)).only(held).paths)
     return FolderBatchSource(
         folder, cfg.train.batch_size, image_sizes(cfg), cfg.seed, rank, world_size, min_side=_patch(cfg)
     )
@@ -162,12 +236,12 @@ def _patch(cfg: Config) -> int:
 
 
 def _folder_held_out(cfg: Config, n: int, at_most: bool) -> tuple[np.ndarray, list[str]]:
-    """The first `n` readable items of the folder (all there are, if fewer, with `at_most`)."""
+    """The first `n` readable items of the held-out folder (all there are, if fewer, with `at_most`),
+    skipped as training skips: unreadable files, and sides under the patch."""
     from pixelrun.data.buckets import resize_to_bucket
-    from pixelrun.data.folder import ImageFolder
 
-    path, res = _path(cfg), cfg.data.resolution
-    folder = ImageFolder(path)
+    res = cfg.data.resolution
+    folder = _held_out_folder(cfg)
     images, captions = [], []
     for i in range(len(folder)):
         im = folder.load(i, target=(res, res))
@@ -177,10 +251,27 @@ def _folder_held_out(cfg: Config, n: int, at_most: bool) -> tuple[np.ndarray, li
             if len(images) == n:
                 return np.stack(images), captions
     if not images:
-        raise NoUsableData(f"no image under {path} could be loaded")
+        raise NoUsableData(f"no image under {folder.root} could be loaded")
     if at_most:
         return np.stack(images), captions
-    raise ConfigError("eval.prompts", f"{path} has {len(images)} readable captioned images, {n} asked for")
+    more = (
+        ""
+        if cfg.data.val_path is not None
+        else "; lower eval.prompts, or hold out more (data.val_count) or a folder (data.val_path)"
+    )
+    raise ConfigError(
+        "eval.prompts",
+        f"the held-out set of {folder.root} has {len(images)} readable captioned images, {n} asked for{more}",
+    )
+
+
+def _folder_key(cfg: Config) -> str:
+    """What fixes a folder run's held-out images: the folder, and the split when there is one."""
+    if cfg.data.val_path is not None:
+        return f"folder:{os.path.realpath(cfg.data.val_path)}"
+    count = split_count(cfg)
+    split = f":heldout{count}-seed{cfg.eval.seed}" if count else ""
+    return f"folder:{os.path.realpath(_path(cfg))}{split}"
 
 
 def _folder_grid(cfg: Config, source) -> list[str]:
@@ -193,10 +284,12 @@ def _folder_grid(cfg: Config, source) -> list[str]:
 def _shards_check(cfg: Config) -> None:
     from pixelrun.data.shards import expand_shards
 
-    try:
-        expand_shards(_path(cfg))
-    except FileNotFoundError as e:
-        raise ConfigError("data.path", str(e)) from None
+    for key, path in (("data.path", _path(cfg)), ("data.val_path", cfg.data.val_path)):
+        try:
+            if path is not None:
+                expand_shards(path)
+        except FileNotFoundError as e:
+            raise ConfigError(key, str(e)) from None
 
 
 def _shards_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSource:
@@ -214,6 +307,12 @@ def _shards_build(cfg: Config, rank: int, world_size: int, say: Say) -> BatchSou
         text_encoder=(encoder_fingerprint(cfg.text.encoder), cfg.text.max_tokens),
         min_side=_patch(cfg),
     )
+
+
+def _shards_key(cfg: Config) -> str:
+    if cfg.data.val_path is not None:  # read from its start, in eval.seed's order (pixelrun/evaluation/heldout.py)
+        return f"shards:{cfg.data.val_path}:seed{cfg.eval.seed}"
+    return f"shards:{cfg.data.path}:seed{cfg.seed}"
 
 
 def _shards_grid(cfg: Config, source) -> list[str]:
@@ -242,14 +341,12 @@ SOURCES: dict[str, SourceKind] = {
         "folder",
         _folder_build,
         _folder_grid,
-        lambda cfg: f"folder:{os.path.realpath(_path(cfg))}",
+        _folder_key,
         held_out=_folder_held_out,
         check=_folder_check,
     ),
-    # held out: the start of the training stream (shards carry no split of their own)
-    "shards": SourceKind(
-        "shards", _shards_build, _shards_grid, lambda cfg: f"shards:{cfg.data.path}:seed{cfg.seed}", check=_shards_check
-    ),
+    # held out: data.val_path's shards, or the start of the training stream (shards carry no split)
+    "shards": SourceKind("shards", _shards_build, _shards_grid, _shards_key, check=_shards_check),
 }
 
 
@@ -264,7 +361,89 @@ def check_paths(cfg: Config) -> None:
     that one batch of images fits in this machine's memory. Called before any work."""
     check_batch_memory(cfg)
     source_kind(cfg).check(cfg)
+    check_prompt_files(cfg)
     check_wandb(cfg)
+
+
+GRID_MAX_PROMPTS = 64  # a grid of more grows too tall to open (`pixelrun sample` caps its grid.png the same)
+
+
+def check_prompt_files(cfg: Config) -> None:
+    """sample.prompts_file and eval.prompts_file readable, UTF-8, and long enough for their use."""
+    from pixelrun.infra.prompts import read_prompts_file
+
+    if cfg.sample.prompts_file is not None:
+        lines = read_prompts_file(cfg.sample.prompts_file, "sample.prompts_file")
+        if len(lines) > GRID_MAX_PROMPTS:
+            raise ConfigError(
+                "sample.prompts_file",
+                f"{cfg.sample.prompts_file} holds {len(lines)} prompts; a sample grid shows at most {GRID_MAX_PROMPTS}",
+            )
+    if cfg.eval.prompts_file is not None:
+        eval_prompts(cfg)
+
+
+def eval_prompts(cfg: Config) -> list[str]:
+    """The first eval.prompts lines of eval.prompts_file (which must hold that many)."""
+    from pixelrun.infra.prompts import read_prompts_file
+
+    path = cfg.eval.prompts_file
+    assert path is not None
+    lines = read_prompts_file(path, "eval.prompts_file")
+    if len(lines) < cfg.eval.prompts:
+        raise ConfigError(
+            "eval.prompts_file", f"{path} holds {len(lines)} prompts, eval.prompts={cfg.eval.prompts} asked for"
+        )
+    return lines[: cfg.eval.prompts]
+
+
+def grid_prompts(cfg: Config, source) -> list[str]:
+    """The sample grids' prompts: every line of sample.prompts_file, or the source's held-out ones;
+    none when sample.grid_prompts is 0 (no grids)."""
+    from pixelrun.infra.prompts import read_prompts_file
+
+    if not cfg.sample.grid_prompts:
+        return []
+    if cfg.sample.prompts_file is not None:
+        return read_prompts_file(cfg.sample.prompts_file, "sample.prompts_file")
+    return source_kind(cfg).grid_prompts(cfg, source)
+
+
+def describe_held_out(cfg: Config) -> str | None:
+    """The held-out set of a folder or shards run, in one line for its start (None for shapes and
+    emoji, whose held-out splits are built in)."""
+    d = cfg.data
+    never = "never trained on"
+    if d.source == "folder" and d.val_path is not None:
+        from pixelrun.data.folder import ImageFolder
+
+        return (
+            f"held out: folder {d.val_path}: {len(ImageFolder(d.val_path))} captioned images (data.val_path), {never}"
+        )
+    if d.source == "folder":
+        count = split_count(cfg)
+        if not count:
+            return (
+                "held out: none (data.val_count=0): the evaluations compare with the first images of the folder, "
+                "which it trains on"
+            )
+        why = (
+            f"data.val_count={count}"
+            if d.val_count is not None
+            else "data.val_count null: as many as the evaluations use, at most half"
+        )
+        return (
+            f"held out: {count} of the {_captioned(_path(cfg)).count} captioned images of {d.path}, chosen by "
+            f"eval.seed={cfg.eval.seed} ({why}), {never}"
+        )
+    if d.source == "shards":
+        if d.val_path is not None:
+            return f"held out: shards {d.val_path} (data.val_path), {never}"
+        return (
+            "held out: none: the evaluations compare with the first items of the training shards, which it trains "
+            "on (data.val_path=SHARDS sets a held-out set)"
+        )
+    return None
 
 
 GiB = 1 << 30

@@ -29,7 +29,9 @@ def generate(
     progress=None,
 ) -> np.ndarray:
     """uint8 [N, H, W, 3] images. Prompts are sampled in chunks; chunk k uses seed + k, so a single
-    call with at most `chunk` prompts draws its noise exactly as diffusers' pipeline does."""
+    call with at most `chunk` prompts draws its noise exactly as diffusers' pipeline does.
+    `progress` (a tqdm bar) counts each chunk's sampling steps, restarted per chunk and naming its
+    images, so that it reads as the configured steps (25/25, not 50/50 for two chunks of 25)."""
     s = cfg.sample
     height = height or cfg.data.resolution
     width = width or cfg.data.resolution
@@ -37,6 +39,9 @@ def generate(
     amp = autocast_dtype(cfg, torch.device(device))
     out = []
     for k in range(0, len(prompts), chunk):
+        if progress is not None and len(prompts) > chunk:
+            progress.reset(total=steps or s.steps)
+            progress.set_postfix_str(f"images {k + 1}-{min(k + chunk, len(prompts))} of {len(prompts)}")
         text, mask = (a.to(device) for a in encoder.encode(prompts[k : k + chunk]))
         images = sample(
             model,

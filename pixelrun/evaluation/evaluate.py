@@ -3,6 +3,7 @@ captions (docs/recipe.md "Evaluation"), and the shapes score of docs/recipe.md.
 
 Metrics (``eval.metrics``; ``pixelrun eval 'eval.metrics=[...]'``):
 
+* ``auto`` (the default): the data's own, the shapes score on shapes data and fd-effnet on any other.
 * ``shapes``: the shapes score; needs no real images, only the shapes data's captions.
 * ``fd-effnet``: the Fréchet distance on EfficientNet-Lite0 features (offline; NOT FID).
 * ``fid``: FID, the Fréchet distance on pytorch-fid's Inception-v3 (``eval.fid_weights``).
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from pixelrun.config import Config, ConfigError, to_dict, with_overrides
-from pixelrun.data.sources import source_kind
+from pixelrun.data.sources import eval_prompts, source_kind
 from pixelrun.diffusion.generate import evaluations_per_image, generate
 from pixelrun.evaluation.heldout import dataset_key, held_out_captions, real_images_and_prompts
 
@@ -39,10 +40,18 @@ OFFLINE_DEFAULT_METRICS = ["fd-effnet"]
 _FRECHET = ("fd-effnet", "fid")  # compared through (mu, sigma); the MMDs need every real embedding
 
 
+def resolve_metrics(cfg: Config, metrics: list[str] | None = None) -> list[str]:
+    """``metrics`` (default: eval.metrics) with ``auto`` replaced by the data's own measure: the shapes
+    score on shapes data (which costs nothing but sampling), the offline fd-effnet on any other."""
+    own = "shapes" if source_kind(cfg).shapes_captions else OFFLINE_DEFAULT_METRICS[0]
+    names = cfg.eval.metrics if metrics is None else metrics
+    return list(dict.fromkeys(own if m == "auto" else m for m in names))
+
+
 def applicable_metrics(cfg: Config) -> list[str]:
-    """``eval.metrics`` as they apply to this config's data: the shapes score is dropped on other data
-    (it parses shapes captions), so the default ``[shapes]`` means nothing heavy, everywhere."""
-    return [m for m in cfg.eval.metrics if m != "shapes" or source_kind(cfg).shapes_captions]
+    """``eval.metrics`` as they apply to this config's data: ``auto`` resolved, and the shapes score
+    dropped on other data (it parses shapes captions) where a list names it explicitly."""
+    return [m for m in resolve_metrics(cfg) if m != "shapes" or source_kind(cfg).shapes_captions]
 
 
 def cli_default_metrics(cfg: Config) -> list[str]:
@@ -56,8 +65,15 @@ def check_metrics(cfg: Config, metrics: list[str], key: str = "eval.metrics") ->
     """What can be checked without loading anything: the shapes score on shapes data, enough samples
     for a covariance, and the network of each metric named (and, if it is a path, present; if it is
     a hub id, cached or reachable)."""
+    metrics = resolve_metrics(cfg, metrics)
     if "shapes" in metrics and not source_kind(cfg).shapes_captions:
         raise ConfigError(key, f"the shapes score needs data.source=shapes, this run's is {cfg.data.source}")
+    if "shapes" in metrics and cfg.eval.prompts_file is not None:
+        raise ConfigError(
+            "eval.prompts_file",
+            "the shapes score grades images of the held-out shapes captions it draws; leave eval.prompts_file "
+            "null, or evaluate with another metric ('eval.metrics=[fd-effnet]')",
+        )
     if any(m in _FRECHET for m in metrics) and cfg.eval.prompts < 2:
         raise ConfigError(
             "eval.prompts",
@@ -209,9 +225,9 @@ def sample_size_warnings(metrics: list[str], networks: dict, n: int) -> list[str
 
 
 def _bar(enabled: bool, **kwargs):
-    from tqdm import tqdm
+    from pixelrun.infra.progress import progress
 
-    return tqdm(disable=not enabled, leave=False, file=sys.stderr, dynamic_ncols=True, **kwargs)
+    return progress(disable=not enabled, leave=False, **kwargs)
 
 
 class Evaluator:
@@ -236,8 +252,11 @@ class Evaluator:
         progress: bool = False,
         key: str = "eval.metrics",
     ):
+        metrics = resolve_metrics(cfg, metrics)
         check_metrics(cfg, metrics, key)
         self.metrics, self.device, self.compute, self.progress = list(metrics), torch.device(device), compute, progress
+        # eval.prompts_file: the captions generated for; the real side stays the held-out images
+        self.own_prompts = eval_prompts(cfg) if cfg.eval.prompts_file is not None else None
         self.networks = load_metric_networks(cfg, metrics, self.device) if compute else {}
         self._data: dict[tuple, tuple[np.ndarray | None, list[str]]] = {}
         self._real: dict[tuple, object] = {}
@@ -303,7 +322,11 @@ class Evaluator:
                 )
         return self._real[key]
 
-    def _metric(self, metric: str, cfg: Config, images: np.ndarray, prompts: list[str], real: np.ndarray | None):
+    def _metric(
+        self, metric: str, cfg: Config, images: np.ndarray, prompts: list[str], real: np.ndarray | None, captions
+    ):
+        """``metric`` of ``images`` (generated for ``prompts``) against the real side of the held-out
+        images, whose ``captions`` name it in the cache."""
         from pixelrun.evaluation.metrics import feature_stats, frechet_distance, image_features, mmd
 
         if metric == "shapes":
@@ -311,7 +334,7 @@ class Evaluator:
 
             each = score_each(list(images), prompts)
             return {**{k: float(np.mean(v)) for k, v in each.items()}, "n": len(prompts)}, each
-        reference = self._reference(metric, cfg, real, prompts)
+        reference = self._reference(metric, cfg, real, captions)
         with _bar(self.progress, total=len(images), desc=f"eval: generated images, {metric}", unit="img") as bar:
             fake = image_features(self.networks[metric], images, progress=bar)
         if metric in _FRECHET:
@@ -327,26 +350,25 @@ class Evaluator:
         metrics that have one (the shapes score's measures): what paired comparisons resample."""
         from pixelrun.evaluation.shapes_score import real_image_sanity
 
-        real, prompts = self._real_data(cfg)
+        real, captions = self._real_data(cfg)
+        prompts = captions if self.own_prompts is None else self.own_prompts[: cfg.eval.prompts]
         was_training = model.training
         model.eval()
-        with _bar(
-            self.progress, total=cfg.sample.steps * ((len(prompts) + 31) // 32), desc="eval: generate", unit="step"
-        ) as bar:
+        with _bar(self.progress, total=cfg.sample.steps, desc="eval: generate", unit="step") as bar:
             images = generate(model, encoder, prompts, cfg, self.device, seed=sample_seed, progress=bar)
         model.train(was_training)
         if not self.compute:
-            self._data[self._data_key(cfg)] = (None, prompts)  # this rank only needs the captions
+            self._data[self._data_key(cfg)] = (None, captions)  # this rank only needs the captions
             return None
         values, per_prompt = {}, {}
         for m in self.metrics:
-            value = self._metric(m, cfg, images, prompts, real)
+            value = self._metric(m, cfg, images, prompts, real, captions)
             values[m], each = value if isinstance(value, tuple) else (value, None)
             if each is not None:
                 per_prompt[m] = each
         # Every metric's real side is now held in memory: the real images (n x R x R x 3 bytes, GBs
         # for an FID-sized n at 512px) are not needed again.
-        self._data[self._data_key(cfg)] = (None, prompts)
+        self._data[self._data_key(cfg)] = (None, captions)
         result = {
             "metrics": values,
             "settings": self.settings(cfg, sample_seed),
@@ -366,6 +388,7 @@ class Evaluator:
         return {
             "metrics": self.metrics,
             "prompts": cfg.eval.prompts,
+            "prompts_file": cfg.eval.prompts_file,
             "data": dataset_key(cfg),
             "prompt_seed": cfg.eval.seed if source_kind(cfg).shapes_captions else None,
             "sample_seed": sample_seed,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
 import textwrap
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
@@ -68,5 +69,7 @@ def save_grid(images: np.ndarray, captions: list[str], path: str | Path, tile: i
         draw.multiline_text((x0, y0 + th + 3), wrapped[i], fill=(0, 0, 0), font=font, spacing=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    meta = PngImagePlugin.PngInfo()  # the captions whole, as text: the labels wrap and cut them
+    meta.add_itxt("captions", json.dumps(list(captions), ensure_ascii=False))
+    canvas.save(path, pnginfo=meta)
     return path

@@ -39,8 +39,11 @@ def describe_plan(cfg: Config, plan: list, splits: list, run_dir: Path, metrics:
     lines = [f"plan: {steps} steps, {images:,} images in all (global batch {splits[-1][0]}); run folder {run_dir}"]
     when = f"every {cfg.eval.every} steps and at the end" if cfg.eval.every else "at the end"
     if metrics:
+        auto = " (eval.metrics=[auto]: the shapes score on shapes data, fd-effnet on other data)"
+        own = f" from {cfg.eval.prompts_file}" if cfg.eval.prompts_file else ""
         lines.append(
-            f"evaluation: {', '.join(metrics)} on {cfg.eval.prompts} prompts ({cfg.eval.weights} weights), {when}"
+            f"evaluation: {', '.join(metrics)} on {cfg.eval.prompts} prompts{own} ({cfg.eval.weights} weights), "
+            f"{when}{auto if 'auto' in cfg.eval.metrics else ''}"
         )
     elif not cfg.eval.prompts:
         lines.append("evaluation: none (eval.prompts=0)")

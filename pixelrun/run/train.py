@@ -27,7 +27,7 @@ from pixelrun.config import (
     to_yaml,
 )
 from pixelrun.data import Prefetcher
-from pixelrun.data.sources import check_paths, describe_source, make_batch_source, source_kind
+from pixelrun.data.sources import check_paths, describe_held_out, describe_source, grid_prompts, make_batch_source
 from pixelrun.diffusion.generate import generate
 from pixelrun.evaluation.evaluate import (
     Evaluator,
@@ -274,12 +274,14 @@ def open_stage(run: Run, stage_index: int) -> None:
     run.stage_index = stage_index
     source = make_batch_source(scfg, run.ctx.rank, run.ctx.world_size, say=run.say)
     run.say(describe_source(scfg, source))
+    if (held_out := describe_held_out(scfg)) is not None:
+        run.say(held_out)
     warning = run.position.place(
         Prefetcher(source) if scfg.data.prefetch else source, stage_index, run.step - s0, accum
     )
     if warning:
         run.say(warning)
-    run.grid_prompts = source_kind(scfg).grid_prompts(scfg, run.source)
+    run.grid_prompts = grid_prompts(scfg, run.source)
     if len(run.plan) > 1:
         run.say(
             f"stage {stage_index + 1}/{len(run.plan)} {run.cfg.stages[stage_index].name!r}: steps {s0}..{s1}, "
@@ -516,7 +518,7 @@ def finish(run: Run, stopped) -> dict:
         run.stage_index = len(run.plan) - 1
         scfg = run.plan[-1][2]
         run.source = make_batch_source(scfg, run.ctx.rank, run.ctx.world_size)
-        run.grid_prompts = source_kind(scfg).grid_prompts(scfg, run.source)
+        run.grid_prompts = grid_prompts(scfg, run.source)
     last = save(run)
     close_stage(run)
     elapsed = time.time() - run.t0

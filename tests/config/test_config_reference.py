@@ -26,7 +26,7 @@ def test_the_page_lists_every_key_once():
     for key, *_ in keys():
         assert page.count(f"**`{key}`**") == 1, key
     assert "**`train.steps`** (int, default `2000`)" in page
-    assert "**`eval.metrics`** (list[str], default `[shapes]`)" in page
+    assert "**`eval.metrics`** (list[str], default `[auto]`)" in page
     assert "**`run.init_from`** (str | null, default `null`)" in page
     assert "**`stages[i].resolution`** (int | null, default `null`)" in page
 

@@ -70,7 +70,14 @@ def test_training_source_says_so_and_skips_under_the_configured_patch(tmp_path, 
     root = _folder(tmp_path / "d")
     cfg = load_config(
         None,
-        ["data.source=folder", f"data.path={root}", "data.resolution=16", "model.patch_size=4", "train.batch_size=2"],
+        [
+            "data.source=folder",
+            f"data.path={root}",
+            "data.resolution=16",
+            "model.patch_size=4",
+            "train.batch_size=2",
+            "data.val_count=0",  # every image trains: the skipped ones among them
+        ],
     )
     src = make_batch_source(cfg, say=print)
     assert "1 caption file(s) are not UTF-8" in capsys.readouterr().out

@@ -284,7 +284,8 @@ def test_real_images_and_prompts_per_source(tmp_path):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(f"picture {i}")
     folder_cfg = load_config(
-        None, ["data.source=folder", f"data.path={data}", "data.resolution=32", "train.batch_size=3"]
+        None,  # no held-out split: the folder's first items (the split: tests/data/test_val_split.py)
+        ["data.source=folder", f"data.path={data}", "data.resolution=32", "train.batch_size=3", "data.val_count=0"],
     )
     images, prompts = real_images_and_prompts(folder_cfg, 3)
     assert images.shape == (3, 32, 32, 3) and prompts == ["picture 1", "picture 2", "picture 3"]
@@ -472,10 +473,10 @@ def test_eval_on_emoji_defaults_to_fd_effnet_writes_out_and_reads_no_real_image_
     printed = json.loads(captured.out)
     # the folder was created, and the same result was printed and written
     assert json.loads(out.read_text()) == printed and not list(out.parent.glob(".*tmp"))
-    # the default [shapes] does not apply to emoji: the offline fd-effnet instead, said once, with
-    # the warning that 3 samples are far fewer than its 1280 feature dimensions
+    # the default [auto] is the offline fd-effnet on emoji, with the warning that 3 samples are far
+    # fewer than its 1280 feature dimensions
     assert set(printed["metrics"]) == {"fd-effnet"} and printed["settings"]["data"] == "emoji-heldout"
-    assert "do not apply to data.source=emoji; computing fd-effnet" in captured.err
+    assert "do not apply" not in captured.err
     assert "warning: fd-effnet on 3 samples, fewer than its 1280 feature dimensions" in captured.err
     assert loads == [3]  # the real images, once, for the real statistics
     # again: the real side is cached, so only its captions are read; the numbers are the same

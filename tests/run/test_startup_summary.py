@@ -33,14 +33,15 @@ def _cfg(tmp_path, **extra):
 
 def test_a_folder_run_names_its_images_the_dropped_ones_and_the_key(tmp_path):
     _folder(tmp_path / "imgs")
-    cfg = _cfg(tmp_path)
+    # every captioned image trains here (the held-out split: tests/data/test_val_split.py)
+    cfg = _cfg(tmp_path, **{"data.val_count": 0})
     line = describe_source(cfg, make_batch_source(cfg))
     assert line == (
         f"data: folder {tmp_path / 'imgs'}: 7 images, 7 captioned, 2 without a caption skipped "
         "(data.uncaptioned=empty trains them with an empty caption); 16px, square; each image scaled to "
         "cover its size and centre-cropped"
     )
-    kept = _cfg(tmp_path, **{"data.uncaptioned": "empty"})
+    kept = _cfg(tmp_path, **{"data.uncaptioned": "empty", "data.val_count": 0})
     source = make_batch_source(kept)
     assert describe_source(kept, source).startswith(
         f"data: folder {tmp_path / 'imgs'}: 9 images, 7 captioned, 2 without a caption trained with the empty one;"
@@ -55,6 +56,12 @@ def test_the_plan_line_counts_images_and_says_when_nothing_is_evaluated(tmp_path
     splits = [batch_split(c, 1) for _, _, c in plan]
     lines = describe_plan(cfg, plan, splits, tmp_path / "run", applicable_metrics(cfg))
     assert lines[0] == f"plan: 30 steps, 120 images in all (global batch 4); run folder {tmp_path / 'run'}"
+    assert lines[1] == (  # the default, eval.metrics=[auto]: the offline Fréchet distance on a folder
+        "evaluation: fd-effnet on 4 prompts (ema weights), at the end (eval.metrics=[auto]: the shapes score on "
+        "shapes data, fd-effnet on other data)"
+    )
+    only_shapes = _cfg(tmp_path, **{"eval.metrics": "[shapes]", "train.steps": 30, "train.batch_size": 4})
+    lines = describe_plan(only_shapes, plan, splits, tmp_path / "run", applicable_metrics(only_shapes))
     assert lines[1].startswith("evaluation: none: eval.metrics=['shapes'] does not apply to data.source=folder")
     assert "eval.metrics=[fd-effnet]" in lines[1]
     on = _cfg(tmp_path, **{"eval.metrics": "[fd-effnet]", "eval.every": 10})
@@ -89,6 +96,4 @@ def test_the_own_data_config_needs_only_a_folder(tmp_path):
     else:
         raise AssertionError("data.path is required")
     cfg = load_config(config, [f"data.path={tmp_path}"])
-    assert (
-        cfg.data.source == "folder" and cfg.eval.metrics == ["fd-effnet"] and applicable_metrics(cfg) == ["fd-effnet"]
-    )
+    assert cfg.data.source == "folder" and cfg.eval.metrics == ["auto"] and applicable_metrics(cfg) == ["fd-effnet"]

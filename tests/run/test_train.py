@@ -242,6 +242,7 @@ def test_trains_on_an_image_folder_with_a_broken_image(tmp_path, tiny_encoder_di
             "train.batch_size": 3,
             "train.steps": 4,
             "sample.grid_prompts": 2,
+            "eval.metrics": "[shapes]",  # an explicit list: the shapes score, skipped on a folder
         },
     )
     summary = train(load_config(None, over))
