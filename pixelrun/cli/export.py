@@ -89,9 +89,9 @@ def check_push(repo_id: str, dry_run: bool) -> None:
         raise ConfigError("--push-to-hub", "HF_HUB_OFFLINE is set: nothing can be uploaded (--dry-run lists the files)")
     if not get_token():
         raise ConfigError("--push-to-hub", "no Hugging Face token: run `hf auth login` or set HF_TOKEN")
-    from pixelrun.evaluation.evaluate import _hub_reachable
+    from pixelrun.infra import hub
 
-    if not _hub_reachable(_endpoint()):
+    if not hub.reachable(_endpoint()):
         raise ConfigError("--push-to-hub", f"{_endpoint()} does not answer: no network? (--dry-run lists the files)")
 
 

