@@ -46,7 +46,7 @@ def run(args) -> int:
     report from the run folders (a SPEC or the ablation's folder); commands: write and print one
     torchrun command per run, for a scheduler."""
     from pixelrun.experiments.ablate import execute, status_lines
-    from pixelrun.experiments.plan import describe_plan, plan_ablation, write_plan
+    from pixelrun.experiments.plan import describe_plan, plan_ablation, wall_estimate, write_plan
     from pixelrun.experiments.spec import load_spec
 
     action, target = (args.args[0], args.args[1:]) if args.args[0] in ABLATE_ACTIONS else ("run", args.args)
@@ -79,6 +79,7 @@ def run(args) -> int:
     for line in describe_plan(plan):
         print(line, file=sys.stderr)
     if action == "plan":
+        print(wall_estimate(plan, say=lambda line: print(line, file=sys.stderr)), file=sys.stderr)
         return 0
     if action == "status":
         print("\n".join(status_lines(plan)))
@@ -157,8 +158,15 @@ def _jobs(action: str, spec, args) -> int:
 
 
 def _ablation_report(out: Path) -> int:
+    """Write the report, print its paths, and its warnings on stderr (a metric the same in every run,
+    an EMA too short, a loaded machine): what a reader of the tables must not miss."""
+    import json
+
+    from pixelrun.experiments.render import warning_lines
     from pixelrun.experiments.report import write_ablation_report
 
     for path in write_ablation_report(out):
         print(path)
+    for line in warning_lines(json.loads((out / "summary.json").read_text())):
+        print(f"warning: {line.removeprefix('⚠ ')}", file=sys.stderr)
     return 0

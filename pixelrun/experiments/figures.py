@@ -7,24 +7,64 @@ from __future__ import annotations
 import io
 import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pixelrun.experiments.folders import StudyRun, point_value
+from pixelrun.experiments.render import same_loss_terms
 from pixelrun.infra.files import write_atomic
 from pixelrun.infra.grids import drawable, label_font
 from pixelrun.infra.records import EvalPoint
 
-TRAINING_ONLY = ("step", "lr", "grad_norm", "images_per_s", "train_seconds")
+TRAINING_ONLY = ("step", "lr", "grad_norm", "images_per_s", "train_seconds", "skipped_steps")
+# one look per series, so that identical curves (two variants that coincide) do not hide each other:
+# the later is drawn dashed or dotted over the earlier, with its own marker
+STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+@dataclass
+class LeftOut:
+    """What the plots leave out, said in the report instead: series the same at every point (name
+    -> the value) and series of one point each (name -> [(series label, x, y)]), shown as values."""
+
+    constant: dict[str, float] = field(default_factory=dict)
+    single: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
+
+    def keep(self, panels: list[tuple[str, list[tuple]]]) -> list[tuple[str, list[tuple]]]:
+        """The panels worth a plot; the others recorded here."""
+        kept = []
+        for title, series in panels:
+            name = title.split(" (moving average", 1)[0]  # a constant or single series is not averaged
+            ys = [float(y) for _, _, mean, _, _ in series for y in mean]
+            if not ys:
+                continue
+            if len(ys) > 1 and max(ys) == min(ys):
+                self.constant[name] = ys[0]
+            elif all(len(x) == 1 for _, x, _, _, _ in series):
+                self.single[name] = [(label, float(x[0]), float(mean[0])) for label, x, mean, _, _ in series]
+            else:
+                kept.append((title, series))
+        return kept
 
 
 def figure(panels: list[tuple[str, list[tuple]]], xlabel: str, path: Path) -> Path:
-    """One PNG of small plots: panels are (title, series); a series is (label, x, mean, low, high),
-    drawn as a line with a shaded band from low to high (None: no band)."""
+    """`draw`'s figure as one PNG at `path`."""
+    buf = io.BytesIO()
+    draw(panels, xlabel).savefig(buf, format="png")
+    return write_atomic(path, buf.getvalue())
+
+
+def draw(panels: list[tuple[str, list[tuple]]], xlabel: str):
+    """Small plots: panels are (title, series); a series is (label, x, mean, low, high), drawn as a
+    line with a shaded band from low to high (None: no band), each series in its own colour, line
+    style and marker. Every panel is labelled: `xlabel` below, its metric (the title) beside."""
     # the object API: no pyplot state, renders PNGs with Agg
     from matplotlib.figure import Figure
 
+    labels = list(dict.fromkeys(label for _, series in panels for label, *_ in series))
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
     width, height = 4.4 * cols, 3.2 * rows
@@ -36,18 +76,27 @@ def figure(panels: list[tuple[str, list[tuple]]], xlabel: str, path: Path) -> Pa
     for i, (title, series) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         for label, x, y, low, high in series:
-            (line,) = ax.plot(x, y, marker="o" if len(x) <= 12 else None, markersize=3, label=label)
+            j = labels.index(label)  # a variant keeps its colour, style and marker in every panel
+            (line,) = ax.plot(
+                x,
+                y,
+                color=f"C{j % 10}",
+                linestyle=STYLES[j % len(STYLES)],
+                marker=MARKERS[j % len(MARKERS)],
+                markevery=max(1, len(x) // 12),
+                markersize=3 + (len(labels) - 1 - j),  # the first drawn largest: one drawn on top leaves it seen
+                label=label,
+            )
             if low is not None:
                 ax.fill_between(x, low, high, alpha=0.2, color=line.get_color(), linewidth=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel(title.split(" (", 1)[0], fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-        if len(series) > 1:
+        if len(labels) > 1:
             ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return write_atomic(path, buf.getvalue())
+    return fig
 
 
 def _seed_band(per_seed: list[dict]) -> tuple | None:
@@ -66,9 +115,11 @@ def _seed_band(per_seed: list[dict]) -> tuple | None:
     return (xs, mean, low, high) if len(per_seed) > 1 else (xs, mean, None, None)
 
 
-def ablation_figures(summary: dict, runs: list[StudyRun], folder: Path) -> dict[str, Path]:
+def ablation_figures(summary: dict, runs: list[StudyRun], folder: Path, left: LeftOut) -> dict[str, Path]:
     """The ablation's PNGs, by title: eval metrics against images, FLOPs and wall time; training
-    loss terms and validation bins over training; the guidance curve; the sample grid."""
+    loss terms and validation bins over training; the guidance curve; the sample grid. What is not
+    worth a plot goes to `left`; the total loss is drawn only where every variant sums the same
+    terms (same_loss_terms)."""
     variants = summary["variants"]
     eval_m = [m for m in summary["metrics"] if not m.startswith("val")]
     figures = {}
@@ -78,18 +129,19 @@ def ablation_figures(summary: dict, runs: list[StudyRun], folder: Path) -> dict[
         (lambda p: p.train_seconds, "training seconds", "seconds"),
     )
     for axis, label, name in axes:
-        panels = _point_panels(runs, variants, eval_m, summary["primary_guidance"], axis)
+        panels = left.keep(_point_panels(runs, variants, eval_m, summary["primary_guidance"], axis))
         if panels:
             figures[f"eval metrics against {label}"] = figure(panels, label, folder / f"eval_vs_{name}.png")
     batch = {(r.variant, r.seed): r.global_batch or 1 for r in runs}
+    total = same_loss_terms(summary)
     for title, pick, fname in (
-        ("training loss terms", is_loss_term, "training_losses.png"),
+        ("training loss terms", lambda k: is_loss_term(k) and (total or k != "loss"), "training_losses.png"),
         ("validation loss by noise level", lambda k: k.startswith("val"), "validation.png"),
     ):
-        panels = row_panels(runs, variants, pick, lambda r, step: step * batch[(r.variant, r.seed)])
+        panels = left.keep(row_panels(runs, variants, pick, lambda r, step: step * batch[(r.variant, r.seed)]))
         if panels:
             figures[f"{title} against training images"] = figure(panels, "training images", folder / fname)
-    panels = _guidance_panels(summary["guidance"], variants, eval_m)
+    panels = [p for p in _guidance_panels(summary["guidance"], variants, eval_m) if p[0] not in left.constant]
     if panels:
         figures[f"guidance at the budget (mean over seeds, {summary['confidence']:.0%} interval)"] = figure(
             panels, "guidance", folder / "guidance.png"

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pixelrun.config import Config, ConfigError, batch_split, load_config, to_yaml
 from pixelrun.experiments.spec import UNITS, BudgetSpec, EvaluationSpec, Spec, override_key, ranks_per_node, world_size
+from pixelrun.infra import units
 from pixelrun.infra.records import AblationBudget, AblationPlan, AblationProtocol, AblationRun
 from pixelrun.tools.import_diffusers import resolve as resolve_model_init
 
@@ -331,7 +332,7 @@ def describe_plan(plan: Plan) -> list[str]:
     for name in plan.spec.variants:
         r = next(r for r in plan.runs if r.variant == name)
         lines.append(
-            f"  {name}: {r.steps} steps x {r.global_batch} images, {r.flops_per_image / 1e9:.3g} GFLOP per "
+            f"  {name}: {r.steps} steps x {r.global_batch} images, {units.flop(r.flops_per_image)} per "
             f"image, evaluated at steps {r.point_steps}" + (" (baseline)" if name == plan.spec.baseline else "")
         )
     if plan.spec.evaluation.weights == "ema":
@@ -361,3 +362,75 @@ def ema_warnings(plan: Plan, half_lives: float = 3.0) -> list[str]:
                 f"evaluate the raw weights (evaluation.weights: raw)"
             )
     return out
+
+
+def wall_estimate(plan: Plan, *, measure: bool = True, say=print) -> str:
+    """The training time of the study's runs one after another: each run's FLOPs (FLOPs per image x
+    images) divided by a FLOP/s of this machine, the first known of: each variant's calibrated step
+    time (minutes budgets), the FLOP/s its runs already done in OUT recorded (run-summary.json), or
+    the baseline's median step time measured here now (`measure`: budget.calibration_steps steps)."""
+    rates = {r.variant: r.flops_per_image * r.global_batch / r.step_seconds for r in plan.runs if r.step_seconds}
+    how = "each variant's FLOP/s from its calibrated step time"
+    if not rates:
+        rates = recorded_rates(plan)
+        how = f"the FLOP/s recorded by the runs already done ({', '.join(rates)}; the mean for the others)"
+    if not rates and not measure:
+        return "estimated wall time: unknown (no step time calibrated or recorded)"
+    if not rates:
+        from pixelrun.model.text import text_encoder
+
+        b = next(r for r in plan.runs if r.variant == plan.spec.baseline)
+        cfg, n = plan.configs[(b.variant, b.seed)], plan.spec.budget.calibration_steps
+        say(f"timing {b.variant}: {n} steps, for the estimate of the wall time")
+        step = calibrate_step_seconds(cfg, text_encoder(cfg, "cpu").dim, n)
+        rates = {b.variant: b.flops_per_image * b.global_batch / step}
+        how = (
+            f"{b.variant}'s {units.flop(rates[b.variant])}/s, measured here now: its median step of {n} "
+            f"({units.duration(step)} for {units.count(b.global_batch)} images){_load_note()}"
+        )
+    return estimate_line(plan, rates, how)
+
+
+def _load_note() -> str:
+    """A measurement taken on a machine busier than its CPUs is slower than the runs may be."""
+    try:
+        load, cpus = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return ""
+    return f", with the 1-minute load at {units.number(load)} on {cpus} CPUs: a shared machine" if load > cpus else ""
+
+
+def estimate_line(plan: Plan, rates: dict[str, float], how: str) -> str:
+    """The sentence of `wall_estimate` from FLOP/s by variant (a variant without one: their mean)."""
+    fallback = sum(rates.values()) / len(rates)
+    flops = sum(r.flops_per_image * r.images for r in plan.runs)
+    seconds = sum(r.flops_per_image * r.images / rates.get(r.variant, fallback) for r in plan.runs)
+    parallel = plan.spec.launch.parallel
+    return (
+        f"estimated wall time: {units.duration(seconds)} of training steps for the {len(plan.runs)} runs one "
+        f"after another ({units.flop(flops)} in all, divided by {how}); evaluations, sample grids and "
+        f"checkpoints come on top"
+        + (
+            f"; launch.parallel={parallel} shares this machine between {parallel} runs at a time"
+            if parallel > 1
+            else ""
+        )
+    )
+
+
+def recorded_rates(plan: Plan) -> dict[str, float]:
+    """The FLOP/s each variant reached in a run already done in OUT (its run-summary.json)."""
+    from pixelrun.infra.records import RecordError, RunSummary
+
+    rates: dict[str, float] = {}
+    for r in plan.runs:
+        path = plan.out / r.dir / "run-summary.json"
+        if r.variant in rates or not path.is_file():
+            continue
+        try:
+            s = RunSummary.read(path)
+        except RecordError:
+            continue  # a damaged record says nothing of speed; the report names it
+        if s.images_per_s > 0:
+            rates[r.variant] = s.flops_per_image * s.images_per_s
+    return rates

@@ -10,6 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pixelrun.experiments.stats import NO_INTERVAL
+from pixelrun.infra import units
+
 
 def jsonable(value: Any) -> Any:
     """NaN and infinities as null: a diverged run's loss must not make the JSON unreadable."""
@@ -24,27 +27,32 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _num(x, digits: int = 4) -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}g}"
+def _num(x) -> str:
+    return units.number(x)
 
 
-def _interval(est: dict | None, signed: bool = False) -> str:
-    if not est:
-        return "–"
-    fmt = (lambda x: f"{x:+.3g}") if signed else (lambda x: f"{x:.4g}")
-    text = fmt(est["estimate"])
-    return text + (f" [{fmt(est['low'])}, {fmt(est['high'])}]" if est["low"] is not None else " (no interval)")
+# the marks a cell carries, each explained once in the report's warnings
+CONSTANT, SHORT_EMA, LOADED = "⚠ same in every run", "⚠ EMA too short", "⚠ loaded machine"
 
 
-def _cell_text(cell: dict | None) -> str:
+def _cell_text(cell: dict | None, marks: tuple[str, ...] = ()) -> str:
+    """'mean [low, high]; Δ delta [low, high] verdict', '(no interval)' once where either has none."""
     if cell is None:
         return "–"
-    text = _interval(cell["mean"])
-    if cell["delta"] is not None:
-        text += f"; Δ {_interval(cell['delta'], signed=True)} {cell['verdict']}"
+    mean, delta = cell["mean"], cell["delta"]
+    text = units.interval(mean["estimate"], mean["low"], mean["high"])
+    missing = mean["low"] is None
+    if delta is not None:
+        text += "; Δ " + units.interval(delta["estimate"], delta["low"], delta["high"], sign=True)
+        missing = missing or delta["low"] is None
     elif cell.get("verdict"):
-        text += f"; Δ – {cell['verdict']}"
-    return text
+        text += "; Δ –"
+        missing = True
+    if cell.get("verdict") and cell["verdict"] != NO_INTERVAL:
+        text += f" {cell['verdict']}"
+    if missing:
+        text += " (no interval)"
+    return " ".join([text, *marks])
 
 
 def _plain(value) -> str:
@@ -52,10 +60,6 @@ def _plain(value) -> str:
     if isinstance(value, list):
         return ", ".join(map(str, value))
     return json.dumps(value) if isinstance(value, dict) else str(value)
-
-
-def _gib(x) -> str:
-    return "–" if x is None else f"{x / 2**30:.2f} GiB"
 
 
 def _protocol_line(summary: dict) -> str:
@@ -70,12 +74,14 @@ def _protocol_line(summary: dict) -> str:
     )
 
 
-def ablation_blocks(summary: dict, figures: dict[str, Path]) -> list[tuple]:
-    """The report as blocks (heading, paragraph, table, list, image), rendered as Markdown and HTML."""
+def ablation_blocks(summary: dict, figures: dict[str, Path], left=None) -> list[tuple]:
+    """The report as blocks (heading, paragraph, table, list, image), rendered as Markdown and HTML.
+    `left`: what the figures left out (pixelrun/experiments/figures.py LeftOut)."""
     blocks: list[tuple] = [
         ("h1", f"Ablation: {summary['name']}"),
         ("p", summary["budget_line"]),
         ("p", _protocol_line(summary)),
+        *_warning_blocks(summary),
         _main_table(summary),
         *_validation_blocks(summary),
         *_noise_floor_blocks(summary),
@@ -87,11 +93,105 @@ def ablation_blocks(summary: dict, figures: dict[str, Path]) -> list[tuple]:
         ("ul", [f"{k}: {_plain(v)}" for k, v in summary["protocol"].items()]),
         ("h2", "Machine"),
         ("ul", [f"{k}: {_plain(v)}" for k, v in summary["machine"].items()]),
+        ("h2", "How to read the numbers"),
+        ("ul", READING),
     ]
-    if figures:
+    if figures or left is not None:
         blocks.append(("h2", "Figures"))
+        if not same_loss_terms(summary):
+            blocks.append(("p", _loss_terms_line(summary)))
+        blocks += left_out_blocks(left, None) if left is not None else []
         blocks += [("img", title, path) for title, path in figures.items()]
     return blocks
+
+
+READING = [
+    "An interval is written 'estimate [low, high]', not 'estimate ± half-width': the bootstrap's "
+    "percentile intervals are not symmetric about the estimate, nor is an interval clipped at 0.",
+    "The interval of a quantity that cannot be negative (a loss, a distance, a fraction of prompts) is "
+    "clipped at 0: a t interval over few seeds is symmetric about the mean and runs below 0 near 0. "
+    "A difference (Δ) is not clipped.",
+    "'(no interval)': one seed on a side (a t interval needs two), written once per cell.",
+    "Numbers carry at most 4 significant digits; an interval's three numbers share their decimals.",
+]
+
+
+def marks(summary: dict, variant: str, metric: str) -> tuple[str, ...]:
+    """The warnings a cell carries: a metric the same in every run, an EMA too short for its weights."""
+    out = []
+    if metric in summary.get("constant", {}):
+        out.append(CONSTANT)
+    ema_weights = metric.startswith("val_ema/") or (
+        not metric.startswith("val") and summary["protocol"].get("weights") == "ema"
+    )
+    if ema_weights and variant in summary.get("short_ema", {}):
+        out.append(SHORT_EMA)
+    return tuple(out)
+
+
+def loaded(tp: dict) -> bool:
+    """Images/s measured while the machine's 1-minute load average exceeded its CPUs."""
+    return tp.get("load_1min") is not None and bool(tp.get("cpus")) and tp["load_1min"] > tp["cpus"]
+
+
+def _warning_blocks(summary: dict) -> list[tuple]:
+    lines = warning_lines(summary)
+    return [("h2", "Warnings"), ("ul", lines)] if lines else []
+
+
+def warning_lines(summary: dict) -> list[str]:
+    """One line per mark the tables carry, saying what it means for the comparison (also printed by
+    `pixelrun ablate` after the report)."""
+    lines = [
+        f"{CONSTANT}: {m} is {_num(value)} in every run at the budget: it cannot tell the variants apart "
+        f"(too few steps, or a metric that does not apply to what the runs learned)."
+        for m, value in summary.get("constant", {}).items()
+    ]
+    lines += [
+        f"{SHORT_EMA}: {v}: {units.count(e['steps'])} steps are under 3 half-lives of its EMA "
+        f"({units.count(e['half_life'])} steps at decay {e['decay']:g}): the EMA weights evaluated still hold "
+        f"{e['held']:.0%} of the initial ones, so their cells compare initialisations more than training."
+        for v, e in summary.get("short_ema", {}).items()
+    ]
+    lines += [
+        f"{LOADED}: {v}: images/s measured with a 1-minute load average of {_num(tp['load_1min'])} on "
+        f"{units.count(tp['cpus'])} CPUs: the machine was shared, the speed is not this variant's alone."
+        for v, tp in summary["throughput"].items()
+        if loaded(tp)
+    ]
+    return lines
+
+
+def same_loss_terms(summary: dict) -> bool:
+    """Whether every variant's total loss sums the same terms."""
+    return len({tuple(t) for t in summary.get("loss_terms", {}).values()}) <= 1
+
+
+def _loss_terms_line(summary: dict) -> str:
+    terms = "; ".join(f"{v}: {', '.join(t) or 'none logged'}" for v, t in summary["loss_terms"].items())
+    return (
+        f"The total loss is not compared: the variants sum different terms ({terms}), and a term such as "
+        f"REPA's negative cosine lowers the total without a better model. Compare the flow loss, drawn "
+        f"with every term below."
+    )
+
+
+def left_out_blocks(left, at: str | None, of: str = "variant") -> list[tuple]:
+    """What the plots leave out: one line naming the series the same at every point, and the series
+    of one point as values (`at`: the x axis's name, to show where each was taken; None: not shown)."""
+    out: list[tuple] = []
+    if left.constant:
+        named = ", ".join(f"{k} ({_num(v)})" for k, v in left.constant.items())
+        out.append(("p", f"Not drawn, the same at every point: {named}."))
+    if left.single:
+        header = ["series", of, *([at] if at else []), "value"]
+        rows = [
+            [title, label, *([_num(x)] if at else []), _num(y)]
+            for title, points in left.single.items()
+            for label, x, y in points
+        ]
+        out += [("p", "One point each, so written here rather than drawn:"), ("table", header, rows)]
+    return out
 
 
 def _eval_metrics(summary: dict) -> list[str]:
@@ -104,18 +204,18 @@ def _main_table(summary: dict) -> tuple:
     final, tp = summary["final"], summary["throughput"]
     nfe = summary.get("nfe")  # model evaluations per image beside the scores (absent: points from before)
     header = ["variant"] + eval_m + (["NFE"] if nfe else [])
-    header += ["images/s", "step s", "FLOPs/image", "peak memory", "steps", "images"]
+    header += ["images/s", "step time", "FLOPs/image", "peak memory", "steps", "images"]
     rows = [
         [v]
-        + [_cell_text(final[v].get(m)) for m in eval_m]
+        + [_cell_text(final[v].get(m), marks(summary, v, m)) for m in eval_m]
         + ([_num(nfe.get(v))] if nfe else [])
         + [
-            _num(tp[v]["images_per_s"]),
-            _num(tp[v]["step_seconds"], 3),
-            _num(tp[v]["flops_per_image"], 3),
-            _gib(tp[v]["peak_memory_bytes"]),
-            _num(tp[v]["step_reached"]),
-            _num(tp[v]["images_reached"]),
+            " ".join([_num(tp[v]["images_per_s"]), *([LOADED] if loaded(tp[v]) else [])]),
+            units.duration(tp[v]["step_seconds"]),
+            units.flop(tp[v]["flops_per_image"]),
+            units.size(tp[v]["peak_memory_bytes"]),
+            units.count(tp[v]["step_reached"]),
+            units.count(tp[v]["images_reached"]),
         ]
         for v in summary["variants"]
     ]
@@ -132,7 +232,7 @@ def _validation_blocks(summary: dict) -> list[tuple]:
         (
             "table",
             ["variant"] + val_m,
-            [[v] + [_cell_text(final[v].get(m)) for m in val_m] for v in summary["variants"]],
+            [[v] + [_cell_text(final[v].get(m), marks(summary, v, m)) for m in val_m] for v in summary["variants"]],
         ),
     ]
 
@@ -153,7 +253,7 @@ def _noise_floor_blocks(summary: dict) -> list[tuple]:
         (
             "table",
             ["metric", "mean", "std", "range", "seeds"],
-            [[m, _num(f["mean"]), _num(f["std"], 3), _num(f["range"], 3), str(f["n"])] for m, f in floor.items()],
+            [[m, _num(f["mean"]), _num(f["std"]), _num(f["range"]), str(f["n"])] for m, f in floor.items()],
         ),
     ]
 
@@ -185,7 +285,7 @@ def _ema_guidance_blocks(summary: dict) -> list[tuple]:
             "table",
             ["variant", "EMA decay", "guidance", "NFE"] + eval_m,
             [
-                [v, _num(c["ema_decay"]), _num(c["guidance"]), _num(c["nfe"])]
+                [v, _num(c["ema_decay"]), _num(c["guidance"]), units.count(c["nfe"])]
                 + [_num(c["means"].get(m)) for m in eval_m]
                 for v, rows in sweep.items()
                 for c in rows
@@ -202,11 +302,15 @@ def _time_to_target_blocks(summary: dict) -> list[tuple]:
         ("h2", f"Time to reach {b['metric']} {b['target']}"),
         (
             "table",
-            ["variant", "seed", "step", "images", "training seconds"],
+            ["variant", "seed", "step", "images", "training time"],
             [
                 [t["variant"], str(t["seed"])]
                 + (
-                    [str(t["reached"]["step"]), str(t["reached"]["images"]), _num(t["reached"]["train_seconds"])]
+                    [
+                        units.count(t["reached"]["step"]),
+                        units.count(t["reached"]["images"]),
+                        units.duration(t["reached"]["train_seconds"]),
+                    ]
                     if t["reached"]
                     else ["not reached", "", ""]
                 )

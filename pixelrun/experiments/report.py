@@ -21,12 +21,22 @@ import json
 from pathlib import Path
 
 from pixelrun.config import ConfigError
-from pixelrun.experiments.figures import ablation_figures, figure, is_loss_term, row_panels
+from pixelrun.experiments.figures import LeftOut, ablation_figures, figure, is_loss_term, row_panels
 from pixelrun.experiments.folders import StudyRun, result_value
-from pixelrun.experiments.render import ablation_blocks, csv_rows, jsonable, render_html, render_markdown
+from pixelrun.experiments.render import (
+    LOADED,
+    ablation_blocks,
+    csv_rows,
+    jsonable,
+    left_out_blocks,
+    loaded,
+    render_html,
+    render_markdown,
+)
 from pixelrun.experiments.summary import summarize
+from pixelrun.infra import units
 from pixelrun.infra.files import write_atomic
-from pixelrun.infra.records import EvalPoint, Provenance, Record, RunSummary, read_metrics
+from pixelrun.infra.records import EvalPoint, Provenance, RunSummary, read_metrics
 
 FIGURES = "report"  # the ablation's PNGs, under its folder
 
@@ -36,8 +46,9 @@ def write_ablation_report(out_dir: str | Path) -> list[Path]:
     report.html in ``out_dir``, from its run folders alone. Returns the paths written."""
     out_dir = Path(out_dir)
     summary, runs = summarize(out_dir)
-    figures = ablation_figures(summary, runs, out_dir / FIGURES)
-    blocks = ablation_blocks(summary, figures)
+    left = LeftOut()
+    figures = ablation_figures(summary, runs, out_dir / FIGURES, left)
+    blocks = ablation_blocks(summary, figures, left)
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(csv_rows(summary))
     written = [
@@ -52,7 +63,8 @@ def write_ablation_report(out_dir: str | Path) -> list[Path]:
 def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """One run's curves (loss terms, validation bins, eval metrics, lr, gradient norm, images/s) as
     PNGs and a self-contained report.html with its sample grids over training, in ``out`` (default
-    ``run_dir/report``). Returns the paths written."""
+    ``run_dir/report``). A series the same at every point is named, not drawn; a series of one point
+    is written as a value. Returns the paths written."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError("RUN", f"{run_dir} is not a folder")
@@ -66,24 +78,34 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> list
         ("loss terms", is_loss_term, "losses.png"),
         ("validation loss by noise level", lambda k: k.startswith("val"), "validation.png"),
         ("evaluation metrics", lambda k: k.startswith("eval/"), "eval.png"),
-        ("learning rate, gradient norm, images/s", lambda k: k in ("lr", "grad_norm", "images_per_s"), "optimizer.png"),
+        (
+            "learning rate, gradient norm, images/s",
+            lambda k: k in ("lr", "grad_norm", "images_per_s", "skipped_steps"),
+            "optimizer.png",
+        ),
     )
     run = StudyRun(variant=run_dir.name, seed=0, dir=".", rows=rows)
-    figures = {}
+    figures, left = {}, LeftOut()
     for title, pick, fname in groups:
-        panels = row_panels([run], [run_dir.name], pick, lambda r, step: step)
+        panels = left.keep(row_panels([run], [run_dir.name], pick, lambda r, step: step))
         if panels:
             figures[title] = figure(panels, "step", out / fname)
     blocks: list[tuple] = [("h1", f"Run: {run_dir.resolve().name}")]
     last = max((row["step"] for row in rows), default=None)
     blocks.append(
-        ("p", f"{len(rows)} rows in metrics.jsonl, up to step {last}." if rows else "metrics.jsonl holds no rows yet.")
+        (
+            "p",
+            f"{units.count(len(rows))} rows in metrics.jsonl, up to step {units.count(last)}."
+            if rows
+            else "metrics.jsonl holds no rows yet.",
+        )
     )
-    blocks += _record_table(run_dir / "run-summary.json", RunSummary, "Summary")
-    blocks += _record_table(run_dir / "provenance.json", Provenance, "Provenance")
+    blocks += _summary_table(run_dir / "run-summary.json")
+    blocks += _provenance_tables(run_dir / "provenance.json")
     blocks += _last_evaluation(run_dir)
-    if figures:
+    if figures or left.constant or left.single:
         blocks.append(("h2", "Curves"))
+        blocks += left_out_blocks(left, "step", "run")
         blocks += [("img", title, path) for title, path in figures.items()]
     grids = sorted((run_dir / "samples").glob("step_*.png")) + sorted((run_dir / "samples").glob("final.png"))
     if grids:
@@ -93,19 +115,61 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> list
     return list(figures.values()) + [html]
 
 
-def _record_table(path: Path, kind: type[Record], heading: str) -> list[tuple]:
-    """A run's record as a table of its fields; nothing when the run has not written it."""
+# run-summary.json's fields, each written as what it measures
+_BY_KIND = {
+    "steps": units.count,
+    "images": units.count,
+    "world_size": units.count,
+    "cpus": units.count,
+    "flops": units.flop,
+    "flops_per_image": units.flop,
+    "train_seconds": units.duration,
+    "step_seconds": units.duration,
+    "peak_memory_bytes": units.size,
+}
+
+
+_LABELS = {
+    "flops": "training FLOPs",
+    "flops_per_image": "FLOPs per image",
+    "train_seconds": "training time",
+    "images_per_s": "images/s (median of the logged)",
+    "step_seconds": "step time",
+    "peak_memory_bytes": "peak memory",
+    "load_1min": "1-minute load average at the end",
+    "world_size": "ranks",
+}
+
+
+def _summary_table(path: Path) -> list[tuple]:
+    """run-summary.json as a table, each number by its kind; images/s marked when measured on a
+    machine whose load exceeded its CPUs. Nothing when the run has not finished."""
     if not path.exists():
         return []
-    fields = kind.read(path).content()
-    return [
-        ("h2", heading),
-        (
-            "table",
-            ["key", "value"],
-            [[k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)] for k, v in fields.items()],
-        ),
-    ]
+    fields = RunSummary.read(path).content()
+    rows = []
+    for k, v in fields.items():
+        if v is None:  # the machine's load, in a summary written before it was recorded
+            continue
+        text = _BY_KIND[k](v) if k in _BY_KIND else units.number(v) if isinstance(v, (int, float)) else str(v)
+        if k == "images_per_s" and loaded(fields):
+            text += (
+                f" {LOADED}: the 1-minute load average was {units.number(fields['load_1min'])} on {fields['cpus']} CPUs"
+            )
+        rows.append([_LABELS.get(k, k.replace("_", " ")), text])
+    return [("h2", "Summary"), ("table", ["key", "value"], rows)]
+
+
+def _provenance_tables(path: Path) -> list[tuple]:
+    """provenance.json: its fields as a table, the packages as a table of their own."""
+    if not path.exists():
+        return []
+    fields = Provenance.read(path).content()
+    packages = fields.pop("packages") or {}
+    out: list[tuple] = [("h2", "Provenance"), ("table", ["key", "value"], [[k, str(v)] for k, v in fields.items()])]
+    if packages:
+        out.append(("table", ["package", "version"], [[k, str(v)] for k, v in packages.items()]))
+    return out
 
 
 def _last_evaluation(run_dir: Path) -> list[tuple]:
@@ -126,10 +190,10 @@ def _last_evaluation(run_dir: Path) -> list[tuple]:
     )
     rows = [
         [point.weights if r.ema_decay is None else f"EMA {r.ema_decay:g}", f"{r.guidance:g}", str(r.nfe or "–")]
-        + [f"{x:.4g}" if (x := result_value(r, m)) is not None else "–" for m in metrics]
+        + [units.number(result_value(r, m)) for m in metrics]
         for r in point.results
     ]
     return [
-        ("h2", f"Evaluation at step {point.step}: EMA x guidance"),
+        ("h2", f"Evaluation at step {units.count(point.step)}: EMA x guidance"),
         ("table", ["weights", "guidance", "NFE"] + metrics, rows),
     ]

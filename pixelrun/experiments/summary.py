@@ -5,6 +5,7 @@ throughput and, for a `target` budget, when each run reached it."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pixelrun.experiments.folders import (
     read_plan,
     result_value,
 )
+from pixelrun.infra import units
 from pixelrun.infra.records import AblationBudget, AblationPlan
 
 
@@ -53,6 +55,9 @@ def _cell(
         mean = stats.two_level_bootstrap(np.array(prompts))
     else:
         mean = stats.t_interval([mine[s][0] for s in seeds])
+    if cannot_be_negative(metric) and mean.low is not None and mean.low < 0:
+        # a t interval is symmetric about the mean: with few seeds it runs below 0 for a loss near 0
+        mean = dataclasses.replace(mean, low=0.0, note="clipped at 0: the quantity cannot be negative")
     cell = {
         "metric": metric,
         "guidance": guidance,
@@ -82,6 +87,14 @@ def _cell(
     return cell
 
 
+NONNEGATIVE = ("val/", "val_ema/", "shapes/", "fd", "fid", "cmmd")
+
+
+def cannot_be_negative(metric: str) -> bool:
+    """A loss, a distance or a fraction of prompts: its interval is clipped at 0."""
+    return metric.removeprefix("eval/").startswith(NONNEGATIVE)
+
+
 def _guidances(runs: list[StudyRun], fraction: float) -> list[float]:
     return sorted({float(res.guidance) for r in runs if fraction in r.points for res in r.points[fraction].results})
 
@@ -104,6 +117,10 @@ def _throughput(runs: list[StudyRun]) -> dict:
         "step_reached": mean_of(p.step for p in last),
         "images_reached": mean_of(p.images for p in last),
         "flops_reached": mean_of(p.flops for p in last),
+        # the machine's 1-minute load average and CPUs when each run ended: images/s measured while
+        # the load exceeded the CPUs was shared with other work
+        "load_1min": mean_of(s.load_1min for s in summaries),
+        "cpus": mean_of(s.cpus for s in summaries),
     }
 
 
@@ -113,7 +130,7 @@ def _budget_line(spec: AblationPlan) -> tuple[str, bool]:
     kind, value = b.kind, b.value
     text = {
         "images": lambda: f"{value:,.0f} training images per run",
-        "flops": lambda: f"{value:.3g} training FLOPs per run",
+        "flops": lambda: f"{units.flop(value)} of training per run",
         "minutes": lambda: f"{value:g} minutes of training per run",
         "target": lambda: f"training until {b.metric} reaches {b.target} (at most {value:g})",
     }.get(kind, lambda: f"{kind} {value}")()
@@ -178,6 +195,9 @@ def summarize(out_dir: Path) -> tuple[dict, list[StudyRun]]:
         "best_guidance": best,
         "noise_floor": floor,
         "throughput": {v: _throughput(by_variant[v]) for v in variants},
+        "constant": constant_metrics(by_point[f"{final:g}"]),
+        "short_ema": short_ema(out_dir, spec),
+        "loss_terms": {v: loss_terms(by_variant[v]) for v in variants},
         **_sampling(by_variant, metrics, final, primary),
         "runs": [_run_row(r) for r in runs],
         "incomplete": [_incomplete(r, final) for r in runs if final not in r.points],
@@ -306,3 +326,44 @@ def _ema_guidance(runs: list[StudyRun], metrics: list[str], fraction: float) -> 
         }
         for (decay, guidance), cell in cells.items()
     ]
+
+
+def constant_metrics(final: dict) -> dict[str, float]:
+    """The metrics whose value is the same in every run at the budget (every shapes measure 0 after
+    too few steps): no comparison can tell the variants apart on them. Metric -> the value."""
+    values: dict[str, list[float]] = {}
+    for cells in final.values():
+        for m, cell in cells.items():
+            values.setdefault(m, []).extend(cell["per_seed"])
+    return {m: v[0] for m, v in values.items() if len(v) > 1 and max(v) == min(v)}
+
+
+def short_ema(out_dir: Path, spec: AblationPlan, half_lives: float = 3.0) -> dict[str, dict]:
+    """The variants whose runs are shorter than `half_lives` half-lives of their EMA (the warning of
+    `ablate plan`, pixelrun/experiments/plan.py ema_warnings): variant -> steps, decay, half-life and
+    the share of the initial weights the EMA still holds. Read from each variant's first resolved
+    config; a variant whose config is gone is left out."""
+    import yaml
+
+    from pixelrun.config.schema import EMAConfig
+    from pixelrun.experiments.plan import ema_half_life
+
+    out: dict[str, dict] = {}
+    for r in spec.runs:
+        if r.variant in out or not (out_dir / r.config).is_file():
+            continue
+        ema = (yaml.safe_load((out_dir / r.config).read_text()) or {}).get("ema") or {}
+        decays = ema.get("decays") or [ema.get("decay", EMAConfig.decay)]  # the first is the one evaluated
+        decay, every = float(decays[0]), int(ema.get("every", EMAConfig.every))
+        life = ema_half_life(decay, every)
+        if r.steps < half_lives * life:
+            out[r.variant] = {"steps": r.steps, "decay": decay, "half_life": life, "held": 0.5 ** (r.steps / life)}
+    return out
+
+
+def loss_terms(runs: list[StudyRun]) -> list[str]:
+    """The loss terms a variant's total loss sums (flow, repa, ...), from its metrics.jsonl rows."""
+    from pixelrun.experiments.figures import is_loss_term
+
+    keys = {k for r in runs for row in r.rows for k in row if is_loss_term(k) and k != "loss"}
+    return sorted(keys)

@@ -145,6 +145,14 @@ class RunSummary(Record):
     peak_memory_bytes: int
     device: str
     world_size: int
+    # the machine's 1-minute load average and CPU count as the run ended (None: written before
+    # they were recorded): images/s measured with the load above the CPUs was shared with other work
+    load_1min: float | None = None
+    cpus: int | None = None
+
+    def content(self) -> dict:
+        """Without the load where unknown: a summary written before it reads back as written."""
+        return {k: v for k, v in super().content().items() if v is not None or k not in ("load_1min", "cpus")}
 
 
 @dataclasses.dataclass

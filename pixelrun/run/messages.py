@@ -92,5 +92,7 @@ def summary_line(cfg: Config, step: int, summary: dict, last: Path, final_grid: 
 
 
 def format_duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s"
+    """The reports' wall time (pixelrun/infra/units.py): '3 min 49 s'."""
+    from pixelrun.infra.units import duration
+
+    return duration(seconds)

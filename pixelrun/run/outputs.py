@@ -83,7 +83,8 @@ def run_summary(
 ) -> RunSummary:
     """What a finished run reached and what it cost: steps, images, FLOPs, training time, throughput
     (the median of the logged images/s, each over the steps since the previous log; `global_batch`
-    is the last stage's) and peak memory."""
+    is the last stage's), peak memory, and the machine's load as it ended (the reports mark
+    images/s measured on a machine busier than its CPUs)."""
     rates = [
         row["images_per_s"]
         for row in read_metrics(Path(run_dir) / "metrics.jsonl")
@@ -102,7 +103,20 @@ def run_summary(
         peak_memory_bytes=peak_memory_bytes(device),
         device=device_name(torch.device(device)),
         world_size=world_size,
+        **machine_load(),
     )
+
+
+def machine_load() -> dict:
+    """The 1-minute load average (None where the system has none) and the CPUs this process may use."""
+    import os
+
+    try:
+        load: float | None = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"load_1min": load, "cpus": cpus}
 
 
 def provenance(device: torch.device | str) -> Provenance:

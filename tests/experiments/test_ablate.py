@@ -270,8 +270,20 @@ def test_ablation_runs_resumes_and_skips_finished_runs(tmp_path):
         assert cell["delta"]["estimate"] == pytest.approx(
             sum(d - b for d, b in zip(per["deeper"], per["baseline"])) / 2
         )
-    for name in ("report.md", "report.html", "summary.csv", "report/eval_vs_images.png"):
+    for name in ("report.md", "report.html", "summary.csv", "report/training_losses.png"):
         assert (out / name).stat().st_size > 0
+    # the evaluation metrics are drawn unless each is the same at every point of every run (4 toy
+    # steps can leave every shapes measure at 0): such a metric is named, not drawn
+    shapes = {
+        (m, v)
+        for f in out.glob("runs/*/seed*/points/step_*.json")
+        for m, v in json.loads(f.read_text())["results"][0]["metrics"]["shapes"].items()
+        if m != "n"
+    }
+    flat = len({m for m, _ in shapes}) == len(shapes)
+    assert (out / "report/eval_vs_images.png").exists() != flat
+    if flat:
+        assert "Not drawn, the same at every point: shapes/" in (out / "report.md").read_text()
 
 
 def test_schedule_reapplies_the_configs_optimizer_settings_after_a_load():

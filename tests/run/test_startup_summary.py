@@ -72,7 +72,7 @@ def test_the_plan_line_counts_images_and_says_when_nothing_is_evaluated(tmp_path
 
 def test_the_estimate_is_the_mean_step_time_times_the_steps_left():
     assert estimate_line(4, 10.0, 70) == (
-        "estimate: 2.5 s/step over the first 4 steps: about 2m55s for the 70 left, plus sample grids, "
+        "estimate: 2.5 s/step over the first 4 steps: about 2 min 55 s for the 70 left, plus sample grids, "
         "evaluations and checkpoints"
     )
 
