@@ -364,6 +364,11 @@ def ema_warnings(plan: Plan, half_lives: float = 3.0) -> list[str]:
     return out
 
 
+#: The largest step `ablate plan` times for its estimate (about 10-20 s on 2 CPU cores); a study of a
+#: larger model is planned where it cannot train, and timing it would load its networks for nothing.
+MEASURE_LIMIT_FLOP = 1e12
+
+
 def wall_estimate(plan: Plan, *, measure: bool = True, say=print) -> str:
     """The training time of the study's runs one after another: each run's FLOPs (FLOPs per image x
     images) divided by a FLOP/s of this machine, the first known of: each variant's calibrated step
@@ -381,6 +386,11 @@ def wall_estimate(plan: Plan, *, measure: bool = True, say=print) -> str:
 
         b = next(r for r in plan.runs if r.variant == plan.spec.baseline)
         cfg, n = plan.configs[(b.variant, b.seed)], plan.spec.budget.calibration_steps
+        if b.flops_per_image * b.global_batch > MEASURE_LIMIT_FLOP:  # a GPU study planned on a login node
+            return (
+                f"estimated wall time: unknown here (one step of {b.variant} is {units.flop(b.flops_per_image * b.global_batch)}, "
+                f"too costly to time on this machine); `pixelrun bench` on the machine that will train gives its step time"
+            )
         say(f"timing {b.variant}: {n} steps, for the estimate of the wall time")
         step = calibrate_step_seconds(cfg, text_encoder(cfg, "cpu").dim, n)
         rates = {b.variant: b.flops_per_image * b.global_batch / step}

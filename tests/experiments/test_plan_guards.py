@@ -86,3 +86,19 @@ def test_a_recorded_throughput_is_used_before_measuring(tmp_path, monkeypatch):
     seconds = sum(x.flops_per_image * x.images / 16e9 for x in plan.runs)  # 2 GFLOP x 8 images/s
     assert line.startswith(f"estimated wall time: {units.duration(seconds)} ")
     assert "the FLOP/s recorded by the runs already done (baseline; the mean for the others)" in line
+
+
+def test_a_step_too_costly_to_time_here_is_not_timed(tmp_path, monkeypatch):
+    """A study of a large model planned on a small machine: its step is not run (it would load the
+    networks and take minutes or the memory); the line says why and what gives the step time."""
+    from pixelrun.experiments import plan as plan_module
+    from pixelrun.experiments.spec import load_spec
+
+    monkeypatch.setattr(plan_module, "calibrate_step_seconds", lambda *a: pytest.fail("timed a step past the limit"))
+    plan = plan_module.plan_ablation(load_spec(write_spec(tmp_path)), say=lambda line: None)
+    base = next(r for r in plan.runs if r.variant == "baseline")
+    monkeypatch.setattr(plan_module, "MEASURE_LIMIT_FLOP", base.flops_per_image * base.global_batch * 0.99)
+    line = plan_module.wall_estimate(plan, say=lambda line: None)
+    step = units.flop(base.flops_per_image * base.global_batch)
+    assert line.startswith(f"estimated wall time: unknown here (one step of baseline is {step}, too costly")
+    assert "`pixelrun bench` on the machine that will train" in line
