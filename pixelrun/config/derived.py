@@ -128,6 +128,7 @@ def resume_changes(saved: Config, new: Config) -> tuple[dict, dict]:
             ("train.lora.alpha", old_l.alpha, new_l.alpha),
             ("train.lora.targets", old_l.targets, new_l.targets),
             ("run.init_from", saved.run.init_from, new.run.init_from),
+            ("model.init", saved.model.init, new.model.init),
         ]
     old_p, new_p = has_repa_projector(saved), has_repa_projector(new)
     if old_p != new_p:

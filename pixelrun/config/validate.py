@@ -67,12 +67,6 @@ def _validate_model(cfg: Config) -> None:
     _choice("model.resolution_embeds", m["resolution_embeds"], RESOLUTION_EMBEDS)
     if cfg.model.init and cfg.run.init_from:
         raise ConfigError("model.init", "and run.init_from both name the starting weights; set only one of them")
-    if cfg.model.init and cfg.train.lora.rank is not None:  # LoRA's frozen base comes from run.init_from only
-        raise ConfigError(
-            "model.init",
-            "LoRA (train.lora.rank) reads its frozen base weights from run.init_from, and model.init is not "
-            "wired into it yet: start a full run from model.init, or give LoRA a pixelrun run or export",
-        )
 
 
 def _validate_data(cfg: Config) -> None:
@@ -235,13 +229,14 @@ def _validate_lora(cfg: Config) -> None:
         _positive("train.lora.alpha", lo.alpha)
     if not lo.targets:
         raise ConfigError("train.lora.targets", f"names no module; choose among {', '.join(LORA_TARGETS)}")
-    # The one source of base weights wired in (pixelrun/run/resume.py, `lora_base`; inference's
-    # `_load_lora_base`): a source this does not name would leave the frozen weights random.
-    if not cfg.run.init_from:
+    # The sources of base weights wired in (pixelrun/run/resume.py, `lora_base`; inference's
+    # `_load_lora_base`): a source these do not name would leave the frozen weights random.
+    if not cfg.run.init_from and not cfg.model.init:
         raise ConfigError(
             "train.lora.rank",
-            "LoRA adapts given weights, which stay frozen: set run.init_from to the run, checkpoint or "
-            "export to fine-tune (resume, sample and export read the base weights from it again)",
+            "LoRA adapts given weights, which stay frozen: set model.init to a released diffusers model, or "
+            "run.init_from to the run, checkpoint or export to fine-tune (resume, sample and export read the "
+            "base weights from it again)",
         )
 
 

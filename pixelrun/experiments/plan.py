@@ -30,7 +30,7 @@ from pixelrun.config import Config, ConfigError, batch_split, load_config, to_ya
 from pixelrun.experiments.spec import UNITS, BudgetSpec, EvaluationSpec, Spec, override_key, ranks_per_node, world_size
 from pixelrun.infra import units
 from pixelrun.infra.records import AblationBudget, AblationPlan, AblationProtocol, AblationRun
-from pixelrun.tools.import_diffusers import resolve as resolve_model_init
+from pixelrun.model.import_diffusers import resolve as resolve_model_init
 
 
 @dataclass

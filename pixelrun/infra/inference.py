@@ -103,8 +103,15 @@ def load_model(
 
 
 def _load_lora_base(cfg: Config, path: Path, model: PRXDenoiser) -> None:
-    """The frozen weights a LoRA checkpoint's adapters were trained on (its run.init_from's, as the
-    run read them: pixelrun/run/resume.py, `base_loader`), then the adapters, fresh, to load into."""
+    """The frozen weights a LoRA checkpoint's adapters were trained on (its model.init's or
+    run.init_from's, as the run read them: pixelrun/run/resume.py, `base_loader`), then the adapters,
+    fresh, to load into."""
+    if cfg.model.init:  # a released diffusers model (pixelrun/model/import_diffusers.py)
+        from pixelrun.model.import_diffusers import load_into, locate
+
+        load_into(locate(cfg.model.init), model)
+        add_adapters(model, cfg.train.lora)
+        return
     base = cfg.run.init_from
     if not base:
         raise ConfigError("run.init_from", f"{path} is a LoRA checkpoint and its config names no base weights")

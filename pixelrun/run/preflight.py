@@ -19,6 +19,8 @@ def networks(cfg: Config) -> list[tuple[str, str]]:
     """(key, spec) of every model folder or Hugging Face id this run loads: training's, then the
     metric networks of its evaluations."""
     out = training_networks(cfg)
+    if cfg.model.init:  # a diffusers pipeline or transformer (pixelrun/model/import_diffusers.py)
+        out.insert(0, ("model.init", cfg.model.init))
     metrics = applicable_metrics(cfg) if cfg.eval.prompts else []
     if "cmmd" in metrics:
         out.append(("eval.clip_model", cfg.eval.clip_model))
@@ -27,18 +29,24 @@ def networks(cfg: Config) -> list[tuple[str, str]]:
     return [(k, v) for k, v in out if v and v not in EFFICIENTNET_SPECS]
 
 
-def problem(spec: str) -> str | None:
-    """Why `spec` cannot be loaded here, or None: a path must be a model folder (its config.json); a
+#: the config file that makes a folder or a hub repo the model a key names: model.init's may be a
+#: pipeline's (its transformer/config.json) or a bare transformer's
+CONFIGS = {"model.init": ("transformer/config.json", "config.json")}
+
+
+def problem(spec: str, configs: tuple[str, ...] = ("config.json",)) -> str | None:
+    """Why `spec` cannot be loaded here, or None: a path must be a model folder (one of `configs`); a
     hub id must be in the Hugging Face cache or the hub must answer."""
     path = os.path.expanduser(spec)
     if hub.is_local(spec):
         if not os.path.isdir(path):
             return "no such folder"
-        return None if os.path.isfile(os.path.join(path, "config.json")) else "a folder without config.json"
+        found = any(os.path.isfile(os.path.join(path, c)) for c in configs)
+        return None if found else f"a folder without {' or '.join(configs)}"
     from huggingface_hub import constants, try_to_load_from_cache
 
     try:
-        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        if any(isinstance(try_to_load_from_cache(spec, c), str) for c in configs):
             return None
     except ValueError:
         return "neither a folder nor a valid Hugging Face id"
@@ -51,7 +59,11 @@ def problem(spec: str) -> str | None:
 
 def preflight(cfg: Config) -> None:
     """A ConfigError naming every key whose network cannot be loaded here, all in one line."""
-    bad = [(key, spec, why) for key, spec in networks(cfg) if (why := problem(spec)) is not None]
+    bad = [
+        (key, spec, why)
+        for key, spec in networks(cfg)
+        if (why := problem(spec, CONFIGS.get(key, ("config.json",)))) is not None
+    ]
     if not bad:
         return
     each = "; ".join(f"{key}={spec} ({why})" for key, spec, why in bad)

@@ -42,7 +42,7 @@ class Start:
     path: Path | None = None
     meta: CheckpointMeta | None = None
     init_from: Path | None = None
-    model_init: Path | None = None  # model.init's transformer folder (pixelrun/tools/import_diffusers.py)
+    model_init: Path | None = None  # model.init's transformer folder (pixelrun/model/import_diffusers.py)
 
 
 def choose_start(
@@ -77,24 +77,41 @@ def init_source(spec: str, say: Say) -> Path:
         raise ConfigError("run.init_from", str(e)) from None
 
 
-def lora_base(cfg: Config, start: Start, say: Say) -> Path | None:
-    """A LoRA run's frozen base weights: run.init_from's checkpoint, read again by every session, a
-    resumed one included (its checkpoints hold only the adapters). None when every weight trains."""
-    if not lora_on(cfg) or not cfg.run.init_from:
+@dataclass(frozen=True)
+class LoRABase:
+    """Where a LoRA run's frozen weights come from, read again by every session (its checkpoints hold
+    only the adapters): a diffusers transformer folder (model.init, `imported`) or a pixelrun
+    checkpoint or export (run.init_from)."""
+
+    path: Path
+    imported: bool
+
+
+def lora_base(cfg: Config, start: Start, say: Say, model_init: Path | None = None) -> LoRABase | None:
+    """A LoRA run's frozen base weights; None when every weight trains."""
+    if not lora_on(cfg):
         return None
     import peft  # noqa: F401  (before any work: the lora extra missing is one line, pixelrun/cli/__init__.py)
 
-    return start.init_from or init_source(cfg.run.init_from, say)
+    if model_init is not None:
+        return LoRABase(model_init, imported=True)
+    if not cfg.run.init_from:
+        return None
+    return LoRABase(start.init_from or init_source(cfg.run.init_from, say), imported=False)
 
 
-def base_loader(path: Path) -> Callable[[PRXDenoiser], None]:
-    """Loads `path`'s weights (a checkpoint's EMA, or an export's: what `pixelrun sample` would use)
-    into a plain model, for `build_state` to add the adapters to; unreadable or non-finite weights
-    refused in one line naming run.init_from."""
+def base_loader(base: LoRABase) -> Callable[[PRXDenoiser], None]:
+    """Loads the base's weights (a checkpoint's EMA, or an export's: what `pixelrun sample` would use;
+    or model.init's transformer) into a plain model, for `build_state` to add the adapters to;
+    unreadable or non-finite weights refused in one line naming run.init_from or model.init."""
+    from pixelrun.model.import_diffusers import load_into
 
     def load(model: PRXDenoiser) -> None:
-        _read_init(path, lambda: ckpt.load_weights(path, model, "ema"))
-        _refuse_nonfinite(path, ckpt.first_nonfinite(model.state_dict()))
+        if base.imported:
+            load_into(base.path, model)
+            return
+        _read_init(base.path, lambda: ckpt.load_weights(base.path, model, "ema"))
+        _refuse_nonfinite(base.path, ckpt.first_nonfinite(model.state_dict()))
 
     return load
 
@@ -122,8 +139,8 @@ def restore(
             say(line)
         if step >= steps:
             say(f"nothing to train: the checkpoint is at step {step} and train.steps is {steps}")
-    elif start.init_from is not None and has_adapters(st.model):
-        say(f"LoRA: the adapters start fresh on the frozen weights of {start.init_from}")
+    elif has_adapters(st.model) and (start.init_from or start.model_init) is not None:
+        say(f"LoRA: the adapters start fresh on the frozen weights of {start.init_from or start.model_init}")
     elif start.init_from is not None:
         for line in [*init_weights(st, start.init_from, ctx), f"initialised weights and EMA from {start.init_from}"]:
             say(line)
@@ -239,7 +256,7 @@ def check_init_from(cfg: Config, path: Path, text_dim: int) -> None:
 def import_weights(st: TrainState, folder: Path, ctx: DistContext | None = None) -> None:
     """model.init: a diffusers transformer's tensors, each checked by name and shape, into the model
     and every EMA (the EMA starts as these weights); nothing else of the run."""
-    from pixelrun.tools.import_diffusers import read_weights
+    from pixelrun.model.import_diffusers import read_weights
 
     expected = {k: tuple(v.shape) for k, v in st.model.state_dict().items()}  # global shapes under FSDP2
     state = read_weights(folder, expected)
@@ -260,7 +277,7 @@ def _load_everywhere(st: TrainState, state: dict) -> None:
 
 def check_model_init(folder: Path, text_dim: int, encoder: str) -> None:
     """model.init's text projection must take the text encoder's width (once that is known)."""
-    from pixelrun.tools.import_diffusers import check_text_width
+    from pixelrun.model.import_diffusers import check_text_width
 
     check_text_width(folder, text_dim, encoder)
 

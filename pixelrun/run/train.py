@@ -44,6 +44,7 @@ from pixelrun.infra.locks import folder_lock
 from pixelrun.infra.progress import progress
 from pixelrun.infra.records import RunSummary
 from pixelrun.infra.tracking import Tracker
+from pixelrun.model.import_diffusers import resolve as resolve_model_init
 from pixelrun.model.text import text_encoder
 from pixelrun.run.health import Health
 from pixelrun.run.messages import describe_plan, describe_run, estimate_line, summary_line
@@ -62,7 +63,6 @@ from pixelrun.run.resume import (
     run_parts,
 )
 from pixelrun.run.stop import StopFlag, TrainingStopped, should_stop
-from pixelrun.tools.import_diffusers import resolve as resolve_model_init
 from pixelrun.training.build import TrainState, build_state
 from pixelrun.training.flops import analytic_flops_per_image
 from pixelrun.training.state import Checkpointer, Counters, DataPosition, NonFiniteState
@@ -156,14 +156,14 @@ class Run:
 def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) -> Run:
     """Everything checked before any work (the resume may continue this run, the metric networks
     load, the held-out data is there), then built, then restored from the checkpoint if there is one."""
+    preflight(cfg)  # every network, all at once, before the run folder is touched
     cfg, model_init = resolve_model_init(cfg)  # model.init's architecture, from its config.json
     plan = stage_plan(cfg)
     splits = [batch_split(c, ctx.world_size) for _, _, c in plan]  # config errors before any work
     say = tqdm.write if ctx.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run.dir)
-    preflight(cfg)  # every network, all at once, before the run folder is touched
     start = choose_start(cfg, ctx, say, from_checkpoint, model_init)
-    base = lora_base(cfg, start, say)  # LoRA's frozen weights, read by every session
+    base = lora_base(cfg, start, say, model_init)  # LoRA's frozen weights, read by every session
     # The metric networks load here, so a missing one stops the run before any training. Every rank
     # samples during an evaluation; only rank 0 loads networks and computes the metrics.
     metrics = applicable_metrics(cfg) if cfg.eval.prompts else []
@@ -173,10 +173,10 @@ def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) 
     encoder.warn = say
     validation = ValidationLoss(cfg, encoder, ctx.device) if cfg.eval.val_images else None
     null_text, null_mask = (a.to(ctx.device) for a in encoder.encode([""]))
-    if (source := start.init_from or base) is not None:
+    if (source := start.init_from or (base.path if base and not base.imported else None)) is not None:
         check_init_from(cfg, source, encoder.dim)
-    if start.model_init is not None:
-        check_model_init(start.model_init, encoder.dim, cfg.text.encoder)
+    if model_init is not None:
+        check_model_init(model_init, encoder.dim, cfg.text.encoder)
     st = build_state(cfg, [c for _, _, c in plan], ctx, encoder.dim, base_loader(base) if base else None)
     checkpointer, counters, position = run_parts(cfg, ctx, st, encoder.dim)
     restore(start, checkpointer, st, cfg.train.steps, say, ctx)

@@ -35,7 +35,7 @@ from pixelrun.infra.devices import device_name, device_peak_flops, peak_flops
 from pixelrun.infra.distributed import DistContext, process_group, resolve_device, world_from_env
 from pixelrun.infra.precision import autocast_dtype
 from pixelrun.model.denoiser import PRXDenoiser
-from pixelrun.tools.import_diffusers import resolve as resolve_model_init
+from pixelrun.model.import_diffusers import resolve as resolve_model_init
 from pixelrun.training.build import build_state
 from pixelrun.training.flops import measured_step_flops, mfu
 from pixelrun.training.step import train_step

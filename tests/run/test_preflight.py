@@ -59,3 +59,20 @@ def test_what_is_checked_follows_the_switches(tmp_path, tiny_encoder_dir):
     assert networks(load_config(None, tiny_overrides(tmp_path / "r", "minilm"))) == []  # installed with pixelrun
     (tmp_path / "empty").mkdir()
     assert problem(str(tmp_path / "empty")) == "a folder without config.json"
+
+
+def test_model_init_is_checked_with_the_others(tmp_path, tiny_encoder_dir, capsys):
+    """A released model that is not here is listed with the other networks, not found first on its
+    own; a pipeline folder is a model folder by its transformer/config.json."""
+    pipeline = tmp_path / "pipe"
+    (pipeline / "transformer").mkdir(parents=True)
+    assert problem(str(pipeline), ("transformer/config.json", "config.json")) is not None
+    (pipeline / "transformer" / "config.json").write_text("{}")
+    assert problem(str(pipeline), ("transformer/config.json", "config.json")) is None
+    over = tiny_overrides(tmp_path / "run", "acme/not-a-cached-encoder", **{"model.init": "acme/not-a-released-model"})
+    assert main(["train", *over]) == 2
+    one_line_error(
+        capsys,
+        "model.init, text.encoder",
+        "model.init=acme/not-a-released-model (not in the Hugging Face cache, and HF_HUB_OFFLINE is set)",
+    )

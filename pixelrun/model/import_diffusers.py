@@ -175,6 +175,17 @@ def read_weights(folder: Path, expected: dict[str, tuple[int, ...]]) -> dict[str
     return state
 
 
+def load_into(folder: Path, model: torch.nn.Module) -> None:
+    """model.init's weights into a plain (unsharded) denoiser, each checked by name and shape; weights
+    holding a NaN or an infinity are refused in one line. A LoRA run's frozen base, read again by every
+    session and by `sample`, `eval` and `export` of its checkpoints (which hold the adapters alone)."""
+    state = read_weights(folder, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise _fail(f"{folder}: its weights hold non-finite values ({bad})")
+    model.load_state_dict(state)
+
+
 def check_names_and_shapes(folder: Path, state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
     for name, shape in expected.items():
         if name not in state:

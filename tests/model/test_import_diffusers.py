@@ -12,6 +12,7 @@ from conftest import one_line_error, tiny_overrides
 from PIL import Image
 
 from pixelrun.cli import main
+from pixelrun.config import ConfigError
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("ftfy", reason="PRXPixelPipeline cleans prompts with ftfy")
@@ -153,9 +154,6 @@ def test_an_explicit_other_architecture_is_refused_naming_both(released, tmp_pat
     assert main(["train", *_overrides(run, tiny_encoder_dir, str(released), **{"model.preset": "small"})]) == 2
     one_line_error(capsys, "model.preset: small has mlp_ratio 3.5 but model.init", "has mlp_ratio 2.0")
     assert not run.exists()
-    # LoRA's frozen base is read from run.init_from only (pixelrun/run/resume.py, lora_base)
-    assert main(["train", *_overrides(run, tiny_encoder_dir, str(released), **{"train.lora.rank": 4})]) == 2
-    one_line_error(capsys, "model.init: LoRA (train.lora.rank)", "not wired into it yet")
     # the text encoder must give the width the transformer's text projection takes
     assert main(["train", *_overrides(run, "minilm", str(released))]) == 2
     one_line_error(capsys, "model.init:", "takes 32-wide embeddings (context_in_dim)", "gives 384-wide ones")
@@ -184,7 +182,7 @@ def test_a_cached_hub_id_offline_is_read_from_the_cache(released, tmp_path, monk
 
     from huggingface_hub import constants
 
-    from pixelrun.tools.import_diffusers import architecture, locate
+    from pixelrun.model.import_diffusers import architecture, locate
 
     cache, rev = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
     repo = cache / "models--someone--tiny-prxpixel"
@@ -206,7 +204,15 @@ def test_an_uncached_hub_id_offline_is_one_line(tmp_path, tiny_encoder_dir, caps
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert main(["train", *_overrides(tmp_path / "run", tiny_encoder_dir, "Photoroom/prxpixel-t2i")]) == 2
-    one_line_error(capsys, "model.init: 'Photoroom/prxpixel-t2i' is neither a local folder", "HF_HUB_OFFLINE is set")
+    # the preflight finds it with every other network (pixelrun/run/preflight.py)
+    one_line_error(
+        capsys, "model.init=Photoroom/prxpixel-t2i (not in the Hugging Face cache, and HF_HUB_OFFLINE is set)"
+    )
+    from pixelrun.model.import_diffusers import locate  # the import's own reading, for sample and export
+
+    with pytest.raises(ConfigError, match="is neither a local folder") as e:
+        locate("Photoroom/prxpixel-t2i")
+    assert "HF_HUB_OFFLINE is set" in str(e.value)
 
 
 def test_prxpixel_7b_preset_is_the_released_layout_in_diffusers():
@@ -232,3 +238,40 @@ def test_prxpixel_7b_preset_is_the_released_layout_in_diffusers():
     assert names == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     print(f"prxpixel-7b: {count_parameters(ours):,} parameters")
     assert 6.5e9 < count_parameters(ours) < 7.5e9
+
+
+def test_a_lora_fine_tune_of_the_released_model(released, tmp_path, tiny_encoder_dir, capsys):
+    """LoRA on model.init's weights: they stay frozen (the merged export differs from them only by
+    alpha / rank * B @ A on each adapted linear, by hand), the checkpoint holds the adapters alone, and
+    `sample` of the checkpoint (which reads the released weights again) draws what the export draws."""
+    from safetensors.torch import load_file
+
+    from pixelrun.infra import checkpoint as ckpt
+
+    run, merged = tmp_path / "lora", tmp_path / "merged"
+    lora = {"train.lora.rank": 2, "train.lora.alpha": 4.0, "train.steps": 3, "optimizer.lr": 0.02}
+    lora |= {"ema.decay": 0.0, "optimizer.name": "adamw"}  # the EMA adapters are the last ones
+    assert main(["train", *_overrides(run, tiny_encoder_dir, str(released), **lora)]) == 0
+    assert "LoRA: the adapters start fresh on the frozen weights of" in capsys.readouterr().out
+    saved = ckpt.read_tensors(ckpt.latest_checkpoint(run))
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), sorted(saved)[:4]
+
+    assert main(["export", "--checkpoint", str(run), "--out", str(merged)]) == 0
+    weights = load_file(str(merged / "model.safetensors"))
+    base = load_file(str(released / "transformer" / "diffusion_pytorch_model.safetensors"))
+    adapted = {k.removeprefix("ema.").split(".lora_A.")[0] for k in saved if k.startswith("ema.") and ".lora_A." in k}
+    assert len(adapted) == 12  # 6 linears in each of 2 blocks
+    for name, w in weights.items():
+        m = name.removesuffix(".weight")
+        if m in adapted:
+            a, b = saved[f"ema.{m}.lora_A.default.weight"], saved[f"ema.{m}.lora_B.default.weight"]
+            assert (b @ a).abs().max() > 1e-5, m  # the adapters trained
+            torch.testing.assert_close(w, base[name] + 2.0 * (b @ a), rtol=0, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(w, base[name]), name  # frozen, bit for bit
+
+    prompt = PROMPTS[0]
+    for src, dst in ((run, "from_run"), (merged, "from_export")):
+        assert main(["sample", "--checkpoint", str(src), "--prompt", prompt, "--out", str(tmp_path / dst)]) == 0
+    a, b = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in ("from_run", "from_export"))
+    assert np.array_equal(a, b)
