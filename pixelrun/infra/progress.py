@@ -23,12 +23,14 @@ class _Lines(io.TextIOBase):
 
     def __init__(self, stream: IO[str]):
         self.stream = stream
+        self.last = ""
 
     def write(self, s: str) -> int:
         for part in s.replace(_CURSOR_UP, "").split("\r"):
             line = part.rstrip("\n")
-            if line.strip():
+            if line.strip() and line != self.last:  # a closing bar redraws its last state once more
                 self.stream.write(line + "\n")
+                self.last = line
         return len(s)
 
     def flush(self) -> None:

@@ -43,6 +43,7 @@ from pixelrun.config import (
 )
 from pixelrun.data.sources import check_paths
 from pixelrun.infra import checkpoint as ckpt
+from pixelrun.infra import units
 from pixelrun.infra.distributed import process_group
 from pixelrun.infra.precision import native_cpu_bf16
 from pixelrun.infra.records import read_metrics
@@ -347,7 +348,7 @@ def format_report(r: dict) -> str:
         + ("yes, the resumed run is the uninterrupted one" if res["same"] else "NO: see above")
     )
     if r.get("eval"):
-        lines.append(f"evaluation: {r['eval']}")
+        lines.append("evaluation: " + ", ".join(f"{k} {units.number(v)}" for k, v in r["eval"].items()))
     if r.get("skipped_images"):
         lines.append(f"skipped images: {r['skipped_images']}")
     lines.append(f"samples: {r['samples']}   report: {r['run_dir']}/rehearsal.json")

@@ -64,3 +64,11 @@ def test_the_generation_bar_restarts_per_chunk_and_reads_as_the_configured_steps
     assert images.shape[0] == 40
     assert (bar.n, bar.total) == (25, 25)
     assert bar.postfixes == ["images 1-32 of 40", "images 33-40 of 40"]
+
+
+def test_a_closing_bar_redrawing_its_last_state_is_one_line():
+    out = io.StringIO()
+    lines = _Lines(out)
+    lines.write("\rtrain: 100%|###| 2/2")
+    lines.write("\rtrain: 100%|###| 2/2\n")  # tqdm's close with leave=True
+    assert out.getvalue() == "train: 100%|###| 2/2\n"
