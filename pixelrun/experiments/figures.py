@@ -5,7 +5,6 @@ guidance curve; and the grid of the same prompts and noise across variants."""
 from __future__ import annotations
 
 import io
-import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 from pixelrun.experiments.folders import StudyRun, point_value
 from pixelrun.experiments.render import same_loss_terms
 from pixelrun.infra.files import write_atomic
-from pixelrun.infra.grids import drawable, label_font
+from pixelrun.infra.grids import drawable, label_font, wrap_to_width
 from pixelrun.infra.records import EvalPoint
 
 TRAINING_ONLY = ("step", "lr", "grad_norm", "images_per_s", "train_seconds", "skipped_steps")
@@ -278,7 +277,7 @@ def variant_grid(summary: dict, runs: list[StudyRun], path: Path, tile: int = 12
     cols = max(len(files) for _, files in rows)
     font = label_font(11)
     label_w, pad = 110, 6
-    captions = ["\n".join(textwrap.wrap(drawable(p, font), max(8, tile // 6))[:5]) for p in prompts[:cols]]
+    captions = [wrap_to_width(drawable(p, font), font, tile) for p in prompts[:cols]]
     head = 14 * max((c.count("\n") + 1 for c in captions), default=0) + pad
     canvas = Image.new("RGB", (label_w + cols * (tile + pad) + pad, head + len(rows) * (tile + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)

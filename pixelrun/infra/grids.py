@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +46,27 @@ def drawable(text: str, font) -> str:
     return "".join(ch if ch.isspace() or bytes(font.getmask(ch)) != missing else "?" for ch in text)
 
 
+def wrap_to_width(text: str, font, width: int, max_lines: int = 8) -> str:
+    """`text` in lines that each fit `width` pixels in `font` (a caption over its own tile, not into
+    the next one); past `max_lines` the last line ends with an ellipsis, so a cut caption says so."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            while font.getlength(word) > width and len(word) > 1:  # a word wider than the tile: split it
+                cut = max(1, next(i for i in range(len(word), 0, -1) if font.getlength(word[:i]) <= width))
+                lines.append(word[:cut])
+                word = word[cut:]
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        while lines[-1] and font.getlength(lines[-1] + "…") > width:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += "…"
+    return "\n".join(lines)
+
+
 def save_grid(images: np.ndarray, captions: list[str], path: str | Path, tile: int = 160, columns: int = 4) -> Path:
     """A grid of uint8 [B, H, W, 3] images, each enlarged (nearest, so pixels stay honest) to about
     `tile` px on its longer side and labelled with its prompt underneath."""
@@ -54,8 +74,7 @@ def save_grid(images: np.ndarray, captions: list[str], path: str | Path, tile: i
     scale = max(1, tile // max(h, w))
     tw, th = w * scale, h * scale
     font = label_font(11)
-    chars = max(8, tw // 6)
-    wrapped = ["\n".join(textwrap.wrap(drawable(c, font), chars)[:6]) for c in captions]
+    wrapped = [wrap_to_width(drawable(c, font), font, tw, max_lines=6) for c in captions]
     label_h = 14 * max((s.count("\n") + 1 for s in wrapped), default=1) + 6
     cols = min(columns, b)
     rows = (b + cols - 1) // cols
