@@ -97,11 +97,19 @@ examples:
         help="with --gpus: CPU cores decoding images per GPU, for the per-core loader rate (default 8, "
         "the reference's 8 loader processes per rank)",
     )
+    b.add_argument(
+        "--memory",
+        action="store_true",
+        help="print the config's model states per GPU (weights, gradients, optimizer moments, EMA; full or "
+        "LoRA) on --gpus GPUs, computed without running a step, e.g. for model.preset=prxpixel-7b",
+    )
     b.add_argument("--out", help="write the full report (with the resolved config) here")
     b.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.memory:
+        return _memory(args)
     if args.gpus is not None:
         from pixelrun.tools.forecast import format_projection, project
 
@@ -147,4 +155,19 @@ def run(args) -> int:
         for name, r in report["results"].items()
     }
     print(json.dumps({"device": report["device"], "results": summary}, indent=2))
+    return 0
+
+
+def _memory(args) -> int:
+    from pixelrun.config import load_config
+    from pixelrun.tools.memory import format_memory, state_memory
+
+    gpus = args.gpus or 1
+    if gpus < 1:
+        raise ConfigError("--gpus", f"must be >= 1; got {gpus}")
+    cfg = load_config(args.config, args.overrides)
+    dim = args.text_dim or 384
+    print(format_memory(state_memory(cfg, dim, gpus), cfg.model.preset))
+    if not args.text_dim:
+        print("(text width 384, MiniLM's; --text-dim for another encoder: it only sizes the text projection)")
     return 0
