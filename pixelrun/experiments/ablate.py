@@ -156,8 +156,8 @@ def execute(plan: Plan, *, parallel: int | None = None) -> dict:
                         break
                     running[_start(plan, nxt, env, threads if parallel > 1 else None)] = nxt
                 time.sleep(0.5)
-                bar.n = sum(min(run_state(plan, r)["step"], r.steps) for r in plan.runs)
-                bar.refresh()
+                # update, not n= and refresh: a bar in a log file then writes a line per LOG_INTERVAL_S, not per poll
+                bar.update(sum(min(run_state(plan, r)["step"], r.steps) for r in plan.runs) - bar.n)
                 for proc in [p for p in running if p.poll() is not None]:
                     r = running.pop(proc)
                     if proc.returncode == 0 and run_state(plan, r)["state"] == "done":

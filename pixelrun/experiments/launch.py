@@ -441,8 +441,8 @@ def wait_for_jobs(plan: Plan, poll_s: float) -> dict:
     with progress(total=total, desc=f"ablate {plan.spec.name}", unit="step") as bar:
         while True:
             states = run_jobs(plan)
-            bar.n = sum(min(run_state(plan, r)["step"], r.steps) for r in plan.runs)
-            bar.refresh()
+            # update, not n= and refresh: a bar in a log file then writes a line per LOG_INTERVAL_S, not per poll
+            bar.update(sum(min(run_state(plan, r)["step"], r.steps) for r in plan.runs) - bar.n)
             if not any(s is not None and is_active(s[1]) for s in states.values()):
                 break
             time.sleep(poll_s)
