@@ -38,7 +38,10 @@ DISTRIBUTED_FILES = {
     "test_rehearsal.py",
     "test_tricks_sharded.py",
 }
-DISTRIBUTED_TESTS = {"test_validation.py::test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers"}
+DISTRIBUTED_TESTS = {
+    "test_validation.py::test_fsdp2_sharded_model_on_two_ranks_gives_the_same_numbers",
+    "test_import_diffusers.py::test_imported_on_two_ranks_under_fsdp2_is_the_released_model",
+}
 SLOW_FILES = {
     "test_distributed.py",
     "test_dist_muon.py",
@@ -51,6 +54,7 @@ SLOW_FILES = {
     "test_tricks_sharded.py",
 }
 SLOW_TESTS = {
+    "test_import_diffusers.py::test_imported_on_two_ranks_under_fsdp2_is_the_released_model",
     "test_lora.py::test_twenty_steps_change_the_adapters_alone",
     "test_stages.py::test_stage_switch_drops_repa_changes_resolution_and_resumes",
     "test_stages.py::test_init_from_and_export",

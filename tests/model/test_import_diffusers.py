@@ -275,3 +275,26 @@ def test_a_lora_fine_tune_of_the_released_model(released, tmp_path, tiny_encoder
         assert main(["sample", "--checkpoint", str(src), "--prompt", prompt, "--out", str(tmp_path / dst)]) == 0
     a, b = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in ("from_run", "from_export"))
     assert np.array_equal(a, b)
+
+
+def test_imported_on_two_ranks_under_fsdp2_is_the_released_model(released, tiny_encoder_dir, tmp_path):
+    """model.init into a model sharded by FSDP2 on 2 gloo ranks (each rank reads the file, the shards
+    are its slices): one step at lr 1e-30 and the export gives the released tensors back bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pixelrun"]
+    proc = subprocess.run(
+        [*cmd, "train", *_overrides(run, tiny_encoder_dir, str(released), **{"train.batch_size": 2})],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["export", "--checkpoint", str(run), "--format", "diffusers", "--out", str(out)]) == 0
+    back = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    given = load_file(str(released / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert sorted(back) == sorted(given) and all(torch.equal(back[k], given[k]) for k in given)
