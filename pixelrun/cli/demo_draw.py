@@ -113,8 +113,10 @@ def verdict_table(folder: Path) -> str:
         blocks = ablation_blocks(json.loads(path.read_text()), {})
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{path} cannot be read as a report ({type(e).__name__}: {e}); `pixelrun ablate report {folder}`"
-    # the budget, the protocol, the main table and the validation losses: the first other section ends it
-    end = next((i for i, b in enumerate(blocks) if b[0] == "h2" and not b[1].startswith("Validation")), len(blocks))
+    # the budget, the protocol, the warnings, the main table and the validation losses: the first other
+    # section ends it
+    kept = ("Validation", "Warnings")
+    end = next((i for i, b in enumerate(blocks) if b[0] == "h2" and not b[1].startswith(kept)), len(blocks))
     return render_markdown([b for b in blocks[:end] if b[0] != "h1"], folder)
 
 
