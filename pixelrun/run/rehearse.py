@@ -348,9 +348,22 @@ def format_report(r: dict) -> str:
         + ("yes, the resumed run is the uninterrupted one" if res["same"] else "NO: see above")
     )
     if r.get("eval"):
-        lines.append("evaluation: " + ", ".join(f"{k} {units.number(v)}" for k, v in r["eval"].items()))
+        lines.append("evaluation: " + ", ".join(_scores(r["eval"])))
     if r.get("skipped_images"):
         lines.append(f"skipped images: {r['skipped_images']}")
     lines.append(f"samples: {r['samples']}   report: {r['run_dir']}/rehearsal.json")
     lines.append("-" * 72)
     return "\n".join(lines)
+
+
+def _scores(values: dict, prefix: str = "") -> list[str]:
+    """'name value' for each number of an evaluation's dict, nested ones (several EMAs) by their path."""
+    out = []
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out += _scores(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(f"{prefix}{k} {units.number(v)}")
+        else:
+            out.append(f"{prefix}{k} {v}")
+    return out

@@ -116,7 +116,8 @@ def runs(tmp_path_factory, tiny_encoder_dir):
     train(load_config(None, _over(r["two_then_one"], enc, 4, 8)))  # the 2-rank checkpoint on 1 rank
     train(load_config(None, _over(r["one_then_two"], enc, 2, 8)))
     torchrun(2, _over(r["one_then_two"], enc, 4, 4))  # the 1-rank checkpoint on 2 ranks
-    muon = {"optimizer.name": "muon", "model.mlp_ratio": 3.04}  # MLP width 97: uneven shards over 2 ranks
+    # MLP width 97: uneven shards over 2 ranks; Newton-Schulz in fp32 (see test_muon_on_two_ranks_equals_one)
+    muon = {"optimizer.name": "muon", "optimizer.muon_precision": "fp32", "model.mlp_ratio": 3.04}
     train(load_config(None, _over(r["muon_one_x8"], enc, 3, 8, **muon)))
     torchrun(2, _over(r["muon_two_x4"], enc, 3, 4, **muon))
     torchrun(2, _over(r["hsdp_two_x4"], enc, 4, 4, **{"parallel.replicate": 2}))  # 2 replicas of 1 shard
@@ -154,12 +155,13 @@ def test_checkpoints_move_between_rank_counts(runs):
 
 def test_muon_on_two_ranks_equals_one(runs):
     """Newton-Schulz on whole matrices gathered from uneven FSDP2 shards (pixelrun/training/optim.py). Given
-    the same gradients the sharded update is bitwise the single-device one (tests/training/test_dist_muon.py);
-    here the gradients differ by fp32 reduction order. Newton-Schulz in bf16 (the default) turns
-    that into an occasional different rounding of an orthogonalised entry, 2^-8 of it: a weight
-    moves by lr * 0.2 sqrt(97) * 2^-8 * |O| ~ 2e-5 * |O| per step, so after 3 steps at lr 3e-3 the
-    weights agree to 1e-4 (4.6e-5 seen; fp32 Newton-Schulz: a few 1e-6) and the losses to 1e-5."""
-    _same_run(runs["muon_one_x8"], runs["muon_two_x4"], atol=1e-4)
+    the same gradients the sharded update is bitwise the single-device one, in bf16 as in fp32
+    (tests/training/test_dist_muon.py); here the gradients differ by fp32 reduction order. In fp32 that
+    stays at the 1e-6 level. In bf16 (the default) it turns into an occasional different rounding of an
+    orthogonalised entry, 2^-8 of it, moving a weight by lr * 0.2 sqrt(max side) * 2^-8 * |O| per
+    step: the 1536-wide modulation matrix of this model moved 3.6e-4 in 3 steps, which says nothing about
+    the sharding, hence fp32 here."""
+    _same_run(runs["muon_one_x8"], runs["muon_two_x4"], atol=5e-6)  # 4.5e-7 seen
 
 
 def test_hybrid_sharding_equals_one_rank(runs):

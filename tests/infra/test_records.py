@@ -140,8 +140,8 @@ def test_the_base_builds_nested_lists_dicts_and_optionals(tmp_path):
 
 
 def test_every_kept_result_loads_and_keeps_its_content():
-    """The point files, run summaries and provenance under benchmarks/results/, all written before
-    the records (no `format`), read as records whose content is the file's."""
+    """The point files, run summaries and provenance under benchmarks/results/, written before the
+    records (no `format`) or by them (`format: 1`), read as records whose content is the file's."""
     kinds = {
         EvalPoint: [p for p in RESULTS.rglob("step_*.json") if p.parent.name == "points"],
         RunSummary: list(RESULTS.rglob("run-summary.json")),
@@ -151,7 +151,8 @@ def test_every_kept_result_loads_and_keeps_its_content():
     for kind, files in kinds.items():
         for f in files:
             record = kind.read(f)
-            assert {k: v for k, v in record.to_dict().items() if k != "format"} == json.loads(f.read_text()), f
+            kept = {k: v for k, v in json.loads(f.read_text()).items() if k != "format"}
+            assert {k: v for k, v in record.to_dict().items() if k != "format"} == kept, f
     point = EvalPoint.read(kinds[EvalPoint][0])
     assert isinstance(point.results[0], GuidanceResult) and point.results[0].metrics["shapes"]["n"] > 0
 

@@ -127,7 +127,11 @@ def test_the_target_names_are_the_blocks_linears():
         ({"train.lora.rank": -1}, "train.lora.rank", "positive integer"),
         ({"train.lora.targets": "[attention.qkv]"}, "train.lora.targets[0]", "unknown module 'attention.qkv'"),
         ({"train.lora.alpha": 0.0}, "train.lora.alpha", "> 0"),
-        ({"run.init_from": "null"}, "train.lora.rank", "set run.init_from"),
+        (
+            {"run.init_from": "null"},
+            "train.lora.rank",
+            "set model.init to a released diffusers model, or run.init_from",
+        ),
         ({"train.lora.rank": "null"}, "train.lora.alpha", "train.lora.rank is null"),
     ],
 )
