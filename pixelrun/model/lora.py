@@ -79,8 +79,11 @@ def is_adapter_key(name: str) -> bool:
 
 
 def has_adapters(model: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
+    """Whether peft's adapters are in `model`; without peft (the lora extra not installed) none can be."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return False
     return any(isinstance(m, LoraLayer) for m in model.modules())
 
 

@@ -139,7 +139,7 @@ def restore(
             say(line)
         if step >= steps:
             say(f"nothing to train: the checkpoint is at step {step} and train.steps is {steps}")
-    elif has_adapters(st.model) and (start.init_from or start.model_init) is not None:
+    elif (start.init_from or start.model_init) is not None and has_adapters(st.model):
         say(f"LoRA: the adapters start fresh on the frozen weights of {start.init_from or start.model_init}")
     elif start.init_from is not None:
         for line in [*init_weights(st, start.init_from, ctx), f"initialised weights and EMA from {start.init_from}"]:

@@ -146,3 +146,18 @@ def test_bad_lora_keys_are_refused_in_one_line(tmp_path, tiny_encoder_dir, capsy
     if key == "train.lora.targets[0]":
         assert "attention.img_qkv_proj" in err  # the valid names are listed
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_without_lora_needs_no_peft(tmp_path, tiny_encoder_dir, monkeypatch):
+    """README's first command on a fresh machine installs no extra: a full run must not import peft
+    (it once did, through has_adapters on a fresh start, and `pixelrun train` asked for the extra)."""
+    import sys
+
+    from pixelrun.config import load_config
+    from pixelrun.model.lora import has_adapters
+    from pixelrun.run.train import train
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError, as when not installed
+    assert has_adapters(torch.nn.Linear(2, 2)) is False
+    summary = train(load_config(None, tiny_overrides(tmp_path / "run", tiny_encoder_dir, **{"train.steps": 2})))
+    assert summary["step"] == 2
