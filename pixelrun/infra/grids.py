@@ -55,7 +55,7 @@ def wrap_to_width(text: str, font, width: int, max_lines: int = 8) -> str:
             lines[-1] = f"{lines[-1]} {word}"
         else:
             while font.getlength(word) > width and len(word) > 1:  # a word wider than the tile: split it
-                cut = max(1, next(i for i in range(len(word), 0, -1) if font.getlength(word[:i]) <= width))
+                cut = next((i for i in range(len(word), 1, -1) if font.getlength(word[:i]) <= width), 1)
                 lines.append(word[:cut])
                 word = word[cut:]
             lines.append(word)
