@@ -38,7 +38,7 @@ PRESETS: dict[str, dict] = {
         resolution_embeds="vec",
     ),
 }
-RESOLUTION_EMBEDS = ("none", "vec")  # pixelrun/model/resolution.py
+RESOLUTION_EMBEDS = ("none", "vec", "token")  # pixelrun/model/resolution.py
 
 DATA_SOURCES = ("shapes", "folder", "emoji", "shards")
 SPACINGS = ("diffusers", "linear")  # sampling time grids (pixelrun/diffusion/sampling.py, `time_grid`)

@@ -39,7 +39,9 @@ class ModelSection:
     mlp_ratio: float | None = None  # GeGLU MLP width as a multiple of hidden_size
     bottleneck_size: int | None = None  # patch embedding Linear(patch values -> this -> D); null = one Linear
     # none | vec: an MLP of the sinusoidal (height, width) embedding added to the time vector (diffusers'
-    # PRXResolutionEmbedder, `resolution_embeds=True`); null = the preset's (vec for prxpixel-7b, else none)
+    # PRXResolutionEmbedder, `resolution_embeds=True`) | token: two tokens (height, width), each from its
+    # own MLP, before the text tokens (PRX's token mode; not exportable to diffusers); null = the preset's
+    # (vec for prxpixel-7b, else none)
     resolution_embeds: str | None = None
     # A released model to start from: a diffusers PRXPixelPipeline folder (its transformer/), a
     # PRXTransformer2DModel folder or a Hugging Face id of either. The architecture is read from its

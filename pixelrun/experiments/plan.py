@@ -90,12 +90,12 @@ def variant_config(spec: Spec, name: str, extra: Sequence[str] = ()) -> Config:
     return cfg
 
 
-def _protocol_overrides(spec: Spec) -> list[str]:
+def _protocol_overrides(spec: Spec, sample_steps: int | None = None) -> list[str]:
     e = spec.evaluation
     return [
         f"eval.metrics={json.dumps(e.metrics)}",
         f"eval.prompts={e.prompts}",
-        f"sample.steps={e.sample_steps}",
+        f"sample.steps={sample_steps or e.sample_steps}",
         f"sample.guidance={e.guidance[0]}",
         f"eval.guidance={json.dumps(e.guidance[1:])}",
         f"sample.guidance_mode={e.guidance_mode}",
@@ -103,6 +103,35 @@ def _protocol_overrides(spec: Spec) -> list[str]:
         f"eval.val_images={e.val_images}",
         "eval.every=0",
     ]
+
+
+def equal_nfe_steps(cfg: Config, euler_steps: int) -> int:
+    """The steps at which `cfg`'s sampler makes no more model evaluations per image than Euler at
+    `euler_steps` with the same guidance (the most such steps, at least 1): samplers compared at equal
+    cost, as Karras et al. (2022) compare them. Euler: `euler_steps` itself."""
+    from pixelrun.diffusion.sampling import model_evaluations
+
+    s = cfg.sample
+    if s.sampler == "euler":
+        return euler_steps
+
+    def nfe(steps: int, sampler: str) -> int:
+        interval = tuple(s.guidance_interval) if s.guidance_interval else None
+        return model_evaluations(
+            steps,
+            sampler=sampler,
+            guidance=s.guidance,
+            guidance_mode=s.guidance_mode,
+            guidance_interval=interval,  # type: ignore[arg-type]
+            shift=s.shift,
+            spacing=s.spacing,
+        )
+
+    budget = nfe(euler_steps, "euler")
+    steps = 1
+    while steps < euler_steps and nfe(steps + 1, s.sampler) <= budget:
+        steps += 1
+    return steps
 
 
 def point_steps(steps: int, fractions: list[float]) -> list[int]:
@@ -152,6 +181,9 @@ def plan_ablation(spec: Spec, *, say=print) -> Plan:
     per_variant = {}
     for name in spec.variants:
         cfg = variant_config(spec, name, protocol)
+        steps = equal_nfe_steps(cfg, spec.evaluation.sample_steps)
+        if steps != spec.evaluation.sample_steps:
+            cfg = variant_config(spec, name, _protocol_overrides(spec, steps))
         try:
             global_batch = batch_split(cfg, nproc)[0]
         except ConfigError as e:
@@ -164,12 +196,12 @@ def plan_ablation(spec: Spec, *, say=print) -> Plan:
         if spec.budget.kind == "minutes":
             say(f"calibrating {name}: {spec.budget.calibration_steps} timed steps")
             step_s = calibrate_step_seconds(cfg, dim, spec.budget.calibration_steps)
-        per_variant[name] = (global_batch, fpi, step_s)
+        per_variant[name] = (global_batch, fpi, step_s, _protocol_overrides(spec, steps))
     runs, configs = [], {}
     fractions = spec.evaluation.points
     if spec.budget.kind == "target" and fractions == EvaluationSpec().points:
         fractions = [i / 10 for i in range(1, 11)]  # when a target is reached is only known as finely as this
-    for name, (global_batch, fpi, step_s) in per_variant.items():
+    for name, (global_batch, fpi, step_s, protocol) in per_variant.items():
         steps = steps_for_budget(spec.budget, global_batch, fpi, step_s)
         points = point_steps(steps, fractions)
         for seed in spec.seeds:
@@ -331,9 +363,16 @@ def describe_plan(plan: Plan) -> list[str]:
     ]
     for name in plan.spec.variants:
         r = next(r for r in plan.runs if r.variant == name)
+        sample = plan.configs[(r.variant, r.seed)].sample
         lines.append(
             f"  {name}: {r.steps} steps x {r.global_batch} images, {units.flop(r.flops_per_image)} per "
-            f"image, evaluated at steps {r.point_steps}" + (" (baseline)" if name == plan.spec.baseline else "")
+            f"image, evaluated at steps {r.point_steps}"
+            + (
+                f", sampled by {sample.sampler} in {sample.steps} steps (Euler's NFE)"
+                if sample.sampler != "euler"
+                else ""
+            )
+            + (" (baseline)" if name == plan.spec.baseline else "")
         )
     if plan.spec.evaluation.weights == "ema":
         lines += ema_warnings(plan)

@@ -68,10 +68,20 @@ def _protocol_line(summary: dict) -> str:
     return (
         f"At the budget (fraction {summary['final_point']:g}), {p['weights']} weights, "
         f"guidance {_num(g)} ({p['guidance_mode']}), {p['prompts']} prompts, "
-        f"{p['sample_steps']} sampling steps; mean over seeds "
+        f"{p['sample_steps']} sampling steps{_other_samplers(summary, p['sample_steps'])}; mean over seeds "
         f"{', '.join(map(str, summary['seeds']))}, {summary['confidence']:.0%} intervals. Δ is the paired "
         f"difference from {summary['baseline']}: a verdict is 'better' or 'worse' when its interval excludes 0."
     )
+
+
+def _other_samplers(summary: dict, steps: int) -> str:
+    """ " (Euler; heun: Heun in 13 steps, ...)" for variants sampled otherwise: at the steps that make
+    the model evaluations of Euler's `steps` (the NFE column)."""
+    others = summary.get("samplers") or {}
+    if not others:
+        return ""
+    each = "; ".join(f"{v}: {sampler.capitalize()} in {n} steps" for v, (sampler, n) in others.items())
+    return f" (Euler; {each}, the same model evaluations per image as Euler's {steps})"
 
 
 def ablation_blocks(summary: dict, figures: dict[str, Path], left=None) -> list[tuple]:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from pixelrun.experiments import stats
 from pixelrun.experiments.folders import (
@@ -199,6 +200,7 @@ def summarize(out_dir: Path) -> tuple[dict, list[StudyRun]]:
         "short_ema": short_ema(out_dir, spec),
         "loss_terms": {v: loss_terms(by_variant[v]) for v in variants},
         **_sampling(by_variant, metrics, final, primary),
+        **_samplers(out_dir, by_variant),
         "runs": [_run_row(r) for r in runs],
         "incomplete": [_incomplete(r, final) for r in runs if final not in r.points],
         "confidence": stats.CONFIDENCE,
@@ -295,6 +297,22 @@ def _sampling(by_variant: dict[str, list[StudyRun]], metrics: list[str], final: 
     }
 
 
+def _samplers(out_dir: Path, by_variant: dict[str, list[StudyRun]]) -> dict:
+    """{"samplers": {variant: [sampler, steps]}} for the variants that sample with another sampler
+    than Euler (`pixelrun ablate` gives them the steps of Euler's model evaluations), read from a
+    run's config.yaml; nothing when every variant samples with Euler, so such a report reads as it did."""
+    found = {}
+    for v, rs in by_variant.items():
+        for r in rs:
+            path = out_dir / r.dir / "config.yaml"
+            if path.is_file():
+                sample = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("sample", {})
+                if sample.get("sampler", "euler") != "euler":
+                    found[v] = [sample["sampler"], int(sample["steps"])]
+                break
+    return {"samplers": found} if found else {}
+
+
 def _nfe(runs: list[StudyRun], fraction: float, guidance: float) -> int | None:
     """The model evaluations per image behind a variant's numbers at the budget (its first EMA at
     the primary guidance); None for points written before they were recorded."""
@@ -343,8 +361,6 @@ def short_ema(out_dir: Path, spec: AblationPlan, half_lives: float = 3.0) -> dic
     `ablate plan`, pixelrun/experiments/plan.py ema_warnings): variant -> steps, decay, half-life and
     the share of the initial weights the EMA still holds. Read from each variant's first resolved
     config; a variant whose config is gone is left out."""
-    import yaml
-
     from pixelrun.config.schema import EMAConfig
     from pixelrun.experiments.plan import ema_half_life
 

@@ -47,7 +47,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     time_factor: float = 1000.0
     time_max_period: float = 10000.0
-    resolution_embeds: str = "none"  # none | vec (pixelrun/model/resolution.py)
+    resolution_embeds: str = "none"  # none | vec | token (pixelrun/model/resolution.py)
     # SPRINT (pixelrun/model/sprint.py): the span (start, end) after which its fusion runs; None = none
     sprint_span: tuple[int, int] | None = None
 
@@ -205,7 +205,9 @@ class PRXDenoiser(nn.Module):
         self.time_in = MLPEmbedder(256, d)
         self.txt_in = nn.Linear(cfg.text_dim, d)
         self.resolution_embedder = (
-            ResolutionEmbedder(d, cfg.time_max_period) if cfg.resolution_embeds == "vec" else None
+            ResolutionEmbedder(d, cfg.time_max_period, cfg.resolution_embeds)
+            if cfg.resolution_embeds != "none"
+            else None
         )
         self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, cfg.patch_dim)
@@ -248,8 +250,12 @@ class PRXDenoiser(nn.Module):
         img = self.img_in(patchify(x, p))
         txt = self.txt_in(text)
         vec = self.time_in(timestep_embedding(t, 256, cfg.time_factor, cfg.time_max_period).to(img.dtype))
-        if self.resolution_embedder is not None:  # where diffusers' PRXTransformer2DModel adds it
+        if cfg.resolution_embeds == "vec":  # where diffusers' PRXTransformer2DModel adds it
             vec = vec + self.resolution_embedder(b, h, w, vec.dtype, x.device)
+        elif cfg.resolution_embeds == "token":  # two text tokens, before the prompt's, never masked
+            txt = torch.cat([self.resolution_embedder(b, h, w, txt.dtype, x.device), txt], dim=1)
+            if text_mask is not None:
+                text_mask = torch.cat([text_mask.new_ones(b, 2), text_mask], dim=1)
         cos, sin = rope_angles(h // p, w // p, cfg.head_dim, cfg.rope_theta, x.device)
         cos, sin = cos[None, None], sin[None, None]
         n_img = img.shape[1]
@@ -269,7 +275,7 @@ class PRXDenoiser(nn.Module):
                     block_cos = gather_tokens(cos.expand(b, 1, -1, -1).squeeze(1), routing.keep)[:, None]
                     block_sin = gather_tokens(sin.expand(b, 1, -1, -1).squeeze(1), routing.keep)[:, None]
                     if full_mask is not None:
-                        mask = full_mask[..., : text.shape[1] + routing.keep.shape[1]]
+                        mask = full_mask[..., : txt.shape[1] + routing.keep.shape[1]]
             skipped = routing is not None and routing.keep.shape[1] == 0 and routing.start <= i <= routing.end
             if skipped:  # no token kept (a path drop): the span's blocks have nothing to do
                 pass

@@ -55,7 +55,7 @@ def training_flops_per_image(
     `routing_ratio` is TREAD's fraction of image tokens routed away (0 = dense); `span` the routed
     blocks (start, end), inclusive, default the recipe's span for the depth (config.span_for_depth).
     Returns {"forward": {part: flops}, "training": {part: flops}, "forward_total", "training_total",
-    "image_tokens" (N), "kept_tokens" (K, = N when dense), "text_tokens" (T), "routed_blocks"
+    "image_tokens" (N), "kept_tokens" (K, = N when dense), "text_tokens" (T, and the two resolution tokens of "token" mode), "routed_blocks"
     ([start, end] or None)}. Parts: patch_embed, time_embed, text_embed, image_qkv, text_kv,
     attention (scores and values), attn_out, mlp, modulation (the blocks' adaLN), final_layer;
     and sprint_fusion for a SPRINT model (`model_cfg.sprint_span` set).
@@ -90,6 +90,11 @@ def training_flops_per_image(
         add("time_embed", _mm(1, 2 * SIDE_FEATURES, d), input_needs_grad=False)
         add("time_embed", _mm(1, d, d))
     add("text_embed", _mm(t, c.text_dim, d), input_needs_grad=False)
+    if c.resolution_embeds == "token":  # two MLPs of one side each, whose tokens join the text's
+        for _side in range(2):
+            add("text_embed", _mm(1, SIDE_FEATURES, d), input_needs_grad=False)
+            add("text_embed", _mm(1, d, d))
+        t += 2
     for i in range(c.depth):
         nb = k if routed is not None and routed[0] <= i <= routed[1] else n
         add("image_qkv", _mm(nb, d, 3 * d))

@@ -1,6 +1,16 @@
-"""Resolution-aware conditioning, "vec" mode: the image's (height, width) in pixels, each as a
-128-wide sinusoidal embedding, concatenated and passed through a two-layer MLP; the denoiser adds
-the result to its time vector, so every block's adaLN modulation knows the size it draws at.
+"""Resolution-aware conditioning: the image's (height, width) in pixels, each as a 128-wide
+sinusoidal embedding, told to the denoiser in one of two ways (`model.resolution_embeds`):
+
+- "vec": both embeddings concatenated and passed through a two-layer MLP; the denoiser adds the
+  result to its time vector, so every block's adaLN modulation knows the size it draws at.
+- "token": each side's embedding through its own two-layer MLP, giving two tokens of the model's
+  width that the denoiser puts before the projected text tokens (keys and values every image query
+  attends to, never masked), so attention can use the size where it helps instead of every
+  modulation carrying it. This is PRX's "token" mode (prx/algorithm/resolution_aware.py,
+  `ResolutionEmbedder` with `h_embedder` / `w_embedder`, prepended in a wrapper of
+  `forward_transformers`, whose prompt embeddings are already `txt_in`'s output, the attention
+  mask extended by two ones). diffusers' `PRXTransformer2DModel` has no such tokens, so a "token"
+  model is not exported as a PRXPixelPipeline (pixelrun/tools/export_diffusers.py refuses it).
 
 What it computes is diffusers' `PRXResolutionEmbedder.forward` (diffusers/models/transformers/
 transformer_prx.py: `get_timestep_embedding(size, 128, max_period, scale=1.0, flip_sin_to_cos=True,
@@ -43,14 +53,23 @@ class _MLP(nn.Module):
 
 
 class ResolutionEmbedder(nn.Module):
-    def __init__(self, hidden_size: int, max_period: float = 10000.0):
+    def __init__(self, hidden_size: int, max_period: float = 10000.0, mode: str = "vec"):
         super().__init__()
+        if mode not in ("vec", "token"):
+            raise ValueError(f"unknown resolution mode {mode!r}: vec | token")
+        self.mode = mode
         self.max_period = max_period
-        self.mlp = _MLP(2 * SIDE_FEATURES, hidden_size)
+        if mode == "vec":
+            self.mlp = _MLP(2 * SIDE_FEATURES, hidden_size)
+        else:
+            self.h_embedder = _MLP(SIDE_FEATURES, hidden_size)
+            self.w_embedder = _MLP(SIDE_FEATURES, hidden_size)
 
     def forward(self, batch: int, height: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
-        """[batch, hidden_size] for images of height x width pixels."""
-        h = torch.full((batch,), height, dtype=torch.float32, device=device)
-        w = torch.full((batch,), width, dtype=torch.float32, device=device)
-        feats = torch.cat([side_embedding(h, self.max_period), side_embedding(w, self.max_period)], dim=-1)
-        return self.mlp(feats.to(dtype))
+        """For images of height x width pixels: "vec" [batch, hidden_size]; "token" [batch, 2,
+        hidden_size], the height's token first."""
+        h = side_embedding(torch.full((batch,), height, dtype=torch.float32, device=device), self.max_period)
+        w = side_embedding(torch.full((batch,), width, dtype=torch.float32, device=device), self.max_period)
+        if self.mode == "vec":
+            return self.mlp(torch.cat([h, w], dim=-1).to(dtype))
+        return torch.stack([self.h_embedder(h.to(dtype)), self.w_embedder(w.to(dtype))], dim=1)

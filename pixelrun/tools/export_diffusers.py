@@ -12,6 +12,8 @@ prompt, seed (`generator=torch.Generator().manual_seed(seed)`), steps and CFG sc
 What the pipeline cannot express is refused with one error naming the config key:
 - `routing.kind=sprint`: SPRINT's fusion Linear and mask token (pixelrun/model/sprint.py) run at
   sampling, and `PRXTransformer2DModel` has no place for them.
+- `model.resolution_embeds=token`: two resolution tokens before the text (pixelrun/model/resolution.py);
+  the diffusers model's resolution embedding is the "vec" mode only.
 - `sample.spacing=linear`: the pipeline calls `scheduler.set_timesteps(steps)`, whose grid is our
   "diffusers" spacing; no scheduler setting gives the linear one for every step count.
 - `objective.t_clamp` other than 0.05: the pipeline converts x-predictions to velocities with a
@@ -48,6 +50,13 @@ def check_config(cfg: Config) -> None:
             "routing.kind",
             "sprint adds a fusion Linear and a mask token after the routed span, which diffusers' "
             "PRXTransformer2DModel cannot hold: a SPRINT model cannot be exported as a PRXPixelPipeline",
+        )
+    if cfg.model.resolution_embeds == "token":  # trained with them, so the model needs them too
+        raise ConfigError(
+            "model.resolution_embeds",
+            "token puts two resolution tokens before the text tokens, which diffusers' "
+            "PRXTransformer2DModel has no place for (its resolution_embeds is the vec mode): "
+            "a token-mode model cannot be exported as a PRXPixelPipeline",
         )
     if cfg.sample.spacing != "diffusers":
         raise ConfigError(

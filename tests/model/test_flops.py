@@ -61,11 +61,23 @@ def _counted(model, x, t, text, mask, routing, backward: bool) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("bottleneck, ratio", [(None, 0.0), (16, 0.0), (16, 0.5), (None, 0.75)])
-def test_counts_equal_torch_flop_counter(bottleneck, ratio):
+@pytest.mark.parametrize(
+    "bottleneck, ratio, resolution",
+    [
+        (None, 0.0, "none"),
+        (16, 0.0, "none"),
+        (16, 0.5, "none"),
+        (None, 0.75, "none"),
+        (16, 0.0, "vec"),
+        (None, 0.5, "token"),
+    ],
+)
+def test_counts_equal_torch_flop_counter(bottleneck, ratio, resolution):
     torch.manual_seed(0)
     text_dim, tokens, b, h, w = 24, 7, 2, 32, 48
-    model = build_model("tiny", text_dim, hidden_size=64, num_heads=4, depth=4, bottleneck_size=bottleneck)
+    model = build_model(
+        "tiny", text_dim, hidden_size=64, num_heads=4, depth=4, bottleneck_size=bottleneck, resolution_embeds=resolution
+    )
     x, t = torch.randn(b, 3, h, w), torch.rand(b)
     text = torch.randn(b, tokens, text_dim)
     mask = torch.ones(b, tokens, dtype=torch.bool)

@@ -65,3 +65,78 @@ def test_flops_count_the_embedder_once_per_image():
     # Linear(256 -> d), its input needs no gradient (forward + weight grad), then Linear(d -> d) (x3)
     assert vec["training_total"] - none["training_total"] == 2 * (2 * 256 * d) + 3 * (2 * d * d)
     assert vec["forward"]["time_embed"] - none["forward"]["time_embed"] == 2 * 256 * d + 2 * d * d
+
+
+def _side(size: float) -> torch.Tensor:
+    """One side's 128 features by hand, in float64: [cos(s f_k) | sin(s f_k)], f_k = 10000^(-k/64)."""
+    freqs = [math.exp(-math.log(10000) * k / 64) for k in range(64)]
+    return torch.tensor([f(size * fk) for f in (math.cos, math.sin) for fk in freqs], dtype=torch.float64)
+
+
+def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    z = mlp.in_layer.weight.double() @ x + mlp.in_layer.bias.double()
+    return mlp.out_layer.weight.double() @ (z / (1 + torch.exp(-z))) + mlp.out_layer.bias.double()
+
+
+def test_token_mode_gives_one_token_per_side_by_hand():
+    torch.manual_seed(0)
+    emb = ResolutionEmbedder(8, mode="token")
+    got = emb(3, 48, 80, torch.float32, "cpu")
+    assert got.shape == (3, 2, 8) and not hasattr(emb, "mlp")
+    assert torch.allclose(got[:, 0].double(), _mlp(emb.h_embedder, _side(48)).expand(3, 8), atol=1e-5)
+    assert torch.allclose(got[:, 1].double(), _mlp(emb.w_embedder, _side(80)).expand(3, 8), atol=1e-5)
+    with pytest.raises(ValueError, match="vec | token"):
+        ResolutionEmbedder(8, mode="tokens")
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_token_mode_equals_two_more_text_tokens_before_the_prompt(routed):
+    """A "token" model equals the same model without the embedder given the prompt with two more
+    tokens in front (unmasked, the prompt's padding still masked), when those two tokens project
+    (txt_in) to what its embedder gives: the embedding enters as text keys and values, nowhere else.
+    Routed: the kept tokens' attention mask counts the two tokens too."""
+    from pixelrun.model.denoiser import Routing
+
+    torch.manual_seed(0)
+    kw = dict(patch_size=8, hidden_size=16, depth=3, num_heads=1)
+    tok = build_model("tiny", 8, resolution_embeds="token", **kw)
+    for p in tok.parameters():  # the real init zeroes the adaLN and the output
+        torch.nn.init.normal_(p, std=0.3)
+    plain = build_model("tiny", 8, **kw)
+    plain.load_state_dict({k: v for k, v in tok.state_dict().items() if not k.startswith("resolution_embedder.")})
+    front = torch.randn(2, 8)  # the two extra prompt tokens, before txt_in
+    with torch.no_grad():  # each side's MLP made a constant: txt_in of its extra token
+        for side, mlp in enumerate((tok.resolution_embedder.h_embedder, tok.resolution_embedder.w_embedder)):
+            mlp.out_layer.weight.zero_()
+            mlp.out_layer.bias.copy_(plain.txt_in(front[side]))
+        t, txt = torch.tensor([0.3, 0.9]), torch.randn(2, 3, 8)
+        mask = torch.tensor([[True, True, True], [True, False, False]])
+        x = torch.randn(2, 3, 16, 24)
+        routing = Routing(keep=torch.tensor([[0, 2, 5], [1, 3, 4]]), start=1, end=1) if routed else None
+        a = tok(x, t, txt, mask, routing=routing).prediction
+        longer = torch.cat([front.expand(2, 2, 8), txt], dim=1)
+        b = plain(x, t, longer, torch.cat([torch.ones(2, 2, dtype=torch.bool), mask], 1), routing=routing).prediction
+        assert (a - b).abs().max() < 1e-5 * a.abs().max(), (a - b).abs().max()
+        # without the two tokens it is another function
+        assert not torch.allclose(a, plain(x, t, txt, mask, routing=routing).prediction, atol=1e-3)
+
+
+def test_token_mode_is_a_config_choice_kept_on_resume_and_refused_by_the_diffusers_export():
+    from pixelrun.config import ConfigError, load_config
+    from pixelrun.run.resume import resume_changes
+    from pixelrun.tools.export_diffusers import check_config
+
+    token = load_config(None, ["model.resolution_embeds=token"])
+    check_config(load_config(None, ["model.resolution_embeds=vec"]))  # vec exports
+    with pytest.raises(ConfigError) as e:
+        check_config(token)
+    assert (
+        e.value.key == "model.resolution_embeds"
+        and "\n" not in str(e.value)
+        and "PRXTransformer2DModel" in str(e.value)
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.resolution_embeds=tokens"])
+    assert e.value.key == "model.resolution_embeds" and "token" in str(e.value)
+    refused, _ = resume_changes(load_config(None, []), token)
+    assert "model.resolution_embeds" in refused

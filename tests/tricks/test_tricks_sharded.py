@@ -2,7 +2,8 @@
 
 - the rehearsal's all-features variant (`pixelrun train --rehearse`: SPRINT with the attention
   projector on the kept tokens, spatial normalisation, the contrastive term, LPIPS, P-DINO, Muon,
-  two EMAs, grids by Heun with path-drop guidance in an interval, an evaluation between checkpoints)
+  two EMAs, resolution tokens, grids by Heun with path-drop guidance in an interval, an evaluation
+  between checkpoints)
   runs on 2 ranks and its own resume check finds the resumed run equal to the uninterrupted one (TREAD
   with self-guidance: the speedrun rehearsal, tests/run/test_rehearsal.py);
 - the conv projector, sharded with the model, trains as on one rank: 2 ranks x micro-batch 4 equal
@@ -57,6 +58,7 @@ def test_all_features_rehearsal_on_two_ranks_resumes_exactly(tmp_path, tiny_enco
         "sample.sampler": "heun",
         "sample.guidance_interval": "[0.1,0.9]",
         "ema.decays": "[0.9,0.99]",
+        "model.resolution_embeds": "token",
     }
     out = _torchrun(["train", "--rehearse", *tiny_overrides(run, tiny_encoder_dir, **extra)]).stdout
     assert "yes, the resumed run is the uninterrupted one" in out
@@ -65,7 +67,11 @@ def test_all_features_rehearsal_on_two_ranks_resumes_exactly(tmp_path, tiny_enco
     rows = _rows(rehearsal)
     assert len(rows) == 10 and all(r["contrastive"] < 0 and -1 <= r["repa"] <= 1 for r in rows)
     keys = ckpt.saved_keys(ckpt.latest_checkpoint(rehearsal))
-    assert {"model.repa_projector.q.weight", "model.denoiser.sprint.mask_token"} <= keys
+    assert {
+        "model.repa_projector.q.weight",
+        "model.denoiser.sprint.mask_token",
+        "model.denoiser.resolution_embedder.h_embedder.in_layer.weight",
+    } <= keys
 
 
 def test_conv_projector_sharded_on_two_ranks_trains_as_on_one(tmp_path, tiny_encoder_dir):
