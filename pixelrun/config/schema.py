@@ -120,6 +120,10 @@ class RoutingConfig:
     ratio: float = 0.0  # 0 = dense; the recipe routes 0.5
     start: int | None = None  # null = the recipe's 2 (of 16), scaled to the depth
     end: int | None = None  # null = the recipe's 12 (of 16), scaled to the depth
+    # SPRINT's path-drop learning: this fraction of the training samples also loses the deep path (its
+    # stream the mask token everywhere), so the model learns the weak branch path-drop guidance samples
+    # with (sample.guidance_mode=pathdrop); 0 = off (PRX's SPRINT); the SPRINT paper drops 10%
+    path_drop: float = 0.0
 
 
 @dataclass

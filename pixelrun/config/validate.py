@@ -138,6 +138,12 @@ def _validate_routing(cfg: Config) -> None:
     _choice("routing.kind", cfg.routing.kind, ROUTING_KINDS)
     if not 0 <= cfg.routing.ratio < 1:
         raise ConfigError("routing.ratio", f"must be in [0, 1); got {cfg.routing.ratio}")
+    if not 0 <= cfg.routing.path_drop < 1:
+        raise ConfigError("routing.path_drop", f"must be in [0, 1); got {cfg.routing.path_drop}")
+    if cfg.routing.path_drop > 0 and cfg.routing.kind != "sprint":
+        raise ConfigError("routing.path_drop", "drops SPRINT's deep path: needs routing.kind=sprint")
+    if cfg.routing.path_drop > 0 and cfg.routing.ratio == 0:
+        raise ConfigError("routing.path_drop", "is drawn with each sample's routing mask: needs routing.ratio > 0")
     routing_span(cfg)
 
 

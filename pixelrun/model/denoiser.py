@@ -67,12 +67,14 @@ class Routing:
     `keep` [B, K] holds, per sample, the indices of the image tokens that go through blocks
     `start`..`end` (0-indexed, both inclusive); the other tokens skip those blocks and re-enter,
     unchanged, after block `end` (SPRINT: through its fusion). K = 0 skips the blocks altogether
-    (SPRINT's path drop).
+    (SPRINT's path drop). `dropped` [B] bool (SPRINT's path-drop learning, None = none): those
+    samples' deep stream is the mask token everywhere, as a path drop makes it.
     """
 
     keep: torch.Tensor
     start: int
     end: int
+    dropped: torch.Tensor | None = None
 
 
 def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
@@ -290,7 +292,7 @@ class PRXDenoiser(nn.Module):
             if span is not None and i == span[1]:
                 keep = routing.keep if routing is not None else None
                 if self.sprint is not None:
-                    img = self.sprint(dense, img, keep)
+                    img = self.sprint(dense, img, keep, routing.dropped if routing is not None else None)
                 elif keep is not None:
                     img = scatter_tokens(dense, img, keep)  # type: ignore[arg-type]  # set at span[0]
                 mask, block_cos, block_sin = full_mask, cos, sin

@@ -11,7 +11,11 @@ pixelrun/model/routing.py):
   `fuse([dense ‖ deep])`, a Linear(2D -> D) with a bias;
 - at sampling every token is kept (no Routing) and the fusion still runs;
 - path-drop guidance (sampling.py, guidance mode "pathdrop") keeps no token at all: the span's blocks
-  are skipped and the deep stream is the mask token everywhere (`model.routing.path_drop_routing`).
+  are skipped and the deep stream is the mask token everywhere (`model.routing.path_drop_routing`);
+- path-drop learning (`routing.path_drop`, the SPRINT paper's; PRX's SPRINT has none): a fraction of
+  the training samples gets that same deep stream, so the weak branch of the guidance is a function the
+  model was trained to compute. The span still runs on their kept tokens (a per-sample skip would
+  split the batch), so the FLOPs are those of SPRINT without it.
 
 As PRX does it: Photoroom/PRX, prx/algorithm/sprint.py, class `SPRINT`: `add_new_pipeline_modules`
 adds the fusion `nn.Linear(2 * hidden, hidden, bias=True)` and the mask token (a zero-initialised
@@ -50,9 +54,14 @@ class SprintFusion(nn.Module):
         full = self.mask_token.to(deep.dtype).expand(b, n_tokens, d).contiguous()
         return full.scatter(1, keep[..., None].expand(-1, -1, d), deep)
 
-    def forward(self, dense: torch.Tensor, deep: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """dense [B, N, D] (the input of block `start`), deep [B, K, D] (the output of block `end`)."""
+    def forward(
+        self, dense: torch.Tensor, deep: torch.Tensor, keep: torch.Tensor | None, dropped: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """dense [B, N, D] (the input of block `start`), deep [B, K, D] (the output of block `end`);
+        `dropped` [B] bool: those samples' deep stream is the mask token everywhere (path-drop learning)."""
         deep = self.deep_stream(deep, keep, dense.shape[1]).to(dense.dtype)
+        if dropped is not None:
+            deep = torch.where(dropped[:, None, None], self.mask_token.to(deep.dtype), deep)
         return self.fuse(torch.cat([dense, deep], dim=-1))
 
 

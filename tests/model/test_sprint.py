@@ -308,3 +308,53 @@ def test_sprint_trains_resumes_exactly_and_refuses_the_diffusers_export(tmp_path
     assert main(["export", "--checkpoint", str(full), "--format", "diffusers", "--out", str(out)]) == 2
     assert one_line_error(capsys, "routing.kind").startswith("pixelrun: config error: routing.kind:")
     assert not out.exists()
+
+
+# --- path-drop learning (routing.path_drop) -------------------------------------------------------
+
+
+def test_a_dropped_sample_is_the_path_drop_pass_and_the_others_are_untouched(pair):
+    """Per sample: `dropped` True gives what path-drop guidance's weak pass gives (no token through
+    the span, the mask token everywhere), False what the routing alone gives."""
+    from pixelrun.model.denoiser import Routing
+
+    _, sprint = pair
+    x, t, text, mask = _inputs()
+    routing = random_routing(2, N_TOKENS, 0.5, SPAN, torch.Generator().manual_seed(3))
+    assert routing is not None
+    dropped = Routing(routing.keep, *SPAN, dropped=torch.tensor([True, False]))
+    with torch.no_grad():
+        mixed = sprint(x, t, text, mask, routing=dropped).prediction
+        routed = sprint(x, t, text, mask, routing=routing).prediction
+        weak = sprint(x, t, text, mask, routing=path_drop_routing(2, SPAN)).prediction
+    assert torch.equal(mixed[1], routed[1]) and not torch.allclose(mixed[0], routed[0])
+    assert torch.allclose(mixed[0], weak[0], atol=1e-6)
+
+
+def test_path_drop_draws_about_its_fraction_per_sample_and_nothing_when_off():
+    from pixelrun.diffusion.draws import step_draws
+
+    cfg = load_config(None, ["routing.kind=sprint", "routing.ratio=0.5", "routing.path_drop=0.1"])
+    off = load_config(None, ["routing.kind=sprint", "routing.ratio=0.5"])
+    shape = (3, 16, 16)
+    drops = torch.cat([step_draws(cfg, step, list(range(64)), shape, 8, "cpu").routing.dropped for step in range(50)])
+    # 3,200 Bernoulli(0.1) draws: mean 320, sd 17; 5 sd either side
+    assert 235 < int(drops.sum()) < 405, int(drops.sum())
+    a, b = step_draws(cfg, 7, [0, 1, 2], shape, 8, "cpu"), step_draws(off, 7, [0, 1, 2], shape, 8, "cpu")
+    assert b.routing.dropped is None
+    # the other draws of a sample do not move when the path drop is switched on (drawn after them)
+    assert torch.equal(a.routing.keep, b.routing.keep) and torch.equal(a.t, b.t) and torch.equal(a.eps, b.eps)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["routing.ratio=0.5", "routing.path_drop=0.1"], "needs routing.kind=sprint"),
+        (["routing.kind=sprint", "routing.path_drop=0.1"], "needs routing.ratio > 0"),
+        (["routing.kind=sprint", "routing.ratio=0.5", "routing.path_drop=1"], "must be in [0, 1)"),
+    ],
+)
+def test_path_drop_is_refused_where_it_cannot_apply(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert e.value.key == "routing.path_drop" and message in str(e.value)

@@ -1,6 +1,6 @@
 """Contrastive flow matching and iREPA under FSDP2 (torchrun, 2 gloo ranks on the CPU):
 
-- the rehearsal's all-features variant (`pixelrun train --rehearse`: SPRINT with the attention
+- the rehearsal's all-features variant (`pixelrun train --rehearse`: SPRINT with path-drop learning, the attention
   projector on the kept tokens, spatial normalisation, the contrastive term, LPIPS, P-DINO, Muon,
   two EMAs, resolution tokens, grids by Heun with path-drop guidance in an interval, an evaluation
   between checkpoints)
@@ -48,6 +48,7 @@ def test_all_features_rehearsal_on_two_ranks_resumes_exactly(tmp_path, tiny_enco
         **SWITCHES,
         "routing.ratio": 0.5,
         "routing.kind": "sprint",
+        "routing.path_drop": 0.25,
         "repa.projector": "attention",
         "perceptual.lpips_weight": 0.1,
         "perceptual.lpips_scale": 1.0,
