@@ -36,9 +36,7 @@ def sample_generator(seed: int, step: int, sample: int, device, stream: int = _N
     step the same on 1 rank x 8 as on 2 ranks x 4 or 1 rank x 4 x 2 accumulation steps, and what
     makes resume exact with no generator state to save. Masks still differ per sample, per step and
     per rank (ranks hold different samples)."""
-    state = np.random.SeedSequence([seed & (2**63 - 1), step, sample, stream]).generate_state(
-        1, dtype=np.uint64
-    )[0]
+    state = np.random.SeedSequence([seed & (2**63 - 1), step, sample, stream]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator(device).manual_seed(int(state) & (2**63 - 1))
 
 

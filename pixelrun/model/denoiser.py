@@ -252,10 +252,11 @@ class PRXDenoiser(nn.Module):
         img = self.img_in(patchify(x, p))
         txt = self.txt_in(text)
         vec = self.time_in(timestep_embedding(t, 256, cfg.time_factor, cfg.time_max_period).to(img.dtype))
-        if cfg.resolution_embeds == "vec":  # where diffusers' PRXTransformer2DModel adds it
-            vec = vec + self.resolution_embedder(b, h, w, vec.dtype, x.device)
-        elif cfg.resolution_embeds == "token":  # two text tokens, before the prompt's, never masked
-            txt = torch.cat([self.resolution_embedder(b, h, w, txt.dtype, x.device), txt], dim=1)
+        sizes = self.resolution_embedder
+        if sizes is not None and sizes.mode == "vec":  # where diffusers' PRXTransformer2DModel adds it
+            vec = vec + sizes(b, h, w, vec.dtype, x.device)
+        elif sizes is not None:  # two text tokens, before the prompt's, never masked
+            txt = torch.cat([sizes(b, h, w, txt.dtype, x.device), txt], dim=1)
             if text_mask is not None:
                 text_mask = torch.cat([text_mask.new_ones(b, 2), text_mask], dim=1)
         cos, sin = rope_angles(h // p, w // p, cfg.head_dim, cfg.rope_theta, x.device)
