@@ -30,11 +30,12 @@ def networks(cfg: Config) -> list[tuple[str, str]]:
 
 
 #: the config file that makes a folder or a hub repo the model a key names: model.init's may be a
-#: pipeline's (its transformer/config.json) or a bare transformer's
+#: pipeline's (its transformer/config.json) or a bare transformer's; every other key's, config.json
 CONFIGS = {"model.init": ("transformer/config.json", "config.json")}
+MODEL_CONFIG = ("config.json",)
 
 
-def problem(spec: str, configs: tuple[str, ...] = ("config.json",)) -> str | None:
+def problem(spec: str, configs: tuple[str, ...] = MODEL_CONFIG) -> str | None:
     """Why `spec` cannot be loaded here, or None: a path must be a model folder (one of `configs`); a
     hub id must be in the Hugging Face cache or the hub must answer."""
     path = os.path.expanduser(spec)
@@ -62,7 +63,7 @@ def preflight(cfg: Config) -> None:
     bad = [
         (key, spec, why)
         for key, spec in networks(cfg)
-        if (why := problem(spec, CONFIGS.get(key, ("config.json",)))) is not None
+        if (why := problem(spec, CONFIGS.get(key, MODEL_CONFIG))) is not None
     ]
     if not bad:
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import one_line_error, tiny_overrides
+from test_routing import N_TOKENS, SIZE, _inputs  # 32x32 px at patch 8: 16 tokens
 
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config, resume_changes
@@ -24,8 +25,6 @@ from pixelrun.model.sprint import SprintFusion
 from pixelrun.run.train import train
 from pixelrun.tools.export_diffusers import check_config
 
-SIZE = 32  # 32x32 px at patch 8: 16 tokens
-N_TOKENS = 16
 SPAN = (1, 2)
 WIDTH = 32
 
@@ -57,16 +56,6 @@ def pair():
         sprint.sprint.mask_token.normal_(0.0, 1.0)  # a mask token that would show wherever it appears
     _pass_deep_through(sprint.sprint)
     return dense, sprint
-
-
-def _inputs(b=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, 3, SIZE, SIZE, generator=g)
-    t = torch.rand(b, generator=g)
-    text = torch.randn(b, 5, 24, generator=g)
-    mask = torch.ones(b, 5, dtype=torch.bool)
-    mask[0, 3:] = False
-    return x, t, text, mask
 
 
 # --- the model ------------------------------------------------------------------------------------
