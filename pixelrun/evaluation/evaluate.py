@@ -458,5 +458,12 @@ def flat_metrics(values: dict) -> dict[str, float]:
 
 
 def describe_metrics(values: dict) -> str:
-    """One line: "shapes score 0.633, fd-effnet 12.4"."""
-    return ", ".join(f"shapes score {v['placed']:.3f}" if k == "shapes" else f"{k} {v:.4g}" for k, v in values.items())
+    """One line: "shapes score 0.633 (placed; kind 0.297), fd-effnet 12.4"."""
+    return ", ".join(describe_shapes(v) if k == "shapes" else f"{k} {v:.4g}" for k, v in values.items())
+
+
+def describe_shapes(score: dict, *more: str) -> str:
+    """ "shapes score 0.633 (placed; kind 0.297, MORE...)": the placed score is never written without
+    the kind measure beside it, so a model drawing blobs in the right cells (placed high, kind low)
+    cannot pass for one drawing the shapes (issue 31)."""
+    return f"shapes score {score['placed']:.3f} (placed; " + ", ".join([f"kind {score['kind']:.3f}", *more]) + ")"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelrun.config import Config
-from pixelrun.evaluation.evaluate import describe_metrics
+from pixelrun.evaluation.evaluate import describe_metrics, describe_shapes
 from pixelrun.infra.distributed import DistContext
 from pixelrun.infra.precision import autocast_dtype, muon_precision_warning
 from pixelrun.model.denoiser import count_parameters
@@ -66,18 +66,18 @@ def estimate_line(steps_done: int, seconds: float, steps_left: int) -> str:
 
 
 def summary_line(cfg: Config, step: int, summary: dict, last: Path, final_grid: Path, elapsed: float) -> str:
+    """The run's last line: where its checkpoint and samples are, its final evaluation (the shapes
+    score's placed measure with kind and exact set beside it), and what the data left out."""
     score = summary.get("score")
     others = {k: v for k, v in summary.get("eval", {}).items() if k != "shapes"}
+    weights, prompts = cfg.eval.weights.upper(), f"{cfg.eval.prompts} prompts"
     text = (
-        (
-            f"; shapes score {score['placed']:.3f} (EMA, {cfg.eval.prompts} prompts, exact set "
-            f"{score['exact_set']:.3f}, eval.json in the run)"
-        )
+        "; " + describe_shapes(score, f"exact set {score['exact_set']:.3f}", weights, prompts, "eval.json in the run")
         if score
         else ""
     )
     if others:
-        text += f"; {describe_metrics(others)} (EMA, {cfg.eval.prompts} prompts, eval.json in the run)"
+        text += f"; {describe_metrics(others)} ({weights}, {prompts}, eval.json in the run)"
     if summary["skipped_images"]:
         text += f"; skipped {summary['skipped_images']} unusable samples (first: {summary['first_skipped']})"
     if summary["truncated_captions"]:
