@@ -305,11 +305,16 @@ def _ema_guidance_blocks(summary: dict) -> list[tuple]:
 
 
 def _time_to_target_blocks(summary: dict) -> list[tuple]:
+    speedups = _speedup_blocks(summary)
     if not summary["time_to_target"]:
-        return []
+        return speedups
     b = summary["budget"]
-    return [
-        ("h2", f"Time to reach {b['metric']} {b['target']}"),
+    target = b["target"]
+    if target == "baseline":
+        resolved = next((r["target"] for r in summary.get("speedup", {}).values() if r["target"] is not None), None)
+        target = f"{_num(resolved)} (the baseline's final score)"
+    return speedups + [
+        ("h2", f"Time to reach {b['metric']} {target}"),
         (
             "table",
             ["variant", "seed", "step", "images", "training time"],
@@ -328,6 +333,83 @@ def _time_to_target_blocks(summary: dict) -> list[tuple]:
             ],
         ),
     ]
+
+
+def _speedup_blocks(summary: dict) -> list[tuple]:
+    """A `target` budget's speed-ups (pixelrun/experiments/speedup.py): a sentence per variant and
+    how to read them."""
+    found = summary.get("speedup") or {}
+    if not found:
+        return []
+    lines = [_speedup_sentence(v, r, summary["baseline"]) for v, r in found.items()]
+    some = next((r for r in found.values() if "flops" in r), None)
+    if some is not None:
+        over = (
+            f"{summary['confidence']:.0%} intervals from {some['resamples']:,} resamples of "
+            f"{some['interval_over']}, the target recomputed in each"
+            if some["resamples"]
+            else f"no interval: the draws cover {some['interval_over']}"
+        )
+        lines.append(
+            f"Speed-up: the baseline's training FLOPs (or seconds) to the target over the variant's; below 1x "
+            f"the variant needs more. Each crossing is interpolated linearly between the evaluation points of "
+            f"the mean curve over seeds; {over}. A bound is left open where more than "
+            f"{(1 - summary['confidence']) / 2:.1%} of the resamples never reach the target on that side."
+        )
+    return [("h2", "Time to target: speed-up over the baseline"), ("ul", lines)]
+
+
+def _speedup_sentence(variant: str, r: dict, baseline: str) -> str:
+    """'recipe reaches the baseline's final shapes/placed (0.672) with 3.1x [2.2x, 4.5x] fewer training
+    FLOPs and 2.7x [1.9x, 3.8x] less training time', or what can be said instead."""
+    if "flops" not in r:
+        return f"{variant}: {r.get('note', 'no speed-up')}"
+    what = (
+        f"the baseline's final {r['metric']} ({_num(r['target'])})"
+        if r["target_from"] == "baseline"
+        else f"{r['metric']} {_num(r['target'])}"
+    )
+    flops, seconds = r["flops"], r["seconds"]
+    if flops["estimate"] is not None:
+        return (
+            f"{variant} reaches {what} with {_ratio_text(flops, variant, baseline)} fewer training FLOPs "
+            f"and {_ratio_text(seconds, variant, baseline)} less training time"
+        )
+    if flops["at_most"] is not None:
+        return (
+            f"{variant} does not reach {what} within its budget: its speed-up is below {_x(flops['at_most'])} "
+            f"in training FLOPs and below {_x(seconds['at_most'])} in training time (cannot be bounded below)"
+        )
+    if flops["at_least"] is not None:
+        return (
+            f"{variant} reaches {what}, which {baseline} does not within its budget: its speed-up is above "
+            f"{_x(flops['at_least'])} in training FLOPs and above {_x(seconds['at_least'])} in training time "
+            f"(cannot be bounded above)"
+        )
+    return f"neither {variant} nor {baseline} reaches {what} within its budget: no speed-up"
+
+
+def _x(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{units.number(ratio, 2)}x"
+
+
+def _ratio_text(r: dict, variant: str, baseline: str) -> str:
+    """'3.1x [2.2x, 4.5x]'; where a bound is open, the one given and why the other is not."""
+    text = _x(r["estimate"])
+    low, high, missed = r["low"], r["high"], r["unreached"]
+    if low is not None and high is not None:
+        return f"{text} [{_x(low)}, {_x(high)}]"
+    if low is None and high is None and not (missed["variant"] or missed["baseline"]):
+        return f"{text} (no interval)"
+    why = []
+    if low is None:
+        why.append(f"{variant} missed the target in {missed['variant']:.0%} of resamples")
+    if high is None:
+        why.append(f"{baseline} missed it in {missed['baseline']:.0%} of resamples")
+    if low is None and high is None:
+        return f"{text} (cannot be bounded: {'; '.join(why)})"
+    bound = f"at most {_x(high)}" if low is None else f"at least {_x(low)}"
+    return f"{text} ({bound}; the other bound cannot be given: {why[0]})"
 
 
 def _incomplete_blocks(summary: dict) -> list[tuple]:

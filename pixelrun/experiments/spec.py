@@ -31,7 +31,7 @@ class BudgetSpec:
     value: float = 0.0  # images; FLOPs; minutes per run; for target: the most images a run may train
     cooldown: float = 0.2  # the learning rate's final linear decay, as a fraction of each run's steps
     metric: str | None = None  # target: the metric, as in metrics.jsonl without "eval/" (shapes/placed)
-    target: float | None = None  # target: the value to reach
+    target: float | str | None = None  # target: the value to reach, or "baseline" (its final score)
     calibration_steps: int = 3  # minutes: timed steps per variant (after one warm-up step)
 
 
@@ -133,7 +133,10 @@ def load_spec(path: str | Path) -> Spec:
         raise ConfigError("spec.path", "unknown key")
     if isinstance(data.get("seeds"), int) and not isinstance(data.get("seeds"), bool):
         data["seeds"] = list(range(data["seeds"]))  # a count
+    baseline_target = _baseline_target(data)
     spec = _build(Spec, data, "spec.")
+    if baseline_target:
+        spec.budget.target = BASELINE_TARGET
     spec.path = p
     spec.variants = _variants(variants)
     spec.name = spec.name or p.stem
@@ -141,6 +144,28 @@ def load_spec(path: str | Path) -> Spec:
     spec.baseline = spec.baseline or next(iter(spec.variants))
     _check_spec(spec)
     return spec
+
+
+BASELINE_TARGET = "baseline"  # budget.target: the baseline variant's own final score
+
+
+def _baseline_target(data: dict) -> bool:
+    """Whether budget.target is the word `baseline` (taken out of `data`, which the schema reads as
+    numbers only); a target that is neither a number nor that word is refused here, naming the key."""
+    budget = data.get("budget")
+    if not isinstance(budget, dict) or not isinstance(target := budget.get("target"), str):
+        return False
+    if target.strip() == BASELINE_TARGET:
+        data["budget"] = {k: v for k, v in budget.items() if k != "target"}
+        return True
+    try:
+        float(target)  # YAML 1.1 reads "1e-3" as a string: the schema takes it as the number
+    except ValueError:
+        raise ConfigError(
+            "spec.budget.target",
+            f"must be a number or `baseline` (the baseline variant's final score); got {target!r}",
+        ) from None
+    return False
 
 
 def _variants(raw) -> dict[str, list[str]]:
@@ -190,7 +215,8 @@ def _check_spec(spec: Spec) -> None:
     if b.kind == "target" and (b.metric is None or b.target is None):
         raise ConfigError(
             "spec.budget.metric" if b.metric is None else "spec.budget.target",
-            "a target budget names a metric and the value to reach (metric: shapes/placed, target: 0.5)",
+            "a target budget names a metric and the value to reach "
+            "(metric: shapes/placed, target: 0.5 or target: baseline)",
         )
     if b.calibration_steps < 1:
         raise ConfigError("spec.budget.calibration_steps", f"must be >= 1; got {b.calibration_steps}")

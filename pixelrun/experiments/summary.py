@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pixelrun.experiments import stats
+from pixelrun.experiments import speedup, stats
 from pixelrun.experiments.folders import (
     StudyRun,
     fraction_key,
@@ -125,15 +125,19 @@ def _throughput(runs: list[StudyRun]) -> dict:
     }
 
 
-def _budget_line(spec: AblationPlan) -> tuple[str, bool]:
-    """The sentence stating the budget, and whether every run trained the same steps at the same batch."""
+def _budget_line(spec: AblationPlan, goal: float | None = None) -> tuple[str, bool]:
+    """The sentence stating the budget, and whether every run trained the same steps at the same batch.
+    `goal`: a target budget's value, resolved where it is the baseline's final score."""
     b = spec.budget
     kind, value = b.kind, b.value
+    target = b.target
+    if target == speedup.BASELINE:
+        target = f"the baseline's final score ({_num_or_dash(goal)})"
     text = {
         "images": lambda: f"{value:,.0f} training images per run",
         "flops": lambda: f"{units.flop(value)} of training per run",
         "minutes": lambda: f"{value:g} minutes of training per run",
-        "target": lambda: f"training until {b.metric} reaches {b.target} (at most {value:g})",
+        "target": lambda: f"training until {b.metric} reaches {target} (at most {value:g})",
     }.get(kind, lambda: f"{kind} {value}")()
     batches = {r.global_batch for r in spec.runs}
     steps = {r.steps for r in spec.runs}
@@ -175,7 +179,8 @@ def summarize(out_dir: Path) -> tuple[dict, list[StudyRun]]:
     by_point = {f"{f:g}": cells(f, primary, metrics) for f in fractions}
     guidance_curves, best = _guidance_curves(runs, variants, metrics, final, cells)
     floor = {m: stats.noise_floor(cell["per_seed"]) for m, cell in by_point[f"{final:g}"].get(baseline, {}).items()}
-    budget_line, equal = _budget_line(spec)
+    goal = _target(spec.budget, by_variant.get(baseline, []), primary, final)
+    budget_line, equal = _budget_line(spec, goal)
     return {
         "name": spec.name,
         "baseline": baseline,
@@ -204,8 +209,39 @@ def summarize(out_dir: Path) -> tuple[dict, list[StudyRun]]:
         "runs": [_run_row(r) for r in runs],
         "incomplete": [_incomplete(r, final) for r in runs if final not in r.points],
         "confidence": stats.CONFIDENCE,
-        "time_to_target": _time_to_target(runs, spec.budget, primary),
+        "time_to_target": _time_to_target(runs, spec.budget, primary, goal),
+        **_speedups(by_variant, baseline, spec.budget, primary, final),
     }, runs
+
+
+def _target(budget: AblationBudget, base_runs: list[StudyRun], guidance: float, final: float) -> float | None:
+    """A `target` budget's value to reach: budget.target, or with `target: baseline` the baseline's
+    final score (None until every evaluated seed of it reached the budget)."""
+    if budget.kind != "target" or budget.metric is None or budget.target is None:
+        return None
+    if budget.target == speedup.BASELINE:
+        return speedup.baseline_score(base_runs, budget.metric, guidance, final)
+    return float(budget.target)
+
+
+def _speedups(
+    by_variant: dict[str, list[StudyRun]], baseline: str, budget: AblationBudget, guidance: float, final: float
+) -> dict:
+    """{"speedup": {variant: ...}} for a `target` budget (pixelrun/experiments/speedup.py): each
+    variant's speed-up over the baseline to the target, in FLOPs and in seconds, with its interval.
+    Nothing for the other budgets, so their reports read as they did."""
+    if budget.kind != "target" or budget.metric is None or budget.target is None:
+        return {}
+    metric, base_runs = budget.metric, by_variant.get(baseline, [])
+    return {
+        "speedup": {
+            v: speedup.speedup(
+                runs, base_runs, metric, budget.target, guidance=guidance, higher=higher_is_better(metric), final=final
+            )
+            for v, runs in by_variant.items()
+            if v != baseline
+        }
+    }
 
 
 def _guidance_curves(
@@ -227,13 +263,19 @@ def _guidance_curves(
     return guidance_curves, best
 
 
-def _time_to_target(runs: list[StudyRun], budget: AblationBudget, guidance: float | None) -> list[dict]:
-    """A `target` budget: per run, the first evaluation point at which budget.metric reached
-    budget.target (higher or lower, as the metric improves), with its images and training seconds;
-    None where it never did. Empty for the other budgets."""
-    if budget.kind != "target" or budget.metric is None or budget.target is None:
+def _num_or_dash(x: float | None) -> str:
+    return "not yet known" if x is None else units.number(x)
+
+
+def _time_to_target(
+    runs: list[StudyRun], budget: AblationBudget, guidance: float | None, goal: float | None
+) -> list[dict]:
+    """A `target` budget: per run, the first evaluation point at which budget.metric reached the
+    target `goal` (higher or lower, as the metric improves), with its images and training seconds;
+    None where it never did. Empty for the other budgets and while `goal` is unknown."""
+    if budget.kind != "target" or budget.metric is None or goal is None:
         return []
-    metric, goal = budget.metric, float(budget.target)
+    metric = budget.metric
     higher = higher_is_better(metric)
     out = []
     for r in runs:

@@ -179,7 +179,7 @@ class AblationBudget(Record):
     kind: str  # images | flops | minutes | target
     value: float
     metric: str | None  # target: the metric to reach
-    target: float | None  # target: the value to reach
+    target: float | str | None  # target: the value to reach, or "baseline" (its final score)
     equal_steps: bool
     cooldown: float
 
