@@ -7,11 +7,15 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -78,6 +82,7 @@ SLOW_TESTS = {
     "test_irepa.py::test_projector_flops_are_in_the_count_budgets_use",
     "test_contrastive.py::test_contrastive_and_irepa_train_log_their_terms_and_resume",
     "test_launch.py::test_a_submitit_local_study_gives_the_numbers_of_here_and_a_killed_job_resumes",
+    "test_ablate.py::test_ablation_runs_resumes_and_skips_finished_runs",
     "test_import_diffusers.py::test_imported_model_samples_as_the_pipeline_and_exports_back_bit_for_bit",
 }
 
@@ -137,6 +142,60 @@ def tiny_overrides(run_dir, encoder_dir, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def toy_study_spec(folder: Path, encoder_dir: str, name: str = "study", **changes) -> Path:
+    """FOLDER/NAME.yaml: the SPEC of a 2-variant x 2-seed study of 4 steps each of a tiny model, its
+    output in FOLDER/NAME. The study tests of tests/experiments/ and tests/run/ use this one SPEC, so
+    the uninterrupted study they compare against (`toy_study`) is trained once per session."""
+    base = [
+        f"text.encoder={encoder_dir}",
+        "text.max_tokens=16",
+        "model.hidden_size=32",
+        "model.depth=2",
+        "model.num_heads=2",
+        "model.patch_size=8",
+        "data.resolution=16",
+        "train.batch_size=4",
+        "cadence.log_every=1",
+        "cadence.sample_every=0",
+        "cadence.checkpoint_every=2",
+        "schedule.warmup_steps=1",
+        "sample.grid_prompts=2",
+        "repa.weight=0",  # the default has REPA on; its teacher would cost more than the tiny model
+        "hardware.threads=1",  # the same numbers whatever OMP_NUM_THREADS the study is started with
+    ]
+    spec = {
+        "name": "toy",
+        "out": str(folder / name),
+        "base": {"overrides": base},
+        "variants": {"baseline": [], "deeper": ["model.depth=3"]},
+        "seeds": 2,
+        "budget": {"kind": "images", "value": 16},
+        "evaluation": {"points": [0.5, 1.0], "prompts": 4, "sample_steps": 1, "guidance": [4.0, 1.0], "val_images": 2},
+        **changes,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def study_env(**extra: str) -> dict:
+    """The environment of a `pixelrun ablate` a test starts: this checkout's pixelrun first."""
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **extra}
+
+
+@pytest.fixture(scope="session")
+def toy_study(tmp_path_factory, tiny_encoder_dir) -> Path:
+    """The output folder of `toy_study_spec`'s study, run once, never interrupted: the reference that a
+    killed, resumed or submitit-run study of the same SPEC must equal. Read only: a test that changes
+    a study copies it first."""
+    folder = tmp_path_factory.mktemp("toy-study")
+    spec = toy_study_spec(folder, tiny_encoder_dir)
+    cmd = [sys.executable, "-m", "pixelrun", "ablate", str(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=study_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "study"
 
 
 def one_line_error(capsys, *words) -> str:

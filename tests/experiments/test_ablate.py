@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import toy_study_spec
 
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config, model_fields
@@ -209,11 +210,12 @@ def test_one_command_builder_for_a_scheduler_and_for_this_machine(tmp_path):
         assert train_command(plan, r) == ["torchrun", "--standalone", f"--nproc_per_node={n}", *train]
 
 
-def test_ablation_runs_resumes_and_skips_finished_runs(tmp_path):
-    spec = write_spec(tmp_path)
+def test_ablation_runs_resumes_and_skips_finished_runs(tmp_path, toy_study, tiny_encoder_dir):
+    """The study of tests/conftest.py's toy SPEC, run once for the session (`toy_study`), is checked;
+    then a copy of it, one run cut back to its step-2 checkpoint, is run again."""
     out = tmp_path / "out"
-    first = _run(spec)
-    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(toy_study, out)
+    spec = toy_study_spec(tmp_path, tiny_encoder_dir, name="out")
     plan = json.loads((out / "ablation.json").read_text())
     assert [(r["variant"], r["seed"], r["steps"]) for r in plan["runs"]] == [
         ("baseline", 0, 4),

@@ -16,48 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import until
+from conftest import toy_study_spec, until
 
 from pixelrun.cli import main
 
 ROOT = Path(__file__).parents[2]
 
 
-def toy(encoder: str) -> list[str]:
-    """A run of a few steps of a tiny model and text encoder (tests/conftest.py's random BERT)."""
-    return [
-        f"text.encoder={encoder}",
-        "text.max_tokens=16",
-        "model.hidden_size=32",
-        "model.depth=2",
-        "model.num_heads=2",
-        "model.patch_size=8",
-        "data.resolution=16",
-        "train.batch_size=4",
-        "cadence.log_every=1",
-        "cadence.sample_every=0",
-        "cadence.checkpoint_every=2",
-        "schedule.warmup_steps=1",
-        "sample.grid_prompts=2",
-        "repa.weight=0",
-    ]
-
-
 def write_spec(tmp_path: Path, encoder: str, name: str = "spec", **changes) -> Path:
-    spec = {
-        "name": "toy",
-        "out": str(tmp_path / name),
-        "base": {"overrides": toy(encoder)},
-        "variants": {"baseline": [], "deeper": ["model.depth=3"]},
-        "seeds": 2,
-        "budget": {"kind": "images", "value": 16},
-        "evaluation": {"points": [0.5, 1.0], "prompts": 4, "sample_steps": 1, "guidance": [4.0], "val_images": 2},
-        **changes,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    """tests/conftest.py's toy study (a few steps of a tiny model and text encoder), in TMP_PATH/NAME."""
+    return toy_study_spec(tmp_path, encoder, name, **changes)
 
 
 # ----------------------------------------------------------------------------- the SPEC's launch keys
@@ -354,11 +322,11 @@ def _losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def test_a_submitit_local_study_gives_the_numbers_of_here_and_a_killed_job_resumes(tmp_path, tiny_encoder_dir):
-    here = write_spec(tmp_path, tiny_encoder_dir, name="here")
+def test_a_submitit_local_study_gives_the_numbers_of_here_and_a_killed_job_resumes(
+    tmp_path, tiny_encoder_dir, toy_study
+):
+    """Executor here's study of the same SPEC is tests/conftest.py's `toy_study`, run once per session."""
     jobs = write_spec(tmp_path, tiny_encoder_dir, name="jobs", launch={"executor": "submitit-local"})
-    first = _ablate(str(here))
-    assert first.returncode == 0, first.stderr[-3000:]
 
     (tmp_path / "gate").mkdir()
     (tmp_path / "gate" / "sitecustomize.py").write_text(GATE)
@@ -422,8 +390,8 @@ def test_a_submitit_local_study_gives_the_numbers_of_here_and_a_killed_job_resum
     resumed = log.read_text()
     assert f"resuming from {victim / 'checkpoints' / 'step_00000002'} (step 2" in resumed
     assert str(tmp_path / "jobs" / "summary.json") in resumed  # the last job to finish wrote the report
-    assert _losses(victim) == _losses(tmp_path / "here" / "runs" / "deeper" / "seed1")
-    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("here", "jobs")]
+    assert _losses(victim) == _losses(toy_study / "runs" / "deeper" / "seed1")
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (toy_study, tmp_path / "jobs")]
     assert _numbers(summaries[1]) == _numbers(summaries[0])
     assert summaries[1]["incomplete"] == summaries[0]["incomplete"]
     print(

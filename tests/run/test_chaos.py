@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import tiny_overrides
+from conftest import tiny_overrides, toy_study_spec
 
 from pixelrun.infra import checkpoint as ckpt
 from pixelrun.infra.faults import ENV
@@ -147,26 +146,6 @@ def test_train_killed_at_seeded_moments_ends_as_an_uninterrupted_run(tmp_path, t
 # ----------------------------------------------------------------------------- pixelrun ablate
 
 
-def _spec(tmp_path: Path, encoder_dir: str, out: Path) -> Path:
-    tiny = [
-        o
-        for o in tiny_overrides(out, encoder_dir)
-        if not o.startswith(("run.dir", "train.steps", "eval.", "sample.", "cadence.checkpoint_every"))
-    ]
-    spec = {
-        "name": "chaos",
-        "out": str(out),
-        "base": {"overrides": [*tiny, "cadence.checkpoint_every=2", "hardware.threads=1"]},
-        "variants": {"baseline": [], "deeper": ["model.depth=3"]},
-        "seeds": 1,
-        "budget": {"kind": "images", "value": 24},
-        "evaluation": {"points": [0.5, 1.0], "prompts": 2, "sample_steps": 1, "guidance": [2.0], "val_images": 2},
-    }
-    path = tmp_path / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
 def _ablate(spec: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pixelrun", "ablate", str(spec)],
@@ -186,17 +165,16 @@ def _results(out: Path) -> dict:
     return {k: s[k] for k in ("final", "by_point", "guidance", "incomplete")}
 
 
-def test_ablate_killed_mid_study_ends_with_the_uninterrupted_summary(tmp_path, tiny_encoder_dir):
-    whole = tmp_path / "whole"
-    _finish(_ablate(_spec(tmp_path, tiny_encoder_dir, whole)))
+def test_ablate_killed_mid_study_ends_with_the_uninterrupted_summary(tmp_path, tiny_encoder_dir, toy_study):
+    """The uninterrupted study is tests/conftest.py's `toy_study`, of the same SPEC."""
     out = tmp_path / "chaos"
-    spec = _spec(tmp_path, tiny_encoder_dir, out)
+    spec = toy_study_spec(tmp_path, tiny_encoder_dir, name="chaos")
     rng, landed = random.Random(1), []
-    total = _all_rows(whole)
+    total = _all_rows(toy_study)
     for _ in range(2):  # the parent killed while a child trains: the child goes with it (PR_SET_PDEATHSIG)
         at = _all_rows(out) + rng.randint(1, 3)
         proc = _ablate(spec)
         landed.append((at, _kill_when(proc, lambda n=at: _all_rows(out) >= min(n, total), rng.uniform(0, 0.05))))
     assert landed[0][1], landed  # the first kill lands inside the study
     _finish(_ablate(spec))
-    assert _results(out) == _results(whole), landed
+    assert _results(out) == _results(toy_study), landed
