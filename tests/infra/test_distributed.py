@@ -96,8 +96,7 @@ def runs(tmp_path_factory, tiny_encoder_dir):
             "one_x8",
             "one_x4x2",
             "two_x4",
-            "two_then_one",
-            "one_then_two",
+            "moved",
             "muon_one_x8",
             "muon_two_x4",
             "hsdp_two_x4",
@@ -112,10 +111,12 @@ def runs(tmp_path_factory, tiny_encoder_dir):
     r["two_x4_log"] = torchrun(2, _over(r["two_x4"], enc, 4, 4, **with_eval)).stdout
     # A 2-rank run resumed on 2 ranks is the rehearsal test's (tests/run/test_rehearsal.py: every rank
     # killed in stage 2, the same command again, the losses of a run never stopped); not run again here.
-    torchrun(2, _over(r["two_then_one"], enc, 2, 4))
-    train(load_config(None, _over(r["two_then_one"], enc, 4, 8)))  # the 2-rank checkpoint on 1 rank
-    train(load_config(None, _over(r["one_then_two"], enc, 2, 8)))
-    torchrun(2, _over(r["one_then_two"], enc, 4, 4))  # the 1-rank checkpoint on 2 ranks
+    # One run's checkpoints move 1 rank -> 2 ranks -> 1 rank (step 1 on 1 rank, step 2 on 2, steps 3-4 on
+    # 1): both directions with one torchrun. The three checkpoints are kept to read their rank counts.
+    moved = {"cadence.keep_checkpoints": 3}
+    train(load_config(None, _over(r["moved"], enc, 1, 8, **moved)))
+    torchrun(2, _over(r["moved"], enc, 2, 4, **moved))  # the 1-rank checkpoint on 2 ranks
+    train(load_config(None, _over(r["moved"], enc, 4, 8, **moved)))  # the 2-rank checkpoint on 1 rank
     # MLP width 97: uneven shards over 2 ranks; Newton-Schulz in fp32 (see test_muon_on_two_ranks_equals_one)
     muon = {"optimizer.name": "muon", "optimizer.muon_precision": "fp32", "model.mlp_ratio": 3.04}
     train(load_config(None, _over(r["muon_one_x8"], enc, 3, 8, **muon)))
@@ -146,11 +147,9 @@ def test_evaluation_on_two_ranks_equals_one(runs):
 
 
 def test_checkpoints_move_between_rank_counts(runs):
-    checkpoints = Path(runs["two_then_one"]) / "checkpoints"
-    assert ckpt.load_meta(checkpoints / "step_00000002").world_size == 2
-    assert ckpt.load_meta(checkpoints / "step_00000004").world_size == 1
-    _same_run(runs["one_x8"], runs["two_then_one"])
-    _same_run(runs["one_x8"], runs["one_then_two"])
+    checkpoints = Path(runs["moved"]) / "checkpoints"
+    assert [ckpt.load_meta(checkpoints / f"step_{s:08d}").world_size for s in (1, 2, 4)] == [1, 2, 1]
+    _same_run(runs["one_x8"], runs["moved"])
 
 
 def test_muon_on_two_ranks_equals_one(runs):
