@@ -144,6 +144,20 @@ def tiny_overrides(run_dir, encoder_dir, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+#: the toy studies' overrides of the run, beside a tiny model and text encoder, and their evaluation
+TOY = [
+    "data.resolution=16",
+    "train.batch_size=4",
+    "cadence.log_every=1",
+    "cadence.sample_every=0",
+    "cadence.checkpoint_every=2",
+    "schedule.warmup_steps=1",
+    "sample.grid_prompts=2",
+    "repa.weight=0",  # the default has REPA on; its teacher would cost more than the tiny model
+]
+TOY_EVAL = {"points": [0.5, 1.0], "prompts": 4, "sample_steps": 1, "guidance": [4.0, 1.0], "val_images": 2}
+
+
 def toy_study_spec(folder: Path, encoder_dir: str, name: str = "study", **changes) -> Path:
     """FOLDER/NAME.yaml: the SPEC of a 2-variant x 2-seed study of 4 steps each of a tiny model, its
     output in FOLDER/NAME. The study tests of tests/experiments/ and tests/run/ use this one SPEC, so
@@ -155,14 +169,7 @@ def toy_study_spec(folder: Path, encoder_dir: str, name: str = "study", **change
         "model.depth=2",
         "model.num_heads=2",
         "model.patch_size=8",
-        "data.resolution=16",
-        "train.batch_size=4",
-        "cadence.log_every=1",
-        "cadence.sample_every=0",
-        "cadence.checkpoint_every=2",
-        "schedule.warmup_steps=1",
-        "sample.grid_prompts=2",
-        "repa.weight=0",  # the default has REPA on; its teacher would cost more than the tiny model
+        *TOY,
         "hardware.threads=1",  # the same numbers whatever OMP_NUM_THREADS the study is started with
     ]
     spec = {
@@ -172,7 +179,7 @@ def toy_study_spec(folder: Path, encoder_dir: str, name: str = "study", **change
         "variants": {"baseline": [], "deeper": ["model.depth=3"]},
         "seeds": 2,
         "budget": {"kind": "images", "value": 16},
-        "evaluation": {"points": [0.5, 1.0], "prompts": 4, "sample_steps": 1, "guidance": [4.0, 1.0], "val_images": 2},
+        "evaluation": TOY_EVAL,
         **changes,
     }
     path = folder / f"{name}.yaml"

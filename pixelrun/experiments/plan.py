@@ -182,8 +182,9 @@ def plan_ablation(spec: Spec, *, say=print) -> Plan:
     for name in spec.variants:
         cfg = variant_config(spec, name, protocol)
         steps = equal_nfe_steps(cfg, spec.evaluation.sample_steps)
+        own = _protocol_overrides(spec, steps)  # the protocol with this variant's sampling steps
         if steps != spec.evaluation.sample_steps:
-            cfg = variant_config(spec, name, _protocol_overrides(spec, steps))
+            cfg = variant_config(spec, name, own)
         try:
             global_batch = batch_split(cfg, nproc)[0]
         except ConfigError as e:
@@ -196,7 +197,7 @@ def plan_ablation(spec: Spec, *, say=print) -> Plan:
         if spec.budget.kind == "minutes":
             say(f"calibrating {name}: {spec.budget.calibration_steps} timed steps")
             step_s = calibrate_step_seconds(cfg, dim, spec.budget.calibration_steps)
-        per_variant[name] = (global_batch, fpi, step_s, _protocol_overrides(spec, steps))
+        per_variant[name] = (global_batch, fpi, step_s, own)
     runs, configs = [], {}
     fractions = spec.evaluation.points
     if spec.budget.kind == "target" and fractions == EvaluationSpec().points:

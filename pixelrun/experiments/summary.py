@@ -179,6 +179,7 @@ def summarize(out_dir: Path) -> tuple[dict, list[StudyRun]]:
     by_point = {f"{f:g}": cells(f, primary, metrics) for f in fractions}
     guidance_curves, best = _guidance_curves(runs, variants, metrics, final, cells)
     floor = {m: stats.noise_floor(cell["per_seed"]) for m, cell in by_point[f"{final:g}"].get(baseline, {}).items()}
+    configs = variant_configs(out_dir, spec)
     goal = _target(spec.budget, by_variant.get(baseline, []), primary, final)
     budget_line, equal = _budget_line(spec, goal)
     return {
@@ -202,10 +203,10 @@ def summarize(out_dir: Path) -> tuple[dict, list[StudyRun]]:
         "noise_floor": floor,
         "throughput": {v: _throughput(by_variant[v]) for v in variants},
         "constant": constant_metrics(by_point[f"{final:g}"]),
-        "short_ema": short_ema(out_dir, spec),
+        "short_ema": short_ema(spec, configs),
         "loss_terms": {v: loss_terms(by_variant[v]) for v in variants},
         **_sampling(by_variant, metrics, final, primary),
-        **_samplers(out_dir, by_variant),
+        **_samplers(configs),
         "runs": [_run_row(r) for r in runs],
         "incomplete": [_incomplete(r, final) for r in runs if final not in r.points],
         "confidence": stats.CONFIDENCE,
@@ -339,19 +340,15 @@ def _sampling(by_variant: dict[str, list[StudyRun]], metrics: list[str], final: 
     }
 
 
-def _samplers(out_dir: Path, by_variant: dict[str, list[StudyRun]]) -> dict:
+def _samplers(configs: dict[str, dict]) -> dict:
     """{"samplers": {variant: [sampler, steps]}} for the variants that sample with another sampler
-    than Euler (`pixelrun ablate` gives them the steps of Euler's model evaluations), read from a
-    run's config.yaml; nothing when every variant samples with Euler, so such a report reads as it did."""
+    than Euler (`pixelrun ablate` gives them the steps of Euler's model evaluations); nothing when
+    every variant samples with Euler, so such a report reads as it did."""
     found = {}
-    for v, rs in by_variant.items():
-        for r in rs:
-            path = out_dir / r.dir / "config.yaml"
-            if path.is_file():
-                sample = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("sample", {})
-                if sample.get("sampler", "euler") != "euler":
-                    found[v] = [sample["sampler"], int(sample["steps"])]
-                break
+    for v, cfg in configs.items():
+        sample = cfg.get("sample") or {}
+        if sample.get("sampler", "euler") != "euler":
+            found[v] = [sample["sampler"], int(sample["steps"])]
     return {"samplers": found} if found else {}
 
 
@@ -398,19 +395,28 @@ def constant_metrics(final: dict) -> dict[str, float]:
     return {m: v[0] for m, v in values.items() if len(v) > 1 and max(v) == min(v)}
 
 
-def short_ema(out_dir: Path, spec: AblationPlan, half_lives: float = 3.0) -> dict[str, dict]:
+def variant_configs(out_dir: Path, spec: AblationPlan) -> dict[str, dict]:
+    """Each variant's first resolved config (OUT/configs/, as the plan wrote it), read once; a
+    variant whose configs are gone is left out."""
+    out: dict[str, dict] = {}
+    for r in spec.runs:
+        if r.variant not in out and (out_dir / r.config).is_file():
+            out[r.variant] = yaml.safe_load((out_dir / r.config).read_text()) or {}
+    return out
+
+
+def short_ema(spec: AblationPlan, configs: dict[str, dict], half_lives: float = 3.0) -> dict[str, dict]:
     """The variants whose runs are shorter than `half_lives` half-lives of their EMA (the warning of
     `ablate plan`, pixelrun/experiments/plan.py ema_warnings): variant -> steps, decay, half-life and
-    the share of the initial weights the EMA still holds. Read from each variant's first resolved
-    config; a variant whose config is gone is left out."""
+    the share of the initial weights the EMA still holds, from `configs` (`variant_configs`)."""
     from pixelrun.config.schema import EMAConfig
     from pixelrun.experiments.plan import ema_half_life
 
     out: dict[str, dict] = {}
     for r in spec.runs:
-        if r.variant in out or not (out_dir / r.config).is_file():
+        if r.variant in out or r.variant not in configs:
             continue
-        ema = (yaml.safe_load((out_dir / r.config).read_text()) or {}).get("ema") or {}
+        ema = configs[r.variant].get("ema") or {}
         decays = ema.get("decays") or [ema.get("decay", EMAConfig.decay)]  # the first is the one evaluated
         decay, every = float(decays[0]), int(ema.get("every", EMAConfig.every))
         life = ema_half_life(decay, every)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import toy_study_spec
+from conftest import TOY, TOY_EVAL, toy_study_spec
 
 from pixelrun.cli import main
 from pixelrun.config import ConfigError, load_config, model_fields
@@ -22,18 +22,6 @@ from pixelrun.experiments.spec import BudgetSpec, load_spec
 from pixelrun.model.denoiser import ModelConfig
 from pixelrun.model.flops import training_flops_per_image
 from pixelrun.training.schedule import lr_multiplier
-
-TOY = [
-    "data.resolution=16",
-    "train.batch_size=4",
-    "cadence.log_every=1",
-    "cadence.sample_every=0",
-    "cadence.checkpoint_every=2",
-    "schedule.warmup_steps=1",
-    "sample.grid_prompts=2",
-    "repa.weight=0",  # the default has REPA on; the variants here start without it
-]
-TOY_EVAL = {"points": [0.5, 1.0], "prompts": 4, "sample_steps": 1, "guidance": [4.0, 1.0], "val_images": 2}
 
 
 def write_spec(tmp_path: Path, **changes) -> Path:
