@@ -122,7 +122,7 @@ class RoutingConfig:
     end: int | None = None  # null = the recipe's 12 (of 16), scaled to the depth
     # SPRINT's path-drop learning: this fraction of the training samples also loses the deep path (its
     # stream the mask token everywhere), so the model learns the weak branch path-drop guidance samples
-    # with (sample.guidance_mode=pathdrop); 0 = off (PRX's SPRINT); the SPRINT paper drops 10%
+    # with (sample.guidance_mode=pathdrop); 0 = off, as PRX's SPRINT
     path_drop: float = 0.0
 
 

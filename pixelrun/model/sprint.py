@@ -12,7 +12,7 @@ pixelrun/model/routing.py):
 - at sampling every token is kept (no Routing) and the fusion still runs;
 - path-drop guidance (sampling.py, guidance mode "pathdrop") keeps no token at all: the span's blocks
   are skipped and the deep stream is the mask token everywhere (`model.routing.path_drop_routing`);
-- path-drop learning (`routing.path_drop`, the SPRINT paper's; PRX's SPRINT has none): a fraction of
+- path-drop learning (`routing.path_drop`; PRX's SPRINT has none): a fraction of
   the training samples gets that same deep stream, so the weak branch of the guidance is a function the
   model was trained to compute. The span still runs on their kept tokens (a per-sample skip would
   split the batch), so the FLOPs are those of SPRINT without it.
