@@ -111,6 +111,10 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> list
     if grids:
         blocks.append(("h2", "Samples over training (EMA weights)"))
         blocks += [("img", "final" if g.stem == "final" else f"step {g.stem[5:].lstrip('0') or 0}", g) for g in grids]
+    denoise = run_dir / "samples" / "denoise.png"
+    if denoise.is_file():
+        blocks.append(("h2", "What the model predicts from held-out images at each noise level (EMA weights)"))
+        blocks.append(("img", "denoise", denoise))
     html = write_atomic(out / "report.html", render_html(f"Run: {run_dir.resolve().name}", blocks))
     return list(figures.values()) + [html]
 

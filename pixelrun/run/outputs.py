@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from pixelrun.config import Config
+from pixelrun.diffusion.denoise import DENOISE_IMAGES, denoise_rows, save_denoise_grid
+from pixelrun.evaluation.heldout import real_images_and_prompts
 from pixelrun.infra.devices import device_name
 from pixelrun.infra.grids import save_png
 from pixelrun.infra.records import EvalPoint, GuidanceResult, Provenance, RunSummary, read_metrics
@@ -162,3 +164,17 @@ def peak_memory_bytes(device: torch.device | str) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def write_denoise_grid(run_dir: Path, model, encoder, cfg: Config, device, is_main: bool) -> Path | None:
+    """samples/denoise.png: held-out images and the model's predictions from them at several noise
+    levels (pixelrun/diffusion/denoise.py), beside the final grid; none when the run makes no grids.
+    Every rank predicts (a sharded model's forward is collective); rank 0 writes."""
+    if not cfg.sample.grid_prompts:
+        return None
+    images, captions = real_images_and_prompts(cfg, DENOISE_IMAGES, at_most=True)
+    if not captions:
+        return None
+    rows = denoise_rows(model, encoder, images, captions, cfg, device, seed=cfg.sample.seed)
+    path = run_dir / "samples" / "denoise.png"
+    return save_denoise_grid(rows, captions, path) if is_main else path

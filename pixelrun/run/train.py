@@ -48,7 +48,7 @@ from pixelrun.model.import_diffusers import resolve as resolve_model_init
 from pixelrun.model.text import text_encoder
 from pixelrun.run.health import Health
 from pixelrun.run.messages import describe_plan, describe_run, estimate_line, summary_line
-from pixelrun.run.outputs import POINT_IMAGES, evaluation_point, images_seen, provenance
+from pixelrun.run.outputs import POINT_IMAGES, evaluation_point, images_seen, provenance, write_denoise_grid
 from pixelrun.run.outputs import run_summary as summarize_run
 from pixelrun.run.outputs import write_point as write_point_files
 from pixelrun.run.preflight import preflight
@@ -541,6 +541,7 @@ def finish(run: Run, stopped) -> dict:
             f"(now {run.cfg.optimizer.lr:g}) or raise schedule.warmup_steps, then run again"
         )
     final_grid = sample_grid(run, scfg, "final.png")
+    write_denoise_grid(run.run_dir, run.st.ema.model, run.encoder, scfg, run.ctx.device, run.ctx.is_main)
     summary = {
         "step": run.step,
         "checkpoint": str(last),

@@ -130,7 +130,7 @@ def write_run(
         )
     )
     (d / "samples").mkdir()
-    for name in ("step_00000005.png", "final.png"):
+    for name in ("step_00000005.png", "final.png", "denoise.png"):
         Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(d / "samples" / name)
     return placed_by_fraction
 
@@ -340,8 +340,8 @@ def test_pixelrun_report_writes_a_run_report(ablation, capsys):
     assert printed == [str(p) for p in expected]
     html = expected[-1].read_text()
     sources = re.findall(r'src="([^"]*)"', html)
-    assert len(sources) == 4 + 2 and all(s.startswith("data:image/png;base64,") for s in sources)  # curves, grids
-    assert "step 5" in html and "final" in html
+    assert len(sources) == 4 + 3 and all(s.startswith("data:image/png;base64,") for s in sources)  # curves, grids
+    assert "step 5" in html and "final" in html and "at each noise level" in html  # samples/denoise.png too
     other = ablation / "elsewhere"
     assert main(["report", str(run), "--out", str(other)]) == 0
     assert (other / "report.html").is_file()

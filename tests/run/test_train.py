@@ -176,6 +176,8 @@ def test_default_run_outputs_sample_and_eval(tmp_path, tiny_encoder_dir, capsys)
     assert "(placed; kind " in out  # never the placed score alone (issue 31)
     assert (run / "config.yaml").exists() and (run / "samples" / "step_00000003.png").exists()
     assert (run / "samples" / "final.png").exists() and list((run / "tensorboard").iterdir())
+    with Image.open(run / "samples" / "denoise.png") as strip:  # each held-out image, then predictions from it
+        assert json.loads(strip.info["captions"])[1] == "predicted from t = 0.2"
     result = json.loads((run / "eval.json").read_text())
     assert result["real_images"]["placed"] == 1.0 and result["settings"]["prompts"] == 4
     assert load_config(run / "config.yaml").run.dir == str(run)
