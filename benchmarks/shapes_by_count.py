@@ -52,7 +52,7 @@ def main() -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join(captions) + "\n")
     cmd = ["pixelrun", "sample", "--checkpoint", args.checkpoint, "--prompts-file", f.name, "--out", args.out]
-    subprocess.run([*cmd, *overrides], check=True)
+    subprocess.run([*cmd, *overrides], check=True, stdout=sys.stderr)  # stdout is the JSON alone
     out = Path(args.out)
     images = [np.asarray(Image.open(out / f"{i:03d}.png").convert("RGB")) for i in range(len(captions))]
     print(json.dumps(by_count(images, captions), indent=1))
