@@ -1,8 +1,8 @@
 """What the model predicts from a real image at several noise levels: the picture that says *where*
 a model fails. A sample grid shows only the end of a trajectory; blobs there can come from a model
 that cannot draw sharp details at low noise, or from one that denoises well at low noise but whose
-predictions at mid and high noise ignore what the prompt says (the shapes' kind, say) and follow
-the noise instead, so the trajectory has committed to a ragged blob before the details are drawn.
+predictions at mid and high noise ignore what the prompt says (the shapes' kind, say), so the
+trajectory has committed to a ragged blob before the details are drawn.
 Each row of `samples/denoise.png` is one held-out image and its caption, then the conditional
 x-prediction (no guidance) from that image noised to each of DENOISE_TIMES with one fixed draw."""
 
