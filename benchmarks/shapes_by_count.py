@@ -22,15 +22,19 @@ import numpy as np
 from PIL import Image
 
 from pixelrun.config import load_config
+from pixelrun.data.shapes import parse_caption
 from pixelrun.evaluation.heldout import held_out_captions
 from pixelrun.evaluation.shapes_score import MEASURES, score_image
+
+_GROUP = {1: "one shape", 2: "two shapes"}
 
 
 def by_count(images: list[np.ndarray], captions: list[str]) -> dict:
     groups: dict[str, list[dict]] = {"one shape": [], "two shapes": [], "all": []}
     for image, text in zip(images, captions):
         s = score_image(image, text)
-        groups["two shapes" if " and " in text else "one shape"].append(s)
+        n = len(parse_caption(text).shapes)  # the dataset's own parser (data.max_shapes may exceed 2)
+        groups.setdefault(_GROUP.get(n, f"{n} shapes"), []).append(s)
         groups["all"].append(s)
     return {
         name: {"prompts": len(rows), **{m: round(float(np.mean([r[m] for r in rows])), 3) for m in MEASURES}}
@@ -49,10 +53,11 @@ def main() -> int:
     if cfg.data.source != "shapes":
         sys.exit(f"{args.checkpoint} was trained on data.source={cfg.data.source}, not shapes")
     captions = held_out_captions(cfg, args.prompts)
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write("\n".join(captions) + "\n")
-    cmd = ["pixelrun", "sample", "--checkpoint", args.checkpoint, "--prompts-file", f.name, "--out", args.out]
-    subprocess.run([*cmd, *overrides], check=True, stdout=sys.stderr)  # stdout is the JSON alone
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "prompts.txt"
+        prompts.write_text("\n".join(captions) + "\n")
+        cmd = ["pixelrun", "sample", "--checkpoint", args.checkpoint, "--prompts-file", str(prompts), "--out", args.out]
+        subprocess.run([*cmd, *overrides], check=True, stdout=sys.stderr)  # stdout is the JSON alone
     out = Path(args.out)
     images = [np.asarray(Image.open(out / f"{i:03d}.png").convert("RGB")) for i in range(len(captions))]
     print(json.dumps(by_count(images, captions), indent=1))

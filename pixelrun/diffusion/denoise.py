@@ -31,6 +31,7 @@ def denoise_rows(
     conditional x-prediction from it noised to each time (x_t = (1 - t) x + t * noise_scale * eps,
     one eps per image, drawn from `seed` as the sampler draws its starting noise)."""
     b, h, w, _ = images.shape
+    # [-1, 1] as pixelrun.data.to_model_range gives it (data is a layer above this one)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
     eps = initial_noise(b, h, w, seed).to(device)
     text, mask = (a.to(device) for a in encoder.encode(captions))
