@@ -139,6 +139,9 @@ def tiny_overrides(run_dir, encoder_dir, **extra) -> list[str]:
         "eval.prompts": 4,
         "eval.val_images": 0,  # the validation loss rows: tests/run/test_train.py checks them on their own
         "repa.weight": 0.0,  # the default's teacher would cost more than the tiny model; REPA's tests set it
+        # text.precision auto takes bf16 on CPUs with native bf16: spelled out, every CI machine computes the same numbers
+        "hardware.precision": "fp32",
+        "text.precision": "fp32",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -154,6 +157,8 @@ TOY = [
     "schedule.warmup_steps=1",
     "sample.grid_prompts=2",
     "repa.weight=0",  # the default has REPA on; its teacher would cost more than the tiny model
+    "hardware.precision=fp32",  # as in tiny_overrides: the same numbers on every CI machine
+    "text.precision=fp32",
 ]
 TOY_EVAL = {"points": [0.5, 1.0], "prompts": 4, "sample_steps": 1, "guidance": [4.0, 1.0], "val_images": 2}
 

@@ -161,7 +161,9 @@ def export(args) -> int:
         from pixelrun.tools.export_diffusers import check_config, export_diffusers
 
         check_config(cfg)  # refuse before loading anything
-        model, encoder, cfg, path = load_for_inference(choice, args.weights, "cpu", args.overrides, args.ema_decay)
+        # the tower's own fp32 weights go into the pipeline, whatever dtype the run encoded in
+        fp32_tower = [*args.overrides, "text.precision=fp32"]
+        model, encoder, cfg, path = load_for_inference(choice, args.weights, "cpu", fp32_tower, args.ema_decay)
         _check_target(args.out, path)  # an earlier checkpoint when the newest one's weights failed
         out = export_diffusers(model, encoder, cfg, args.out, ckpt.export_marker(args.format, path, args.weights))
         import importlib.util

@@ -112,7 +112,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def with_overrides(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A config from a saved tree (a checkpoint's) with dotted `key=value` overrides applied."""
-    return config_from_dict(_merge(move_old_keys(data), move_old_keys(parse_overrides(list(overrides)))))
+    return config_from_dict(
+        _merge(move_old_keys(_saved_defaults(data)), move_old_keys(parse_overrides(list(overrides))))
+    )
+
+
+def _saved_defaults(data: dict) -> dict:
+    """A saved tree written before text.precision existed encoded its captions in fp32: it keeps
+    doing so, so its samples are those it was trained for (the key's default is auto)."""
+    text = data.get("text") if isinstance(data, dict) else None
+    if not isinstance(text, dict) or "precision" in text:
+        return data
+    return {**data, "text": {**text, "precision": "fp32"}}
 
 
 _announced: set[str] = set()

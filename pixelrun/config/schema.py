@@ -89,6 +89,9 @@ class TextConfig:
     encoder: str = "minilm"
     max_tokens: int = 24  # the longest two-shape caption is 23 MiniLM tokens
     cache_gib: float = 2.0  # memory for the prompt-embedding cache (each distinct prompt is encoded once)
+    # The frozen encoder's compute dtype: auto | bf16 | fp32. auto = bf16 on CUDA and on a CPU with
+    # native bf16 (AVX512-BF16 / AMX: MiniLM twice as fast there, docs/benchmarks.md), else fp32.
+    precision: str = "auto"
 
 
 @dataclass

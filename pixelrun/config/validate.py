@@ -110,6 +110,7 @@ def _validate_held_out(cfg: Config) -> None:
 def _validate_text(cfg: Config) -> None:
     _positive("text.max_tokens", cfg.text.max_tokens)
     _positive("text.cache_gib", cfg.text.cache_gib, allow_zero=True)
+    _choice("text.precision", cfg.text.precision, ("auto", "bf16", "fp32"))
 
 
 def _validate_objective(cfg: Config) -> None:

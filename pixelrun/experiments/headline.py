@@ -33,6 +33,7 @@ import yaml
 
 from pixelrun.config import ConfigError
 from pixelrun.config.load import load_yaml
+from pixelrun.experiments.render import speedup_sentence
 from pixelrun.infra import units
 from pixelrun.infra.files import write_atomic
 
@@ -122,7 +123,8 @@ def budget_text(budget: dict) -> str:
         return f"{units.count(value)} images"
     if kind == "minutes":
         return f"{value:g} min of step time"  # pixelrun/experiments/plan.py: minutes x 60 / the benched step
-    return f"{budget['metric']} to {budget['target']:g}, at most {units.count(value)} images"
+    target = "the baseline's final score" if budget["target"] == "baseline" else f"{budget['target']:g}"
+    return f"{budget['metric']} to {target}, at most {units.count(value)} images"
 
 
 def rows(study: Study) -> list[list[str]]:
@@ -182,13 +184,27 @@ def lead(p: dict) -> str:
     return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
 
 
+def time_to_target(study: Study) -> str | None:
+    """A `target` study's speed-ups as one paragraph (its report's sentences, with the listing's
+    labels), or None for a study at an equal budget."""
+    found = study.summary.get("speedup") or {}
+    base = study.labels[study.summary["baseline"]]
+    sentences = [speedup_sentence(label, found[v], base) for v, label in study.labels.items() if v in found]
+    if not sentences:
+        return None
+    text = f"**Time to target** ({study.title}): " + "; ".join(sentences) + "."
+    return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
+
+
 def render(studies: list[Study]) -> str:
-    """The sentence and the table, as Markdown."""
+    """The sentence, each time-to-target study's speed-ups, and the table, as Markdown."""
     if not studies:
         raise ConfigError("studies", "lists no study")
+    paragraphs = [t for t in map(time_to_target, studies) if t is not None]
     lines = [
         lead(protocol(studies)),
         "",
+        *[line for t in paragraphs for line in (t, "")],
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]

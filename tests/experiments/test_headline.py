@@ -138,3 +138,38 @@ def test_the_table_is_replaced_in_place_between_its_mark_and_its_last_row(tmp_pa
     page.write_text("no mark here\n")
     assert main([str(listing), str(page)]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("headline: TARGET: holds no line starting")
+
+
+def test_a_time_to_target_study_states_its_speed_up_above_the_table(tmp_path):
+    """A `target` budget's speed-up (its report's sentence, with the listing's labels) stands in the
+    block the README regenerates, so the number there cannot drift from the study's summary."""
+
+    def ratio(estimate, low, high):
+        return {"estimate": estimate, "low": low, "high": high, "unreached": {"baseline": 0.0, "variant": 0.0}}
+
+    target = copy.deepcopy(SUMMARY) | {
+        "budget": {
+            "kind": "target",
+            "value": 32000.0,
+            "cooldown": 0.2,
+            "metric": "shapes/placed",
+            "target": "baseline",
+        },
+        "speedup": {
+            "trick": {
+                "metric": "shapes/placed",
+                "target": 0.085,
+                "target_from": "baseline",
+                "flops": ratio(2.5, 1.5, 4.0),
+                "seconds": ratio(2.0, 1.2, 3.0),
+            }
+        },
+    }
+    table = render(load_listing(_listing(tmp_path, {"toy": target})))
+    paragraph = " ".join(table.split("\n\n")[1].split())
+    assert paragraph == (
+        "**Time to target** (Study toy): the trick reaches the baseline's final shapes/placed (0.085) at a "
+        "speed-up of 2.5x [1.5x, 4x] in training FLOPs and 2x [1.2x, 3x] in training time."
+    )
+    assert "| Study toy (shapes/placed to the baseline's final score, at most 32,000 images) | baseline |" in table
+    assert len(render(load_listing(_listing(tmp_path / "plain", {"toy": SUMMARY}))).split("\n\n")) == 2  # none

@@ -134,7 +134,8 @@ def test_a_bound_left_open_where_too_many_draws_miss_the_target():
     summary = {"speedup": {"v": r}, "baseline": "baseline", "confidence": 0.95, "time_to_target": []}
     (_, (_, (line, _))) = _speedup_blocks(summary)
     assert re.search(
-        r"^v reaches the baseline's final shapes/placed \(0\.5\) with 1x \(at most 1\.3x; the other bound ", line
+        r"^v reaches the baseline's final shapes/placed \(0\.5\) at a speed-up of 1x \(at most 1\.3x; the other bound ",
+        line,
     )
     assert "v missed the target in 2" in line
 
@@ -234,7 +235,7 @@ def test_target_baseline_resolves_to_its_final_mean_in_the_summary_and_report(tm
     reached = {(t["variant"], t["seed"]): t["reached"] for t in summary["time_to_target"]}
     assert reached[("baseline", 0)] is None and reached[("baseline", 1)]["value"] == 0.75
     text = json.dumps(ablation_blocks(summary, {}))
-    assert "recipe reaches the baseline's final shapes/placed (0.625) with 1.6x [" in text
+    assert "recipe reaches the baseline's final shapes/placed (0.625) at a speed-up of 1.6x [" in text
     assert "Time to reach shapes/placed 0.625 (the baseline's final score)" in text
 
 

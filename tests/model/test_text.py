@@ -145,3 +145,18 @@ def test_missing_path_is_named(tmp_path):
         TextEncoder(bad)
     with pytest.raises(FileNotFoundError, match="no_such_encoder"):
         encoder_fingerprint(bad)
+
+
+def test_bf16_tower_encodes_what_the_fp32_tower_does_to_bf16_rounding(minilm):
+    """The bf16 tower is the same network: its embeddings differ from fp32's by rounding, not in kind."""
+    from pixelrun.config import load_config
+    from pixelrun.model.text import text_encoder
+
+    half = text_encoder(load_config(overrides=["text.precision=bf16", "text.max_tokens=32"]), "cpu")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    captions = ["a small red circle in the top left on a white background", "a large blue square at the top"]
+    (full, mask), (rounded, mask_half) = minilm.encode(captions), half.encode(captions)
+    assert rounded.dtype == torch.float32 and torch.equal(mask, mask_half)
+    cos = torch.nn.functional.cosine_similarity(full[mask], rounded[mask], dim=-1)
+    assert cos.min() > 0.99
+    assert not torch.equal(full, rounded)  # it really ran in bf16
