@@ -11,8 +11,9 @@ each variant shown, the baseline first:
         variants: {dense: dense, tread: "TREAD, half the tokens past blocks 2..4"}
 
 Everything else comes from the summaries: the budget, each variant's mean with its interval, the
-paired difference from the baseline with its interval and the verdict, and the protocol the
-sentence above the table states (one for every study, or a one-line refusal). Adding a study is one
+paired difference from the baseline with its interval and the verdict, the protocol the sentence
+above the table states (one for every study, or a one-line refusal), and for a `target` study its
+speed-ups, in a paragraph between that sentence and the table. Adding a study is one
 entry; then
 
     python -m pixelrun.experiments.headline benchmarks/results/ablations/headline.yaml          # print it
