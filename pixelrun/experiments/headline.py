@@ -35,6 +35,7 @@ import yaml
 from pixelrun.config import ConfigError
 from pixelrun.config.load import load_yaml
 from pixelrun.experiments.render import speedup_sentence
+from pixelrun.experiments.speedup import BASELINE
 from pixelrun.infra import units
 from pixelrun.infra.files import write_atomic
 
@@ -124,7 +125,7 @@ def budget_text(budget: dict) -> str:
         return f"{units.count(value)} images"
     if kind == "minutes":
         return f"{value:g} min of step time"  # pixelrun/experiments/plan.py: minutes x 60 / the benched step
-    target = "the baseline's final score" if budget["target"] == "baseline" else f"{budget['target']:g}"
+    target = "the baseline's final score" if budget["target"] == BASELINE else f"{budget['target']:g}"
     return f"{budget['metric']} to {target}, at most {units.count(value)} images"
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from pixelrun.config import Config
 from pixelrun.evaluation.evaluate import describe_metrics, describe_shapes
 from pixelrun.infra.distributed import DistContext
-from pixelrun.infra.precision import autocast_dtype, muon_precision_warning, text_dtype
+from pixelrun.infra.precision import autocast_dtype, muon_precision_warning
 from pixelrun.model.denoiser import count_parameters
 from pixelrun.training.build import TrainState
 
@@ -23,7 +23,7 @@ def describe_run(cfg: Config, ctx: DistContext, st: TrainState, encoder: Any) ->
         describe(st.opt.report),  # type: ignore[attr-defined]  # build_optimizer's attribute
         f"model: preset {cfg.model.preset}, {count_parameters(st.model) / 1e6:.2f}M parameters"
         f"{' (sharded)' if ctx.distributed else ''}; text encoder {encoder.name} (dim {encoder.dim}, "
-        f"{str(text_dtype(cfg, ctx.device)).removeprefix('torch.')}); "
+        f"{str(encoder.model.dtype).removeprefix('torch.')}); "  # the dtype the tower was loaded in
         f"device {ctx.device}{f' x {ctx.world_size} ranks' if ctx.distributed else ''}; autocast "
         f"{autocast_dtype(cfg, ctx.device) or 'off (fp32)'}",
     ]

@@ -174,6 +174,7 @@ def test_default_run_outputs_sample_and_eval(tmp_path, tiny_encoder_dir, capsys)
     out = capsys.readouterr().out
     assert "done: 6 steps" in out and "shapes score" in out and "step_00000006" in out
     assert "(placed; kind " in out  # never the placed score alone (issue 31)
+    assert "(dim 32, float32); device cpu; autocast off (fp32)" in out  # the tower's dtype as loaded
     assert (run / "config.yaml").exists() and (run / "samples" / "step_00000003.png").exists()
     assert (run / "samples" / "final.png").exists() and list((run / "tensorboard").iterdir())
     with Image.open(run / "samples" / "denoise.png") as strip:  # each held-out image, then predictions from it
