@@ -58,6 +58,8 @@ list for the shell; default: the checkpoint's own value):
   'eval.guidance=[1,2,4]'           also evaluate at each of these guidance scales, same prompts and
                                     noise: one printed row per scale, the JSON's guidance_sweep; the
                                     top-level metrics are sample.guidance's
+(shapes data: the JSON's denoise is the shapes score of the model's predictions from the held-out
+images noised to t = 0.05, 0.2 and 0.5, where a blob's kind is lost; docs/evaluation.md)
 (every eval.* and sample.* key: docs/configuration.md)
 
 {common.moved_help(MOVED)}
@@ -133,7 +135,8 @@ def run(args) -> int:
                 file=sys.stderr,
             )
     # the metric networks first: a missing or broken one fails before the model is even loaded
-    evaluator = Evaluator(cfg, metrics, resolve_device(args.device, "--device"), progress=True)
+    device = resolve_device(args.device, "--device")
+    evaluator = Evaluator(cfg, metrics, device, progress=True)
     model, encoder, cfg, path = load_for_inference(
         args.checkpoint, cfg.eval.weights, args.device, overrides, args.ema_decay
     )
@@ -151,10 +154,9 @@ def run(args) -> int:
     ]
     result = results[0]
     if sweep:
-        result["guidance_sweep"] = [
-            {"guidance": r["settings"]["guidance"], "nfe": r["settings"]["nfe"], "metrics": r["metrics"]}
-            for r in results
-        ]
+        result["guidance_sweep"] = _sweep_rows(results)
+    if "shapes" in evaluator.metrics:
+        result["denoise"] = _denoise(model, encoder, cfg, device, result)
     result["checkpoint"] = str(path)
     result["weights"] = cfg.eval.weights
     result["ema_decay"] = args.ema_decay if args.ema_decay is not None else _first_decay(cfg)
@@ -165,6 +167,24 @@ def run(args) -> int:
         write_atomic(out, text + "\n")  # whole or not at all
         print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _sweep_rows(results: list[dict]) -> list[dict]:
+    """The JSON's guidance_sweep: each scale's guidance, model evaluations per image and metrics."""
+    return [
+        {"guidance": r["settings"]["guidance"], "nfe": r["settings"]["nfe"], "metrics": r["metrics"]} for r in results
+    ]
+
+
+def _denoise(model, encoder, cfg, device, result: dict) -> dict:
+    """Where a blob comes from (pixelrun/evaluation/denoise_score.py): the shapes score of the
+    predictions from the held-out images noised to a few levels, said beside the sampled score."""
+    from pixelrun.evaluation.denoise_score import denoise_scores, describe_denoise
+
+    scores = denoise_scores(model, encoder, cfg, device, n=cfg.eval.prompts, seed=cfg.sample.seed)
+    assert scores is not None  # computed here: the single process scores
+    print(f"denoise: {describe_denoise(scores, result.get('score'))}", file=sys.stderr, flush=True)
+    return scores
 
 
 def _first_decay(cfg) -> float | None:

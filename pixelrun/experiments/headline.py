@@ -12,7 +12,8 @@ each variant shown, the baseline first:
 
 Everything else comes from the summaries: the budget, each variant's mean with its interval, the
 paired difference from the baseline with its interval and the verdict, the protocol the sentence
-above the table states (one for every study, or a one-line refusal), and for a `target` study its
+above the table states (one for every study, or a one-line refusal; only the weights scored may
+differ, and a study that scores others says so after its title), and for a `target` study its
 speed-ups, in a paragraph between that sentence and the table. Adding a study is one
 entry; then
 
@@ -129,13 +130,16 @@ def budget_text(budget: dict) -> str:
     return f"{budget['metric']} to {target}, at most {units.count(value)} images"
 
 
-def rows(study: Study) -> list[list[str]]:
-    """The study's rows: its title and budget on the first, one variant a row."""
+def rows(study: Study, weights: str | None = None) -> list[list[str]]:
+    """The study's rows: its title and budget on the first, one variant a row. ``weights``: those the
+    sentence above the table names; a study that scored others says which after its budget."""
     out = []
+    scored = study.summary["protocol"]["weights"]
+    other = f", {scored.upper()} weights" if weights is not None and scored != weights else ""
     for i, (variant, label) in enumerate(study.labels.items()):
         cells = [study.summary["final"][variant][m] for m in MEASURES]
         verdicts = " / ".join(c["verdict"] or units.MISSING for c in cells) if i else ""
-        title = f"{study.title} ({budget_text(study.summary['budget'])})" if i == 0 else ""
+        title = f"{study.title} ({budget_text(study.summary['budget'])}{other})" if i == 0 else ""
         out.append(
             [title, label]
             + [t for c in cells for t in (with_interval(c["mean"]), with_interval(c["delta"], True))]
@@ -146,7 +150,8 @@ def rows(study: Study) -> list[list[str]]:
 
 def protocol(studies: list[Study]) -> dict:
     """What every study shares and the sentence above the table states; a study measured otherwise
-    is refused in one line (the table would state a protocol it did not follow)."""
+    is refused in one line (the table would state a protocol it did not follow). The weights scored
+    are the first study's; another study's differing weights are written in its title (`rows`)."""
 
     def of(s: dict) -> dict:
         p = s["protocol"]
@@ -161,7 +166,7 @@ def protocol(studies: list[Study]) -> dict:
 
     first = of(studies[0].summary)
     for i, s in enumerate(studies[1:], 1):
-        differ = {k: v for k, v in of(s.summary).items() if v != first[k]}
+        differ = {k: v for k, v in of(s.summary).items() if v != first[k] and k != "weights"}
         if differ:
             k = next(iter(differ))
             raise ConfigError(
@@ -175,7 +180,8 @@ def protocol(studies: list[Study]) -> dict:
 def lead(p: dict) -> str:
     """The sentence that says what the table's numbers are, wrapped as the README's prose is."""
     text = (
-        f"Shapes score of the {p['weights'].upper()} weights on {p['prompts']} held-out prompts at guidance "
+        f"Shapes score of the {p['weights'].upper()} weights (unless a study's budget names others) on "
+        f"{p['prompts']} held-out prompts at guidance "
         f"{p['guidance']}, mean of {p['seeds']} seeds; every study at an equal budget whose last "
         f"{p['cooldown']:.0%} is a cooldown. **placed**: the fraction of prompted shapes drawn in their colour "
         f"in the prompted cell; **kind**: the fraction drawn (anywhere) with the prompted kind's fill ratio, "
@@ -203,14 +209,19 @@ def render(studies: list[Study]) -> str:
     if not studies:
         raise ConfigError("studies", "lists no study")
     paragraphs = [t for t in map(time_to_target, studies) if t is not None]
+    shared = protocol(studies)
     lines = [
-        lead(protocol(studies)),
+        lead(shared),
         "",
         *[line for t in paragraphs for line in (t, "")],
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
-    lines += ["|" + "|".join(f" {cell} " if cell else " " for cell in row) + "|" for s in studies for row in rows(s)]
+    lines += [
+        "|" + "|".join(f" {cell} " if cell else " " for cell in row) + "|"
+        for s in studies
+        for row in rows(s, shared["weights"])
+    ]
     return "\n".join(lines) + "\n"
 
 

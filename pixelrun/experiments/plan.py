@@ -388,8 +388,11 @@ def ema_half_life(decay: float, every: int) -> float:
 
 def ema_warnings(plan: Plan, half_lives: float = 3.0) -> list[str]:
     """A line per variant whose runs are shorter than a few half-lives of the EMA they are evaluated
-    with: such an EMA still holds much of the initial weights, and every variant scores alike."""
-    out = []
+    with: such an EMA still holds much of the initial weights, and every variant scores alike. None
+    where the study scores the raw weights (only its val_ema/ loss reads the EMA; the report marks it)."""
+    out: list[str] = []
+    if plan.spec.evaluation.weights != "ema":
+        return out
     for name in plan.spec.variants:
         r = next(r for r in plan.runs if r.variant == name)
         ema = plan.configs[(name, r.seed)].ema

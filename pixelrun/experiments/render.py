@@ -157,10 +157,12 @@ def warning_lines(summary: dict) -> list[str]:
         f"(too few steps, or a metric that does not apply to what the runs learned)."
         for m, value in summary.get("constant", {}).items()
     ]
+    # scores of the raw weights: only the val_ema/ cells come from the EMA
+    cells = "their cells" if summary["protocol"].get("weights") == "ema" else "their cells (val_ema/ only)"
     lines += [
         f"{SHORT_EMA}: {v}: {units.count(e['steps'])} steps are under 3 half-lives of its EMA "
         f"({units.count(e['half_life'])} steps at decay {e['decay']:g}): the EMA weights evaluated still hold "
-        f"{e['held']:.0%} of the initial ones, so their cells compare initialisations more than training."
+        f"{e['held']:.0%} of the initial ones, so {cells} compare initialisations more than training."
         for v, e in summary.get("short_ema", {}).items()
     ]
     lines += [

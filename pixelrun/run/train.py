@@ -1,7 +1,8 @@
 """The training loop: stages in order, and the cadence of logs, sample grids, evaluations and
 checkpoints around the step. What a run is made of is built in pixelrun/training/build.py; one optimizer step,
 every loss term by name, is pixelrun/training/step.py; what a checkpoint saves, part by part,
-pixelrun/training/state.py; resume is pixelrun/run/resume.py and an early stop pixelrun/run/stop.py.
+pixelrun/training/state.py; resume is pixelrun/run/resume.py, an early stop pixelrun/run/stop.py, and
+the evaluations (points and the final eval.json) pixelrun/run/evaluations.py.
 
     for each stage: open its batch source at the saved position
         until the stage's last step: train_step -> log -> grid? -> evaluate? -> checkpoint? -> stop?
@@ -10,12 +11,9 @@ pixelrun/training/state.py; resume is pixelrun/run/resume.py and an early stop p
 
 from __future__ import annotations
 
-import json
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -29,13 +27,7 @@ from pixelrun.config import (
 from pixelrun.data import Prefetcher
 from pixelrun.data.sources import check_paths, describe_held_out, describe_source, grid_prompts, make_batch_source
 from pixelrun.diffusion.generate import generate
-from pixelrun.evaluation.evaluate import (
-    Evaluator,
-    applicable_metrics,
-    describe_metrics,
-    ema_guidance_sweep,
-    flat_metrics,
-)
+from pixelrun.evaluation.evaluate import Evaluator, applicable_metrics
 from pixelrun.evaluation.validation import ValidationLoss
 from pixelrun.infra import checkpoint as ckpt
 from pixelrun.infra.distributed import DistContext, process_group
@@ -46,11 +38,12 @@ from pixelrun.infra.records import RunSummary
 from pixelrun.infra.tracking import Tracker
 from pixelrun.model.import_diffusers import resolve as resolve_model_init
 from pixelrun.model.text import text_encoder
+from pixelrun.run.evaluations import evaluate_now, final_evaluation
 from pixelrun.run.health import Health
 from pixelrun.run.messages import describe_plan, describe_run, estimate_line, summary_line
-from pixelrun.run.outputs import POINT_IMAGES, evaluation_point, images_seen, provenance, write_denoise_grid
+from pixelrun.run.outputs import images_seen, provenance, write_denoise_grid
 from pixelrun.run.outputs import run_summary as summarize_run
-from pixelrun.run.outputs import write_point as write_point_files
+from pixelrun.run.parts import Run
 from pixelrun.run.preflight import preflight
 from pixelrun.run.resume import (
     base_loader,
@@ -63,9 +56,9 @@ from pixelrun.run.resume import (
     run_parts,
 )
 from pixelrun.run.stop import StopFlag, TrainingStopped, should_stop
-from pixelrun.training.build import TrainState, build_state
+from pixelrun.training.build import build_state
 from pixelrun.training.flops import analytic_flops_per_image
-from pixelrun.training.state import Checkpointer, Counters, DataPosition, NonFiniteState
+from pixelrun.training.state import NonFiniteState
 from pixelrun.training.step import train_step
 
 
@@ -98,59 +91,7 @@ def run_training(
             run.tracker.close()
 
 
-# ----------------------------------------------------------------------------- the run's parts
-
-
-@dataclass
-class Run:
-    """One training run: its parts, built once, and where it stands."""
-
-    cfg: Config
-    ctx: DistContext
-    plan: list[tuple[int, int, Config]]  # (first step, end step, config) per stage
-    splits: list[tuple[int, int, int]]  # (global batch, micro-batch, accumulation steps) per stage
-    run_dir: Path
-    st: TrainState
-    encoder: Any  # pixelrun.model.text.TextEncoder (its module loads transformers)
-    null_text: torch.Tensor
-    null_mask: torch.Tensor
-    evaluator: Evaluator | None
-    validation: ValidationLoss | None
-    tracker: Tracker
-    counters: Counters  # step, stage, training time and skipped steps: saved and restored
-    position: DataPosition  # the open stage's batch source, and the position it resumed from
-    checkpointer: Checkpointer  # every stateful part, saved in one call
-    start_step: int = 0
-    t0: float = field(default_factory=time.time)
-    grid_prompts: list[str] = field(default_factory=list)
-    clock: tuple[float, int] = (0.0, 0)  # (time, step) images/s is measured from
-    flops_per_image: float = 0.0  # log.flops_per_image, or the denoiser's analytic count
-    nonfinite_in_row: int = 0  # consecutive steps skipped for a non-finite loss or gradient norm
-    saved_step: int = -1  # the step of the checkpoint this session wrote last
-    health: Health = field(default_factory=Health)  # whether the state may be saved (pixelrun/run/health.py)
-    started_from: Path | None = None  # the checkpoint this session resumed
-    wrote: bool = False  # whether this session wrote a checkpoint
-    said_unsaved: bool = False  # a checkpoint skipped while unhealthy was said (once per episode)
-    norm: float = 0.0  # the global weight norm at the last checkpoint due
-    # (step, training seconds) when this session started, and whether its wall-time estimate was said
-    session_start: tuple[int, float] = (0, 0.0)
-    said_estimate: bool = False
-
-    def say(self, *lines: str) -> None:
-        if self.ctx.is_main:
-            for line in lines:
-                tqdm.write(line)
-
-    # The counters and the source under the names the loop reads them by.
-    step = property(lambda self: self.counters.step, lambda self, v: setattr(self.counters, "step", v))
-    stage_index = property(lambda self: self.counters.stage, lambda self, v: setattr(self.counters, "stage", v))
-    train_seconds = property(
-        lambda self: self.counters.train_seconds, lambda self, v: setattr(self.counters, "train_seconds", v)
-    )
-    skipped_steps = property(
-        lambda self: self.counters.skipped_steps, lambda self, v: setattr(self.counters, "skipped_steps", v)
-    )
-    source = property(lambda self: self.position.source, lambda self, v: setattr(self.position, "source", v))
+# ----------------------------------------------------------------------------- the run's parts (pixelrun/run/parts.py)
 
 
 def open_run(cfg: Config, ctx: DistContext, from_checkpoint: str | None = None) -> Run:
@@ -462,55 +403,6 @@ def sample_grid(run: Run, scfg: Config, name: str) -> Path:
     return save_grid(images, run.grid_prompts, path) if run.ctx.is_main else path
 
 
-def evaluate_now(run: Run, scfg: Config) -> dict | None:
-    """eval.metrics of the eval.weights (EMA by default) on the fixed held-out captions and seeds, at
-    sample.guidance and at each scale of the eval.guidance sweep, and the validation loss by noise
-    level of the raw and EMA weights. metrics.jsonl gets one row (eval/<metric> at sample.guidance,
-    val/flow/<bin>, val_ema/flow/<bin>); points/step_*.json gets everything, each prompt's values
-    and the first generated images included (what `pixelrun ablate` and `pixelrun report` read); the
-    metric settings go to eval/settings.json when they change (a new stage)."""
-    row, results = {}, []
-    if run.validation is not None:
-        row.update(run.validation(run.st.model, scfg))
-        row.update(run.validation(run.st.ema.model, scfg, prefix="val_ema"))
-    # every EMA of ema.decays, the run's first first (metrics.jsonl keeps its numbers)
-    models = run.st.ema.by_decay() if scfg.eval.weights == "ema" else [(None, run.st.model)]
-    if run.evaluator is not None:
-        results = ema_guidance_sweep(run.evaluator, models, run.encoder, scfg, keep_images=POINT_IMAGES)
-    result = results[0] if results else None
-    if not run.ctx.is_main or not (row or result):
-        return result
-    if result is not None:
-        row.update(flat_metrics(result["metrics"]))
-        settings_path = run.run_dir / "eval" / "settings.json"
-        settings = json.dumps(result["settings"], indent=2)
-        if not settings_path.exists() or settings_path.read_text() != settings:
-            settings_path.parent.mkdir(exist_ok=True)
-            settings_path.write_text(settings)
-        run.say(
-            f"step {run.step}: {describe_metrics(result['metrics'])} ({scfg.eval.weights.upper()}, "
-            f"{scfg.eval.prompts} prompts, {result['settings']['nfe']} model evaluations per image)"
-        )
-        for r in results[1:]:
-            ema = f"EMA {r['ema_decay']:g} " if len(models) > 1 else ""
-            nfe = r["settings"]["nfe"]
-            run.say(f"  {ema}at guidance {r['settings']['guidance']:g}: {describe_metrics(r['metrics'])} (NFE {nfe})")
-    run.tracker.scalars(run.step, row)
-    write_point(run, scfg, row, results)
-    return result
-
-
-def write_point(run: Run, scfg: Config, row: dict, results: list[dict]) -> Path:
-    """points/step_XXXXXXXX.json: this evaluation whole, against steps, images, FLOPs and training
-    time; its first generated images as points/step_XXXXXXXX/NNN.png."""
-    images = results[0].pop("images", None) if results else None
-    seen = images_seen(run.plan, run.splits, run.step)
-    point = evaluation_point(
-        run.step, run.cfg.train.steps, seen, run.flops_per_image, run.train_seconds, scfg, row, results
-    )
-    return write_point_files(run.run_dir, point, images)
-
-
 def finish(run: Run, stopped) -> dict:
     """The final checkpoint; unless stopped early, the final grid, evaluation and the summary line."""
     scfg = run.plan[run.stage_index][2]
@@ -549,10 +441,8 @@ def finish(run: Run, stopped) -> dict:
         "session_seconds": elapsed,
         "steps_this_session": run.step - run.start_step,
     }
-    result = evaluate_now(run, scfg)
+    result = final_evaluation(run, scfg)
     if result is not None:  # rank 0 only
-        result = {k: v for k, v in result.items() if k not in ("per_prompt", "prompts", "images")}
-        (run.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
         summary["eval"] = result["metrics"]
         if "score" in result:
             summary["score"] = result["score"]

@@ -337,6 +337,8 @@ def test_eval_cli_shapes_and_fd_effnet_with_cached_real_stats(tiny_run, tmp_path
     again = _eval(capsys, *args)
     assert os.stat(path).st_mtime_ns == before and len(os.listdir(cache)) == 1
     assert again["metrics"] == report["metrics"]
+    # shapes data: the score of predictions from the held-out images, the same on every call
+    assert list(report["denoise"]) == ["0.05", "0.2", "0.5"] and again["denoise"] == report["denoise"]
     # the default is unchanged: the checkpoint's eval.metrics ([shapes]) on 64 prompts
     default = _eval(capsys, "--checkpoint", str(tiny_run), "eval.prompts=3", "sample.steps=2")
     assert set(default["metrics"]) == {"shapes"} and default["settings"]["prompts"] == 3
@@ -476,6 +478,7 @@ def test_eval_on_emoji_defaults_to_fd_effnet_writes_out_and_reads_no_real_image_
     # the default [auto] is the offline fd-effnet on emoji, with the warning that 3 samples are far
     # fewer than its 1280 feature dimensions
     assert set(printed["metrics"]) == {"fd-effnet"} and printed["settings"]["data"] == "emoji-heldout"
+    assert "denoise" not in printed  # the shapes scorer reads only shapes
     assert "do not apply" not in captured.err
     assert "warning: fd-effnet on 3 samples, fewer than its 1280 feature dimensions" in captured.err
     assert loads == [3]  # the real images, once, for the real statistics

@@ -84,7 +84,8 @@ def test_a_known_summary_gives_known_rows(tmp_path):
     ]
     lead = " ".join(table.split("\n\n")[0].split())  # the sentence, unwrapped
     assert lead.startswith(
-        "Shapes score of the EMA weights on 256 held-out prompts at guidance 4 (cfg), mean of 2 seeds; every "
+        "Shapes score of the EMA weights (unless a study's budget names others) on 256 held-out prompts at "
+        "guidance 4 (cfg), mean of 2 seeds; every "
         "study at an equal budget whose last 20% is a cooldown."
     )
     assert "**kind**" in lead and "95% bootstrap interval" in lead
@@ -124,6 +125,11 @@ def test_a_listing_that_cannot_make_a_true_table_is_refused_in_one_line(tmp_path
     _refused(tmp_path / "f", {"toy": SUMMARY}, r"studies\[0\]: a title or label holds '\|'", {"base": "b|c"})
     fewer = copy.deepcopy(SUMMARY) | {"name": "fewer", "protocol": dict(SUMMARY["protocol"], prompts=64)}
     _refused(tmp_path / "d", {"toy": SUMMARY, "fewer": fewer}, r"studies\[1\]: fewer has prompts 64, toy 256")
+    # the weights scored may differ: the study says which after its budget
+    raw = copy.deepcopy(SUMMARY) | {"name": "raw", "protocol": dict(SUMMARY["protocol"], weights="raw")}
+    table = render(load_listing(_listing(tmp_path / "g", {"toy": SUMMARY, "raw": raw})))
+    assert "| Study toy (3.84e13 FLOPs) | baseline |" in table
+    assert "| Study raw (3.84e13 FLOPs, RAW weights) | baseline |" in table
     unfinished = SUMMARY | {"incomplete": [{"variant": "trick", "seed": 1}]}
     _refused(tmp_path / "e", {"toy": unfinished}, r"studies\[0\]: toy has 1 incomplete run")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_ablate import TOY, write_spec
+from test_ablate import TOY, TOY_EVAL, write_spec
 
 from pixelrun.cli import main
 from pixelrun.experiments.plan import ema_half_life
@@ -35,6 +35,9 @@ def test_plan_warns_of_a_run_shorter_than_three_half_lives(tmp_path, capsys, mon
         "warning: baseline: 50 steps are under 3 half-lives of its EMA (138 steps at ema.decay=0.995, every 1): "
         "the EMA weights evaluated still hold 78% of the initial ones"  # 0.5 ** (50 / 138.28) = 0.778
     )
+    raw = write_spec(tmp_path, budget={"kind": "images", "value": 200}, evaluation={**TOY_EVAL, "weights": "raw"})
+    assert main(["ablate", "plan", str(raw)]) == 0  # the scores are the raw weights': no advice to give
+    assert "warning:" not in capsys.readouterr().err
     fast = write_spec(tmp_path, budget={"kind": "images", "value": 200}, base={"overrides": [*TOY, "ema.decay=0.9"]})
     assert main(["ablate", "plan", str(fast)]) == 0  # half-life 6.6 steps: nothing to say
     assert "warning:" not in capsys.readouterr().err

@@ -15,7 +15,15 @@ from test_report import ablation, write_run  # noqa: F401  (the fixture and the 
 from pixelrun.cli import main
 from pixelrun.experiments import figures
 from pixelrun.experiments.figures import LeftOut
-from pixelrun.experiments.render import CONSTANT, LOADED, SHORT_EMA, ablation_blocks, render_markdown
+from pixelrun.experiments.render import (
+    CONSTANT,
+    LOADED,
+    SHORT_EMA,
+    ablation_blocks,
+    marks,
+    render_markdown,
+    warning_lines,
+)
 from pixelrun.experiments.report import write_ablation_report
 from pixelrun.experiments.summary import summarize_ablation
 
@@ -156,6 +164,10 @@ def test_a_50_step_study_is_flagged_too_short_for_its_ema(ablation):  # noqa: F8
     val_header = next(line for line in md.splitlines() if line.startswith("| variant | val/"))
     for name, cell in zip(val_header.split(" | ")[1:], val_row.split(" | ")[1:]):
         assert cell.rstrip(" |").endswith(SHORT_EMA) == name.startswith("val_ema/"), (name, cell)
+    # scores of the raw weights: the line says only the val_ema/ cells, and only those carry the mark
+    s["protocol"]["weights"] = "raw"
+    assert "so their cells (val_ema/ only) compare initialisations" in warning_lines(s)[0]
+    assert marks(s, "tread", "shapes/placed") == () and marks(s, "tread", "val_ema/flow/low") == (SHORT_EMA,)
     # a decay the runs outlast: nothing to mark
     for r in plan["runs"]:
         (ablation / r["config"]).write_text("ema:\n  decay: 0.9\n  every: 1\n")

@@ -143,6 +143,7 @@ def test_evaluation_on_two_ranks_equals_one(runs):
     one, two = (json.loads((Path(runs[k]) / "eval.json").read_text()) for k in ("one_x8", "two_x4"))
     assert one["settings"] == two["settings"] and one["settings"]["prompts"] == 4
     assert one["metrics"]["shapes"] == two["metrics"]["shapes"]
+    assert one["denoise"] == two["denoise"]  # both ranks predict from the held-out images, rank 0 scores
     assert "shapes score" in runs["two_x4_log"]
 
 

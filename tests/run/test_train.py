@@ -181,6 +181,9 @@ def test_default_run_outputs_sample_and_eval(tmp_path, tiny_encoder_dir, capsys)
         assert json.loads(strip.info["captions"])[1] == "predicted from t = 0.2"
     result = json.loads((run / "eval.json").read_text())
     assert result["real_images"]["placed"] == 1.0 and result["settings"]["prompts"] == 4
+    # where a blob's kind is lost: the scores from held-out images noised to three levels, printed too
+    assert list(result["denoise"]) == ["0.05", "0.2", "0.5"] and result["denoise"]["0.2"]["n"] == 4
+    assert "denoise: drawn from held-out images noised to t = 0.05 / 0.2 / 0.5: kind " in out
     assert load_config(run / "config.yaml").run.dir == str(run)
 
     outdir = tmp_path / "out"
