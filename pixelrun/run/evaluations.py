@@ -10,6 +10,7 @@ from pathlib import Path
 from pixelrun.config import Config
 from pixelrun.evaluation.denoise_score import denoise_scores, describe_denoise
 from pixelrun.evaluation.evaluate import describe_metrics, ema_guidance_sweep, flat_metrics
+from pixelrun.infra.files import write_atomic
 from pixelrun.run.outputs import POINT_IMAGES, evaluation_point, images_seen
 from pixelrun.run.outputs import write_point as write_point_files
 from pixelrun.run.parts import Run
@@ -81,5 +82,5 @@ def final_evaluation(run: Run, scfg: Config) -> dict | None:
     if denoise is not None:
         result["denoise"] = denoise
         run.say(f"denoise: {describe_denoise(denoise, result.get('score'))} (eval.json in the run)")
-    (run.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    write_atomic(run.run_dir / "eval.json", json.dumps(result, indent=2))  # a reader never sees half of it
     return result
