@@ -16,6 +16,12 @@ from pixelrun.run.outputs import write_point as write_point_files
 from pixelrun.run.parts import Run
 
 
+def evaluated_models(run: Run, scfg: Config) -> list[tuple]:
+    """(EMA decay or None, model) for each set of weights eval.weights scores: every EMA of
+    ema.decays, the run's first first (metrics.jsonl and eval.json keep its numbers), or the raw."""
+    return run.st.ema.by_decay() if scfg.eval.weights == "ema" else [(None, run.st.model)]
+
+
 def evaluate_now(run: Run, scfg: Config) -> dict | None:
     """eval.metrics of the eval.weights (EMA by default) on the fixed held-out captions and seeds, at
     sample.guidance and at each scale of the eval.guidance sweep, and the validation loss by noise
@@ -27,8 +33,7 @@ def evaluate_now(run: Run, scfg: Config) -> dict | None:
     if run.validation is not None:
         row.update(run.validation(run.st.model, scfg))
         row.update(run.validation(run.st.ema.model, scfg, prefix="val_ema"))
-    # every EMA of ema.decays, the run's first first (metrics.jsonl keeps its numbers)
-    models = run.st.ema.by_decay() if scfg.eval.weights == "ema" else [(None, run.st.model)]
+    models = evaluated_models(run, scfg)
     if run.evaluator is not None:
         results = ema_guidance_sweep(run.evaluator, models, run.encoder, scfg, keep_images=POINT_IMAGES)
     result = results[0] if results else None
@@ -73,7 +78,7 @@ def final_evaluation(run: Run, scfg: Config) -> dict | None:
     result = evaluate_now(run, scfg)
     denoise = None
     if run.evaluator is not None and "shapes" in run.evaluator.metrics:
-        model = run.st.ema.by_decay()[0][1] if scfg.eval.weights == "ema" else run.st.model
+        model = evaluated_models(run, scfg)[0][1]  # the weights eval.json's score is of
         n, seed = scfg.eval.prompts, scfg.sample.seed
         denoise = denoise_scores(model, run.encoder, scfg, run.ctx.device, n=n, seed=seed, compute=run.ctx.is_main)
     if result is None:
