@@ -4,7 +4,8 @@ holds out for evaluation and shows on the sample grids."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,8 @@ class CountedBatchSource:
 
 class Prefetcher:
     """Builds the next batch of `source` in a background thread while the caller trains on the
-    current one (`data.prefetch`), so decoding overlaps the step instead of adding to it.
+    current one (`data.prefetch`), so decoding (and, given `encode`, the captions' text encoding)
+    overlaps the step instead of adding to it.
 
     The source is still driven strictly in order, one batch at a time, so the batches are exactly
     those of the source alone. `state_dict` is the position after the last batch handed out (a
@@ -127,8 +129,9 @@ class Prefetcher:
     `preview_captions`, ...) is the source's.
     """
 
-    def __init__(self, source):
+    def __init__(self, source, encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.source = source
+        self.encode = encode
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pixelrun-prefetch")
         self._pending: Future | None = None
         self._state: dict | None = None
@@ -137,10 +140,20 @@ class Prefetcher:
         return self
 
     def __next__(self) -> Batch:
-        batch = self._pending.result() if self._pending is not None else next(self.source)
+        batch = self._pending.result() if self._pending is not None else self._next()
         self._state = self.source.state_dict()
-        self._pending = self._pool.submit(next, self.source)
+        self._pending = self._pool.submit(self._next)
         return batch
+
+    def _next(self) -> Batch:
+        """The source's next batch, its captions encoded by `encode` where the batch has no
+        embeddings yet: on the CPU default the text encoder costs as much as the denoiser's step at
+        patch 16, and in this thread it overlaps the step instead of adding to it."""
+        batch = next(self.source)
+        if self.encode is None or batch.text is not None:
+            return batch
+        text, mask = self.encode(batch.captions)
+        return dataclasses.replace(batch, text=text, text_mask=mask)
 
     def state_dict(self) -> dict:
         return self._state if self._state is not None else self.source.state_dict()

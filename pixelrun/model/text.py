@@ -17,6 +17,7 @@ import html
 import importlib.util
 import os
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -243,6 +244,7 @@ class TextEncoder:
         self.cache_size = cache_size if cache_gib is None else int(cache_gib * 2**30 // row_bytes)
         self._cache: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         self.hits = self.misses = self.forward_calls = 0
+        self._lock = threading.Lock()
         self.truncated = 0  # distinct captions cut to max_tokens
         self.first_truncated: str | None = None
         self.warn = lambda message: print(message, file=sys.stderr)  # said once, at the first cut caption
@@ -280,8 +282,14 @@ class TextEncoder:
             )
         self.truncated += len(cut)
 
-    @torch.no_grad()  # not inference_mode: cached inference tensors could not be saved for backward
     def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        # One caller at a time: training encodes the next batch in the prefetch thread while the
+        # sample grids and evaluations encode theirs in the main thread, over one cache.
+        with self._lock:
+            return self._encode(captions)
+
+    @torch.no_grad()  # not inference_mode: cached inference tensors could not be saved for backward
+    def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         if not captions:
             return torch.zeros(0, self.max_tokens, self.dim), torch.zeros(0, self.max_tokens, dtype=torch.bool)
         found: dict[str, tuple[Tensor, Tensor]] = {}

@@ -218,7 +218,7 @@ def open_stage(run: Run, stage_index: int) -> None:
     if (held_out := describe_held_out(scfg)) is not None:
         run.say(held_out)
     warning = run.position.place(
-        Prefetcher(source) if scfg.data.prefetch else source, stage_index, run.step - s0, accum
+        Prefetcher(source, run.encoder.encode) if scfg.data.prefetch else source, stage_index, run.step - s0, accum
     )
     if warning:
         run.say(warning)

@@ -79,6 +79,38 @@ def test_the_next_batch_is_built_in_the_background():
     assert ahead.state_dict() == {"k": 2}
 
 
+def test_captions_are_encoded_in_the_background_and_stored_embeddings_kept():
+    """With `encode`, each batch arrives with its captions' embeddings, computed in the prefetch
+    thread (after the first); a batch that already carries embeddings (converted shards) keeps them."""
+    calls = []
+
+    def encode(captions):
+        calls.append((threading.current_thread().name, list(captions)))
+        codes = torch.tensor([float(c) for c in captions])
+        return codes[:, None, None].expand(-1, 2, 3).clone(), torch.ones(len(captions), 2, dtype=torch.bool)
+
+    ahead = Prefetcher(_Recorder(), encode)
+    for k in (1, 2, 3):
+        batch = next(ahead)
+        assert batch.captions == [str(k)] and batch.text is not None and batch.text_mask is not None
+        assert torch.equal(batch.text, torch.full((1, 2, 3), float(k))) and batch.text_mask.all()
+    ahead.close()
+    assert [c for _, c in calls] == [["1"], ["2"], ["3"], ["4"]]  # in order, the 4th in flight at close
+    assert all(name.startswith("pixelrun-prefetch") for name, _ in calls[1:])
+
+    class _Stored(_Recorder):
+        def __next__(self):
+            batch = super().__next__()
+            batch.text, batch.text_mask = torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.bool)
+            return batch
+
+    calls.clear()
+    stored = Prefetcher(_Stored(), encode)
+    assert torch.equal(next(stored).text, torch.zeros(1, 2, 3))
+    stored.close()
+    assert calls == []
+
+
 def test_an_error_surfaces_when_its_batch_is_asked_for():
     ahead = Prefetcher(_Recorder(fail_at=3))
     next(ahead), next(ahead)  # batch 3 fails in the background meanwhile
@@ -95,9 +127,9 @@ def test_training_prefetches_only_when_data_prefetch_is_on(tmp_path, tiny_encode
     made = []
 
     class Counted(Prefetcher):
-        def __init__(self, source):
-            made.append(source)
-            super().__init__(source)
+        def __init__(self, source, encode=None):
+            made.append(encode)
+            super().__init__(source, encode)
 
     monkeypatch.setattr(train_mod, "Prefetcher", Counted)
     for on in (True, False):
@@ -111,6 +143,6 @@ def test_training_prefetches_only_when_data_prefetch_is_on(tmp_path, tiny_encode
                 ),
             )
         )
-    assert len(made) == 1  # the run with data.prefetch=true only
+    assert len(made) == 1 and made[0] is not None  # the run with data.prefetch=true only, encoding there
     last = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1]) for run in ("True", "False")]
-    assert last[0]["loss"] == last[1]["loss"]  # the same batches either way
+    assert last[0]["loss"] == last[1]["loss"]  # the same batches and embeddings either way

@@ -407,7 +407,8 @@ def test_adam_group_is_torch_adamw():
 
     def ref(model):
         _, adam, _ = split_parameters(model)
-        return torch.optim.AdamW(adam, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
+        # fused: the kernel torch.optim.AdamW is given for parameters all on the CPU (or all on CUDA)
+        return torch.optim.AdamW(adam, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd, fused=True)
 
     # Gradients on the Adam group only (the Muon matrices, without gradients, are skipped).
     model, init, mine, theirs = _two_copies(
@@ -420,16 +421,19 @@ def test_adam_group_is_torch_adamw():
 
 
 def test_adam_group_takes_the_fused_kernel_as_plain_adamw(monkeypatch):
-    """Where plain AdamW takes torch's fused kernel (every parameter on CUDA), Muon's AdamW group
-    does too; here the choice is forced on the CPU, which has the kernel as well. The group equals
-    torch.optim.AdamW(fused=True), and loading a state saved unfused keeps it fused (the kernel
-    follows the machine, not the checkpoint)."""
+    """Parameters all on the CPU (or all on CUDA): plain AdamW and Muon's AdamW group both take
+    torch's fused kernel, and the group equals torch.optim.AdamW(fused=True). Loading a state saved
+    unfused (a run from before, or from a device without the kernel) keeps it fused: the kernel
+    follows the machine, not the checkpoint. Parameters elsewhere get torch's default."""
     import pixelrun.training.optim as optim
 
     lr, wd = 1e-3, 0.05
-    unfused_state = build_optimizer(tiny(), kind="muon", lr=lr, weight_decay=wd).state_dict()
-    monkeypatch.setattr(optim, "_fused_kernel", lambda params: True)
+    with monkeypatch.context() as patched:
+        patched.setattr(optim, "_fused_kernel", lambda params: None)
+        unfused_state = build_optimizer(tiny(), kind="muon", lr=lr, weight_decay=wd).state_dict()
+    assert unfused_state["param_groups"][1]["fused"] is None
     assert build_optimizer(tiny(), kind="adamw", lr=lr).param_groups[0]["fused"] is True
+    assert optim._fused_kernel([torch.zeros(2, device="meta")]) is None
 
     def ref(model):
         return torch.optim.AdamW(
