@@ -316,8 +316,8 @@ class MuonAdamW(torch.optim.Optimizer):
 def _fused_kernel(params: Sequence[Tensor]) -> bool | None:
     """torch's fused AdamW kernel when every parameter is on CUDA or every one on the CPU (True),
     else torch's default (None). On the 1.2B model at 512px the foreach AdamW took 18% of an H200
-    step (benchmarks/results/gpu/profile-small-512.txt); on the CPU default's 6.7M parameters the
-    single-tensor AdamW torch picks for CPU tensors took 50 ms a step on one thread and the fused
+    step (benchmarks/results/gpu/profile-small-512.txt); on the 6.7M parameters of the CPU default
+    at patch 16 the single-tensor AdamW torch picks for CPU tensors took 50 ms a step on one thread and the fused
     one 11 ms (docs/benchmarks.md). Plain AdamW and Muon's AdamW group alike."""
     if params and (all(p.is_cuda for p in params) or all(p.device.type == "cpu" for p in params)):
         return True
