@@ -23,6 +23,7 @@ def model_fields(cfg: Config) -> dict:
         if f.name not in ("preset", "init") and v is not None:  # init: where weights come from, not a shape
             fields[f.name] = v
     fields.setdefault("resolution_embeds", "none")  # the presets without a resolution embedder
+    fields.setdefault("pos_embed", "none")
     return fields
 
 

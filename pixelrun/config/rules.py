@@ -39,6 +39,7 @@ PRESETS: dict[str, dict] = {
     ),
 }
 RESOLUTION_EMBEDS = ("none", "vec", "token")  # pixelrun/model/resolution.py
+POS_EMBEDS = ("none", "sincos")  # pixelrun/model/denoiser.py, sincos_pos_embed
 
 DATA_SOURCES = ("shapes", "folder", "emoji", "shards")
 SPACINGS = ("diffusers", "linear")  # sampling time grids (pixelrun/diffusion/sampling.py, `time_grid`)

@@ -43,6 +43,11 @@ class ModelSection:
     # own MLP, before the text tokens (PRX's token mode; not exportable to diffusers); null = the preset's
     # (vec for prxpixel-7b, else none)
     resolution_embeds: str | None = None
+    # none | sincos: a fixed 2-D sin-cos table of each image token's row and column added to its
+    # embedding, as JiT adds one (RoPE alone tells a token where it is only against the text keys,
+    # which are not rotated); sincos is not exportable to diffusers' PRXTransformer2DModel; null = the
+    # preset's (none for every preset)
+    pos_embed: str | None = None
     # A released model to start from: a diffusers PRXPixelPipeline folder (its transformer/), a
     # PRXTransformer2DModel folder or a Hugging Face id of either. The architecture is read from its
     # config.json (an explicit model.* that differs is refused); optimizer, EMA and data start fresh.

@@ -18,6 +18,7 @@ from pixelrun.config.rules import (
     GUIDANCE_MODES,
     LORA_TARGETS,
     METRICS,
+    POS_EMBEDS,
     REPA_PROJECTORS,
     RESOLUTION_EMBEDS,
     ROUTING_KINDS,
@@ -65,6 +66,7 @@ def _validate_model(cfg: Config) -> None:
     if m["bottleneck_size"] is not None:
         _positive("model.bottleneck_size", m["bottleneck_size"])
     _choice("model.resolution_embeds", m["resolution_embeds"], RESOLUTION_EMBEDS)
+    _choice("model.pos_embed", m["pos_embed"], POS_EMBEDS)
     if cfg.model.init and cfg.run.init_from:
         raise ConfigError("model.init", "and run.init_from both name the starting weights; set only one of them")
 

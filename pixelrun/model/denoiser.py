@@ -30,6 +30,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pixelrun.config import PRESETS, Config, model_fields
+from pixelrun.config.rules import POS_EMBEDS
 from pixelrun.model.resolution import ResolutionEmbedder
 from pixelrun.model.sprint import SprintFusion, sprint_span
 
@@ -48,6 +49,7 @@ class ModelConfig:
     time_factor: float = 1000.0
     time_max_period: float = 10000.0
     resolution_embeds: str = "none"  # none | vec | token (pixelrun/model/resolution.py)
+    pos_embed: str = "none"  # none | sincos: a fixed 2-D sin-cos table added to the image tokens
     # SPRINT (pixelrun/model/sprint.py): the span (start, end) after which its fusion runs; None = none
     sprint_span: tuple[int, int] | None = None
 
@@ -108,6 +110,19 @@ def rope_angles(h: int, w: int, head_dim: int, theta: float, device) -> tuple[to
     cols = torch.arange(w, dtype=torch.float64, device=device).repeat(h)
     ang = torch.cat([rows[:, None] * omega, cols[:, None] * omega], dim=-1)
     return ang.cos().float(), ang.sin().float()
+
+
+def sincos_pos_embed(h: int, w: int, dim: int, device) -> torch.Tensor:
+    """[h * w, dim] fixed 2-D sin-cos position table (row-major tokens): the first half of the
+    features encodes the row, the second the column, each as [sin | cos] of the position times
+    1 / 10000^(i / (dim/4)) for i < dim/4. JiT adds such a frozen table to its patch tokens as well
+    as RoPE in attention (model_jit.py: JiT.initialize_weights fills pos_embed with
+    get_2d_sincos_pos_embed, JiT.forward adds it after x_embedder)."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    rows = torch.arange(h, dtype=torch.float64, device=device).repeat_interleave(w)[:, None] * omega
+    cols = torch.arange(w, dtype=torch.float64, device=device).repeat(h)[:, None] * omega
+    return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=-1).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -196,6 +211,8 @@ class PRXDenoiser(nn.Module):
         super().__init__()
         if cfg.hidden_size % cfg.num_heads or cfg.head_dim % 4:
             raise ValueError("hidden_size / num_heads must be a multiple of 4 (2-D RoPE on pairs)")
+        if cfg.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {cfg.pos_embed!r}")
         self.cfg = cfg
         d = cfg.hidden_size
         if cfg.bottleneck_size:
@@ -250,6 +267,8 @@ class PRXDenoiser(nn.Module):
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
         span = self._span(routing)
         img = self.img_in(patchify(x, p))
+        if cfg.pos_embed == "sincos":  # absolute positions, which RoPE alone gives only against the text keys
+            img = img + sincos_pos_embed(h // p, w // p, img.shape[-1], x.device).to(img.dtype)
         txt = self.txt_in(text)
         vec = self.time_in(timestep_embedding(t, 256, cfg.time_factor, cfg.time_max_period).to(img.dtype))
         sizes = self.resolution_embedder

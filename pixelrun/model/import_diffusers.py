@@ -113,6 +113,7 @@ def architecture(folder: Path) -> tuple[dict, int]:
             raise _fail(f"{folder}: {k} is {c[k]}; pixelrun's denoiser has {v}")
     fields = {ours: c[theirs] for theirs, ours in ARCH.items()}
     fields["resolution_embeds"] = "vec" if c["resolution_embeds"] else "none"
+    fields["pos_embed"] = "none"  # PRXTransformer2DModel has RoPE only
     return fields, int(c["context_in_dim"])
 
 

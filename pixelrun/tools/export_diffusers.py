@@ -14,6 +14,8 @@ What the pipeline cannot express is refused with one error naming the config key
   sampling, and `PRXTransformer2DModel` has no place for them.
 - `model.resolution_embeds=token`: two resolution tokens before the text (pixelrun/model/resolution.py);
   the diffusers model's resolution embedding is the "vec" mode only.
+- `model.pos_embed=sincos`: a fixed position table added to the image tokens, which the diffusers
+  model does not add (it has RoPE only).
 - `sample.spacing=linear`: the pipeline calls `scheduler.set_timesteps(steps)`, whose grid is our
   "diffusers" spacing; no scheduler setting gives the linear one for every step count.
 - `objective.t_clamp` other than 0.05: the pipeline converts x-predictions to velocities with a
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from pixelrun.config import Config, ConfigError, RunFailed, to_yaml
+from pixelrun.config import Config, ConfigError, RunFailed, model_fields, to_yaml
 from pixelrun.infra.checkpoint import atomic_dir, refuse_nonfinite
 
 #: The clamp of t in the x -> velocity conversion that PRXPixelPipeline hard-codes.
@@ -57,6 +59,13 @@ def check_config(cfg: Config) -> None:
             "token puts two resolution tokens before the text tokens, which diffusers' "
             "PRXTransformer2DModel has no place for (its resolution_embeds is the vec mode): "
             "a token-mode model cannot be exported as a PRXPixelPipeline",
+        )
+    pos_embed = model_fields(cfg)["pos_embed"]
+    if pos_embed != "none":
+        raise ConfigError(
+            "model.pos_embed",
+            f"{pos_embed} adds a position table to the image tokens, which diffusers' "
+            "PRXTransformer2DModel does not (RoPE only): such a model cannot be exported as a PRXPixelPipeline",
         )
     if cfg.sample.spacing != "diffusers":
         raise ConfigError(

@@ -153,6 +153,9 @@ def test_an_explicit_other_architecture_is_refused_naming_both(released, tmp_pat
     one_line_error(capsys, "model.depth: is 3 but model.init", "has depth 2")
     assert main(["train", *_overrides(run, tiny_encoder_dir, str(released), **{"model.preset": "small"})]) == 2
     one_line_error(capsys, "model.preset: small has mlp_ratio 3.5 but model.init", "has mlp_ratio 2.0")
+    # a position table the released model was not trained with (and could not export back to)
+    assert main(["train", *_overrides(run, tiny_encoder_dir, str(released), **{"model.pos_embed": "sincos"})]) == 2
+    one_line_error(capsys, "model.pos_embed: is sincos but model.init", "has pos_embed none")
     assert not run.exists()
     # the text encoder must give the width the transformer's text projection takes
     assert main(["train", *_overrides(run, "minilm", str(released))]) == 2
