@@ -44,9 +44,9 @@ class ModelSection:
     # (vec for prxpixel-7b, else none)
     resolution_embeds: str | None = None
     # none | sincos: a fixed 2-D sin-cos table of each image token's row and column added to its
-    # embedding, as JiT adds one (RoPE alone gives a token its absolute place only through its rotated
-    # query against the text keys, which are not rotated); sincos is not exportable to diffusers' PRXTransformer2DModel; null = the
-    # preset's (none for every preset)
+    # embedding, as JiT adds one (RoPE alone gives a token its absolute place only through its
+    # rotated query against the text keys, which are not rotated); sincos is not exportable to
+    # diffusers' PRXTransformer2DModel; null = the preset's (none for every preset)
     pos_embed: str | None = None
     # A released model to start from: a diffusers PRXPixelPipeline folder (its transformer/), a
     # PRXTransformer2DModel folder or a Hugging Face id of either. The architecture is read from its

@@ -101,13 +101,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, scale: float, max_period: floa
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def grid_positions(h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column [h * w] (float64) of each token of an h x w grid in patchify's row-major order:
+    the one token order RoPE and the position table both index."""
+    rows = torch.arange(h, dtype=torch.float64, device=device).repeat_interleave(w)
+    cols = torch.arange(w, dtype=torch.float64, device=device).repeat(h)
+    return rows, cols
+
+
 def rope_angles(h: int, w: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [L, head_dim/2] for a 2-D axial RoPE: the first half of the rotated pairs encodes
     the row, the second half the column, at integer grid positions."""
     axis = head_dim // 2
     omega = 1.0 / theta ** (torch.arange(0, axis, 2, dtype=torch.float64, device=device) / axis)
-    rows = torch.arange(h, dtype=torch.float64, device=device).repeat_interleave(w)
-    cols = torch.arange(w, dtype=torch.float64, device=device).repeat(h)
+    rows, cols = grid_positions(h, w, device)
     ang = torch.cat([rows[:, None] * omega, cols[:, None] * omega], dim=-1)
     return ang.cos().float(), ang.sin().float()
 
@@ -120,8 +127,7 @@ def sincos_pos_embed(h: int, w: int, dim: int, device) -> torch.Tensor:
     get_2d_sincos_pos_embed, JiT.forward adds it after x_embedder)."""
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
-    rows = torch.arange(h, dtype=torch.float64, device=device).repeat_interleave(w)[:, None] * omega
-    cols = torch.arange(w, dtype=torch.float64, device=device).repeat(h)[:, None] * omega
+    rows, cols = (pos[:, None] * omega for pos in grid_positions(h, w, device))
     return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=-1).float()
 
 
