@@ -24,6 +24,7 @@ def model_fields(cfg: Config) -> dict:
             fields[f.name] = v
     fields.setdefault("resolution_embeds", "none")  # the presets without a resolution embedder
     fields.setdefault("pos_embed", "none")
+    fields.setdefault("pixel_head", 0)
     return fields
 
 

@@ -48,6 +48,11 @@ class ModelSection:
     # rotated query against the text keys, which are not rotated); sincos is not exportable to
     # diffusers' PRXTransformer2DModel; null = the preset's (none for every preset)
     pos_embed: str | None = None
+    # Hidden channels of a pixel-level head after the patch head: two 3x3 convolutions over the
+    # unpatchified prediction, pixel features from the patch head, the noisy input and t, whose
+    # zero-initialised output is added to the prediction; so neighbouring patches see each other's
+    # edges. 0 = none (the patch head alone, as PRX and JiT); not exportable to diffusers; null = 0
+    pixel_head: int | None = None
     # A released model to start from: a diffusers PRXPixelPipeline folder (its transformer/), a
     # PRXTransformer2DModel folder or a Hugging Face id of either. The architecture is read from its
     # config.json (an explicit model.* that differs is refused); optimizer, EMA and data start fresh.

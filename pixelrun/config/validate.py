@@ -67,6 +67,7 @@ def _validate_model(cfg: Config) -> None:
         _positive("model.bottleneck_size", m["bottleneck_size"])
     _choice("model.resolution_embeds", m["resolution_embeds"], RESOLUTION_EMBEDS)
     _choice("model.pos_embed", m["pos_embed"], POS_EMBEDS)
+    _positive("model.pixel_head", m["pixel_head"], allow_zero=True)
     if cfg.model.init and cfg.run.init_from:
         raise ConfigError("model.init", "and run.init_from both name the starting weights; set only one of them")
 

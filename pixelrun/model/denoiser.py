@@ -17,6 +17,10 @@ Token routing (TREAD) is an explicit argument of `forward`: a `Routing` names wh
 go through a span of blocks; the others skip it and are put back unchanged after it. A SPRINT model
 (`ModelConfig.sprint_span`, pixelrun/model/sprint.py) instead fuses the stream from before the span
 with the span's output after it, whether routed or not.
+
+Two additions outside PRX's layout, each off by default and refused by the diffusers export: a
+fixed sin-cos position table on the image tokens (`pos_embed`, as JiT) and a pixel head of two
+convolutions after the patch head (`pixel_head`, `PixelHead`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class ModelConfig:
     time_max_period: float = 10000.0
     resolution_embeds: str = "none"  # none | vec | token (pixelrun/model/resolution.py)
     pos_embed: str = "none"  # none | sincos: a fixed 2-D sin-cos table added to the image tokens
+    pixel_head: int = 0  # hidden channels of the pixel-level conv head (PixelHead); 0 = none
     # SPRINT (pixelrun/model/sprint.py): the span (start, end) after which its fusion runs; None = none
     sprint_span: tuple[int, int] | None = None
 
@@ -206,6 +211,26 @@ class FinalLayer(nn.Module):
         return self.linear((1 + scale) * self.norm_final(x) + shift)
 
 
+PIXEL_FEATURES = 8  # per-pixel feature channels the patch head hands the pixel head
+
+
+class PixelHead(nn.Module):
+    """Two 3x3 convolutions over the unpatchified prediction: each patch is otherwise drawn by its
+    own token through a linear map, so a shape split over four tokens shows seams where they meet.
+    Input: the prediction, PIXEL_FEATURES channels the patch head emits per pixel, the noisy image
+    and t as a plane; output added to the prediction, zero-initialised (a no-op at step 0)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(2 * channels + PIXEL_FEATURES + 1, hidden, 3, padding=1)
+        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, pred, feats, x, t):
+        plane = t.to(pred.dtype)[:, None, None, None].expand(-1, 1, *pred.shape[-2:])
+        h = self.conv_in(torch.cat([pred, feats, x.to(pred.dtype), plane], dim=1))
+        return pred + self.conv_out(F.gelu(h))
+
+
 @dataclass
 class ModelOutput:
     prediction: torch.Tensor  # [B, C, H, W]
@@ -235,7 +260,9 @@ class PRXDenoiser(nn.Module):
             else None
         )
         self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(d, cfg.patch_dim)
+        extra = cfg.patch_size**2 * PIXEL_FEATURES if cfg.pixel_head else 0
+        self.final_layer = FinalLayer(d, cfg.patch_dim + extra)
+        self.pixel_head = PixelHead(cfg.in_channels, cfg.pixel_head) if cfg.pixel_head else None
         self.sprint = SprintFusion(d, cfg.sprint_span) if cfg.sprint_span is not None else None
         # Recompute each block's activations in the backward instead of keeping them (memory for
         # compute); a flag rather than a wrapper module so parameter names never change.
@@ -255,6 +282,9 @@ class PRXDenoiser(nn.Module):
         for lin in (self.final_layer.linear, self.final_layer.adaLN_modulation[1]):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        if self.pixel_head is not None:
+            nn.init.zeros_(self.pixel_head.conv_out.weight)
+            nn.init.zeros_(self.pixel_head.conv_out.bias)
 
     def forward(
         self,
@@ -323,7 +353,11 @@ class PRXDenoiser(nn.Module):
                     img = scatter_tokens(dense, img, keep)  # type: ignore[arg-type]  # set at span[0]
                 mask, block_cos, block_sin = full_mask, cos, sin
         out = self.final_layer(img, vec)
-        return ModelOutput(unpatchify(out, p, h, w), features)
+        if self.pixel_head is None:
+            return ModelOutput(unpatchify(out, p, h, w), features)
+        pred = unpatchify(out[..., : cfg.patch_dim], p, h, w)
+        feats = unpatchify(out[..., cfg.patch_dim :], p, h, w)
+        return ModelOutput(self.pixel_head(pred, feats, x, t), features)
 
     def _span(self, routing: Routing | None) -> tuple[int, int] | None:
         """The blocks (start, end) whose input is set aside and whose output is put back or fused:

@@ -23,6 +23,9 @@ How it counts (docs/recipe.md, "Cost model"):
   layer (sinusoidal features); everything else is 3x. Attention's backward is four products the
   size of the forward's two: 3x. Recomputation (flash kernels' score recompute, activation
   checkpointing) is not counted: these are model FLOPs, the numerator of MFU.
+- The pixel head (`model_cfg.pixel_head`): its patch head emits PIXEL_FEATURES more values per
+  pixel, and its two 3x3 convolutions are products over 9 taps at every pixel; their backward is
+  3x, as a linear layer's.
 
 tests/model/test_flops.py checks the forward and the training counts against torch's FlopCounterMode.
 """
@@ -30,7 +33,7 @@ tests/model/test_flops.py checks the forward and the training counts against tor
 from __future__ import annotations
 
 from pixelrun.config import span_for_depth
-from pixelrun.model.denoiser import ModelConfig
+from pixelrun.model.denoiser import PIXEL_FEATURES, ModelConfig
 from pixelrun.model.resolution import SIDE_FEATURES
 from pixelrun.model.routing import kept_count
 
@@ -58,7 +61,8 @@ def training_flops_per_image(
     "image_tokens" (N), "kept_tokens" (K, = N when dense), "text_tokens" (T, and the two resolution tokens of "token" mode), "routed_blocks"
     ([start, end] or None)}. Parts: patch_embed, time_embed, text_embed, image_qkv, text_kv,
     attention (scores and values), attn_out, mlp, modulation (the blocks' adaLN), final_layer;
-    and sprint_fusion for a SPRINT model (`model_cfg.sprint_span` set).
+    and sprint_fusion for a SPRINT model (`model_cfg.sprint_span` set), pixel_head for a model with
+    one (`model_cfg.pixel_head` > 0).
     """
     c = model_cfg
     p, d = c.patch_size, c.hidden_size
@@ -106,7 +110,12 @@ def training_flops_per_image(
     if c.sprint_span is not None:
         add("sprint_fusion", _mm(n, 2 * d, d))
     add("final_layer", _mm(1, d, 2 * d))
-    add("final_layer", _mm(n, d, c.patch_dim))
+    extra = p * p * PIXEL_FEATURES if c.pixel_head else 0
+    add("final_layer", _mm(n, d, c.patch_dim + extra))
+    if c.pixel_head:  # two 3x3 convolutions, each a product per pixel over 9 taps of its input channels
+        pixels, ch = height * width, c.in_channels
+        add("pixel_head", _mm(pixels, 9 * (2 * ch + PIXEL_FEATURES + 1), c.pixel_head))
+        add("pixel_head", _mm(pixels, 9 * c.pixel_head, ch))
     return {
         "forward": forward,
         "training": training,

@@ -114,6 +114,7 @@ def architecture(folder: Path) -> tuple[dict, int]:
     fields = {ours: c[theirs] for theirs, ours in ARCH.items()}
     fields["resolution_embeds"] = "vec" if c["resolution_embeds"] else "none"
     fields["pos_embed"] = "none"  # PRXTransformer2DModel has RoPE only
+    fields["pixel_head"] = 0  # and a linear patch head
     return fields, int(c["context_in_dim"])
 
 

@@ -16,6 +16,8 @@ What the pipeline cannot express is refused with one error naming the config key
   the diffusers model's resolution embedding is the "vec" mode only.
 - `model.pos_embed=sincos`: a fixed position table added to the image tokens, which the diffusers
   model does not add (it has RoPE only).
+- `model.pixel_head` > 0: convolutions over the predicted pixels after the patch head; the diffusers
+  model's head is the linear patch head alone.
 - `sample.spacing=linear`: the pipeline calls `scheduler.set_timesteps(steps)`, whose grid is our
   "diffusers" spacing; no scheduler setting gives the linear one for every step count.
 - `objective.t_clamp` other than 0.05: the pipeline converts x-predictions to velocities with a
@@ -66,6 +68,12 @@ def check_config(cfg: Config) -> None:
             "model.pos_embed",
             f"{pos_embed} adds a position table to the image tokens, which diffusers' "
             "PRXTransformer2DModel does not (RoPE only): such a model cannot be exported as a PRXPixelPipeline",
+        )
+    if model_fields(cfg)["pixel_head"]:
+        raise ConfigError(
+            "model.pixel_head",
+            "adds convolutions over the predicted pixels after the patch head, which diffusers' "
+            "PRXTransformer2DModel does not have: such a model cannot be exported as a PRXPixelPipeline",
         )
     if cfg.sample.spacing != "diffusers":
         raise ConfigError(

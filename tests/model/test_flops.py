@@ -62,21 +62,29 @@ def _counted(model, x, t, text, mask, routing, backward: bool) -> int:
 
 
 @pytest.mark.parametrize(
-    "bottleneck, ratio, resolution",
+    "bottleneck, ratio, resolution, pixel_head",
     [
-        (None, 0.0, "none"),
-        (16, 0.0, "none"),
-        (16, 0.5, "none"),
-        (None, 0.75, "none"),
-        (16, 0.0, "vec"),
-        (None, 0.5, "token"),
+        (None, 0.0, "none", 0),
+        (16, 0.0, "none", 0),
+        (16, 0.5, "none", 0),
+        (None, 0.75, "none", 0),
+        (16, 0.0, "vec", 0),
+        (None, 0.5, "token", 0),
+        (None, 0.5, "none", 8),
     ],
 )
-def test_counts_equal_torch_flop_counter(bottleneck, ratio, resolution):
+def test_counts_equal_torch_flop_counter(bottleneck, ratio, resolution, pixel_head):
     torch.manual_seed(0)
     text_dim, tokens, b, h, w = 24, 7, 2, 32, 48
     model = build_model(
-        "tiny", text_dim, hidden_size=64, num_heads=4, depth=4, bottleneck_size=bottleneck, resolution_embeds=resolution
+        "tiny",
+        text_dim,
+        hidden_size=64,
+        num_heads=4,
+        depth=4,
+        bottleneck_size=bottleneck,
+        resolution_embeds=resolution,
+        pixel_head=pixel_head,
     )
     x, t = torch.randn(b, 3, h, w), torch.rand(b)
     text = torch.randn(b, tokens, text_dim)

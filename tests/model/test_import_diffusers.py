@@ -156,6 +156,8 @@ def test_an_explicit_other_architecture_is_refused_naming_both(released, tmp_pat
     # a position table the released model was not trained with (and could not export back to)
     assert main(["train", *_overrides(run, tiny_encoder_dir, str(released), **{"model.pos_embed": "sincos"})]) == 2
     one_line_error(capsys, "model.pos_embed: is sincos but model.init", "has pos_embed none")
+    assert main(["train", *_overrides(run, tiny_encoder_dir, str(released), **{"model.pixel_head": 16})]) == 2
+    one_line_error(capsys, "model.pixel_head: is 16 but model.init", "has pixel_head 0")
     assert not run.exists()
     # the text encoder must give the width the transformer's text projection takes
     assert main(["train", *_overrides(run, "minilm", str(released))]) == 2
