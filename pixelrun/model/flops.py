@@ -45,6 +45,15 @@ def _mm(m: int, k: int, n: int) -> int:
     return 2 * m * k * n
 
 
+def _pixel_head_products(c: ModelConfig, pixels: int) -> list[int]:
+    """PixelHead's two 3x3 convolutions: per pixel, a product over 9 taps of the input channels
+    (prediction, pixel features, noisy image, t-plane), then over 9 taps of the hidden ones."""
+    if not c.pixel_head:
+        return []
+    ch = c.in_channels
+    return [_mm(pixels, 9 * (2 * ch + PIXEL_FEATURES + 1), c.pixel_head), _mm(pixels, 9 * c.pixel_head, ch)]
+
+
 def training_flops_per_image(
     model_cfg: ModelConfig,
     height: int,
@@ -110,12 +119,9 @@ def training_flops_per_image(
     if c.sprint_span is not None:
         add("sprint_fusion", _mm(n, 2 * d, d))
     add("final_layer", _mm(1, d, 2 * d))
-    extra = p * p * PIXEL_FEATURES if c.pixel_head else 0
-    add("final_layer", _mm(n, d, c.patch_dim + extra))
-    if c.pixel_head:  # two 3x3 convolutions, each a product per pixel over 9 taps of its input channels
-        pixels, ch = height * width, c.in_channels
-        add("pixel_head", _mm(pixels, 9 * (2 * ch + PIXEL_FEATURES + 1), c.pixel_head))
-        add("pixel_head", _mm(pixels, 9 * c.pixel_head, ch))
+    add("final_layer", _mm(n, d, c.patch_dim + (p * p * PIXEL_FEATURES if c.pixel_head else 0)))
+    for flops in _pixel_head_products(c, height * width):
+        add("pixel_head", flops)
     return {
         "forward": forward,
         "training": training,
