@@ -90,19 +90,3 @@ def test_a_pixel_sees_the_neighbouring_patch(pixel_head, reaches_next_patch):
     grad = outputs[0].grad[0]
     assert grad[0].abs().sum() > 0
     assert bool(grad[1].abs().sum() > 0) == reaches_next_patch  # token 1: the patch to its right
-
-
-def test_a_config_choice_kept_on_resume_and_refused_by_the_diffusers_export():
-    from pixelrun.config import ConfigError, load_config
-    from pixelrun.run.resume import resume_changes
-    from pixelrun.tools.export_diffusers import check_config
-
-    head = load_config(None, ["model.pixel_head=32"])
-    with pytest.raises(ConfigError) as e:
-        check_config(head)
-    assert e.value.key == "model.pixel_head" and "\n" not in str(e.value) and "PRXTransformer2DModel" in str(e.value)
-    with pytest.raises(ConfigError) as e:
-        load_config(None, ["model.pixel_head=-1"])
-    assert e.value.key == "model.pixel_head" and ">= 0" in str(e.value)
-    refused, _ = resume_changes(load_config(None, []), head)
-    assert refused["model.pixel_head"] == (0, 32)

@@ -53,19 +53,3 @@ def test_sincos_is_the_plain_model_with_the_table_added_to_the_patch_embedding(s
     got = with_table(x, t, txt).prediction
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, plain(x, t, txt).prediction, atol=1e-3)
-
-
-def test_a_config_choice_kept_on_resume_and_refused_by_the_diffusers_export():
-    from pixelrun.config import ConfigError, load_config
-    from pixelrun.run.resume import resume_changes
-    from pixelrun.tools.export_diffusers import check_config
-
-    sincos = load_config(None, ["model.pos_embed=sincos"])
-    with pytest.raises(ConfigError) as e:
-        check_config(sincos)
-    assert e.value.key == "model.pos_embed" and "\n" not in str(e.value) and "PRXTransformer2DModel" in str(e.value)
-    with pytest.raises(ConfigError) as e:
-        load_config(None, ["model.pos_embed=learned"])
-    assert e.value.key == "model.pos_embed" and "sincos" in str(e.value)
-    refused, _ = resume_changes(load_config(None, []), sincos)
-    assert refused["model.pos_embed"] == ("none", "sincos")
