@@ -66,6 +66,11 @@ class ModelConfig:
     def patch_dim(self) -> int:
         return self.in_channels * self.patch_size**2
 
+    @property
+    def head_out_dim(self) -> int:
+        """Values the patch head emits per token: the patch, and PixelHead's features with one."""
+        return self.patch_dim + (self.patch_size**2 * PIXEL_FEATURES if self.pixel_head else 0)
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -260,8 +265,7 @@ class PRXDenoiser(nn.Module):
             else None
         )
         self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        extra = cfg.patch_size**2 * PIXEL_FEATURES if cfg.pixel_head else 0
-        self.final_layer = FinalLayer(d, cfg.patch_dim + extra)
+        self.final_layer = FinalLayer(d, cfg.head_out_dim)
         self.pixel_head = PixelHead(cfg.in_channels, cfg.pixel_head) if cfg.pixel_head else None
         self.sprint = SprintFusion(d, cfg.sprint_span) if cfg.sprint_span is not None else None
         # Recompute each block's activations in the backward instead of keeping them (memory for

@@ -119,7 +119,7 @@ def training_flops_per_image(
     if c.sprint_span is not None:
         add("sprint_fusion", _mm(n, 2 * d, d))
     add("final_layer", _mm(1, d, 2 * d))
-    add("final_layer", _mm(n, d, c.patch_dim + (p * p * PIXEL_FEATURES if c.pixel_head else 0)))
+    add("final_layer", _mm(n, d, c.head_out_dim))
     for flops in _pixel_head_products(c, height * width):
         add("pixel_head", flops)
     return {
