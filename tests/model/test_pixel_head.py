@@ -21,10 +21,9 @@ def test_zero_initialised_head_is_the_patch_head():
     with torch.no_grad():  # a patch head that predicts something, so "adds nothing" is not 0 == 0
         head.weight.normal_(0, 0.1)
     x, t, txt = _inputs()
-    got = model(x, t, txt).prediction
     tokens = []
     model.final_layer.register_forward_hook(lambda m, i, o: tokens.append(o))
-    model(x, t, txt)
+    got = model(x, t, txt).prediction
     first3 = tokens[0][..., : 3 * 64]
     assert got.abs().max() > 0.1
     torch.testing.assert_close(patchify(got, 8), first3, rtol=0, atol=0)
@@ -41,11 +40,9 @@ def test_head_by_hand(hidden):
         for p in model.parameters():
             p.normal_(0, 0.05)
     x, t, txt = _inputs()
-    got = model(x, t, txt).prediction
-
     out = []
     model.final_layer.register_forward_hook(lambda m, i, o: out.append(o))
-    model(x, t, txt)
+    got = model(x, t, txt).prediction
     b, _, h, w = x.shape
 
     def pixels(seq, c):  # tokens [B, N, c*64] in (c, y, x) order -> [B, c, H, W]
