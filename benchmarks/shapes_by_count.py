@@ -4,7 +4,9 @@ A mean over all prompts hides two different failures: one-shape prompts test whe
 draws what the words say (colour, place, size, kind) and two-shape prompts add binding (which
 colour goes with which kind and place). Samples the first N held-out captions of the checkpoint's
 shapes data (eval.seed, as `pixelrun eval` does) with `pixelrun sample` and prints one JSON object:
-each measure's mean over one-shape prompts, two-shape prompts and all of them.
+each measure's mean over one-shape prompts, two-shape prompts and all of them, and under
+"by shape" every prompted shape's size and kind with what it was drawn as (the kind its colour
+reads as, or "absent"), which tells a model that cannot draw small shapes from one that swaps kinds.
 
     python benchmarks/shapes_by_count.py --checkpoint runs/demo --out /tmp/by-count [--prompts 96] [sample.KEY=VALUE ...]
 """
@@ -22,9 +24,9 @@ import numpy as np
 from PIL import Image
 
 from pixelrun.config import load_config
-from pixelrun.data.shapes import parse_caption
+from pixelrun.data.shapes import KINDS, SIZES, parse_caption
 from pixelrun.evaluation.heldout import held_out_captions
-from pixelrun.evaluation.shapes_score import MEASURES, score_image
+from pixelrun.evaluation.shapes_score import MEASURES, read_shapes, score_image
 
 _GROUP = {1: "one shape", 2: "two shapes"}
 
@@ -36,10 +38,30 @@ def by_count(images: list[np.ndarray], captions: list[str]) -> dict:
         n = len(parse_caption(text).shapes)  # the dataset's own parser (data.max_shapes may exceed 2)
         groups.setdefault(_GROUP.get(n, f"{n} shapes"), []).append(s)
         groups["all"].append(s)
-    return {
+    out: dict = {
         name: {"prompts": len(rows), **{m: round(float(np.mean([r[m] for r in rows])), 3) for m in MEASURES}}
         for name, rows in groups.items()
         if rows
+    }
+    out["by shape"] = by_shape(images, captions)
+    return out
+
+
+def by_shape(images: list[np.ndarray], captions: list[str]) -> dict:
+    """{"small square": {"shapes": n, "kind": fraction drawn as a square, "drawn as": counts}, ...}
+    over every shape of every prompt, for the sizes and kinds that occur."""
+    seen: dict[str, list[str]] = {f"{z} {k}": [] for z in SIZES for k in KINDS}
+    for image, text in zip(images, captions):
+        for s in read_shapes(image, text)[0]:
+            seen[f"{s['shape'].size} {s['shape'].kind}"].append(s["drawn"] or "absent")
+    return {
+        name: {
+            "shapes": len(drawn),
+            "kind": round(drawn.count(name.split()[1]) / len(drawn), 3),
+            "drawn as": {d: drawn.count(d) for d in (*KINDS, "absent") if d in drawn},
+        }
+        for name, drawn in seen.items()
+        if drawn
     }
 
 

@@ -61,6 +61,38 @@ def _component(image: np.ndarray, labels: np.ndarray, ci: int, background: str) 
     }
 
 
+def read_shapes(image: np.ndarray, text: str) -> tuple[list[dict], bool]:
+    """How each of the caption's shapes was drawn, and whether the set of present colours equals
+    the set of prompted colours. One dict per shape, in the caption's order: its `shape`
+    (the ShapeSpec), `drawn` (the kind its colour's component reads as, None where the colour is
+    absent) and 0/1 `placed`, `kind` and `size` as :func:`score_image` defines them."""
+    scene = parse_caption(text)
+    h, w = image.shape[:2]
+    side = min(h, w)
+    labels = classify_pixels(image, scene.background)
+    prompted = {s.colour: s for s in scene.shapes}
+    present = {}
+    for ci, colour in enumerate(COLOURS):
+        comp = _component(image, labels, ci, scene.background)
+        kind = prompted[colour].kind if colour in prompted else "triangle"
+        if comp and comp["area"] >= PRESENT_FRACTION * _shape_area(kind, "small", side):
+            present[colour] = comp
+    shapes: list[dict] = []
+    for s in scene.shapes:
+        comp = present.get(s.colour)
+        if comp is None:
+            shapes.append({"shape": s, "drawn": None, "placed": 0, "kind": 0, "size": 0})
+            continue
+        col, row = min(int(3 * comp["cx"] / w), 2), min(int(3 * comp["cy"] / h), 2)
+        got_kind = min(KINDS, key=lambda k: abs(comp["fill"] - _FILL[k]))
+        got_size = min(SIZES, key=lambda z: abs(comp["soft_area"] - _shape_area(got_kind, z, side)))
+        placed, kind_ok, size_ok = row * 3 + col == s.cell, got_kind == s.kind, got_size == s.size
+        shapes.append(
+            {"shape": s, "drawn": got_kind, "placed": int(placed), "kind": int(kind_ok), "size": int(size_ok)}
+        )
+    return shapes, set(present) == set(prompted)
+
+
 def score_image(image: np.ndarray, text: str) -> dict:
     """Score one uint8 [H, W, 3] image against the caption it was generated from.
 
@@ -77,34 +109,13 @@ def score_image(image: np.ndarray, text: str) -> dict:
     colours the caption does not mention there is no kind, so the smallest one (a small
     triangle) is used: the strictest choice for exact_set.
     """
-    scene = parse_caption(text)
-    h, w = image.shape[:2]
-    side = min(h, w)
-    labels = classify_pixels(image, scene.background)
-    prompted = {s.colour: s for s in scene.shapes}
-    present = {}
-    for ci, colour in enumerate(COLOURS):
-        comp = _component(image, labels, ci, scene.background)
-        kind = prompted[colour].kind if colour in prompted else "triangle"
-        if comp and comp["area"] >= PRESENT_FRACTION * _shape_area(kind, "small", side):
-            present[colour] = comp
-    placed = kind_ok = size_ok = 0
-    for s in scene.shapes:
-        comp = present.get(s.colour)
-        if comp is None:
-            continue
-        col, row = min(int(3 * comp["cx"] / w), 2), min(int(3 * comp["cy"] / h), 2)
-        placed += row * 3 + col == s.cell
-        got_kind = min(KINDS, key=lambda k: abs(comp["fill"] - _FILL[k]))
-        kind_ok += got_kind == s.kind
-        got_size = min(SIZES, key=lambda z: abs(comp["soft_area"] - _shape_area(got_kind, z, side)))
-        size_ok += got_size == s.size
-    n = len(scene.shapes)
+    shapes, exact = read_shapes(image, text)
+    n = len(shapes)
     return {
-        "placed": placed / n,
-        "exact_set": float(set(present) == set(prompted)),
-        "kind": kind_ok / n,
-        "size": size_ok / n,
+        "placed": sum(s["placed"] for s in shapes) / n,
+        "exact_set": float(exact),
+        "kind": sum(s["kind"] for s in shapes) / n,
+        "size": sum(s["size"] for s in shapes) / n,
     }
 
 
