@@ -78,7 +78,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.txt"
         prompts.write_text("\n".join(captions) + "\n")
-        cmd = ["pixelrun", "sample", "--checkpoint", args.checkpoint, "--prompts-file", str(prompts), "--out", args.out]
+        # This interpreter's pixelrun, so an unactivated venv (.venv/bin/python benchmarks/...) works too
+        cmd = [
+            sys.executable,
+            "-m",
+            "pixelrun",
+            "sample",
+            "--checkpoint",
+            args.checkpoint,
+            "--prompts-file",
+            str(prompts),
+            "--out",
+            args.out,
+        ]
         subprocess.run([*cmd, *overrides], check=True, stdout=sys.stderr)  # stdout is the JSON alone
     out = Path(args.out)
     images = [np.asarray(Image.open(out / f"{i:03d}.png").convert("RGB")) for i in range(len(captions))]
