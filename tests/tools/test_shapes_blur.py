@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from pixelrun.data.shapes import ShapesDataset, caption, render
 
-_BENCH = Path(__file__).parents[2] / "benchmarks"
-sys.path.insert(0, str(_BENCH))  # shapes_blur imports its sibling shapes_by_count
+_BENCH = Path(__file__).parents[2] / "benchmarks"  # shapes_blur puts itself on sys.path for its sibling import
 spec = importlib.util.spec_from_file_location("shapes_blur", _BENCH / "shapes_blur.py")
 shapes_blur = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(shapes_blur)
